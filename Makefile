@@ -1,0 +1,37 @@
+# flowbus: `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-valkey test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Run the demo on the embedded server (no Redis needed).
+demo: $(STAMP)
+	$(BIN)/flowbus demo
+
+## The whole test suite, against redis-server if on the PATH, else the embedded Valkey.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## The whole test suite against the embedded Valkey 9.1.
+test-valkey: $(STAMP)
+	FLOWBUS_TEST_SERVER=valkey $(BIN)/python -m pytest
+
+## Lint and type-check.
+lint: $(STAMP)
+	$(BIN)/ruff check bus flows workers tests bench
+	$(BIN)/ruff format --check bus flows workers tests bench
+	$(BIN)/mypy
+
+## Benchmarks (not part of the tests).
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""flowbus.bus: the ordered, per-session event bus on Redis Streams.
+
+Publish with `Bus.publish`, handle with a `Service` run by a `Consumer`; see the README for the
+key layout and the ordering contract.
+"""
+
+from .client import Bus, Inbox, Message, Published, ServiceInfo
+from .consumer import Consumer, Handler, Service, Stats
+from .envelope import Codec, DecodeError, Delivery, Entry, Payload, encode, type_name
+from .errors import (
+    BusError,
+    ConfigError,
+    ConnectionFailedError,
+    FencedError,
+    InvalidSessionIdError,
+    NoSuchSessionError,
+    PayloadTooLargeError,
+    SessionEndedError,
+)
+from .keys import Keys, check_session_id
+from .settings import DeadLetterPolicy, Settings
+
+__all__ = [
+    "Bus",
+    "BusError",
+    "Codec",
+    "ConfigError",
+    "ConnectionFailedError",
+    "Consumer",
+    "DeadLetterPolicy",
+    "DecodeError",
+    "Delivery",
+    "Entry",
+    "FencedError",
+    "Handler",
+    "Inbox",
+    "InvalidSessionIdError",
+    "Keys",
+    "Message",
+    "NoSuchSessionError",
+    "Payload",
+    "PayloadTooLargeError",
+    "Published",
+    "Service",
+    "ServiceInfo",
+    "SessionEndedError",
+    "Settings",
+    "Stats",
+    "check_session_id",
+    "encode",
+    "type_name",
+]

@@ -1,0 +1,292 @@
+"""The bot's side of the bus: publish a session's events, read its inbox; and inbox writes."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from . import scripts
+from .connection import TRANSIENT, connect, make_client
+from .envelope import Codec, DecodeError, Entry, Payload, encode, type_name
+from .errors import (
+    ConnectionFailedError,
+    NoSuchSessionError,
+    PayloadTooLargeError,
+    SessionEndedError,
+)
+from .keys import Keys, check_session_id
+from .settings import Settings
+
+#: How long the list of registered services is trusted before it is read again.
+SERVICES_TTL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where a publish or an inbox write landed."""
+
+    seq: int
+    entry_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded inbox entry."""
+
+    entry_id: str
+    type: str
+    seq: int
+    ts: int
+    payload: Payload
+    extra: Mapping[str, str]
+
+
+class ServiceInfo(msgspec.Struct, frozen=True):
+    """What a running service registers under ``<prefix>:services``."""
+
+    name: str
+    subscribes: list[str] | None = None
+
+
+class Bus:
+    """A connection to one deployment. Cheap to share: one per process is enough.
+
+    Open it with ``async with Bus.connect(settings) as bus:``.
+    """
+
+    #: How long a publish or inbox write keeps retrying a lost connection.
+    RETRY_SECONDS = 15.0
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix, settings.partitions)
+        self._services: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: Settings, *, attempts: int = 1) -> AsyncIterator[Bus]:
+        """Connect and check the server; raises `ConnectionFailedError`."""
+        async with connect(settings, attempts=attempts) as redis:
+            yield cls(redis, settings)
+
+    def _encode(self, session: str, payload: Payload) -> tuple[str, bytes]:
+        data = encode(payload)
+        name = type_name(type(payload))
+        if len(data) > self.settings.max_payload_bytes:
+            raise PayloadTooLargeError(session, name, len(data), self.settings.max_payload_bytes)
+        return name, data
+
+    async def publish(
+        self,
+        session: str,
+        payload: Payload,
+        *,
+        final: bool = False,
+        extra: Mapping[str, str] | None = None,
+    ) -> Published:
+        """Append `payload` to the session's stream with the next `seq`.
+
+        `final` marks the session's last event: afterwards the session retires once every group
+        handled it. `extra` carries optional envelope fields (``traceparent``, ``corr``…).
+
+        A connection failure is retried with backoff for up to `RETRY_SECONDS`; a retry never
+        appends twice (with one publisher per session, as with one bot per call). Raises
+        `SessionEndedError`, `PayloadTooLargeError`, `InvalidSessionIdError`, and
+        `ConnectionFailedError` once retrying gives up.
+        """
+        check_session_id(session)
+        name, data = self._encode(session, payload)
+        groups = [s.name for s in await self.services()]
+        p = self.keys.partition(session)
+        args: list[scripts.Arg] = [
+            self.keys.tag(p),
+            session,
+            name,
+            data,
+            int(final),
+            int(self.settings.retention_seconds * 1000),
+            secrets.token_hex(8),
+            len(groups),
+            *groups,
+            *_flat(extra),
+        ]
+        keys = [self.keys.session(session)]
+        try:
+            seq, entry_id = await self._retrying(scripts.PUBLISH, keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith("ENDED"):
+                raise SessionEndedError(session, keys[0]) from None
+            raise
+        return Published(int(seq), entry_id.decode())
+
+    async def send(
+        self,
+        session: str,
+        payload: Payload,
+        *,
+        dedupe: str | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Published | None:
+        """Write a command or reply to the session's bot inbox.
+
+        With `dedupe`, a second write with the same key is dropped and returns None: a handler
+        redelivered after a crash sends its command once. Connection failures are retried as for
+        `publish`. Raises `NoSuchSessionError`, `ConnectionFailedError`.
+        """
+        check_session_id(session)
+        name, data = self._encode(session, payload)
+        keys = [self.keys.inbox(session), self.keys.meta(session), self.keys.sent(session)]
+        # Without a dedupe key of the caller's, one of our own makes our retries exactly-once.
+        args: list[scripts.Arg] = [
+            name,
+            data,
+            dedupe or f"send/{secrets.token_hex(8)}",
+            *_flat(extra),
+        ]
+        try:
+            result = await self._retrying(scripts.SEND, keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith("NOSESSION"):
+                raise NoSuchSessionError(session) from None
+            raise
+        return None if result is None else Published(int(result[0]), result[1].decode())
+
+    async def _retrying(
+        self, script: scripts.Script, keys: Sequence[str], args: Sequence[scripts.Arg]
+    ) -> Any:
+        deadline = time.monotonic() + self.RETRY_SECONDS
+        for attempt in itertools.count(1):
+            try:
+                return await script(self.redis, keys, args)
+            except TRANSIENT as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionFailedError(
+                        f"{script.name} failed after {attempt} attempts: {exc}",
+                        url=self.settings.redacted_url,
+                    ) from None
+                await anyio.sleep(min(0.05 * 2**attempt, 1.0))
+        raise AssertionError("unreachable")
+
+    async def read_state(self, session: str) -> dict[str, bytes]:
+        """Every field of the session's state hash (see `Keys.state`)."""
+        raw: Any = await self.redis.hgetall(self.keys.state(check_session_id(session)))
+        return {k.decode(): v for k, v in raw.items()}
+
+    async def write_state(self, session: str, fields: Mapping[str, str | bytes]) -> None:
+        """Set application fields of the session's state (last writer wins per field).
+        Raises `NoSuchSessionError`."""
+        if not fields:
+            return
+        keys = [self.keys.state(check_session_id(session)), self.keys.meta(session)]
+        args = [x for kv in fields.items() for x in kv]
+        try:
+            await self._retrying(scripts.WRITE_STATE, keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith("NOSESSION"):
+                raise NoSuchSessionError(session) from None
+            raise
+
+    async def resume(self, session: str, group: str, *, drop: bool = False) -> str | None:
+        """Resume a session that `group` paused on a dead letter (policy ``pause``).
+
+        The entry is retried with a fresh delivery count, or with `drop` acknowledged unhandled.
+        Returns its entry id, or None if the session was not paused.
+        """
+        p = self.keys.partition(check_session_id(session))
+        keys = [self.keys.paused(p, group), self.keys.session(session)]
+        args: list[scripts.Arg] = [session, group, Keys.consumer(p), int(drop), self.keys.wake(p)]
+        entry = await scripts.RESUME(self.redis, keys, args)
+        return None if entry is None else str(entry.decode())
+
+    async def services(self, *, fresh: bool = False) -> list[ServiceInfo]:
+        """Services registered in this deployment, sorted by name (cached for `SERVICES_TTL`
+        seconds unless `fresh`)."""
+        fetched, services = self._services
+        if fresh or time.monotonic() - fetched > SERVICES_TTL:
+            raw: Any = await self.redis.hgetall(self.keys.services())
+            services = sorted(
+                (msgspec.json.decode(v, type=ServiceInfo) for v in raw.values()),
+                key=lambda s: s.name,
+            )
+            self._services = (time.monotonic(), services)
+        return services
+
+    async def register_service(self, info: ServiceInfo) -> None:
+        """Record a service so that new sessions get its consumer group from their first event."""
+        await self.redis.hset(self.keys.services(), info.name, msgspec.json.encode(info))
+        self._services = (float("-inf"), [])
+
+    async def history(self, session: str, *, max_data: int | None = None) -> list[Entry]:
+        """The session's events so far, in order (entries that do not parse are skipped)."""
+        raw: Any = await self.redis.xrange(self.keys.session(session))
+        entries = []
+        for entry_id, fields in raw:
+            try:
+                entries.append(Entry.parse(entry_id.decode(), fields, max_data=max_data or 1 << 62))
+            except DecodeError:
+                continue
+        return entries
+
+    @asynccontextmanager
+    async def inbox(self, session: str, codec: Codec, *, after: str = "0") -> AsyncIterator[Inbox]:
+        """A reader of the session's inbox, on a connection of its own (reads block)."""
+        check_session_id(session)
+        client = make_client(self.settings, block_seconds=Inbox.BLOCK_SECONDS)
+        try:
+            yield Inbox(client, self.keys.inbox(session), codec, after, self.settings)
+        finally:
+            await client.aclose()
+
+
+class Inbox:
+    """Reads one session's inbox in order. Undecodable entries are skipped and listed in
+    `rejected` with the reason. Iterate it (``async for message in inbox``) to wait for each
+    message in turn, or call `read`."""
+
+    BLOCK_SECONDS = 5.0
+
+    def __init__(
+        self, redis: Redis, key: str, codec: Codec, after: str, settings: Settings
+    ) -> None:
+        self.redis, self.key, self.codec, self.last_id = redis, key, codec, after
+        self.max_data = settings.max_payload_bytes
+        self.rejected: list[tuple[str, str]] = []
+
+    async def read(self, wait: float) -> list[Message]:
+        """Messages after the last one read, waiting up to `wait` seconds for the first."""
+        block = max(1, int(min(wait, self.BLOCK_SECONDS) * 1000))
+        reply: Any = await self.redis.xread({self.key: self.last_id}, count=100, block=block)
+        messages = []
+        for _key, entries in reply or ():
+            for raw_id, fields in entries:
+                self.last_id = raw_id.decode()
+                try:
+                    entry = Entry.parse(self.last_id, fields, max_data=self.max_data)
+                    payload = self.codec.decode(entry.type, entry.data)
+                except DecodeError as exc:
+                    self.rejected.append((self.last_id, exc.reason))
+                    continue
+                messages.append(
+                    Message(entry.id, entry.type, entry.seq, entry.ts, payload, entry.extra)
+                )
+        return messages
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        while True:
+            for message in await self.read(self.BLOCK_SECONDS):
+                yield message
+
+
+def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:
+    return [x for kv in (extra or {}).items() for x in kv]

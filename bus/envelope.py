@@ -1,0 +1,192 @@
+"""The wire format: flat, readable stream fields around a typed JSON payload.
+
+An entry is ``type``, ``seq``, ``ts``, ``data`` (the payload as JSON) and optionally ``v``,
+``traceparent``, ``reply_to`` and ``corr``. Payloads are `Payload` structs forming one tagged
+union per `Codec`; the tag is the ``type`` and appears inside ``data`` too, so a payload
+decodes on its own. Decoding validates everything; what fails is a `DecodeError` with a reason
+a person can act on, and the entry is dead-lettered, never executed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union
+
+import msgspec
+
+OPTIONAL_FIELDS = ("v", "traceparent", "reply_to", "corr")
+_encoder = msgspec.json.Encoder()
+
+
+class Payload(msgspec.Struct, kw_only=True, tag_field="type"):
+    """Base of every event and command payload.
+
+    Subclass it with the wire type as tag, e.g.
+    ``class NodeEntered(Payload, tag="node.entered"): node: str``. New fields need defaults;
+    never retype or rename a field: add a new type instead.
+    """
+
+
+def type_name(payload_type: type[Payload]) -> str:
+    """The wire ``type`` of a payload class (its tag)."""
+    tag = payload_type.__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{payload_type.__name__} needs a string tag, e.g. tag='node.entered'")
+    return tag
+
+
+def encode(payload: Payload) -> bytes:
+    return _encoder.encode(payload)
+
+
+class DecodeError(Exception):
+    """An entry that must not be executed; `reason` says why, for the dead-letter stream."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Codec:
+    """Decoder for one tagged union of payload types, built once."""
+
+    def __init__(self, types: Iterable[type[Payload]]) -> None:
+        self.types: dict[str, type[Payload]] = {}
+        for t in types:
+            name = type_name(t)
+            if self.types.get(name, t) is not t:
+                raise ValueError(f"two payload types claim the wire type {name!r}")
+            self.types[name] = t
+        union: Any = Union[tuple(self.types.values())] if self.types else Payload  # noqa: UP007  # a runtime-built union
+        self._decoder = msgspec.json.Decoder(union)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.types
+
+    def __or__(self, other: Codec) -> Codec:
+        return Codec([*self.types.values(), *other.types.values()])
+
+    def decode(self, name: str, data: bytes) -> Payload:
+        if name not in self.types:
+            raise DecodeError(f"unknown type {name!r}")
+        try:
+            payload: Payload = self._decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise DecodeError(f"invalid data for {name!r}: {exc}") from None
+        if type_name(type(payload)) != name:
+            raise DecodeError(f"field type is {name!r} but data is {type_name(type(payload))!r}")
+        return payload
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry with its envelope checked; the payload is still JSON."""
+
+    id: str
+    type: str
+    seq: int
+    ts: int
+    data: bytes
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, entry_id: str, raw: Mapping[bytes, bytes], *, max_data: int) -> Entry:
+        """Check the envelope fields of a raw entry; raise `DecodeError` with the reason."""
+        try:
+            fields = {k.decode(): v for k, v in raw.items()}
+        except UnicodeDecodeError:
+            raise DecodeError("a field name is not UTF-8") from None
+        missing = [f for f in ("type", "seq", "ts", "data") if f not in fields]
+        if missing:
+            raise DecodeError(f"missing field(s) {', '.join(missing)}")
+        data = fields["data"]
+        if len(data) > max_data:
+            raise DecodeError(f"data is {len(data)} bytes; the limit is {max_data}")
+        try:
+            type_ = fields["type"].decode()
+            seq, ts = int(fields["seq"]), int(fields["ts"])
+            extra = {k: fields[k].decode() for k in OPTIONAL_FIELDS if k in fields}
+        except (UnicodeDecodeError, ValueError):
+            raise DecodeError("type, seq, ts or an optional field is malformed") from None
+        return cls(entry_id, type_, seq, ts, data, extra)
+
+
+class DeliveryContext(Protocol):
+    """What the consumer gives a delivery to act on its session (see `Delivery`)."""
+
+    async def send(
+        self, payload: Payload, dedupe: str, extra: Mapping[str, str] | None
+    ) -> object: ...
+
+    async def load_state(self) -> bytes | None: ...
+
+    async def save_state(self, data: bytes) -> None: ...
+
+    async def read_session_state(self) -> dict[str, bytes]: ...
+
+    async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None: ...
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What a handler receives: one decoded event of one session, and how often it was sent.
+
+    `deliveries` is 1 on the first delivery; a handler that must not repeat side effects
+    deduplicates on (`session`, `seq`).
+    """
+
+    session: str
+    group: str
+    entry_id: str
+    type: str
+    seq: int
+    ts: int
+    payload: Payload
+    deliveries: int
+    extra: Mapping[str, str] = field(default_factory=dict)
+    _context: DeliveryContext | None = field(default=None, repr=False)
+    _sent: int = field(default=0, repr=False)
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.extra.get("traceparent")
+
+    def _ctx(self) -> DeliveryContext:
+        if self._context is None:
+            raise RuntimeError("this delivery is not attached to a consumer")
+        return self._context
+
+    async def send(
+        self,
+        payload: Payload,
+        *,
+        dedupe: str | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Write a command to this session's bot inbox, at most once per dedupe key.
+
+        The default key is (group, entry, n) for the n-th send of this handling, so a handler
+        that runs again after a redelivery does not deliver its commands twice. Returns False
+        for a repeat.
+        """
+        self._sent += 1
+        key = dedupe or f"{self.group}/{self.entry_id}/{self._sent}"
+        return await self._ctx().send(payload, key, extra) is not None
+
+    async def load_state(self) -> bytes | None:
+        """This service's own state for the session, as last saved (None at first)."""
+        return await self._ctx().load_state()
+
+    async def save_state(self, data: bytes) -> None:
+        """Save this service's own state for the session; refused with `FencedError` if this
+        worker no longer owns the session's partition (so a stale owner cannot overwrite)."""
+        await self._ctx().save_state(data)
+
+    async def read_session_state(self) -> dict[str, bytes]:
+        """The session's shared state hash (see `Bus.read_state`)."""
+        return await self._ctx().read_session_state()
+
+    async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None:
+        """Set fields of the session's shared state (see `Bus.write_state`)."""
+        await self._ctx().write_session_state(fields)

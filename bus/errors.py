@@ -1,0 +1,81 @@
+"""Errors raised by the bus.
+
+Every error the bus raises derives from `BusError`; Redis errors are translated here, at the
+boundary, so callers never need to import `redis`::
+
+    BusError
+    ├── ConfigError              bad settings (URL, prefix, partitions, limits)
+    ├── ConnectionFailedError    the server cannot be reached, or refused our credentials
+    ├── InvalidSessionIdError    a session id the key layout cannot carry
+    ├── PayloadTooLargeError     an encoded payload above the configured limit
+    ├── SessionEndedError        publishing to a session after its final event
+    ├── NoSuchSessionError       writing to the inbox of a session that never started
+    └── FencedError              a stale owner's ack or read, refused by the lease check
+
+Errors carry what a person needs to act: the session, the stream key, the group.
+"""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Base class of every error raised by `bus`."""
+
+
+class ConfigError(BusError):
+    """A setting is invalid; the message names it and the accepted values."""
+
+
+class ConnectionFailedError(BusError):
+    """The server could not be reached or refused the connection.
+
+    `url` is the server address with any password removed.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(f"{message} (server {url})")
+        self.url = url
+
+
+class InvalidSessionIdError(BusError, ValueError):
+    """The session id is empty, too long, or contains whitespace or braces."""
+
+    def __init__(self, session: str, reason: str) -> None:
+        super().__init__(f"invalid session id {session!r}: {reason}")
+        self.session = session
+
+
+class PayloadTooLargeError(BusError, ValueError):
+    """An encoded payload exceeds `Settings.max_payload_bytes`."""
+
+    def __init__(self, session: str, type_: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"payload of {type_!r} for session {session!r} is {size} bytes; the limit is {limit}"
+        )
+        self.session, self.type, self.size, self.limit = session, type_, size, limit
+
+
+class SessionEndedError(BusError):
+    """The session already published its final event; nothing may follow it."""
+
+    def __init__(self, session: str, stream: str) -> None:
+        super().__init__(f"session {session!r} has ended; stream {stream} takes no more events")
+        self.session, self.stream = session, stream
+
+
+class NoSuchSessionError(BusError):
+    """The session has never published an event (or its keys have expired)."""
+
+    def __init__(self, session: str) -> None:
+        super().__init__(f"session {session!r} does not exist (never started, or expired)")
+        self.session = session
+
+
+class FencedError(BusError):
+    """This worker no longer holds the partition's lease; its write was refused."""
+
+    def __init__(self, group: str, partition: int, stream: str) -> None:
+        super().__init__(
+            f"group {group!r} lost partition {partition}: write to {stream} refused by the lease"
+        )
+        self.group, self.partition, self.stream = group, partition, stream

@@ -1,0 +1,107 @@
+"""The key layout: every Redis key flowbus touches is named here and nowhere else.
+
+A session belongs to partition ``P = crc32(session) % partitions``. The keys of a session and
+of its partition carry the hash tag ``{P}``, so each script touches a single cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from .errors import InvalidSessionIdError
+
+_BAD_SESSION_CHARS = re.compile(r"[\s{}]")
+MAX_SESSION_ID = 200
+
+
+def check_session_id(session: str) -> str:
+    """Return `session` unchanged, or raise `InvalidSessionIdError`."""
+    if not session:
+        raise InvalidSessionIdError(session, "it is empty")
+    if len(session) > MAX_SESSION_ID:
+        raise InvalidSessionIdError(session, f"it is longer than {MAX_SESSION_ID} characters")
+    if _BAD_SESSION_CHARS.search(session):
+        raise InvalidSessionIdError(session, "whitespace and braces are not allowed")
+    return session
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names for one deployment (`prefix`, `partitions`)."""
+
+    prefix: str = "flowbus"
+    partitions: int = 64
+
+    def partition(self, session: str) -> int:
+        return zlib.crc32(session.encode()) % self.partitions
+
+    def tag(self, partition: int) -> str:
+        """The start of every key of the partition: ``<prefix>:{P}``, the cluster hash tag."""
+        return f"{self.prefix}:{{{partition}}}"
+
+    # -- one session ------------------------------------------------------------------------
+    def session(self, session: str) -> str:
+        """The session's event stream: its whole history, in order."""
+        return f"{self.tag(self.partition(session))}:session:{session}"
+
+    def inbox(self, session: str) -> str:
+        """Commands and replies for the session's bot."""
+        return f"{self.session(session)}:inbox"
+
+    def meta(self, session: str) -> str:
+        """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms)."""
+        return f"{self.session(session)}:meta"
+
+    def state(self, session: str) -> str:
+        """Hash of the session's state: ``group:<G>`` (a service's own, written fenced) and
+        application fields (e.g. ``flow.<key>`` for the flow's shared state)."""
+        return f"{self.session(session)}:state"
+
+    def sent(self, session: str) -> str:
+        """Set of inbox dedupe keys already written, so a redelivered action sends once."""
+        return f"{self.session(session)}:sent"
+
+    # -- one partition ----------------------------------------------------------------------
+    def wake(self, partition: int) -> str:
+        """Sharded pub/sub channel: a session of this partition has a new event (its id)."""
+        return f"{self.tag(partition)}:wake"
+
+    def live(self, partition: int) -> str:
+        """Set of sessions some group may still have work in (cleared when all are done)."""
+        return f"{self.tag(partition)}:live"
+
+    def ended(self, partition: int) -> str:
+        """Sorted set of retired sessions, scored by the time their keys expire (ms)."""
+        return f"{self.tag(partition)}:ended"
+
+    def dead(self, partition: int) -> str:
+        """Dead-letter stream of the partition: original fields plus group, entry and error."""
+        return f"{self.tag(partition)}:dead"
+
+    def lease(self, partition: int, group: str) -> str:
+        """String ``<epoch>:<worker>`` with a TTL: who owns the partition for `group`."""
+        return f"{self.tag(partition)}:lease:{group}"
+
+    def epoch(self, partition: int, group: str) -> str:
+        """Counter incremented on every acquisition of the lease (the fencing epoch)."""
+        return f"{self.tag(partition)}:epoch:{group}"
+
+    def paused(self, partition: int, group: str) -> str:
+        """Hash session -> entry id of sessions paused on a dead letter for `group`."""
+        return f"{self.tag(partition)}:paused:{group}"
+
+    # -- deployment-wide (never in a hot-path script) ----------------------------------------
+    def services(self) -> str:
+        """Hash service name -> JSON of the services that run in this deployment."""
+        return f"{self.prefix}:services"
+
+    def members(self, group: str) -> str:
+        """Sorted set of the group's live workers, scored by heartbeat expiry (ms)."""
+        return f"{self.prefix}:members:{group}"
+
+    @staticmethod
+    def consumer(partition: int) -> str:
+        """Consumer name inside a group: the partition, so a new owner inherits its pending."""
+        return f"p{partition}"

@@ -1,0 +1,38 @@
+-- Append one event to a session: next seq, XADD, wake-up hint, all atomically in one slot.
+-- KEYS: stream (<tag>:session:<sid>)  ARGV: tag sid type data final retention_ms publish_id
+--   ngroups group... field value...
+-- A retry of the session's last publish (same publish_id) returns its seq and id again instead of
+-- appending twice, so a publisher may retry after a lost reply.
+local k_stream = KEYS[1]
+local k_meta = k_stream .. ':meta'
+local tag, sid, final, retention, publish_id = ARGV[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7]
+
+local last = redis.call('HMGET', k_meta, 'publish_id', 'seq', 'publish_entry')
+if last[1] == publish_id then return {tonumber(last[2]), last[3]} end
+if redis.call('HEXISTS', k_meta, 'ended') == 1 then
+  return redis.error_reply('ENDED session ' .. sid .. ' has ended')
+end
+local seq = redis.call('HINCRBY', k_meta, 'seq', 1)
+local ts = now_ms()
+local fields = {'type', ARGV[3], 'seq', seq, 'ts', ts, 'data', ARGV[4]}
+local ngroups = tonumber(ARGV[8])
+for i = 9 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', k_stream, '*', unpack(fields))
+redis.call('HSET', k_meta, 'publish_id', publish_id, 'publish_entry', id)
+
+if seq == 1 then
+  redis.call('HSET', k_meta, 'started', ts)
+  redis.call('SADD', tag .. ':live', sid)
+  -- Groups of the known services exist from the first event on, so the session cannot retire
+  -- before each of them has handled it, even if a service is down right now.
+  for i = 9, 8 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
+end
+-- The hint that wakes the partition's owners; one lost on a dropped connection is made up for
+-- by the rescan that follows every (re)subscription.
+redis.call('SPUBLISH', tag .. ':wake', sid)
+
+if final == '1' then
+  redis.call('HSET', k_meta, 'ended', ts)
+  retire_if_done(k_stream, tag, sid, retention)
+end
+return {seq, id}

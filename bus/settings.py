@@ -1,0 +1,92 @@
+"""Connection and deployment settings, with their environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+#: What a key prefix or a service (consumer group) name may look like.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+DeadLetterPolicy = Literal["skip", "pause"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a bus client or worker needs to know about its deployment.
+
+    `url` may be ``redis://``, ``rediss://`` (TLS) or ``unix://``; an ACL user and password go
+    in it (``redis://user:secret@host:6379/0``). `partitions` is fixed per deployment: changing
+    it moves sessions to other keys.
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "flowbus"
+    partitions: int = 64
+    #: How long a session's keys live after it ended and every group handled all of it.
+    retention_seconds: float = 86_400.0
+    max_payload_bytes: int = 64 * 1024
+    #: A partition lease lapses this long after its owner's last renewal.
+    lease_ttl_seconds: float = 5.0
+    #: Deliveries of a failing event before it is dead-lettered (or its session paused).
+    max_deliveries: int = 5
+    retry_backoff_seconds: float = 0.1
+    retry_backoff_max_seconds: float = 5.0
+    dead_letter_policy: DeadLetterPolicy = "skip"
+    #: A handler still running after this long counts as failed.
+    handler_timeout_seconds: float = 60.0
+    #: Handlers running at once in one worker process, over all its sessions.
+    concurrency: int = 256
+    #: How long a stopping worker lets in-flight handlers finish.
+    drain_timeout_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.prefix):
+            raise ConfigError(f"prefix {self.prefix!r} must match {NAME_PATTERN.pattern}")
+        if not 1 <= self.partitions <= 16_384:
+            raise ConfigError(f"partitions must be within 1..16384, not {self.partitions}")
+        if self.max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be at least 1, not {self.max_deliveries}")
+        if self.dead_letter_policy not in ("skip", "pause"):
+            raise ConfigError(
+                f"dead_letter_policy must be 'skip' or 'pause', not {self.dead_letter_policy!r}"
+            )
+        for name in (
+            "retention_seconds",
+            "lease_ttl_seconds",
+            "handler_timeout_seconds",
+            "drain_timeout_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.concurrency < 1 or self.max_payload_bytes < 1:
+            raise ConfigError("concurrency and max_payload_bytes must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read ``FLOWBUS_<FIELD>`` variables (e.g. ``FLOWBUS_REDIS_URL``, ``FLOWBUS_PREFIX``).
+
+        Explicit keyword overrides win over the environment; `None` overrides are ignored.
+        Raises `ConfigError` for a value of the wrong type.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in msgspec.structs.fields(cls):
+            name = "FLOWBUS_REDIS_URL" if field.name == "url" else f"FLOWBUS_{field.name.upper()}"
+            if name in env:
+                values[field.name] = env[name]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid setting: {exc}") from None
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password replaced by ``***``, for messages and logs."""
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", self.url)

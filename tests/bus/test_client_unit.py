@@ -1,0 +1,32 @@
+"""Fast unit tests of client paths that run no script and no blocking read (fakeredis)."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from bus import Bus, ServiceInfo, Settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def fake_bus() -> Bus:
+    return Bus(fakeredis.FakeAsyncRedis(), Settings(prefix="unit"))
+
+
+async def test_registered_services_are_listed_by_name(fake_bus: Bus) -> None:
+    await fake_bus.register_service(ServiceInfo("crm", subscribes=["on_client_connected"]))
+    await fake_bus.register_service(ServiceInfo("actions"))
+    assert await fake_bus.services() == [
+        ServiceInfo("actions"),
+        ServiceInfo("crm", subscribes=["on_client_connected"]),
+    ]
+
+
+async def test_history_skips_entries_that_do_not_parse(fake_bus: Bus) -> None:
+    stream = fake_bus.keys.session("call-1")
+    await fake_bus.redis.xadd(stream, {"type": "a", "seq": "1", "ts": "5", "data": "{}"})
+    await fake_bus.redis.xadd(stream, {"type": "a"})
+    await fake_bus.redis.xadd(stream, {"type": "b", "seq": "2", "ts": "6", "data": "{}"})
+    assert [(e.type, e.seq) for e in await fake_bus.history("call-1")] == [("a", 1), ("b", 2)]

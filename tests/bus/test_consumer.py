@@ -1,0 +1,199 @@
+"""Consumer behaviour in-process, on the real server: policies, filters, drain, renewal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from bus import (
+    Bus,
+    Codec,
+    Consumer,
+    Delivery,
+    FencedError,
+    NoSuchSessionError,
+    Payload,
+    Service,
+    Settings,
+)
+from tests.apps.recorder import Tick
+from tests.conftest import make_settings
+from tests.support import raw, wait_for
+from workers.server import LocalServer
+
+pytestmark = pytest.mark.anyio
+
+
+class Note(Payload, tag="note"):
+    text: str = ""
+
+
+@asynccontextmanager
+async def running(bus: Bus, service: Service) -> AsyncIterator[Consumer]:
+    consumer = Consumer(bus, service)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        yield consumer
+        consumer.stop()
+
+
+class Log:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, int]] = []
+
+    def count(self, session: str) -> int:
+        return sum(s == session for s, _, _ in self.seen)
+
+
+async def test_pause_policy_holds_the_session_until_an_operator_resumes_it(
+    server: LocalServer,
+) -> None:
+    settings = make_settings(server.url, max_deliveries=2, dead_letter_policy="pause")
+    log, failing = Log(), {"call-p": True}
+
+    async def handle(d: Delivery) -> None:
+        assert isinstance(d.payload, Tick)
+        if d.payload.fail and failing[d.session]:
+            raise RuntimeError("downstream is down")
+        log.seen.append((d.session, d.seq, d.deliveries))
+
+    async with Bus.connect(settings) as bus, running(bus, Service("svc", handle, Codec([Tick]))):
+        for n in (1, 2, 3):
+            await bus.publish("call-p", Tick(n=n, fail=n == 2))
+        for n in (1, 2):
+            await bus.publish("call-q", Tick(n=n))
+        p = bus.keys.partition("call-p")
+
+        async def paused() -> bool:
+            return bool(await raw(bus).hexists(bus.keys.paused(p, "svc"), "call-p"))
+
+        await wait_for(paused, what="call-p to pause")
+        await wait_for(lambda: log.count("call-q") == 2, what="the other session")
+        assert [seq for s, seq, _ in log.seen if s == "call-p"] == [1]  # 3 waits behind 2
+        [(_, dead)] = await raw(bus).xrange(bus.keys.dead(p))
+        assert dead[b"policy"] == b"pause" and dead[b"error"] == b"RuntimeError: downstream is down"
+
+        failing["call-p"] = False
+        assert await bus.resume("call-p", "svc") is not None
+        await wait_for(lambda: log.count("call-p") == 3, what="call-p to resume")
+        assert [(seq, n) for s, seq, n in log.seen if s == "call-p"] == [(1, 1), (2, 1), (3, 1)]
+        assert await bus.resume("call-p", "svc") is None  # not paused any more
+
+
+async def test_a_service_sees_only_what_it_subscribes_to_and_acks_the_rest(bus: Bus) -> None:
+    got: list[str] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(d.type)
+
+    service = Service("notes", handle, Codec([Tick, Note]), subscribes=frozenset({"note"}))
+    async with running(bus, service) as consumer:
+        await bus.publish("call-1", Tick(n=1))
+        await bus.publish("call-1", Note(text="hi"))
+        await bus.publish("call-1", Tick(n=2), final=True)
+        stream = bus.keys.session("call-1")
+
+        async def retired() -> bool:
+            return bool(await raw(bus).ttl(stream) > 0)
+
+        await wait_for(retired, what="the session to retire once handled")
+    assert got == ["note"] and consumer.stats.skipped == 2
+    [group] = await raw(bus).xinfo_groups(stream)
+    assert group["pending"] == 0 and group["lag"] == 0
+
+
+async def test_a_hung_handler_times_out_is_retried_and_dead_lettered(server: LocalServer) -> None:
+    settings = make_settings(server.url, handler_timeout_seconds=0.05, max_deliveries=2)
+    calls: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        calls.append(d.deliveries)
+        if d.seq == 1:
+            await anyio.sleep_forever()
+
+    async with Bus.connect(settings) as bus, running(bus, Service("svc", handle, Codec([Tick]))):
+        await bus.publish("call-1", Tick(n=1))
+        await bus.publish("call-1", Tick(n=2))
+        await wait_for(lambda: len(calls) == 3, what="two attempts then seq 2")
+        [(_, dead)] = await raw(bus).xrange(bus.keys.dead(bus.keys.partition("call-1")))
+    assert calls == [1, 2, 1]
+    assert dead[b"error"] == b"handler timed out after 0.05s" and dead[b"deliveries"] == b"2"
+
+
+async def test_a_graceful_stop_finishes_in_flight_work_and_hands_back_every_lease(
+    bus: Bus,
+) -> None:
+    started, release = anyio.Event(), anyio.Event()
+    done: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        started.set()
+        await release.wait()
+        done.append(d.seq)
+
+    consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await bus.publish("call-1", Tick(n=1))
+        await started.wait()
+        consumer.stop()  # drain begins while the handler runs
+        release.set()
+    assert done == [1]
+    [group] = await raw(bus).xinfo_groups(bus.keys.session("call-1"))
+    assert group["pending"] == 0  # acked before leaving
+    leases = [bus.keys.lease(p, "svc") for p in range(bus.settings.partitions)]
+    assert await raw(bus).exists(*leases) == 0
+    assert await raw(bus).exists(bus.keys.members("svc")) == 0
+
+
+async def test_a_handler_longer_than_the_lease_runs_once_while_another_worker_waits(
+    bus: Bus, settings: Settings
+) -> None:
+    runs: list[str] = []
+    finished = anyio.Event()
+
+    async def slow(d: Delivery) -> None:
+        runs.append(d.group)
+        await anyio.sleep(settings.lease_ttl_seconds * 2.5)  # the handler's own work
+        finished.set()
+
+    service = Service("svc", slow, Codec([Tick]))
+    async with running(bus, service) as first:
+        await bus.publish("call-1", Tick(n=1))
+        async with Bus.connect(settings) as other, running(other, service) as second:
+            await finished.wait()
+            assert first.stats.partitions_lost == second.stats.partitions_lost == 0
+    assert runs == ["svc"]
+
+
+async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
+    bus: Bus,
+) -> None:
+    seen: list[bytes | None] = []
+    deliveries: list[Delivery] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(await d.load_state())
+        await d.save_state(b"after-%d" % d.seq)
+        deliveries.append(d)
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+        for n in (1, 2):
+            await bus.publish("call-1", Tick(n=n))
+        await wait_for(lambda: len(seen) == 2, what="two events")
+    assert seen == [None, b"after-1"]
+    with pytest.raises(FencedError, match="lost partition"):  # its leases were released
+        await deliveries[-1].save_state(b"late")
+    assert (await bus.read_state("call-1"))["group:svc"] == b"after-2"
+
+
+async def test_shared_state_fields_are_written_and_read_by_anyone(bus: Bus) -> None:
+    await bus.publish("call-1", Tick(n=1), final=True)  # retired at once: no group reads it
+    await bus.write_state("call-1", {"flow.count": "3"})
+    assert await bus.read_state("call-1") == {"flow.count": b"3"}
+    assert 0 < await raw(bus).ttl(bus.keys.state("call-1")) <= bus.settings.retention_seconds
+    with pytest.raises(NoSuchSessionError):
+        await bus.write_state("call-none", {"flow.x": "1"})

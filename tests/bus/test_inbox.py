@@ -1,0 +1,49 @@
+"""The bot inbox: writes with dedupe, and the ordered reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus import Bus, Codec, NoSuchSessionError, Payload
+from tests.apps.recorder import Tick
+from tests.support import raw
+
+pytestmark = pytest.mark.anyio
+
+
+class Say(Payload, tag="say"):
+    text: str
+
+
+async def test_commands_arrive_in_order_once_per_dedupe_key(bus: Bus) -> None:
+    await bus.publish("call-1", Tick(n=1))
+    assert await bus.send("call-1", Say(text="hello"), dedupe="actions/1/0") is not None
+    assert await bus.send("call-1", Say(text="hello"), dedupe="actions/1/0") is None
+    await bus.send("call-1", Say(text="bye"))
+    async with bus.inbox("call-1", Codec([Say])) as inbox:
+        messages = await inbox.read(wait=1)
+    assert [(m.seq, m.payload) for m in messages] == [(1, Say(text="hello")), (2, Say(text="bye"))]
+
+
+async def test_the_reader_waits_for_the_next_command(bus: Bus) -> None:
+    await bus.publish("call-2", Tick(n=1))
+    async with bus.inbox("call-2", Codec([Say])) as inbox:
+        assert await inbox.read(wait=0.05) == []
+        await bus.send("call-2", Say(text="late"))
+        [message] = await inbox.read(wait=5)
+    assert message.payload == Say(text="late")
+
+
+async def test_junk_in_the_inbox_is_reported_not_returned(bus: Bus) -> None:
+    await bus.publish("call-3", Tick(n=1))
+    await raw(bus).xadd(bus.keys.inbox("call-3"), {"type": "say", "seq": "1"})
+    await bus.send("call-3", Say(text="ok"))
+    async with bus.inbox("call-3", Codec([Say])) as inbox:
+        [message] = await inbox.read(wait=1)
+        assert message.payload == Say(text="ok")
+        assert [reason for _, reason in inbox.rejected] == ["missing field(s) ts, data"]
+
+
+async def test_writing_to_a_session_that_never_started_is_an_error(bus: Bus) -> None:
+    with pytest.raises(NoSuchSessionError, match="call-none"):
+        await bus.send("call-none", Say(text="?"))

@@ -1,0 +1,81 @@
+"""Publishing and retirement against the real server."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+from bus import Bus, PayloadTooLargeError, ServiceInfo, SessionEndedError
+from bus import scripts as s
+from tests.apps.recorder import Tick
+from tests.support import raw
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrent_publishers_get_gap_free_seqs_in_stream_order(bus: Bus) -> None:
+    async with anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(bus.publish, "call-1", Tick(n=i))
+    entries = await bus.history("call-1")
+    assert [e.seq for e in entries] == list(range(1, 201))
+    assert sorted(msgspec.json.decode(e.data)["n"] for e in entries) == list(range(200))
+
+
+async def test_an_entry_is_flat_and_readable(bus: Bus) -> None:
+    published = await bus.publish("call-2", Tick(n=7), extra={"traceparent": "00-abc-def-01"})
+    [(entry_id, fields)] = await raw(bus).xrange(bus.keys.session("call-2"))
+    assert entry_id.decode() == published.entry_id
+    assert list(fields) == [b"type", b"seq", b"ts", b"data", b"traceparent"]
+    assert fields[b"type"] == b"tick" and fields[b"seq"] == b"1"
+    assert msgspec.json.decode(fields[b"data"]) == {"type": "tick", "n": 7, "fail": False}
+
+
+async def test_nothing_follows_the_final_event(bus: Bus) -> None:
+    await bus.publish("call-3", Tick(n=1), final=True)
+    with pytest.raises(SessionEndedError, match="call-3"):
+        await bus.publish("call-3", Tick(n=2))
+    assert [e.seq for e in await bus.history("call-3")] == [1]
+
+
+async def test_an_oversized_payload_is_refused_and_nothing_is_appended(bus: Bus) -> None:
+    big = Tick(n=int("9" * 10))
+    limited = Bus(bus.redis, msgspec.structs.replace(bus.settings, max_payload_bytes=20))
+    with pytest.raises(PayloadTooLargeError, match="the limit is 20"):
+        await limited.publish("call-4", big)
+    assert await raw(bus).exists(bus.keys.session("call-4")) == 0
+
+
+async def test_a_session_retires_only_when_every_group_handled_it(bus: Bus) -> None:
+    await bus.register_service(ServiceInfo("crm"))
+    for n in (1, 2):
+        await bus.publish("call-5", Tick(n=n), final=n == 2)
+    keys = bus.keys
+    stream, p = keys.session("call-5"), keys.partition("call-5")
+    assert {g["name"] for g in await raw(bus).xinfo_groups(stream)} == {b"crm"}
+    assert await raw(bus).ttl(stream) == -1  # crm has not read it: it must not expire
+    assert await raw(bus).sismember(keys.live(p), "call-5")
+    # A session ending before any crm worker ran still waits for crm: its group exists.
+    await bus.publish("call-6", Tick(n=1), final=True)
+    assert await raw(bus).ttl(keys.session("call-6")) == -1
+
+
+async def test_a_session_no_service_reads_retires_at_its_end(bus: Bus) -> None:
+    await bus.publish("call-7", Tick(n=1), final=True)
+    p = bus.keys.partition("call-7")
+    ttl = await raw(bus).ttl(bus.keys.session("call-7"))
+    assert 0 < ttl <= bus.settings.retention_seconds
+    assert await raw(bus).ttl(bus.keys.meta("call-7")) == ttl
+    assert not await raw(bus).sismember(bus.keys.live(p), "call-7")
+    assert await raw(bus).zscore(bus.keys.ended(p), "call-7") is not None
+
+
+async def test_a_retried_publish_appends_once(bus: Bus) -> None:
+    p = bus.keys.partition("call-8")
+    keys = [bus.keys.session("call-8")]
+    args: list[s.Arg] = [bus.keys.tag(p), "call-8", "tick", b'{"type":"tick"}', 0, 1000, "id-1", 0]
+    first = await s.PUBLISH(bus.redis, keys, args)
+    again = await s.PUBLISH(bus.redis, keys, args)  # the reply of the first was "lost"
+    assert first == again == [1, first[1]]
+    assert [e.seq for e in await bus.history("call-8")] == [1]

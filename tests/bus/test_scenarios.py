@@ -1,0 +1,268 @@
+"""The ordering contract with real worker processes on a real server (issue: bus, tests 1-6)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable
+
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from tests.apps.recorder import Tick
+from tests.conftest import make_settings
+from tests.support import (
+    Handled,
+    WorkerProcesses,
+    assert_in_order,
+    handled,
+    lease_owners,
+    raw,
+    wait_for,
+)
+from workers.server import LocalServer
+
+pytestmark = pytest.mark.anyio
+RECORDER = "tests.apps.recorder:service"
+
+
+async def publish(
+    bus: Bus, sessions: Iterable[str], events: int, fail: Collection[int] = ()
+) -> dict[str, int]:
+    """Publish `events` ticks to each session, sessions concurrently, each in order."""
+    sessions = list(sessions)
+
+    async def one(session: str) -> None:
+        for i in range(1, events + 1):
+            await bus.publish(session, Tick(n=i, fail=i in fail), final=i == events)
+
+    async with anyio.create_task_group() as tg:
+        for session in sessions:
+            tg.start_soon(one, session)
+    return dict.fromkeys(sessions, events)
+
+
+async def settled(bus: Bus, group: str, workers: int) -> None:
+    async def balanced() -> bool:
+        owners = await lease_owners(bus, group)
+        counts = sorted(len(p) for p in owners.values())
+        return (
+            len(owners) == workers
+            and sum(counts) == bus.settings.partitions
+            and counts[-1] - counts[0] <= 1
+        )
+
+    await wait_for(balanced, what=f"{workers} workers to split the partitions")
+
+
+async def count_handled(bus: Bus, group: str = "recorder") -> int:
+    return int(await raw(bus).llen(f"{bus.settings.prefix}:test:handled:{group}"))
+
+
+async def progressed(bus: Bus, n: int, group: str = "recorder") -> bool:
+    """At least `n` handlings recorded."""
+    return await count_handled(bus, group) >= n
+
+
+async def test_four_workers_handle_every_session_in_order_exactly_once(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    procs = [workers.start(RECORDER, settings) for _ in range(4)]
+    await settled(bus, "recorder", 4)
+    expected = await publish(bus, (f"call-{i}" for i in range(200)), 50)
+
+    await wait_for(lambda: progressed(bus, 200 * 50), limit=120, what="10,000 events")
+    records = await handled(bus, "recorder")
+    duplicates = assert_in_order(records, expected)
+    assert sum(duplicates.values()) == 0 and len(records) == 10_000
+    sessions_per_worker = Counter(pid for pid, _ in {(r.pid, r.session) for r in records})
+    assert sessions_per_worker.keys() == {p.pid for p in procs}
+    assert min(sessions_per_worker.values()) >= 200 / 4 / 2, sessions_per_worker  # fair share
+
+
+async def test_kill_9_of_a_worker_loses_nothing_and_duplicates_only_in_flight_events(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    procs = [workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"}) for _ in range(4)]
+    await settled(bus, "recorder", 4)
+    victim = procs[0]
+    async with anyio.create_task_group() as tg:
+        expected: dict[str, int] = {}
+
+        async def publish_all() -> None:
+            expected.update(await publish(bus, (f"call-{i}" for i in range(200)), 50))
+
+        tg.start_soon(publish_all)
+
+        async def victim_busy() -> bool:
+            return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 300
+
+        await wait_for(victim_busy, what="the victim to handle 300 events")
+        workers.kill(victim)
+
+    async def all_handled() -> bool:
+        return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 10_000
+
+    await wait_for(all_handled, limit=120, what="every event after the kill")
+    records = await handled(bus, "recorder")
+    duplicates = assert_in_order(records, expected)
+    first_by: dict[tuple[str, int], Handled] = {}
+    for r in records:
+        if (r.session, r.seq) in first_by:  # a duplicate: the first handling was the victim's,
+            assert first_by[r.session, r.seq].pid == victim.pid, r  # in flight at the kill
+            assert r.pid != victim.pid and r.deliveries >= 2, r
+        else:
+            first_by[r.session, r.seq] = r
+    assert max(duplicates.values()) <= 1
+    owners = await lease_owners(bus, "recorder")
+    assert str(victim.pid) not in " ".join(owners) and sum(map(len, owners.values())) == 64
+    assert any(r.pid != victim.pid for r in records if first_by[r.session, 1].pid == victim.pid)
+
+
+async def test_a_joining_worker_takes_partitions_and_a_graceful_stop_duplicates_nothing(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    procs = [workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"}) for _ in range(4)]
+    await settled(bus, "recorder", 4)
+    async with anyio.create_task_group() as tg:
+        expected: dict[str, int] = {}
+
+        async def publish_all() -> None:
+            expected.update(await publish(bus, (f"call-{i}" for i in range(200)), 50))
+
+        tg.start_soon(publish_all)
+
+        await wait_for(lambda: progressed(bus, 1_000), what="1,000 events")
+        fifth = workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
+        await settled(bus, "recorder", 5)
+        await wait_for(lambda: progressed(bus, 4_000), limit=60, what="4,000 events")
+        log = workers.terminate(procs[1])
+        assert procs[1].returncode == 0, log
+        assert "worker_stopped" in log
+
+    await wait_for(lambda: progressed(bus, 10_000), limit=120, what="every event")
+    records = await handled(bus, "recorder")
+    assert sum(assert_in_order(records, expected).values()) == 0
+    assert len(records) == 10_000
+    assert any(r.pid == fifth.pid for r in records)
+
+
+async def test_an_always_failing_handler_is_retried_then_dead_lettered(
+    server: LocalServer, workers: WorkerProcesses
+) -> None:
+    settings = make_settings(server.url, max_deliveries=3)
+    async with Bus.connect(settings) as bus:
+        workers.start(RECORDER, settings)
+        await settled(bus, "recorder", 1)
+        expected = await publish(bus, ["call-a", "call-b"], 6, fail={3})
+
+        await wait_for(lambda: progressed(bus, 2 * 5), what="the events after the failing one")
+        records = await handled(bus, "recorder")
+        for session in expected:
+            assert [r.seq for r in records if r.session == session] == [1, 2, 4, 5, 6]
+        attempts = await raw(bus).lrange(f"{settings.prefix}:test:attempts:recorder", 0, -1)
+        per_session = Counter(a.decode().split("|")[0] for a in attempts)
+        assert per_session == {"call-a": 3, "call-b": 3}
+        dead = await dead_letters(bus)
+        assert len(dead) == 2
+        for fields in dead:
+            assert fields["error"] == "RuntimeError: tick 3 always fails"
+            assert fields["deliveries"] == "3" and fields["seq"] == "3"
+            assert fields["group"] == "recorder" and fields["policy"] == "skip"
+
+
+async def dead_letters(bus: Bus) -> list[dict[str, str]]:
+    out = []
+    for p in range(bus.settings.partitions):
+        for _id, fields in await raw(bus).xrange(bus.keys.dead(p)):
+            out.append(
+                {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+            )
+    return out
+
+
+async def test_garbage_entries_are_dead_lettered_and_valid_events_still_handled(
+    server: LocalServer, workers: WorkerProcesses
+) -> None:
+    settings = make_settings(server.url, max_payload_bytes=1024)
+    async with Bus.connect(settings) as bus:
+        proc = workers.start(RECORDER, settings)
+        await settled(bus, "recorder", 1)
+        session, stream = "call-junk", bus.keys.session("call-junk")
+        await bus.publish(session, Tick(n=1))
+        garbage: list[dict[bytes | str, bytes | str]] = [
+            {"type": "tick", "seq": "9"},
+            {"type": "tick", "seq": "9", "ts": "1", "data": "{not json"},
+            {"type": "no.such.type", "seq": "9", "ts": "1", "data": "{}"},
+            {
+                "type": "tick",
+                "seq": "9",
+                "ts": "1",
+                "data": '{"type":"tick","n":' + "1" * 2000 + "}",
+            },
+            {b"\xff\xfe": b"\x00\x01", b"type": b"\xc3\x28"},
+            {"type": "tick", "seq": "x", "ts": "1", "data": '{"type":"tick"}'},
+            {"type": "tick", "seq": "9", "ts": "1", "data": '{"type":"tick","n":"one"}'},
+        ]
+        for fields in garbage:
+            await raw(bus).xadd(stream, fields)
+        await bus.publish(session, Tick(n=2), final=True)
+
+        await wait_for(lambda: progressed(bus, 2), what="the valid events around the garbage")
+        assert [r.seq for r in await handled(bus, "recorder")] == [1, 2]
+        reasons = [d["error"] for d in await dead_letters(bus)]
+        assert len(reasons) == 7
+        assert reasons[1].startswith("invalid data for 'tick': JSON is malformed")
+        assert reasons[:1] + reasons[2:] == [
+            "missing field(s) ts, data",
+            "unknown type 'no.such.type'",
+            "data is 2020 bytes; the limit is 1024",
+            "a field name is not UTF-8",
+            "type, seq, ts or an optional field is malformed",
+            "invalid data for 'tick': Expected `int`, got `str` - at `$.n`",
+        ]
+        assert proc.poll() is None
+
+
+async def test_two_services_each_see_every_event_in_order(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    for group in ("alpha", "beta"):
+        for _ in range(2):
+            workers.start(RECORDER, settings, {"RECORDER_GROUP": group})
+        await settled(bus, group, 2)
+    expected = await publish(bus, (f"call-{i}" for i in range(50)), 20)
+
+    async def both_done() -> bool:
+        return await progressed(bus, 1000, "alpha") and await progressed(bus, 1000, "beta")
+
+    await wait_for(both_done, limit=60, what="both services")
+    for group in ("alpha", "beta"):
+        records = await handled(bus, group)
+        assert sum(assert_in_order(records, expected).values()) == 0 and len(records) == 1000
+
+
+async def test_a_redis_restart_with_aof_loses_nothing_and_keeps_every_session_in_order(
+    workers: WorkerProcesses,
+) -> None:
+    with LocalServer(appendonly=True) as server:
+        settings = make_settings(server.url)
+        workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
+        sessions = [f"call-{i}" for i in range(50)]
+        async with Bus.connect(settings) as bus:
+            await settled(bus, "recorder", 1)
+            for n in range(1, 11):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n))
+            await wait_for(lambda: progressed(bus, 100), what="work before the crash")
+            server.kill()  # SIGKILL: only what the AOF holds survives
+            server.start()
+            for n in range(11, 21):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n), final=n == 20)
+
+            async def all_handled() -> bool:
+                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 1000
+
+            await wait_for(all_handled, limit=60, what="every event after the restart")
+            assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))

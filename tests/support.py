@@ -1,0 +1,162 @@
+"""Helpers shared by the tests: worker processes, waiting for conditions, order checks."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bus import Bus, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def raw(bus: Bus) -> Any:
+    """The bus's Redis client, for reading replies in tests (redis-py types each reply as a
+    union of every shape it could take)."""
+    return bus.redis
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {
+        "FLOWBUS_REDIS_URL": settings.url,
+        "FLOWBUS_PREFIX": settings.prefix,
+        "FLOWBUS_PARTITIONS": str(settings.partitions),
+        "FLOWBUS_LEASE_TTL_SECONDS": str(settings.lease_ttl_seconds),
+        "FLOWBUS_MAX_DELIVERIES": str(settings.max_deliveries),
+        "FLOWBUS_RETRY_BACKOFF_SECONDS": str(settings.retry_backoff_seconds),
+        "FLOWBUS_RETRY_BACKOFF_MAX_SECONDS": str(settings.retry_backoff_max_seconds),
+        "FLOWBUS_DEAD_LETTER_POLICY": settings.dead_letter_policy,
+        "FLOWBUS_MAX_PAYLOAD_BYTES": str(settings.max_payload_bytes),
+    }
+
+
+LOG_TAIL_LINES = 40
+
+
+class WorkerProcesses:
+    """Worker processes of the tests; whatever is still running at the end is killed.
+
+    Each process logs to a file of its own: a pipe nobody reads would fill up and block the
+    worker's event loop on its next log line."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._dir = tempfile.TemporaryDirectory(prefix="flowbus-workers-")
+        self._logs: dict[int, Path] = {}
+
+    def start(
+        self, target: str, settings: Settings, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        full_env = {**os.environ, **settings_env(settings), **(env or {})}
+        log = Path(self._dir.name) / f"worker-{len(self.procs)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers", "worker", target, "--log-format", "json"],
+                cwd=ROOT,
+                env=full_env,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+        self.procs.append(proc)
+        self._logs[proc.pid] = log
+        return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return self._logs[proc.pid].read_text()
+
+    def terminate(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
+        """SIGTERM (graceful drain); return the process's log."""
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+        return self.log(proc)
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.kill()
+        proc.wait()
+
+    def stop_all(self) -> None:
+        """Kill what still runs; print each log's tail (pytest shows it if the test failed)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.pid in self._logs:
+                tail = self.log(proc).splitlines()[-LOG_TAIL_LINES:]
+                print(f"--- worker {proc.pid} (exit {proc.returncode}), last lines of its log:")
+                print("\n".join(tail))
+        self._dir.cleanup()
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool] | bool], limit: float = 30, what: str = "condition"
+) -> None:
+    """Check `condition` (sync or async) until it holds; fail the test after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+async def lease_owners(bus: Bus, group: str) -> dict[str, list[int]]:
+    """worker -> partitions whose lease it holds, read from the lease keys."""
+    pipe = raw(bus).pipeline(transaction=False)
+    for p in range(bus.settings.partitions):
+        pipe.get(bus.keys.lease(p, group))
+    owners: dict[str, list[int]] = {}
+    for p, token in enumerate(await pipe.execute()):
+        if token:
+            owners.setdefault(token.decode().split(":", 1)[1], []).append(p)
+    return owners
+
+
+@dataclass(frozen=True)
+class Handled:
+    session: str
+    seq: int
+    pid: int
+    deliveries: int
+
+
+async def handled(bus: Bus, group: str) -> list[Handled]:
+    out = []
+    for item in await raw(bus).lrange(f"{bus.settings.prefix}:test:handled:{group}", 0, -1):
+        session, seq, pid, deliveries = item.decode().split("|")
+        out.append(Handled(session, int(seq), int(pid), int(deliveries)))
+    return out
+
+
+def by_session(records: list[Handled]) -> dict[str, list[Handled]]:
+    result: dict[str, list[Handled]] = {}
+    for r in records:
+        result.setdefault(r.session, []).append(r)
+    return result
+
+
+def assert_in_order(records: list[Handled], expected: Mapping[str, int]) -> dict[str, int]:
+    """Every session handled seq 1..N in order; a seq repeats only right after itself (a
+    redelivery). Returns session -> number of duplicate handlings."""
+    sessions = by_session(records)
+    assert sessions.keys() == expected.keys(), "sessions handled differ from sessions published"
+    duplicates = {}
+    for session, recs in sessions.items():
+        seqs = [r.seq for r in recs]
+        assert all(a <= b for a, b in itertools.pairwise(seqs)), (session, seqs)
+        assert sorted(set(seqs)) == list(range(1, expected[session] + 1)), (session, seqs)
+        duplicates[session] = len(seqs) - len(set(seqs))
+    return duplicates
