@@ -1,0 +1,81 @@
+"""flowbus.flows: the conversation domain.
+
+Pipecat-Flows nodes and actions (`FlowManager` in the bot, `ActionService` in workers), event
+handlers as services (`EventService`, `Events`), the event catalog, the messages between bots
+and services, and the errors users see.
+"""
+
+from .actions import ActionService, WorkerFlowManager
+from .bot import BotSession
+from .catalog import CATALOG, Emitter, Event, EventSpec, Info
+from .config import (
+    ContextStrategy,
+    FlowConfig,
+    FunctionConfig,
+    InvalidNodeError,
+    NodeConfig,
+    load_flow,
+    parse_node,
+)
+from .emitting import Events, SyncOutcome
+from .errors import (
+    ActionError,
+    EventError,
+    FlowError,
+    FlowInitializationError,
+    FlowTransitionError,
+    InvalidFunctionError,
+    InvalidHandlerError,
+    UnknownEventError,
+)
+from .handlers import EmitterRef, EventService, Retry, declare
+from .manager import FlowManager
+from .protocol import COMMANDS, FLOW_EVENTS, ActionsCompleted, EndConversation, HandlerOutcome, Say
+from .speech import LLM, TTS, FunctionCall, LLMResponse, ScriptedLLM, SimulatedTTS
+from .state import SharedState
+
+__all__ = [
+    "CATALOG",
+    "COMMANDS",
+    "FLOW_EVENTS",
+    "LLM",
+    "TTS",
+    "ActionError",
+    "ActionService",
+    "ActionsCompleted",
+    "BotSession",
+    "ContextStrategy",
+    "Emitter",
+    "EmitterRef",
+    "EndConversation",
+    "Event",
+    "EventError",
+    "EventService",
+    "EventSpec",
+    "Events",
+    "FlowConfig",
+    "FlowError",
+    "FlowInitializationError",
+    "FlowManager",
+    "FlowTransitionError",
+    "FunctionCall",
+    "FunctionConfig",
+    "HandlerOutcome",
+    "Info",
+    "InvalidFunctionError",
+    "InvalidHandlerError",
+    "InvalidNodeError",
+    "LLMResponse",
+    "NodeConfig",
+    "Retry",
+    "Say",
+    "ScriptedLLM",
+    "SharedState",
+    "SimulatedTTS",
+    "SyncOutcome",
+    "UnknownEventError",
+    "WorkerFlowManager",
+    "declare",
+    "load_flow",
+    "parse_node",
+]

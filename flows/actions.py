@@ -1,0 +1,312 @@
+"""Pipecat Flows actions, run by a worker service with the reference's timing.
+
+::
+
+    actions = ActionService()          # the consumer group "actions"
+
+    @actions.action("notify_slack")
+    async def notify(action, flow_manager):
+        node = flow_manager.current_node
+        await slack.post(action["channel"], f"{flow_manager.session_id} reached {node}")
+
+``flowbus worker myapp:actions`` runs it. For each session the service keeps a small state
+machine, saved in Redis after every step: the node entry being worked on, the phase (pre, then
+post once the LLM's reply was complete *and* spoken), the next action, and what it waits for.
+A wait (a phrase being spoken, a bot-side action) ends the handling of the current event; the
+bot's confirmation — the next event of the session — resumes it. No session's stream is held
+and no other session waits, and a worker killed between two actions is replaced by one that
+resumes at the next action.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import structlog
+
+from bus import Delivery, Payload, Service
+
+from .calling import invoke_action
+from .errors import ActionError
+from .protocol import (
+    FLOW_EVENTS,
+    Action,
+    ActionDone,
+    ActionsCompleted,
+    EndConversation,
+    LLMCompleted,
+    NodeEntered,
+    RunAction,
+    Say,
+    SessionEnded,
+    SessionStarted,
+    TTSFinished,
+    TTSSpoken,
+    WaitTimedOut,
+)
+from .state import SharedState
+
+log = structlog.get_logger("flowbus.actions")
+
+ActionHandler = Callable[..., Any]
+F = TypeVar("F", bound=ActionHandler)
+BUILTINS = frozenset({"tts_say", "end_conversation", "function"})
+#: Actions after which the next one may start at once: speech is queued in order by the bot.
+_SPEECH = frozenset({"tts_say", "end_conversation"})
+
+Phase = Literal["pre", "post_wait", "post", "done", "failed", "ended", "abandoned"]
+
+
+class _Run(msgspec.Struct):
+    """The actions of one node entry, and how far they got."""
+
+    node: str
+    gen: int
+    pre: list[Action]
+    post: list[Action]
+    corr: str = ""
+    phase: Phase = "pre"
+    index: int = 0
+    waiting: str = ""
+    llm_done: bool = False
+    tts_done: bool = False
+    #: When the bot stops waiting for the pre-actions (ms since epoch; 0: never).
+    deadline: int = 0
+
+
+class _State(msgspec.Struct):
+    run: _Run | None = None
+
+
+_decode_state = msgspec.json.Decoder(_State).decode
+
+
+class WorkerFlowManager:
+    """What a worker-side action handler receives as `flow_manager`.
+
+    `state` is the session's shared flow state (the bot's `flow_manager.state`): read when the
+    action starts, written back when it returns. `send` writes a command to the bot.
+    """
+
+    def __init__(self, delivery: Delivery, node: str, state: SharedState, key: str) -> None:
+        self._delivery = delivery
+        self.session_id = delivery.session
+        self.current_node = node
+        self.state = state
+        #: Unique per (session, node entry, phase, position): an idempotency key for the
+        #: action's side effects, should a crash make it run again.
+        self.action_key = f"{delivery.session}/{key}"
+
+    async def send(self, command: Payload) -> bool:
+        """Write `command` to the bot's inbox (once, even if this action runs again)."""
+        return await self._delivery.send(command, dedupe=f"{self.action_key}/send")
+
+
+class ActionService:
+    """A worker service that runs the pre- and post-actions of every session's nodes."""
+
+    def __init__(self, name: str = "actions") -> None:
+        self.name = name
+        self._actions: dict[str, ActionHandler] = {}
+        self._functions: dict[str, ActionHandler] = {}
+
+    def register_action(self, action_type: str, handler: ActionHandler) -> None:
+        """Run `handler(action, flow_manager)` (or the legacy `handler(action)`), `def` or
+        `async def`, for actions of `action_type`; replaces an earlier registration."""
+        if action_type in BUILTINS:
+            raise ActionError(f"{action_type!r} is a built-in action and cannot be replaced")
+        if not callable(handler):
+            raise ValueError(f"the handler of action {action_type!r} is not callable")
+        self._actions[action_type] = handler
+
+    def action(self, action_type: str) -> Callable[[F], F]:
+        """Decorator form of `register_action`."""
+
+        def register(handler: F) -> F:
+            self.register_action(action_type, handler)
+            return handler
+
+        return register
+
+    def register_function(self, name: str, handler: ActionHandler) -> None:
+        """The handler a ``{"type": "function", "handler": name}`` action runs."""
+        if not callable(handler):
+            raise ValueError(f"the function handler {name!r} is not callable")
+        self._functions[name] = handler
+
+    def function(self, name: str) -> Callable[[F], F]:
+        """Decorator form of `register_function`."""
+
+        def register(handler: F) -> F:
+            self.register_function(name, handler)
+            return handler
+
+        return register
+
+    def as_service(self) -> Service:
+        return Service(
+            self.name, self._handle, FLOW_EVENTS, subscribes=frozenset(FLOW_EVENTS.types)
+        )
+
+    def problem(self, actions: list[Action]) -> tuple[str, str] | None:
+        """The first action that cannot run, as (type, reason); checked before any runs."""
+        for action in actions:
+            kind = str(action.get("type", ""))
+            if "bot_handler" in action:
+                continue
+            if kind == "tts_say" and not str(action.get("text", "")).strip():
+                return kind, "tts_say needs a non-empty 'text'"
+            if kind == "function":
+                name = action.get("handler")
+                if not name:
+                    return kind, "a function action needs a 'handler'"
+                if name not in self._functions:
+                    return (
+                        kind,
+                        f"no function handler {name!r} is registered in service {self.name!r}",
+                    )
+            elif kind not in BUILTINS and kind not in self._actions:
+                known = ", ".join(sorted(BUILTINS | self._actions.keys()))
+                return kind, f"action type {kind!r} is not registered (known: {known})"
+        return None
+
+    # -- the state machine ------------------------------------------------------------------
+    async def _handle(self, delivery: Delivery) -> None:
+        raw = await delivery.load_state()
+        state = _decode_state(raw) if raw else _State()
+        run = state.run
+        match delivery.payload:
+            case NodeEntered() as entered if run is None or run.gen < entered.gen:
+                if run is not None and run.phase not in ("done", "failed", "ended"):
+                    log.info("actions_abandoned", node=run.node, gen=run.gen, phase=run.phase)
+                deadline = delivery.ts + entered.wait_ms if entered.wait_ms else 0
+                state.run = run = _Run(
+                    entered.node,
+                    entered.gen,
+                    entered.pre_actions,
+                    entered.post_actions,
+                    delivery.extra.get("corr", ""),
+                    deadline=deadline,
+                )
+                problem = self.problem(run.pre + run.post)
+                if problem is not None:
+                    await self._fail(delivery, run, *problem)
+            case LLMCompleted(gen=gen) if run is not None and run.gen == gen:
+                run.llm_done = True
+            case TTSFinished(gen=gen) if run is not None and run.gen == gen:
+                run.tts_done = True
+            case TTSSpoken(corr=corr) if run is not None and corr and run.waiting == corr:
+                run.waiting = ""
+            case ActionDone(corr=corr, error=error) if run is not None and run.waiting == corr:
+                run.waiting = ""
+                if error:
+                    actions = run.pre if run.phase == "pre" else run.post
+                    await self._fail(delivery, run, str(actions[run.index - 1]["type"]), error)
+            case WaitTimedOut(gen=gen) if run is not None and run.gen == gen:
+                run.phase = "abandoned"
+            case SessionEnded() if run is not None:
+                run.phase = "ended"
+            case (
+                NodeEntered()
+                | LLMCompleted()
+                | TTSFinished()
+                | TTSSpoken()
+                | ActionDone()
+                | WaitTimedOut()
+                | SessionStarted()
+                | SessionEnded()
+            ):
+                pass  # a replay, or an event of an earlier node
+        await self._save(delivery, state)
+        if run is not None:
+            with structlog.contextvars.bound_contextvars(node=run.node, gen=run.gen):
+                await self._advance(delivery, state, run)
+
+    async def _save(self, delivery: Delivery, state: _State) -> None:
+        await delivery.save_state(msgspec.json.encode(state))
+
+    async def _advance(self, delivery: Delivery, state: _State, run: _Run) -> None:
+        """Run actions until the list ends, fails, or must wait for the bot."""
+        while not run.waiting:
+            if run.phase == "pre" and run.deadline and time.time() * 1000 > run.deadline:
+                log.warning("actions_abandoned", reason="the bot stopped waiting", at=run.index)
+                run.phase = "abandoned"
+            elif run.phase in ("pre", "post"):
+                actions = run.pre if run.phase == "pre" else run.post
+                if run.index < len(actions):
+                    await self._run_action(delivery, run, actions)
+                else:
+                    if actions:
+                        completed = ActionsCompleted(node=run.node, gen=run.gen, phase=run.phase)
+                        await self._tell(delivery, run, completed, f"{run.gen}/{run.phase}/done")
+                    run.phase, run.index = ("post_wait", 0) if run.phase == "pre" else ("done", 0)
+            elif run.phase == "post_wait" and run.llm_done and run.tts_done:
+                run.phase = "post"
+            else:
+                return
+            await self._save(delivery, state)
+
+    async def _run_action(self, delivery: Delivery, run: _Run, actions: list[Action]) -> None:
+        i = run.index
+        action = actions[i]
+        kind = str(action["type"])
+        key = f"{run.gen}/{run.phase}/{i}"
+        following = str(actions[i + 1]["type"]) if i + 1 < len(actions) else None
+        with structlog.contextvars.bound_contextvars(action=kind, index=i, phase=run.phase):
+            if "bot_handler" in action:
+                run_it = RunAction(corr=key, key=str(action["bot_handler"]), action=action)
+                await delivery.send(run_it, dedupe=key)
+                run.index, run.waiting = i + 1, key
+            elif kind == "tts_say":
+                say = Say(
+                    text=str(action["text"]),
+                    corr=key,
+                    append_to_context=bool(action.get("append_text_to_context", True)),
+                )
+                await delivery.send(say, dedupe=key)
+                run.index = i + 1
+                if following not in _SPEECH:  # what follows starts once the phrase was spoken
+                    run.waiting = key
+            elif kind == "end_conversation":
+                end = EndConversation(text=str(action.get("text", "")), corr=key)
+                await delivery.send(end, dedupe=key)
+                phase: Literal["pre", "post"] = "pre" if run.phase == "pre" else "post"
+                ended = ActionsCompleted(node=run.node, gen=run.gen, phase=phase, ended=True)
+                await self._tell(delivery, run, ended, f"{key}/ended")
+                run.phase = "ended"  # later actions never run
+                log.info("conversation_ended_by_action")
+            else:
+                handler = (
+                    self._functions[action["handler"]]
+                    if kind == "function"
+                    else self._actions[kind]
+                )
+                state = SharedState()
+                await state.load(delivery.read_session_state)
+                manager = WorkerFlowManager(delivery, run.node, state, key)
+                try:
+                    await invoke_action(handler, dict(action), manager)
+                except Exception as exc:
+                    await self._fail(delivery, run, kind, f"{type(exc).__name__}: {exc}")
+                    return
+                finally:
+                    await state.flush(delivery.write_session_state)
+                run.index = i + 1
+                log.debug("action_ran")
+
+    async def _fail(self, delivery: Delivery, run: _Run, kind: str, error: str) -> None:
+        """Skip the rest of the list and tell the bot at once."""
+        log.error("action_failed", action=kind, error=error, phase=run.phase)
+        phase: Literal["pre", "post"] = "pre" if run.phase == "pre" else "post"
+        failed = ActionsCompleted(
+            node=run.node, gen=run.gen, phase=phase, error=error, action_type=kind
+        )
+        run.phase = "failed"
+        await self._tell(delivery, run, failed, f"{run.gen}/{phase}/failed")
+
+    async def _tell(self, delivery: Delivery, run: _Run, reply: ActionsCompleted, key: str) -> None:
+        extra = {"corr": run.corr} if run.corr and reply.phase == "pre" else None
+        await delivery.send(reply, dedupe=key, extra=extra)

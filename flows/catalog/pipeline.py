@@ -1,0 +1,105 @@
+"""Pipeline task and frame processor events.
+
+Pipecat hands these handlers live frames; the payloads carry a frame as an `Info`
+description (e.g. ``{"name": "StartFrame#0", "id": 12}``), empty when the bot sends none.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .base import KINDS, LLM, PIPELINE_TASK, Event, EventSpec, Info, spec
+
+# Pipeline task: `PipelineTask` (a `PipelineWorker` in 1.14).
+
+
+class OnPipelineStarted(Event, tag="on_pipeline_started"):
+    """The pipeline task started: its StartFrame reached the end of the pipeline."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnPipelineFinished(Event, tag="on_pipeline_finished"):
+    """The pipeline task finished, with the EndFrame, StopFrame or CancelFrame that ended it."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnPipelineError(Event, tag="on_pipeline_error"):
+    """An ErrorFrame reached the pipeline task (described like `OnError.error`)."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnFrameReachedUpstream(Event, tag="on_frame_reached_upstream"):
+    """A frame of a watched type reached the start of the pipeline, going upstream."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnFrameReachedDownstream(Event, tag="on_frame_reached_downstream"):
+    """A frame of a watched type reached the end of the pipeline, going downstream."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnIdleTimeout(Event, tag="on_idle_timeout"):
+    """No activity frame went through the pipeline within the idle timeout."""
+
+    # Not in the reference for LLMs, but xAI's realtime LLM registers this name too and passes
+    # the id of the conversation item its server-side idle check-in starts.
+    item_id: str = ""
+
+
+# Every frame processor (`FrameProcessor` registers these five with sync=True in 1.14).
+
+
+class OnError(Event, tag="on_error"):
+    """A frame processor pushed an error, or a Daily transport reported one."""
+
+    # A frame processor passes its ErrorFrame, described as {"error": message, "fatal": bool,
+    # "processor": name, "category": ...}; Daily passes a message string, carried as
+    # {"error": message}. One shape for both, so a handler reads error["error"] either way.
+    error: Info = msgspec.field(default_factory=dict)
+
+
+class OnBeforeProcessFrame(Event, tag="on_before_process_frame"):
+    """A frame processor is about to process a frame."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnAfterProcessFrame(Event, tag="on_after_process_frame"):
+    """A frame processor finished processing a frame."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnBeforePushFrame(Event, tag="on_before_push_frame"):
+    """A frame processor is about to push a frame to its neighbour."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnAfterPushFrame(Event, tag="on_after_push_frame"):
+    """A frame processor pushed a frame to its neighbour."""
+
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+# Any kind may be a frame processor (services, aggregators, transports' input and output...).
+# Sync as in Pipecat, where a processor waits for these handlers before going on; Daily's own
+# on_error is not sync there, but one name has one spec and the processors' reading wins.
+SPECS: tuple[EventSpec, ...] = (
+    spec(OnPipelineStarted, {PIPELINE_TASK}),
+    spec(OnPipelineFinished, {PIPELINE_TASK}),
+    spec(OnPipelineError, {PIPELINE_TASK}),
+    spec(OnFrameReachedUpstream, {PIPELINE_TASK}),
+    spec(OnFrameReachedDownstream, {PIPELINE_TASK}),
+    spec(OnIdleTimeout, {PIPELINE_TASK, LLM}),
+    spec(OnError, KINDS, sync=True),
+    spec(OnBeforeProcessFrame, KINDS, sync=True),
+    spec(OnAfterProcessFrame, KINDS, sync=True),
+    spec(OnBeforePushFrame, KINDS, sync=True),
+    spec(OnAfterPushFrame, KINDS, sync=True),
+)

@@ -1,0 +1,266 @@
+"""Flow and node configuration, as Pipecat Flows users write it: dicts, or YAML/JSON files.
+
+A node is ``{"task_messages": [...]}`` plus optional ``name``, ``role_message``,
+``role_messages`` (deprecated), ``functions``, ``pre_actions``, ``post_actions``,
+``context_strategy`` and ``respond_immediately``. `parse_node` validates one into a `NodeConfig`;
+every problem is an `InvalidNodeError` naming the node and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import FlowError
+
+Handler = Callable[..., Any]
+NODE_KEYS = frozenset(
+    {
+        "name",
+        "task_messages",
+        "role_message",
+        "role_messages",
+        "functions",
+        "pre_actions",
+        "post_actions",
+        "context_strategy",
+        "respond_immediately",
+    }
+)
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+
+
+class InvalidNodeError(FlowError, ValueError):
+    """A node configuration that cannot be used; `node` and `key` say where."""
+
+    def __init__(self, node: str, key: str, problem: str) -> None:
+        super().__init__(f"node {node!r}, key {key!r}: {problem}")
+        self.node, self.key = node, key
+
+
+class ContextStrategy(Enum):
+    """How entering a node changes the LLM context."""
+
+    APPEND = "APPEND"
+    RESET = "RESET"
+    RESET_WITH_SUMMARY = "RESET_WITH_SUMMARY"  # deprecated upstream; treated as RESET
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionConfig:
+    """A function the LLM may call in a node. Its handler is ``handler(args, flow_manager)``
+    returning ``(result, next_node)``; `next_node` may be None to stay."""
+
+    name: str
+    description: str = ""
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    required: Sequence[str] = ()
+    handler: Handler | None = None
+
+    def schema(self) -> dict[str, Any]:
+        """The function as an LLM tool definition (OpenAI format)."""
+        parameters = {
+            "type": "object",
+            "properties": dict(self.properties),
+            "required": list(self.required),
+        }
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": parameters,
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A validated node. `pre_actions` and `post_actions` keep their dict form (the wire form);
+    a callable ``handler`` in one stays a callable, run in the bot."""
+
+    name: str
+    task_messages: list[dict[str, Any]]
+    role_message: str | None = None
+    functions: list[FunctionConfig] = field(default_factory=list)
+    pre_actions: list[dict[str, Any]] = field(default_factory=list)
+    post_actions: list[dict[str, Any]] = field(default_factory=list)
+    context_strategy: ContextStrategy = ContextStrategy.APPEND
+    respond_immediately: bool = True
+
+    def with_state(self, state: Mapping[str, Any]) -> NodeConfig:
+        """The node with ``{{ key }}`` placeholders in its messages filled from `state`
+        (dotted keys reach into nested dicts; unknown keys stay as written)."""
+        messages = [
+            {**m, "content": fill(m["content"], state)} if isinstance(m.get("content"), str) else m
+            for m in self.task_messages
+        ]
+        role = fill(self.role_message, state) if self.role_message else self.role_message
+        return replace(self, task_messages=messages, role_message=role)
+
+
+def fill(text: str, state: Mapping[str, Any]) -> str:
+    def value(match: re.Match[str]) -> str:
+        found: Any = state
+        for part in match[1].split("."):
+            if not isinstance(found, Mapping) or part not in found:
+                return match[0]
+            found = found[part]
+        return str(found)
+
+    return _PLACEHOLDER.sub(value, text)
+
+
+def parse_node(
+    config: Mapping[str, Any] | NodeConfig,
+    *,
+    name: str | None = None,
+    handlers: Mapping[str, Handler] | None = None,
+) -> NodeConfig:
+    """Validate a Pipecat-Flows node dict into a `NodeConfig`.
+
+    `name` is used when the dict has none (else a fresh UUID, as in Pipecat Flows). String
+    function handlers (from YAML/JSON) are looked up in `handlers`.
+    """
+    if isinstance(config, NodeConfig):
+        return config
+    if not isinstance(config, Mapping):
+        raise InvalidNodeError(
+            name or "?", "-", f"a node is a mapping, not {type(config).__name__}"
+        )
+    node = str(config.get("name") or name or uuid.uuid4())
+    unknown = sorted(set(config) - NODE_KEYS)
+    if unknown:
+        raise InvalidNodeError(
+            node, unknown[0], f"unknown key; known: {', '.join(sorted(NODE_KEYS))}"
+        )
+    if "task_messages" not in config:
+        raise InvalidNodeError(node, "task_messages", "required")
+    role = _role(node, config)
+    strategy = config.get("context_strategy", "APPEND")
+    if isinstance(strategy, Mapping):  # {"strategy": "RESET", ...} as in Pipecat Flows
+        strategy = strategy.get("strategy", "APPEND")
+    try:
+        context_strategy = ContextStrategy(getattr(strategy, "value", strategy))
+    except ValueError:
+        allowed = ", ".join(s.value for s in ContextStrategy)
+        raise InvalidNodeError(node, "context_strategy", f"one of {allowed}") from None
+    respond = config.get("respond_immediately", True)
+    if not isinstance(respond, bool):
+        raise InvalidNodeError(node, "respond_immediately", "must be true or false")
+    return NodeConfig(
+        name=node,
+        task_messages=_messages(node, "task_messages", config["task_messages"]),
+        role_message=role,
+        functions=[_function(node, f, handlers or {}) for f in _list(node, "functions", config)],
+        pre_actions=[_action(node, "pre_actions", a) for a in _list(node, "pre_actions", config)],
+        post_actions=[
+            _action(node, "post_actions", a) for a in _list(node, "post_actions", config)
+        ],
+        context_strategy=context_strategy,
+        respond_immediately=respond,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FlowConfig:
+    """A whole flow from a file: its nodes by name and the one to start with."""
+
+    initial_node: str
+    nodes: dict[str, NodeConfig]
+
+
+def load_flow(path: str | Path, *, handlers: Mapping[str, Handler] | None = None) -> FlowConfig:
+    """Read a flow from YAML or JSON: ``{initial_node: NAME, nodes: {NAME: node, ...}}``.
+
+    Function handlers are named (``handler: check_order``) and looked up in `handlers`.
+    Raises `InvalidNodeError`, or `FlowError` for a file that does not parse.
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise FlowError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("nodes"), Mapping):
+        raise FlowError(f"{path}: expected a mapping with 'nodes' (and 'initial_node')")
+    nodes = {n: parse_node(c, name=n, handlers=handlers) for n, c in data["nodes"].items()}
+    initial = data.get("initial_node") or next(iter(nodes), None)
+    if initial not in nodes:
+        raise FlowError(f"{path}: initial_node {initial!r} is not one of the nodes")
+    return FlowConfig(str(initial), nodes)
+
+
+def _role(node: str, config: Mapping[str, Any]) -> str | None:
+    if "role_message" in config:
+        role = config["role_message"]
+        if role is not None and not isinstance(role, str):
+            raise InvalidNodeError(node, "role_message", "must be a string")
+        return role
+    messages = config.get("role_messages")
+    if messages is None:
+        return None
+    parts = _messages(node, "role_messages", messages)
+    return "\n".join(str(m.get("content", "")) for m in parts)
+
+
+def _list(node: str, key: str, config: Mapping[str, Any]) -> list[Any]:
+    value = config.get(key) or []
+    if not isinstance(value, list):
+        raise InvalidNodeError(node, key, f"must be a list, not {type(value).__name__}")
+    return value
+
+
+def _messages(node: str, key: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise InvalidNodeError(node, key, "must be a list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise InvalidNodeError(node, f"{key}[{i}]", "a message needs a 'role' and 'content'")
+    return [dict(m) for m in value]
+
+
+def _action(node: str, key: str, action: Any) -> dict[str, Any]:
+    if not isinstance(action, Mapping):
+        raise InvalidNodeError(node, key, f"an action is a mapping, not {type(action).__name__}")
+    if not isinstance(action.get("type"), str) or not action["type"]:
+        raise InvalidNodeError(node, key, f"action without a 'type': {dict(action)!r}")
+    return dict(action)
+
+
+def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> FunctionConfig:
+    key = "functions"
+    if isinstance(spec, FunctionConfig):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise InvalidNodeError(node, key, f"a function is a mapping, not {type(spec).__name__}")
+    body: Mapping[str, Any] = spec.get("function", spec)  # OpenAI format, or flat
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidNodeError(node, key, "a function needs a 'name'")
+    parameters = body.get("parameters", {})
+    handler = body.get("handler", spec.get("handler"))
+    if isinstance(handler, str):
+        if handler not in handlers:
+            raise InvalidNodeError(node, f"{key}.{name}", f"no handler named {handler!r}")
+        handler = handlers[handler]
+    if handler is not None and not callable(handler):
+        raise InvalidNodeError(node, f"{key}.{name}", "handler is not callable")
+    return FunctionConfig(
+        name=name,
+        description=str(body.get("description", "")),
+        properties=body.get("properties", parameters.get("properties", {})),
+        required=list(body.get("required", parameters.get("required", []))),
+        handler=handler,
+    )

@@ -1,0 +1,114 @@
+"""Emitting catalog events from the bot, fire-and-forget or sync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+
+from bus import Message, encode
+
+from .bot import BotSession
+from .catalog import Emitter, Event, EventSpec
+from .errors import EventError
+from .handlers import declare, find_spec
+from .protocol import HandlerOutcome
+
+log = structlog.get_logger("flowbus.events")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    """What the services subscribed to a sync event said: each one's handler errors (empty when
+    all succeeded), and the services that had not finished when the wait timed out."""
+
+    event: str
+    errors: dict[str, list[str]]
+    timed_out: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and not any(self.errors.values())
+
+
+class Events:
+    """The bot side of event handling for one session.
+
+    ``await events.emit(Emitter("transport.daily", "daily"), "on_client_connected", client)``
+    publishes the event and returns at once. A sync event (``on_before_leave``…) waits, for at
+    most `sync_timeout` seconds, until every service subscribed to it has run its handlers, and
+    returns a `SyncOutcome`.
+    """
+
+    def __init__(
+        self, bot: BotSession, *, sync_timeout: float = 5.0, events: Iterable[EventSpec] = ()
+    ) -> None:
+        self.bot, self.sync_timeout = bot, sync_timeout
+        self._custom = {spec.name: spec for spec in events}
+
+    def declare_event(
+        self, name: str, payload: type[Event] | None = None, *, sync: bool = False
+    ) -> EventSpec:
+        """Declare a custom event, with the same arguments as in the handling service."""
+        spec = self._custom[name] = declare(name, payload, sync=sync)
+        return spec
+
+    async def emit(
+        self, emitter: Emitter, name: str, *args: Any, **kwargs: Any
+    ) -> SyncOutcome | None:
+        """Publish event `name` from `emitter` with the handler arguments `args`/`kwargs`.
+
+        Returns None for a default event, a `SyncOutcome` for a sync one. Raises
+        `UnknownEventError`, or `EventError` for arguments that do not fit the event.
+        """
+        spec = find_spec(name, self._custom)
+        if not spec.emitted_by(emitter.kind):
+            raise EventError(f"{emitter.kind!r} does not emit {name!r}")
+        payload = _payload(spec, emitter, args, kwargs)
+        if not spec.sync:
+            await self.bot.publish(payload)
+            return None
+        services = [
+            s.name
+            for s in await self.bot.bus.services(fresh=True)
+            if s.subscribes and name in s.subscribes
+        ]
+
+        def all_replied(replies: list[Message]) -> bool:
+            return set(services) <= {_outcome(r).service for r in replies}
+
+        replies = await self.bot.request(payload, done_when=all_replied, wait=self.sync_timeout)
+        errors = {o.service: o.errors for o in map(_outcome, replies)}
+        outcome = SyncOutcome(name, errors, sorted(set(services) - errors.keys()))
+        if outcome.timed_out:
+            log.warning(
+                "sync_event_timed_out",
+                session=self.bot.session,
+                event_name=name,
+                services=outcome.timed_out,
+                timeout=self.sync_timeout,
+            )
+        return outcome
+
+
+def _outcome(message: Message) -> HandlerOutcome:
+    assert isinstance(message.payload, HandlerOutcome)
+    return message.payload
+
+
+def _payload(
+    spec: EventSpec, emitter: Emitter, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Event:
+    if len(args) > len(spec.args):
+        raise EventError(
+            f"{spec.name!r} takes {len(spec.args)} arguments after the emitter: "
+            f"{', '.join(spec.args) or 'none'}"
+        )
+    fields = {**dict(zip(spec.args, args, strict=False)), **kwargs, "emitter": emitter}
+    try:  # validate here, where the caller can fix it, not in every handling service
+        return msgspec.json.decode(encode(spec.payload(**fields)), type=spec.payload)
+    except (TypeError, msgspec.ValidationError, msgspec.EncodeError) as exc:
+        raise EventError(f"bad arguments for {spec.name!r}: {exc}") from None

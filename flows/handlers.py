@@ -1,0 +1,214 @@
+"""Pipecat-style event handlers, run in a service of their own.
+
+::
+
+    crm = EventService("crm")
+
+    @crm.event_handler("on_client_connected")
+    async def connected(transport, client):
+        await transport.send(Say(text="Welcome back"))
+
+``flowbus worker myapp:crm`` runs it; every replica shares the ``crm`` consumer group, and each
+call's events reach the handlers in order.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+import structlog
+
+from bus import Codec, Delivery, Payload, Service
+
+from .calling import invoke
+from .catalog import CATALOG, Event, EventSpec, Info
+from .errors import InvalidHandlerError, UnknownEventError
+from .protocol import HandlerOutcome
+
+log = structlog.get_logger("flowbus.handlers")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Opt-in retry of one handler: up to `attempts` runs, `backoff` seconds doubling between."""
+
+    attempts: int = 3
+    backoff: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class EmitterRef:
+    """What a handler's first argument is: a read-only description of the object that emitted
+    the event in the bot, and a way to send commands back to that session's bot."""
+
+    kind: str
+    name: str
+    session: str
+    seq: int
+    deliveries: int
+    _delivery: Delivery
+
+    async def send(self, command: Payload) -> bool:
+        """Send `command` to the bot of this session (once, even if this event is redelivered)."""
+        return await self._delivery.send(command)
+
+
+@dataclass(frozen=True, slots=True)
+class _Registration:
+    handler: Callable[..., Any]
+    emitter: str | None
+    retry: Retry | None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.handler, "__qualname__", repr(self.handler))
+
+
+def declare(name: str, payload: type[Event] | None = None, *, sync: bool = False) -> EventSpec:
+    """A custom event, to declare on both sides (service and bot) with the same arguments.
+
+    Without `payload` the event carries one argument, ``data`` (a JSON object).
+    """
+    if name in CATALOG:
+        raise InvalidHandlerError(f"{name!r} is a catalog event; custom events need new names")
+    if payload is None:
+        generic: Any = msgspec.defstruct(
+            "CustomEvent",
+            [("data", Info, msgspec.field(default_factory=dict))],
+            bases=(Event,),
+            tag=name,
+            kw_only=True,
+        )
+        return EventSpec(name, generic, frozenset(), sync)
+    if payload.__struct_config__.tag != name:
+        raise InvalidHandlerError(f"the payload of {name!r} must have tag={name!r}")
+    return EventSpec(name, payload, frozenset(), sync)
+
+
+def find_spec(name: str, custom: dict[str, EventSpec]) -> EventSpec:
+    """The spec of `name`, or `UnknownEventError` with the closest known names."""
+    spec = custom.get(name) or CATALOG.get(name)
+    if spec is None:
+        known = [*CATALOG, *custom]
+        raise UnknownEventError(name, difflib.get_close_matches(name, known, n=3, cutoff=0.6))
+    return spec
+
+
+class EventService:
+    """A service of event handlers with Pipecat's registration API.
+
+    Handlers run in registration order, each after the previous one finished; a handler's
+    exception is logged with the session, event and handler and does not stop the others.
+    `def` handlers run in a worker thread so that blocking code cannot stall other sessions.
+    """
+
+    def __init__(self, name: str, *, events: Iterable[EventSpec] = ()) -> None:
+        self.name = name
+        self._custom = {spec.name: spec for spec in events}
+        self._handlers: dict[str, list[_Registration]] = {}
+
+    def declare_event(
+        self, name: str, payload: type[Event] | None = None, *, sync: bool = False
+    ) -> EventSpec:
+        """Declare a custom event this service handles (see `declare`)."""
+        spec = self._custom[name] = declare(name, payload, sync=sync)
+        return spec
+
+    def event_handler(
+        self, name: str, *, emitter: str | None = None, retry: Retry | None = None
+    ) -> Callable[[F], F]:
+        """Decorator form of `add_event_handler`."""
+
+        def register(handler: F) -> F:
+            self.add_event_handler(name, handler, emitter=emitter, retry=retry)
+            return handler
+
+        return register
+
+    def add_event_handler(
+        self,
+        name: str,
+        handler: Callable[..., Any],
+        *,
+        emitter: str | None = None,
+        retry: Retry | None = None,
+    ) -> None:
+        """Run `handler(emitter, *args)` for every `name` event; with `emitter`, only for
+        events from emitters of that kind. Raises `UnknownEventError` for a name that is not in
+        the catalog nor declared, `InvalidHandlerError` for a bad handler or emitter kind."""
+        spec = find_spec(name, self._custom)
+        if not callable(handler):
+            raise InvalidHandlerError(f"handler for {name!r} is not callable: {handler!r}")
+        if emitter is not None and not spec.emitted_by(emitter):
+            sources = ", ".join(sorted(spec.emitters))
+            raise InvalidHandlerError(f"{emitter!r} never emits {name!r}; it comes from {sources}")
+        self._handlers.setdefault(name, []).append(_Registration(handler, emitter, retry))
+
+    def remove_event_handler(self, name: str, handler: Callable[..., Any]) -> None:
+        """Remove the last registration of `handler` for `name` (like Pipecat)."""
+        registrations = self._handlers.get(name, [])
+        for i in range(len(registrations) - 1, -1, -1):
+            if registrations[i].handler == handler:
+                del registrations[i]
+                return
+        raise InvalidHandlerError(f"{handler!r} is not a handler of {name!r}")
+
+    @property
+    def subscribes(self) -> frozenset[str]:
+        return frozenset(name for name, regs in self._handlers.items() if regs)
+
+    def as_service(self) -> Service:
+        """The bus service that runs these handlers (what ``flowbus worker`` runs)."""
+        specs = [*CATALOG.values(), *self._custom.values()]
+        codec = Codec(spec.payload for spec in specs)
+        return Service(self.name, self._handle, codec, subscribes=self.subscribes)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        event = delivery.payload
+        assert isinstance(event, Event)
+        spec = find_spec(delivery.type, self._custom)
+        ref = EmitterRef(
+            event.emitter.kind,
+            event.emitter.name,
+            delivery.session,
+            delivery.seq,
+            delivery.deliveries,
+            delivery,
+        )
+        args = [getattr(event, name) for name in spec.args]
+        errors = []
+        for registration in list(self._handlers.get(delivery.type, ())):
+            if registration.emitter in (None, event.emitter.kind):
+                error = await self._run(registration, ref, args)
+                if error:
+                    errors.append(f"{registration.name}: {error}")
+        corr = delivery.extra.get("corr")
+        if spec.sync and corr:
+            outcome = HandlerOutcome(corr=corr, service=self.name, errors=errors)
+            await delivery.send(outcome, extra={"corr": corr})
+
+    async def _run(self, registration: _Registration, ref: EmitterRef, args: list[Any]) -> str:
+        """Run one handler (with its retries); return its error, or "" if it succeeded."""
+        retry = registration.retry or Retry(attempts=1)
+        with structlog.contextvars.bound_contextvars(handler=registration.name):
+            for attempt in range(1, retry.attempts + 1):
+                try:
+                    await invoke(registration.handler, ref, *args)
+                    return ""
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    if attempt == retry.attempts:
+                        log.error(
+                            "event_handler_failed", error=error, attempts=attempt, exc_info=exc
+                        )
+                        return error
+                    log.warning("event_handler_retried", error=error, attempt=attempt)
+                    await anyio.sleep(retry.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")

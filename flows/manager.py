@@ -1,0 +1,342 @@
+"""The bot's `FlowManager`: one per call, moving the conversation through nodes.
+
+It keeps Pipecat Flows' shape (`initialize`, `set_node_from_config`, `state`, `current_node`,
+`register_action`, transitions from function handlers returning ``(result, next_node)``), but
+the node's actions run in the ``actions`` worker service. The manager publishes what happens
+(``node.entered``, ``llm.completed``, ``tts.finished``...), speaks what the service asks, and
+waits — always for a bounded time — for the pre-actions to finish before the LLM runs.
+
+::
+
+    async with FlowManager.open(bus, "call-42", llm=my_llm, tts=my_tts) as flow:
+        await flow.initialize(greeting_node)
+        await flow.ended.wait()
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from bus import Bus, Message
+
+from .bot import BotSession
+from .calling import invoke, invoke_action
+from .config import ContextStrategy, FlowConfig, FunctionConfig, Handler, NodeConfig, parse_node
+from .errors import ActionError, FlowTransitionError
+from .protocol import (
+    ActionDone,
+    ActionsCompleted,
+    EndConversation,
+    HandlerOutcome,
+    LLMCompleted,
+    NodeEntered,
+    RunAction,
+    Say,
+    SessionEnded,
+    SessionStarted,
+    TTSFinished,
+    TTSSpoken,
+    WaitTimedOut,
+)
+from .speech import LLM, TTS, FunctionCall
+from .state import SharedState
+
+log = structlog.get_logger("flowbus.flow")
+
+NodeLike = NodeConfig | Mapping[str, Any]
+
+
+class FlowManager:
+    """The flow of one session, seen from its bot process. Open it with `FlowManager.open`.
+
+    `actions_timeout` bounds every wait for the actions service; when it passes the bot
+    publishes ``wait.timed_out`` and `set_node` raises `ActionError`, so nothing hangs.
+    """
+
+    def __init__(
+        self,
+        bot: BotSession,
+        tg: TaskGroup,
+        *,
+        llm: LLM,
+        tts: TTS,
+        flow: FlowConfig | None = None,
+        actions_service: str = "actions",
+        actions_timeout: float = 10.0,
+    ) -> None:
+        self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
+        self.actions_service, self.actions_timeout = actions_service, actions_timeout
+        self.session_id = bot.session
+        self.state = SharedState()
+        self.current_node: str | None = None
+        self.messages: list[dict[str, Any]] = []
+        #: Post-action failures the actions service reported: (node, action type, error).
+        self.action_errors: list[tuple[str, str, str]] = []
+        self.ended = anyio.Event()
+        self._tg = tg
+        self._node: NodeConfig | None = None
+        self._gen = 0
+        self._initialized = False
+        self._bot_actions: dict[str, Handler] = {}
+        self._registered: dict[str, Handler] = {}
+        self._pre_wait: anyio.CancelScope | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        bus: Bus,
+        session: str,
+        *,
+        llm: LLM,
+        tts: TTS,
+        traceparent: str | None = None,
+        **options: Any,
+    ) -> AsyncIterator[FlowManager]:
+        """Start the session's inbox reader and command loop; stop them on exit.
+
+        With `traceparent` (W3C trace context), every event of the session carries it.
+        """
+        opened = BotSession.open(bus, session, traceparent=traceparent)
+        async with opened as bot, anyio.create_task_group() as tg:
+            manager = cls(bot, tg, llm=llm, tts=tts, **options)
+            tg.start_soon(manager._serve_commands)
+            try:
+                yield manager
+            finally:
+                tg.cancel_scope.cancel()
+
+    # -- Pipecat Flows' API -----------------------------------------------------------------
+    def register_action(self, action_type: str, handler: Handler) -> None:
+        """Run actions of `action_type` in this bot process (at their place in the list)."""
+        if not callable(handler):
+            raise ValueError(f"the handler of action {action_type!r} is not callable")
+        self._registered[action_type] = handler
+
+    async def initialize(self, initial_node: NodeLike | None = None) -> None:
+        """Start the session and enter `initial_node` (or the flow's initial node)."""
+        if self._initialized:
+            raise FlowTransitionError("the flow manager is already initialized")
+        self._initialized = True
+        await self.bot.publish(SessionStarted(flow=self.flow.initial_node if self.flow else ""))
+        if initial_node is None and self.flow is not None:
+            initial_node = self.flow.nodes[self.flow.initial_node]
+        if initial_node is not None:
+            await self.set_node_from_config(initial_node)
+
+    async def set_node_from_config(self, node: NodeLike) -> None:
+        """Enter `node`: publish it, wait for its pre-actions, then (by default) respond.
+
+        Raises `FlowTransitionError` before `initialize`, `InvalidNodeError` for a bad config,
+        `ActionError` if a pre-action failed, is unknown, or did not finish in time.
+        """
+        if not self._initialized:
+            raise FlowTransitionError("set a node only after initialize()")
+        config = parse_node(node)
+        await self.state.load(self._read_state)
+        config = config.with_state(self.state)
+        self._gen += 1
+        gen = self._gen
+        if self._pre_wait is not None:  # an older node's pre-actions are moot now
+            self._pre_wait.cancel()
+        entered = NodeEntered(
+            node=config.name,
+            gen=gen,
+            respond_immediately=config.respond_immediately,
+            wait_ms=int(self.actions_timeout * 1000),
+            pre_actions=self._wire_all(config.pre_actions, f"{gen}/pre"),
+            post_actions=self._wire_all(config.post_actions, f"{gen}/post"),
+        )
+        await self.state.flush(self._write_state)
+        with structlog.contextvars.bound_contextvars(session=self.session_id, node=config.name):
+            log.info("node_entered", gen=gen)
+            outcome = "done"
+            if entered.pre_actions:
+                outcome = await self._run_pre_actions(entered)
+            else:
+                await self.bot.publish(entered)
+            if outcome == "superseded":
+                log.info("node_superseded", gen=gen, by=self._gen)
+                return
+        await self.state.load(self._read_state)  # what the pre-actions wrote
+        self.current_node, self._node = config.name, config
+        self._enter_context(config)
+        if config.respond_immediately and outcome != "ended":
+            await self.respond()
+
+    async def respond(self, user_text: str | None = None) -> None:
+        """One LLM turn in the current node: the reply is published, spoken, and its function
+        calls run (a transition happens after all of them, to the last node requested)."""
+        node = self._require_node()
+        gen = self._gen
+        if user_text is not None:
+            self.messages.append({"role": "user", "content": user_text})
+        reply = await self.llm.generate(self.messages, [f.schema() for f in node.functions])
+        if reply.text:
+            self.messages.append({"role": "assistant", "content": reply.text})
+        calls = [c.name for c in reply.function_calls]
+        await self.bot.publish(
+            LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
+        )
+        spoken = await self.tts.speak(reply.text) if reply.text else True
+        await self.bot.publish(TTSFinished(node=node.name, gen=gen, interrupted=not spoken))
+        next_node: NodeLike | None = None
+        for call in reply.function_calls:
+            next_node = await self._call_function(node, call) or next_node
+        if next_node is not None and self._gen == gen:
+            await self.set_node_from_config(next_node)
+
+    async def end(self, reason: str = "ended") -> None:
+        """End the session: publish ``session.ended``, the stream's last event."""
+        if not self.ended.is_set():
+            self.ended.set()
+            await self.state.flush(self._write_state)
+            await self.bot.publish(SessionEnded(reason=reason), final=True)
+            log.info("session_ended", session=self.session_id, reason=reason)
+
+    # -- internals --------------------------------------------------------------------------
+    def _require_node(self) -> NodeConfig:
+        if self._node is None:
+            raise FlowTransitionError("no current node: call initialize() with a node first")
+        return self._node
+
+    async def _read_state(self) -> dict[str, bytes]:
+        return await self.bot.bus.read_state(self.session_id)
+
+    async def _write_state(self, fields: Mapping[str, str | bytes]) -> None:
+        await self.bot.bus.write_state(self.session_id, fields)
+
+    def _wire_all(self, actions: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+        """Actions as data; a callable handler (inline, or registered in this bot) stays here
+        and its action names it by a key instead."""
+        wired = []
+        for i, action in enumerate(actions):
+            handler = action.get("handler")
+            if not callable(handler):
+                handler = self._registered.get(action["type"])
+            if handler is None:
+                wired.append(action)
+                continue
+            self._bot_actions[f"{key}/{i}"] = handler
+            bare = {k: v for k, v in action.items() if k != "handler"}
+            wired.append(bare | {"bot_handler": f"{key}/{i}"})
+        return wired
+
+    async def _run_pre_actions(
+        self, entered: NodeEntered
+    ) -> Literal["done", "ended", "superseded"]:
+        """Publish the node entry and wait for its pre-actions: "done", "ended" (by an
+        ``end_conversation``), or "superseded" (a newer node was entered meanwhile)."""
+        services = {s.name for s in await self.bot.bus.services(fresh=True)}
+        if self.actions_service not in services:
+            await self.bot.publish(entered)
+            raise ActionError(
+                f"node {entered.node!r} has pre-actions but no {self.actions_service!r} "
+                "service is running"
+            )
+
+        def completed(replies: list[Message]) -> bool:
+            return any(isinstance(r.payload, ActionsCompleted) for r in replies)
+
+        with anyio.CancelScope() as self._pre_wait:
+            replies = await self.bot.request(
+                entered, done_when=completed, wait=self.actions_timeout
+            )
+        if self._pre_wait.cancel_called:
+            return "superseded"
+        if not replies:
+            await self.bot.publish(
+                WaitTimedOut(
+                    node=entered.node,
+                    gen=entered.gen,
+                    wait="pre_actions",
+                    seconds=self.actions_timeout,
+                )
+            )
+            raise ActionError(
+                f"the pre-actions of node {entered.node!r} did not finish within "
+                f"{self.actions_timeout}s"
+            )
+        result = replies[0].payload
+        assert isinstance(result, ActionsCompleted)
+        if result.error:
+            raise ActionError(
+                f"action {result.action_type!r} of node {entered.node!r} failed: {result.error}"
+            )
+        return "ended" if result.ended else "done"
+
+    def _enter_context(self, node: NodeConfig) -> None:
+        if node.context_strategy is not ContextStrategy.APPEND:
+            self.messages = []
+        if node.role_message:
+            self.messages = [m for m in self.messages if m.get("role") != "system"]
+            self.messages.insert(0, {"role": "system", "content": node.role_message})
+        self.messages.append({"role": "system", "content": f"node: {node.name}"})
+        self.messages.extend(node.task_messages)
+
+    async def _call_function(self, node: NodeConfig, call: FunctionCall) -> NodeLike | None:
+        function: FunctionConfig | None = next(
+            (f for f in node.functions if f.name == call.name), None
+        )
+        next_node: NodeLike | None = None
+        if function is None or function.handler is None:
+            problem = "is not a function of this node" if function is None else "has no handler"
+            result: Any = {"status": "error", "error": f"function {call.name!r} {problem}"}
+            log.error("function_call_failed", function=call.name, error=result["error"])
+        else:
+            try:
+                returned = await invoke(function.handler, call.arguments, self)
+                result, next_node = returned if isinstance(returned, tuple) else (returned, None)
+            except Exception as exc:
+                result = {"status": "error", "error": str(exc)}
+                log.error("function_call_failed", function=call.name, error=str(exc))
+        self.messages.append({"role": "tool", "name": call.name, "content": result})
+        return next_node
+
+    async def _serve_commands(self) -> None:
+        async with anyio.create_task_group() as actions:
+            async for message in self.bot.commands:
+                await self._serve(message, actions)
+
+    async def _serve(self, message: Message, actions: TaskGroup) -> None:
+        match message.payload:
+            case Say(text=text, append_to_context=append, corr=corr):
+                spoken = await self.tts.speak(text)
+                if append:
+                    self.messages.append({"role": "assistant", "content": text})
+                if corr:
+                    await self.bot.publish(TTSSpoken(corr=corr, interrupted=not spoken))
+            case EndConversation(text=text):
+                if text:
+                    await self.tts.speak(text)
+                await self.end("end_conversation")
+            case RunAction(corr=corr, key=key, action=action):
+                # In a task of its own: the action may set a node whose actions need this loop.
+                actions.start_soon(self._run_bot_action, corr, key, action)
+            case ActionsCompleted(error=error, action_type=kind, node=node) if error:
+                self.action_errors.append((node, kind, error))
+                log.error(
+                    "action_failed", session=self.session_id, node=node, action=kind, error=error
+                )
+            case ActionsCompleted() | HandlerOutcome():
+                pass  # a post-phase report, or a reply that came after its wait ended
+
+    async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
+        handler = self._bot_actions.get(key)
+        error = ""
+        try:
+            if handler is None:
+                raise ActionError(f"no bot-side handler for action {action.get('type')!r}")
+            await invoke_action(handler, action, self)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "action_failed", session=self.session_id, action=action.get("type"), error=error
+            )
+        await self.bot.publish(ActionDone(corr=corr, error=error))

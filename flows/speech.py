@@ -1,0 +1,113 @@
+"""The LLM and TTS a bot's `FlowManager` drives, and stand-ins that run offline.
+
+`ScriptedLLM` answers from a script per node; `SimulatedTTS` "speaks" for a time proportional
+to the text and can be interrupted, as a caller would. Both report what they do to an optional
+observer, which the tests and the demo use to check timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+
+Observer = Callable[[str, str], Awaitable[None]]
+
+
+class FunctionCall(msgspec.Struct, frozen=True):
+    """A function the LLM asked to call, with its arguments."""
+
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class LLMResponse(msgspec.Struct, frozen=True):
+    """One complete LLM reply: text to speak and/or function calls."""
+
+    text: str = ""
+    function_calls: list[FunctionCall] = msgspec.field(default_factory=list)
+
+
+class LLM(Protocol):
+    async def generate(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> LLMResponse:
+        """The complete reply to `messages`, with `tools` available."""
+        ...
+
+
+class TTS(Protocol):
+    async def speak(self, text: str) -> bool:
+        """Speak `text`; True if it was spoken to the end, False if interrupted."""
+        ...
+
+
+async def _ignore(kind: str, detail: str) -> None:
+    pass
+
+
+class ScriptedLLM:
+    """Replies from `script`: node name -> replies, used in turn (the last one repeats).
+
+    The node is read from the latest system message ``node: NAME`` that `FlowManager` adds, so
+    a script follows the flow. `observer("llm.started", node)` is awaited before each reply.
+    """
+
+    def __init__(
+        self, script: Mapping[str, Sequence[LLMResponse]], *, observer: Observer = _ignore
+    ) -> None:
+        self.script = {node: list(replies) for node, replies in script.items()}
+        self.observer = observer
+        self.calls: list[str] = []
+
+    async def generate(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> LLMResponse:
+        node = next(
+            (
+                str(m["content"]).removeprefix("node: ")
+                for m in reversed(messages)
+                if m.get("role") == "system" and str(m.get("content", "")).startswith("node: ")
+            ),
+            "",
+        )
+        await self.observer("llm.started", node)
+        self.calls.append(node)
+        replies = self.script.get(node) or [LLMResponse()]
+        return replies.pop(0) if len(replies) > 1 else replies[0]
+
+
+class SimulatedTTS:
+    """Speaks one text at a time, in order, for `seconds_per_char` per character.
+
+    `interrupt()` cuts the phrase being spoken short, as a caller talking over the bot would.
+    `observer("tts.started" | "tts.finished" | "tts.interrupted", text)` is awaited around each.
+    """
+
+    def __init__(self, seconds_per_char: float = 0.001, *, observer: Observer = _ignore) -> None:
+        self.seconds_per_char = seconds_per_char
+        self.observer = observer
+        self.spoken: list[str] = []
+        self._turn = anyio.Lock()
+        self._current: anyio.CancelScope | None = None
+
+    async def speak(self, text: str) -> bool:
+        async with self._turn:
+            scope = self._current = anyio.CancelScope()  # interruptible from the first moment
+            await self.observer("tts.started", text)
+            with scope:
+                await anyio.sleep(len(text) * self.seconds_per_char)
+            self._current, interrupted = None, scope.cancel_called
+            await self.observer("tts.interrupted" if interrupted else "tts.finished", text)
+            if not interrupted:
+                self.spoken.append(text)
+            return not interrupted
+
+    def interrupt(self) -> bool:
+        """Stop the phrase being spoken; False if nothing was being spoken."""
+        if self._current is None:
+            return False
+        self._current.cancel()
+        return True

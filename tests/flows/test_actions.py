@@ -1,0 +1,276 @@
+"""Actions with Pipecat Flows' timing: the bot (this test) and the actions service in separate
+processes, on the real server. Order is read from one Redis list per session, appended to by the
+bot's LLM and TTS and by the worker's actions, so "before" means causally before."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from bus import Bus, Settings
+from flows import ActionError, FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
+from tests.flows.test_events import ready
+from tests.support import WorkerProcesses, raw, wait_for
+
+pytestmark = pytest.mark.anyio
+APP = "tests.apps.actions:app"
+
+
+def key(bus: Bus, session: str) -> str:
+    return f"{bus.settings.prefix}:test:timeline:{session}"
+
+
+async def timeline(bus: Bus, session: str) -> list[str]:
+    return [x.decode() for x in await raw(bus).lrange(key(bus, session), 0, -1)]
+
+
+def before(events: list[str], first: str, then: str) -> bool:
+    return first in events and then in events and events.index(first) < events.index(then)
+
+
+@asynccontextmanager
+async def call(
+    bus: Bus,
+    session: str,
+    script: Mapping[str, Sequence[LLMResponse]] | None = None,
+    *,
+    wait: float = 30,
+    tts: SimulatedTTS | None = None,
+) -> AsyncIterator[FlowManager]:
+    async def observe(kind: str, detail: str) -> None:
+        await raw(bus).rpush(key(bus, session), f"{kind}:{detail}")
+
+    llm = ScriptedLLM(script or {}, observer=observe)
+    tts = tts or SimulatedTTS(0.0005)
+    tts.observer = observe
+    async with FlowManager.open(bus, session, llm=llm, tts=tts, actions_timeout=wait) as fm:
+        yield fm
+
+
+async def handled_everything(bus: Bus, session: str, group: str = "actions") -> bool:
+    """The group has read and acknowledged every event of the session so far."""
+    groups = await raw(bus).xinfo_groups(bus.keys.session(session))
+    return any(g["name"].decode() == group and g["pending"] == 0 and g["lag"] == 0 for g in groups)
+
+
+def node(
+    name: str,
+    pre: Sequence[dict[str, Any]] = (),
+    post: Sequence[dict[str, Any]] = (),
+    **more: Any,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "task_messages": [{"role": "system", "content": f"You are at {name}."}],
+        "pre_actions": list(pre),
+        "post_actions": list(post),
+        **more,
+    }
+
+
+def note(label: str, **more: Any) -> dict[str, Any]:
+    return {"type": "note", "label": label, **more}
+
+
+def say(text: str) -> dict[str, Any]:
+    return {"type": "tts_say", "text": text}
+
+
+@pytest.fixture
+async def actions(bus: Bus, settings: Settings, workers: WorkerProcesses) -> Bus:
+    workers.start(APP, settings)
+    await ready(bus, "actions")
+    return bus
+
+
+async def test_a_custom_action_after_tts_say_waits_for_the_phrase_and_the_llm_for_the_last(
+    actions: Bus,
+) -> None:
+    bus = actions
+    greet = node("greet", pre=[say("Hello there"), note("X"), say("How can I help?")])
+    async with call(bus, "call-1", {"greet": [LLMResponse(text="I am listening")]}) as fm:
+        await fm.initialize(greet)
+        assert fm.current_node == "greet"
+    events = await timeline(bus, "call-1")
+    assert before(events, "tts.finished:Hello there", "action.started:X")
+    assert before(events, "action.finished:X", "tts.started:How can I help?")
+    assert before(events, "tts.finished:How can I help?", "llm.started:greet")
+
+
+async def test_a_custom_post_action_runs_after_the_reply_was_complete_and_spoken(
+    actions: Bus,
+) -> None:
+    bus = actions
+    async with call(bus, "call-1", {"greet": [LLMResponse(text="A fairly long reply")]}) as fm:
+        await fm.initialize(node("greet", post=[note("Y")]))
+        await wait_for(lambda: _has(bus, "call-1", "action.finished:Y"), what="the post-action")
+    events = await timeline(bus, "call-1")
+    assert before(events, "llm.started:greet", "tts.started:A fairly long reply")
+    assert before(events, "tts.finished:A fairly long reply", "action.started:Y")
+
+
+async def _has(bus: Bus, session: str, entry: str) -> bool:
+    return entry in await timeline(bus, session)
+
+
+async def test_end_conversation_speaks_ends_the_session_and_skips_what_follows(
+    actions: Bus,
+) -> None:
+    bus = actions
+    goodbye = node(
+        "bye", pre=[say("One moment"), {"type": "end_conversation", "text": "Bye"}, note("Z")]
+    )
+    async with call(bus, "call-1") as fm:
+        await fm.initialize(goodbye)
+        await fm.ended.wait()
+    stream = bus.keys.session("call-1")
+    await wait_for(lambda: _retired(bus, stream), what="every group to finish the session")
+    events = await timeline(bus, "call-1")
+    assert before(events, "tts.finished:One moment", "tts.finished:Bye")
+    assert "action.started:Z" not in events and "llm.started:bye" not in events
+    assert (await bus.history("call-1"))[-1].type == "session.ended"
+
+
+async def _retired(bus: Bus, stream: str) -> bool:
+    return int(await raw(bus).ttl(stream)) > 0
+
+
+async def test_without_respond_immediately_post_actions_wait_for_the_next_reply(
+    actions: Bus,
+) -> None:
+    bus = actions
+    quiet = node("quiet", pre=[note("P")], post=[note("Q")], respond_immediately=False)
+    async with call(bus, "call-1", {"quiet": [LLMResponse(text="Sure thing")]}) as fm:
+        await fm.initialize(quiet)
+        await wait_for(lambda: handled_everything(bus, "call-1"), what="the node entry handled")
+        events = await timeline(bus, "call-1")
+        assert "action.finished:P" in events
+        assert "llm.started:quiet" not in events and "action.started:Q" not in events
+        await fm.respond("I would like to book a table")
+        await wait_for(lambda: _has(bus, "call-1", "action.finished:Q"), what="the post-action")
+    events = await timeline(bus, "call-1")
+    assert before(events, "tts.finished:Sure thing", "action.started:Q")
+
+
+async def test_a_function_action_runs_its_handler_in_order_with_the_others(actions: Bus) -> None:
+    bus = actions
+    pre = [note("X"), {"type": "function", "handler": "lookup"}, note("Y")]
+    async with call(bus, "call-1") as fm:
+        await fm.initialize(node("look", pre=pre, respond_immediately=False))
+    events = await timeline(bus, "call-1")
+    assert before(events, "action.finished:X", "function.started:lookup")
+    assert before(events, "function.finished:lookup", "action.started:Y")
+    assert fm.state == {"ran_X": "look", "ran_Y": "look"}  # written by the worker, read here
+
+
+@pytest.mark.parametrize(
+    ("pre", "post", "message"),
+    [
+        (
+            [note("X"), {"type": "boom", "message": "CRM down"}, note("Y")],
+            [],
+            "action 'boom' of node 'n' failed: RuntimeError: CRM down",
+        ),
+        ([note("X")], [{"type": "nope"}], "action 'nope' of node 'n' failed: action type 'nope'"),
+        ([say("")], [], "tts_say needs a non-empty 'text'"),
+        ([{"type": "function"}], [], "a function action needs a 'handler'"),
+        ([{"type": "function", "handler": "missing"}], [], "no function handler 'missing'"),
+        ([{"type": "function", "handler": "explode"}], [], "ValueError: lookup failed"),
+    ],
+    ids=[
+        "custom-raises",
+        "unknown-type-in-post",
+        "empty-tts-say",
+        "function-without-handler",
+        "function-unknown",
+        "function-raises",
+    ],
+)
+async def test_a_broken_action_is_a_clear_error_at_once_and_the_next_call_is_unaffected(
+    actions: Bus, pre: list[dict[str, Any]], post: list[dict[str, Any]], message: str
+) -> None:
+    bus = actions
+    async with call(bus, "call-bad") as fm:
+        with pytest.raises(ActionError, match=message.replace("(", r"\(")):
+            await fm.initialize(node("n", pre=pre, post=post))
+    await wait_for(lambda: handled_everything(bus, "call-bad"), what="the failure handled")
+    events = await timeline(bus, "call-bad")
+    assert "action.started:Y" not in events
+    if post:  # checked before any pre-action ran
+        assert "action.started:X" not in events
+    async with call(bus, "call-next", {"ok": [LLMResponse(text="Fine")]}) as fm:
+        await fm.initialize(node("ok", pre=[note("fine")]))
+    assert "action.finished:fine" in await timeline(bus, "call-next")
+
+
+async def test_slow_pre_actions_end_the_wait_at_the_timeout_as_an_event(actions: Bus) -> None:
+    bus = actions
+    async with call(bus, "call-1", wait=0.3) as fm:
+        with pytest.raises(ActionError, match=r"did not finish within 0\.3s"):
+            await fm.initialize(node("slow", pre=[note("S", ms=2000), note("after")]))
+    await wait_for(lambda: handled_everything(bus, "call-1"), what="the timeout handled")
+    assert [e.type for e in await bus.history("call-1")][-1] == "wait.timed_out"
+    assert "action.started:after" not in await timeline(bus, "call-1")  # abandoned
+
+
+async def test_without_an_actions_service_pre_actions_fail_at_once(bus: Bus) -> None:
+    async with call(bus, "call-1") as fm:
+        with pytest.raises(ActionError, match="no 'actions' service is running"):
+            await fm.initialize(node("n", pre=[say("hi")]))
+
+
+async def test_an_interrupted_tts_say_does_not_hang_the_flow(actions: Bus) -> None:
+    bus = actions
+    tts = SimulatedTTS(0.01)  # a phrase of 40 characters takes 0.4 s
+
+    async def interrupt_when_speaking(kind: str, detail: str) -> None:
+        await raw(bus).rpush(key(bus, "call-1"), f"{kind}:{detail}")
+        if kind == "tts.started" and detail.startswith("A long"):
+            tts.interrupt()
+
+    async with call(bus, "call-1", tts=tts) as fm:
+        tts.observer = interrupt_when_speaking
+        await fm.initialize(
+            node(
+                "n",
+                pre=[say("A long phrase the caller talks over"), note("X")],
+                respond_immediately=False,
+            )
+        )
+    events = await timeline(bus, "call-1")
+    assert before(events, "tts.interrupted:A long phrase the caller talks over", "action.started:X")
+
+
+async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_node(
+    actions: Bus,
+) -> None:
+    """Pipecat Flows deadlocks when a function action sets a node with a waited action."""
+    bus = actions
+    ran: list[str] = []
+    second = node(
+        "second", pre=[say("Now in second"), note("after-say")], respond_immediately=False
+    )
+
+    async def jump(action: dict[str, Any], flow_manager: FlowManager) -> None:
+        ran.append(f"jump from {flow_manager.current_node}")
+        await flow_manager.set_node_from_config(second)
+
+    def tag(action: dict[str, Any]) -> None:  # legacy one-argument form, plain def
+        ran.append(f"tag {action['label']}")
+
+    async with call(bus, "call-1") as fm:
+        fm.register_action("tag", tag)
+        first = node(
+            "first",
+            pre=[note("X"), {"type": "tag", "label": "t1"}, {"type": "function", "handler": jump}],
+            respond_immediately=False,
+        )
+        await fm.initialize(first)
+        await wait_for(lambda: fm.current_node == "second", what="the transition")
+    events = await timeline(bus, "call-1")
+    assert ran == ["tag t1", "jump from None"]  # current_node is the old one during pre-actions
+    assert before(events, "action.finished:X", "tts.started:Now in second")
+    assert before(events, "tts.finished:Now in second", "action.started:after-say")

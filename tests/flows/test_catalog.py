@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+import pytest
+
+from bus import Codec, DecodeError, encode, type_name
+from flows.catalog import (
+    CATALOG,
+    KINDS,
+    Emitter,
+    Event,
+    EventSpec,
+    build_catalog,
+    lookup,
+    payload_types,
+)
+
+# Pipecat's event reference (PIPECAT.md, "The event reference"), one name per event.
+REFERENCE = """
+on_pipeline_started on_pipeline_finished on_pipeline_error on_frame_reached_upstream
+on_frame_reached_downstream on_idle_timeout
+on_error on_before_process_frame on_after_process_frame on_before_push_frame on_after_push_frame
+on_user_turn_started on_user_turn_stopped on_user_turn_stop_timeout on_user_turn_idle
+on_user_mute_started on_user_mute_stopped on_assistant_turn_started on_assistant_turn_stopped
+on_assistant_thought
+on_connected on_disconnected on_connection_error on_speech_started on_utterance_end
+on_start_of_turn on_turn_resumed on_end_of_turn on_eager_end_of_turn on_update
+on_speakers_result on_speech_stopped
+on_tts_request
+on_function_calls_started on_completion_timeout on_conversation_item_created
+on_conversation_item_updated
+on_joined on_left on_call_state_updated on_client_connected on_client_disconnected
+on_first_participant_joined on_participant_joined on_participant_left on_participant_updated
+on_active_speaker_changed on_app_message on_transcription_message on_recording_started
+on_recording_stopped on_recording_error on_dialin_connected on_dialin_ready on_dialin_stopped
+on_dialin_error on_dialin_warning on_dialout_answered on_dialout_connected on_dialout_stopped
+on_dialout_error on_dialout_warning on_before_leave
+on_participant_connected on_participant_disconnected on_audio_track_subscribed
+on_audio_track_unsubscribed on_video_track_subscribed on_video_track_unsubscribed
+on_data_received on_before_disconnect
+on_session_timeout on_websocket_ready
+on_service_switched on_transcript_update on_audio_data on_track_audio_data
+on_user_turn_audio_data on_bot_turn_audio_data on_bot_started on_client_ready on_client_message
+on_turn_started on_turn_ended on_latency_measured on_conversation_detected
+on_voicemail_detected on_ivr_status_changed
+""".split()
+
+# Those whose emitter waits for the handlers: Daily's and LiveKit's last moment in the room,
+# and the frame processor events, which Pipecat 1.14 registers with sync=True.
+SYNC = {
+    "on_before_leave",
+    "on_before_disconnect",
+    "on_error",
+    "on_before_process_frame",
+    "on_after_process_frame",
+    "on_before_push_frame",
+    "on_after_push_frame",
+}
+
+# Emitters each shared event must list (PIPECAT.md), beyond which the source adds some.
+SHARED = {
+    "on_connected": {"stt", "tts", "transport.livekit", "transport.websocket_client"},
+    "on_client_connected": {
+        "transport.daily",
+        "transport.websocket_server",
+        "transport.fastapi_websocket",
+        "transport.small_webrtc",
+        "transport.heygen",
+        "transport.tavus",
+    },
+    "on_error": KINDS,
+    "on_speech_started": {"stt"},
+    "on_conversation_detected": {"extension.voicemail_detector", "extension.ivr_navigator"},
+    "on_app_message": {"transport.daily", "transport.small_webrtc"},
+    "on_first_participant_joined": {"transport.daily", "transport.livekit"},
+    "on_call_state_updated": {"transport.daily", "transport.livekit"},
+    "on_session_timeout": {"transport.websocket_server", "transport.fastapi_websocket"},
+}
+
+CODEC = Codec(payload_types())
+
+
+def sample(t: mi.Type, default: Any = msgspec.NODEFAULT) -> Any:
+    """A representative value of type `t`, different from `default`."""
+    match t:
+        case mi.StrType():
+            return "sample"
+        case mi.BoolType():
+            return default is not True
+        case mi.IntType():
+            return 16000
+        case mi.FloatType():
+            return 0.75
+        case mi.LiteralType():
+            return next(v for v in t.values if v != default)
+        case mi.DictType():
+            return {"id": "p-1", "nested": {"n": [1, 2.5, None, True]}}
+        case mi.ListType():
+            return [sample(t.item_type), sample(t.item_type)]
+        case mi.AnyType():
+            return {"hello": ["world", 1]}
+        case mi.UnionType():
+            return sample(next(u for u in t.types if not isinstance(u, mi.NoneType)))
+        case mi.StructType() if t.cls is Emitter:
+            return Emitter("stt", "DeepgramSTTService#0")
+    raise AssertionError(f"no sample for {t!r}: a catalog field needs a JSON-able type")
+
+
+def fields(payload: type[Event]) -> list[mi.Field]:
+    info = mi.type_info(payload)
+    assert isinstance(info, mi.StructType)
+    return list(info.fields)
+
+
+def full(spec: EventSpec) -> Event:
+    """The spec's payload with every field set to a non-default value."""
+    values = {}
+    for f in fields(spec.payload):
+        has_factory = f.default_factory is not msgspec.NODEFAULT
+        default = f.default_factory() if has_factory else f.default
+        value = sample(f.type, default)
+        assert value != default, f"{spec.name}.{f.name}: the sample equals the default"
+        values[f.name] = value
+    return spec.payload(**values)
+
+
+def test_every_reference_event_is_in_the_catalog_and_nothing_else() -> None:
+    assert len(REFERENCE) == len(set(REFERENCE)) == 88
+    assert sorted(CATALOG) == sorted(REFERENCE)
+    assert len(payload_types()) == len(set(payload_types())) == len(CATALOG)
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_each_payload_round_trips_with_every_field_set(name: str) -> None:
+    spec = CATALOG[name]
+    event = full(spec)
+    data = encode(event)
+    assert msgspec.json.decode(data)["type"] == name
+    decoded = CODEC.decode(name, data)
+    assert type(decoded) is spec.payload
+    assert decoded == event
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_each_spec_names_its_payload_and_documents_it(name: str) -> None:
+    spec = CATALOG[name]
+    assert spec.name == name == type_name(spec.payload)
+    assert issubclass(spec.payload, Event)
+    assert fields(spec.payload)[0].name == "emitter"
+    doc = spec.payload.__doc__ or ""
+    assert doc.strip() and "\n" not in doc.strip(), f"{name}: needs a one-line docstring"
+    assert spec.emitters, f"{name}: no emitter"
+
+
+def test_events_whose_data_is_optional_can_be_emitted_with_only_the_emitter() -> None:
+    emitter = Emitter("transport.daily")
+    for name in ["on_client_connected", "on_user_turn_stopped", "on_pipeline_started", "on_left"]:
+        payload = CATALOG[name].payload(emitter=emitter)
+        assert CODEC.decode(name, encode(payload)) == payload
+
+
+def test_handler_arguments_follow_pipecats_order() -> None:
+    assert lookup("on_participant_left").args == ("participant", "reason")
+    assert lookup("on_app_message").args == ("message", "sender")
+    assert lookup("on_audio_data").args == ("audio", "sample_rate", "num_channels")
+    assert lookup("on_track_audio_data").args == (
+        "user_audio",
+        "bot_audio",
+        "sample_rate",
+        "num_channels",
+    )
+    assert lookup("on_turn_ended").args == ("turn_number", "duration", "was_interrupted")
+    assert lookup("on_tts_request").args == ("context_id", "text")
+    assert lookup("on_user_turn_stopped").args == ("strategy", "message")
+    assert lookup("on_dialout_answered").args == ("data",)
+    assert lookup("on_before_leave").args == ()
+
+
+def test_a_decoded_event_is_validated() -> None:
+    data = b'{"type":"on_latency_measured","emitter":{"kind":"x"},"latency":"slow"}'
+    with pytest.raises(DecodeError, match="Expected `float`, got `str`"):
+        CODEC.decode("on_latency_measured", data)
+
+
+def test_sync_flags_are_exactly_the_expected_ones() -> None:
+    assert {name for name, spec in CATALOG.items() if spec.sync} == SYNC
+
+
+def test_every_emitter_kind_is_known() -> None:
+    unknown = {name: spec.emitters - KINDS for name, spec in CATALOG.items()}
+    assert {name: kinds for name, kinds in unknown.items() if kinds} == {}
+
+
+@pytest.mark.parametrize(("name", "emitters"), sorted(SHARED.items()))
+def test_a_shared_event_lists_every_emitter(name: str, emitters: set[str]) -> None:
+    assert emitters <= lookup(name).emitters
+
+
+def test_frame_processor_events_may_come_from_any_kind() -> None:
+    for name in ["on_before_process_frame", "on_after_push_frame", "on_error"]:
+        assert lookup(name).emitters == KINDS
+
+
+def test_lookup_of_an_unknown_name_suggests_the_closest() -> None:
+    with pytest.raises(KeyError, match="on_client_connected"):
+        lookup("on_client_conected")
+    with pytest.raises(KeyError) as caught:
+        lookup("nothing_like_it")
+    assert "nothing_like_it" in str(caught.value) and "did you mean" not in str(caught.value)
+
+
+def test_building_a_catalog_refuses_two_specs_of_one_name() -> None:
+    spec = lookup("on_left")
+    with pytest.raises(ValueError, match="on_left"):
+        build_catalog([spec, EventSpec("on_left", lookup("on_joined").payload, frozenset())])

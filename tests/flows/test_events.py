@@ -1,0 +1,161 @@
+"""Event handlers as separate services: bot (this test) and services in separate processes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from flows import BotSession, Emitter, Events, EventService, UnknownEventError
+from tests.support import WorkerProcesses, lease_owners, raw, wait_for
+
+pytestmark = pytest.mark.anyio
+APP = "tests.apps.handlers:app"
+DAILY = Emitter("transport.daily", "daily")
+USER = Emitter("user_aggregator", "user")
+
+
+def start(
+    workers: WorkerProcesses, settings: Settings, name: str, events: str, mode: str = "record"
+) -> None:
+    env = {"HANDLERS_SERVICE": name, "HANDLERS_EVENTS": events, "HANDLERS_MODE": mode}
+    workers.start(APP, settings, env)
+
+
+async def ready(bus: Bus, *names: str) -> None:
+    """Every service in `names` registered and holding all its partitions."""
+
+    async def up() -> bool:
+        registered = {s.name for s in await bus.services(fresh=True)}
+        owned = [sum(map(len, (await lease_owners(bus, n)).values())) for n in names]
+        return set(names) <= registered and all(o == bus.settings.partitions for o in owned)
+
+    await wait_for(up, what=f"services {names}")
+
+
+async def records(bus: Bus, service: str) -> list[dict[str, Any]]:
+    items = await raw(bus).lrange(f"{bus.settings.prefix}:test:events:{service}", 0, -1)
+    return [json.loads(i) for i in items]
+
+
+async def test_three_services_each_get_every_subscribed_event_in_order(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    subscriptions = {
+        "crm": ["on_client_connected", "on_user_turn_stopped"],
+        "analytics": ["on_user_turn_stopped", "on_participant_left"],
+        "recording": ["on_client_connected", "on_app_message", "on_participant_left"],
+    }
+    for name, events in subscriptions.items():
+        start(workers, settings, name, ",".join(events))
+    await ready(bus, *subscriptions)
+    script = [
+        (DAILY, "on_client_connected", ({"id": "caller"},)),
+        (Emitter("pipeline_task", "task"), "on_pipeline_started", ()),
+        (USER, "on_user_turn_stopped", ()),
+        (DAILY, "on_app_message", ({"hello": 1}, "caller")),
+        (USER, "on_user_turn_stopped", ()),
+        (DAILY, "on_participant_left", ({"id": "caller"}, "left")),
+    ]
+    calls = [f"call-{i}" for i in range(20)]
+
+    async def one_call(session: str) -> None:
+        async with BotSession.open(bus, session) as bot:
+            events = Events(bot)
+            for emitter, name, args in script:
+                await events.emit(emitter, name, *args)
+
+    async with anyio.create_task_group() as tg:
+        for session in calls:
+            tg.start_soon(one_call, session)
+
+    for service, events in subscriptions.items():
+        expected = [(i + 1, name) for i, (_, name, _) in enumerate(script) if name in events]
+
+        async def complete(service: str = service, n: int = len(expected) * len(calls)) -> bool:
+            return len(await records(bus, service)) >= n
+
+        await wait_for(complete, what=f"{service} to handle its events")
+        got = await records(bus, service)
+        for session in calls:
+            assert [(r["seq"], r["event"]) for r in got if r["session"] == session] == expected
+        assert len(got) == len(expected) * len(calls)
+
+
+async def test_a_raising_handler_does_not_stop_the_next_one_and_is_logged(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", "on_client_connected", mode="pair")
+    await ready(bus, "crm")
+    async with BotSession.open(bus, "call-1") as bot:
+        await Events(bot).emit(DAILY, "on_client_connected", {"id": "caller"})
+    await wait_for(lambda: _count(bus, "crm", 1), what="the second handler")
+    [record] = await records(bus, "crm")
+    assert record["args"] == [{"id": "caller"}]
+    log = workers.terminate(workers.procs[-1])
+    failures = [json.loads(line) for line in log.splitlines() if '"event_handler_failed"' in line]
+    assert len(failures) == 1
+    assert {k: failures[0][k] for k in ("session", "type", "seq", "handler", "error", "group")} == {
+        "session": "call-1",
+        "type": "on_client_connected",
+        "seq": 1,
+        "group": "crm",
+        "handler": "first_raises",
+        "error": "RuntimeError: first handler fails on seq 1",
+    }
+
+
+async def _count(bus: Bus, service: str, n: int) -> bool:
+    return len(await records(bus, service)) >= n
+
+
+async def test_a_sync_event_waits_for_every_subscribed_service_and_gets_their_outcomes(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", "on_before_leave")
+    start(workers, settings, "audit", "on_before_leave", mode="pair")
+    await ready(bus, "crm", "audit")
+    async with BotSession.open(bus, "call-1") as bot:
+        outcome = await Events(bot, sync_timeout=30).emit(DAILY, "on_before_leave")
+    assert outcome is not None and outcome.timed_out == []
+    assert outcome.errors == {
+        "crm": [],
+        "audit": ["first_raises: RuntimeError: first handler fails on seq 1"],
+    }
+    assert len(await records(bus, "crm")) == 1  # it finished before the bot went on
+
+
+async def test_a_stuck_service_ends_the_sync_wait_at_the_timeout_naming_it(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", "on_before_leave")
+    start(workers, settings, "stuck", "on_before_leave", mode="stuck")
+    await ready(bus, "crm", "stuck")
+    async with BotSession.open(bus, "call-1") as bot:
+        outcome = await Events(bot, sync_timeout=1.0).emit(DAILY, "on_before_leave")
+    assert outcome is not None
+    assert outcome.timed_out == ["stuck"] and outcome.errors == {"crm": []}
+
+
+async def test_a_default_event_returns_before_any_handler_ran(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", "on_client_connected", mode="gated")
+    await ready(bus, "crm")
+    async with BotSession.open(bus, "call-1") as bot:
+        assert await Events(bot).emit(DAILY, "on_client_connected", {"id": "x"}) is None
+        assert await records(bus, "crm") == []  # the handler waits for the gate below
+        await raw(bus).rpush(f"{settings.prefix}:test:gate", "go")
+        await wait_for(lambda: _count(bus, "crm", 1), what="the handler after the gate")
+
+
+async def test_unknown_names_are_refused_with_suggestions(bus: Bus) -> None:
+    service = EventService("crm")
+    with pytest.raises(UnknownEventError, match="did you mean on_client_connected"):
+        service.add_event_handler("on_client_conected", lambda emitter: None)
+    async with BotSession.open(bus, "call-1") as bot:
+        with pytest.raises(UnknownEventError, match="on_user_turn_stopped"):
+            await Events(bot).emit(USER, "on_user_turn_stoped")

@@ -1,0 +1,133 @@
+"""The handler API, in-process against the real server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from bus import Bus, Consumer
+from flows import (
+    COMMANDS,
+    BotSession,
+    Emitter,
+    EmitterRef,
+    Event,
+    Events,
+    EventService,
+    InvalidHandlerError,
+    Retry,
+    Say,
+)
+from tests.support import wait_for
+
+pytestmark = pytest.mark.anyio
+STT = Emitter("stt", "deepgram")
+TTS = Emitter("tts", "cartesia")
+
+
+@asynccontextmanager
+async def serving(bus: Bus, service: EventService) -> AsyncIterator[None]:
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        yield
+        consumer.stop()
+
+
+async def emit_all(bus: Bus, *emits: tuple[Emitter, str, tuple[Any, ...]]) -> None:
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot)
+        for emitter, name, args in emits:
+            await events.emit(emitter, name, *args)
+
+
+async def test_handlers_select_by_emitter_and_can_be_removed(bus: Bus) -> None:
+    seen: list[str] = []
+    service = EventService("svc")
+
+    @service.event_handler("on_connected", emitter="stt")
+    async def stt_up(emitter: EmitterRef, data: Any) -> None:
+        seen.append(f"stt:{emitter.name}")
+
+    async def any_up(emitter: EmitterRef, data: Any) -> None:
+        seen.append(f"any:{emitter.kind}")
+
+    service.add_event_handler("on_connected", any_up)
+    service.add_event_handler("on_connected", any_up)  # twice: runs twice, as in Pipecat
+    service.remove_event_handler("on_connected", any_up)
+    with pytest.raises(InvalidHandlerError, match="never emits 'on_connected'"):
+        service.add_event_handler("on_connected", any_up, emitter="rtvi")
+    async with serving(bus, service):
+        await emit_all(bus, (STT, "on_connected", ()), (TTS, "on_connected", ()))
+        await wait_for(lambda: len(seen) == 3, what="three handlings")
+    assert seen == ["stt:deepgram", "any:stt", "any:tts"]
+
+
+async def test_def_handlers_run_in_a_thread_and_async_callables_are_awaited(bus: Bus) -> None:
+    seen: list[str] = []
+    loop_thread = threading.get_ident()
+    service = EventService("svc")
+
+    def blocking(emitter: EmitterRef, message: Any, sender: Any) -> None:
+        seen.append("thread" if threading.get_ident() != loop_thread else "loop")
+
+    class Notifier:
+        async def __call__(self, emitter: EmitterRef, message: Any, sender: Any) -> None:
+            await emitter.send(Say(text=f"got {message}"))
+            seen.append("awaited")
+
+    service.add_event_handler("on_app_message", blocking)
+    service.add_event_handler("on_app_message", Notifier())
+    async with serving(bus, service):
+        await emit_all(bus, (Emitter("transport.daily"), "on_app_message", ({"a": 1}, "x")))
+        await wait_for(lambda: len(seen) == 2, what="both handlers")
+        async with bus.inbox("call-1", COMMANDS) as inbox:
+            [message] = await inbox.read(wait=5)
+    assert seen == ["thread", "awaited"]
+    assert message.payload == Say(text="got {'a': 1}")
+
+
+async def test_an_opted_in_handler_is_retried_the_others_are_not(bus: Bus) -> None:
+    attempts = {"flaky": 0, "plain": 0}
+    service = EventService("svc")
+
+    @service.event_handler("on_user_turn_started", retry=Retry(attempts=3, backoff=0.001))
+    async def flaky(emitter: EmitterRef, *args: Any) -> None:
+        attempts["flaky"] += 1
+        if attempts["flaky"] < 3:
+            raise ConnectionError("CRM unreachable")
+
+    @service.event_handler("on_user_turn_started")
+    async def plain(emitter: EmitterRef, *args: Any) -> None:
+        attempts["plain"] += 1
+        raise ValueError("always")
+
+    async with serving(bus, service):
+        await emit_all(bus, (Emitter("user_aggregator"), "on_user_turn_started", ()))
+        await wait_for(lambda: attempts["plain"] == 1 and attempts["flaky"] == 3, what="runs")
+
+
+class Escalated(Event, tag="support.escalated"):
+    reason: str
+    priority: int = 1
+
+
+async def test_custom_events_are_declared_on_both_sides(bus: Bus) -> None:
+    got: list[tuple[str, int]] = []
+    service = EventService("svc")
+    service.declare_event("support.escalated", Escalated, sync=True)
+
+    @service.event_handler("support.escalated")
+    async def escalate(emitter: EmitterRef, reason: str, priority: int) -> None:
+        got.append((reason, priority))
+
+    async with serving(bus, service), BotSession.open(bus, "call-1") as bot:
+        events = Events(bot, sync_timeout=10)
+        events.declare_event("support.escalated", Escalated, sync=True)
+        outcome = await events.emit(Emitter("bot"), "support.escalated", "angry", priority=3)
+    assert outcome is not None and outcome.ok and got == [("angry", 3)]
