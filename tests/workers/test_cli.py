@@ -1,0 +1,169 @@
+"""``flowbus`` as a person meets it: every command explains itself, and a worker that cannot run
+says why in one line and exits non-zero, never with a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+
+import pytest
+import redis
+
+from bus import Settings
+from tests.support import ROOT, settings_env
+from workers.cli import parser
+from workers.server import LocalServer, free_port
+
+
+def flowbus(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_fails_clearly(done: subprocess.CompletedProcess[str], status: int, *says: str) -> None:
+    assert done.returncode == status, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(("flowbus: ", "usage: ", "flowbus worker: error")), message
+    for text in says:
+        assert text in done.stderr, (text, done.stderr)
+
+
+def subparsers(p: argparse.ArgumentParser, path: str = "flowbus") -> Iterator[tuple[str, str]]:
+    yield path, p.format_help()
+    for action in p._actions:  # argparse keeps its subcommands nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from subparsers(child, f"{path} {name}")
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    helps = dict(subparsers(parser()))
+    assert {"flowbus worker", "flowbus demo", "flowbus simulate"} <= helps.keys()
+    assert {f"flowbus inspect {w}" for w in ("sessions", "session", "groups", "owners")} <= (
+        helps.keys()
+    )
+    assert {f"flowbus dead {a}" for a in ("list", "show", "replay", "drop")} <= helps.keys()
+    for command, text in helps.items():
+        assert "example" in text, command
+        assert f"\n  {command}" in text or command == "flowbus", command  # the example runs it
+
+
+def test_a_worker_given_an_unreachable_server_retries_then_says_so(settings: Settings) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    done = flowbus(
+        "worker", "tests.workers.apps:steps", "--redis-url", url, "--connect-attempts", "2"
+    )
+    assert_fails_clearly(done, 1, "cannot reach the server after 2 attempt(s)", url)
+    assert "connect_retried" in done.stderr  # the retry was logged, with its backoff
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("tests.workers.apps", "is not MODULE:ATTR (for example myapp.services:crm)"),
+        ("tests.workers.nothing_here:app", "cannot import module 'tests.workers.nothing_here'"),
+        ("tests.workers.apps:missing", "has no attribute 'missing' (it has: "),
+        ("tests.workers.apps:not_a_service", "is a dict, not a flowbus Service"),
+        (
+            "tests.workers.broken_app:app",
+            "importing 'tests.workers.broken_app' raised RuntimeError: the CRM credentials are "
+            "missing (",
+        ),
+    ],
+    ids=["no-colon", "no-module", "no-attribute", "not-a-service", "import-raises"],
+)
+def test_a_worker_given_a_bad_target_says_what_is_wrong(
+    settings: Settings, target: str, says: str
+) -> None:
+    assert_fails_clearly(flowbus("worker", target, env=settings_env(settings)), 2, says)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--partitions", "0"], {}, "partitions must be within 1..16384, not 0"),
+        (["--lease-ttl", "soon"], {}, "argument --lease-ttl: invalid float value: 'soon'"),
+        (["--dead-letter", "retry"], {}, "invalid choice: 'retry'"),
+        (["--no-such-option"], {}, "unrecognized arguments: --no-such-option"),
+        ([], {"FLOWBUS_MAX_DELIVERIES": "many"}, "FLOWBUS_MAX_DELIVERIES"),
+        ([], {"FLOWBUS_METRICS_PORT": "x"}, "FLOWBUS_METRICS_PORT must be an integer"),
+        ([], {"FLOWBUS_LOG_LEVEL": "loud"}, "FLOWBUS_LOG_LEVEL must be one of debug, info"),
+        (["--redis-url", "http://127.0.0.1/0"], {}, "invalid Redis URL"),
+    ],
+    ids=[
+        "partitions",
+        "lease-ttl",
+        "policy",
+        "unknown",
+        "env-deliveries",
+        "env-port",
+        "env-log-level",
+        "url",
+    ],
+)
+def test_a_worker_given_a_bad_option_says_which(
+    settings: Settings, args: list[str], env: dict[str, str], says: str
+) -> None:
+    done = flowbus(
+        "worker", "tests.workers.apps:steps", *args, env={**settings_env(settings), **env}
+    )
+    assert_fails_clearly(done, 2, says)
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = flowbus(
+            "worker",
+            "tests.workers.apps:steps",
+            "--metrics-port",
+            port,
+            "--metrics-host",
+            "127.0.0.1",
+            env=settings_env(settings),
+        )
+    assert_fails_clearly(done, 1, f"cannot serve metrics on 127.0.0.1:{port}")
+
+
+def test_a_wrong_password_and_a_user_without_permission_are_refused_clearly(
+    server: LocalServer, settings: Settings
+) -> None:
+    user = f"t{secrets.token_hex(4)}"
+    client = redis.Redis(port=server.port)
+    client.acl_setuser(user, enabled=True, passwords=["+right"], keys=["*"], commands=["+ping"])
+    try:
+        env = settings_env(settings)
+        wrong = f"redis://{user}:wrong@127.0.0.1:{server.port}/0"
+        done = flowbus("worker", "tests.workers.apps:steps", "--redis-url", wrong, env=env)
+        assert_fails_clearly(done, 1, "authentication failed", f"{user}:***@")
+        assert "wrong@" not in done.stderr  # the password is never shown
+        weak = f"redis://{user}:right@127.0.0.1:{server.port}/0"
+        done = flowbus("worker", "tests.workers.apps:steps", "--redis-url", weak, env=env)
+        assert_fails_clearly(done, 1, "not permitted")
+    finally:
+        client.acl_deluser(user)
+        client.close()
+
+
+def test_simulate_without_the_sample_services_says_which_to_start(settings: Settings) -> None:
+    done = flowbus("simulate", "--calls", "1", "--wait", "0.3", env=settings_env(settings))
+    assert_fails_clearly(
+        done, 1, "no worker of actions, crm is running after 0.3s", "workers.sample:actions"
+    )

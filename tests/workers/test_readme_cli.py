@@ -1,0 +1,85 @@
+"""The README's command-line walk-through runs as written: its service of your own handles the
+simulated calls' events, and every flowbus command it shows exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from tests.flows.test_events import ready
+from tests.support import ROOT, WorkerProcesses, settings_env
+from workers.cli import parser
+
+EXAMPLE = re.compile(r"<!-- cli-example: (?P<name>\S+) -->\n```python\n(?P<code>.*?)```", re.S)
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_every_flowbus_command_the_readme_shows_parses() -> None:
+    lines = [
+        line.split("#")[0].strip().rstrip("&").strip()
+        for block in re.findall(r"```sh\n(.*?)```", readme(), re.S)
+        for line in block.splitlines()
+    ]
+    commands = [
+        x.removeprefix(".venv/bin/") for x in lines if re.match(r"(\.venv/bin/)?flowbus ", x)
+    ]
+    synopsis = re.compile(r"[\[|]|\b[A-Z][A-Z:]+\b|\.\.\.")  # MODULE:ATTR [--x N] a|b REF...
+    concrete = [c for c in commands if not synopsis.search(c)]
+    assert len(concrete) >= 8, concrete
+    for command in concrete:
+        try:
+            parser().parse_args(shlex.split(command)[1:])
+        except SystemExit:
+            pytest.fail(f"the README shows a command flowbus does not take: {command}")
+
+
+@pytest.mark.anyio
+async def test_the_walk_through_runs_a_service_of_your_own(
+    tmp_path: Path, bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    [(name, code)] = [(m["name"], m["code"]) for m in EXAMPLE.finditer(readme())]
+    (tmp_path / name).write_text(code)
+    env = {"PYTHONPATH": str(tmp_path)}
+    for target in ("workers.sample:actions", "workers.sample:crm", "myapp:audit"):
+        workers.start(target, settings, env)
+    await ready(bus, "actions", "crm", "audit")
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "workers", "simulate", "--calls", "3", "--rate", "10"],
+            cwd=ROOT,
+            env={**os.environ, **settings_env(settings)},
+            check=False,
+        )
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "3 calls ended, 0 failed" in stderr
+    actions_log = workers.terminate(workers.procs[0])
+    turns = [json.loads(x) for x in actions_log.splitlines() if '"turn_logged"' in x]
+    assert len(turns) == 3 * 3  # a post-action in each of the three nodes of each call
+    assert {x["node"] for x in turns} == {"greeting", "order", "goodbye"}
+    assert all({"session", "seq", "type", "traceparent"} <= x.keys() for x in turns)
+    log = workers.terminate(workers.procs[-1])
+    lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+    connected = [x for x in lines if x["event"] == "caller_connected"]
+    over = [x for x in lines if x["event"] == "call_over"]
+    assert len(connected) == len(over) == 3
+    assert len({x["session"] for x in connected}) == 3
+    for x in connected:
+        assert (x["caller"], x["seq"], x["type"], x["group"]) == (
+            "+15550100",
+            1,
+            "on_client_connected",
+            "audit",
+        )
+        assert x["traceparent"].startswith("00-")

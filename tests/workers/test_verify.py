@@ -1,0 +1,101 @@
+"""The demo's per-call order check finds each kind of disorder (no server needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from bus import Entry
+from workers.journal import ActionRecord, EventRecord, Record
+from workers.verify import check_call
+
+CRM = {"crm": frozenset({"on_client_connected"})}
+
+
+def stream(*events: tuple[str, dict[str, Any]]) -> list[Entry]:
+    return [
+        Entry(f"{seq}-0", kind, seq, 1000 + seq, msgspec.json.encode({"type": kind, **data}))
+        for seq, (kind, data) in enumerate(events, start=1)
+    ]
+
+
+CALL = stream(
+    ("on_client_connected", {"emitter": {"kind": "transport.daily"}}),
+    (
+        "node.entered",
+        {
+            "node": "greeting",
+            "gen": 1,
+            "pre_actions": [{"type": "tts_say", "text": "Hi"}, {"type": "load_customer"}],
+            "post_actions": [{"type": "log_turn"}, {"type": "end_conversation"}],
+        },
+    ),
+    ("tts.spoken", {"corr": "1/pre/0"}),
+    ("llm.completed", {"node": "greeting", "gen": 1}),
+    ("tts.finished", {"node": "greeting", "gen": 1}),
+    ("session.ended", {}),
+)
+
+
+def action(key: str, first: int, last: int, name: str = "x") -> ActionRecord:
+    return ActionRecord("actions", key, name, first, last, 1)
+
+
+def seen(seq: int) -> EventRecord:
+    return EventRecord("crm", "on_client_connected", seq, 1, 0, 2)
+
+
+IN_ORDER: list[Record] = [seen(1), action("1/pre/1", 3, 3), action("1/post/0", 5, 5)]
+
+
+def test_a_call_in_order_has_no_problem() -> None:
+    check = check_call("call-1", CALL, IN_ORDER, CRM)
+    assert check.ok and check.ended and (check.events, check.actions) == (6, 2)
+    assert check.handled == {"crm": 1}
+
+
+@pytest.mark.parametrize(
+    ("journal", "problem"),
+    [
+        (
+            [seen(1), action("1/pre/1", 2, 2), action("1/post/0", 5, 5)],
+            "greeting pre-action 1 (load_customer) ran before the action before it had finished",
+        ),
+        (
+            [seen(1), action("1/pre/1", 3, 4), action("1/post/0", 5, 5)],
+            "greeting pre-action 1 (load_customer) was still running when the LLM replied",
+        ),
+        (
+            [seen(1), action("1/pre/1", 3, 3), action("1/post/0", 4, 5)],
+            "greeting post-action 0 (log_turn) ran before the reply was complete and spoken",
+        ),
+        ([seen(1), action("1/pre/1", 3, 3)], "greeting post-action 0 (log_turn) did not run"),
+        ([*IN_ORDER, action("1/pre/1", 3, 3)], "action 1/pre/1 ran 2 times"),
+        ([*IN_ORDER, action("1/post/2", 6, 6)], "action 1/post/2 ran where it should not have"),
+        (IN_ORDER[1:], "crm saw seqs [], expected [1]"),
+        ([*IN_ORDER, seen(1)], "crm saw seqs [1, 1], expected [1]"),
+    ],
+    ids=[
+        "custom-before-phrase",
+        "pre-during-llm",
+        "post-before-tts",
+        "missing",
+        "twice",
+        "after-end",
+        "event-missed",
+        "event-twice",
+    ],
+)
+def test_each_kind_of_disorder_is_found(journal: list[Record], problem: str) -> None:
+    problems = check_call("call-1", CALL, journal, CRM).problems
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_a_call_that_did_not_end_or_lost_a_seq_is_found() -> None:
+    assert "the stream does not end with session.ended" in (
+        check_call("call-1", CALL[:-1], IN_ORDER, CRM).problems
+    )
+    gap = [CALL[0], *CALL[2:]]
+    assert "the stream's seqs are not 1..5 in order" in check_call("c", gap, IN_ORDER, CRM).problems

@@ -1,0 +1,1 @@
+"""flowbus.workers: processes, the command line and the demo."""

@@ -1,0 +1,281 @@
+"""Simulated bots: calls through the sample flow, as a Pipecat bot process would drive them.
+
+Each call is one `FlowManager` (a scripted LLM, a simulated TTS) and one `Events` emitter on its
+own session, with a W3C traceparent of its own. A call goes::
+
+    on_client_connected ─► greeting ─(caller asks)─► order ─(caller is done)─► goodbye ─► ended
+                             pre:  tts_say, load_customer       post: log_turn, leave_room
+                             post: log_turn                     (bot side: on_before_leave,
+                  pre: function lookup_order, post: log_turn     sync), end_conversation
+
+``flowbus demo`` runs them beside its workers; ``flowbus simulate`` runs them alone, against
+any deployment running `workers.sample`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from bus import Bus
+from flows import (
+    Emitter,
+    Events,
+    FlowManager,
+    FunctionCall,
+    LLMResponse,
+    ScriptedLLM,
+    SimulatedTTS,
+)
+
+log = structlog.get_logger("flowbus.bots")
+DAILY = Emitter("transport.daily", "DailyTransport#0")
+USER = Emitter("user_aggregator", "LLMUserAggregator#0")
+CALLER = "+15550100"
+#: The services the sample flow needs (`workers.sample`).
+SERVICES = ("actions", "crm")
+#: Nodes in the order a call visits them (for the live view).
+NODES = ("greeting", "order", "goodbye")
+
+
+def new_traceparent() -> str:
+    """A fresh W3C trace context (version 00, sampled): one trace per call."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def _node(name: str, task: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "task_messages": [{"role": "system", "content": task}], **more}
+
+
+def sample_flow() -> dict[str, dict[str, Any]]:
+    """The sample flow's nodes, as a Pipecat Flows user writes them. Its functions move to the
+    next node (function transitions); its actions use every built-in type and custom ones."""
+
+    def to(target: str) -> Callable[..., Awaitable[tuple[dict[str, Any], dict[str, Any]]]]:
+        async def transition(
+            args: dict[str, Any], flow_manager: FlowManager
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+            if "order" in args:
+                flow_manager.state["order_id"] = args["order"]
+            return {"status": "ok"}, nodes[target]
+
+        return transition
+
+    nodes: dict[str, dict[str, Any]] = {
+        "greeting": _node(
+            "greeting",
+            "Greet the caller by name and ask how you can help.",
+            pre_actions=[
+                {"type": "tts_say", "text": "Welcome to Acme Air."},
+                {"type": "load_customer"},
+            ],
+            post_actions=[{"type": "log_turn"}],
+            functions=[{"name": "check_order", "handler": to("order")}],
+        ),
+        "order": _node(
+            "order",
+            "Tell the caller where the order is.",
+            pre_actions=[{"type": "function", "handler": "lookup_order"}],
+            post_actions=[{"type": "log_turn"}],
+            functions=[{"name": "finish", "handler": to("goodbye")}],
+        ),
+        "goodbye": _node(
+            "goodbye",
+            "Thank the caller.",
+            post_actions=[
+                {"type": "log_turn"},
+                {"type": "leave_room"},  # registered in the bot: runs there, in its place
+                {"type": "end_conversation", "text": "Goodbye!"},
+            ],
+        ),
+    }
+    return nodes
+
+
+def sample_script() -> dict[str, list[LLMResponse]]:
+    """What the scripted LLM answers in each node, turn by turn."""
+    return {
+        "greeting": [
+            LLMResponse(text="Hello Ada, how can I help you today?"),
+            LLMResponse(
+                text="Let me look that up.",
+                function_calls=[FunctionCall("check_order", {"order": "A1234"})],
+            ),
+        ],
+        "order": [
+            LLMResponse(text="Order A1234 has shipped and arrives tomorrow. Anything else?"),
+            LLMResponse(function_calls=[FunctionCall("finish")]),
+        ],
+        "goodbye": [LLMResponse(text="Thank you for flying with Acme Air.")],
+    }
+
+
+class CallFailedError(RuntimeError):
+    """A simulated call did not reach its end; the message says where it stopped."""
+
+
+@dataclass
+class Board:
+    """Where each call is, for the live view: session -> "waiting" (to start), "connecting",
+    a node of `NODES`, "ended" or "failed"."""
+
+    calls: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self.calls.values() if s == state)
+
+
+async def run_call(
+    bus: Bus,
+    session: str,
+    *,
+    board: Board | None = None,
+    seconds_per_char: float = 0.004,
+    wait: float = 20.0,
+) -> None:
+    """One call through the sample flow, from connect to the end of the session.
+
+    Raises `CallFailedError` if a step fails or the call does not end within `wait` seconds
+    of its last step."""
+    board = board if board is not None else Board()
+    board.calls[session] = "connecting"
+    nodes = sample_flow()
+    opened = FlowManager.open(
+        bus,
+        session,
+        llm=ScriptedLLM(sample_script()),
+        tts=SimulatedTTS(seconds_per_char),
+        traceparent=new_traceparent(),
+        actions_timeout=wait,
+    )
+    try:
+        async with opened as flow:
+            events = Events(flow.bot, sync_timeout=wait)
+
+            async def leave_room(action: dict[str, Any], flow_manager: FlowManager) -> None:
+                outcome = await events.emit(DAILY, "on_before_leave")  # sync: waits for crm
+                if outcome is not None and not outcome.ok:
+                    raise CallFailedError(f"on_before_leave handlers: {outcome}")
+
+            flow.register_action("leave_room", leave_room)
+            flow.state["caller"] = CALLER
+
+            def at(step: str) -> None:
+                board.calls[session] = flow.current_node or step
+
+            with anyio.fail_after(wait):
+                await events.emit(DAILY, "on_client_connected", {"id": CALLER})
+                await flow.initialize(nodes["greeting"])
+                at("greeting")
+                for text in ("Where is my order?", "No, that's all."):
+                    message = {"content": text, "user_id": CALLER}
+                    await events.emit(USER, "on_user_turn_stopped", "TurnAnalyzer", message)
+                    await flow.respond(text)
+                    at("order")
+                await flow.ended.wait()
+    except Exception as exc:
+        reason = describe(exc)
+        board.calls[session] = "failed"
+        board.failures[session] = reason
+        raise CallFailedError(f"call {session} failed: {reason}") from exc
+    board.calls[session] = "ended"
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of the error itself, out of any task-group wrapping."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, TimeoutError):
+        return "the call did not end in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ServicesMissingError(RuntimeError):
+    """The services the sample flow needs are not running; the message names them."""
+
+
+async def wait_for_services(bus: Bus, names: tuple[str, ...], *, within: float) -> None:
+    """Wait until each service in `names` has a live worker; `ServicesMissingError` after
+    `within` seconds."""
+    missing = list(names)
+    with anyio.move_on_after(within):
+        while missing:
+            seconds, micros = await bus.redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            missing = [
+                n for n in names if not await bus.redis.zcount(bus.keys.members(n), now_ms, "+inf")
+            ]
+            if missing:
+                await anyio.sleep(0.1)
+        return
+    targets = " and ".join(f"flowbus worker workers.sample:{n}" for n in missing)
+    raise ServicesMissingError(
+        f"no worker of {', '.join(missing)} is running after {within:g}s; start one ({targets})"
+    )
+
+
+async def run_calls(
+    bus: Bus,
+    sessions: list[str],
+    *,
+    board: Board,
+    stagger: float = 0.05,
+    seconds_per_char: float = 0.004,
+) -> None:
+    """Run the calls concurrently, each starting `stagger` seconds after the one before.
+    A failed call is recorded on the board; the others go on."""
+
+    async def one(session: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        try:
+            await run_call(bus, session, board=board, seconds_per_char=seconds_per_char)
+        except CallFailedError:
+            pass  # on the board, with its reason
+
+    async with anyio.create_task_group() as tg:
+        for i, session in enumerate(sessions):
+            tg.start_soon(one, session, i * stagger)
+
+
+async def simulate(
+    bus: Bus, *, calls: int, rate: float, concurrency: int, wait: float = 60.0
+) -> tuple[int, int]:
+    """Once the sample services run, start a call every 1/`rate` seconds, at most
+    `concurrency` at once, `calls` in all (0: until cancelled); log each call's end. Returns
+    (calls ended, calls failed). Raises `ServicesMissingError` if they do not run within `wait`
+    seconds."""
+    log.info("waiting_for_services", services=SERVICES)
+    await wait_for_services(bus, SERVICES, within=wait)
+    run = secrets.token_hex(3)
+    slots = anyio.Semaphore(concurrency)
+    board = Board()
+    ended, failed = 0, 0
+
+    async def one(session: str) -> None:
+        nonlocal ended, failed
+        try:
+            await run_call(bus, session, board=board)
+            ended += 1
+            log.info("call_ended", session=session)
+        except CallFailedError as exc:
+            failed += 1
+            log.error("call_failed", session=session, error=str(exc))
+        finally:
+            board.calls.pop(session, None)
+            board.failures.pop(session, None)
+            slots.release()
+
+    async with anyio.create_task_group() as tg:
+        n = 0
+        while calls == 0 or n < calls:
+            await slots.acquire()  # backpressure: no more than `concurrency` calls at once
+            n += 1
+            tg.start_soon(one, f"sim-{run}-{n:05d}")
+            await anyio.sleep(1 / rate)
+    return ended, failed

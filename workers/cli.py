@@ -1,0 +1,504 @@
+"""The ``flowbus`` command line: ``worker``, ``demo``, ``simulate``, ``inspect``, ``dead``.
+
+Every command reads the deployment from ``FLOWBUS_*`` environment variables, which its options
+override. Errors a person can fix are one line on stderr and a non-zero status, never a
+traceback: 2 for a usage or configuration mistake, 1 for a failure (the server unreachable or
+refusing us, a demo that found a problem, a dead letter that cannot be replayed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+from redis.exceptions import NoPermissionError, RedisError
+
+from bus import Bus, BusError, ConfigError, ConnectionFailedError, Settings
+
+from . import logs
+
+EPILOG_WORKER = """\
+examples:
+  flowbus worker workers.sample:actions --redis-url redis://127.0.0.1:6379/0
+  FLOWBUS_REDIS_URL=rediss://user:secret@redis:6380/0 flowbus worker myapp:crm --metrics-port 9100
+
+MODULE:ATTR names a flowbus Service, an ActionService or EventService, or a function returning
+one; the current directory is importable. Run as many replicas as you like: they share the
+service's consumer group and split its partitions. SIGTERM drains and exits; a second one
+stops at once.
+"""
+
+EPILOG_DEMO = """\
+examples:
+  flowbus demo                         # embedded server, 20 calls, a live view, a summary
+  flowbus demo --calls 100 --keep      # then look around: flowbus inspect sessions
+  flowbus demo --redis-url redis://127.0.0.1:6379/0 --json
+"""
+
+EPILOG_SIMULATE = """\
+examples:
+  flowbus simulate --calls 50 --rate 5      # against FLOWBUS_REDIS_URL
+  flowbus simulate --calls 0                # until stopped (as compose.yaml's bots do)
+
+The calls go through the sample flow, so the deployment must run workers.sample:actions and
+workers.sample:crm.
+"""
+
+EPILOG_INSPECT = """\
+examples:
+  flowbus inspect sessions                  # live and ended sessions, current node, last seq
+  flowbus inspect session call-42 --inbox   # one call's events and each group's progress
+  flowbus inspect groups                    # services: workers, partitions, lag, pending
+  flowbus inspect owners --group actions    # who holds each partition's lease
+  flowbus inspect workers --json            # live workers, as JSON
+"""
+
+EPILOG_DEAD = """\
+examples:
+  flowbus dead list --group crm
+  flowbus dead show 17/1767225600000-0
+  flowbus dead replay 17/1767225600000-0    # handled again, in order, by its group
+  flowbus dead drop --all --session call-42
+
+A replay is handled after the session's current position: a session paused on the dead
+letter (--dead-letter pause) is resumed in place; otherwise the event is republished to its
+session for that group only. An ended session takes no new event: drop its dead letters.
+"""
+
+WORKER_SETTINGS = (
+    "prefix",
+    "partitions",
+    "lease_ttl_seconds",
+    "max_deliveries",
+    "dead_letter_policy",
+    "concurrency",
+)
+#: Setting -> (option, environment variable), for messages about a bad value.
+OPTIONS = {
+    "url": "--redis-url or FLOWBUS_REDIS_URL",
+    "prefix": "--prefix or FLOWBUS_PREFIX",
+    "partitions": "--partitions or FLOWBUS_PARTITIONS",
+    "lease_ttl_seconds": "--lease-ttl or FLOWBUS_LEASE_TTL_SECONDS",
+    "max_deliveries": "--max-deliveries or FLOWBUS_MAX_DELIVERIES",
+    "dead_letter_policy": "--dead-letter or FLOWBUS_DEAD_LETTER_POLICY",
+    "concurrency": "--concurrency or FLOWBUS_CONCURRENCY",
+}
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "console", "json")
+#: What the command line reads from the environment besides the `Settings` fields.
+ENVIRONMENT = (
+    "FLOWBUS_METRICS_PORT",
+    "FLOWBUS_CONNECT_ATTEMPTS",
+    "FLOWBUS_LOG_LEVEL",
+    "FLOWBUS_LOG_FORMAT",
+)
+
+
+class UsageError(Exception):
+    """A command line that cannot run as given; the message says what to change."""
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, log_level: str = "warning") -> None:
+    g = parser.add_argument_group("deployment (defaults from FLOWBUS_* environment variables)")
+    g.add_argument("--redis-url", help="server URL; redis://, rediss:// (TLS) or unix://")
+    g.add_argument("--prefix", help="key prefix (default flowbus)")
+    g.add_argument("--partitions", type=int, help="partitions per deployment (default 64)")
+    g.add_argument(
+        "--log-level",
+        default=os.environ.get("FLOWBUS_LOG_LEVEL", log_level),
+        choices=LOG_LEVELS,
+        help=f"also FLOWBUS_LOG_LEVEL (default {log_level})",
+    )
+    g.add_argument(
+        "--log-format",
+        default=os.environ.get("FLOWBUS_LOG_FORMAT", "auto"),
+        choices=LOG_FORMATS,
+        help="auto: readable on a terminal, JSON lines otherwise; also FLOWBUS_LOG_FORMAT",
+    )
+
+
+def _service_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("service (defaults from FLOWBUS_* environment variables)")
+    g.add_argument(
+        "--lease-ttl",
+        type=float,
+        dest="lease_ttl_seconds",
+        metavar="SECONDS",
+        help="partition lease lifetime (default 5)",
+    )
+    g.add_argument(
+        "--max-deliveries", type=int, help="deliveries before dead-lettering (default 5)"
+    )
+    g.add_argument(
+        "--dead-letter",
+        choices=["skip", "pause"],
+        dest="dead_letter_policy",
+        help="after the last failed delivery: skip the event or pause the session",
+    )
+    g.add_argument("--concurrency", type=int, help="handlers at once in this process (default 256)")
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    """The deployment's settings: the environment, overridden by the options given."""
+    values: dict[str, Any] = {n: getattr(args, n, None) for n in WORKER_SETTINGS}
+    values |= overrides
+    try:
+        return Settings.from_env(None, url=args.redis_url, **values)
+    except ConfigError as exc:
+        field = re.search(r"\$\.(\w+)|^(\w+) must", str(exc))
+        name = field and (field[1] or field[2])
+        if name in OPTIONS:
+            raise ConfigError(f"{exc} (set by {OPTIONS[name]})") from None
+        raise
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {value!r}") from None
+
+
+def _subparser(
+    sub: Any, name: str, help: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="flowbus",
+        description="Pipecat Flows actions and Pipecat event handlers as ordered, horizontally "
+        "scaled services on Redis Streams.",
+        epilog="examples:\n  flowbus demo\n  flowbus worker myapp:actions\n"
+        "  flowbus inspect sessions\n\nflowbus COMMAND --help shows each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = _subparser(
+        sub,
+        "worker",
+        "run a service (a consumer group) in this process",
+        "Run the service named by MODULE:ATTR until SIGTERM, then drain.",
+        EPILOG_WORKER,
+    )
+    worker.add_argument("target", metavar="MODULE:ATTR", help="the service to run")
+    worker.add_argument(
+        "--worker-id", help="name in the group's membership (default host-pid-random)"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on PORT (/metrics); also FLOWBUS_METRICS_PORT",
+    )
+    worker.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address to serve metrics on (default 0.0.0.0)"
+    )
+    worker.add_argument(
+        "--connect-attempts",
+        type=int,
+        metavar="N",
+        help="tries of the first connection, with backoff, before giving up (default 8); "
+        "also FLOWBUS_CONNECT_ATTEMPTS",
+    )
+    _connection_options(worker, log_level="info")
+    _service_options(worker)
+
+    demo = _subparser(
+        sub,
+        "demo",
+        "run the whole system on one machine and show it",
+        "Start the embedded server (unless --redis-url), two workers of the sample actions "
+        "service and one of its crm event handlers, drive simulated calls through the sample "
+        "flow with a live view, then check every call's order and print a summary.",
+        EPILOG_DEMO,
+    )
+    demo.add_argument("--calls", type=int, default=20, help="simulated calls (default 20)")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the embedded server running, and say how to connect",
+    )
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    _connection_options(demo)
+
+    simulate = _subparser(
+        sub,
+        "simulate",
+        "drive simulated calls through the sample flow",
+        "Run simulated bots (a FlowManager with a scripted LLM and a simulated TTS, emitting "
+        "Pipecat events) against a deployment running workers.sample.",
+        EPILOG_SIMULATE,
+    )
+    simulate.add_argument("--calls", type=int, default=10, help="calls in all; 0: until stopped")
+    simulate.add_argument("--rate", type=float, default=2.0, help="calls started per second")
+    simulate.add_argument("--concurrency", type=int, default=20, help="calls at once, at most")
+    simulate.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the sample services' workers (default 60)",
+    )
+    _connection_options(simulate, log_level="info")
+
+    inspect = _subparser(
+        sub,
+        "inspect",
+        "show sessions, groups, partition owners and workers",
+        "Read-only views of a deployment.",
+        EPILOG_INSPECT,
+    )
+    what = inspect.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for name, help, epilog in (
+        ("sessions", "live and ended sessions", "example:\n  flowbus inspect sessions --live"),
+        ("session", "one session's events, decoded, with each group's progress",
+         "example:\n  flowbus inspect session call-42 --inbox"),
+        ("groups", "services: workers, partitions, lag, pending, paused, dead letters",
+         "example:\n  flowbus inspect groups --json"),
+        ("owners", "the owner of every partition's lease, per group",
+         "example:\n  flowbus inspect owners --group actions"),
+        ("workers", "live workers of every group", "example:\n  flowbus inspect workers"),
+    ):  # fmt: skip
+        p = _subparser(what, name, help, help[0].upper() + help[1:] + ".", epilog)
+        if name == "sessions":
+            p.add_argument("--live", action="store_true", help="only sessions still live")
+            p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+        if name == "session":
+            p.add_argument("session", metavar="SESSION")
+            p.add_argument("--inbox", action="store_true", help="also show the bot's inbox")
+        if name == "owners":
+            p.add_argument("--group", help="only this group")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        _connection_options(p)
+
+    dead = _subparser(
+        sub, "dead", "list, show, replay or drop dead letters", "Dead letters.", EPILOG_DEAD
+    )
+    action = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help, epilog in (
+        ("list", "list dead letters", "example:\n  flowbus dead list --session call-42"),
+        ("show", "show one dead letter in full",
+         "example:\n  flowbus dead show 17/1767225600000-0"),
+        ("replay", "hand dead letters back to their group, in order",
+         "examples:\n  flowbus dead replay 17/1767225600000-0\n"
+         "  flowbus dead replay --all --group crm"),
+        ("drop", "remove dead letters (a paused session goes on without the event)",
+         "example:\n  flowbus dead drop 17/1767225600000-0"),
+    ):  # fmt: skip
+        p = _subparser(action, name, help, help[0].upper() + help[1:] + ".", epilog)
+        if name == "show":
+            p.add_argument("ref", metavar="DEAD_LETTER", help="P/ID, as dead list shows it")
+        if name in ("replay", "drop"):
+            p.add_argument(
+                "refs", nargs="*", metavar="DEAD_LETTER", help="P/ID, as dead list shows it"
+            )
+            p.add_argument("--all", action="store_true", help="every dead letter (that matches)")
+        if name in ("list", "replay", "drop"):
+            p.add_argument("--group", help="only dead letters of this group")
+            p.add_argument("--session", help="only dead letters of this session")
+        if name in ("list", "show"):
+            p.add_argument("--json", action="store_true", help="print JSON")
+        _connection_options(p)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.log_level not in LOG_LEVELS:
+            raise ConfigError(f"FLOWBUS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        if args.log_format not in LOG_FORMATS:
+            raise ConfigError(f"FLOWBUS_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+        logs.configure(args.log_level, args.log_format)
+        if args.command == "worker":
+            return _worker(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args, _settings)
+        command: Callable[[Bus, argparse.Namespace], Any] = {
+            "simulate": _simulate,
+            "inspect": _inspect,
+            "dead": _dead,
+        }[args.command]
+        settings = _settings(args)
+        return anyio.run(_with_bus, settings, command, args)
+    except UsageError as exc:
+        print(f"flowbus: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"flowbus: {exc}", file=sys.stderr)
+        return 2
+    except NoPermissionError as exc:
+        reason = str(exc).rpartition("caused error: ")[2].strip("()\"',")
+        print(
+            f"flowbus: not permitted: {reason} (an ACL user needs the commands the README's "
+            "'Operations' lists, on the prefix's keys and channels)",
+            file=sys.stderr,
+        )
+        return 1
+    except (BusError, RedisError) as exc:  # ConnectionFailedError among them
+        print(f"flowbus: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _with_bus(
+    settings: Settings, command: Callable[[Bus, argparse.Namespace], Any], args: argparse.Namespace
+) -> int:
+    async with Bus.connect(settings, attempts=3) as bus:
+        result: int = await command(bus, args)
+        return result
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .app import AppLoadError, load_service
+    from .runtime import serve
+
+    settings = _settings(args)
+    port = (
+        args.metrics_port
+        if args.metrics_port is not None
+        else _env_int("FLOWBUS_METRICS_PORT", None)
+    )
+    attempts = args.connect_attempts
+    if attempts is None:
+        attempts = _env_int("FLOWBUS_CONNECT_ATTEMPTS", 8) or 8
+    if attempts < 1:
+        raise ConfigError("--connect-attempts must be at least 1")
+    try:
+        service = load_service(args.target)
+    except AppLoadError as exc:
+        print(f"flowbus: {exc}", file=sys.stderr)
+        return 2
+    try:
+        anyio.run(
+            lambda: serve(
+                settings,
+                service,
+                worker_id=args.worker_id,
+                connect_attempts=attempts,
+                metrics_port=port,
+                metrics_host=args.metrics_host,
+            )
+        )
+    except ConnectionFailedError as exc:
+        print(
+            f"flowbus: {exc}; is the server running and FLOWBUS_REDIS_URL right?", file=sys.stderr
+        )
+        return 1
+    except OSError as exc:
+        print(
+            f"flowbus: cannot serve metrics on {args.metrics_host}:{port}: {exc}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+async def _simulate(bus: Bus, args: argparse.Namespace) -> int:
+    from .bots import ServicesMissingError, simulate
+
+    if args.calls < 0 or args.rate <= 0 or args.concurrency < 1:
+        raise UsageError("--calls must be 0 or more, --rate above 0, --concurrency at least 1")
+    try:
+        ended, failed = await simulate(
+            bus, calls=args.calls, rate=args.rate, concurrency=args.concurrency, wait=args.wait
+        )
+    except ServicesMissingError as exc:
+        print(f"flowbus: {exc}", file=sys.stderr)
+        return 1
+    print(f"{ended} calls ended, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+
+
+async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
+    from . import inspection as i
+
+    now = await i.server_ms(bus)
+    result: object
+    if args.what == "sessions":
+        result = rows = await i.sessions(bus, ended=not args.live, limit=args.limit)
+        text = i.render_sessions(rows, now)
+    elif args.what == "session":
+        result = detail = await i.session_detail(bus, args.session, inbox=args.inbox)
+        if not detail.events and not detail.meta:
+            print(
+                f"flowbus: no session {args.session!r} (never started, or its keys expired; "
+                "flowbus inspect sessions lists them)",
+                file=sys.stderr,
+            )
+            return 1
+        text = i.render_session(detail, now)
+    elif args.what == "groups":
+        result = groups = await i.groups(bus)
+        text = i.render_groups(groups)
+    elif args.what == "owners":
+        result = owners = await i.owners(bus, args.group)
+        text = i.render_owners(owners, bus.settings.partitions)
+    else:
+        result = members = await i.members(bus)
+        text = i.render_members(members)
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+    return 0
+
+
+async def _dead(bus: Bus, args: argparse.Namespace) -> int:
+    from . import deadletters as d
+
+    if args.action == "list":
+        letters = await d.list_dead(bus, group=args.group, session=args.session)
+        _print_json(letters) if args.json else print(d.render_list(letters))
+        return 0
+    if args.action == "show":
+        letter = await d.find(bus, args.ref)
+        _print_json(letter) if args.json else print(d.render_one(letter))
+        return 0
+    if bool(args.refs) == args.all:
+        raise UsageError(f"dead {args.action}: name dead letters (P/ID ...) or give --all")
+    if args.refs and (args.group or args.session):
+        raise UsageError("--group and --session go with --all")
+    if args.all:
+        letters = await d.list_dead(bus, group=args.group, session=args.session)
+    else:
+        letters = [await d.find(bus, ref) for ref in args.refs]
+    letters.sort(key=lambda x: (x.session, x.seq))  # a session's replays keep their order
+    act = d.replay if args.action == "replay" else d.drop
+    failures = 0
+    for letter in letters:
+        try:
+            print(await act(bus, letter))
+        except d.DeadLetterError as exc:
+            failures += 1
+            print(f"flowbus: {exc}", file=sys.stderr)
+    if not letters:
+        print("no dead letters")
+    return 1 if failures else 0

@@ -1,0 +1,269 @@
+"""``flowbus dead``: list, show, replay and drop dead letters.
+
+A dead letter is an entry of a partition's stream ``<prefix>:{P}:dead``: ``session``,
+``group``, ``entry``, ``deliveries``, ``error``, ``policy`` and the original entry's fields. It
+is named ``P/ID`` (partition and dead-letter entry id), e.g. ``17/1767225600000-0``.
+
+Replaying hands the event back to the group that dead-lettered it, to be handled in order
+after the session's current position:
+
+- the session is **paused** on it (policy ``pause``): `Bus.resume` retries the entry in place,
+  with a fresh delivery count; the session's later events wait behind it as before;
+- otherwise (policy ``skip``: the session went on): the event is republished to its session as
+  a `workers.replay.Replay` for that group only (the session's next seq); other groups
+  acknowledge it unseen. A session that has ended takes no new event: its dead letters can
+  be dropped, not replayed (run services with ``--dead-letter pause`` to keep that possible).
+
+Either way the dead letter is then removed. Dropping removes it; for a paused session it also
+acknowledges the entry unhandled (``Bus.resume(drop=True)``) so the session goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from bus import Bus, BusError, SessionEndedError
+
+from .replay import REPLAY, Replay
+
+#: Fields of a dead letter that are not the original entry's (see bus.consumer).
+DEAD_FIELDS = ("session", "group", "entry", "deliveries", "error", "policy")
+#: The original entry's optional envelope fields a replay carries on.
+ENVELOPE_FIELDS = ("v", "traceparent", "reply_to", "corr")
+
+
+class DeadLetterError(BusError):
+    """A dead letter that cannot be found, or cannot be replayed; the message says why."""
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """One dead letter: `entry` is the session stream's entry that was dead-lettered. For a
+    dead-lettered replay, `type`, `seq`, `ts`, `data` and `extra` are those of the event inside
+    it, and `replay_of` names that event's own entry."""
+
+    ref: str
+    partition: int
+    id: str
+    session: str
+    group: str
+    entry: str
+    deliveries: int
+    error: str
+    policy: str
+    type: str
+    seq: int
+    ts: int
+    data: Any
+    extra: dict[str, str]
+    paused: bool = False
+    replay_of: str = ""
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def parse(partition: int, entry_id: str, raw: Mapping[bytes, bytes], paused: bool) -> DeadLetter:
+    """A dead letter from its raw stream fields."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    original = {
+        k.removeprefix("orig."): v
+        for k, v in fields.items()
+        if k not in DEAD_FIELDS or k.startswith("orig.")
+    }
+    try:
+        data: Any = msgspec.json.decode(original.get("data", ""))
+    except msgspec.DecodeError:
+        data = original.get("data", "")
+    kind, seq, ts = original.get("type", "?"), original.get("seq"), original.get("ts")
+    extra = {k: v for k, v in original.items() if k not in ("type", "seq", "ts", "data")}
+    replay_of = ""
+    if kind == REPLAY and isinstance(data, dict):
+        replay_of = str(data.get("entry", ""))
+        kind, seq, ts = str(data.get("event")), str(data.get("seq")), str(data.get("ts"))
+        extra = {str(k): str(v) for k, v in (data.get("extra") or {}).items()}
+        data = data.get("data")
+    return DeadLetter(
+        f"{partition}/{entry_id}",
+        partition,
+        entry_id,
+        fields.get("session", ""),
+        fields.get("group", ""),
+        fields.get("entry", ""),
+        _int(fields.get("deliveries")),
+        fields.get("error", ""),
+        fields.get("policy", ""),
+        kind,
+        _int(seq),
+        _int(ts),
+        data,
+        extra,
+        paused,
+        replay_of,
+    )
+
+
+async def list_dead(
+    bus: Bus, *, group: str | None = None, session: str | None = None
+) -> list[DeadLetter]:
+    """Every dead letter (of `group`, of `session`), by partition then age."""
+    partitions = [bus.keys.partition(session)] if session else list(range(bus.settings.partitions))
+    pipe = bus.redis.pipeline(transaction=False)
+    for p in partitions:
+        pipe.xrange(bus.keys.dead(p))
+    replies: list[Any] = await pipe.execute()
+    letters = []
+    for p, entries in zip(partitions, replies, strict=True):
+        for raw_id, fields in entries:
+            letter = parse(p, _text(raw_id), fields, paused=False)
+            if (group is None or letter.group == group) and (
+                session is None or letter.session == session
+            ):
+                letters.append(letter)
+    return await _with_paused(bus, letters)
+
+
+async def _with_paused(bus: Bus, letters: list[DeadLetter]) -> list[DeadLetter]:
+    if not letters:
+        return letters
+    pipe = bus.redis.pipeline(transaction=False)
+    for d in letters:
+        pipe.hget(bus.keys.paused(d.partition, d.group), d.session)
+    paused: list[Any] = await pipe.execute()
+    return [
+        msgspec.structs.replace(d, paused=p is not None and _text(p) == d.entry)
+        for d, p in zip(letters, paused, strict=True)
+    ]
+
+
+async def find(bus: Bus, ref: str) -> DeadLetter:
+    """The dead letter named `ref` (``P/ID``, or just ``ID``: every partition is searched).
+    Raises `DeadLetterError` if there is none."""
+    partition, _, entry_id = ref.rpartition("/")
+    if partition and not partition.isdigit():
+        raise DeadLetterError(
+            f"{ref!r} is not a dead letter's name (P/ID, e.g. 17/1767225600000-0)"
+        )
+    partitions = [int(partition)] if partition else list(range(bus.settings.partitions))
+    pipe = bus.redis.pipeline(transaction=False)
+    for p in partitions:
+        pipe.xrange(bus.keys.dead(p), entry_id, entry_id)
+    try:
+        replies: list[Any] = await pipe.execute()
+    except Exception as exc:
+        raise DeadLetterError(f"{ref!r} is not a dead letter's name: {exc}") from None
+    for p, entries in zip(partitions, replies, strict=True):
+        for raw_id, fields in entries:
+            [letter] = await _with_paused(bus, [parse(p, _text(raw_id), fields, paused=False)])
+            return letter
+    raise DeadLetterError(f"no dead letter {ref} (flowbus dead list shows them)")
+
+
+async def replay(bus: Bus, letter: DeadLetter) -> str:
+    """Hand `letter`'s event back to its group (see the module docstring); say what was done.
+    Raises `DeadLetterError` when its session can take no new event."""
+    if letter.paused:
+        await bus.resume(letter.session, letter.group)
+        await _remove(bus, letter)
+        return (
+            f"{letter.ref}: session {letter.session} resumed for {letter.group}: entry "
+            f"{letter.entry} (seq {letter.seq}) is retried in place"
+        )
+    exists = await bus.redis.exists(bus.keys.meta(letter.session))
+    if not exists:
+        raise DeadLetterError(
+            f"{letter.ref}: session {letter.session} no longer exists (its keys expired); "
+            "drop the dead letter instead"
+        )
+    original = {k: v for k, v in letter.extra.items() if k in ENVELOPE_FIELDS}
+    payload = Replay(
+        group=letter.group,
+        entry=letter.replay_of or letter.entry,
+        seq=letter.seq,
+        event=letter.type,
+        ts=letter.ts,
+        data=msgspec.Raw(msgspec.json.encode(letter.data)),
+        extra=original,
+        dead_letter=letter.ref,
+    )
+    trace = {"traceparent": original["traceparent"]} if "traceparent" in original else None
+    try:
+        published = await bus.publish(letter.session, payload, extra=trace)
+    except SessionEndedError:
+        raise DeadLetterError(
+            f"{letter.ref}: session {letter.session} has ended and takes no new event, so its "
+            "dead letter cannot be handled after it in order; drop it (flowbus dead drop "
+            f"{letter.ref}). With --dead-letter pause a session waits for its dead letters."
+        ) from None
+    await _remove(bus, letter)
+    return (
+        f"{letter.ref}: seq {letter.seq} {letter.type} of session {letter.session} replayed "
+        f"for {letter.group} as seq {published.seq}"
+    )
+
+
+async def drop(bus: Bus, letter: DeadLetter) -> str:
+    """Remove `letter`; a session paused on it goes on without it. Says what was done."""
+    await _remove(bus, letter)
+    if letter.paused:
+        await bus.resume(letter.session, letter.group, drop=True)
+        return (
+            f"{letter.ref}: dropped; session {letter.session} goes on for {letter.group} "
+            f"without entry {letter.entry}"
+        )
+    return f"{letter.ref}: dropped"
+
+
+async def _remove(bus: Bus, letter: DeadLetter) -> None:
+    await bus.redis.xdel(bus.keys.dead(letter.partition), letter.id)
+
+
+def render_list(letters: list[DeadLetter]) -> str:
+    from .inspection import table
+
+    if not letters:
+        return "no dead letters"
+    return table(
+        ["DEAD LETTER", "SESSION", "GROUP", "SEQ", "TYPE", "TRIES", "STATE", "ERROR"],
+        (
+            [
+                d.ref,
+                d.session,
+                d.group,
+                d.seq,
+                d.type + (" (replayed)" if d.replay_of else ""),
+                d.deliveries,
+                "paused" if d.paused else d.policy,
+                d.error if len(d.error) <= 60 else d.error[:59] + "…",
+            ]
+            for d in letters
+        ),
+    )
+
+
+def render_one(d: DeadLetter) -> str:
+    data = msgspec.json.format(msgspec.json.encode(d.data), indent=2).decode()
+    lines = [
+        f"dead letter {d.ref}",
+        f"  session     {d.session} (partition {d.partition})",
+        f"  group       {d.group}",
+        f"  event       seq {d.seq} {d.type}, entry {d.entry}"
+        + (f" (a replay of entry {d.replay_of})" if d.replay_of else ""),
+        f"  deliveries  {d.deliveries}",
+        f"  policy      {d.policy}" + (" (the session is paused on it)" if d.paused else ""),
+        f"  error       {d.error}",
+        *(f"  {k:<11} {v}" for k, v in sorted(d.extra.items())),
+        "  data",
+        *(f"    {line}" for line in data.splitlines()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,331 @@
+"""``flowbus demo``: simulated calls through a Pipecat-Flows-style flow, shown live, then checked.
+
+It starts the embedded Valkey (unless a Redis URL is given), two worker processes of the sample
+``actions`` service and one of the sample ``crm`` event handlers (`workers.sample`), waits until
+they have split the partitions, and runs `--calls` simulated bots (`workers.bots`) in this
+process while a live view shows where the calls are. When every call is over and both services
+have handled every event, it checks each call's order from its session stream and the services'
+journal (`workers.verify`), drains the workers with SIGTERM, prints the summary, and stops the
+server (unless `--keep`).
+
+Every wait has a deadline; a stall is an error that names what did not happen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from bus import Bus, ConfigError, Keys, Settings
+
+from . import demo_report as report
+from .bots import Board, run_calls
+from .fleet import Fleet, FleetError
+from .journal import Record, read_journal
+from .live import LiveView
+from .observe import dead_letter_count, server_identity
+from .server import LocalServer, ServerError
+from .verify import CallCheck, check_call, latencies_ms
+
+SettingsFactory = Callable[..., Settings]
+ROOT = Path(__file__).resolve().parent.parent
+
+#: How long the workers get to split the partitions, on top of two lease TTLs.
+SPLIT_SECONDS = 30.0
+#: How long the calls may take, at least; more calls get more time.
+CALLS_SECONDS = 60.0
+#: The simulated TTS speaks this long per character; calls start this far apart.
+SECONDS_PER_CHAR = 0.008
+STAGGER_SECONDS = 0.1
+
+SERVICES = (("actions", "workers.sample:actions", 2), ("crm", "workers.sample:crm", 1))
+
+
+class DemoError(RuntimeError):
+    """The demo could not run to its verdict (a stall, a worker that died); says what."""
+
+
+@dataclass
+class _Options:
+    calls: int
+    keep: bool
+    json: bool
+
+
+def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int:
+    """Run the demo for the parsed ``flowbus demo`` arguments; return the exit status: 0 only
+    if every call completed, in order, with no dead letter."""
+    started = time.monotonic()
+    options = _Options(args.calls, args.keep, args.json)
+    if options.calls < 1:
+        raise ConfigError("--calls must be at least 1")
+    url = args.redis_url or os.environ.get("FLOWBUS_REDIS_URL")
+    work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
+    server = None if url else LocalServer("valkey", directory=work / "server")
+    fleets: list[Fleet] = []
+    prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
+    prefix = prefix or ("flowbus" if server else f"demo-{secrets.token_hex(4)}")
+    ok, failed = False, False
+    try:
+        if server is not None:
+            (work / "server").mkdir()
+            server.start()
+            _say(f"started the embedded server: {server.binary.name} on {server.url}")
+        overrides = {"redis_url": server.url if server else url, "prefix": prefix}
+        settings = settings_factory(argparse.Namespace(**{**vars(args), **overrides}))
+        fleets = [
+            Fleet(settings, target, group, work / "logs", cwd=ROOT, log_level="warning")
+            for group, target, _ in SERVICES
+        ]
+        summary = anyio.run(_run, settings, options, fleets, server, started)
+        ok, failed = summary.ok, not summary.ok
+        _print_summary(summary, options, settings)
+    except (DemoError, FleetError, ServerError) as exc:
+        failed = True
+        print(f"flowbus demo: {exc}", file=sys.stderr)
+    finally:
+        for fleet in fleets:
+            fleet.kill_all()  # only after an error or an interrupt is anything still running
+        if server is not None and server.process is not None:
+            if options.keep:
+                _print_kept(server, options, prefix)
+            else:
+                server.stop()
+        if failed:
+            print(f"flowbus demo: worker and server logs are kept in {work}", file=sys.stderr)
+        elif not options.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+async def _run(
+    settings: Settings,
+    options: _Options,
+    fleets: list[Fleet],
+    server: LocalServer | None,
+    started: float,
+) -> report.Summary:
+    try:
+        return await _run_and_check(settings, options, fleets, server, started)
+    except BaseExceptionGroup as group:  # a task group's error: show the error itself
+        raise _leaf(group) from None
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _run_and_check(
+    settings: Settings,
+    options: _Options,
+    fleets: list[Fleet],
+    server: LocalServer | None,
+    started: float,
+) -> report.Summary:
+    async with Bus.connect(settings, attempts=5) as bus:
+        identity = await server_identity(bus.redis)
+        for fleet, (group, target, count) in zip(fleets, SERVICES, strict=True):
+            fleet.start(count, id_prefix=group)
+            _say(f"started {count} worker process{'es' * (count > 1)} of {target}")
+        within = SPLIT_SECONDS + 2 * settings.lease_ttl_seconds
+        for fleet in fleets:
+            owners = await fleet.wait_split(bus, within=within)
+            shares = ", ".join(f"{w} holds {len(ps)}" for w, ps in sorted(owners.items()))
+            _say(f"{fleet.group}: partitions split: {shares}")
+
+        # On a server of its own the calls are call-01...; elsewhere a run id keeps them apart
+        # from an earlier run's (an ended session takes no new event).
+        run = "" if server else f"{secrets.token_hex(2)}-"
+        width = max(2, len(str(options.calls)))
+        sessions = [f"call-{run}{i:0{width}d}" for i in range(1, options.calls + 1)]
+        board = Board(dict.fromkeys(sessions, "waiting"))
+        view = LiveView(bus, board)
+        _say(f"running {len(sessions)} calls through the sample flow")
+        calls_started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view.run)
+            tg.start_soon(_watch_workers, fleets)
+            limit = CALLS_SECONDS + len(sessions) * STAGGER_SECONDS
+            with anyio.move_on_after(limit) as scope:
+                await run_calls(
+                    bus,
+                    sessions,
+                    board=board,
+                    stagger=STAGGER_SECONDS,
+                    seconds_per_char=SECONDS_PER_CHAR,
+                )
+                await _wait_settled(bus, sessions)
+            tg.cancel_scope.cancel()
+        calls_seconds = time.monotonic() - calls_started
+        final = await view.final()
+        if scope.cancelled_caught:
+            raise DemoError(f"the calls were not over within {limit:.0f}s: {final.by_node}")
+
+        subscriptions = {
+            s.name: frozenset(s.subscribes)
+            for s in await bus.services(fresh=True)
+            if s.subscribes and s.name in {f.group for f in fleets} - {"actions"}
+        }
+        checks: list[CallCheck] = []
+        journals: dict[str, list[Record]] = {}
+        latencies: list[float] = []
+        for session in sessions:
+            stream = await bus.history(session)
+            journals[session] = await read_journal(bus.redis, settings.prefix, session)
+            checks.append(check_call(session, stream, journals[session], subscriptions))
+            latencies += latencies_ms(stream, journals[session])
+        dead = await dead_letter_count(bus)
+        exits: dict[str, int] = {}
+        for fleet in fleets:
+            exits |= await fleet.stop(within=settings.drain_timeout_seconds + 5)
+        _say("workers drained and stopped: " + _exit_text(exits))
+
+    in_order = sum(1 for c in checks if c.ok and c.session not in board.failures)
+    completed = sum(1 for c in checks if c.ended)
+    events = sum(c.events for c in checks)
+    handled: dict[str, int] = defaultdict(int)
+    for c in checks:
+        for service, n in c.handled.items():
+            handled[service] += n
+    keys = Keys(settings.prefix, settings.partitions)
+    cli = f"redis-cli -p {server.port}" if server else f"redis-cli -u {settings.redacted_url}"
+    where = f" --redis-url {shlex.quote(settings.redacted_url)}"
+    if settings.prefix != "flowbus":
+        where += f" --prefix {settings.prefix}"
+    return report.Summary(
+        ok=(
+            in_order == completed == len(sessions)
+            and dead == 0
+            and all(code == 0 for code in exits.values())
+        ),
+        server=report.ServerInfo(
+            identity.name,
+            identity.version,
+            settings.redacted_url,
+            embedded=server is not None,
+            kept=server is not None and options.keep,
+            pid=identity.pid if server else None,
+            directory=str(server.directory) if server else None,
+        ),
+        prefix=settings.prefix,
+        calls=len(sessions),
+        calls_completed=completed,
+        calls_in_order=in_order,
+        events=events,
+        actions_run=sum(c.actions for c in checks),
+        handled=dict(handled),
+        latency_ms=report.latency_summary(latencies),
+        dead_letters=dead,
+        workers=_shares(fleets, journals, exits),
+        problems=report.problems_of(checks, board.failures),
+        calls_seconds=round(calls_seconds, 3),
+        events_per_second=round(events / calls_seconds, 1),
+        wall_seconds=round(time.monotonic() - started, 3),
+        inspect=report.inspect_commands(cli, where, keys, sessions[0]),
+    )
+
+
+async def _watch_workers(fleets: list[Fleet]) -> None:
+    while True:
+        for fleet in fleets:
+            fleet.check_alive()
+        await anyio.sleep(0.2)
+
+
+async def _wait_settled(bus: Bus, sessions: list[str]) -> None:
+    """Until every group has read and acknowledged every event of every call."""
+    while True:
+        pipe = bus.redis.pipeline(transaction=False)
+        for session in sessions:
+            pipe.xinfo_groups(bus.keys.session(session))
+            pipe.xrevrange(bus.keys.session(session), count=1)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if all(
+            _settled(groups, last) for groups, last in zip(replies[::2], replies[1::2], strict=True)
+        ):
+            return
+        await anyio.sleep(0.05)
+
+
+def _settled(groups: Any, last: Any) -> bool:
+    if not isinstance(groups, list) or not isinstance(last, list) or not last:
+        return False
+    last_id = last[0][0]
+    return bool(groups) and all(
+        g["pending"] == 0 and g["last-delivered-id"] == last_id for g in groups
+    )
+
+
+def _shares(
+    fleets: list[Fleet], journals: dict[str, list[Record]], exits: dict[str, int]
+) -> list[report.WorkerShare]:
+    records: dict[int, int] = defaultdict(int)
+    calls: dict[int, set[str]] = defaultdict(set)
+    for session, journal in journals.items():
+        for record in journal:
+            records[record.pid] += 1
+            calls[record.pid].add(session)
+    return [
+        report.WorkerShare(
+            w.worker_id,
+            fleet.group,
+            w.pid,
+            records[w.pid],
+            len(calls[w.pid]),
+            exits.get(w.worker_id),
+        )
+        for fleet in fleets
+        for w in fleet.workers
+    ]
+
+
+def _say(text: str) -> None:
+    print(f"flowbus demo: {text}", file=sys.stderr, flush=True)
+
+
+def _exit_text(exits: dict[str, int]) -> str:
+    return ", ".join(f"{w} exited {code}" for w, code in sorted(exits.items()))
+
+
+def _print_summary(summary: report.Summary, options: _Options, settings: Settings) -> None:
+    if options.json:
+        sys.stdout.write(msgspec.json.encode(summary).decode() + "\n")
+    else:
+        print(report.render(summary))
+        if summary.server.embedded and not options.keep:
+            print("  (the embedded server stops now; run with --keep to keep it for these)")
+        elif not summary.server.embedded:
+            cli = f"redis-cli -u {summary.server.url}"
+            pattern = shlex.quote(f"{summary.prefix}:*")
+            print(f"Remove the demo's keys:\n  {cli} --scan --pattern {pattern} | xargs {cli} DEL")
+    sys.stdout.flush()
+
+
+def _print_kept(server: LocalServer, options: _Options, prefix: str) -> None:
+    assert server.process is not None
+    env = f"FLOWBUS_REDIS_URL={server.url}"
+    if prefix != "flowbus":
+        env += f" FLOWBUS_PREFIX={prefix}"
+    text = (
+        f"The embedded server keeps running (pid {server.process.pid}, files in "
+        f"{server.directory}):\n"
+        f"  connect: redis-cli -p {server.port}     (URL {server.url})\n"
+        f"  inspect: {env} flowbus inspect sessions\n"
+        f"  stop:    kill {server.process.pid}"
+    )
+    print(text, file=sys.stderr if options.json else sys.stdout, flush=True)

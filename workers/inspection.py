@@ -1,0 +1,543 @@
+"""``flowbus inspect``: read-only views of a deployment, as data (for ``--json``) and as text.
+
+- `sessions`: live and ended sessions, each with its current node, last seq and how far
+  behind each service is;
+- `session_detail`: one session's events, decoded, with each group's progress on each event,
+  its pending entries, its paused entry and dead letters;
+- `groups`: each service with its workers, owned partitions, lag, pending and paused sessions;
+- `owners`: who holds each partition's lease, per group;
+- `members`: the workers of each group and when their heartbeat lapses.
+
+Everything is read in pipelines, one round trip per kind of key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from bus import Bus, Entry
+
+from .deadletters import DeadLetter, list_dead
+from .observe import lease_owners
+
+#: How far back from a session's end its current node is looked for.
+NODE_LOOKBACK = 200
+
+
+class SessionRow(msgspec.Struct, frozen=True):
+    """One session: `status` is live, ended (retired: every group is done) or paused."""
+
+    session: str
+    partition: int
+    status: str
+    node: str
+    last_seq: int
+    started_ms: int
+    ended_ms: int
+    #: Events each group has not acknowledged yet (read or not).
+    behind: dict[str, int]
+
+
+class EventRow(msgspec.Struct, frozen=True):
+    """One entry of a stream, decoded; `progress` says per group: ``done`` (acknowledged),
+    ``pending`` (delivered, being handled or retried) or ``waiting`` (not delivered yet)."""
+
+    id: str
+    seq: int
+    ts: int
+    type: str
+    data: Any
+    extra: dict[str, str]
+    progress: dict[str, str] = {}
+
+
+class PendingRow(msgspec.Struct, frozen=True):
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+class GroupProgress(msgspec.Struct, frozen=True):
+    """A consumer group on one session stream."""
+
+    name: str
+    last_delivered_id: str
+    last_delivered_seq: int
+    entries_read: int | None
+    lag: int | None
+    pending: list[PendingRow]
+    paused_entry: str | None
+
+
+class SessionDetail(msgspec.Struct, frozen=True):
+    session: str
+    partition: int
+    stream: str
+    meta: dict[str, str]
+    events: list[EventRow]
+    groups: list[GroupProgress]
+    inbox: list[EventRow]
+    dead_letters: list[DeadLetter]
+
+
+class GroupRow(msgspec.Struct, frozen=True):
+    """A service (consumer group) across the deployment."""
+
+    name: str
+    subscribes: list[str] | None
+    workers: int
+    partitions_owned: int
+    live_sessions: int
+    lag: int
+    pending: int
+    paused: int
+    dead_letters: int
+
+
+class OwnerRow(msgspec.Struct, frozen=True):
+    group: str
+    partition: int
+    worker: str
+    epoch: int
+    ttl_ms: int
+
+
+class MemberRow(msgspec.Struct, frozen=True):
+    group: str
+    worker: str
+    expires_in_ms: int
+    partitions: int
+
+
+# -- reading ---------------------------------------------------------------------------------
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+def _decode_data(data: bytes) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")
+
+
+def _rows(raw: Iterable[Any], max_data: int) -> list[EventRow]:
+    rows = []
+    for raw_id, fields in raw:
+        entry_id = _text(raw_id)
+        try:
+            entry = Entry.parse(entry_id, fields, max_data=max_data)
+        except Exception as exc:  # shown as it is: an operator looks at exactly these
+            shown = {_text(k): _text(v) for k, v in fields.items()}
+            rows.append(EventRow(entry_id, 0, 0, "(malformed)", shown, {"error": str(exc)}))
+            continue
+        rows.append(
+            EventRow(
+                entry.id,
+                entry.seq,
+                entry.ts,
+                entry.type,
+                _decode_data(entry.data),
+                dict(entry.extra),
+            )
+        )
+    return rows
+
+
+async def _all_sessions(bus: Bus) -> list[tuple[str, int, bool]]:
+    """(session, partition, live) of every session the partition indexes know."""
+    pipe = bus.redis.pipeline(transaction=False)
+    for p in range(bus.settings.partitions):
+        pipe.smembers(bus.keys.live(p))
+        pipe.zrange(bus.keys.ended(p), 0, -1)
+    replies: list[Any] = await pipe.execute()
+    found: dict[str, tuple[str, int, bool]] = {}
+    for p in range(bus.settings.partitions):
+        for s in replies[2 * p + 1]:
+            found[_text(s)] = (_text(s), p, False)
+        for s in replies[2 * p]:
+            found[_text(s)] = (_text(s), p, True)
+    return list(found.values())
+
+
+async def _paused(bus: Bus, groups: Sequence[str]) -> dict[str, dict[str, str]]:
+    """group -> {session: paused entry id}."""
+    pipe = bus.redis.pipeline(transaction=False)
+    for g in groups:
+        for p in range(bus.settings.partitions):
+            pipe.hgetall(bus.keys.paused(p, g))
+    replies: list[Any] = await pipe.execute()
+    result: dict[str, dict[str, str]] = {g: {} for g in groups}
+    for i, g in enumerate(groups):
+        for reply in replies[i * bus.settings.partitions : (i + 1) * bus.settings.partitions]:
+            result[g].update({_text(k): _text(v) for k, v in reply.items()})
+    return result
+
+
+async def _group_names(bus: Bus) -> list[str]:
+    return [s.name for s in await bus.services(fresh=True)]
+
+
+async def sessions(bus: Bus, *, ended: bool = True, limit: int = 50) -> list[SessionRow]:
+    """The `limit` most recently started sessions (live first, then ended if `ended`)."""
+    found = [s for s in await _all_sessions(bus) if ended or s[2]]
+    pipe = bus.redis.pipeline(transaction=False)
+    for session, _, _ in found:
+        pipe.hmget(bus.keys.meta(session), "seq", "started", "ended")
+    metas: list[Any] = await pipe.execute()
+    rows = sorted(
+        zip(found, metas, strict=True), key=lambda r: (not r[0][2], -int(r[1][1] or 0), r[0][0])
+    )[:limit]
+    pipe = bus.redis.pipeline(transaction=False)
+    for (session, _, _), _meta in rows:
+        pipe.xinfo_groups(bus.keys.session(session))
+        pipe.xrevrange(bus.keys.session(session), count=NODE_LOOKBACK)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    paused = await _paused(bus, await _group_names(bus))
+    result = []
+    for i, ((session, p, live), meta) in enumerate(rows):
+        groups, recent = replies[2 * i], replies[2 * i + 1]
+        behind = {
+            _text(g["name"]): int(g.get("lag") or 0) + int(g["pending"])
+            for g in (groups if isinstance(groups, list) else [])
+        }
+        status = "live" if live else "ended"
+        if any(session in by_session for by_session in paused.values()):
+            status = "paused"
+        result.append(
+            SessionRow(
+                session,
+                p,
+                status,
+                _current_node(recent if isinstance(recent, list) else []),
+                int(meta[0] or 0),
+                int(meta[1] or 0),
+                int(meta[2] or 0),
+                behind,
+            )
+        )
+    return result
+
+
+def _current_node(recent: list[Any]) -> str:
+    for _id, fields in recent:
+        if fields.get(b"type") == b"node.entered":
+            data = _decode_data(fields.get(b"data", b"{}"))
+            return str(data.get("node", "?")) if isinstance(data, dict) else "?"
+    return "-"
+
+
+async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> SessionDetail:
+    """Everything about one session (see `SessionDetail`)."""
+    keys, p = bus.keys, bus.keys.partition(session)
+    stream = keys.session(session)
+    pipe = bus.redis.pipeline(transaction=False)
+    pipe.hgetall(keys.meta(session))
+    pipe.xrange(stream)
+    pipe.xinfo_groups(stream)
+    pipe.xrange(keys.inbox(session))
+    meta_raw, raw, groups_raw, inbox_raw = await pipe.execute(raise_on_error=False)
+    max_data = 1 << 62
+    events = _rows(raw if isinstance(raw, list) else [], max_data)
+    group_names = [_text(g["name"]) for g in groups_raw] if isinstance(groups_raw, list) else []
+    pipe = bus.redis.pipeline(transaction=False)
+    for g in group_names:
+        pipe.xpending_range(stream, g, min="-", max="+", count=100)
+        pipe.hget(keys.paused(p, g), session)
+    extra: list[Any] = await pipe.execute()
+    seq_of = {e.id: e.seq for e in events}
+    progress: list[GroupProgress] = []
+    for i, g in enumerate(groups_raw if isinstance(groups_raw, list) else []):
+        pending = [
+            PendingRow(
+                _text(x["message_id"]),
+                _text(x["consumer"]),
+                int(x["time_since_delivered"]),
+                int(x["times_delivered"]),
+            )
+            for x in extra[2 * i]
+        ]
+        last = _text(g["last-delivered-id"])
+        paused_entry = extra[2 * i + 1]
+        progress.append(
+            GroupProgress(
+                _text(g["name"]),
+                last,
+                seq_of.get(last, 0),
+                g.get("entries-read"),
+                g.get("lag"),
+                pending,
+                None if paused_entry is None else _text(paused_entry),
+            )
+        )
+    events = [_with_progress(e, progress) for e in events]
+    dead = await list_dead(bus, session=session)
+    return SessionDetail(
+        session,
+        p,
+        stream,
+        {_text(k): _text(v) for k, v in (meta_raw or {}).items()}
+        if isinstance(meta_raw, dict)
+        else {},
+        events,
+        progress,
+        _rows(inbox_raw, max_data) if inbox and isinstance(inbox_raw, list) else [],
+        dead,
+    )
+
+
+def _with_progress(event: EventRow, groups: list[GroupProgress]) -> EventRow:
+    marks = {}
+    for g in groups:
+        pending = {x.id for x in g.pending}
+        if event.id in pending:
+            marks[g.name] = "pending"
+        elif _id_key(event.id) <= _id_key(g.last_delivered_id):
+            marks[g.name] = "done"
+        else:
+            marks[g.name] = "waiting"
+    return msgspec.structs.replace(event, progress=marks)
+
+
+async def groups(bus: Bus) -> list[GroupRow]:
+    """Every registered service, with its figures over the whole deployment."""
+    services = await bus.services(fresh=True)
+    names = [s.name for s in services]
+    live = [(s, p) for s, p, is_live in await _all_sessions(bus) if is_live]
+    pipe = bus.redis.pipeline(transaction=False)
+    for session, _ in live:
+        pipe.xinfo_groups(bus.keys.session(session))
+    infos: list[Any] = await pipe.execute(raise_on_error=False)
+    lag = dict.fromkeys(names, 0)
+    pending = dict.fromkeys(names, 0)
+    for info in infos:
+        for g in info if isinstance(info, list) else []:
+            name = _text(g["name"])
+            if name in lag:
+                lag[name] += int(g.get("lag") or 0)
+                pending[name] += int(g["pending"])
+    paused = await _paused(bus, names)
+    dead = await list_dead(bus)
+    now_ms = await server_ms(bus)
+    rows = []
+    for s in services:
+        owners = await lease_owners(bus, s.name)
+        workers = await _members(bus, s.name, now_ms)
+        rows.append(
+            GroupRow(
+                s.name,
+                s.subscribes,
+                len(workers),
+                sum(len(ps) for ps in owners.values()),
+                len(live),
+                lag[s.name],
+                pending[s.name],
+                len(paused[s.name]),
+                sum(1 for d in dead if d.group == s.name),
+            )
+        )
+    return rows
+
+
+async def server_ms(bus: Bus) -> int:
+    seconds, micros = await bus.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def _members(bus: Bus, group: str, now_ms: int) -> list[tuple[str, int]]:
+    raw: Any = await bus.redis.zrange(bus.keys.members(group), 0, -1, withscores=True)
+    return [(_text(m), int(score) - now_ms) for m, score in raw if int(score) > now_ms]
+
+
+async def owners(bus: Bus, group: str | None = None) -> list[OwnerRow]:
+    """The lease of every partition of every group (or of `group`)."""
+    names = [group] if group else await _group_names(bus)
+    pipe = bus.redis.pipeline(transaction=False)
+    for g in names:
+        for p in range(bus.settings.partitions):
+            pipe.get(bus.keys.lease(p, g))
+            pipe.pttl(bus.keys.lease(p, g))
+    replies: list[Any] = await pipe.execute()
+    rows = []
+    i = 0
+    for g in names:
+        for p in range(bus.settings.partitions):
+            token, ttl = replies[i], replies[i + 1]
+            i += 2
+            if token:
+                epoch, _, worker = _text(token).partition(":")
+                rows.append(OwnerRow(g, p, worker, int(epoch), int(ttl)))
+    return rows
+
+
+async def members(bus: Bus) -> list[MemberRow]:
+    """The live workers of every group, with how many partitions each holds."""
+    now_ms = await server_ms(bus)
+    rows = []
+    for g in await _group_names(bus):
+        held = await lease_owners(bus, g)
+        for worker, expires in await _members(bus, g, now_ms):
+            rows.append(MemberRow(g, worker, expires, len(held.get(worker, []))))
+    return rows
+
+
+# -- showing ---------------------------------------------------------------------------------
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Rows aligned under `header`, two spaces apart."""
+    cells = [list(map(str, header)), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def render_sessions(rows: list[SessionRow], now_ms: int) -> str:
+    if not rows:
+        return "no sessions"
+    return table(
+        ["SESSION", "P", "STATUS", "NODE", "LAST SEQ", "STARTED", "BEHIND (per group)"],
+        (
+            [
+                r.session,
+                r.partition,
+                r.status,
+                r.node,
+                r.last_seq,
+                _ago(now_ms, r.started_ms),
+                " ".join(f"{g}={n}" for g, n in sorted(r.behind.items())) or "-",
+            ]
+            for r in rows
+        ),
+    )
+
+
+def render_session(d: SessionDetail, now_ms: int, *, width: int = 70) -> str:
+    started = int(d.meta.get("started", 0))
+    lines = [
+        f"session {d.session}  partition {d.partition}  stream {d.stream}",
+        "  " + "  ".join(f"{k}={v}" for k, v in sorted(d.meta.items()) if k != "publish_id"),
+        "",
+    ]
+    traces = sorted({e.extra["traceparent"] for e in d.events if "traceparent" in e.extra})
+    if traces:
+        lines[-1:-1] = [
+            f"  traceparent {', '.join(traces[:3])}" + (" …" if len(traces) > 3 else "")
+        ]
+    names = [g.name for g in d.groups]
+    marks = {"done": "✓", "pending": "…", "waiting": "·"}
+    lines.append(
+        table(
+            ["SEQ", "+MS", "TYPE", *names, "DATA"],
+            (
+                [
+                    e.seq,
+                    e.ts - started if started else e.ts,
+                    e.type,
+                    *(marks.get(e.progress.get(n, ""), " ") for n in names),
+                    _short(e.data, width),
+                ]
+                for e in d.events
+            ),
+        )
+        if d.events
+        else "  (no events: the session never started, or its keys expired)"
+    )
+    lines += ["", "groups (✓ acknowledged, … delivered and not acknowledged, · not delivered):"]
+    for g in d.groups:
+        state = f"at seq {g.last_delivered_seq}, lag {g.lag}, pending {len(g.pending)}"
+        if g.paused_entry:
+            state += f", PAUSED on {g.paused_entry} (flowbus dead list --session {d.session})"
+        lines.append(f"  {g.name}: {state}")
+        for x in g.pending:
+            lines.append(
+                f"    pending {x.id} (consumer {x.consumer}, delivered {x.deliveries}x, "
+                f"idle {x.idle_ms} ms)"
+            )
+    if d.inbox:
+        lines += ["", "inbox:"]
+        lines.append(
+            table(
+                ["SEQ", "TYPE", "DATA"], ([e.seq, e.type, _short(e.data, width)] for e in d.inbox)
+            )
+        )
+    if d.dead_letters:
+        lines += ["", "dead letters:"]
+        lines += [f"  {x.ref}  {x.group}  seq {x.seq} {x.type}: {x.error}" for x in d.dead_letters]
+    if now_ms and started:
+        lines += ["", f"started {_ago(now_ms, started)}"]
+    return "\n".join(lines)
+
+
+def render_groups(rows: list[GroupRow]) -> str:
+    if not rows:
+        return "no services registered"
+    return table(
+        ["SERVICE", "WORKERS", "PARTITIONS", "LIVE SESSIONS", "LAG", "PENDING", "PAUSED", "DEAD"],
+        (
+            [
+                r.name,
+                r.workers,
+                r.partitions_owned,
+                r.live_sessions,
+                r.lag,
+                r.pending,
+                r.paused,
+                r.dead_letters,
+            ]
+            for r in rows
+        ),
+    )
+
+
+def render_owners(rows: list[OwnerRow], partitions: int) -> str:
+    by_group: dict[str, list[OwnerRow]] = {}
+    for r in rows:
+        by_group.setdefault(r.group, []).append(r)
+    if not by_group:
+        return "no partition is owned (no worker running?)"
+    lines = []
+    for g, owned in by_group.items():
+        lines.append(f"{g}: {len(owned)} of {partitions} partitions owned")
+        lines.append(
+            table(
+                ["  PARTITION", "WORKER", "EPOCH", "TTL MS"],
+                ([f"  {r.partition}", r.worker, r.epoch, r.ttl_ms] for r in owned),
+            )
+        )
+    return "\n".join(lines)
+
+
+def render_members(rows: list[MemberRow]) -> str:
+    if not rows:
+        return "no live workers"
+    return table(
+        ["SERVICE", "WORKER", "PARTITIONS", "HEARTBEAT LAPSES IN"],
+        ([r.group, r.worker, r.partitions, f"{r.expires_in_ms} ms"] for r in rows),
+    )
+
+
+def _short(value: Any, width: int) -> str:
+    if isinstance(value, dict):  # the type has a column of its own
+        value = {k: v for k, v in value.items() if k != "type"}
+    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _ago(now_ms: int, then_ms: int) -> str:
+    if not then_ms or not now_ms:
+        return "-"
+    seconds = max(0, now_ms - then_ms) / 1000
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"

@@ -1,0 +1,96 @@
+"""Running one service in this process until a signal, then draining.
+
+Around the service's handler the runtime adds what every deployment wants: replays of dead
+letters (`workers.replay`), the event's W3C ``traceparent`` bound in the logs next to the
+session, type and seq the consumer binds, and, with a metrics port, Prometheus metrics
+(`workers.metrics`).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import anyio
+import structlog
+
+from bus import Bus, Consumer, Delivery, Service, Settings
+
+from .metrics import Metrics
+from .replay import accept_replays
+
+log = structlog.get_logger("flowbus.worker")
+
+
+def instrument(service: Service, metrics: Metrics | None = None) -> Service:
+    """`service` with its handling logged (``event_handled`` at debug level, with the trace
+    context bound) and measured into `metrics`."""
+    handle = service.handle
+
+    async def handle_instrumented(delivery: Delivery) -> None:
+        started, clock = time.time(), time.perf_counter()
+        trace = {"traceparent": delivery.traceparent} if delivery.traceparent else {}
+        with structlog.contextvars.bound_contextvars(**trace):
+            try:
+                await handle(delivery)
+            except Exception:
+                _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
+                raise
+            _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
+
+    return Service(service.name, handle_instrumented, service.codec, service.subscribes)
+
+
+def _handled(
+    delivery: Delivery, metrics: Metrics | None, started: float, seconds: float, outcome: str
+) -> None:
+    if metrics is not None:
+        metrics.observe(delivery, started, seconds, outcome)
+    log.debug("event_handled", outcome=outcome, seconds=round(seconds, 6))
+
+
+async def serve(
+    settings: Settings,
+    service: Service,
+    *,
+    worker_id: str | None = None,
+    connect_attempts: int = 8,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
+) -> None:
+    """Connect (retrying with backoff), run `service` until SIGTERM or SIGINT, then drain.
+
+    A second signal stops at once; entries in flight stay pending for the next owner. With
+    `metrics_port`, metrics are served on it from the start. Raises `ConnectionFailedError`
+    when the server cannot be reached, `OSError` when the metrics port cannot be bound.
+    """
+    metrics = Metrics(service.name) if metrics_port is not None else None
+    http = (
+        metrics.serve(metrics_port, metrics_host) if metrics and metrics_port is not None else None
+    )
+    try:
+        async with Bus.connect(settings, attempts=connect_attempts) as bus:
+            consumer = Consumer(
+                bus, accept_replays(instrument(service, metrics)), worker_id=worker_id
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_on_signals, consumer, tg.cancel_scope)
+                if metrics is not None:
+                    tg.start_soon(metrics.follow, consumer, bus)
+                    log.info("metrics_served", port=metrics_port, host=metrics_host)
+                await consumer.run()
+                tg.cancel_scope.cancel()
+    finally:
+        if http is not None:
+            http.shutdown()
+
+
+async def _on_signals(consumer: Consumer, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if consumer.stopping:
+                log.warning("worker_stopped_hard", signal=signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("worker_draining", signal=signal.Signals(signum).name)
+            consumer.stop()

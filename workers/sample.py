@@ -1,0 +1,76 @@
+"""The sample app the demo runs: an airline's ``actions`` service and its ``crm`` handlers.
+
+Two services, each run by ``flowbus worker`` in as many processes as you like::
+
+    flowbus worker workers.sample:actions     # the flow's custom and function actions
+    flowbus worker workers.sample:crm         # event handlers, Pipecat style
+
+The bots (`workers.bots`) drive calls through the flow in `workers.bots.sample_flow`: its nodes
+name the actions below (``load_customer`` before the LLM, ``log_turn`` after it, the function
+``lookup_order``), and the bots emit the events the handlers below subscribe to.
+Everything each one does is also written to the demo's journal (`workers.journal`), from which
+the demo checks the order of every call; an app of your own leaves those lines out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from flows import ActionService, EmitterRef, EventService, WorkerFlowManager
+from workers.journal import Journal  # the demo's bookkeeping
+
+log = structlog.get_logger("sample")
+journal = Journal()
+
+actions = ActionService()  # the consumer group "actions", which the bots' FlowManager expects
+crm = EventService("crm")
+
+CUSTOMERS = {"+15550100": {"name": "Ada", "tier": "gold"}}
+ORDERS = {"A1234": {"status": "shipped", "eta": "tomorrow"}}
+
+
+# -- actions: they run in the worker, at their place in the node's list -------------------------
+@actions.action("load_customer")
+async def load_customer(action: dict[str, Any], flow_manager: WorkerFlowManager) -> None:
+    """A pre-action: the customer is in the flow state before the LLM runs."""
+    async with journal.action(flow_manager, action):
+        caller = flow_manager.state.get("caller", "")
+        flow_manager.state["customer"] = CUSTOMERS.get(caller, {"name": "there", "tier": "new"})
+
+
+@actions.action("log_turn")
+async def log_turn(action: dict[str, Any], flow_manager: WorkerFlowManager) -> None:
+    """A post-action: runs once the node's reply was complete and spoken."""
+    async with journal.action(flow_manager, action):
+        turns = flow_manager.state.get("turns", 0) + 1
+        flow_manager.state["turns"] = turns
+        log.info("turn_logged", node=flow_manager.current_node, turns=turns)
+
+
+@actions.function("lookup_order")
+async def lookup_order(action: dict[str, Any], flow_manager: WorkerFlowManager) -> None:
+    """The handler of ``{"type": "function", "handler": "lookup_order"}``."""
+    async with journal.action(flow_manager, action):
+        order = flow_manager.state.get("order_id", "")
+        flow_manager.state["order"] = ORDERS.get(order, {"status": "unknown"})
+
+
+# -- event handlers: the first argument stands for the emitter, as in Pipecat -------------------
+@crm.event_handler("on_client_connected")
+async def client_connected(transport: EmitterRef, client: dict[str, Any]) -> None:
+    await journal.event(transport, "on_client_connected", crm.name)
+    log.info("caller_connected", caller=client.get("id"))
+
+
+@crm.event_handler("on_user_turn_stopped")
+async def user_turn_stopped(aggregator: EmitterRef, strategy: str, message: dict[str, Any]) -> None:
+    await journal.event(aggregator, "on_user_turn_stopped", crm.name)
+    log.info("caller_said", text=message.get("content"))
+
+
+@crm.event_handler("on_before_leave")  # sync: the bot waits until this has run
+async def before_leave(transport: EmitterRef) -> None:
+    await journal.event(transport, "on_before_leave", crm.name)
+    log.info("call_summary_saved")

