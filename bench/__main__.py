@@ -1,0 +1,140 @@
+"""``python -m bench``: run the benchmarks on a private server, print a table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+from redis.asyncio import Redis
+
+from workers import logs
+from workers.fleet import FleetError
+from workers.server import LocalServer
+
+from . import baseline, latency, takeover, throughput
+from .machine import describe
+from .report import Results, judge, render
+from .workload import BenchError
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+SECTIONS = ("baseline", "throughput", "latency", "takeover")
+log = structlog.get_logger("flowbus.bench")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="flowbus benchmarks: baseline, throughput, latency, takeover after kill -9.",
+    )
+    p.add_argument(
+        "--server",
+        choices=["redis", "valkey"],
+        default="redis",
+        help="redis-server from the PATH (default) or the embedded Valkey",
+    )
+    p.add_argument(
+        "--only", choices=SECTIONS, action="append", help="run only this benchmark (repeatable)"
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs of the baseline, of flowbus throughput and of the takeover (default 3)",
+    )
+    p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[250.0, 500.0],
+        metavar="RATE",
+        help="also measure latency for 5 s at these rates (events/s), for context",
+    )
+    p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    return p
+
+
+async def run_all(url: str, args: argparse.Namespace, started: float) -> Results:
+    only = set(args.only or SECTIONS)
+    redis = Redis.from_url(url)
+    try:
+        machine = await describe(redis)
+        results = Results(
+            started=datetime.now(UTC).isoformat(timespec="seconds"),
+            seconds=0.0,
+            machine=machine,
+            load_at_end=0.0,
+        )
+        if "baseline" in only:
+            results.baseline = []
+            for _ in range(args.runs):
+                results.baseline.append(await baseline.run(url))
+                log.info(
+                    "baseline_measured", events_per_second=results.baseline[-1].events_per_second
+                )
+                await redis.flushall()
+        if "throughput" in only:
+            results.throughput = []
+            for _ in range(args.runs):
+                results.throughput.append(await throughput.run(url))
+                log.info(
+                    "throughput_measured",
+                    events_per_second=results.throughput[-1].events_per_second,
+                )
+                await redis.flushall()
+        if "latency" in only:
+            results.latency = await latency.run(url, seconds=args.latency_seconds)
+            log.info("latency_measured", p99_ms=results.latency.p99_ms)
+            await redis.flushall()
+            results.latency_sweep = []
+            for rate in args.sweep:
+                results.latency_sweep.append(await latency.run(url, rate=rate, seconds=5))
+                log.info("latency_measured", rate=rate, p99_ms=results.latency_sweep[-1].p99_ms)
+                await redis.flushall()
+        if "takeover" in only:
+            results.takeover = await takeover.run(url, repeats=args.runs)
+            await redis.flushall()
+    finally:
+        await redis.aclose()
+    results.seconds = round(time.monotonic() - started, 1)
+    results.load_at_end = round(os.getloadavg()[0], 2)
+    judge(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.configure("info", "auto")
+    started = time.monotonic()
+    try:
+        with LocalServer(args.server) as server:
+            log.info("server_started", binary=str(server.binary), url=server.url)
+            results = anyio.run(run_all, server.url, args, started)
+    except (BenchError, FleetError, BaseExceptionGroup) as exc:
+        error = _leaf(exc)
+        if not isinstance(error, BenchError | FleetError):
+            raise
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    print(render(results))
+    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
+    print(f"\nresults written to {args.output}")
+    return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first error inside task groups' exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

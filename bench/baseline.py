@@ -1,0 +1,132 @@
+"""Benchmark 1, the baseline: how fast plain redis-py consumes the same events.
+
+1,000 session streams (the bus's key names) of 20 events each are filled with plain XADDs and
+given one consumer group; then 2 processes (as many as flowbus gets workers) each consume half
+of the streams with `bench.plain_consumer`, and the time from "go" until both are done is
+measured. This consumer promises nothing about order or crashes: it is the ceiling.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from bus import Bus
+from workers.observe import server_identity
+
+from . import plain_consumer
+from .cpu import CpuMeter
+from .noop import Noop
+from .workload import BenchError, backlog, fill_plain, fresh_settings, session_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BaselineResult(msgspec.Struct, frozen=True):
+    """Events per second of the plain consumer, and how it was measured."""
+
+    processes: int
+    sessions: int
+    events: int
+    seconds: float
+    events_per_second: float
+    #: CPU time per event (µs) of the server and of the consumer processes, while timed.
+    server_cpu_us: float
+    client_cpu_us: float
+    #: CPU cores other processes of the machine kept busy meanwhile.
+    other_cores_busy: float
+    note: str = (
+        "plain redis-py asyncio loop: XREADGROUP over 100 streams per call (>, COUNT 100), "
+        "msgspec decode + no-op async handler per entry, pipelined XACK per stream; "
+        "same number of processes as flowbus workers, each consuming half of the streams"
+    )
+
+
+async def run(
+    url: str, *, sessions: int = 1000, events: int = 20, processes: int = 2
+) -> BaselineResult:
+    """Fill, then time the plain consumer processes; raises `BenchError` if an event is left."""
+    settings = fresh_settings(url, "plain")
+    names = session_ids(sessions)
+    async with Bus.connect(settings) as bus:
+        server = await server_identity(bus.redis)
+        await fill_plain(
+            bus.redis, bus.keys, names, events, Noop(sent_ns=time.time_ns()), plain_consumer.GROUP
+        )
+        procs = [
+            await anyio.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.plain_consumer",
+                    url,
+                    settings.prefix,
+                    str(sessions),
+                    str(i),
+                    str(processes),
+                ],
+                cwd=ROOT,
+            )
+            for i in range(processes)
+        ]
+        try:
+            outputs = [BufferedByteReceiveStream(p.stdout) for p in procs if p.stdout]
+            with anyio.fail_after(30):
+                for out in outputs:
+                    await _expect(out, b"ready")
+            meter = CpuMeter(
+                {"server": server.pid, **{f"c{i}": p.pid for i, p in enumerate(procs)}}
+            )
+            meter.start()
+            started = time.perf_counter()
+            for p in procs:
+                assert p.stdin is not None
+                await p.stdin.send(b"go\n")
+            with anyio.fail_after(120):
+                results = [
+                    msgspec.json.decode(await out.receive_until(b"\n", 1 << 16)) for out in outputs
+                ]
+            seconds = time.perf_counter() - started
+            meter.stop()
+        except TimeoutError:
+            raise BenchError(
+                "the baseline consumers did not finish within their deadline"
+            ) from None
+        finally:
+            await _close(procs)
+        handled = sum(r["events"] for r in results)
+        left = await backlog(bus.redis, [bus.keys.session(s) for s in names], plain_consumer.GROUP)
+        if handled != sessions * events or left.pending or left.lag:
+            raise BenchError(f"baseline handled {handled} of {sessions * events} events ({left})")
+    clients = [n for n in meter.used if n != "server"]
+    return BaselineResult(
+        processes,
+        sessions,
+        handled,
+        round(seconds, 4),
+        round(handled / seconds),
+        meter.per_event_us(handled, ["server"]),
+        meter.per_event_us(handled, clients),
+        round(meter.other / seconds, 2),
+    )
+
+
+async def _expect(out: BufferedByteReceiveStream, line: bytes) -> None:
+    got = await out.receive_until(b"\n", 1 << 16)
+    if got != line:
+        raise BenchError(f"a baseline consumer said {got!r}, not {line!r}")
+
+
+async def _close(procs: list[Process]) -> None:
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+        with anyio.move_on_after(5, shield=True):
+            await p.wait()
+        await p.aclose()

@@ -1,0 +1,138 @@
+"""Benchmark 3, publish-to-handler latency at a steady rate.
+
+2 worker processes of the probe service (`workers.probe`) run; publishers paced at 1,000
+events/s in total spread over 1,000 sessions (round-robin, each session in order) publish for
+~10 s. Each event carries ``time.time_ns()`` taken right before its publish; the handler
+records the difference with its own start. Percentiles are over the first delivery of every
+event.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+
+from bus import Bus
+from workers.fleet import Fleet
+from workers.observe import server_identity
+from workers.probe import GROUP, ProbeTick, handled_key, percentiles, read_handlings
+
+from .cpu import CpuMeter
+from .workload import BenchError, fresh_settings, session_ids, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+log = structlog.get_logger("flowbus.bench")
+
+#: Publisher tasks; each owns every PUBLISHERS-th session and a share of the rate.
+PUBLISHERS = 4
+
+
+class LatencyResult(msgspec.Struct, frozen=True):
+    """Latency percentiles (ms) at a paced publish rate."""
+
+    workers: int
+    sessions: int
+    events: int
+    target_rate: float
+    achieved_rate: float
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    #: CPU cores kept busy by the server, the workers and the publisher while publishing (out
+    #: of `nproc`): near the machine's count, queueing dominates the latency.
+    cores_busy: float
+    #: CPU cores other processes of the machine kept busy meanwhile.
+    other_cores_busy: float
+    #: CPU time of the workers per event (µs): at a low rate few steps share a round trip.
+    worker_cpu_us: float
+
+
+async def paced_publish(
+    bus: Bus, sessions: list[str], rate: float, seconds: float, *, publishers: int = PUBLISHERS
+) -> int:
+    """Publish ProbeTicks round-robin over `sessions` at `rate` events/s for `seconds`; the
+    last round is final. Each publisher task owns a slice of the sessions, so every session's
+    events are published in order. Returns the events published."""
+    rounds = max(1, round(rate * seconds / len(sessions)))
+    started = anyio.current_time()
+
+    async def publisher(mine: list[str], offset: int) -> None:
+        for r in range(rounds):
+            for i, session in enumerate(mine):
+                due = started + (r * len(sessions) + i * publishers + offset) / rate
+                delay = due - anyio.current_time()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                tick = ProbeTick(sent_ns=time.time_ns())
+                await bus.publish(session, tick, final=r == rounds - 1)
+
+    async with anyio.create_task_group() as tg:
+        for k in range(publishers):
+            tg.start_soon(publisher, sessions[k::publishers], k)
+    return rounds * len(sessions)
+
+
+async def run(
+    url: str,
+    *,
+    sessions: int = 1000,
+    rate: float = 1000.0,
+    seconds: float = 10.0,
+    workers: int = 2,
+) -> LatencyResult:
+    """Run the paced load against fresh workers; `BenchError` if an event is not handled."""
+    settings = fresh_settings(url, "latency")
+    names = session_ids(sessions)
+    async with Bus.connect(settings) as bus:
+        with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
+            fleet = Fleet(settings, "workers.probe:service", GROUP, Path(logs), cwd=ROOT)
+            try:
+                fleet.start(workers, id_prefix="probe")
+                await fleet.wait_split(bus, within=30)
+                server = await server_identity(bus.redis)
+                workers_cpu = {w.worker_id: w.pid for w in fleet.workers}
+                meter = CpuMeter({"server": server.pid, "publisher": os.getpid(), **workers_cpu})
+                meter.start()
+                started = time.perf_counter()
+                published = await paced_publish(bus, names, rate, seconds)
+                elapsed = time.perf_counter() - started
+                meter.stop()
+                log.info("paced_load_published", events=published, seconds=round(elapsed, 2))
+
+                async def all_handled() -> bool:
+                    fleet.check_alive()
+                    count = await bus.redis.llen(handled_key(settings.prefix))
+                    return int(count) >= published
+
+                await wait_until(all_handled, within=60, what=f"{published} events handled")
+                await fleet.stop(within=30)
+            finally:
+                fleet.kill_all()
+        handlings = await read_handlings(bus.redis, settings.prefix)
+    first = [h.latency_us / 1000 for h in handlings if h.deliveries == 1]
+    if len({(h.session, h.seq) for h in handlings}) != published:
+        raise BenchError(f"{len(handlings)} handlings recorded for {published} events")
+    p = percentiles(first, (50, 90, 99, 100))
+    return LatencyResult(
+        workers,
+        sessions,
+        published,
+        rate,
+        round(published / elapsed, 1),
+        round(elapsed, 2),
+        round(p["p50"], 3),
+        round(p["p90"], 3),
+        round(p["p99"], 3),
+        round(p["max"], 3),
+        round(sum(meter.used.values()) / elapsed, 2),
+        round(meter.other / elapsed, 2),
+        meter.per_event_us(published, workers_cpu),
+    )

@@ -1,0 +1,189 @@
+"""The benchmark's table for a person, and its results as JSON."""
+
+from __future__ import annotations
+
+import msgspec
+
+from .baseline import BaselineResult
+from .latency import LatencyResult
+from .machine import Machine
+from .takeover import TakeoverResult
+from .throughput import ThroughputResult
+
+#: flowbus throughput as a share of the baseline's, at least.
+TARGET_RATIO = 0.5
+#: Publish-to-handler p99 (ms), at most.
+TARGET_P99_MS = 5.0
+#: Takeover gap, in lease TTLs, under.
+TARGET_GAP_TTLS = 2.0
+
+
+class Verdict(msgspec.Struct, frozen=True):
+    """One target: the value measured, the target and whether it was met."""
+
+    measured: float
+    target: str
+    met: bool
+
+
+class Results(msgspec.Struct, kw_only=True):
+    """Everything one ``python -m bench`` run measured (written to ``bench/results.json``)."""
+
+    started: str
+    seconds: float
+    machine: Machine
+    load_at_end: float
+    baseline: list[BaselineResult] | None = None
+    throughput: list[ThroughputResult] | None = None
+    latency: LatencyResult | None = None
+    latency_sweep: list[LatencyResult] | None = None
+    takeover: TakeoverResult | None = None
+    verdicts: dict[str, Verdict] = msgspec.field(default_factory=dict)
+
+
+def best_baseline(r: Results) -> BaselineResult | None:
+    return max(r.baseline, key=lambda b: b.events_per_second) if r.baseline else None
+
+
+def best_throughput(r: Results) -> ThroughputResult | None:
+    return max(r.throughput, key=lambda t: t.events_per_second) if r.throughput else None
+
+
+def judge(r: Results) -> None:
+    """Fill in `r.verdicts` from what was measured."""
+    base, flow = best_baseline(r), best_throughput(r)
+    if base and flow:
+        ratio = flow.events_per_second / base.events_per_second
+        r.verdicts["throughput_ratio"] = Verdict(
+            round(ratio, 4), f">= {TARGET_RATIO:.0%} of baseline", ratio >= TARGET_RATIO
+        )
+    if r.latency:
+        p99 = r.latency.p99_ms
+        r.verdicts["latency_p99_ms"] = Verdict(p99, f"< {TARGET_P99_MS:g} ms", p99 < TARGET_P99_MS)
+    if r.takeover:
+        limit = TARGET_GAP_TTLS * r.takeover.lease_ttl_s
+        gap = r.takeover.max_gap_s
+        r.verdicts["takeover_max_gap_s"] = Verdict(
+            gap, f"< {limit:g} s (2 lease TTLs)", gap < limit
+        )
+
+
+def render(r: Results) -> str:
+    """The results as a table with the machine on top."""
+    m = r.machine
+    lines = [
+        f"flowbus benchmark  {r.started}  ({r.seconds:.0f} s)",
+        f"machine: {m.nproc} CPUs ({m.cpu_model}), Python {m.python}, "
+        f"{m.server} {m.server_version} (private server started by the benchmark), "
+        f"load average {m.load_at_start} at start, {r.load_at_end} at end",
+        "",
+        f"{'benchmark':<54} {'result':<52} {'target':<22} verdict",
+        "-" * 140,
+    ]
+    base, flow = best_baseline(r), best_throughput(r)
+    if base and r.baseline:
+        runs = ", ".join(f"{b.events_per_second:,.0f}" for b in r.baseline)
+        lines.append(
+            _row(
+                f"1 baseline: plain redis-py, {base.processes} processes",
+                f"{base.events_per_second:,.0f} events/s (runs: {runs}; best shown)",
+                "",
+                "",
+            )
+        )
+    if flow and r.throughput:
+        runs = ", ".join(f"{t.events_per_second:,.0f}" for t in r.throughput)
+        v = r.verdicts.get("throughput_ratio")
+        share = f" = {v.measured:.1%} of baseline" if v else ""
+        lines.append(
+            _row(
+                f"2 flowbus: {flow.workers} workers, {flow.sessions:,} x "
+                f"{flow.events // flow.sessions} events",
+                f"{flow.events_per_second:,.0f} events/s{share}",
+                v.target if v else "",
+                _met(v, "throughput_ratio"),
+            )
+        )
+        lines.append(
+            _row(
+                "",
+                f"(runs: {runs}; best shown; with start-up: "
+                f"{flow.events_per_second_from_spawn:,.0f}/s; other processes kept "
+                f"{flow.other_cores_busy:.2f} cores busy)",
+                "",
+                "",
+            )
+        )
+    if r.latency:
+        lt, v = r.latency, r.verdicts["latency_p99_ms"]
+        lines.append(
+            _row(
+                f"3 latency: {lt.achieved_rate:,.0f} events/s over {lt.sessions:,} sessions, "
+                f"{lt.seconds:.0f} s",
+                f"p50 {lt.p50_ms:.2f}  p90 {lt.p90_ms:.2f}  p99 {lt.p99_ms:.2f}  "
+                f"max {lt.max_ms:.1f} ms",
+                v.target,
+                _met(v, "latency_p99_ms"),
+            )
+        )
+    if r.latency:
+        lines.extend(
+            _row(
+                "",
+                f"at {lt.achieved_rate:,.0f}/s: p50 {lt.p50_ms:.2f}  p99 {lt.p99_ms:.2f} ms; "
+                f"cores busy: {lt.cores_busy:.2f} ours + {lt.other_cores_busy:.2f} others "
+                f"of {m.nproc}",
+                "",
+                "",
+            )
+            for lt in [r.latency, *(r.latency_sweep or [])]
+        )
+    if r.takeover:
+        to, v = r.takeover, r.verdicts["takeover_max_gap_s"]
+        gaps = ", ".join(f"{run.max_gap_s:.2f}" for run in to.runs)
+        clean = all(run.lost_or_out_of_order == 0 for run in to.runs)
+        lines.append(
+            _row(
+                f"4 takeover: kill -9 of 1 of {to.workers} workers, lease TTL {to.lease_ttl_s:g} s",
+                f"max gap {to.max_gap_s:.2f} s (runs: {gaps})",
+                v.target,
+                _met(v, "takeover_max_gap_s"),
+            )
+        )
+        dups = sum(run.duplicates for run in to.runs)
+        lines.append(
+            _row(
+                "",
+                f"order kept, nothing lost: {'yes' if clean else 'NO'}; duplicates {dups}",
+                "",
+                "",
+            )
+        )
+    if base and flow:
+        lines += [
+            "",
+            "CPU per event (µs): "
+            f"baseline server {base.server_cpu_us:g} + consumers {base.client_cpu_us:g}; "
+            f"flowbus server {flow.server_cpu_us:g} + workers {flow.client_cpu_us:g}",
+        ]
+    lines.append(
+        "The baseline gets as many processes as flowbus has workers (2), each consuming half of "
+        "the streams; it keeps no per-session order."
+    )
+    return "\n".join(lines)
+
+
+def _row(name: str, result: str, target: str, verdict: str) -> str:
+    return f"{name:<54} {result:<52} {target:<22} {verdict}".rstrip()
+
+
+def _met(v: Verdict | None, name: str) -> str:
+    if v is None:
+        return ""
+    if v.met:
+        return "met"
+    if name == "throughput_ratio":
+        return f"MISSED ({TARGET_RATIO / max(v.measured, 1e-9):.0f}x short)"
+    if name == "latency_p99_ms":
+        return f"MISSED ({v.measured / TARGET_P99_MS:.1f}x over)"
+    return "MISSED"

@@ -1,0 +1,100 @@
+"""What the benchmarks share: session names, settings with a fresh prefix, filling the
+streams, reading a group's state, and bounded waits."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+from redis.asyncio import Redis
+
+from bus import Bus, Keys, Payload, Settings, encode, type_name
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not produce its figure (a wait timed out, a check failed)."""
+
+
+def session_ids(count: int) -> list[str]:
+    """``s0000``, ``s0001``, …: session ids of a benchmark."""
+    return [f"s{i:04d}" for i in range(count)]
+
+
+def fresh_settings(url: str, name: str, **overrides: object) -> Settings:
+    """Settings with a key prefix of their own (``bench-<name>-<hex>``), so runs never meet."""
+    return Settings.from_env(
+        {}, url=url, prefix=f"bench-{name}-{secrets.token_hex(3)}", **overrides
+    )
+
+
+async def fill_plain(
+    redis: Redis, keys: Keys, sessions: Sequence[str], events: int, payload: Payload, group: str
+) -> None:
+    """Append `events` entries to each session's stream with plain XADDs (the bus's field
+    layout, no script) and create `group` on each stream; pipelined."""
+    name, data = type_name(type(payload)), encode(payload)
+    pipe = redis.pipeline(transaction=False)
+    for i, session in enumerate(sessions):
+        stream = keys.session(session)
+        for seq in range(1, events + 1):
+            fields = {"type": name, "seq": seq, "ts": int(time.time() * 1000), "data": data}
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]  # redis-py's field typing is narrower than what it accepts
+        pipe.xgroup_create(stream, group, id="0")
+        if i % 50 == 49:
+            await pipe.execute()
+    await pipe.execute()
+
+
+async def publish_all(
+    bus: Bus, sessions: Sequence[str], events: int, make: Callable[[], Payload]
+) -> None:
+    """`Bus.publish` `events` payloads to each session: sessions concurrently, each in order,
+    the last one final."""
+
+    async def one(session: str) -> None:
+        for seq in range(1, events + 1):
+            await bus.publish(session, make(), final=seq == events)
+
+    async with anyio.create_task_group() as tg:
+        for session in sessions:
+            tg.start_soon(one, session)
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The state of one consumer group over many streams."""
+
+    read: int  # entries delivered to the group
+    pending: int  # delivered, not acknowledged
+    lag: int  # not delivered yet
+
+    @property
+    def acked(self) -> int:
+        return self.read - self.pending
+
+
+async def backlog(redis: Redis, streams: Sequence[str], group: str) -> Backlog:
+    """Sum ``XINFO GROUPS`` of `group` over `streams` (one pipeline)."""
+    pipe = redis.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+    read = pending = lag = 0
+    for groups in await pipe.execute():
+        for g in groups:
+            if g["name"].decode() == group:
+                read += int(g["entries-read"] or 0)
+                pending += int(g["pending"])
+                lag += int(g["lag"] or 0)
+    return Backlog(read, pending, lag)
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
+    """Poll `condition` every 10 ms; `BenchError` naming `what` after `within` seconds."""
+    with anyio.move_on_after(within):
+        while not await condition():  # noqa: ASYNC110  # the condition lives in Redis: polled
+            await anyio.sleep(0.01)
+        return
+    raise BenchError(f"timed out after {within:g}s waiting for {what}")
