@@ -79,6 +79,7 @@ class FlowManager:
         #: Post-action failures the actions service reported: (node, action type, error).
         self.action_errors: list[tuple[str, str, str]] = []
         self.ended = anyio.Event()
+        self._ending = False
         self._tg = tg
         self._node: NodeConfig | None = None
         self._gen = 0
@@ -194,11 +195,13 @@ class FlowManager:
 
     async def end(self, reason: str = "ended") -> None:
         """End the session: publish ``session.ended``, the stream's last event."""
-        if not self.ended.is_set():
-            self.ended.set()
-            await self.state.flush(self._write_state)
-            await self.bot.publish(SessionEnded(reason=reason), final=True)
-            log.info("session_ended", session=self.session_id, reason=reason)
+        if self._ending:
+            return
+        self._ending = True
+        await self.state.flush(self._write_state)
+        await self.bot.publish(SessionEnded(reason=reason), final=True)
+        log.info("session_ended", session=self.session_id, reason=reason)
+        self.ended.set()  # last: whoever waits for it may close the session at once
 
     # -- internals --------------------------------------------------------------------------
     def _require_node(self) -> NodeConfig:

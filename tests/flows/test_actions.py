@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 
 from bus import Bus, Settings
@@ -274,3 +275,19 @@ async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_nod
     assert ran == ["tag t1", "jump from None"]  # current_node is the old one during pre-actions
     assert before(events, "action.finished:X", "tts.started:Now in second")
     assert before(events, "tts.finished:Now in second", "action.started:after-say")
+
+
+async def test_ended_is_set_only_once_session_ended_is_in_the_stream(bus: Bus) -> None:
+    async with call(bus, "call-e") as fm:
+        publish = fm.bot.publish
+
+        async def slow_publish(*args: Any, **kwargs: Any) -> Any:
+            await anyio.sleep(0.05)  # a slow server: the bot must not close the call meanwhile
+            return await publish(*args, **kwargs)
+
+        fm.bot.publish = slow_publish  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fm.end)
+            await fm.ended.wait()
+            tg.cancel_scope.cancel()  # as a bot does: close the call the moment it ended
+    assert [e.type for e in await bus.history("call-e")][-1:] == ["session.ended"]
