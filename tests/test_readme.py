@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-from bus import Settings
+import anyio
+import pytest
+
+from bus import Bus, Settings
+from tests.flows.test_events import ready
 from tests.support import ROOT, WorkerProcesses, settings_env
+
+pytestmark = pytest.mark.anyio
 
 FILE_BLOCK = re.compile(r"<!-- file: (?P<name>\S+) -->\n```python\n(?P<code>.*?)```", re.S)
 
@@ -18,31 +23,46 @@ def readme_files() -> dict[str, str]:
     return {m["name"]: m["code"] for m in FILE_BLOCK.finditer((ROOT / "README.md").read_text())}
 
 
-def test_the_readme_example_greets_the_caller(
+async def run_example(
+    tmp_path: Path,
+    settings: Settings,
+    workers: WorkerProcesses,
+    service: str,
+    group: str,
+    bot: str,
+) -> str:
+    """Write the README's files, start a worker of `service` (MODULE:ATTR, consumer group
+    `group`), wait until it holds every partition, run the `bot` file; return its output."""
+    for name, code in readme_files().items():
+        (tmp_path / name).write_text(code)
+    workers.start(service, settings, {"PYTHONPATH": str(tmp_path)})
+    env = {**os.environ, **settings_env(settings)}
+    async with Bus.connect(settings) as bus:
+        await ready(bus, group)
+    with anyio.fail_after(60):
+        done = await anyio.run_process([sys.executable, bot], cwd=tmp_path, env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return str(done.stdout.decode())
+
+
+async def test_the_readme_example_greets_the_caller(
     tmp_path: Path, settings: Settings, workers: WorkerProcesses
 ) -> None:
-    files = readme_files()
-    assert set(files) == {"greeter.py", "bot.py"}
-    for name, code in files.items():
-        (tmp_path / name).write_text(code)
-    env = {**os.environ, **settings_env(settings)}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "workers", "worker", "greeter:service"],
-        cwd=tmp_path,
-        env=env,
-        stderr=subprocess.DEVNULL,
+    assert set(readme_files()) == {"greeter.py", "bot.py", "support_actions.py", "call.py"}
+    printed = await run_example(tmp_path, settings, workers, "greeter:service", "greeter", "bot.py")
+    assert printed == "Hello Ada (event 1 of call-42)\n"
+
+
+async def test_the_readme_flow_runs_its_actions_where_pipecat_flows_puts_them(
+    tmp_path: Path, settings: Settings, workers: WorkerProcesses
+) -> None:
+    printed = await run_example(
+        tmp_path, settings, workers, "support_actions:actions", "actions", "call.py"
     )
-    workers.procs.append(worker)
-    bot = subprocess.run(
-        [sys.executable, "bot.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert bot.returncode == 0, bot.stderr.decode()
-    assert bot.stdout.decode() == "Hello Ada (event 1 of call-42)\n"
+    stream = printed.splitlines()[-1]  # after the bot's own log lines
+    expected = "session.started > node.entered > tts.spoken > llm.completed > tts.finished"
+    assert stream == expected + " > session.ended"
+    assert f"# {stream}" in (ROOT / "README.md").read_text()
 
 
 def test_the_readme_names_the_session_key_of_its_example() -> None:
