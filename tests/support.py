@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from bus import Bus, Settings
+from workers.observe import lease_owners as lease_owners  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,18 +112,6 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {limit}s waiting for {what}")
         await anyio.sleep(0.02)
-
-
-async def lease_owners(bus: Bus, group: str) -> dict[str, list[int]]:
-    """worker -> partitions whose lease it holds, read from the lease keys."""
-    pipe = raw(bus).pipeline(transaction=False)
-    for p in range(bus.settings.partitions):
-        pipe.get(bus.keys.lease(p, group))
-    owners: dict[str, list[int]] = {}
-    for p, token in enumerate(await pipe.execute()):
-        if token:
-            owners.setdefault(token.decode().split(":", 1)[1], []).append(p)
-    return owners
 
 
 @dataclass(frozen=True)
