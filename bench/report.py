@@ -107,9 +107,9 @@ def render(r: Results) -> str:
         lines.append(
             _row(
                 "",
-                f"(runs: {runs}; best shown; with start-up: "
-                f"{flow.events_per_second_from_spawn:,.0f}/s; other processes kept "
-                f"{flow.other_cores_busy:.2f} cores busy)",
+                f"(runs: {runs}; best shown; CPU per event: server "
+                f"{flow.server_cpu_us:g} µs, workers {flow.client_cpu_us:g} µs; other processes "
+                f"kept {flow.other_cores_busy:.2f} cores busy)",
                 "",
                 "",
             )

@@ -18,7 +18,9 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +36,9 @@ from .envelope import Codec, DecodeError, Delivery, Entry, Payload
 from .errors import ConfigError, FencedError
 from .keys import Keys
 from .ownership import Leases, assign
+from .scripts import Arg
 from .settings import NAME_PATTERN
-from .steps import StepBatcher
+from .steps import Step, StepBatcher
 
 log = structlog.get_logger("flowbus.consumer")
 
@@ -79,16 +82,14 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class _Settle:
-    """How to settle the entry just handled: ack it, or dead-letter it ('skip'/'pause')."""
+    """How to settle an entry that was not simply handled: dead-letter it, then go on ('skip')
+    or pause the session ('pause'); `dead_letter` is (deliveries, error, field, value...)."""
 
-    entry_id: str = ""
     verdict: str = ""
-    deliveries: int = 0
-    error: str = ""
-    fields: tuple[bytes, ...] = ()
+    dead_letter: tuple[Arg, ...] = ()
 
 
-_NOTHING = _Settle()
+_ACK = _Settle()  # handled (or not this service's business): acknowledge it
 
 
 @dataclass(slots=True, eq=False)
@@ -117,7 +118,9 @@ class Consumer:
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
         self._steps = StepBatcher(bus.redis)
-        self._limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        self._read_batch = self.settings.read_batch
+        self._slots = _Slots(self.settings.concurrency)
+        self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
         self._retention = int(self.settings.retention_seconds * 1000)
         self._parts: dict[int, _Partition] = {}
         self._stop = anyio.Event()
@@ -149,6 +152,7 @@ class Consumer:
             self._tg = tg
             tg.start_soon(self._steps.run)
             tg.start_soon(self._follow_hints)
+            tg.start_soon(self._watch_handlers)
             self._last_renewal = anyio.current_time()
             wanting = await self._rebalance()
             self._log.info("worker_started", partitions=len(self._parts))
@@ -346,63 +350,75 @@ class Consumer:
 
     # -- one session ------------------------------------------------------------------------
     async def _run_session(self, part: _Partition, session: str) -> None:
-        keys = [self.keys.session(session), self.keys.lease(part.number, self.service.name)]
-        settle = _NOTHING
+        """Handle the session until it has nothing new: read up to `read_batch` entries per
+        step, handle them one by one, acknowledge each as its handler returns. Anything
+        irregular (a retry, a dead letter, a drain) gives the rest of the batch back and goes
+        on from the pending list, which then holds the truth."""
+        run = _Run(self, part, session)
+        structlog.contextvars.bind_contextvars(session=session, group=self.service.name)
+        read = "p"  # the first read replays what a previous owner left pending
+        give: list[bytes] = []
+        verdict: tuple[Arg, ...] = ()
         try:
             while True:
                 part.sessions[session] = False
-                reply = await self._step(part, keys, session, settle, read=not part.draining)
-                if reply[0] != b"entry":
+                reply = await run.call("" if part.draining else read, give, verdict)
+                if reply[0] != b"entries":
                     if reply[0] == b"idle" and part.sessions[session] and not part.draining:
-                        settle = _NOTHING
+                        read, give, verdict = ">", [], ()
                         continue
                     return
-                settle = await self._handle(part, session, reply)
+                read, verdict = ("p" if reply[1] else ">"), ()
+                entries, deliveries = reply[3:], int(reply[2])
+                done = 0
+                settle: _Settle | None = _ACK
+                with anyio.CancelScope() as run.scope:
+                    for raw_id, raw_fields in entries:
+                        if part.draining:
+                            break
+                        entry_id = raw_id.decode()
+                        settle = await self._handle(run, entry_id, raw_fields, deliveries)
+                        if settle is not _ACK:
+                            break
+                        run.ack(entry_id)
+                        done, deliveries = done + 1, 1
+                if run.scope.cancelled_caught:  # see `_watch_handlers`
+                    raw_id, raw_fields = entries[done]
+                    error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
+                    settle = await self._failed(raw_id.decode(), raw_fields, deliveries, error)
+                if settle is _ACK:  # all handled, or a drain began
+                    give = [e[0] for e in entries[done:]]
+                    continue
+                give, read = [e[0] for e in entries[done + 1 :]], "p"
+                if settle is not None:
+                    verdict = (settle.verdict, entries[done][0], *settle.dead_letter)
         finally:
             part.sessions.pop(session, None)
 
-    async def _step(
-        self, part: _Partition, keys: list[str], session: str, settle: _Settle, *, read: bool
-    ) -> list[Any]:
-        args: list[Any] = [part.token, settle.entry_id, "1" if read else "", self._retention]
-        if settle.verdict:
-            args += [settle.verdict, settle.deliveries, settle.error, *settle.fields]
-        for attempt in range(1, 1_000_000):
-            try:
-                reply: list[Any] = await self._steps.step(keys, args)
-                return reply
-            except ResponseError as exc:
-                if str(exc).startswith("FENCED"):
-                    raise FencedError(self.service.name, part.number, keys[0]) from None
-                error: Exception = exc
-            except TRANSIENT as exc:
-                error = exc
-            # Retrying is safe: an ack is idempotent, and the retry reads our pending head first
-            # ('p'), so an entry whose reply was lost is read again rather than skipped.
-            self._log.warning("step_failed", session=session, error=str(error), attempt=attempt)
-            if read:
-                args[2] = "p"
-            await anyio.sleep(_backoff(attempt))
-        raise AssertionError("unreachable")
-
-    async def _handle(self, part: _Partition, session: str, reply: list[Any]) -> _Settle:
-        """Run the handler for one entry; say how to settle it (or `_NOTHING` to retry)."""
-        _, raw_id, raw_fields, raw_deliveries, _replayed = reply
-        entry_id, deliveries = raw_id.decode(), int(raw_deliveries)
-        fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
+    async def _handle(
+        self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
+    ) -> _Settle | None:
+        """Run the handler for one entry; say how to settle it (None: retry it, after the
+        backoff this waited)."""
         service = self.service
         try:
-            entry = Entry.parse(entry_id, fields, max_data=self.settings.max_payload_bytes)
+            entry = Entry.parse(
+                entry_id,
+                dict(zip(raw_fields[::2], raw_fields[1::2], strict=True)),
+                max_data=self.settings.max_payload_bytes,
+            )
             if not service.wants(entry.type):
                 self.stats.skipped += 1
-                return _Settle(entry_id)
+                return _ACK
             payload = service.codec.decode(entry.type, entry.data)
         except DecodeError as exc:
             self.stats.dead_lettered += 1
-            self._log.error("entry_rejected", session=session, entry=entry_id, reason=exc.reason)
-            return _Settle(entry_id, "skip", deliveries, exc.reason, _original(raw_fields))
+            self._log.error(
+                "entry_rejected", session=run.session, entry=entry_id, reason=exc.reason
+            )
+            return _Settle("skip", (deliveries, exc.reason, *_original(raw_fields)))
         delivery = Delivery(
-            session,
+            run.session,
             service.name,
             entry_id,
             entry.type,
@@ -411,41 +427,57 @@ class Consumer:
             payload,
             deliveries,
             entry.extra,
-            _Context(self, part, session),
+            run.context,
         )
-        with structlog.contextvars.bound_contextvars(
-            session=session, type=entry.type, seq=entry.seq, group=service.name
-        ):
-            try:
-                async with self._limiter:
-                    with anyio.fail_after(self.settings.handler_timeout_seconds):
-                        await service.handle(delivery)
-            except Exception as exc:
-                error = (
-                    f"handler timed out after {self.settings.handler_timeout_seconds}s"
-                    if isinstance(exc, TimeoutError)
-                    else f"{type(exc).__name__}: {exc}"
-                )
-                if deliveries >= self.settings.max_deliveries:
-                    self.stats.dead_lettered += 1
-                    policy = self.settings.dead_letter_policy
-                    self._log.error(
-                        "event_dead_lettered", error=error, deliveries=deliveries, policy=policy
-                    )
-                    return _Settle(entry_id, policy, deliveries, error, _original(raw_fields))
-                self.stats.retries += 1
-                delay = _backoff(
-                    deliveries,
-                    self.settings.retry_backoff_seconds,
-                    self.settings.retry_backoff_max_seconds,
-                )
-                self._log.warning(
-                    "handler_failed", error=error, deliveries=deliveries, retry_in=round(delay, 3)
-                )
-                await anyio.sleep(delay)
-                return _NOTHING  # the next step reads this entry again, as the pending head
+        structlog.contextvars.bind_contextvars(type=entry.type, seq=entry.seq)
+        await self._slots.acquire()
+        try:
+            self._running[run] = time.monotonic() + self.settings.handler_timeout_seconds
+            await service.handle(delivery)
+            error = ""
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            del self._running[run]
+            self._slots.release()
+        if error:
+            return await self._failed(entry_id, raw_fields, deliveries, error)
         self.stats.handled += 1
-        return _Settle(entry_id)
+        return _ACK
+
+    async def _failed(
+        self, entry_id: str, raw_fields: list[bytes], deliveries: int, error: str
+    ) -> _Settle | None:
+        """A handler failed: dead-letter the entry if it had its deliveries, else wait the
+        backoff and say retry (None)."""
+        settings = self.settings
+        if deliveries >= settings.max_deliveries:
+            self.stats.dead_lettered += 1
+            policy = settings.dead_letter_policy
+            self._log.error(
+                "event_dead_lettered", error=error, deliveries=deliveries, policy=policy
+            )
+            return _Settle(policy, (deliveries, error, *_original(raw_fields)))
+        self.stats.retries += 1
+        delay = _backoff(
+            deliveries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
+        )
+        self._log.warning(
+            "handler_failed", error=error, deliveries=deliveries, retry_in=round(delay, 3)
+        )
+        await anyio.sleep(delay)
+        return None  # the next step reads this entry again, as the pending head
+
+    async def _watch_handlers(self) -> None:
+        """Cancel handlers past `handler_timeout_seconds` (checked every tenth of it, within
+        10 ms..1 s): cheaper than a timer per event, and as good for a timeout of seconds."""
+        tick = min(1.0, max(0.01, self.settings.handler_timeout_seconds / 10))
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            for run, deadline in list(self._running.items()):
+                if deadline <= now:
+                    run.scope.cancel()
 
 
 #: Fields a dead letter adds to the original entry's; an original field of the same name is
@@ -458,6 +490,117 @@ def _original(raw_fields: list[bytes]) -> tuple[bytes, ...]:
         b"orig." + f if i % 2 == 0 and f in DEAD_LETTER_FIELDS else f
         for i, f in enumerate(raw_fields)
     )
+
+
+class _Slots:
+    """Handler slots of the worker (`Settings.concurrency`): a counting semaphore whose fast
+    path is two attribute accesses (anyio's limiter looks up the current task every time,
+    which is a good share of the cost of a no-op handler)."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._waiters: deque[anyio.Event] = deque()
+
+    async def acquire(self) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():  # handed a slot, then cancelled: pass it on
+                self.release()
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot goes straight to the first waiter
+        else:
+            self.free += 1
+
+
+class _Run:
+    """One session's handling by this worker: its acks, which need no waiting (they join the
+    session's open step until its batch is sent), and its waited steps."""
+
+    def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
+        self.consumer, self.part, self.session = consumer, part, session
+        keys = consumer.keys
+        self.keys = [keys.session(session), keys.lease(part.number, consumer.service.name)]
+        self.context = _Context(consumer, part, session)
+        self.scope = anyio.CancelScope()  # around the handling of a batch
+        self._open: Step | None = None  # queued, not sent: more acks may join it
+        self._unconfirmed: list[Step] = []  # sent acks nobody waits for
+
+    def _new_step(self) -> Step:
+        consumer = self.consumer
+        step = Step(self.keys, self.part.token, consumer._retention, count=consumer._read_batch)
+        consumer._steps.submit(step)
+        return step
+
+    def ack(self, entry_id: str) -> None:
+        """Acknowledge a handled entry with the session's next step, without waiting."""
+        self._confirm()
+        step = self._open
+        if step is None or step.sent:
+            step = self._open = self._new_step()
+            self._unconfirmed.append(step)
+        step.acks.append(entry_id)
+
+    def _confirm(self) -> None:
+        """Check the acks sent unwaited: fenced ends the session; acks whose call failed on
+        the way go out again."""
+        if not self._unconfirmed:
+            return
+        done = [s for s in self._unconfirmed if s.done.is_set()]
+        self._unconfirmed = [s for s in self._unconfirmed if not s.done.is_set()]
+        for step in done:
+            if step.error is not None:
+                self._raise_if_fenced(step.error)
+                for entry_id in step.acks:
+                    self.ack(entry_id)
+
+    def _raise_if_fenced(self, error: BaseException) -> None:
+        if str(error).startswith("FENCED"):
+            raise FencedError(self.consumer.service.name, self.part.number, self.keys[0])
+
+    async def call(
+        self, read: str, give: Sequence[bytes] = (), verdict: Sequence[Arg] = ()
+    ) -> list[Any]:
+        """A step that settles (`give`, `verdict`, the acks not sent yet) and reads (`read`,
+        see ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
+        self._confirm()
+        step = self._open
+        if step is None or step.sent:
+            step = self._new_step()
+        else:
+            self._unconfirmed.remove(step)
+        self._open = None
+        step.read, step.give, step.verdict = read, give, verdict
+        for attempt in range(1, 1_000_000):
+            try:
+                reply: list[Any] = await step.reply()
+                self._confirm()
+                return reply
+            except ResponseError as exc:
+                self._raise_if_fenced(exc)
+                error: Exception = exc
+            except TRANSIENT as exc:
+                error = exc
+            # Retrying is safe: an ack is idempotent, and the retry reads our pending head first
+            # ('p'), so entries whose reply was lost are read again rather than skipped.
+            self.consumer._log.warning(
+                "step_failed", session=self.session, error=str(error), attempt=attempt
+            )
+            await anyio.sleep(_backoff(attempt))
+            acks, step = step.acks, self._new_step()
+            step.acks, step.give, step.verdict = acks, give, verdict
+            step.read = "p" if read else ""
+        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)

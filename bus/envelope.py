@@ -16,6 +16,8 @@ from typing import Any, Protocol, Union
 import msgspec
 
 OPTIONAL_FIELDS = ("v", "traceparent", "reply_to", "corr")
+_OPTIONAL = frozenset(f.encode() for f in OPTIONAL_FIELDS)
+_KNOWN_FIELDS = _OPTIONAL | {b"type", b"seq", b"ts", b"data"}
 _encoder = msgspec.json.Encoder()
 
 
@@ -93,6 +95,20 @@ class Entry:
     @classmethod
     def parse(cls, entry_id: str, raw: Mapping[bytes, bytes], *, max_data: int) -> Entry:
         """Check the envelope fields of a raw entry; raise `DecodeError` with the reason."""
+        if raw.keys() <= _KNOWN_FIELDS and len(raw) >= 4 and b"data" in raw:  # the usual case
+            data = raw[b"data"]
+            if len(data) <= max_data:
+                try:
+                    return cls(
+                        entry_id,
+                        raw[b"type"].decode(),
+                        int(raw[b"seq"]),
+                        int(raw[b"ts"]),
+                        data,
+                        {k.decode(): v.decode() for k, v in raw.items() if k in _OPTIONAL},
+                    )
+                except (KeyError, UnicodeDecodeError, ValueError):
+                    pass  # the thorough check below says what is wrong
         try:
             fields = {k.decode(): v for k, v in raw.items()}
         except UnicodeDecodeError:

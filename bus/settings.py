@@ -42,6 +42,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     handler_timeout_seconds: float = 60.0
     #: Handlers running at once in one worker process, over all its sessions.
     concurrency: int = 256
+    #: Entries of one session read in one step; still handled one at a time, in order, each
+    #: acknowledged once its handler returned.
+    read_batch: int = 32
     #: How long a stopping worker lets in-flight handlers finish.
     drain_timeout_seconds: float = 30.0
 
@@ -64,8 +67,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.concurrency < 1 or self.max_payload_bytes < 1:
-            raise ConfigError("concurrency and max_payload_bytes must be at least 1")
+        if min(self.concurrency, self.max_payload_bytes, self.read_batch) < 1:
+            raise ConfigError("concurrency, max_payload_bytes and read_batch must be at least 1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

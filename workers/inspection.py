@@ -43,7 +43,8 @@ class SessionRow(msgspec.Struct, frozen=True):
 
 class EventRow(msgspec.Struct, frozen=True):
     """One entry of a stream, decoded; `progress` says per group: ``done`` (acknowledged),
-    ``pending`` (delivered, being handled or retried) or ``waiting`` (not delivered yet)."""
+    ``pending`` (delivered, being handled or retried) or ``waiting`` (not handed to a
+    handler yet: not read, or read ahead and given back)."""
 
     id: str
     seq: int
@@ -298,10 +299,11 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
 def _with_progress(event: EventRow, groups: list[GroupProgress]) -> EventRow:
     marks = {}
     for g in groups:
-        pending = {x.id for x in g.pending}
-        if event.id in pending:
+        # An entry read ahead but given back (a drain, a pause) is pending with 0 deliveries.
+        delivered = {x.id: x.deliveries for x in g.pending}
+        if delivered.get(event.id):
             marks[g.name] = "pending"
-        elif _id_key(event.id) <= _id_key(g.last_delivered_id):
+        elif event.id not in delivered and _id_key(event.id) <= _id_key(g.last_delivered_id):
             marks[g.name] = "done"
         else:
             marks[g.name] = "waiting"

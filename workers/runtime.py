@@ -28,15 +28,20 @@ def instrument(service: Service, metrics: Metrics | None = None) -> Service:
     handle = service.handle
 
     async def handle_instrumented(delivery: Delivery) -> None:
+        if delivery.traceparent:
+            with structlog.contextvars.bound_contextvars(traceparent=delivery.traceparent):
+                await handle_measured(delivery)
+        else:
+            await handle_measured(delivery)
+
+    async def handle_measured(delivery: Delivery) -> None:
         started, clock = time.time(), time.perf_counter()
-        trace = {"traceparent": delivery.traceparent} if delivery.traceparent else {}
-        with structlog.contextvars.bound_contextvars(**trace):
-            try:
-                await handle(delivery)
-            except Exception:
-                _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
-                raise
-            _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
+        try:
+            await handle(delivery)
+        except Exception:
+            _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
+            raise
+        _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
 
     return Service(service.name, handle_instrumented, service.codec, service.subscribes)
 

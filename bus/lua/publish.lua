@@ -7,6 +7,19 @@ local k_stream = KEYS[1]
 local k_meta = k_stream .. ':meta'
 local tag, sid, final, retention, publish_id = ARGV[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7]
 
+-- True unless every group of the stream (and every known service has one) still has more than
+-- the new entry to read.
+local function may_be_idle(stream, known)
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  if #groups < known then return true end
+  for _, g in ipairs(groups) do
+    for i = 1, #g, 2 do
+      if g[i] == 'lag' and (not g[i + 1] or g[i + 1] <= 1) then return true end
+    end
+  end
+  return #groups == 0
+end
+
 local last = redis.call('HMGET', k_meta, 'publish_id', 'seq', 'publish_entry')
 if last[1] == publish_id then return {tonumber(last[2]), last[3]} end
 if redis.call('HEXISTS', k_meta, 'ended') == 1 then
@@ -28,8 +41,12 @@ if seq == 1 then
   for i = 9, 8 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
 end
 -- The hint that wakes the partition's owners; one lost on a dropped connection is made up for
--- by the rescan that follows every (re)subscription.
-redis.call('SPUBLISH', tag .. ':wake', sid)
+-- by the rescan that follows every (re)subscription. Only a group that had read everything
+-- before this entry can be idle on the session: one with more to read reads on by itself (a
+-- session's handling ends only on a read that found nothing new), so it needs no hint.
+if seq == 1 or may_be_idle(k_stream, ngroups) then
+  redis.call('SPUBLISH', tag .. ':wake', sid)
+end
 
 if final == '1' then
   redis.call('HSET', k_meta, 'ended', ts)

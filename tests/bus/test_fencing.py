@@ -16,8 +16,8 @@ def step_keys(keys: Keys, session: str, group: str) -> list[str]:
     return [keys.session(session), keys.lease(keys.partition(session), group)]
 
 
-def step_args(session: str, p: int, token: str, ack: str = "") -> list[s.Arg]:
-    return [token, ack, "1", 1000]
+def step_args(token: str, *acks: str, read: str = "p") -> list[s.Arg]:
+    return [token, read, 32, 1000, len(acks), *acks, 0]
 
 
 async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(bus: Bus) -> None:
@@ -30,18 +30,19 @@ async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(bus:
     await bus.publish(session, Tick(n=1))
     await bus.publish(session, Tick(n=2))
     keys = step_keys(bus.keys, session, "g")
-    reply = await s.STEP(bus.redis, keys, step_args(session, p, token_a))
-    assert reply[0] == b"entry" and reply[3] == 1  # first delivery of seq 1
+    reply = await s.STEP(bus.redis, keys, step_args(token_a))
+    assert reply[:3] == [b"entries", 0, 1] and len(reply) == 5  # seq 1 and 2, first delivery
+    first_id = reply[3][0]
 
     await bus.redis.delete(bus.keys.lease(p, "g"))  # a's lease lapses (a was paused, say)
     [token_b] = (await b.acquire([p])).values()
     assert token_b.split(":")[0] == str(int(token_a.split(":")[0]) + 1)
     with pytest.raises(Exception, match="FENCED"):  # a's late ack of seq 1 is refused
-        await s.STEP(bus.redis, keys, step_args(session, p, token_a, ack=reply[1].decode()))
+        await s.STEP(bus.redis, keys, step_args(token_a, first_id.decode()))
     assert await a.renew({p: token_a}) == {p}
 
-    again = await s.STEP(bus.redis, keys, step_args(session, p, token_b))
-    assert (again[1], again[3], again[4]) == (reply[1], 2, 1)  # b replays seq 1, delivery 2
+    again = await s.STEP(bus.redis, keys, step_args(token_b))
+    assert again[:3] == [b"entries", 1, 2] and again[3][0] == first_id  # b replays seq 1
     await b.release(p, token_b)
     assert await bus.redis.exists(bus.keys.lease(p, "g")) == 0
 

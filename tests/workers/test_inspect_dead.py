@@ -152,7 +152,7 @@ async def test_a_paused_session_is_shown_and_a_replay_resumes_it_in_place_a_drop
         "call-1": ("paused", 3),
         "call-2": ("paused", 3),
     }
-    assert sessions["call-1"]["behind"] == {"steps": 2}  # seq 2 pending, seq 3 not read
+    assert sessions["call-1"]["behind"] == {"steps": 2}  # seq 2 and 3
     [group] = await as_json(settings, "inspect", "groups")
     assert {k: group[k] for k in ("name", "workers", "partitions_owned", "paused")} == {
         "name": "steps",
@@ -160,11 +160,13 @@ async def test_a_paused_session_is_shown_and_a_replay_resumes_it_in_place_a_drop
         "partitions_owned": 64,
         "paused": 2,
     }
-    assert group["dead_letters"] == 2 and group["pending"] == 2 and group["lag"] == 2
+    assert group["dead_letters"] == 2
+    # seq 3 is pending too if it was read ahead with seq 2 (then given back), else lagging
+    assert group["pending"] >= 2 and group["pending"] + group["lag"] == 4
     detail = await as_json(settings, "inspect", "session", "call-1")
     [steps] = detail["groups"]
     assert steps["paused_entry"] == letters["call-1"]["entry"]
-    assert [x["id"] for x in steps["pending"]] == [letters["call-1"]["entry"]]
+    assert [x["id"] for x in steps["pending"] if x["deliveries"]] == [letters["call-1"]["entry"]]
     assert [e["progress"]["steps"] for e in detail["events"]] == ["done", "pending", "waiting"]
 
     await raw(bus).delete(broken_key(settings.prefix, "steps"))
