@@ -404,7 +404,7 @@ class Consumer:
         try:
             entry = Entry.parse(
                 entry_id,
-                dict(zip(raw_fields[::2], raw_fields[1::2], strict=True)),
+                dict(zip(fields := iter(raw_fields), fields, strict=False)),
                 max_data=self.settings.max_payload_bytes,
             )
             if not service.wants(entry.type):

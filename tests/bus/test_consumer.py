@@ -197,3 +197,25 @@ async def test_shared_state_fields_are_written_and_read_by_anyone(bus: Bus) -> N
     assert 0 < await raw(bus).ttl(bus.keys.state("call-1")) <= bus.settings.retention_seconds
     with pytest.raises(NoSuchSessionError):
         await bus.write_state("call-none", {"flow.x": "1"})
+
+
+async def test_no_more_handlers_run_at_once_than_the_concurrency_setting(
+    server: LocalServer,
+) -> None:
+    settings = make_settings(server.url, concurrency=2)
+    running_now, most, handled = 0, 0, 0
+
+    async def handle(d: Delivery) -> None:
+        nonlocal running_now, most, handled
+        running_now += 1
+        most = max(most, running_now)
+        await anyio.sleep(0.005)
+        running_now -= 1
+        handled += 1
+
+    async with Bus.connect(settings) as bus, running(bus, Service("svc", handle, Codec([Tick]))):
+        for n in range(1, 4):
+            for i in range(8):
+                await bus.publish(f"call-{i}", Tick(n=n))
+        await wait_for(lambda: handled == 24, what="every event")
+    assert most == 2

@@ -1,0 +1,121 @@
+"""The step script and the wake-up hints: batched reads, acks, give-backs, idle-only hints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import pytest
+
+from bus import Bus, ServiceInfo
+from bus import scripts as s
+from bus.consumer import _Slots
+from bus.ownership import Leases
+from tests.apps.recorder import Tick
+from tests.support import raw
+
+pytestmark = pytest.mark.anyio
+
+
+async def step(
+    bus: Bus,
+    session: str,
+    token: str,
+    read: str,
+    acks: Sequence[bytes] = (),
+    give: Sequence[bytes] = (),
+) -> Any:
+    keys = [bus.keys.session(session), bus.keys.lease(bus.keys.partition(session), "g")]
+    args: list[s.Arg] = [token, read, 32, 1000, len(acks), *acks, len(give), *give]
+    return await s.STEP(bus.redis, keys, args)
+
+
+async def test_a_step_reads_a_batch_and_entries_given_back_count_as_first_deliveries(
+    bus: Bus,
+) -> None:
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([bus.keys.partition("call-1")])).values()
+    for n in (1, 2, 3):
+        await bus.publish("call-1", Tick(n=n))
+    reply = await step(bus, "call-1", token, ">")
+    assert reply[:3] == [b"entries", 0, 1] and len(reply) == 6  # all three, first deliveries
+    first, second, third = (entry[0] for entry in reply[3:])
+
+    # seq 1 handled, 2 and 3 given back (a drain, say): nothing is read, nothing is lost
+    assert await step(bus, "call-1", token, "", acks=[first], give=[second, third]) == [b"idle"]
+    pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
+    assert [(p["message_id"], p["times_delivered"]) for p in pending] == [(second, 0), (third, 0)]
+
+    again = await step(bus, "call-1", token, "p")  # the next reader: one pending head at a time
+    assert again[:3] == [b"entries", 1, 1] and again[3][0] == second
+    again = await step(bus, "call-1", token, "p", acks=[second])
+    assert again[:3] == [b"entries", 1, 1] and again[3][0] == third
+    assert await step(bus, "call-1", token, "p", acks=[third]) == [b"idle"]
+
+
+async def test_a_publish_wakes_the_partition_only_when_a_group_may_be_idle(bus: Bus) -> None:
+    await bus.register_service(ServiceInfo("g"))
+    p = bus.keys.partition("call-1")
+    channel = bus.keys.wake(p)
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([p])).values()
+    pubsub = raw(bus).pubsub()
+    await pubsub.ssubscribe(channel)
+
+    async def hints_until_marker() -> list[bytes]:
+        await raw(bus).spublish(channel, "marker")
+        got: list[bytes] = []
+        with anyio.fail_after(10):
+            while True:
+                message = await pubsub.get_message(timeout=1)
+                if message is None or message["type"] != "smessage":
+                    continue
+                if message["data"] == b"marker":
+                    return got
+                got.append(message["data"])
+
+    try:
+        for n in (1, 2, 3):  # the group reads nothing meanwhile: only the first wakes it
+            await bus.publish("call-1", Tick(n=n))
+        assert await hints_until_marker() == [b"call-1"]
+        reply = await step(bus, "call-1", token, ">")  # the group reads everything
+        await bus.publish("call-1", Tick(n=4))  # so this one may find it idle
+        assert await hints_until_marker() == [b"call-1"]
+        await step(bus, "call-1", token, ">", acks=[e[0] for e in reply[3:]])
+        await bus.publish("call-1", Tick(n=5))  # it read seq 4: idle again
+        await bus.publish("call-1", Tick(n=6))  # seq 5 is unread: no hint needed
+        assert await hints_until_marker() == [b"call-1"]
+    finally:
+        await pubsub.aclose()
+
+
+async def test_handler_slots_pass_over_cancelled_waiters_and_are_never_lost() -> None:
+    slots = _Slots(1)
+    await slots.acquire()
+    order: list[str] = []
+    scopes: dict[str, anyio.CancelScope] = {}
+
+    async def wait(name: str) -> None:
+        with anyio.CancelScope() as scopes[name]:
+            await slots.acquire()
+            order.append(name)
+            slots.release()
+
+    async with anyio.create_task_group() as tg:
+        for name in ("a", "b", "c"):
+            tg.start_soon(wait, name)
+        await anyio.wait_all_tasks_blocked()
+        scopes["b"].cancel()  # gives up while waiting
+        await anyio.wait_all_tasks_blocked()
+        slots.release()
+    assert order == ["a", "c"] and slots.free == 1
+
+    await slots.acquire()
+    async with anyio.create_task_group() as tg:
+        for name in ("d", "e"):
+            tg.start_soon(wait, name)
+        await anyio.wait_all_tasks_blocked()
+        slots.release()  # handed to d...
+        scopes["d"].cancel()  # ...which is cancelled before it resumed: it uses or passes it
+    assert order[-1] == "e" and slots.free == 1
