@@ -117,11 +117,12 @@ class Consumer:
         self.stats = Stats()
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
-        self._steps = StepBatcher(bus.redis)
-        self._read_batch = self.settings.read_batch
+        retention_ms = int(self.settings.retention_seconds * 1000)
+        self._steps = StepBatcher(
+            bus.redis, count=self.settings.read_batch, retention_ms=retention_ms
+        )
         self._slots = _Slots(self.settings.concurrency)
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
-        self._retention = int(self.settings.retention_seconds * 1000)
         self._parts: dict[int, _Partition] = {}
         self._stop = anyio.Event()
         self._hints_changed = anyio.Event()
@@ -530,7 +531,8 @@ class _Run:
     def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
         self.consumer, self.part, self.session = consumer, part, session
         keys = consumer.keys
-        self.keys = [keys.session(session), keys.lease(part.number, consumer.service.name)]
+        self.stream = keys.session(session)
+        self.lease = keys.lease(part.number, consumer.service.name)
         self.context = _Context(consumer, part, session)
         self.scope = anyio.CancelScope()  # around the handling of a batch
         self._open: Step | None = None  # queued, not sent: more acks may join it
@@ -538,7 +540,7 @@ class _Run:
 
     def _new_step(self) -> Step:
         consumer = self.consumer
-        step = Step(self.keys, self.part.token, consumer._retention, count=consumer._read_batch)
+        step = Step(self.stream, self.lease, self.part.token)
         consumer._steps.submit(step)
         return step
 
@@ -566,7 +568,7 @@ class _Run:
 
     def _raise_if_fenced(self, error: BaseException) -> None:
         if str(error).startswith("FENCED"):
-            raise FencedError(self.consumer.service.name, self.part.number, self.keys[0])
+            raise FencedError(self.consumer.service.name, self.part.number, self.stream)
 
     async def call(
         self, read: str, give: Sequence[bytes] = (), verdict: Sequence[Arg] = ()

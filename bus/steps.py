@@ -1,9 +1,10 @@
-"""Batching of step calls: every session's fenced acks and reads go out in one pipeline.
+"""Batching of steps: every session's fenced acks and reads go out in one pipeline.
 
 Each session handles one event at a time, but hundreds of sessions step at once. `StepBatcher`
-collects the steps made during one turn of the event loop and sends them together, so the cost
-per event is a share of a round trip. A `Step` stays open, taking more acks, until its batch is
-sent: a session that handles several events in one turn acknowledges them in one call.
+collects the steps made during one turn of the event loop and sends them together: one script
+call per partition, all of them in one pipeline, so the cost per event is a share of a call and
+of a round trip. A `Step` stays open, taking more acks, until its batch is sent: a session that
+handles several events in one turn acknowledges them in one step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from . import scripts
 from .connection import TRANSIENT
@@ -21,14 +23,13 @@ from .connection import TRANSIENT
 
 @dataclass(slots=True, eq=False)
 class Step:
-    """One call of `scripts.STEP` for one session (see ``lua/step.lua`` for the fields)."""
+    """One session's step (see ``lua/step.lua`` for the fields)."""
 
-    keys: Sequence[str]
+    stream: str
+    lease: str
     token: str
-    retention_ms: int
     acks: list[str] = field(default_factory=list)
     read: str = ""
-    count: int = 1
     give: Sequence[scripts.Arg] = ()
     verdict: Sequence[scripts.Arg] = ()
     sent: bool = False
@@ -38,14 +39,12 @@ class Step:
 
     def args(self) -> list[scripts.Arg]:
         return [
-            self.token,
             self.read,
-            self.count,
-            self.retention_ms,
             len(self.acks),
             *self.acks,
             len(self.give),
             *self.give,
+            len(self.verdict),
             *self.verdict,
         ]
 
@@ -58,11 +57,13 @@ class Step:
 
 
 class StepBatcher:
-    """Sends `Step`s in shared pipelines, one pipeline at a time. Start `run()` in a task group
+    """Sends `Step`s in shared pipelines, one pipeline at a time; each read takes up to `count`
+    entries, a retiring session's keys live `retention_ms`. Start `run()` in a task group
     first."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, count: int, retention_ms: int) -> None:
         self._redis = redis
+        self._count, self._retention_ms = count, retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
         self.batches = 0
@@ -85,15 +86,25 @@ class StepBatcher:
             self.calls += len(batch)
 
     async def _send(self, batch: list[Step]) -> None:
+        by_lease: dict[tuple[str, str], list[Step]] = {}
+        for step in batch:
+            by_lease.setdefault((step.lease, step.token), []).append(step)
+        calls: list[scripts.Call] = []
+        for (lease, token), steps in by_lease.items():
+            args: list[scripts.Arg] = [token, self._count, self._retention_ms]
+            for step in steps:
+                args += step.args()
+            calls.append((scripts.STEP, [lease, *(s.stream for s in steps)], args))
         try:
-            results = await scripts.call_many(
-                self._redis, [(scripts.STEP, s.keys, s.args()) for s in batch]
-            )
+            results = await scripts.call_many(self._redis, calls)
         except TRANSIENT as exc:
-            results = [exc] * len(batch)
-        for step, result in zip(batch, results, strict=True):
-            if isinstance(result, BaseException):
-                step.error = result
-            else:
-                step.result = result
-            step.done.set()
+            results = [exc] * len(calls)
+        for steps, result in zip(by_lease.values(), results, strict=True):
+            for i, step in enumerate(steps):
+                if isinstance(result, BaseException):
+                    step.error = result
+                elif result[i][0] == b"error":
+                    step.error = ResponseError(result[i][1].decode(errors="replace"))
+                else:
+                    step.result = result[i]
+                step.done.set()

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.anyio
 
 
 def step_keys(keys: Keys, session: str, group: str) -> list[str]:
-    return [keys.session(session), keys.lease(keys.partition(session), group)]
+    return [keys.lease(keys.partition(session), group), keys.session(session)]
 
 
 def step_args(token: str, *acks: str, read: str = "p") -> list[s.Arg]:
-    return [token, read, 32, 1000, len(acks), *acks, 0]
+    return [token, 32, 1000, read, len(acks), *acks, 0, 0]
 
 
 async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(bus: Bus) -> None:
@@ -30,7 +30,7 @@ async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(bus:
     await bus.publish(session, Tick(n=1))
     await bus.publish(session, Tick(n=2))
     keys = step_keys(bus.keys, session, "g")
-    reply = await s.STEP(bus.redis, keys, step_args(token_a))
+    [reply] = await s.STEP(bus.redis, keys, step_args(token_a))
     assert reply[:3] == [b"entries", 0, 1] and len(reply) == 5  # seq 1 and 2, first delivery
     first_id = reply[3][0]
 
@@ -41,7 +41,7 @@ async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(bus:
         await s.STEP(bus.redis, keys, step_args(token_a, first_id.decode()))
     assert await a.renew({p: token_a}) == {p}
 
-    again = await s.STEP(bus.redis, keys, step_args(token_b))
+    [again] = await s.STEP(bus.redis, keys, step_args(token_b))
     assert again[:3] == [b"entries", 1, 2] and again[3][0] == first_id  # b replays seq 1
     await b.release(p, token_b)
     assert await bus.redis.exists(bus.keys.lease(p, "g")) == 0

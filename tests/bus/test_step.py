@@ -26,9 +26,10 @@ async def step(
     acks: Sequence[bytes] = (),
     give: Sequence[bytes] = (),
 ) -> Any:
-    keys = [bus.keys.session(session), bus.keys.lease(bus.keys.partition(session), "g")]
-    args: list[s.Arg] = [token, read, 32, 1000, len(acks), *acks, len(give), *give]
-    return await s.STEP(bus.redis, keys, args)
+    keys = [bus.keys.lease(bus.keys.partition(session), "g"), bus.keys.session(session)]
+    args: list[s.Arg] = [token, 32, 1000, read, len(acks), *acks, len(give), *give, 0]
+    [reply] = await s.STEP(bus.redis, keys, args)
+    return reply
 
 
 async def test_a_step_reads_a_batch_and_entries_given_back_count_as_first_deliveries(
@@ -119,3 +120,20 @@ async def test_handler_slots_pass_over_cancelled_waiters_and_are_never_lost() ->
         slots.release()  # handed to d...
         scopes["d"].cancel()  # ...which is cancelled before it resumed: it uses or passes it
     assert order[-1] == "e" and slots.free == 1
+
+
+async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(bus: Bus) -> None:
+    sessions = [f"call-{i}" for i in range(200)]
+    p = bus.keys.partition(sessions[0])
+    mine = [x for x in sessions if bus.keys.partition(x) == p][:3]
+    assert len(mine) == 3
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([p])).values()
+    for session in mine[:2]:
+        await bus.publish(session, Tick(n=1))
+    await raw(bus).set(bus.keys.session(mine[2]), "not a stream")
+    keys = [bus.keys.lease(p, "g"), *(bus.keys.session(x) for x in mine)]
+    one_step: list[s.Arg] = [">", 0, 0, 0]
+    replies = await s.STEP(bus.redis, keys, [token, 32, 1000, *one_step * 3])
+    assert [r[0] for r in replies] == [b"entries", b"entries", b"error"]
+    assert b"WRONGTYPE" in replies[2][1]
