@@ -20,7 +20,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,50 +351,48 @@ class Consumer:
 
     # -- one session ------------------------------------------------------------------------
     async def _run_session(self, part: _Partition, session: str) -> None:
-        """Handle the session until it has nothing new: read up to `read_batch` entries per
-        step, handle them one by one, acknowledge each as its handler returns. Anything
-        irregular (a retry, a dead letter, a drain) gives the rest of the batch back and goes
-        on from the pending list, which then holds the truth."""
+        """Handle the session until it has nothing new (see `_follow`); a handler out of time
+        (see `_watch_handlers`) counts as failed, and the session goes on."""
         run = _Run(self, part, session)
         structlog.contextvars.bind_contextvars(session=session, group=self.service.name)
-        read = "p"  # the first read replays what a previous owner left pending
-        give: list[bytes] = []
-        verdict: tuple[Arg, ...] = ()
         try:
             while True:
-                part.sessions[session] = False
-                reply = await run.call("" if part.draining else read, give, verdict)
-                if reply[0] != b"entries":
-                    if reply[0] == b"idle" and part.sessions[session] and not part.draining:
-                        read, give, verdict = ">", [], ()
-                        continue
-                    return
-                read, verdict = ("p" if reply[1] else ">"), ()
-                entries, deliveries = reply[3:], int(reply[2])
-                done = 0
-                settle: _Settle | None = _ACK
                 with anyio.CancelScope() as run.scope:
-                    for raw_id, raw_fields in entries:
-                        if part.draining:
-                            break
-                        entry_id = raw_id.decode()
-                        settle = await self._handle(run, entry_id, raw_fields, deliveries)
-                        if settle is not _ACK:
-                            break
-                        run.ack(entry_id)
-                        done, deliveries = done + 1, 1
-                if run.scope.cancelled_caught:  # see `_watch_handlers`
-                    raw_id, raw_fields = entries[done]
-                    error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
-                    settle = await self._failed(raw_id.decode(), raw_fields, deliveries, error)
-                if settle is _ACK:  # all handled, or a drain began
-                    give = [e[0] for e in entries[done:]]
-                    continue
-                give, read = [e[0] for e in entries[done + 1 :]], "p"
-                if settle is not None:
-                    verdict = (settle.verdict, entries[done][0], *settle.dead_letter)
+                    await self._follow(run)
+                    return
+                raw_id, raw_fields = run.entries[run.done]
+                error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
+                run.then(await self._failed(raw_id.decode(), raw_fields, run.deliveries, error))
         finally:
             part.sessions.pop(session, None)
+
+    async def _follow(self, run: _Run) -> None:
+        """Read up to `read_batch` entries per step, handle them one by one, acknowledge each
+        as its handler returns, until a read finds nothing new. Anything irregular (a retry, a
+        dead letter, a drain) gives the rest of the batch back and goes on from the pending
+        list, which then holds the truth."""
+        part, session = run.part, run.session
+        while True:
+            part.sessions[session] = False
+            reply = await run.call("" if part.draining else run.read)
+            if reply[0] != b"entries":
+                if reply[0] == b"idle" and part.sessions[session] and not part.draining:
+                    run.read = ">"
+                    continue
+                return
+            run.read = "p" if reply[1] else ">"
+            run.entries, run.deliveries, run.done = reply[3:], int(reply[2]), 0
+            for raw_id, raw_fields in run.entries:
+                if part.draining:
+                    run.give = [e[0] for e in run.entries[run.done :]]
+                    break
+                entry_id = raw_id.decode()
+                settle = await self._handle(run, entry_id, raw_fields, run.deliveries)
+                if settle is not _ACK:
+                    run.then(settle)
+                    break
+                run.ack(entry_id)
+                run.done, run.deliveries = run.done + 1, 1
 
     async def _handle(
         self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
@@ -477,7 +475,7 @@ class Consumer:
             await anyio.sleep(tick)
             now = time.monotonic()
             for run, deadline in list(self._running.items()):
-                if deadline <= now:
+                if deadline <= now and run.scope is not None:
                     run.scope.cancel()
 
 
@@ -534,7 +532,13 @@ class _Run:
         self.stream = keys.session(session)
         self.lease = keys.lease(part.number, consumer.service.name)
         self.context = _Context(consumer, part, session)
-        self.scope = anyio.CancelScope()  # around the handling of a batch
+        self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
+        self.read = "p"  # the next read; the first replays what a previous owner left pending
+        self.give: list[bytes] = []  # settled by the next step...
+        self.verdict: tuple[Arg, ...] = ()
+        self.entries: list[Any] = []  # the last batch read, `done` of them handled
+        self.done = 0
+        self.deliveries = 0  # of the next entry to handle
         self._open: Step | None = None  # queued, not sent: more acks may join it
         self._unconfirmed: list[Step] = []  # sent acks nobody waits for
 
@@ -570,11 +574,19 @@ class _Run:
         if str(error).startswith("FENCED"):
             raise FencedError(self.consumer.service.name, self.part.number, self.stream)
 
-    async def call(
-        self, read: str, give: Sequence[bytes] = (), verdict: Sequence[Arg] = ()
-    ) -> list[Any]:
+    def then(self, settle: _Settle | None) -> None:
+        """After the entry at `done` was not simply handled: give back the rest of the batch,
+        settle it (None: retry it) and go on from the pending list."""
+        self.give = [e[0] for e in self.entries[self.done + 1 :]]
+        self.read = "p"
+        if settle is not None:
+            self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
+
+    async def call(self, read: str) -> list[Any]:
         """A step that settles (`give`, `verdict`, the acks not sent yet) and reads (`read`,
         see ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
+        give, verdict = self.give, self.verdict
+        self.give, self.verdict = [], ()
         self._confirm()
         step = self._open
         if step is None or step.sent:
