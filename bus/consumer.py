@@ -391,7 +391,7 @@ class Consumer:
                 if settle is not _ACK:
                     run.then(settle)
                     break
-                run.ack(entry_id)
+                run.ack(raw_id)
                 run.done, run.deliveries = run.done + 1, 1
 
     async def _handle(
@@ -548,11 +548,11 @@ class _Run:
         consumer._steps.submit(step)
         return step
 
-    def ack(self, entry_id: str) -> None:
+    def ack(self, entry_id: bytes) -> None:
         """Acknowledge a handled entry with the session's next step, without waiting."""
-        self._confirm()
         step = self._open
         if step is None or step.sent:
+            self._confirm()
             step = self._open = self._new_step()
             self._unconfirmed.append(step)
         step.acks.append(entry_id)

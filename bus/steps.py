@@ -28,7 +28,7 @@ class Step:
     stream: str
     lease: str
     token: str
-    acks: list[str] = field(default_factory=list)
+    acks: list[bytes] = field(default_factory=list)
     read: str = ""
     give: Sequence[scripts.Arg] = ()
     verdict: Sequence[scripts.Arg] = ()
