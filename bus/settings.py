@@ -67,8 +67,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if min(self.concurrency, self.max_payload_bytes, self.read_batch) < 1:
-            raise ConfigError("concurrency, max_payload_bytes and read_batch must be at least 1")
+        for name in ("concurrency", "max_payload_bytes", "read_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

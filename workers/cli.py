@@ -78,6 +78,7 @@ WORKER_SETTINGS = (
     "max_deliveries",
     "dead_letter_policy",
     "concurrency",
+    "read_batch",
 )
 #: Setting -> (option, environment variable), for messages about a bad value.
 OPTIONS = {
@@ -88,6 +89,7 @@ OPTIONS = {
     "max_deliveries": "--max-deliveries or FLOWBUS_MAX_DELIVERIES",
     "dead_letter_policy": "--dead-letter or FLOWBUS_DEAD_LETTER_POLICY",
     "concurrency": "--concurrency or FLOWBUS_CONCURRENCY",
+    "read_batch": "--read-batch or FLOWBUS_READ_BATCH",
 }
 
 
@@ -144,6 +146,13 @@ def _service_options(parser: argparse.ArgumentParser) -> None:
         help="after the last failed delivery: skip the event or pause the session",
     )
     g.add_argument("--concurrency", type=int, help="handlers at once in this process (default 256)")
+    g.add_argument(
+        "--read-batch",
+        type=int,
+        dest="read_batch",
+        metavar="N",
+        help="entries of a session read per step, still handled one at a time (default 32)",
+    )
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:

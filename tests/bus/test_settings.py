@@ -30,6 +30,8 @@ def test_environment_variables_fill_the_settings_and_explicit_values_win() -> No
         ({"FLOWBUS_PREFIX": "has space"}, "prefix"),
         ({"FLOWBUS_DEAD_LETTER_POLICY": "drop"}, "invalid setting"),
         ({"FLOWBUS_LEASE_TTL_SECONDS": "-1"}, "lease_ttl_seconds must be positive"),
+        ({"FLOWBUS_READ_BATCH": "0"}, "read_batch must be at least 1, not 0"),
+        ({"FLOWBUS_CONCURRENCY": "0"}, "concurrency must be at least 1, not 0"),
     ],
 )
 def test_bad_values_are_config_errors_naming_the_setting(env: dict[str, str], message: str) -> None:
