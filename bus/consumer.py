@@ -119,7 +119,7 @@ class Consumer:
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
         retention_ms = int(self.settings.retention_seconds * 1000)
         self._steps = StepBatcher(
-            bus.redis, count=self.settings.read_batch, retention_ms=retention_ms
+            self.settings, count=self.settings.read_batch, retention_ms=retention_ms
         )
         self._slots = _Slots(self.settings.concurrency)
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline

@@ -13,7 +13,8 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
 
 Arg = str | bytes | int | float
 
@@ -83,6 +84,48 @@ async def call_many(redis: Redis, calls: Sequence[Call]) -> list[Any]:
 
 async def _pipeline(redis: Redis, calls: Sequence[Call]) -> list[Any]:
     pipe = redis.pipeline(transaction=False)
-    for script, keys, args in calls:
-        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    for call in calls:
+        pipe.execute_command(*_evalsha(call))
     return await pipe.execute(raise_on_error=False)
+
+
+async def call_on(connection: AbstractConnection, calls: Sequence[Call]) -> list[Any]:
+    """As `call_many`, on one connection of the caller's own: one write, then the replies,
+    without a client's pipeline around them (a good share of a round trip's cost in Python)."""
+    results = await _exchange(connection, [_evalsha(call) for call in calls])
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
+        await _exchange(connection, [["SCRIPT", "LOAD", script.source] for script in ALL])
+        retried = await _exchange(connection, [_evalsha(calls[i]) for i in missing])
+        for i, result in zip(missing, retried, strict=True):
+            results[i] = result
+    return results
+
+
+def _evalsha(call: Call) -> list[Arg]:
+    script, keys, args = call
+    return ["EVALSHA", script.sha, len(keys), *keys, *args]
+
+
+async def _exchange(connection: AbstractConnection, commands: list[list[Arg]]) -> list[Any]:
+    await connection.send_packed_command(b"".join(map(_command, commands)), check_health=False)
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def _command(args: Sequence[Arg]) -> bytes:
+    """One command in the Redis protocol (RESP)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = (
+            arg
+            if isinstance(arg, bytes)
+            else (repr(arg) if isinstance(arg, float) else str(arg)).encode()
+        )
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)

@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool
 from redis.exceptions import ResponseError
 
 from . import scripts
 from .connection import TRANSIENT
+from .settings import Settings
+
+#: A batch whose replies have not all come after this long fails as a connection error would.
+BATCH_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(slots=True, eq=False)
@@ -57,12 +61,16 @@ class Step:
 
 
 class StepBatcher:
-    """Sends `Step`s in shared pipelines, one pipeline at a time; each read takes up to `count`
-    entries, a retiring session's keys live `retention_ms`. Start `run()` in a task group
-    first."""
+    """Sends `Step`s in shared batches, one at a time, on a connection of its own; each read
+    takes up to `count` entries, a retiring session's keys live `retention_ms`. Start `run()`
+    in a task group first."""
 
-    def __init__(self, redis: Redis, *, count: int, retention_ms: int) -> None:
-        self._redis = redis
+    def __init__(self, settings: Settings, *, count: int, retention_ms: int) -> None:
+        pool = ConnectionPool.from_url(
+            settings.url, socket_timeout=None, socket_connect_timeout=5.0
+        )
+        # It connects on first use, and again after a failure.
+        self._connection = pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._count, self._retention_ms = count, retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
@@ -75,15 +83,19 @@ class StepBatcher:
         self._ready.set()
 
     async def run(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready = anyio.Event()
-            batch, self._queue = self._queue, []
-            for step in batch:
-                step.sent = True
-            await self._send(batch)
-            self.batches += 1
-            self.calls += len(batch)
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready = anyio.Event()
+                batch, self._queue = self._queue, []
+                for step in batch:
+                    step.sent = True
+                await self._send(batch)
+                self.batches += 1
+                self.calls += len(batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._connection.disconnect()
 
     async def _send(self, batch: list[Step]) -> None:
         by_lease: dict[tuple[str, str], list[Step]] = {}
@@ -96,8 +108,10 @@ class StepBatcher:
                 args += step.args()
             calls.append((scripts.STEP, [lease, *(s.stream for s in steps)], args))
         try:
-            results = await scripts.call_many(self._redis, calls)
-        except TRANSIENT as exc:
+            with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
+                results = await scripts.call_on(self._connection, calls)
+        except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
+            await self._connection.disconnect(nowait=True)
             results = [exc] * len(calls)
         for steps, result in zip(by_lease.values(), results, strict=True):
             for i, step in enumerate(steps):
