@@ -2,9 +2,9 @@
 
 Like the baseline's consumers, the workers are ready before the clock starts: 2 worker processes
 of `bench.noop` start and split the partitions, then are frozen (SIGSTOP) while 1,000 sessions x
-20 events are published with `Bus.publish` (each session in order). The clock starts when they
-are thawed (SIGCONT) and stops when every session has retired, which the bus does only once the
-group acknowledged all of the session (its live index empties); ``XINFO GROUPS`` of every stream
+20 events are published with `Bus.publish` (each session in order). The clock (the server's)
+starts when they are thawed (SIGCONT) and stops when the last session retired, which the bus
+does only once the group acknowledged all of the session; ``XINFO GROUPS`` of every stream
 confirms it at the end. The leases outlive the freeze (their TTL is 30 s here).
 """
 
@@ -25,7 +25,16 @@ from workers.observe import live_session_count, server_identity
 
 from .cpu import CpuMeter
 from .noop import GROUP, Noop
-from .workload import BenchError, backlog, fresh_settings, publish_all, session_ids, wait_until
+from .workload import (
+    BenchError,
+    backlog,
+    fresh_settings,
+    last_retired_ms,
+    publish_all,
+    server_ms,
+    session_ids,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 log = structlog.get_logger("flowbus.bench")
@@ -78,13 +87,15 @@ async def run(
                 meter = CpuMeter(
                     {"server": server.pid, **{w.worker_id: w.pid for w in fleet.workers}}
                 )
+                thawed = await server_ms(bus.redis)
                 meter.start()
-                thawed = time.perf_counter()
                 for w in fleet.workers:
                     os.kill(w.pid, signal.SIGCONT)
-                await wait_until(drained, within=300, what=f"the workers to handle {total} events")
-                seconds = time.perf_counter() - thawed
+                await wait_until(
+                    drained, within=300, what=f"the workers to handle {total} events", every=0.05
+                )
                 meter.stop()
+                seconds = (await last_retired_ms(bus) - thawed) / 1000
                 await fleet.stop(within=30)
             finally:
                 for w in fleet.alive:

@@ -91,10 +91,30 @@ async def backlog(redis: Redis, streams: Sequence[str], group: str) -> Backlog:
     return Backlog(read, pending, lag)
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
-    """Poll `condition` every 10 ms; `BenchError` naming `what` after `within` seconds."""
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.01
+) -> None:
+    """Poll `condition` `every` seconds; `BenchError` naming `what` after `within` seconds."""
     with anyio.move_on_after(within):
         while not await condition():  # noqa: ASYNC110  # the condition lives in Redis: polled
-            await anyio.sleep(0.01)
+            await anyio.sleep(every)
         return
     raise BenchError(f"timed out after {within:g}s waiting for {what}")
+
+
+async def server_ms(redis: Redis) -> int:
+    """The server's clock (``TIME``), in ms: the clock the scripts stamp with."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def last_retired_ms(bus: Bus) -> int:
+    """When the latest session retired (server clock, ms): its score in the ended index is that
+    time plus the retention."""
+    pipe = bus.redis.pipeline(transaction=False)
+    for p in range(bus.settings.partitions):
+        pipe.zrange(bus.keys.ended(p), -1, -1, withscores=True)
+    scores = [score for reply in await pipe.execute() for _, score in reply]
+    if not scores:
+        raise BenchError("no session has retired")
+    return int(max(scores)) - int(bus.settings.retention_seconds * 1000)
