@@ -360,9 +360,11 @@ class Consumer:
                 with anyio.CancelScope() as run.scope:
                     await self._follow(run)
                     return
-                raw_id, raw_fields = run.entries[run.done]
-                error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
-                run.then(await self._failed(raw_id.decode(), raw_fields, run.deliveries, error))
+                run.read = "p"  # a step cut short may have read entries: the pending list has them
+                if run.done < len(run.entries):  # else the handler swallowed the cancellation
+                    raw_id, raw_fields = run.entries[run.done]
+                    error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
+                    run.then(await self._failed(raw_id.decode(), raw_fields, run.deliveries, error))
         finally:
             part.sessions.pop(session, None)
 
@@ -400,12 +402,10 @@ class Consumer:
         """Run the handler for one entry; say how to settle it (None: retry it, after the
         backoff this waited)."""
         service = self.service
+        pairs = iter(raw_fields)  # field, value, field, value...
+        fields = dict(zip(pairs, pairs, strict=False))
         try:
-            entry = Entry.parse(
-                entry_id,
-                dict(zip(fields := iter(raw_fields), fields, strict=False)),
-                max_data=self.settings.max_payload_bytes,
-            )
+            entry = Entry.parse(entry_id, fields, max_data=self.settings.max_payload_bytes)
             if not service.wants(entry.type):
                 self.stats.skipped += 1
                 return _ACK

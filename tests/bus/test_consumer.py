@@ -219,3 +219,26 @@ async def test_no_more_handlers_run_at_once_than_the_concurrency_setting(
                 await bus.publish(f"call-{i}", Tick(n=n))
         await wait_for(lambda: handled == 24, what="every event")
     assert most == 2
+
+
+async def test_a_handler_that_swallows_its_timeout_does_not_stop_the_session(
+    server: LocalServer,
+) -> None:
+    settings = make_settings(server.url, handler_timeout_seconds=0.05)
+    seen: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        if d.seq == 1:
+            try:
+                await anyio.sleep(5)
+            except anyio.get_cancelled_exc_class():
+                pass  # a handler should not do this; the worker must survive it
+        seen.append(d.seq)
+
+    async with Bus.connect(settings) as bus:
+        await bus.publish("call-1", Tick(n=1))
+        await bus.publish("call-1", Tick(n=2))
+        async with running(bus, Service("svc", handle, Codec([Tick]))):
+            await wait_for(lambda: seen == [1, 2], what="both events, once each")
+            await bus.publish("call-1", Tick(n=3))
+            await wait_for(lambda: seen == [1, 2, 3], what="the session to go on")
