@@ -1,10 +1,11 @@
-"""Batching of steps: every session's fenced acks and reads go out in one pipeline.
+"""Batching of steps: every session's fenced acks and reads go out together.
 
 Each session handles one event at a time, but hundreds of sessions step at once. `StepBatcher`
 collects the steps made during one turn of the event loop and sends them together: one script
-call per partition, all of them in one pipeline, so the cost per event is a share of a call and
-of a round trip. A `Step` stays open, taking more acks, until its batch is sent: a session that
-handles several events in one turn acknowledges them in one step.
+call per partition, all of them in one write on the batcher's own connection, so the cost per
+event is a share of a call and of a round trip. A `Step` stays open, taking more acks, until
+its batch is sent: a session that handles several events in one turn acknowledges them in one
+step.
 """
 
 from __future__ import annotations
@@ -74,8 +75,6 @@ class StepBatcher:
         self._count, self._retention_ms = count, retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
-        self.batches = 0
-        self.calls = 0
 
     def submit(self, step: Step) -> None:
         """Queue `step` for the next batch; it may change until it is `sent`."""
@@ -91,8 +90,6 @@ class StepBatcher:
                 for step in batch:
                     step.sent = True
                 await self._send(batch)
-                self.batches += 1
-                self.calls += len(batch)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._connection.disconnect()

@@ -43,8 +43,8 @@ class SessionRow(msgspec.Struct, frozen=True):
 
 class EventRow(msgspec.Struct, frozen=True):
     """One entry of a stream, decoded; `progress` says per group: ``done`` (acknowledged),
-    ``pending`` (delivered, being handled or retried) or ``waiting`` (not handed to a
-    handler yet: not read, or read ahead and given back)."""
+    ``pending`` (read by a worker: being handled or retried, or next in its batch) or
+    ``waiting`` (not read yet, or read ahead and given back)."""
 
     id: str
     seq: int
