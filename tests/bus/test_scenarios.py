@@ -86,19 +86,25 @@ async def test_kill_9_of_a_worker_loses_nothing_and_duplicates_only_in_flight_ev
     procs = [workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"}) for _ in range(4)]
     await settled(bus, "recorder", 4)
     victim = procs[0]
+    expected = dict.fromkeys((f"call-{i}" for i in range(200)), 50)
+    killed = anyio.Event()
+
+    async def publish_all(session: str) -> None:  # the last 30 of each once the victim is dead
+        for i in range(1, 51):
+            if i == 21:
+                await killed.wait()
+            await bus.publish(session, Tick(n=i), final=i == 50)
+
     async with anyio.create_task_group() as tg:
-        expected: dict[str, int] = {}
-
-        async def publish_all() -> None:
-            expected.update(await publish(bus, (f"call-{i}" for i in range(200)), 50))
-
-        tg.start_soon(publish_all)
+        for session in expected:
+            tg.start_soon(publish_all, session)
 
         async def victim_busy() -> bool:
             return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 300
 
         await wait_for(victim_busy, what="the victim to handle 300 events")
         workers.kill(victim)
+        killed.set()
 
     async def all_handled() -> bool:
         return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 10_000
@@ -124,18 +130,23 @@ async def test_a_joining_worker_takes_partitions_and_a_graceful_stop_duplicates_
 ) -> None:
     procs = [workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"}) for _ in range(4)]
     await settled(bus, "recorder", 4)
+    expected = dict.fromkeys((f"call-{i}" for i in range(200)), 50)
+    joined = anyio.Event()
+
+    async def publish_all(session: str) -> None:  # the last 30 of each once the fifth is in
+        for i in range(1, 51):
+            if i == 21:
+                await joined.wait()
+            await bus.publish(session, Tick(n=i), final=i == 50)
+
     async with anyio.create_task_group() as tg:
-        expected: dict[str, int] = {}
-
-        async def publish_all() -> None:
-            expected.update(await publish(bus, (f"call-{i}" for i in range(200)), 50))
-
-        tg.start_soon(publish_all)
-
+        for session in expected:
+            tg.start_soon(publish_all, session)
         await wait_for(lambda: progressed(bus, 1_000), what="1,000 events")
         fifth = workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
         await settled(bus, "recorder", 5)
-        await wait_for(lambda: progressed(bus, 4_000), limit=60, what="4,000 events")
+        joined.set()
+        await wait_for(lambda: progressed(bus, 5_000), limit=60, what="5,000 events")
         log = workers.terminate(procs[1])
         assert procs[1].returncode == 0, log
         assert "worker_stopped" in log
