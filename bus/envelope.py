@@ -81,8 +81,7 @@ class Codec:
         return payload
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(msgspec.Struct, frozen=True):
     """One stream entry with its envelope checked; the payload is still JSON."""
 
     id: str
@@ -90,25 +89,24 @@ class Entry:
     seq: int
     ts: int
     data: bytes
-    extra: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, str] = msgspec.field(default_factory=dict)
 
     @classmethod
     def parse(cls, entry_id: str, raw: Mapping[bytes, bytes], *, max_data: int) -> Entry:
         """Check the envelope fields of a raw entry; raise `DecodeError` with the reason."""
-        if raw.keys() <= _KNOWN_FIELDS and len(raw) >= 4 and b"data" in raw:  # the usual case
-            data = raw[b"data"]
-            if len(data) <= max_data:
-                try:
-                    return cls(
-                        entry_id,
-                        raw[b"type"].decode(),
-                        int(raw[b"seq"]),
-                        int(raw[b"ts"]),
-                        data,
-                        {k.decode(): v.decode() for k, v in raw.items() if k in _OPTIONAL},
+        if raw.keys() <= _KNOWN_FIELDS:  # the usual case, checked quickly
+            try:
+                data = raw[b"data"]
+                if len(data) <= max_data:
+                    extra = (
+                        {k.decode(): v.decode() for k, v in raw.items() if k in _OPTIONAL}
+                        if len(raw) > 4
+                        else {}
                     )
-                except (KeyError, UnicodeDecodeError, ValueError):
-                    pass  # the thorough check below says what is wrong
+                    type_, seq, ts = raw[b"type"].decode(), int(raw[b"seq"]), int(raw[b"ts"])
+                    return cls(entry_id, type_, seq, ts, data, extra)
+            except (KeyError, UnicodeDecodeError, ValueError):
+                pass  # the thorough check below says what is wrong
         try:
             fields = {k.decode(): v for k, v in raw.items()}
         except UnicodeDecodeError:
