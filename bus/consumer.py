@@ -562,8 +562,8 @@ class _Run:
         the way go out again."""
         if not self._unconfirmed:
             return
-        done = [s for s in self._unconfirmed if s.done.is_set()]
-        self._unconfirmed = [s for s in self._unconfirmed if not s.done.is_set()]
+        done = [s for s in self._unconfirmed if s.done]
+        self._unconfirmed = [s for s in self._unconfirmed if not s.done]
         for step in done:
             if step.error is not None:
                 self._raise_if_fenced(step.error)

@@ -38,9 +38,10 @@ class Step:
     give: Sequence[scripts.Arg] = ()
     verdict: Sequence[scripts.Arg] = ()
     sent: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: bool = False
     result: Any = None
     error: BaseException | None = None
+    _waiter: anyio.Event | None = None  # made only for a step someone waits for
 
     def args(self) -> list[scripts.Arg]:
         return [
@@ -55,7 +56,9 @@ class Step:
 
     async def reply(self) -> Any:
         """Wait for the step's batch; its reply, or its error raised."""
-        await self.done.wait()
+        if not self.done:
+            self._waiter = anyio.Event()
+            await self._waiter.wait()
         if self.error is not None:
             raise self.error
         return self.result
@@ -118,4 +121,6 @@ class StepBatcher:
                     step.error = ResponseError(result[i][1].decode(errors="replace"))
                 else:
                     step.result = result[i]
-                step.done.set()
+                step.done = True
+                if step._waiter is not None:
+                    step._waiter.set()
