@@ -361,7 +361,8 @@ class Consumer:
                     await self._follow(run)
                     return
                 run.read = "p"  # a step cut short may have read entries: the pending list has them
-                if run.done < len(run.entries):  # else the handler swallowed the cancellation
+                if run.timed_out:  # else the handler swallowed the cancellation, and returned
+                    run.timed_out = False
                     raw_id, raw_fields = run.entries[run.done]
                     error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
                     run.then(await self._failed(raw_id.decode(), raw_fields, run.deliveries, error))
@@ -369,8 +370,8 @@ class Consumer:
             part.sessions.pop(session, None)
 
     async def _follow(self, run: _Run) -> None:
-        """Read up to `read_batch` entries per step, handle them one by one, acknowledge each
-        as its handler returns, until a read finds nothing new. Anything irregular (a retry, a
+        """Read up to `read_batch` entries per step, handle them one by one, each acknowledged
+        before the next one starts, until a read finds nothing new. Anything irregular (a retry, a
         dead letter, a drain) gives the rest of the batch back and goes on from the pending
         list, which then holds the truth."""
         part, session = run.part, run.session
@@ -393,8 +394,10 @@ class Consumer:
                 if settle is not _ACK:
                     run.then(settle)
                     break
-                run.ack(raw_id)
+                run.acks.append(raw_id)
                 run.done, run.deliveries = run.done + 1, 1
+                if run.done < len(run.entries):  # the next handling starts once this is acked
+                    await run.call("")
 
     async def _handle(
         self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
@@ -434,6 +437,9 @@ class Consumer:
             self._running[run] = time.monotonic() + self.settings.handler_timeout_seconds
             await service.handle(delivery)
             error = ""
+        except anyio.get_cancelled_exc_class():
+            run.timed_out = run.scope is not None and run.scope.cancel_called
+            raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -523,8 +529,7 @@ class _Slots:
 
 
 class _Run:
-    """One session's handling by this worker: its acks, which need no waiting (they join the
-    session's open step until its batch is sent), and its waited steps."""
+    """One session's handling by this worker: the batch it read, and its steps."""
 
     def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
         self.consumer, self.part, self.session = consumer, part, session
@@ -534,45 +539,13 @@ class _Run:
         self.context = _Context(consumer, part, session)
         self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
         self.read = "p"  # the next read; the first replays what a previous owner left pending
-        self.give: list[bytes] = []  # settled by the next step...
+        self.acks: list[bytes] = []  # settled by the next step...
+        self.give: list[bytes] = []
         self.verdict: tuple[Arg, ...] = ()
         self.entries: list[Any] = []  # the last batch read, `done` of them handled
         self.done = 0
         self.deliveries = 0  # of the next entry to handle
-        self._open: Step | None = None  # queued, not sent: more acks may join it
-        self._unconfirmed: list[Step] = []  # sent acks nobody waits for
-
-    def _new_step(self) -> Step:
-        consumer = self.consumer
-        step = Step(self.stream, self.lease, self.part.token)
-        consumer._steps.submit(step)
-        return step
-
-    def ack(self, entry_id: bytes) -> None:
-        """Acknowledge a handled entry with the session's next step, without waiting."""
-        step = self._open
-        if step is None or step.sent:
-            self._confirm()
-            step = self._open = self._new_step()
-            self._unconfirmed.append(step)
-        step.acks.append(entry_id)
-
-    def _confirm(self) -> None:
-        """Check the acks sent unwaited: fenced ends the session; acks whose call failed on
-        the way go out again."""
-        if not self._unconfirmed:
-            return
-        done = [s for s in self._unconfirmed if s.done]
-        self._unconfirmed = [s for s in self._unconfirmed if not s.done]
-        for step in done:
-            if step.error is not None:
-                self._raise_if_fenced(step.error)
-                for entry_id in step.acks:
-                    self.ack(entry_id)
-
-    def _raise_if_fenced(self, error: BaseException) -> None:
-        if str(error).startswith("FENCED"):
-            raise FencedError(self.consumer.service.name, self.part.number, self.stream)
+        self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
 
     def then(self, settle: _Settle | None) -> None:
         """After the entry at `done` was not simply handled: give back the rest of the batch,
@@ -583,25 +556,20 @@ class _Run:
             self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
 
     async def call(self, read: str) -> list[Any]:
-        """A step that settles (`give`, `verdict`, the acks not sent yet) and reads (`read`,
-        see ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
-        give, verdict = self.give, self.verdict
-        self.give, self.verdict = [], ()
-        self._confirm()
-        step = self._open
-        if step is None or step.sent:
-            step = self._new_step()
-        else:
-            self._unconfirmed.remove(step)
-        self._open = None
-        step.read, step.give, step.verdict = read, give, verdict
+        """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see
+        ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
+        acks, give, verdict = self.acks, self.give, self.verdict
+        self.acks, self.give, self.verdict = [], [], ()
         for attempt in range(1, 1_000_000):
+            step = Step(self.stream, self.lease, self.part.token, acks, read, give, verdict)
+            self.consumer._steps.submit(step)
             try:
                 reply: list[Any] = await step.reply()
-                self._confirm()
                 return reply
             except ResponseError as exc:
-                self._raise_if_fenced(exc)
+                if str(exc).startswith("FENCED"):
+                    group, p = self.consumer.service.name, self.part.number
+                    raise FencedError(group, p, self.stream) from None
                 error: Exception = exc
             except TRANSIENT as exc:
                 error = exc
@@ -611,9 +579,7 @@ class _Run:
                 "step_failed", session=self.session, error=str(error), attempt=attempt
             )
             await anyio.sleep(_backoff(attempt))
-            acks, step = step.acks, self._new_step()
-            step.acks, step.give, step.verdict = acks, give, verdict
-            step.read = "p" if read else ""
+            read = "p" if read else ""
         raise AssertionError("unreachable")
 
 

@@ -3,15 +3,13 @@
 Each session handles one event at a time, but hundreds of sessions step at once. `StepBatcher`
 collects the steps made during one turn of the event loop and sends them together: one script
 call per partition, all of them in one write on the batcher's own connection, so the cost per
-event is a share of a call and of a round trip. A `Step` stays open, taking more acks, until
-its batch is sent: a session that handles several events in one turn acknowledges them in one
-step.
+event is a share of a call and of a round trip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -33,15 +31,13 @@ class Step:
     stream: str
     lease: str
     token: str
-    acks: list[bytes] = field(default_factory=list)
+    acks: Sequence[bytes] = ()
     read: str = ""
-    give: Sequence[scripts.Arg] = ()
+    give: Sequence[bytes] = ()
     verdict: Sequence[scripts.Arg] = ()
-    sent: bool = False
-    done: bool = False
+    done: anyio.Event | None = None  # its batch's, set once the batch's replies are in
     result: Any = None
     error: BaseException | None = None
-    _waiter: anyio.Event | None = None  # made only for a step someone waits for
 
     def args(self) -> list[scripts.Arg]:
         return [
@@ -56,9 +52,8 @@ class Step:
 
     async def reply(self) -> Any:
         """Wait for the step's batch; its reply, or its error raised."""
-        if not self.done:
-            self._waiter = anyio.Event()
-            await self._waiter.wait()
+        assert self.done is not None, "submit the step first"
+        await self.done.wait()
         if self.error is not None:
             raise self.error
         return self.result
@@ -78,9 +73,11 @@ class StepBatcher:
         self._count, self._retention_ms = count, retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
+        self._done = anyio.Event()  # the next batch's
 
     def submit(self, step: Step) -> None:
-        """Queue `step` for the next batch; it may change until it is `sent`."""
+        """Queue `step` for the next batch."""
+        step.done = self._done
         self._queue.append(step)
         self._ready.set()
 
@@ -90,9 +87,9 @@ class StepBatcher:
                 await self._ready.wait()
                 self._ready = anyio.Event()
                 batch, self._queue = self._queue, []
-                for step in batch:
-                    step.sent = True
+                done, self._done = self._done, anyio.Event()
                 await self._send(batch)
+                done.set()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._connection.disconnect()
@@ -121,6 +118,3 @@ class StepBatcher:
                     step.error = ResponseError(result[i][1].decode(errors="replace"))
                 else:
                     step.result = result[i]
-                step.done = True
-                if step._waiter is not None:
-                    step._waiter.set()
