@@ -19,6 +19,7 @@ from bus import (
     Service,
     Settings,
 )
+from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
 from tests.support import raw, wait_for
@@ -242,3 +243,22 @@ async def test_a_handler_that_swallows_its_timeout_does_not_stop_the_session(
             await wait_for(lambda: seen == [1, 2], what="both events, once each")
             await bus.publish("call-1", Tick(n=3))
             await wait_for(lambda: seen == [1, 2, 3], what="the session to go on")
+
+
+async def test_a_fenced_owner_never_starts_the_next_event_of_the_session(bus: Bus) -> None:
+    seen: list[int] = []
+    p = bus.keys.partition("call-1")
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+        if d.seq == 1:  # meanwhile another worker takes the partition (this one stalled, say)
+            await raw(bus).delete(bus.keys.lease(p, "svc"))
+            thief = Leases(bus.redis, bus.keys, "svc", "thief", ttl_ms=60_000)
+            assert await thief.acquire([p])
+
+    for n in (1, 2, 3):  # read in one batch: 2 and 3 wait in this worker
+        await bus.publish("call-1", Tick(n=n))
+    async with running(bus, Service("svc", handle, Codec([Tick]))) as consumer:
+        await wait_for(lambda: consumer.stats.partitions_lost == 1, what="the partition lost")
+        assert p not in consumer.partitions
+    assert seen == [1]  # its ack was refused, so it stopped before seq 2
