@@ -2,10 +2,12 @@
 
 The worker joins the group's membership, takes the leases of the partitions the balanced
 assignment gives it, and handles the sessions of those partitions: every session one event at a
-time, in stream order, many sessions at once. Each step (settle the previous entry, read the
-next) is one fenced script call, batched with other sessions' steps (see `steps`).
+time, in stream order, many sessions at once. A session reads up to `read_batch` entries per
+step and acknowledges each before its next one starts; every step (acknowledge, settle a
+failure, give back, read) is fenced by the partition's lease and batched with the other
+sessions' steps (see `steps`).
 
-A new owner's first step in a session returns the entry the previous owner left pending, so
+A new owner's first steps in a session return the entries the previous owner left pending, so
 inherited work is replayed in id order before anything new. A failing handler is retried with
 backoff at the head of its session; after `max_deliveries` the entry is dead-lettered and the
 session goes on (or pauses, by policy). Stopping drains: in-flight handlers finish, their acks
