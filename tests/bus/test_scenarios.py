@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Iterable
+from functools import partial
 
 import anyio
 import pytest
@@ -27,13 +28,21 @@ RECORDER = "tests.apps.recorder:service"
 
 
 async def publish(
-    bus: Bus, sessions: Iterable[str], events: int, fail: Collection[int] = ()
+    bus: Bus,
+    sessions: Iterable[str],
+    events: int,
+    fail: Collection[int] = (),
+    *,
+    hold: tuple[int, anyio.Event] | None = None,
 ) -> dict[str, int]:
-    """Publish `events` ticks to each session, sessions concurrently, each in order."""
+    """Publish `events` ticks to each session, sessions concurrently, each in order; with
+    `hold` (n, event), tick n and later wait for the event."""
     sessions = list(sessions)
 
     async def one(session: str) -> None:
         for i in range(1, events + 1):
+            if hold and i == hold[0]:
+                await hold[1].wait()
             await bus.publish(session, Tick(n=i, fail=i in fail), final=i == events)
 
     async with anyio.create_task_group() as tg:
@@ -88,16 +97,8 @@ async def test_kill_9_of_a_worker_loses_nothing_and_duplicates_only_in_flight_ev
     victim = procs[0]
     expected = dict.fromkeys((f"call-{i}" for i in range(200)), 50)
     killed = anyio.Event()
-
-    async def publish_all(session: str) -> None:  # the last 30 of each once the victim is dead
-        for i in range(1, 51):
-            if i == 21:
-                await killed.wait()
-            await bus.publish(session, Tick(n=i), final=i == 50)
-
-    async with anyio.create_task_group() as tg:
-        for session in expected:
-            tg.start_soon(publish_all, session)
+    async with anyio.create_task_group() as tg:  # the last 30 of each once the victim is dead
+        tg.start_soon(partial(publish, bus, expected, 50, hold=(21, killed)))
 
         async def victim_busy() -> bool:
             return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 300
@@ -132,16 +133,8 @@ async def test_a_joining_worker_takes_partitions_and_a_graceful_stop_duplicates_
     await settled(bus, "recorder", 4)
     expected = dict.fromkeys((f"call-{i}" for i in range(200)), 50)
     joined = anyio.Event()
-
-    async def publish_all(session: str) -> None:  # the last 30 of each once the fifth is in
-        for i in range(1, 51):
-            if i == 21:
-                await joined.wait()
-            await bus.publish(session, Tick(n=i), final=i == 50)
-
-    async with anyio.create_task_group() as tg:
-        for session in expected:
-            tg.start_soon(publish_all, session)
+    async with anyio.create_task_group() as tg:  # the last 30 of each once the fifth is in
+        tg.start_soon(partial(publish, bus, expected, 50, hold=(21, joined)))
         await wait_for(lambda: progressed(bus, 1_000), what="1,000 events")
         fifth = workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
         await settled(bus, "recorder", 5)
