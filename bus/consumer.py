@@ -379,7 +379,10 @@ class Consumer:
         part, session = run.part, run.session
         while True:
             part.sessions[session] = False
-            reply = await run.call("" if part.draining else run.read)
+            if part.draining:  # settle what was handled, read nothing more
+                await run.call("")
+                return
+            reply = await run.call(run.read)
             if reply[0] != b"entries":
                 if reply[0] == b"idle" and part.sessions[session] and not part.draining:
                     run.read = ">"
@@ -557,16 +560,15 @@ class _Run:
         if settle is not None:
             self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
 
-    async def call(self, read: str) -> list[Any]:
+    async def call(self, read: str) -> Any:
         """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see
         ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
         acks, give, verdict = self.acks, self.give, self.verdict
         self.acks, self.give, self.verdict = [], [], ()
         for attempt in range(1, 1_000_000):
             step = Step(self.stream, self.lease, self.part.token, acks, read, give, verdict)
-            self.consumer._steps.submit(step)
             try:
-                reply: list[Any] = await step.reply()
+                reply: Any = await self.consumer._steps.submit(step)
                 return reply
             except ResponseError as exc:
                 if str(exc).startswith("FENCED"):

@@ -8,6 +8,7 @@ event is a share of a call and of a round trip.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,8 @@ BATCH_TIMEOUT_SECONDS = 10.0
 
 @dataclass(slots=True, eq=False)
 class Step:
-    """One session's step (see ``lua/step.lua`` for the fields)."""
+    """One session's step (see ``lua/step.lua`` for the fields); await `future` for its reply
+    (a transient or response error is raised from it)."""
 
     stream: str
     lease: str
@@ -35,11 +37,11 @@ class Step:
     read: str = ""
     give: Sequence[bytes] = ()
     verdict: Sequence[scripts.Arg] = ()
-    done: anyio.Event | None = None  # its batch's, set once the batch's replies are in
-    result: Any = None
-    error: BaseException | None = None
+    future: asyncio.Future[Any] | None = None  # set by `StepBatcher.submit`
 
     def args(self) -> list[scripts.Arg]:
+        if len(self.acks) == 1 and not (self.read or self.give or self.verdict):
+            return ["a", self.acks[0]]  # the common step, in its short form
         return [
             self.read,
             len(self.acks),
@@ -50,19 +52,15 @@ class Step:
             *self.verdict,
         ]
 
-    async def reply(self) -> Any:
-        """Wait for the step's batch; its reply, or its error raised."""
-        assert self.done is not None, "submit the step first"
-        await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
 
 class StepBatcher:
     """Sends `Step`s in shared batches, one at a time, on a connection of its own; each read
     takes up to `count` entries, a retiring session's keys live `retention_ms`. Start `run()`
-    in a task group first."""
+    in a task group first.
+
+    A step's reply comes in an asyncio future of its own, the cheapest wait there is; a waiter
+    that is cancelled cancels only its own future. (The bus runs on asyncio, as redis-py does.)
+    """
 
     def __init__(self, settings: Settings, *, count: int, retention_ms: int) -> None:
         pool = ConnectionPool.from_url(
@@ -73,13 +71,16 @@ class StepBatcher:
         self._count, self._retention_ms = count, retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
-        self._done = anyio.Event()  # the next batch's
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, step: Step) -> None:
-        """Queue `step` for the next batch."""
-        step.done = self._done
+    def submit(self, step: Step) -> asyncio.Future[Any]:
+        """Queue `step` for the next batch; return the future of its reply."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        step.future = future = self._loop.create_future()
         self._queue.append(step)
         self._ready.set()
+        return future
 
     async def run(self) -> None:
         try:
@@ -87,9 +88,7 @@ class StepBatcher:
                 await self._ready.wait()
                 self._ready = anyio.Event()
                 batch, self._queue = self._queue, []
-                done, self._done = self._done, anyio.Event()
                 await self._send(batch)
-                done.set()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._connection.disconnect()
@@ -110,11 +109,22 @@ class StepBatcher:
         except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
             await self._connection.disconnect(nowait=True)
             results = [exc] * len(calls)
+        except BaseException:
+            for step in batch:  # cancelled: nobody is left to wait
+                assert step.future is not None
+                step.future.cancel()
+            raise
         for steps, result in zip(by_lease.values(), results, strict=True):
             for i, step in enumerate(steps):
+                future = step.future
+                assert future is not None
+                if future.done():  # its waiter was cancelled
+                    continue
                 if isinstance(result, BaseException):
-                    step.error = result
-                elif result[i][0] == b"error":
-                    step.error = ResponseError(result[i][1].decode(errors="replace"))
+                    future.set_exception(result)
+                    continue
+                reply = result[i]
+                if type(reply) is list and reply[0] == b"error":
+                    future.set_exception(ResponseError(reply[1].decode(errors="replace")))
                 else:
-                    step.result = result[i]
+                    future.set_result(reply)

@@ -4,7 +4,8 @@
 -- handled now, then reads what comes next.
 -- KEYS: lease (<tag>:lease:<group>) then one stream (<tag>:session:<sid>) per step. The other
 -- keys are named from these; they share the hash tag, so the slot.
--- ARGV: token count retention_ms, then per step:
+-- ARGV: token count retention_ms, then per step either
+--       'a' ack_id  (acknowledge one entry, nothing else: the common step, kept short), or
 --       read nacks ack_id... ngive give_id... nverdict [verdict entry deliveries error field...]
 --   read: '>' (up to count new entries), 'p' (the head of our pending list, COUNT 1: an entry
 --   inherited from a previous owner or being retried; else as '>') or '' (settle only)
@@ -12,8 +13,8 @@
 --   so whoever reads them next counts a first delivery
 --   verdict: 'skip' (dead-letter and ack) or 'pause' (dead-letter, keep pending, pause)
 -- Returns one reply per step: {'entries', replayed, deliveries, {id, fields}...} (deliveries of
--- the first entry; the others are first deliveries) | {'idle'} | {'paused'} | {'gone'} |
--- {'error', message} (that step failed; the others stand).
+-- the first entry; the others are first deliveries) | {'idle'} | {'paused'} | {'gone'} | 0 (an
+-- 'a' step done) | {'error', message} (that step failed; the others stand).
 local k_lease = KEYS[1]
 local tag, group = string.match(k_lease, '^(.*):lease:(.*)$')
 local consumer = 'p' .. string.match(tag, '{(%d+)}$')
@@ -92,11 +93,18 @@ end
 
 local replies, at = {}, 4
 for i = 2, #KEYS do
-  local ok, reply = pcall(step, KEYS[i], at)
+  local ok, reply
+  if ARGV[at] == 'a' then
+    ok, reply = true, redis.pcall('XACK', KEYS[i], group, ARGV[at + 1])
+    if type(reply) == 'table' then ok = false else reply = 0 end
+    at = at + 2
+  else
+    ok, reply = pcall(step, KEYS[i], at)
+    at = after(at)
+  end
   if not ok then  -- that session's step failed; the others stand
     reply = {'error', tostring(type(reply) == 'table' and reply.err or reply)}
   end
-  replies[#replies + 1] = reply
-  at = after(at)
+  replies[i - 1] = reply
 end
 return replies

@@ -137,3 +137,21 @@ async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(bus: Bu
     replies = await s.STEP(bus.redis, keys, [token, 32, 1000, *one_step * 3])
     assert [r[0] for r in replies] == [b"entries", b"entries", b"error"]
     assert b"WRONGTYPE" in replies[2][1]
+
+
+async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(bus: Bus) -> None:
+    sessions = [f"call-{i}" for i in range(200)]
+    p = bus.keys.partition(sessions[0])
+    good, bad = [x for x in sessions if bus.keys.partition(x) == p][:2]
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([p])).values()
+    for n in (1, 2):
+        await bus.publish(good, Tick(n=n))
+    reply = await step(bus, good, token, ">")
+    first = reply[3][0]
+    await raw(bus).set(bus.keys.session(bad), "not a stream")
+    keys = [bus.keys.lease(p, "g"), bus.keys.session(good), bus.keys.session(bad)]
+    replies = await s.STEP(bus.redis, keys, [token, 32, 1000, "a", first, "a", first])
+    assert replies[0] == 0 and replies[1][0] == b"error" and b"WRONGTYPE" in replies[1][1]
+    pending = await bus.redis.xpending(bus.keys.session(good), "g")
+    assert pending["pending"] == 1 and pending["min"] == reply[4][0]  # only the second is left
