@@ -437,7 +437,8 @@ class Consumer:
             run.context,
         )
         structlog.contextvars.bind_contextvars(type=entry.type, seq=entry.seq)
-        await self._slots.acquire()
+        if not self._slots.take():
+            await self._slots.acquire()
         try:
             self._running[run] = time.monotonic() + self.settings.handler_timeout_seconds
             await service.handle(delivery)
@@ -511,9 +512,15 @@ class _Slots:
         self.free = total
         self._waiters: deque[anyio.Event] = deque()
 
-    async def acquire(self) -> None:
+    def take(self) -> bool:
+        """Take a free slot if there is one (no waiting, no coroutine: the common case)."""
         if self.free > 0 and not self._waiters:
             self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take():
             return
         event = anyio.Event()
         self._waiters.append(event)

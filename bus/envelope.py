@@ -70,13 +70,14 @@ class Codec:
         return Codec([*self.types.values(), *other.types.values()])
 
     def decode(self, name: str, data: bytes) -> Payload:
-        if name not in self.types:
+        expected = self.types.get(name)
+        if expected is None:
             raise DecodeError(f"unknown type {name!r}")
         try:
             payload: Payload = self._decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise DecodeError(f"invalid data for {name!r}: {exc}") from None
-        if type_name(type(payload)) != name:
+        if type(payload) is not expected:
             raise DecodeError(f"field type is {name!r} but data is {type_name(type(payload))!r}")
         return payload
 
