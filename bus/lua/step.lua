@@ -54,10 +54,14 @@ local function step(k_stream, at)
   local nverdict = tonumber(ARGV[at])
   if nverdict > 0 then
     local verdict, entry = ARGV[at + 1], ARGV[at + 2]
-    local dead = {'session', sid, 'group', group, 'entry', entry, 'deliveries', ARGV[at + 3],
-                  'error', ARGV[at + 4], 'policy', verdict}
-    for i = at + 5, at + nverdict do dead[#dead + 1] = ARGV[i] end
-    redis.call('XADD', tag .. ':dead', '*', unpack(dead))
+    -- A step sent again after its reply was lost finds the entry settled: no second letter.
+    local unsettled = #redis.call('XPENDING', k_stream, group, entry, entry, 1) == 1
+    if unsettled and redis.call('HGET', k_paused, sid) ~= entry then
+      local dead = {'session', sid, 'group', group, 'entry', entry, 'deliveries', ARGV[at + 3],
+                    'error', ARGV[at + 4], 'policy', verdict}
+      for i = at + 5, at + nverdict do dead[#dead + 1] = ARGV[i] end
+      redis.call('XADD', tag .. ':dead', '*', unpack(dead))
+    end
     if verdict == 'pause' then
       redis.call('HSET', k_paused, sid, entry)
       return {'paused'}

@@ -25,9 +25,11 @@ async def step(
     read: str,
     acks: Sequence[bytes] = (),
     give: Sequence[bytes] = (),
+    verdict: Sequence[s.Arg] = (),
 ) -> Any:
     keys = [bus.keys.lease(bus.keys.partition(session), "g"), bus.keys.session(session)]
-    args: list[s.Arg] = [token, 32, 1000, read, len(acks), *acks, len(give), *give, 0]
+    args: list[s.Arg] = [token, 32, 1000, read, len(acks), *acks, len(give), *give]
+    args += [len(verdict), *verdict]
     [reply] = await s.STEP(bus.redis, keys, args)
     return reply
 
@@ -155,3 +157,20 @@ async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(bus:
     assert replies[0] == 0 and replies[1][0] == b"error" and b"WRONGTYPE" in replies[1][1]
     pending = await bus.redis.xpending(bus.keys.session(good), "g")
     assert pending["pending"] == 1 and pending["min"] == reply[4][0]  # only the second is left
+
+
+@pytest.mark.parametrize("policy", ["skip", "pause"])
+async def test_a_verdict_sent_again_after_a_lost_reply_writes_one_dead_letter(
+    bus: Bus, policy: str
+) -> None:
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([bus.keys.partition("call-1")])).values()
+    await bus.publish("call-1", Tick(n=1))
+    [entry, _fields] = (await step(bus, "call-1", token, ">"))[3]
+    verdict = (policy, entry, 3, "ValueError: boom", b"type", b"tick")
+    for _ in range(2):  # the second is the retry of a step whose reply was lost
+        await step(bus, "call-1", token, "", verdict=verdict)
+    letters = await raw(bus).xrange(bus.keys.dead(bus.keys.partition("call-1")))
+    assert [fields[b"entry"] for _, fields in letters] == [entry]
+    pending = await bus.redis.xpending(bus.keys.session("call-1"), "g")
+    assert pending["pending"] == (1 if policy == "pause" else 0)
