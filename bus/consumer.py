@@ -410,10 +410,8 @@ class Consumer:
         """Run the handler for one entry; say how to settle it (None: retry it, after the
         backoff this waited)."""
         service = self.service
-        pairs = iter(raw_fields)  # field, value, field, value...
-        fields = dict(zip(pairs, pairs, strict=False))
         try:
-            entry = Entry.parse(entry_id, fields, max_data=self.settings.max_payload_bytes)
+            entry = Entry.from_flat(entry_id, raw_fields, max_data=self.settings.max_payload_bytes)
             if not service.wants(entry.type):
                 self.stats.skipped += 1
                 return _ACK

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bus import Codec, DecodeError, Entry, Payload, encode, type_name
 
@@ -66,3 +68,31 @@ def test_entry_parse_checks_the_envelope() -> None:
         Entry.parse("1-0", raw, max_data=1)
     with pytest.raises(DecodeError, match="missing field"):
         Entry.parse("1-0", {b"type": b"left"}, max_data=10)
+
+
+_FIELD = st.sampled_from([b"type", b"seq", b"ts", b"data", b"traceparent", b"\xff", b"x"])
+_VALUE = st.sampled_from([b"left", b"3", b"-1", b"17", b"{}", b"", b"\xff\xfe", b"1e3", b" 4"])
+
+
+@given(
+    st.one_of(
+        st.tuples(_VALUE, _VALUE, _VALUE, _VALUE).map(
+            lambda v: [b"type", v[0], b"seq", v[1], b"ts", v[2], b"data", v[3]]
+        ),  # the publisher's layout, with any values
+        st.lists(st.tuples(_FIELD, _VALUE), max_size=6).map(
+            lambda pairs: [x for pair in pairs for x in pair]
+        ),
+    ),
+    st.integers(min_value=0, max_value=4),
+)
+def test_entry_from_a_flat_field_list_is_what_parse_says(raw: list[bytes], limit: int) -> None:
+    pairs = iter(raw)
+    try:
+        expected: Entry | str = Entry.parse("1-0", dict(zip(pairs, pairs)), max_data=limit)
+    except DecodeError as exc:
+        expected = str(exc)
+    try:
+        got: Entry | str = Entry.from_flat("1-0", raw, max_data=limit)
+    except DecodeError as exc:
+        got = str(exc)
+    assert got == expected
