@@ -87,8 +87,9 @@ _VALUE = st.sampled_from([b"left", b"3", b"-1", b"17", b"{}", b"", b"\xff\xfe", 
 )
 def test_entry_from_a_flat_field_list_is_what_parse_says(raw: list[bytes], limit: int) -> None:
     pairs = iter(raw)
+    fields = dict(zip(pairs, pairs, strict=False))
     try:
-        expected: Entry | str = Entry.parse("1-0", dict(zip(pairs, pairs)), max_data=limit)
+        expected: Entry | str = Entry.parse("1-0", fields, max_data=limit)
     except DecodeError as exc:
         expected = str(exc)
     try:
