@@ -110,7 +110,7 @@ class StepBatcher:
             await self._connection.disconnect(nowait=True)
             results = [exc] * len(calls)
         except BaseException:
-            for step in batch:  # cancelled: nobody is left to wait
+            for step in batch:  # cancelled (or broken): these steps get no reply
                 assert step.future is not None
                 step.future.cancel()
             raise
