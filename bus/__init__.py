@@ -5,6 +5,7 @@ key layout and the ordering contract.
 """
 
 from .client import Bus, Inbox, Message, Published, ServiceInfo
+from .connection import make_client
 from .consumer import Consumer, Handler, Service, Stats
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload, encode, type_name
 from .errors import (
@@ -48,5 +49,6 @@ __all__ = [
     "Stats",
     "check_session_id",
     "encode",
+    "make_client",
     "type_name",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import structlog
@@ -27,17 +28,36 @@ TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 POOL_SIZE = 32
 
 
-def make_client(settings: Settings, *, block_seconds: float | None = None) -> Redis:
-    """A client for `settings.url` with a bounded pool; a blocking reader gets a single
-    connection whose socket timeout is above its block time."""
+def _identity() -> dict[str, Any]:
+    """Connection options naming the client once per process. Without them redis-py (7.1 and
+    later) reads its own version from the package metadata for every new connection, about 2 ms
+    each: a pool growing under a burst of handlers stalled its worker for tens of ms."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # an older redis-py reads it once, at import
+        return {}
+    return {"driver_info": DriverInfo()}
+
+
+#: Options every connection of the bus is made with (see `_identity`).
+CONNECTION_OPTIONS: dict[str, Any] = _identity()
+
+
+def make_client(
+    settings: Settings, *, block_seconds: float | None = None, max_connections: int = POOL_SIZE
+) -> Redis:
+    """A client for `settings.url` with a pool of up to `max_connections` (callers beyond it
+    wait); a blocking reader (`block_seconds`) gets a single connection whose socket timeout is
+    above its block time."""
     timeout = 5.0 if block_seconds is None else block_seconds + 5.0
     try:
         pool = BlockingConnectionPool.from_url(
             settings.url,
-            max_connections=POOL_SIZE if block_seconds is None else 1,
+            max_connections=max_connections if block_seconds is None else 1,
             timeout=None,
             socket_timeout=timeout,
             socket_connect_timeout=5.0,
+            **CONNECTION_OPTIONS,
         )
         return Redis(connection_pool=pool)
     except ValueError as exc:

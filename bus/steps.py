@@ -9,6 +9,7 @@ event is a share of a call and of a round trip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from redis.asyncio import ConnectionPool
 from redis.exceptions import ResponseError
 
 from . import scripts
-from .connection import TRANSIENT
+from .connection import CONNECTION_OPTIONS, TRANSIENT
 from .settings import Settings
 
 #: A batch whose replies have not all come after this long fails as a connection error would.
@@ -64,7 +65,7 @@ class StepBatcher:
 
     def __init__(self, settings: Settings, *, count: int, retention_ms: int) -> None:
         pool = ConnectionPool.from_url(
-            settings.url, socket_timeout=None, socket_connect_timeout=5.0
+            settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
         )
         # It connects on first use, and again after a failure.
         self._connection = pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
@@ -84,6 +85,8 @@ class StepBatcher:
 
     async def run(self) -> None:
         try:
+            with contextlib.suppress(*TRANSIENT):  # now rather than at the first event's step
+                await self._connection.connect()
             while True:
                 await self._ready.wait()
                 self._ready = anyio.Event()

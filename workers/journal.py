@@ -18,9 +18,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
-from bus import Keys, Settings
+from bus import Keys, Settings, make_client
 from flows import EmitterRef, WorkerFlowManager
 
 
@@ -74,8 +74,7 @@ class Journal:
     def _client(self) -> Redis:
         if self._redis is None:
             settings = Settings.from_env()
-            pool = BlockingConnectionPool.from_url(settings.url, max_connections=16, timeout=10)
-            self._redis = Redis(connection_pool=pool)
+            self._redis = make_client(settings, max_connections=16)
             self._keys = Keys(settings.prefix, settings.partitions)
         return self._redis
 

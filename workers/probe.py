@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
-from bus import Codec, Delivery, Payload, Service, Settings
+from bus import Codec, Delivery, Payload, Service, Settings, make_client
 
 GROUP = "probe"
 #: Session names listed in a failed check, at most.
@@ -133,8 +133,10 @@ class _Recorder:
         assert isinstance(delivery.payload, ProbeTick)  # the codec knows no other type
         if self._redis is None:
             settings = Settings.from_env()
-            pool = BlockingConnectionPool.from_url(settings.url, max_connections=32, timeout=10)
-            self._redis, self._key = Redis(connection_pool=pool), handled_key(settings.prefix)
+            self._redis, self._key = (
+                make_client(settings, max_connections=32),
+                handled_key(settings.prefix),
+            )
         record = Handling(
             delivery.session,
             delivery.seq,

@@ -30,3 +30,18 @@ async def test_history_skips_entries_that_do_not_parse(fake_bus: Bus) -> None:
     await fake_bus.redis.xadd(stream, {"type": "a"})
     await fake_bus.redis.xadd(stream, {"type": "b", "seq": "2", "ts": "6", "data": "{}"})
     assert [(e.type, e.seq) for e in await fake_bus.history("call-1")] == [("a", 1), ("b", 2)]
+
+
+def test_every_connection_shares_one_client_identity() -> None:
+    from redis.driver_info import DriverInfo
+
+    from bus import make_client
+    from bus.connection import CONNECTION_OPTIONS
+    from bus.steps import StepBatcher
+
+    identity = CONNECTION_OPTIONS["driver_info"]  # redis-py looks its version up once, here
+    assert isinstance(identity, DriverInfo)
+    clients = [make_client(Settings()), make_client(Settings(), block_seconds=1.0)]
+    connections = [c.connection_pool.make_connection() for c in clients]
+    connections.append(StepBatcher(Settings(), count=1, retention_ms=1)._connection)
+    assert all(c.driver_info is identity for c in connections)
