@@ -42,6 +42,6 @@ def test_every_connection_shares_one_client_identity() -> None:
     identity = CONNECTION_OPTIONS["driver_info"]  # redis-py looks its version up once, here
     assert isinstance(identity, DriverInfo)
     clients = [make_client(Settings()), make_client(Settings(), block_seconds=1.0)]
-    connections = [c.connection_pool.make_connection() for c in clients]
+    connections = [c.connection_pool.make_connection() for c in clients]  # type: ignore[no-untyped-call]  # untyped in redis-py
     connections.append(StepBatcher(Settings(), count=1, retention_ms=1)._connection)
     assert all(c.driver_info is identity for c in connections)
