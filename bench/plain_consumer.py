@@ -4,8 +4,8 @@
 sessions ``i`` with ``i % OF == INDEX`` in the consumer group ``plain``: XREADGROUP over many
 streams at once (``>``, COUNT 100), each entry's data decoded with msgspec and passed to a no-op
 async handler, then one XACK per stream of the batch, pipelined. Prints ``ready`` once
-connected, starts on a ``go`` line on stdin, and prints ``{"events": n}`` when its streams are
-drained.
+connected, starts on a ``go`` line on stdin, prints ``{"events": n}`` when its streams are
+drained, and exits on the next line (or end) of stdin, so that its CPU time can be read first.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ async def main(url: str, prefix: str, sessions: int, index: int, of: int) -> Non
         await anyio.to_thread.run_sync(sys.stdin.readline)
         handled = await consume(redis, mine, f"c{index}")
         print(msgspec.json.encode({"events": handled}).decode(), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # alive until its CPU time is read
     finally:
         await redis.aclose()
 

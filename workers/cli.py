@@ -384,7 +384,7 @@ async def _with_bus(
 
 def _worker(args: argparse.Namespace) -> int:
     from .app import AppLoadError, load_service
-    from .runtime import serve
+    from .runtime import serve, tune_gc
 
     settings = _settings(args)
     port = (
@@ -402,6 +402,7 @@ def _worker(args: argparse.Namespace) -> int:
     except AppLoadError as exc:
         print(f"flowbus: {exc}", file=sys.stderr)
         return 2
+    tune_gc()
     try:
         anyio.run(
             lambda: serve(
