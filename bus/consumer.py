@@ -184,8 +184,10 @@ class Consumer:
                     self._lose(part, "lease_expired")
             return False
         self._last_renewal = anyio.current_time()
-        for p in lost:
-            self._lose(self._parts[p], "lease_lost")
+        for p in lost:  # unless it was handed back meanwhile (its drain ended, its lease freed)
+            mine = self._parts.get(p)
+            if mine is not None and mine.token == held[p]:
+                self._lose(mine, "lease_lost")
         desired = assign(members, self.settings.partitions).get(self.worker_id, set())
         for p, part in self._parts.items():
             if p not in desired and not part.draining:

@@ -19,6 +19,7 @@ from bus import (
     Service,
     Settings,
 )
+from bus.consumer import _Partition
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
@@ -262,3 +263,26 @@ async def test_a_fenced_owner_never_starts_the_next_event_of_the_session(bus: Bu
         await wait_for(lambda: consumer.stats.partitions_lost == 1, what="the partition lost")
         assert p not in consumer.partitions
     assert seen == [1]  # its ack was refused, so it stopped before seq 2
+
+
+async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_lost(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
+    consumer._parts[7] = _Partition(7, "3:w")
+
+    async def members(*, leave: bool = False) -> list[str]:
+        return ["other"]  # everything is the other worker's now
+
+    async def renew(tokens: dict[int, str]) -> set[int]:
+        del consumer._parts[7]  # its drain ended meanwhile, and released the lease
+        return {7}  # so it is no longer held
+
+    monkeypatch.setattr(consumer._leases, "heartbeat", members)
+    monkeypatch.setattr(consumer._leases, "renew", renew)
+    await consumer._rebalance()  # a KeyError here stopped the whole worker
+    assert consumer.stats.partitions_lost == 0
+
+
+async def _ignore(d: Delivery) -> None:
+    pass
