@@ -29,9 +29,10 @@ POOL_SIZE = 32
 
 
 def _identity() -> dict[str, Any]:
-    """Connection options naming the client once per process. Without them redis-py (7.1 and
-    later) reads its own version from the package metadata for every new connection, about 2 ms
-    each: a pool growing under a burst of handlers stalled its worker for tens of ms."""
+    """Connection options naming the client once per process. Without them a recent redis-py
+    (8.1 here) reads its own version from the package metadata for every new connection, about
+    2 ms each: while a pool grew under a worker's first burst of handlers, events waited tens
+    of ms."""
     try:
         from redis.driver_info import DriverInfo
     except ImportError:  # an older redis-py reads it once, at import

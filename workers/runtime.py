@@ -3,7 +3,7 @@
 Around the service's handler the runtime adds what every deployment wants: replays of dead
 letters (`workers.replay`), the event's W3C ``traceparent`` bound in the logs next to the
 session, type and seq the consumer binds, and, with a metrics port, Prometheus metrics
-(`workers.metrics`).
+(`workers.metrics`). A worker process also sets its garbage collector for the job (`tune_gc`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = structlog.get_logger("flowbus.worker")
 
 #: A worker process collects young garbage every this many allocations (Python's default is
 #: 700). Handling allocates a few objects per event, nearly all short-lived; collecting them
-#: every 700 allocations, and promoting the survivors, cost about a quarter of a worker's CPU
+#: every 700 allocations, and promoting the survivors, cost about a fifth of a worker's CPU
 #: per event in benchmark 2.
 GC_THRESHOLD = 50_000
 
