@@ -79,8 +79,9 @@ class StepBatcher:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         step.future = future = self._loop.create_future()
+        if not self._queue:  # the first step of the next batch wakes the sender
+            self._ready.set()
         self._queue.append(step)
-        self._ready.set()
         return future
 
     async def run(self) -> None:

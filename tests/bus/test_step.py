@@ -8,10 +8,11 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, ServiceInfo
+from bus import Bus, ServiceInfo, Settings
 from bus import scripts as s
 from bus.consumer import _Slots
 from bus.ownership import Leases
+from bus.steps import Step, StepBatcher
 from tests.apps.recorder import Tick
 from tests.support import raw
 
@@ -174,3 +175,28 @@ async def test_a_verdict_sent_again_after_a_lost_reply_writes_one_dead_letter(
     assert [fields[b"entry"] for _, fields in letters] == [entry]
     pending = await bus.redis.xpending(bus.keys.session("call-1"), "g")
     assert pending["pending"] == (1 if policy == "pause" else 0)
+
+
+async def test_steps_and_scripts_go_on_after_the_server_lost_its_script_cache(
+    bus: Bus, settings: Settings
+) -> None:
+    p = bus.keys.partition("call-1")
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([p])).values()
+    stream, lease = bus.keys.session("call-1"), bus.keys.lease(p, "g")
+    await raw(bus).script_flush()  # a restart without persistence, or SCRIPT FLUSH
+    for n in (1, 2):
+        await bus.publish("call-1", Tick(n=n))  # a script called through the client
+    batcher = StepBatcher(settings, count=32, retention_ms=1000)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batcher.run)
+        await raw(bus).script_flush()
+        reply = await batcher.submit(Step(stream, lease, token, read=">"))  # on its connection
+        assert reply[:3] == [b"entries", 0, 1] and len(reply) == 5
+        await raw(bus).script_flush()
+        assert await batcher.submit(Step(stream, lease, token, acks=[reply[3][0]])) == 0
+        tg.cancel_scope.cancel()
+    await raw(bus).script_flush()
+    assert await leases.renew({p: token}) == set()  # several calls in one pipeline
+    pending = await bus.redis.xpending(stream, "g")
+    assert pending["pending"] == 1 and pending["min"] == reply[4][0]
