@@ -120,9 +120,7 @@ class Consumer:
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
         retention_ms = int(self.settings.retention_seconds * 1000)
-        self._steps = StepBatcher(
-            self.settings, count=self.settings.read_batch, retention_ms=retention_ms
-        )
+        self._steps = StepBatcher(self.settings, retention_ms=retention_ms)
         self._slots = _Slots(self.settings.concurrency)
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
         self._parts: dict[int, _Partition] = {}
@@ -389,12 +387,14 @@ class Consumer:
                 if reply[0] == b"idle" and part.sessions[session] and not part.draining:
                     run.read = ">"
                     continue
+                if run.give:  # read along, not to be handled now (the session is paused)
+                    await run.call("")
                 return
             run.read = "p" if reply[1] else ">"
             run.entries, run.deliveries, run.done = reply[3:], int(reply[2]), 0
             for raw_id, raw_fields in run.entries:
                 if part.draining:
-                    run.give = [e[0] for e in run.entries[run.done :]]
+                    run.give += [e[0] for e in run.entries[run.done :]]
                     break
                 entry_id = raw_id.decode()
                 settle = await self._handle(run, entry_id, raw_fields, run.deliveries)
@@ -545,9 +545,14 @@ class _Run:
 
     def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
         self.consumer, self.part, self.session = consumer, part, session
-        keys = consumer.keys
+        keys, group = consumer.keys, consumer.service.name
         self.stream = keys.session(session)
-        self.lease = keys.lease(part.number, consumer.service.name)
+        self.lease = keys.lease(part.number, group)
+        count, fence = consumer.settings.read_batch, consumer._leases.fence(part.number, part.token)
+        self.reader: tuple[Arg, ...] = (
+            *("XREADGROUP", "GROUP", group, keys.consumer(part.number), "COUNT", count),
+            *("STREAMS", fence, self.stream, ">", ">"),
+        )
         self.context = _Context(consumer, part, session)
         self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
         self.read = "p"  # the next read; the first replays what a previous owner left pending
@@ -562,7 +567,7 @@ class _Run:
     def then(self, settle: _Settle | None) -> None:
         """After the entry at `done` was not simply handled: give back the rest of the batch,
         settle it (None: retry it) and go on from the pending list."""
-        self.give = [e[0] for e in self.entries[self.done + 1 :]]
+        self.give += [e[0] for e in self.entries[self.done + 1 :]]
         self.read = "p"
         if settle is not None:
             self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
@@ -573,9 +578,12 @@ class _Run:
         acks, give, verdict = self.acks, self.give, self.verdict
         self.acks, self.give, self.verdict = [], [], ()
         for attempt in range(1, 1_000_000):
-            step = Step(self.stream, self.lease, self.part.token, acks, read, give, verdict)
+            step = Step(
+                self.stream, self.lease, self.part.token, acks, read, give, verdict, self.reader
+            )
             try:
                 reply: Any = await self.consumer._steps.submit(step)
+                self.give += step.strays
                 return reply
             except ResponseError as exc:
                 if str(exc).startswith("FENCED"):
@@ -585,7 +593,9 @@ class _Run:
             except TRANSIENT as exc:
                 error = exc
             # Retrying is safe: an ack is idempotent, and the retry reads our pending head first
-            # ('p'), so entries whose reply was lost are read again rather than skipped.
+            # ('p'), so entries whose reply was lost are read again rather than skipped; those
+            # read while the step failed go back first.
+            give = [*give, *step.strays]
             self.consumer._log.warning(
                 "step_failed", session=self.session, error=str(error), attempt=attempt
             )

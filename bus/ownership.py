@@ -75,14 +75,23 @@ class Leases:
     async def renew(self, tokens: dict[int, str]) -> set[int]:
         """Extend our leases; return the partitions whose lease we no longer hold."""
         calls: list[scripts.Call] = [
-            (scripts.RENEW, [self.keys.lease(p, self.group)], [token, self.ttl_ms])
+            (
+                scripts.RENEW,
+                [self.keys.lease(p, self.group), self.fence(p, token)],
+                [token, self.ttl_ms, self.group],
+            )
             for p, token in tokens.items()
         ]
         replies = _raise_errors(await scripts.call_many(self.redis, calls))
         return {p for p, ok in zip(tokens, replies, strict=True) if not ok}
 
     async def release(self, partition: int, token: str) -> None:
-        await scripts.RELEASE(self.redis, [self.keys.lease(partition, self.group)], [token])
+        keys = [self.keys.lease(partition, self.group), self.fence(partition, token)]
+        await scripts.RELEASE(self.redis, keys, [token])
+
+    def fence(self, partition: int, token: str) -> str:
+        """The fence stream of the lease `token` (see `Keys.fence`)."""
+        return self.keys.fence(partition, self.group, token.split(":", 1)[0])
 
 
 def _raise_errors(replies: list[object]) -> list[object]:

@@ -1,7 +1,8 @@
 """The server-side scripts, loaded once per connection pool and called by SHA.
 
 A script missing from the server's cache (after a restart or ``SCRIPT FLUSH``) is loaded again
-and the call retried, so callers never see ``NOSCRIPT``.
+and the call retried, so callers of a `Script` and of `call_many` never see ``NOSCRIPT``;
+`call_on` loads them again but leaves the retry to its caller.
 """
 
 from __future__ import annotations
@@ -90,24 +91,24 @@ async def call_many(redis: Redis, calls: Sequence[Call]) -> list[Any]:
 async def _pipeline(redis: Redis, calls: Sequence[Call]) -> list[Any]:
     pipe = redis.pipeline(transaction=False)
     for call in calls:
-        pipe.execute_command(*_evalsha(call))
+        pipe.execute_command(*evalsha(call))
     return await pipe.execute(raise_on_error=False)
 
 
-async def call_on(connection: AbstractConnection, calls: Sequence[Call]) -> list[Any]:
-    """As `call_many`, on one connection of the caller's own: one write, then the replies,
-    without a client's pipeline around them (a good share of a round trip's cost in Python)."""
-    results = await _exchange(connection, [_evalsha(call) for call in calls])
-    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-    if missing:
+async def call_on(connection: AbstractConnection, commands: list[tuple[Arg, ...]]) -> list[Any]:
+    """Send `commands` (script calls made by `evalsha`, and others) on one connection of the
+    caller's own: one write, then the replies, each error in its place, without a client's
+    pipeline around them (a good share of a round trip's cost in Python). If the server lost
+    its scripts they are loaded again, but the calls that failed are not sent again: the
+    commands after them have run, so the caller decides."""
+    results = await _exchange(connection, commands)
+    if any(isinstance(r, NoScriptError) for r in results):
         await _exchange(connection, LOAD_ALL)
-        retried = await _exchange(connection, [_evalsha(calls[i]) for i in missing])
-        for i, result in zip(missing, retried, strict=True):
-            results[i] = result
     return results
 
 
-def _evalsha(call: Call) -> tuple[Arg, ...]:
+def evalsha(call: Call) -> tuple[Arg, ...]:
+    """The command that makes `call`."""
     script, keys, args = call
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 

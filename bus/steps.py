@@ -2,8 +2,17 @@
 
 Each session handles one event at a time, but hundreds of sessions step at once. `StepBatcher`
 collects the steps made during one turn of the event loop and sends them together: one script
-call per partition, all of them in one write on the batcher's own connection, so the cost per
-event is a share of a call and of a round trip.
+call per partition, each followed by the reads of its sessions that read on, all of them in
+one write on the batcher's own connection, so the cost per event is a share of a call and of a
+round trip.
+
+A read is a plain ``XREADGROUP`` (`Step.reader`) that names the lease's fence stream besides the
+session's: it fails if the lease is no longer ours, and it runs right after the script that
+settled the session and said whether it may read (``lua/step.lua``). The two replies become
+one, in the shapes the script used to return when it read itself: ``[b"entries", replayed,
+deliveries, entry...]``, ``[b"idle"]``, ``[b"paused"]``, ``[b"gone"]``. Entries read that are
+not to be handled now (the session turned out paused, or its pending head comes first) are
+left in `Step.strays` for the caller to give back.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,7 +38,8 @@ BATCH_TIMEOUT_SECONDS = 10.0
 @dataclass(slots=True, eq=False)
 class Step:
     """One session's step (see ``lua/step.lua`` for the fields); await `future` for its reply
-    (a transient or response error is raised from it)."""
+    (a transient or response error is raised from it). A step with a `read` and a `reader`
+    reads on (unless it pauses the session)."""
 
     stream: str
     lease: str
@@ -38,7 +48,9 @@ class Step:
     read: str = ""
     give: Sequence[bytes] = ()
     verdict: Sequence[scripts.Arg] = ()
+    reader: tuple[scripts.Arg, ...] = ()  # the session's XREADGROUP of new entries
     future: asyncio.Future[Any] | None = None  # set by `StepBatcher.submit`
+    strays: list[bytes] = field(default_factory=list)  # read, not to be handled now
 
     def args(self) -> list[scripts.Arg]:
         if len(self.acks) == 1 and not (self.read or self.give or self.verdict):
@@ -53,23 +65,51 @@ class Step:
             *self.verdict,
         ]
 
+    @property
+    def reads(self) -> bool:
+        return bool(self.read and self.reader) and self.verdict[:1] != ("pause",)
+
+    def reply(self, result: Any, read: Any) -> Any:
+        """This step's reply from its script's `result` and its `read`'s (see the module
+        docstring); an error is returned, not raised."""
+        entries = _entries(read)
+        kind = None if isinstance(result, BaseException) else result[0]
+        if kind == b"read":
+            if isinstance(read, BaseException):
+                return read
+            return [b"entries", 0, 1, *entries] if entries else [b"idle"]
+        if kind == b"head" and result[2] == 1:  # our only pending entry, then the new ones
+            return [b"entries", 1, result[1], result[3], *entries]
+        self.strays = [e[0] for e in entries]
+        if kind == b"head":
+            return [b"entries", 1, result[1], result[3]]
+        return result
+
+
+def _entries(read: Any) -> list[Any]:
+    """The entries an XREADGROUP reply holds (RESP3 gives a map of streams, RESP2 a list of
+    pairs); at most one of its streams has any, the fence never does."""
+    if not read or isinstance(read, BaseException):
+        return []
+    streams = read.values() if isinstance(read, dict) else (pair[1] for pair in read)
+    return list(next(iter(streams)))
+
 
 class StepBatcher:
-    """Sends `Step`s in shared batches, one at a time, on a connection of its own; each read
-    takes up to `count` entries, a retiring session's keys live `retention_ms`. Start `run()`
-    in a task group first.
+    """Sends `Step`s in shared batches, one at a time, on a connection of its own; a retiring
+    session's keys live `retention_ms`. Start `run()` in a task group first.
 
     A step's reply comes in an asyncio future of its own, the cheapest wait there is; a waiter
     that is cancelled cancels only its own future. (The bus runs on asyncio, as redis-py does.)
     """
 
-    def __init__(self, settings: Settings, *, count: int, retention_ms: int) -> None:
+    def __init__(self, settings: Settings, *, retention_ms: int) -> None:
         pool = ConnectionPool.from_url(
             settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
         )
         # It connects on first use, and again after a failure.
         self._connection = pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        self._count, self._retention_ms = count, retention_ms
+        self._retention_ms = retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,34 +141,38 @@ class StepBatcher:
         by_lease: dict[tuple[str, str], list[Step]] = {}
         for step in batch:
             by_lease.setdefault((step.lease, step.token), []).append(step)
-        calls: list[scripts.Call] = []
+        commands: list[tuple[scripts.Arg, ...]] = []
         for (lease, token), steps in by_lease.items():
-            args: list[scripts.Arg] = [token, self._count, self._retention_ms]
+            args: list[scripts.Arg] = [token, self._retention_ms]
             for step in steps:
                 args += step.args()
-            calls.append((scripts.STEP, [lease, *(s.stream for s in steps)], args))
+            commands.append(
+                scripts.evalsha((scripts.STEP, [lease, *(s.stream for s in steps)], args))
+            )
+            commands += [step.reader for step in steps if step.reads]
         try:
             with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
-                results = await scripts.call_on(self._connection, calls)
+                results = iter(await scripts.call_on(self._connection, commands))
         except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
             await self._connection.disconnect(nowait=True)
-            results = [exc] * len(calls)
+            results = iter([exc] * len(commands))
         except BaseException:
             for step in batch:  # cancelled (or broken): these steps get no reply
                 assert step.future is not None
                 step.future.cancel()
             raise
-        for steps, result in zip(by_lease.values(), results, strict=True):
+        for steps in by_lease.values():
+            call = next(results)
             for i, step in enumerate(steps):
+                result = call if isinstance(call, BaseException) else call[i]
+                if type(result) is list and result[0] == b"error":
+                    result = ResponseError(result[1].decode(errors="replace"))
+                reply = step.reply(result, next(results)) if step.reads else result
                 future = step.future
                 assert future is not None
                 if future.done():  # its waiter was cancelled
                     continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                    continue
-                reply = result[i]
-                if type(reply) is list and reply[0] == b"error":
-                    future.set_exception(ResponseError(reply[1].decode(errors="replace")))
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
                 else:
                     future.set_result(reply)

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import anyio
 
 from bus import Bus, Settings
+from bus.scripts import Arg
+from bus.steps import Step, StepBatcher
 from workers.observe import lease_owners as lease_owners  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,3 +152,40 @@ def assert_in_order(records: list[Handled], expected: Mapping[str, int]) -> dict
         assert sorted(set(seqs)) == list(range(1, expected[session] + 1)), (session, seqs)
         duplicates[session] = len(seqs) - len(set(seqs))
     return duplicates
+
+
+class Stepper:
+    """Steps of group ``g`` sent the way a consumer sends them: through a `StepBatcher`, with
+    the session's read (`Step.reader`). Use ``async with Stepper.open(bus, settings) as s``."""
+
+    def __init__(self, bus: Bus, batcher: StepBatcher) -> None:
+        self.bus, self.batcher = bus, batcher
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, bus: Bus, settings: Settings) -> AsyncIterator[Stepper]:
+        batcher = StepBatcher(settings, retention_ms=1000)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            yield cls(bus, batcher)
+            tg.cancel_scope.cancel()
+
+    def make(
+        self,
+        session: str,
+        token: str,
+        read: str,
+        acks: Sequence[bytes] = (),
+        give: Sequence[bytes] = (),
+        verdict: Sequence[Arg] = (),
+    ) -> Step:
+        keys = self.bus.keys
+        p = keys.partition(session)
+        stream, fence = keys.session(session), keys.fence(p, "g", token.split(":")[0])
+        reader: tuple[Arg, ...] = ("XREADGROUP", "GROUP", "g", keys.consumer(p), "COUNT", 32)
+        reader += ("STREAMS", fence, stream, ">", ">")
+        return Step(stream, keys.lease(p, "g"), token, acks, read, give, verdict, reader)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """One step (the arguments of `make`); its reply."""
+        return await self.batcher.submit(self.make(*args, **kwargs))

@@ -1,5 +1,14 @@
--- Take a free partition lease with a new epoch. KEYS: lease epoch  ARGV: worker ttl_ms
+-- Take a free partition lease with a new epoch, and create its fence: an empty stream with the
+-- group, expiring with the lease, that every read of the owner names (see step.lua). The
+-- previous epoch's fence goes, so a stale owner's reads fail even if its lease was deleted.
+-- KEYS: lease epoch  ARGV: worker ttl_ms
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
+local tag, group = string.match(KEYS[1], '^(.*):lease:(.*)$')
+local epoch = redis.call('INCR', KEYS[2])
+local token = epoch .. ':' .. ARGV[1]
 redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+local fence = tag .. ':fence:' .. group .. ':'
+redis.call('DEL', fence .. (epoch - 1), fence .. epoch)
+redis.call('XGROUP', 'CREATE', fence .. epoch, group, '$', 'MKSTREAM')
+redis.call('PEXPIREAT', fence .. epoch, redis.call('PEXPIRETIME', KEYS[1]))
 return token

@@ -1,40 +1,49 @@
 -- Steps of a group's handling of sessions of one partition, fenced by the partition lease. Each
 -- session's step acknowledges the entries handled since its last one, settles a failed one
 -- (dead-letter then ack, or dead-letter and pause), gives back read entries that will not be
--- handled now, then reads what comes next.
+-- handled now, then says whether the session may read on. The read of new entries itself is
+-- not in here: the caller sends it right after this call, as a plain XREADGROUP naming the
+-- lease's fence stream too, which exists only as long as the lease (see acquire.lua), so a
+-- stale owner's read fails. (Entries coming back out of Lua cost twice the read itself.)
 -- KEYS: lease (<tag>:lease:<group>) then one stream (<tag>:session:<sid>) per step. The other
 -- keys are named from these; they share the hash tag, so the slot.
--- ARGV: token count retention_ms, then per step either
+-- ARGV: token retention_ms, then per step either
 --       'a' ack_id  (acknowledge one entry, nothing else: the common step, kept short), or
 --       read nacks ack_id... ngive give_id... nverdict [verdict entry deliveries error field...]
---   read: '>' (up to count new entries), 'p' (the head of our pending list, COUNT 1: an entry
---   inherited from a previous owner or being retried; else as '>') or '' (settle only)
+--   read: '>' (new entries may be read), 'p' (the head of our pending list if there is one,
+--   COUNT 1: an entry inherited from a previous owner or being retried; else as '>') or ''
+--   (settle only)
 --   give: entries read but not handled (a drain, a pause): their delivery count goes back to 0,
 --   so whoever reads them next counts a first delivery
 --   verdict: 'skip' (dead-letter and ack) or 'pause' (dead-letter, keep pending, pause)
--- Returns one reply per step: {'entries', replayed, deliveries, {id, fields}...} (deliveries of
--- the first entry; the others are first deliveries) | {'idle'} | {'paused'} | {'gone'} | 0 (an
--- 'a' step done) | {'error', message} (that step failed; the others stand).
+-- Returns one reply per step: {'read'} (read the new entries now) | {'head', deliveries,
+-- pending, {id, fields}} (our pending head, and how many entries we have pending) | {'idle'} |
+-- {'paused'} | {'gone'} | 0 (an 'a' step done) | {'error', message} (that step failed; the
+-- others stand).
 local k_lease = KEYS[1]
 local tag, group = string.match(k_lease, '^(.*):lease:(.*)$')
 local consumer = 'p' .. string.match(tag, '{(%d+)}$')
 local k_paused = tag .. ':paused:' .. group
-local token, count, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local token, retention = ARGV[1], ARGV[2]
 
 if redis.call('GET', k_lease) ~= token then
   return redis.error_reply('FENCED lease of ' .. k_lease .. ' is not ' .. token)
 end
 
-local function read_from(k_stream, from, n)
-  local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', k_stream, from)
+-- How many entries our consumer has pending on the stream ('gone' if there is no stream; the
+-- group is made if the stream has none yet).
+local function own_pending(k_stream)
+  local r = redis.pcall('XPENDING', k_stream, group)
   if type(r) == 'table' and r.err then
     if not string.find(r.err, 'NOGROUP') then error(r.err) end
     if redis.call('EXISTS', k_stream) == 0 then return 'gone' end
     redis.call('XGROUP', 'CREATE', k_stream, group, '0')
-    r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', k_stream, from)
+    return 0
   end
-  if r and #r[1][2] > 0 then return r[1][2] end
-  return nil
+  for _, c in ipairs(r[4] or {}) do
+    if c[1] == consumer then return tonumber(c[2]) end
+  end
+  return 0
 end
 
 -- One session's step, its arguments starting at ARGV[at]; returns its reply.
@@ -69,23 +78,20 @@ local function step(k_stream, at)
     redis.call('XACK', k_stream, group, entry)
   end
   if read == '' then return {'idle'} end
-  if redis.call('HEXISTS', k_paused, sid) == 1 then return {'paused'} end
-
-  local entries
   if read == 'p' then
-    entries = read_from(k_stream, '0', 1)
-    if entries == 'gone' then redis.call('SREM', tag .. ':live', sid) return {'gone'} end
-    if entries then
-      local id = entries[1][1]
-      local p = redis.call('XPENDING', k_stream, group, id, id, 1, consumer)
-      return {'entries', 1, p[1][4], entries[1]}
+    if redis.call('HEXISTS', k_paused, sid) == 1 then return {'paused'} end
+    local pending = own_pending(k_stream)
+    if pending == 'gone' then redis.call('SREM', tag .. ':live', sid) return {'gone'} end
+    if pending > 0 then
+      local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
+                           'STREAMS', k_stream, 0)
+      local head = r[1][2][1]
+      local p = redis.call('XPENDING', k_stream, group, head[1], head[1], 1, consumer)
+      return {'head', p[1][4], pending, head}
     end
   end
-  entries = read_from(k_stream, '>', count)
-  if entries == 'gone' then redis.call('SREM', tag .. ':live', sid) return {'gone'} end
-  if entries then return {'entries', 0, 1, unpack(entries)} end
-  retire_if_done(k_stream, tag, sid, retention)
-  return {'idle'}
+  if retire_if_done(k_stream, tag, sid, retention) then return {'idle'} end
+  return {'read'}
 end
 
 -- Where the arguments of the step starting at ARGV[at] end.
@@ -95,7 +101,7 @@ local function after(at)
   return at + 1 + tonumber(ARGV[at])
 end
 
-local replies, at = {}, 4
+local replies, at = {}, 3
 for i = 2, #KEYS do
   local ok, reply
   if ARGV[at] == 'a' then

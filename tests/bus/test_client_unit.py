@@ -46,5 +46,5 @@ def test_every_connection_shares_one_client_identity() -> None:
     assert isinstance(identity, DriverInfo)
     clients = [make_client(Settings()), make_client(Settings(), block_seconds=1.0)]
     connections = [c.connection_pool.make_connection() for c in clients]  # type: ignore[no-untyped-call]  # untyped in redis-py
-    connections.append(StepBatcher(Settings(), count=1, retention_ms=1)._connection)
+    connections.append(StepBatcher(Settings(), retention_ms=1)._connection)
     assert all(c.driver_info is identity for c in connections)

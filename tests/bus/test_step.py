@@ -2,63 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import anyio
 import pytest
+from redis.exceptions import NoScriptError, ResponseError
 
 from bus import Bus, ServiceInfo, Settings
 from bus import scripts as s
 from bus.consumer import _Slots
 from bus.ownership import Leases
-from bus.steps import Step, StepBatcher
 from tests.apps.recorder import Tick
-from tests.support import raw
+from tests.support import Stepper, raw
 
 pytestmark = pytest.mark.anyio
 
 
-async def step(
-    bus: Bus,
-    session: str,
-    token: str,
-    read: str,
-    acks: Sequence[bytes] = (),
-    give: Sequence[bytes] = (),
-    verdict: Sequence[s.Arg] = (),
-) -> Any:
-    keys = [bus.keys.lease(bus.keys.partition(session), "g"), bus.keys.session(session)]
-    args: list[s.Arg] = [token, 32, 1000, read, len(acks), *acks, len(give), *give]
-    args += [len(verdict), *verdict]
-    [reply] = await s.STEP(bus.redis, keys, args)
-    return reply
-
-
 async def test_a_step_reads_a_batch_and_entries_given_back_count_as_first_deliveries(
-    bus: Bus,
+    bus: Bus, settings: Settings
 ) -> None:
     leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
     [token] = (await leases.acquire([bus.keys.partition("call-1")])).values()
     for n in (1, 2, 3):
         await bus.publish("call-1", Tick(n=n))
-    reply = await step(bus, "call-1", token, ">")
+    async with Stepper.open(bus, settings) as step:
+        await given_back_entries_count_as_first_deliveries(bus, step, token)
+
+
+async def given_back_entries_count_as_first_deliveries(bus: Bus, step: Stepper, token: str) -> None:
+    reply = await step("call-1", token, "p")  # a session's first read checks its pending list
     assert reply[:3] == [b"entries", 0, 1] and len(reply) == 6  # all three, first deliveries
     first, second, third = (entry[0] for entry in reply[3:])
 
     # seq 1 handled, 2 and 3 given back (a drain, say): nothing is read, nothing is lost
-    assert await step(bus, "call-1", token, "", acks=[first], give=[second, third]) == [b"idle"]
+    assert await step("call-1", token, "", acks=[first], give=[second, third]) == [b"idle"]
     pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
     assert [(p["message_id"], p["times_delivered"]) for p in pending] == [(second, 0), (third, 0)]
 
-    again = await step(bus, "call-1", token, "p")  # the next reader: one pending head at a time
-    assert again[:3] == [b"entries", 1, 1] and again[3][0] == second
-    again = await step(bus, "call-1", token, "p", acks=[second])
-    assert again[:3] == [b"entries", 1, 1] and again[3][0] == third
-    assert await step(bus, "call-1", token, "p", acks=[third]) == [b"idle"]
+    again = await step("call-1", token, "p")  # the next reader: one pending head at a time
+    assert again[:3] == [b"entries", 1, 1] and [e[0] for e in again[3:]] == [second]
+    await bus.publish("call-1", Tick(n=4))  # the last pending head, then what is new
+    again = await step("call-1", token, "p", acks=[second])
+    assert again[:3] == [b"entries", 1, 1] and again[3][0] == third and len(again) == 5
+    assert await step("call-1", token, "p", acks=[third, again[4][0]]) == [b"idle"]
 
 
-async def test_a_publish_wakes_the_partition_only_when_a_group_may_be_idle(bus: Bus) -> None:
+async def test_a_publish_wakes_the_partition_only_when_a_group_may_be_idle(
+    bus: Bus, settings: Settings
+) -> None:
     await bus.register_service(ServiceInfo("g"))
     p = bus.keys.partition("call-1")
     channel = bus.keys.wake(p)
@@ -83,10 +72,11 @@ async def test_a_publish_wakes_the_partition_only_when_a_group_may_be_idle(bus: 
         for n in (1, 2, 3):  # the group reads nothing meanwhile: only the first wakes it
             await bus.publish("call-1", Tick(n=n))
         assert await hints_until_marker() == [b"call-1"]
-        reply = await step(bus, "call-1", token, ">")  # the group reads everything
-        await bus.publish("call-1", Tick(n=4))  # so this one may find it idle
-        assert await hints_until_marker() == [b"call-1"]
-        await step(bus, "call-1", token, ">", acks=[e[0] for e in reply[3:]])
+        async with Stepper.open(bus, settings) as step:
+            reply = await step("call-1", token, "p")  # the group reads everything
+            await bus.publish("call-1", Tick(n=4))  # so this one may find it idle
+            assert await hints_until_marker() == [b"call-1"]
+            await step("call-1", token, ">", acks=[e[0] for e in reply[3:]])
         await bus.publish("call-1", Tick(n=5))  # it read seq 4: idle again
         await bus.publish("call-1", Tick(n=6))  # seq 5 is unread: no hint needed
         assert await hints_until_marker() == [b"call-1"]
@@ -125,7 +115,9 @@ async def test_handler_slots_pass_over_cancelled_waiters_and_are_never_lost() ->
     assert order[-1] == "e" and slots.free == 1
 
 
-async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(bus: Bus) -> None:
+async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(
+    bus: Bus, settings: Settings
+) -> None:
     sessions = [f"call-{i}" for i in range(200)]
     p = bus.keys.partition(sessions[0])
     mine = [x for x in sessions if bus.keys.partition(x) == p][:3]
@@ -135,14 +127,17 @@ async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(bus: Bu
     for session in mine[:2]:
         await bus.publish(session, Tick(n=1))
     await raw(bus).set(bus.keys.session(mine[2]), "not a stream")
-    keys = [bus.keys.lease(p, "g"), *(bus.keys.session(x) for x in mine)]
-    one_step: list[s.Arg] = [">", 0, 0, 0]
-    replies = await s.STEP(bus.redis, keys, [token, 32, 1000, *one_step * 3])
-    assert [r[0] for r in replies] == [b"entries", b"entries", b"error"]
-    assert b"WRONGTYPE" in replies[2][1]
+    async with Stepper.open(bus, settings) as step:
+        steps = [step.make(x, token, "p") for x in mine]
+        futures = [step.batcher.submit(x) for x in steps]  # one batch: one call, three reads
+        assert [(await f)[0] for f in futures[:2]] == [b"entries", b"entries"]
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await futures[2]
 
 
-async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(bus: Bus) -> None:
+async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(
+    bus: Bus, settings: Settings
+) -> None:
     sessions = [f"call-{i}" for i in range(200)]
     p = bus.keys.partition(sessions[0])
     good, bad = [x for x in sessions if bus.keys.partition(x) == p][:2]
@@ -150,11 +145,12 @@ async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(bus:
     [token] = (await leases.acquire([p])).values()
     for n in (1, 2):
         await bus.publish(good, Tick(n=n))
-    reply = await step(bus, good, token, ">")
+    async with Stepper.open(bus, settings) as step:
+        reply = await step(good, token, "p")
     first = reply[3][0]
     await raw(bus).set(bus.keys.session(bad), "not a stream")
     keys = [bus.keys.lease(p, "g"), bus.keys.session(good), bus.keys.session(bad)]
-    replies = await s.STEP(bus.redis, keys, [token, 32, 1000, "a", first, "a", first])
+    replies = await s.STEP(bus.redis, keys, [token, 1000, "a", first, "a", first])
     assert replies[0] == 0 and replies[1][0] == b"error" and b"WRONGTYPE" in replies[1][1]
     pending = await bus.redis.xpending(bus.keys.session(good), "g")
     assert pending["pending"] == 1 and pending["min"] == reply[4][0]  # only the second is left
@@ -162,41 +158,65 @@ async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(bus:
 
 @pytest.mark.parametrize("policy", ["skip", "pause"])
 async def test_a_verdict_sent_again_after_a_lost_reply_writes_one_dead_letter(
-    bus: Bus, policy: str
+    bus: Bus, settings: Settings, policy: str
 ) -> None:
     leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
     [token] = (await leases.acquire([bus.keys.partition("call-1")])).values()
     await bus.publish("call-1", Tick(n=1))
-    [entry, _fields] = (await step(bus, "call-1", token, ">"))[3]
-    verdict = (policy, entry, 3, "ValueError: boom", b"type", b"tick")
-    for _ in range(2):  # the second is the retry of a step whose reply was lost
-        await step(bus, "call-1", token, "", verdict=verdict)
+    async with Stepper.open(bus, settings) as step:
+        [entry, _fields] = (await step("call-1", token, "p"))[3]
+        verdict = (policy, entry, 3, "ValueError: boom", b"type", b"tick")
+        for _ in range(2):  # the second is the retry of a step whose reply was lost
+            await step("call-1", token, "", verdict=verdict)
     letters = await raw(bus).xrange(bus.keys.dead(bus.keys.partition("call-1")))
     assert [fields[b"entry"] for _, fields in letters] == [entry]
     pending = await bus.redis.xpending(bus.keys.session("call-1"), "g")
     assert pending["pending"] == (1 if policy == "pause" else 0)
 
 
-async def test_steps_and_scripts_go_on_after_the_server_lost_its_script_cache(
+async def test_a_paused_session_gives_back_what_its_read_took(bus: Bus, settings: Settings) -> None:
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([bus.keys.partition("call-1")])).values()
+    await bus.publish("call-1", Tick(n=1))
+    async with Stepper.open(bus, settings) as step:
+        [entry, _fields] = (await step("call-1", token, "p"))[3]
+        verdict = ("pause", entry, 3, "ValueError: boom")
+        assert await step("call-1", token, "p", verdict=verdict) == [b"paused"]  # reads nothing
+        await bus.publish("call-1", Tick(n=2))
+        woken = step.make("call-1", token, "p")  # a hint wakes the paused session: its read...
+        assert await step.batcher.submit(woken) == [b"paused"]
+        assert len(woken.strays) == 1  # ...took seq 2, which goes back
+        assert await step("call-1", token, "", give=woken.strays) == [b"idle"]
+    pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
+    assert [(p["message_id"], p["times_delivered"]) for p in pending] == [
+        (entry, 1),
+        (woken.strays[0], 0),
+    ]
+
+
+async def test_steps_go_on_after_the_server_lost_its_script_cache(
     bus: Bus, settings: Settings
 ) -> None:
     p = bus.keys.partition("call-1")
     leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
     [token] = (await leases.acquire([p])).values()
-    stream, lease = bus.keys.session("call-1"), bus.keys.lease(p, "g")
+    await bus.register_service(ServiceInfo("g"))  # its group is made with the stream
     await raw(bus).script_flush()  # a restart without persistence, or SCRIPT FLUSH
     for n in (1, 2):
         await bus.publish("call-1", Tick(n=n))  # a script called through the client
-    batcher = StepBatcher(settings, count=32, retention_ms=1000)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(batcher.run)
+    async with Stepper.open(bus, settings) as step:
         await raw(bus).script_flush()
-        reply = await batcher.submit(Step(stream, lease, token, read=">"))  # on its connection
-        assert reply[:3] == [b"entries", 0, 1] and len(reply) == 5
+        first = step.make("call-1", token, "p")
+        with pytest.raises(NoScriptError):  # the batcher loads the scripts; the caller retries
+            await step.batcher.submit(first)
+        assert len(first.strays) == 2  # read after the failed call: back with them first
+        reply = await step("call-1", token, "p", give=first.strays)
+        assert reply[:3] == [b"entries", 1, 1] and len(reply) == 4  # a first delivery again
         await raw(bus).script_flush()
-        assert await batcher.submit(Step(stream, lease, token, acks=[reply[3][0]])) == 0
-        tg.cancel_scope.cancel()
+        with pytest.raises(NoScriptError):
+            await step("call-1", token, "", acks=[reply[3][0]])
+        assert await step("call-1", token, "", acks=[reply[3][0]]) == 0
     await raw(bus).script_flush()
     assert await leases.renew({p: token}) == set()  # several calls in one pipeline
-    pending = await bus.redis.xpending(stream, "g")
-    assert pending["pending"] == 1 and pending["min"] == reply[4][0]
+    pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
+    assert [(p["message_id"], p["times_delivered"]) for p in pending] == [(first.strays[1], 0)]
