@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -50,7 +50,7 @@ class Step:
     verdict: Sequence[scripts.Arg] = ()
     reader: tuple[scripts.Arg, ...] = ()  # the session's XREADGROUP of new entries
     future: asyncio.Future[Any] | None = None  # set by `StepBatcher.submit`
-    strays: list[bytes] = field(default_factory=list)  # read, not to be handled now
+    strays: Sequence[bytes] = ()  # read, not to be handled now
 
     def args(self) -> list[scripts.Arg]:
         if len(self.acks) == 1 and not (self.read or self.give or self.verdict):
@@ -67,7 +67,8 @@ class Step:
 
     @property
     def reads(self) -> bool:
-        return bool(self.read and self.reader) and self.verdict[:1] != ("pause",)
+        pauses = bool(self.verdict) and self.verdict[0] == "pause"  # then it reads nothing
+        return bool(self.read and self.reader) and not pauses
 
     def reply(self, result: Any, read: Any) -> Any:
         """This step's reply from its script's `result` and its `read`'s (see the module
