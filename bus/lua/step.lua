@@ -10,9 +10,10 @@
 -- ARGV: token retention_ms, then per step either
 --       'a' ack_id  (acknowledge one entry, nothing else: the common step, kept short), or
 --       read nacks ack_id... ngive give_id... nverdict [verdict entry deliveries error field...]
---   read: '>' (new entries may be read), 'p' (the head of our pending list if there is one,
---   COUNT 1: an entry inherited from a previous owner or being retried; else as '>') or ''
---   (settle only)
+--   read: 'p' (a run's first read, or after anything irregular: is the session paused, gone,
+--   or is there a head of our pending list, COUNT 1, an entry inherited from a previous owner
+--   or being retried; else as '>'), '>' (the run read before, so the session is neither paused
+--   nor gone: retire it if it is done, else new entries may be read) or '' (settle only)
 --   give: entries read but not handled (a drain, a pause): their delivery count goes back to 0,
 --   so whoever reads them next counts a first delivery
 --   verdict: 'skip' (dead-letter and ack) or 'pause' (dead-letter, keep pending, pause)
