@@ -17,6 +17,7 @@ from bus import (
     NoSuchSessionError,
     Payload,
     Service,
+    ServiceInfo,
     Settings,
 )
 from bus.consumer import _Partition
@@ -286,3 +287,27 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
 
 async def _ignore(d: Delivery) -> None:
     pass
+
+
+async def test_a_new_owner_replays_what_was_left_pending_then_reads_on_counting_deliveries(
+    bus: Bus,
+) -> None:
+    p = bus.keys.partition("call-1")
+    await bus.register_service(ServiceInfo("svc"))
+    for n in (1, 2, 3, 4, 5):
+        await bus.publish("call-1", Tick(n=n))
+    # a worker that died had read seq 1-3 (pending for the partition's consumer), not 4 and 5
+    stream = bus.keys.session("call-1")
+    await raw(bus).xreadgroup("svc", bus.keys.consumer(p), {stream: ">"}, count=3)
+    seen: list[tuple[int, int]] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append((d.seq, d.deliveries))
+        if d.seq == 1:  # published while the inherited entries are replayed
+            await bus.publish("call-1", Tick(n=6))
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+        await wait_for(lambda: len(seen) == 6, what="six events handled")
+    assert seen == [(1, 2), (2, 2), (3, 2), (4, 1), (5, 1), (6, 1)]
+    pending = await bus.redis.xpending(stream, "svc")
+    assert pending["pending"] == 0
