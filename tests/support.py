@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: worker processes, waiting for conditions, order checks."""
+"""Helpers shared by the tests: worker processes, waiting for conditions, order checks, steps."""
 
 from __future__ import annotations
 
