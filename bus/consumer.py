@@ -40,7 +40,7 @@ from .keys import Keys
 from .ownership import Leases, assign
 from .scripts import Arg
 from .settings import NAME_PATTERN
-from .steps import Step, StepBatcher
+from .steps import Step, StepBatcher, reader
 
 log = structlog.get_logger("flowbus.consumer")
 
@@ -548,11 +548,8 @@ class _Run:
         keys, group = consumer.keys, consumer.service.name
         self.stream = keys.session(session)
         self.lease = keys.lease(part.number, group)
-        count, fence = consumer.settings.read_batch, consumer._leases.fence(part.number, part.token)
-        self.reader: tuple[Arg, ...] = (
-            *("XREADGROUP", "GROUP", group, keys.consumer(part.number), "COUNT", count),
-            *("STREAMS", fence, self.stream, ">", ">"),
-        )
+        count = consumer.settings.read_batch
+        self.reader = reader(keys, part.number, group, part.token, session, count)
         self.context = _Context(consumer, part, session)
         self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
         self.read = "p"  # the next read; the first replays what a previous owner left pending

@@ -88,10 +88,11 @@ class Keys:
         """Counter incremented on every acquisition of the lease (the fencing epoch)."""
         return f"{self.tag(partition)}:epoch:{group}"
 
-    def fence(self, partition: int, group: str, epoch: str) -> str:
-        """Empty stream with the group `group`, existing exactly as long as the lease of `epoch`:
-        every read names it, so a read by a stale owner fails (``NOGROUP``)."""
-        return f"{self.tag(partition)}:fence:{group}:{epoch}"
+    def fence(self, partition: int, group: str, token: str) -> str:
+        """Empty stream with the group `group`, existing exactly as long as the lease `token`
+        (``<epoch>:<worker>``; the key names the epoch): every read names it, so a read by a
+        stale owner fails (``NOGROUP``)."""
+        return f"{self.tag(partition)}:fence:{group}:{token.split(':', 1)[0]}"
 
     def paused(self, partition: int, group: str) -> str:
         """Hash session -> entry id of sessions paused on a dead letter for `group`."""

@@ -77,7 +77,7 @@ class Leases:
         calls: list[scripts.Call] = [
             (
                 scripts.RENEW,
-                [self.keys.lease(p, self.group), self.fence(p, token)],
+                [self.keys.lease(p, self.group), self.keys.fence(p, self.group, token)],
                 [token, self.ttl_ms, self.group],
             )
             for p, token in tokens.items()
@@ -86,12 +86,11 @@ class Leases:
         return {p for p, ok in zip(tokens, replies, strict=True) if not ok}
 
     async def release(self, partition: int, token: str) -> None:
-        keys = [self.keys.lease(partition, self.group), self.fence(partition, token)]
+        keys = [
+            self.keys.lease(partition, self.group),
+            self.keys.fence(partition, self.group, token),
+        ]
         await scripts.RELEASE(self.redis, keys, [token])
-
-    def fence(self, partition: int, token: str) -> str:
-        """The fence stream of the lease `token` (see `Keys.fence`)."""
-        return self.keys.fence(partition, self.group, token.split(":", 1)[0])
 
 
 def _raise_errors(replies: list[object]) -> list[object]:

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from . import scripts
 from .connection import CONNECTION_OPTIONS, TRANSIENT
+from .keys import Keys
 from .settings import Settings
 
 #: A batch whose replies have not all come after this long fails as a connection error would.
@@ -85,6 +86,28 @@ class Step:
         if kind == b"head":
             return [b"entries", 1, result[1], result[3]]
         return result
+
+
+def reader(
+    keys: Keys, partition: int, group: str, token: str, session: str, count: int
+) -> tuple[scripts.Arg, ...]:
+    """The read of up to `count` new entries of `session` for `group` (a `Step.reader`), fenced
+    by the lease `token` of `partition`."""
+    fence, stream = keys.fence(partition, group, token), keys.session(session)
+    consumer = keys.consumer(partition)
+    return (
+        "XREADGROUP",
+        "GROUP",
+        group,
+        consumer,
+        "COUNT",
+        count,
+        "STREAMS",
+        fence,
+        stream,
+        ">",
+        ">",
+    )
 
 
 def _entries(read: Any) -> list[Any]:

@@ -20,7 +20,7 @@ import anyio
 
 from bus import Bus, Settings
 from bus.scripts import Arg
-from bus.steps import Step, StepBatcher
+from bus.steps import Step, StepBatcher, reader
 from workers.observe import lease_owners as lease_owners  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,10 +181,9 @@ class Stepper:
     ) -> Step:
         keys = self.bus.keys
         p = keys.partition(session)
-        stream, fence = keys.session(session), keys.fence(p, "g", token.split(":")[0])
-        reader: tuple[Arg, ...] = ("XREADGROUP", "GROUP", "g", keys.consumer(p), "COUNT", 32)
-        reader += ("STREAMS", fence, stream, ">", ">")
-        return Step(stream, keys.lease(p, "g"), token, acks, read, give, verdict, reader)
+        fenced_read = reader(keys, p, "g", token, session, 32)
+        stream, lease = keys.session(session), keys.lease(p, "g")
+        return Step(stream, lease, token, acks, read, give, verdict, fenced_read)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One step (the arguments of `make`); its reply."""

@@ -42,13 +42,13 @@ async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(
         again = await step(session, token_b, "p")
         assert again[:3] == [b"entries", 1, 2] and again[3][0] == first_id  # b replays seq 1
     await b.release(p, token_b)
-    assert await bus.redis.exists(bus.keys.lease(p, "g"), b.fence(p, token_b)) == 0
+    assert await bus.redis.exists(bus.keys.lease(p, "g"), bus.keys.fence(p, "g", token_b)) == 0
 
 
 async def test_a_lease_and_its_fence_expire_together(bus: Bus) -> None:
     leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
     [(p, token)] = (await leases.acquire([3])).items()
-    lease, fence = bus.keys.lease(p, "g"), leases.fence(p, token)
+    lease, fence = bus.keys.lease(p, "g"), bus.keys.fence(p, "g", token)
 
     async def expiry(key: str) -> int:
         return int(await raw(bus).execute_command("PEXPIRETIME", key))
