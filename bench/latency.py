@@ -1,10 +1,10 @@
 """Benchmark 3, publish-to-handler latency at a steady rate.
 
-2 worker processes of the probe service (`workers.probe`) run; publishers paced at 1,000
-events/s in total spread over 1,000 sessions (round-robin, each session in order) publish for
-~10 s. Each event carries ``time.time_ns()`` taken right before its publish; the handler
-records the difference with its own start. Percentiles are over the first delivery of every
-event.
+2 worker processes of the buffered probe (`workers.probe:buffered`: no round trip of its own
+per event, its records go to Redis in bulk) run; publishers paced at 1,000 events/s in total
+spread over 1,000 sessions (round-robin, each session in order) publish for ~10 s. Each event
+carries ``time.time_ns()`` taken right before its publish; the handler records the difference
+with its own start. Percentiles are over the first delivery of every event.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ async def run(
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
         with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-            fleet = Fleet(settings, "workers.probe:service", GROUP, Path(logs), cwd=ROOT)
+            fleet = Fleet(settings, "workers.probe:buffered", GROUP, Path(logs), cwd=ROOT)
             try:
                 fleet.start(workers, id_prefix="probe")
                 await fleet.wait_split(bus, within=30)
