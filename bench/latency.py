@@ -1,14 +1,16 @@
 """Benchmark 3, publish-to-handler latency at a steady rate.
 
-2 worker processes of the buffered probe (`workers.probe:buffered`: no round trip of its own
-per event, its records go to Redis in bulk) run; publishers paced at 1,000 events/s in total
-spread over 1,000 sessions (round-robin, each session in order) publish for ~10 s. Each event
-carries ``time.time_ns()`` taken right before its publish; the handler records the difference
-with its own start. Percentiles are over the first delivery of every event.
+2 worker processes of the holding probe (`workers.probe:holding`: no round trip of its own
+per event; its records go to Redis once the load is over) run; publishers paced at 1,000
+events/s in total spread over 1,000 sessions (round-robin, each session in order) publish for
+~10 s. Each event carries ``time.time_ns()`` taken right before its publish; the handler
+records the difference with its own start. Percentiles are over the first delivery of every
+event.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -20,8 +22,15 @@ import structlog
 
 from bus import Bus
 from workers.fleet import Fleet
-from workers.observe import server_identity
-from workers.probe import GROUP, ProbeTick, handled_key, percentiles, read_handlings
+from workers.observe import live_session_count, server_identity
+from workers.probe import (
+    GROUP,
+    ProbeFlush,
+    ProbeTick,
+    handled_key,
+    percentiles,
+    read_handlings,
+)
 
 from .cpu import CpuMeter
 from .workload import BenchError, fresh_settings, session_ids, wait_until
@@ -80,6 +89,19 @@ async def paced_publish(
     return rounds * len(sessions)
 
 
+async def flush_probes(bus: Bus) -> None:
+    """Send a `ProbeFlush` to a session of every partition, so every worker writes what it
+    holds."""
+    sessions: dict[int, str] = {}
+    for n in itertools.count():
+        name = f"probe-flush-{n}"
+        sessions.setdefault(bus.keys.partition(name), name)
+        if len(sessions) == bus.settings.partitions:
+            break
+    for name in sessions.values():
+        await bus.publish(name, ProbeFlush(), final=True)
+
+
 async def run(
     url: str,
     *,
@@ -93,7 +115,7 @@ async def run(
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
         with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-            fleet = Fleet(settings, "workers.probe:buffered", GROUP, Path(logs), cwd=ROOT)
+            fleet = Fleet(settings, "workers.probe:holding", GROUP, Path(logs), cwd=ROOT)
             try:
                 fleet.start(workers, id_prefix="probe")
                 await fleet.wait_split(bus, within=30)
@@ -109,10 +131,16 @@ async def run(
 
                 async def all_handled() -> bool:
                     fleet.check_alive()
+                    return await live_session_count(bus) == 0  # each ended, all acknowledged
+
+                async def all_recorded() -> bool:
+                    fleet.check_alive()
                     count = await bus.redis.llen(handled_key(settings.prefix))
                     return int(count) >= published
 
                 await wait_until(all_handled, within=60, what=f"{published} events handled")
+                await flush_probes(bus)
+                await wait_until(all_recorded, within=30, what=f"{published} handlings recorded")
                 await fleet.stop(within=30)
             finally:
                 fleet.kill_all()

@@ -4,9 +4,10 @@ Workers load it as ``workers.probe:service`` (group ``probe``), with their setti
 ``FLOWBUS_*`` environment. Each handling appends one `Handling` (a JSON array: session, seq,
 pid, deliveries, sent_ns, handled_ns) to the list ``<prefix>:probe:handled``, before the event is
 acknowledged, so a handling the list does not show was not acknowledged either (the takeover
-benchmark counts on it). ``workers.probe:buffered`` keeps the records in memory and appends them
-together every `FLUSH_SECONDS`, so its handler is next to a no-op, as the latency benchmark asks:
-no round trip of its own per event (records of the last moments before a worker dies are lost).
+benchmark counts on it). ``workers.probe:holding`` keeps its records in memory until a
+`ProbeFlush` event reaches it, then appends them all at once, so its handler is next to a
+no-op while it is measured, as the latency benchmark asks (no round trip of its own per event;
+the records of a worker that dies before the flush are lost).
 The publisher puts ``time.time_ns()`` in the payload right before publishing; the difference
 with the time the handler started is the publish-to-handler latency.
 
@@ -15,7 +16,6 @@ with the time the handler started is the publish-to-handler latency.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections import defaultdict
@@ -28,8 +28,6 @@ from redis.asyncio import Redis
 from bus import Codec, Delivery, Payload, Service, Settings, make_client
 
 GROUP = "probe"
-#: How long the buffered probe keeps a record before appending it with the others.
-FLUSH_SECONDS = 0.05
 #: Session names listed in a failed check, at most.
 LISTED = 10
 
@@ -38,6 +36,10 @@ class ProbeTick(Payload, tag="probe.tick"):
     """One probe event; `sent_ns` is the publisher's ``time.time_ns()`` just before publishing."""
 
     sent_ns: int = 0
+
+
+class ProbeFlush(Payload, tag="probe.flush"):
+    """Tells a holding probe to write the records it holds; a plain probe has none."""
 
 
 class Handling(msgspec.Struct, array_like=True, frozen=True):
@@ -128,45 +130,43 @@ def check_order(handlings: Iterable[Handling], expected: Mapping[str, int]) -> O
 
 class Recorder:
     """The handler: one bounded connection pool per worker process, made on first use; with
-    `flush_seconds`, records are appended in bulk that long after the first of them."""
+    `hold`, records wait in memory for the next `ProbeFlush`."""
 
-    def __init__(self, flush_seconds: float = 0.0) -> None:
+    def __init__(self, *, hold: bool = False) -> None:
         self._redis: Redis | None = None
         self._key = ""
         self._pid = os.getpid()
-        self._flush_seconds = flush_seconds
+        self._hold = hold
         self._held: list[bytes] = []
-        self._flusher: asyncio.Task[None] | None = None  # referenced while it runs
 
     async def __call__(self, delivery: Delivery) -> None:
         handled_ns = time.time_ns()
-        assert isinstance(delivery.payload, ProbeTick)  # the codec knows no other type
         if self._redis is None:
             settings = Settings.from_env()
             self._redis, self._key = (
                 make_client(settings, max_connections=32),
                 handled_key(settings.prefix),
             )
-        record = Handling(
-            delivery.session,
-            delivery.seq,
-            self._pid,
-            delivery.deliveries,
-            delivery.payload.sent_ns,
-            handled_ns,
-        )
-        if not self._flush_seconds:
-            await self._redis.rpush(self._key, msgspec.json.encode(record))
-            return
-        self._held.append(msgspec.json.encode(record))
-        if len(self._held) == 1:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush(self._redis))
+        match delivery.payload:
+            case ProbeTick(sent_ns=sent_ns):
+                session, seq, deliveries = delivery.session, delivery.seq, delivery.deliveries
+                record = Handling(session, seq, self._pid, deliveries, sent_ns, handled_ns)
+                if self._hold:
+                    self._held.append(msgspec.json.encode(record))
+                else:
+                    await self._redis.rpush(self._key, msgspec.json.encode(record))
+            case ProbeFlush():
+                held, self._held = self._held, []  # other sessions' handlers go on meanwhile
+                try:
+                    if held:
+                        await self._redis.rpush(self._key, *held)
+                except BaseException:
+                    self._held[:0] = held  # for the flush's retry
+                    raise
+            case other:
+                raise AssertionError(f"the codec knows no {type(other).__name__}")
 
-    async def _flush(self, redis: Redis) -> None:
-        await asyncio.sleep(self._flush_seconds)
-        held, self._held = self._held, []
-        await redis.rpush(self._key, *held)
 
-
-service = Service(GROUP, Recorder(), Codec([ProbeTick]))
-buffered = Service(GROUP, Recorder(flush_seconds=FLUSH_SECONDS), Codec([ProbeTick]))
+_CODEC = Codec([ProbeTick, ProbeFlush])
+service = Service(GROUP, Recorder(), _CODEC)
+holding = Service(GROUP, Recorder(hold=True), _CODEC)

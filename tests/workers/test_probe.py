@@ -1,53 +1,62 @@
-"""The benchmarks' probe records every handling: at once, or held and appended in bulk."""
+"""The benchmarks' probe records every handling: at once, or held until a flush."""
 
 from __future__ import annotations
 
 import pytest
 
-from bus import Bus, Delivery, Settings
-from tests.support import wait_for
+from bus import Bus, Delivery, Payload, Settings
 from workers import probe
 
 pytestmark = pytest.mark.anyio
 
 
-def delivery(seq: int) -> Delivery:
-    tick = probe.ProbeTick(sent_ns=1_000 * seq)
-    return Delivery("call-1", probe.GROUP, f"{seq}-0", "probe.tick", seq, 0, tick, 1)
+def delivery(seq: int, payload: Payload | None = None) -> Delivery:
+    payload = payload or probe.ProbeTick(sent_ns=1_000 * seq)
+    return Delivery("call-1", probe.GROUP, f"{seq}-0", "probe.tick", seq, 0, payload, 1)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     monkeypatch.setenv("FLOWBUS_REDIS_URL", settings.url)
     monkeypatch.setenv("FLOWBUS_PREFIX", settings.prefix)
 
 
-@pytest.mark.usefixtures("env")
+async def seqs(bus: Bus) -> list[int]:
+    return [h.seq for h in await probe.read_handlings(bus.redis, bus.settings.prefix)]
+
+
 async def test_the_plain_probe_records_each_handling_before_it_returns(bus: Bus) -> None:
     record = probe.Recorder()
     for seq in (1, 2):
         await record(delivery(seq))
-        handlings = await probe.read_handlings(bus.redis, bus.settings.prefix)
-        assert [h.seq for h in handlings] == list(range(1, seq + 1))
+        assert await seqs(bus) == list(range(1, seq + 1))
+    await record(delivery(3, probe.ProbeFlush()))  # nothing held, nothing written
+    assert await seqs(bus) == [1, 2]
 
 
-@pytest.mark.usefixtures("env")
-async def test_the_buffered_probe_appends_its_records_together_later(bus: Bus) -> None:
-    record = probe.Recorder(flush_seconds=0.2)
+async def test_the_holding_probe_writes_its_records_at_a_flush(bus: Bus) -> None:
+    record = probe.Recorder(hold=True)
     for seq in (1, 2, 3):
         await record(delivery(seq))
-    assert await probe.read_handlings(bus.redis, bus.settings.prefix) == []  # held, no write
-
-    async def written() -> bool:
-        return len(await probe.read_handlings(bus.redis, bus.settings.prefix)) == 3
-
-    await wait_for(written, limit=5, what="the held records")
+    assert await seqs(bus) == []
+    await record(delivery(4, probe.ProbeFlush()))
     handlings = await probe.read_handlings(bus.redis, bus.settings.prefix)
     assert [(h.seq, h.sent_ns, h.deliveries) for h in handlings] == [
         (1, 1_000, 1),
         (2, 2_000, 1),
         (3, 3_000, 1),
     ]
-    await record(delivery(4))  # the next record starts the next batch
-    await wait_for(lambda: record._flusher is not None and record._flusher.done(), limit=5)
-    assert [h.seq for h in await probe.read_handlings(bus.redis, bus.settings.prefix)][-1] == 4
+    await record(delivery(5))
+    await record(delivery(6, probe.ProbeFlush()))
+    assert await seqs(bus) == [1, 2, 3, 5]
+
+
+async def test_a_failed_flush_keeps_the_records_for_its_retry(bus: Bus) -> None:
+    record = probe.Recorder(hold=True)
+    await record(delivery(1))
+    await bus.redis.set(probe.handled_key(bus.settings.prefix), "not a list")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await record(delivery(2, probe.ProbeFlush()))
+    await bus.redis.delete(probe.handled_key(bus.settings.prefix))
+    await record(delivery(3, probe.ProbeFlush()))
+    assert await seqs(bus) == [1]
