@@ -18,20 +18,23 @@ from workers import logs
 from workers.fleet import FleetError
 from workers.server import LocalServer
 
-from . import baseline, latency, takeover, throughput
+from . import baseline, latency, soak, takeover, throughput
 from .machine import describe
 from .report import Results, judge, render
 from .workload import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 SECTIONS = ("baseline", "throughput", "latency", "takeover")
+#: Seconds of the soak when it is asked for with ``--only soak`` alone.
+SOAK_SECONDS = 300.0
 log = structlog.get_logger("flowbus.bench")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="flowbus benchmarks: baseline, throughput, latency, takeover after kill -9.",
+        description="flowbus benchmarks: baseline, throughput, latency, takeover after kill -9; "
+        "on request a soak (memory over a long run).",
     )
     p.add_argument(
         "--server",
@@ -40,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
         help="redis-server from the PATH (default) or the embedded Valkey",
     )
     p.add_argument(
-        "--only", choices=SECTIONS, action="append", help="run only this benchmark (repeatable)"
+        "--only",
+        choices=[*SECTIONS, "soak"],
+        action="append",
+        help="run only this benchmark (repeatable); 'soak' is never run unless asked for",
     )
     p.add_argument(
         "--runs",
@@ -49,7 +55,12 @@ def parser() -> argparse.ArgumentParser:
         help="runs of the baseline and flowbus throughput (taken in turns) and of the takeover "
         "(default 3)",
     )
-    p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        help="how long benchmark 3 publishes at 1,000 events/s (default 10)",
+    )
     p.add_argument(
         "--sweep",
         type=float,
@@ -58,12 +69,21 @@ def parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="also measure latency for 5 s at these rates (events/s), for context",
     )
+    p.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also run the soak (memory over rolling calls at 1,000 events/s) this long "
+        f"(with --only soak alone: {SOAK_SECONDS:g} s)",
+    )
     p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
     return p
 
 
 async def run_all(url: str, args: argparse.Namespace, started: float) -> Results:
     only = set(args.only or SECTIONS)
+    soak_seconds = args.soak or (SOAK_SECONDS if "soak" in only else 0.0)
     redis = Redis.from_url(url)
     try:
         machine = await describe(redis)
@@ -102,6 +122,9 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
                 await redis.flushall()
         if "takeover" in only:
             results.takeover = await takeover.run(url, repeats=args.runs)
+            await redis.flushall()
+        if soak_seconds > 0:
+            results.soak = await soak.run(url, seconds=soak_seconds)
             await redis.flushall()
     finally:
         await redis.aclose()

@@ -7,6 +7,7 @@ import msgspec
 from .baseline import BaselineResult
 from .latency import LatencyResult
 from .machine import Machine
+from .soak import SoakResult
 from .takeover import TakeoverResult
 from .throughput import ThroughputResult
 
@@ -38,6 +39,7 @@ class Results(msgspec.Struct, kw_only=True):
     latency: LatencyResult | None = None
     latency_sweep: list[LatencyResult] | None = None
     takeover: TakeoverResult | None = None
+    soak: SoakResult | None = None
     verdicts: dict[str, Verdict] = msgspec.field(default_factory=dict)
 
 
@@ -158,6 +160,31 @@ def render(r: Results) -> str:
                 "",
             )
         )
+    if r.soak and r.soak.samples:
+        sk, mb = r.soak, 1024 * 1024
+        first, last = sk.samples[0], sk.samples[-1]
+        rss = ", ".join(
+            f"{a / 1024:.1f} -> {b / 1024:.1f}"
+            for a, b in zip(first.worker_rss_kb, last.worker_rss_kb, strict=True)
+        )
+        lines.append(
+            _row(
+                f"5 soak: {sk.seconds:.0f} s of 20-event calls at {sk.rate:,.0f} events/s",
+                f"{sk.calls:,} calls, {sk.events:,} events, every one retired",
+                "",
+                "",
+            )
+        )
+        lines.append(
+            _row(
+                "",
+                f"from {first.at_s:.0f} s to {last.at_s:.0f} s: worker RSS MB {rss}; server "
+                f"used_memory {first.server_used_bytes / mb:.1f} -> "
+                f"{last.server_used_bytes / mb:.1f} MB",
+                "",
+                "",
+            )
+        )
     if base and flow:
         lines += [
             "",
@@ -165,10 +192,11 @@ def render(r: Results) -> str:
             f"baseline server {base.server_cpu_us:g} + consumers {base.client_cpu_us:g}; "
             f"flowbus server {flow.server_cpu_us:g} + workers {flow.client_cpu_us:g}",
         ]
-    lines.append(
-        "The baseline gets as many processes as flowbus has workers (2), each consuming half of "
-        "the streams; it keeps no per-session order."
-    )
+    if base and flow:
+        lines.append(
+            "The baseline gets as many processes as flowbus has workers (2), each consuming half "
+            "of the streams; it keeps no per-session order."
+        )
     return "\n".join(lines)
 
 

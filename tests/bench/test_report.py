@@ -1,0 +1,50 @@
+"""The benchmark's verdicts and table, from results made by hand (no server needed)."""
+
+from __future__ import annotations
+
+from bench.__main__ import parser
+from bench.baseline import BaselineResult
+from bench.machine import Machine
+from bench.report import Results, judge, render
+from bench.soak import SoakResult, SoakSample
+from bench.throughput import ThroughputResult
+
+MACHINE = Machine(2, "AMD EPYC", "3.11.7", "redis", "7.0.15", 0.5)
+
+
+def results(**parts: object) -> Results:
+    return Results(started="2026-11-27T21:00:00+00:00", seconds=1.0, machine=MACHINE,
+                   load_at_end=0.5, **parts)  # fmt: skip
+
+
+def test_the_throughput_verdict_compares_the_best_runs() -> None:
+    r = results(
+        baseline=[BaselineResult(2, 1000, 20_000, 0.1, 200_000, 1, 4, 0)],
+        throughput=[
+            ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 100_000, 7, 18, 0),
+            ThroughputResult(2, 1000, 20_000, 1.0, 0.4, 50_000, 7, 18, 0),
+        ],
+    )
+    judge(r)
+    assert r.verdicts["throughput_ratio"].measured == 0.5 and r.verdicts["throughput_ratio"].met
+    assert "100,000 events/s = 50.0% of baseline" in render(r)
+
+
+def test_a_soak_shows_its_calls_and_memory_from_the_first_sample_to_the_last() -> None:
+    samples = [
+        SoakSample(15.0, 15_000, 1_000, 1_000, [40_960, 39_936], 7 * 1024 * 1024),
+        SoakSample(30.0, 30_000, 2_000, 1_000, [41_984, 39_936], 8 * 1024 * 1024),
+    ]
+    soak = SoakResult(2, 1000.0, 40.0, 40_000, 2_000, samples)
+    table = render(results(soak=soak))
+    assert "5 soak: 40 s of 20-event calls at 1,000 events/s" in table
+    assert "2,000 calls, 40,000 events, every one retired" in table
+    assert "worker RSS MB 40.0 -> 41.0, 39.0 -> 39.0; server used_memory 7.0 -> 8.0 MB" in table
+    assert soak.rss_growth_kb == [1_024, 0]
+    assert "baseline" not in table  # nothing said of benchmarks that did not run
+
+
+def test_the_soak_runs_only_when_asked_for() -> None:
+    assert parser().parse_args([]).soak == 0.0
+    assert parser().parse_args(["--only", "soak"]).only == ["soak"]
+    assert parser().parse_args(["--soak", "60"]).soak == 60.0
