@@ -12,19 +12,17 @@ from bench.throughput import ThroughputResult
 MACHINE = Machine(2, "AMD EPYC", "3.11.7", "redis", "7.0.15", 0.5)
 
 
-def results(**parts: object) -> Results:
-    return Results(started="2026-11-27T21:00:00+00:00", seconds=1.0, machine=MACHINE,
-                   load_at_end=0.5, **parts)  # fmt: skip
+def results() -> Results:
+    return Results(started="2026-11-27T21:00:00+00:00", seconds=1.0, machine=MACHINE, load_at_end=0)
 
 
 def test_the_throughput_verdict_compares_the_best_runs() -> None:
-    r = results(
-        baseline=[BaselineResult(2, 1000, 20_000, 0.1, 200_000, 1, 4, 0)],
-        throughput=[
-            ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 100_000, 7, 18, 0),
-            ThroughputResult(2, 1000, 20_000, 1.0, 0.4, 50_000, 7, 18, 0),
-        ],
-    )
+    r = results()
+    r.baseline = [BaselineResult(2, 1000, 20_000, 0.1, 200_000, 1, 4, 0)]
+    r.throughput = [
+        ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 100_000, 7, 18, 0),
+        ThroughputResult(2, 1000, 20_000, 1.0, 0.4, 50_000, 7, 18, 0),
+    ]
     judge(r)
     assert r.verdicts["throughput_ratio"].measured == 0.5 and r.verdicts["throughput_ratio"].met
     assert "100,000 events/s = 50.0% of baseline" in render(r)
@@ -36,7 +34,9 @@ def test_a_soak_shows_its_calls_and_memory_from_the_first_sample_to_the_last() -
         SoakSample(30.0, 30_000, 2_000, 1_000, [41_984, 39_936], 8 * 1024 * 1024),
     ]
     soak = SoakResult(2, 1000.0, 40.0, 40_000, 2_000, samples)
-    table = render(results(soak=soak))
+    r = results()
+    r.soak = soak
+    table = render(r)
     assert "5 soak: 40 s of 20-event calls at 1,000 events/s" in table
     assert "2,000 calls, 40,000 events, every one retired" in table
     assert "worker RSS MB 40.0 -> 41.0, 39.0 -> 39.0; server used_memory 7.0 -> 8.0 MB" in table
