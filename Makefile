@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-valkey test-all lint bench clean
+.PHONY: demo test test-valkey test-all lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 ## Benchmarks (not part of the tests).
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## Memory over five minutes of rolling calls (not part of `make bench`).
+soak: $(STAMP)
+	$(BIN)/python -m bench --only soak --output bench/soak.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

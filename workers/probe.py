@@ -7,9 +7,9 @@ acknowledged, so a handling the list does not show was not acknowledged either (
 benchmark counts on it). ``workers.probe:holding`` keeps its records in memory until a
 `ProbeFlush` event reaches it, then appends them all at once, so its handler is next to a
 no-op while it is measured, as the latency benchmark asks (no round trip of its own per event;
-the records of a worker that dies before the flush are lost).
-The publisher puts ``time.time_ns()`` in the payload right before publishing; the difference
-with the time the handler started is the publish-to-handler latency.
+the records of a worker that dies before the flush are lost). The publisher puts
+``time.time_ns()`` in the payload right before publishing; the difference with the time the
+handler started is the publish-to-handler latency.
 
     redis-cli LRANGE '<prefix>:probe:handled' 0 9
 """
