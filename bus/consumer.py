@@ -21,7 +21,6 @@ import random
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from .keys import Keys
 from .ownership import Leases, assign
 from .scripts import Arg
 from .settings import NAME_PATTERN
+from .slots import Slots
 from .steps import Step, StepBatcher, reader
 
 log = structlog.get_logger("flowbus.consumer")
@@ -121,7 +121,7 @@ class Consumer:
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
         retention_ms = int(self.settings.retention_seconds * 1000)
         self._steps = StepBatcher(self.settings, retention_ms=retention_ms)
-        self._slots = _Slots(self.settings.concurrency)
+        self._slots = Slots(self.settings.concurrency)
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
         self._parts: dict[int, _Partition] = {}
         self._stop = anyio.Event()
@@ -501,43 +501,6 @@ def _original(raw_fields: list[bytes]) -> tuple[bytes, ...]:
         b"orig." + f if i % 2 == 0 and f in DEAD_LETTER_FIELDS else f
         for i, f in enumerate(raw_fields)
     )
-
-
-class _Slots:
-    """Handler slots of the worker (`Settings.concurrency`): a counting semaphore whose fast
-    path is two attribute accesses (anyio's limiter looks up the current task every time,
-    which is a good share of the cost of a no-op handler)."""
-
-    def __init__(self, total: int) -> None:
-        self.free = total
-        self._waiters: deque[anyio.Event] = deque()
-
-    def take(self) -> bool:
-        """Take a free slot if there is one (no waiting, no coroutine: the common case)."""
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
-            return True
-        return False
-
-    async def acquire(self) -> None:
-        if self.take():
-            return
-        event = anyio.Event()
-        self._waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():  # handed a slot, then cancelled: pass it on
-                self.release()
-            else:
-                self._waiters.remove(event)
-            raise
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # the slot goes straight to the first waiter
-        else:
-            self.free += 1
 
 
 class _Run:

@@ -8,7 +8,6 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from bus import Bus, ServiceInfo, Settings
 from bus import scripts as s
-from bus.consumer import _Slots
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.support import Stepper, raw
@@ -82,37 +81,6 @@ async def test_a_publish_wakes_the_partition_only_when_a_group_may_be_idle(
         assert await hints_until_marker() == [b"call-1"]
     finally:
         await pubsub.aclose()
-
-
-async def test_handler_slots_pass_over_cancelled_waiters_and_are_never_lost() -> None:
-    slots = _Slots(1)
-    await slots.acquire()
-    order: list[str] = []
-    scopes: dict[str, anyio.CancelScope] = {}
-
-    async def wait(name: str) -> None:
-        with anyio.CancelScope() as scopes[name]:
-            await slots.acquire()
-            order.append(name)
-            slots.release()
-
-    async with anyio.create_task_group() as tg:
-        for name in ("a", "b", "c"):
-            tg.start_soon(wait, name)
-        await anyio.wait_all_tasks_blocked()
-        scopes["b"].cancel()  # gives up while waiting
-        await anyio.wait_all_tasks_blocked()
-        slots.release()
-    assert order == ["a", "c"] and slots.free == 1
-
-    await slots.acquire()
-    async with anyio.create_task_group() as tg:
-        for name in ("d", "e"):
-            tg.start_soon(wait, name)
-        await anyio.wait_all_tasks_blocked()
-        slots.release()  # handed to d...
-        scopes["d"].cancel()  # ...which is cancelled before it resumed: it uses or passes it
-    assert order[-1] == "e" and slots.free == 1
 
 
 async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(
