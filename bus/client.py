@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -116,14 +117,16 @@ class Bus:
             data,
             int(final),
             int(self.settings.retention_seconds * 1000),
-            secrets.token_hex(8),
+            secrets.token_hex(8),  # the same in every retry: no second append
             len(groups),
             *groups,
             *_flat(extra),
         ]
         keys = [self.keys.session(session)]
         try:
-            seq, entry_id = await self._retrying(scripts.PUBLISH, keys, args)
+            seq, entry_id = await self._retrying(
+                "publish", partial(scripts.PUBLISH, self.redis, keys, args)
+            )
         except ResponseError as exc:
             if str(exc).startswith("ENDED"):
                 raise SessionEndedError(session, keys[0]) from None
@@ -155,24 +158,23 @@ class Bus:
             *_flat(extra),
         ]
         try:
-            result = await self._retrying(scripts.SEND, keys, args)
+            result = await self._retrying("send", partial(scripts.SEND, self.redis, keys, args))
         except ResponseError as exc:
             if str(exc).startswith("NOSESSION"):
                 raise NoSuchSessionError(session) from None
             raise
         return None if result is None else Published(int(result[0]), result[1].decode())
 
-    async def _retrying(
-        self, script: scripts.Script, keys: Sequence[str], args: Sequence[scripts.Arg]
-    ) -> Any:
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """`operation`, again after a connection failure, for up to `RETRY_SECONDS`."""
         deadline = time.monotonic() + self.RETRY_SECONDS
         for attempt in itertools.count(1):
             try:
-                return await script(self.redis, keys, args)
+                return await operation()
             except TRANSIENT as exc:
                 if time.monotonic() > deadline:
                     raise ConnectionFailedError(
-                        f"{script.name} failed after {attempt} attempts: {exc}",
+                        f"{what} failed after {attempt} attempts: {exc}",
                         url=self.settings.redacted_url,
                     ) from None
                 await anyio.sleep(min(0.05 * 2**attempt, 1.0))
@@ -191,7 +193,9 @@ class Bus:
         keys = [self.keys.state(check_session_id(session)), self.keys.meta(session)]
         args = [x for kv in fields.items() for x in kv]
         try:
-            await self._retrying(scripts.WRITE_STATE, keys, args)
+            await self._retrying(
+                "write_state", partial(scripts.WRITE_STATE, self.redis, keys, args)
+            )
         except ResponseError as exc:
             if str(exc).startswith("NOSESSION"):
                 raise NoSuchSessionError(session) from None
@@ -211,10 +215,11 @@ class Bus:
 
     async def services(self, *, fresh: bool = False) -> list[ServiceInfo]:
         """Services registered in this deployment, sorted by name (cached for `SERVICES_TTL`
-        seconds unless `fresh`)."""
+        seconds unless `fresh`). Connection failures are retried as for `publish`."""
         fetched, services = self._services
         if fresh or time.monotonic() - fetched > SERVICES_TTL:
-            raw: Any = await self.redis.hgetall(self.keys.services())
+            read = partial(self.redis.hgetall, self.keys.services())
+            raw: Any = await self._retrying("reading the services", read)
             services = sorted(
                 (msgspec.json.decode(v, type=ServiceInfo) for v in raw.values()),
                 key=lambda s: s.name,
@@ -222,10 +227,17 @@ class Bus:
             self._services = (time.monotonic(), services)
         return services
 
-    async def register_service(self, info: ServiceInfo) -> None:
-        """Record a service so that new sessions get its consumer group from their first event."""
-        await self.redis.hset(self.keys.services(), info.name, msgspec.json.encode(info))
+    async def register_service(self, info: ServiceInfo, *, replace: bool = True) -> bool:
+        """Record a service so that new sessions get its consumer group from their first event;
+        without `replace`, only if it is not recorded (a worker's check that the registry still
+        knows its service, say after a server restarted without its data). True if written."""
+        key, value = self.keys.services(), msgspec.json.encode(info)
+        if replace:
+            await self.redis.hset(key, info.name, value)
+        elif not await self.redis.hsetnx(key, info.name, value):
+            return False
         self._services = (float("-inf"), [])
+        return True
 
     async def history(self, session: str, *, max_data: int | None = None) -> list[Entry]:
         """The session's events so far, in order (entries that do not parse are skipped)."""

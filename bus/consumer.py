@@ -130,6 +130,8 @@ class Consumer:
         self._last_renewal = 0.0
         self._tg: TaskGroup | None = None
         self._log = log.bind(group=service.name, worker=self.worker_id)
+        subscribes = sorted(service.subscribes) if service.subscribes else None
+        self._info = ServiceInfo(service.name, subscribes)
 
     @property
     def partitions(self) -> list[int]:
@@ -146,8 +148,7 @@ class Consumer:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Join the group and handle events until `stop()`; then drain and leave."""
-        subscribes = sorted(self.service.subscribes) if self.service.subscribes else None
-        await self.bus.register_service(ServiceInfo(self.service.name, subscribes))
+        await self.bus.register_service(self._info)
         tick = self.settings.lease_ttl_seconds / 5
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -169,12 +170,15 @@ class Consumer:
 
     # -- ownership --------------------------------------------------------------------------
     async def _rebalance(self) -> bool:
-        """Heartbeat, renew, hand back what is no longer ours, take what is. True while some
-        partition we should own is still held by another worker."""
+        """Heartbeat, renew, register the service again if the server lost it, hand back what
+        is no longer ours, take what is. True while some partition we should own is still held
+        by another worker."""
         held = {p: part.token for p, part in self._parts.items() if not part.lost}
         try:
             members = await self._leases.heartbeat()
             lost = await self._leases.renew(held) if held else set()
+            if await self.bus.register_service(self._info, replace=False):
+                self._log.warning("service_registered_again")  # the server lost its data
         except (*TRANSIENT, ResponseError) as exc:
             self._log.warning("heartbeat_failed", error=str(exc))
             if anyio.current_time() - self._last_renewal > self.settings.lease_ttl_seconds:

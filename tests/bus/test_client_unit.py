@@ -24,6 +24,16 @@ async def test_registered_services_are_listed_by_name(fake_bus: Bus) -> None:
     ]
 
 
+async def test_a_workers_check_registers_a_missing_service_and_leaves_a_present_one(
+    fake_bus: Bus,
+) -> None:
+    assert await fake_bus.register_service(ServiceInfo("crm"), replace=False)  # it was missing
+    newer = ServiceInfo("crm", subscribes=["on_client_connected"])
+    assert await fake_bus.register_service(newer)  # a starting worker's registration replaces
+    assert not await fake_bus.register_service(ServiceInfo("crm"), replace=False)
+    assert await fake_bus.services(fresh=True) == [newer]
+
+
 async def test_history_skips_entries_that_do_not_parse(fake_bus: Bus) -> None:
     stream = fake_bus.keys.session("call-1")
     await fake_bus.redis.xadd(stream, {"type": "a", "seq": "1", "ts": "5", "data": "{}"})

@@ -270,3 +270,27 @@ async def test_a_redis_restart_with_aof_loses_nothing_and_keeps_every_session_in
 
             await wait_for(all_handled, limit=60, what="every event after the restart")
             assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))
+
+
+async def test_after_a_restart_without_its_data_the_workers_register_again_and_go_on(
+    workers: WorkerProcesses,
+) -> None:
+    with LocalServer() as server:  # no AOF: a restart empties it
+        settings = make_settings(server.url)
+        workers.start(RECORDER, settings, {})
+        async with Bus.connect(settings) as bus, Bus.connect(settings) as idle_publisher:
+            await settled(bus, "recorder", 1)
+            await publish(bus, [f"call-{i}" for i in range(10)], 3)
+            await wait_for(lambda: progressed(bus, 30), what="work before the restart")
+            server.kill()
+            server.start()
+
+            async def registered() -> bool:
+                return [s.name for s in await bus.services(fresh=True)] == ["recorder"]
+
+            await wait_for(registered, what="the worker to register its service again")
+            # A publisher whose connection died with the server, and whose list of services is
+            # out of date, reads the list again on a new connection.
+            expected = await publish(idle_publisher, [f"new-{i}" for i in range(10)], 3)
+            await wait_for(lambda: progressed(bus, 30), what="the new sessions handled")
+            assert_in_order(await handled(bus, "recorder"), expected)
