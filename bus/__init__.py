@@ -10,6 +10,7 @@ from .consumer import Consumer, Handler, Service, Stats
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload, encode, type_name
 from .errors import (
     BusError,
+    CommandRefusedError,
     ConfigError,
     ConnectionFailedError,
     FencedError,
@@ -25,6 +26,7 @@ __all__ = [
     "Bus",
     "BusError",
     "Codec",
+    "CommandRefusedError",
     "ConfigError",
     "ConnectionFailedError",
     "Consumer",

@@ -14,12 +14,19 @@ from typing import Any
 import anyio
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 
 from . import scripts
 from .connection import TRANSIENT, connect, make_client
 from .envelope import Codec, DecodeError, Entry, Payload, encode, type_name
 from .errors import (
+    CommandRefusedError,
     ConnectionFailedError,
     NoSuchSessionError,
     PayloadTooLargeError,
@@ -123,14 +130,13 @@ class Bus:
             *_flat(extra),
         ]
         keys = [self.keys.session(session)]
+        append = partial(scripts.PUBLISH, self.redis, keys, args)
         try:
-            seq, entry_id = await self._retrying(
-                "publish", partial(scripts.PUBLISH, self.redis, keys, args)
+            seq, entry_id = await _call(
+                "publish", append, self.settings, session, expected=("ENDED",)
             )
-        except ResponseError as exc:
-            if str(exc).startswith("ENDED"):
-                raise SessionEndedError(session, keys[0]) from None
-            raise
+        except ResponseError:
+            raise SessionEndedError(session, keys[0]) from None
         return Published(int(seq), entry_id.decode())
 
     async def send(
@@ -157,32 +163,17 @@ class Bus:
             dedupe or f"send/{secrets.token_hex(8)}",
             *_flat(extra),
         ]
+        write = partial(scripts.SEND, self.redis, keys, args)
         try:
-            result = await self._retrying("send", partial(scripts.SEND, self.redis, keys, args))
-        except ResponseError as exc:
-            if str(exc).startswith("NOSESSION"):
-                raise NoSuchSessionError(session) from None
-            raise
+            result = await _call("send", write, self.settings, session, expected=("NOSESSION",))
+        except ResponseError:
+            raise NoSuchSessionError(session) from None
         return None if result is None else Published(int(result[0]), result[1].decode())
-
-    async def _retrying(self, what: str, operation: Callable[[], Awaitable[Any]]) -> Any:
-        """`operation`, again after a connection failure, for up to `RETRY_SECONDS`."""
-        deadline = time.monotonic() + self.RETRY_SECONDS
-        for attempt in itertools.count(1):
-            try:
-                return await operation()
-            except TRANSIENT as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectionFailedError(
-                        f"{what} failed after {attempt} attempts: {exc}",
-                        url=self.settings.redacted_url,
-                    ) from None
-                await anyio.sleep(min(0.05 * 2**attempt, 1.0))
-        raise AssertionError("unreachable")
 
     async def read_state(self, session: str) -> dict[str, bytes]:
         """Every field of the session's state hash (see `Keys.state`)."""
-        raw: Any = await self.redis.hgetall(self.keys.state(check_session_id(session)))
+        read = partial(self.redis.hgetall, self.keys.state(check_session_id(session)))
+        raw: Any = await _call("read_state", read, self.settings, session)
         return {k.decode(): v for k, v in raw.items()}
 
     async def write_state(self, session: str, fields: Mapping[str, str | bytes]) -> None:
@@ -192,14 +183,11 @@ class Bus:
             return
         keys = [self.keys.state(check_session_id(session)), self.keys.meta(session)]
         args = [x for kv in fields.items() for x in kv]
+        write = partial(scripts.WRITE_STATE, self.redis, keys, args)
         try:
-            await self._retrying(
-                "write_state", partial(scripts.WRITE_STATE, self.redis, keys, args)
-            )
-        except ResponseError as exc:
-            if str(exc).startswith("NOSESSION"):
-                raise NoSuchSessionError(session) from None
-            raise
+            await _call("write_state", write, self.settings, session, expected=("NOSESSION",))
+        except ResponseError:
+            raise NoSuchSessionError(session) from None
 
     async def resume(self, session: str, group: str, *, drop: bool = False) -> str | None:
         """Resume a session that `group` paused on a dead letter (policy ``pause``).
@@ -210,7 +198,8 @@ class Bus:
         p = self.keys.partition(check_session_id(session))
         keys = [self.keys.paused(p, group), self.keys.session(session)]
         args: list[scripts.Arg] = [session, group, Keys.consumer(p), int(drop), self.keys.wake(p)]
-        entry = await scripts.RESUME(self.redis, keys, args)
+        resume = partial(scripts.RESUME, self.redis, keys, args)
+        entry = await _call("resume", resume, self.settings, session)
         return None if entry is None else str(entry.decode())
 
     async def services(self, *, fresh: bool = False) -> list[ServiceInfo]:
@@ -219,7 +208,7 @@ class Bus:
         fetched, services = self._services
         if fresh or time.monotonic() - fetched > SERVICES_TTL:
             read = partial(self.redis.hgetall, self.keys.services())
-            raw: Any = await self._retrying("reading the services", read)
+            raw: Any = await _call("reading the services", read, self.settings)
             services = sorted(
                 (msgspec.json.decode(v, type=ServiceInfo) for v in raw.values()),
                 key=lambda s: s.name,
@@ -232,16 +221,16 @@ class Bus:
         without `replace`, only if it is not recorded (a worker's check that the registry still
         knows its service, say after a server restarted without its data). True if written."""
         key, value = self.keys.services(), msgspec.json.encode(info)
-        if replace:
-            await self.redis.hset(key, info.name, value)
-        elif not await self.redis.hsetnx(key, info.name, value):
+        write = partial(self.redis.hset if replace else self.redis.hsetnx, key, info.name, value)
+        if not await _call("register_service", write, self.settings) and not replace:
             return False
         self._services = (float("-inf"), [])
         return True
 
     async def history(self, session: str, *, max_data: int | None = None) -> list[Entry]:
         """The session's events so far, in order (entries that do not parse are skipped)."""
-        raw: Any = await self.redis.xrange(self.keys.session(session))
+        read = partial(self.redis.xrange, self.keys.session(check_session_id(session)))
+        raw: Any = await _call("history", read, self.settings, session)
         entries = []
         for entry_id, fields in raw:
             try:
@@ -256,7 +245,7 @@ class Bus:
         check_session_id(session)
         client = make_client(self.settings, block_seconds=Inbox.BLOCK_SECONDS)
         try:
-            yield Inbox(client, self.keys.inbox(session), codec, after, self.settings)
+            yield Inbox(client, session, self.keys.inbox(session), codec, after, self.settings)
         finally:
             await client.aclose()
 
@@ -269,16 +258,19 @@ class Inbox:
     BLOCK_SECONDS = 5.0
 
     def __init__(
-        self, redis: Redis, key: str, codec: Codec, after: str, settings: Settings
+        self, redis: Redis, session: str, key: str, codec: Codec, after: str, settings: Settings
     ) -> None:
-        self.redis, self.key, self.codec, self.last_id = redis, key, codec, after
+        self.redis, self.session, self.key, self.codec = redis, session, key, codec
+        self.last_id, self.settings = after, settings
         self.max_data = settings.max_payload_bytes
         self.rejected: list[tuple[str, str]] = []
 
     async def read(self, wait: float) -> list[Message]:
-        """Messages after the last one read, waiting up to `wait` seconds for the first."""
+        """Messages after the last one read, waiting up to `wait` seconds for the first.
+        Connection failures are retried as for `Bus.publish`."""
         block = max(1, int(min(wait, self.BLOCK_SECONDS) * 1000))
-        reply: Any = await self.redis.xread({self.key: self.last_id}, count=100, block=block)
+        read = partial(self.redis.xread, {self.key: self.last_id}, count=100, block=block)
+        reply: Any = await _call("reading the inbox", read, self.settings, self.session)
         messages = []
         for _key, entries in reply or ():
             for raw_id, fields in entries:
@@ -298,6 +290,50 @@ class Inbox:
         while True:
             for message in await self.read(self.BLOCK_SECONDS):
                 yield message
+
+
+async def _call(
+    what: str,
+    operation: Callable[[], Awaitable[Any]],
+    settings: Settings,
+    session: str | None = None,
+    *,
+    expected: tuple[str, ...] = (),
+) -> Any:
+    """Run `operation` (`what` names it in errors), again after a connection failure, for up to
+    `Bus.RETRY_SECONDS`, then `ConnectionFailedError`. A server's refusal is a
+    `CommandRefusedError`, unless it starts with one of `expected`: that `ResponseError` is
+    the caller's to translate."""
+    deadline = time.monotonic() + Bus.RETRY_SECONDS
+    for attempt in itertools.count(1):
+        try:
+            return await operation()
+        except ResponseError as exc:
+            if str(exc).startswith(expected):
+                raise
+            raise CommandRefusedError(what, _reason(exc), session=session) from None
+        except TRANSIENT as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionFailedError(
+                    f"{what} failed after {attempt} attempts: {exc}", url=settings.redacted_url
+                ) from None
+            await anyio.sleep(min(0.05 * 2**attempt, 1.0))
+    raise AssertionError("unreachable")
+
+
+#: The server's error codes that redis-py takes off the message when it picks a class for them.
+_CODES: dict[type[ResponseError], str] = {
+    OutOfMemoryError: "OOM",
+    ReadOnlyError: "READONLY",
+    NoPermissionError: "NOPERM",
+    MasterDownError: "MASTERDOWN",
+}
+
+
+def _reason(exc: ResponseError) -> str:
+    """The server's error message as it sent it, code first."""
+    code = _CODES.get(type(exc))
+    return f"{code} {exc}" if code else str(exc)
 
 
 def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:

@@ -10,7 +10,9 @@ boundary, so callers never need to import `redis`::
     ├── PayloadTooLargeError     an encoded payload above the configured limit
     ├── SessionEndedError        publishing to a session after its final event
     ├── NoSuchSessionError       writing to the inbox of a session that never started
-    └── FencedError              a stale owner's ack or read, refused by the lease check
+    ├── FencedError              a stale owner's ack or read, refused by the lease check
+    └── CommandRefusedError      the server refused a command (out of memory, a read-only
+                                 replica, a missing permission)
 
 Errors carry what a person needs to act: the session, the stream key, the group.
 """
@@ -79,3 +81,13 @@ class FencedError(BusError):
             f"group {group!r} lost partition {partition}: write to {stream} refused by the lease"
         )
         self.group, self.partition, self.stream = group, partition, stream
+
+
+class CommandRefusedError(BusError):
+    """The server refused a command of the bus: `reason` is its own message (``OOM …`` when
+    it is out of memory, ``READONLY …`` from a replica, ``NOPERM …``)."""
+
+    def __init__(self, command: str, reason: str, *, session: str | None = None) -> None:
+        where = f" for session {session!r}" if session else ""
+        super().__init__(f"the server refused {command}{where}: {reason}")
+        self.command, self.reason, self.session = command, reason, session

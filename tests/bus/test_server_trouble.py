@@ -1,0 +1,49 @@
+"""What the bus tells its callers when the server refuses or goes away (own servers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus import Bus, Codec, CommandRefusedError
+from tests.apps.recorder import Tick
+from tests.bus.test_inbox import Say
+from tests.conftest import make_settings
+from tests.support import raw
+from workers.server import LocalServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_server_out_of_memory_refuses_a_publish_with_a_bus_error_then_takes_it() -> None:
+    with LocalServer() as server:
+        async with Bus.connect(make_settings(server.url)) as bus:
+            await bus.publish("call-1", Tick(n=1))
+            await bus.redis.config_set("maxmemory", 1)
+            with pytest.raises(CommandRefusedError) as refused:
+                await bus.publish("call-1", Tick(n=2))
+            assert refused.value.reason.startswith("OOM") and refused.value.session == "call-1"
+            assert "refused publish for session 'call-1'" in str(refused.value)
+            assert [e.seq for e in await bus.history("call-1")] == [1]  # reads still work
+            await bus.redis.config_set("maxmemory", 0)
+            assert (await bus.publish("call-1", Tick(n=2))).seq == 2
+
+
+async def test_a_read_only_replica_refuses_writes_with_a_bus_error() -> None:
+    with LocalServer() as primary, LocalServer() as replica:
+        async with Bus.connect(make_settings(replica.url)) as bus:
+            await raw(bus).execute_command("REPLICAOF", "127.0.0.1", primary.port)
+            with pytest.raises(CommandRefusedError, match="READONLY"):
+                await bus.publish("call-1", Tick(n=1))
+
+
+async def test_an_inbox_reader_goes_on_across_a_server_restart() -> None:
+    with LocalServer(appendonly=True) as server:
+        async with Bus.connect(make_settings(server.url)) as bus:
+            await bus.publish("call-1", Tick(n=1))
+            await bus.send("call-1", Say(text="before"))
+            async with bus.inbox("call-1", Codec([Say])) as inbox:
+                assert [m.payload for m in await inbox.read(1)] == [Say(text="before")]
+                server.kill()
+                server.start()
+                await bus.send("call-1", Say(text="after"))
+                assert [m.payload for m in await inbox.read(1)] == [Say(text="after")]
