@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import anyio
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import (
-    MasterDownError,
-    NoPermissionError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-)
+from redis.exceptions import ResponseError
 
 from . import scripts
-from .connection import TRANSIENT, connect, make_client
+from .connection import call, connect, make_client
 from .envelope import Codec, DecodeError, Entry, Payload, encode, type_name
 from .errors import (
-    CommandRefusedError,
-    ConnectionFailedError,
     NoSuchSessionError,
     PayloadTooLargeError,
     SessionEndedError,
@@ -73,7 +63,6 @@ class Bus:
     """
 
     #: How long a publish or inbox write keeps retrying a lost connection.
-    RETRY_SECONDS = 15.0
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -108,10 +97,10 @@ class Bus:
         `final` marks the session's last event: afterwards the session retires once every group
         handled it. `extra` carries optional envelope fields (``traceparent``, ``corr``…).
 
-        A connection failure is retried with backoff for up to `RETRY_SECONDS`; a retry never
-        appends twice (with one publisher per session, as with one bot per call). Raises
-        `SessionEndedError`, `PayloadTooLargeError`, `InvalidSessionIdError`, and
-        `ConnectionFailedError` once retrying gives up.
+        A connection failure is retried with backoff for up to 15 s (`connection.RETRY_SECONDS`);
+        a retry never appends twice (with one publisher per session, as with one bot per call).
+        Raises `SessionEndedError`, `PayloadTooLargeError`, `InvalidSessionIdError`,
+        `CommandRefusedError`, and `ConnectionFailedError` once retrying gives up.
         """
         check_session_id(session)
         name, data = self._encode(session, payload)
@@ -132,7 +121,7 @@ class Bus:
         keys = [self.keys.session(session)]
         append = partial(scripts.PUBLISH, self.redis, keys, args)
         try:
-            seq, entry_id = await _call(
+            seq, entry_id = await call(
                 "publish", append, self.settings, session, expected=("ENDED",)
             )
         except ResponseError:
@@ -165,7 +154,7 @@ class Bus:
         ]
         write = partial(scripts.SEND, self.redis, keys, args)
         try:
-            result = await _call("send", write, self.settings, session, expected=("NOSESSION",))
+            result = await call("send", write, self.settings, session, expected=("NOSESSION",))
         except ResponseError:
             raise NoSuchSessionError(session) from None
         return None if result is None else Published(int(result[0]), result[1].decode())
@@ -173,7 +162,7 @@ class Bus:
     async def read_state(self, session: str) -> dict[str, bytes]:
         """Every field of the session's state hash (see `Keys.state`)."""
         read = partial(self.redis.hgetall, self.keys.state(check_session_id(session)))
-        raw: Any = await _call("read_state", read, self.settings, session)
+        raw: Any = await call("read_state", read, self.settings, session)
         return {k.decode(): v for k, v in raw.items()}
 
     async def write_state(self, session: str, fields: Mapping[str, str | bytes]) -> None:
@@ -185,7 +174,7 @@ class Bus:
         args = [x for kv in fields.items() for x in kv]
         write = partial(scripts.WRITE_STATE, self.redis, keys, args)
         try:
-            await _call("write_state", write, self.settings, session, expected=("NOSESSION",))
+            await call("write_state", write, self.settings, session, expected=("NOSESSION",))
         except ResponseError:
             raise NoSuchSessionError(session) from None
 
@@ -199,7 +188,7 @@ class Bus:
         keys = [self.keys.paused(p, group), self.keys.session(session)]
         args: list[scripts.Arg] = [session, group, Keys.consumer(p), int(drop), self.keys.wake(p)]
         resume = partial(scripts.RESUME, self.redis, keys, args)
-        entry = await _call("resume", resume, self.settings, session)
+        entry = await call("resume", resume, self.settings, session)
         return None if entry is None else str(entry.decode())
 
     async def services(self, *, fresh: bool = False) -> list[ServiceInfo]:
@@ -208,7 +197,7 @@ class Bus:
         fetched, services = self._services
         if fresh or time.monotonic() - fetched > SERVICES_TTL:
             read = partial(self.redis.hgetall, self.keys.services())
-            raw: Any = await _call("reading the services", read, self.settings)
+            raw: Any = await call("reading the services", read, self.settings)
             services = sorted(
                 (msgspec.json.decode(v, type=ServiceInfo) for v in raw.values()),
                 key=lambda s: s.name,
@@ -222,7 +211,7 @@ class Bus:
         knows its service, say after a server restarted without its data). True if written."""
         key, value = self.keys.services(), msgspec.json.encode(info)
         write = partial(self.redis.hset if replace else self.redis.hsetnx, key, info.name, value)
-        if not await _call("register_service", write, self.settings) and not replace:
+        if not await call("register_service", write, self.settings) and not replace:
             return False
         self._services = (float("-inf"), [])
         return True
@@ -230,7 +219,7 @@ class Bus:
     async def history(self, session: str, *, max_data: int | None = None) -> list[Entry]:
         """The session's events so far, in order (entries that do not parse are skipped)."""
         read = partial(self.redis.xrange, self.keys.session(check_session_id(session)))
-        raw: Any = await _call("history", read, self.settings, session)
+        raw: Any = await call("history", read, self.settings, session)
         entries = []
         for entry_id, fields in raw:
             try:
@@ -270,7 +259,7 @@ class Inbox:
         Connection failures are retried as for `Bus.publish`."""
         block = max(1, int(min(wait, self.BLOCK_SECONDS) * 1000))
         read = partial(self.redis.xread, {self.key: self.last_id}, count=100, block=block)
-        reply: Any = await _call("reading the inbox", read, self.settings, self.session)
+        reply: Any = await call("reading the inbox", read, self.settings, self.session)
         messages = []
         for _key, entries in reply or ():
             for raw_id, fields in entries:
@@ -290,50 +279,6 @@ class Inbox:
         while True:
             for message in await self.read(self.BLOCK_SECONDS):
                 yield message
-
-
-async def _call(
-    what: str,
-    operation: Callable[[], Awaitable[Any]],
-    settings: Settings,
-    session: str | None = None,
-    *,
-    expected: tuple[str, ...] = (),
-) -> Any:
-    """Run `operation` (`what` names it in errors), again after a connection failure, for up to
-    `Bus.RETRY_SECONDS`, then `ConnectionFailedError`. A server's refusal is a
-    `CommandRefusedError`, unless it starts with one of `expected`: that `ResponseError` is
-    the caller's to translate."""
-    deadline = time.monotonic() + Bus.RETRY_SECONDS
-    for attempt in itertools.count(1):
-        try:
-            return await operation()
-        except ResponseError as exc:
-            if str(exc).startswith(expected):
-                raise
-            raise CommandRefusedError(what, _reason(exc), session=session) from None
-        except TRANSIENT as exc:
-            if time.monotonic() > deadline:
-                raise ConnectionFailedError(
-                    f"{what} failed after {attempt} attempts: {exc}", url=settings.redacted_url
-                ) from None
-            await anyio.sleep(min(0.05 * 2**attempt, 1.0))
-    raise AssertionError("unreachable")
-
-
-#: The server's error codes that redis-py takes off the message when it picks a class for them.
-_CODES: dict[type[ResponseError], str] = {
-    OutOfMemoryError: "OOM",
-    ReadOnlyError: "READONLY",
-    NoPermissionError: "NOPERM",
-    MasterDownError: "MASTERDOWN",
-}
-
-
-def _reason(exc: ResponseError) -> str:
-    """The server's error message as it sent it, code first."""
-    code = _CODES.get(type(exc))
-    return f"{code} {exc}" if code else str(exc)
 
 
 def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:

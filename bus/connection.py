@@ -1,21 +1,31 @@
-"""Redis clients for a deployment, and the translation of connection failures."""
+"""Redis clients for a deployment, and the translation of Redis's errors into the bus's."""
 
 from __future__ import annotations
 
+import itertools
 import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
-from .errors import ConfigError, ConnectionFailedError
+from .errors import CommandRefusedError, ConfigError, ConnectionFailedError
 from .settings import Settings
 
 log = structlog.get_logger("flowbus.bus")
@@ -23,6 +33,9 @@ log = structlog.get_logger("flowbus.bus")
 #: Errors after which a command may succeed on a fresh connection (server restarting, network).
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
+
+#: How long a bus call retries a lost connection before `ConnectionFailedError`.
+RETRY_SECONDS = 15.0
 
 #: Connections of one client; callers beyond it wait for a free one rather than fail.
 POOL_SIZE = 32
@@ -103,3 +116,47 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
             log.warning("connect_retried", url=url, attempt=attempt, delay=round(delay, 2))
             await anyio.sleep(delay)
+
+
+async def call(
+    what: str,
+    operation: Callable[[], Awaitable[Any]],
+    settings: Settings,
+    session: str | None = None,
+    *,
+    expected: tuple[str, ...] = (),
+) -> Any:
+    """Run `operation` (`what` names it in errors), again after a connection failure, for up to
+    `RETRY_SECONDS`, then `ConnectionFailedError`. A server's refusal is a
+    `CommandRefusedError`, unless it starts with one of `expected`: that `ResponseError` is
+    the caller's to translate."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    for attempt in itertools.count(1):
+        try:
+            return await operation()
+        except ResponseError as exc:
+            if str(exc).startswith(expected):
+                raise
+            raise CommandRefusedError(what, _reason(exc), session=session) from None
+        except TRANSIENT as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionFailedError(
+                    f"{what} failed after {attempt} attempts: {exc}", url=settings.redacted_url
+                ) from None
+            await anyio.sleep(min(0.05 * 2**attempt, 1.0))
+    raise AssertionError("unreachable")
+
+
+#: The server's error codes that redis-py takes off the message when it picks a class for them.
+_CODES: dict[type[ResponseError], str] = {
+    OutOfMemoryError: "OOM",
+    ReadOnlyError: "READONLY",
+    NoPermissionError: "NOPERM",
+    MasterDownError: "MASTERDOWN",
+}
+
+
+def _reason(exc: ResponseError) -> str:
+    """The server's error message as it sent it, code first."""
+    code = _CODES.get(type(exc))
+    return f"{code} {exc}" if code else str(exc)

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -32,7 +33,7 @@ from redis.exceptions import ResponseError
 
 from . import scripts
 from .client import Bus, ServiceInfo
-from .connection import TRANSIENT, make_client
+from .connection import TRANSIENT, call, make_client
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload
 from .errors import ConfigError, FencedError
 from .keys import Keys
@@ -580,10 +581,9 @@ class _Context:
         return await self.consumer.bus.send(self.session, payload, dedupe=dedupe, extra=extra)
 
     async def load_state(self) -> bytes | None:
-        bus = self.consumer.bus
-        data: Any = await bus.redis.hget(
-            bus.keys.state(self.session), f"group:{self.consumer.service.name}"
-        )
+        bus, field = self.consumer.bus, f"group:{self.consumer.service.name}"
+        read = partial(bus.redis.hget, bus.keys.state(self.session), field)
+        data: Any = await call("load_state", read, bus.settings, self.session)
         return None if data is None else bytes(data)
 
     async def read_session_state(self) -> dict[str, bytes]:
@@ -595,12 +595,13 @@ class _Context:
     async def save_state(self, data: bytes) -> None:
         bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
         keys = [bus.keys.lease(p, group), bus.keys.state(self.session), bus.keys.meta(self.session)]
+        write = partial(
+            scripts.SAVE_STATE, bus.redis, keys, [self.part.token, f"group:{group}", data]
+        )
         try:
-            await scripts.SAVE_STATE(bus.redis, keys, [self.part.token, f"group:{group}", data])
-        except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise FencedError(group, p, keys[1]) from None
-            raise
+            await call("save_state", write, bus.settings, self.session, expected=("FENCED",))
+        except ResponseError:
+            raise FencedError(group, p, keys[1]) from None
 
 
 def _backoff(attempt: int, base: float = 0.05, cap: float = 5.0) -> float:
