@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Collection, Iterable
 from functools import partial
@@ -124,6 +125,43 @@ async def test_kill_9_of_a_worker_loses_nothing_and_duplicates_only_in_flight_ev
     owners = await lease_owners(bus, "recorder")
     assert str(victim.pid) not in " ".join(owners) and sum(map(len, owners.values())) == 64
     assert any(r.pid != victim.pid for r in records if first_by[r.session, 1].pid == victim.pid)
+
+
+async def test_a_frozen_worker_is_fenced_and_its_late_handlings_are_only_those_in_flight(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    env = {"RECORDER_MAX_DELAY_MS": "4"}
+    frozen, other = workers.start(RECORDER, settings, env), workers.start(RECORDER, settings, env)
+    await settled(bus, "recorder", 2)
+    sessions = [f"call-{i}" for i in range(100)]
+    froze = anyio.Event()
+    async with anyio.create_task_group() as tg:  # the last 10 of each once it is frozen
+        tg.start_soon(partial(publish, bus, sessions, 30, hold=(21, froze)))
+
+        async def frozen_busy() -> bool:
+            return sum(r.pid == frozen.pid for r in await handled(bus, "recorder")) >= 200
+
+        await wait_for(frozen_busy, what="the worker to freeze to handle 200 events")
+        frozen.send_signal(signal.SIGSTOP)  # a stall past its lease TTL (1 s), not a death
+        froze.set()
+
+        async def all_handled() -> bool:
+            return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 3000
+
+        await wait_for(all_handled, limit=60, what="the other worker to handle everything")
+    before_thaw = len(await handled(bus, "recorder"))
+    frozen.send_signal(signal.SIGCONT)
+    await settled(bus, "recorder", 2)  # it learned it was fenced, rejoined and took its share
+    assert "partition_lost" in workers.log(frozen)
+    records = await handled(bus, "recorder")
+    late = records[before_thaw:]  # handlers that were running when it froze, finishing now
+    assert all(r.pid == frozen.pid for r in late), late
+    assert len({r.session for r in late}) == len(late)  # at most one per session
+    handled_before = {(r.session, r.seq) for r in records[:before_thaw]}
+    assert all((r.session, r.seq) in handled_before for r in late)  # the other one did it too
+    duplicates = assert_in_order(records[:before_thaw], dict.fromkeys(sessions, 30))
+    assert max(duplicates.values()) <= 1
+    assert other.poll() is None
 
 
 async def test_a_joining_worker_takes_partitions_and_a_graceful_stop_duplicates_nothing(
