@@ -332,3 +332,31 @@ async def test_after_a_restart_without_its_data_the_workers_register_again_and_g
             expected = await publish(idle_publisher, [f"new-{i}" for i in range(10)], 3)
             await wait_for(lambda: progressed(bus, 30), what="the new sessions handled")
             assert_in_order(await handled(bus, "recorder"), expected)
+
+
+async def test_an_outage_longer_than_the_lease_loses_nothing_once_the_server_is_back(
+    workers: WorkerProcesses,
+) -> None:
+    with LocalServer(appendonly=True) as server:
+        settings = make_settings(server.url)
+        worker = workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
+        sessions = [f"call-{i}" for i in range(50)]
+        async with Bus.connect(settings) as bus:
+            await settled(bus, "recorder", 1)
+            for n in range(1, 11):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n))
+            server.kill()
+            await wait_for(
+                lambda: "lease_expired" in workers.log(worker), what="its leases to lapse"
+            )
+            server.start()
+            for n in range(11, 21):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n), final=n == 20)
+
+            async def all_handled() -> bool:
+                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 1000
+
+            await wait_for(all_handled, limit=60, what="every event after the outage")
+            assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))
