@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import msgspec
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -27,6 +28,8 @@ from .settings import Settings
 
 #: How long the list of registered services is trusted before it is read again.
 SERVICES_TTL = 5.0
+
+log = structlog.get_logger("flowbus.bus")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +201,7 @@ class Bus:
         if fresh or time.monotonic() - fetched > SERVICES_TTL:
             read = partial(self.redis.hgetall, self.keys.services())
             raw: Any = await call("reading the services", read, self.settings)
-            services = sorted(
-                (msgspec.json.decode(v, type=ServiceInfo) for v in raw.values()),
-                key=lambda s: s.name,
-            )
+            services = sorted(map(_service_info, raw.items()), key=lambda s: s.name)
             self._services = (time.monotonic(), services)
         return services
 
@@ -279,6 +279,17 @@ class Inbox:
         while True:
             for message in await self.read(self.BLOCK_SECONDS):
                 yield message
+
+
+def _service_info(item: tuple[bytes, bytes]) -> ServiceInfo:
+    """A registry entry; one that does not decode (written by hand, say) still names its
+    service, so new sessions keep getting the service's group."""
+    name, value = item
+    try:
+        return msgspec.json.decode(value, type=ServiceInfo)
+    except msgspec.DecodeError as exc:  # a ValidationError too
+        log.error("service_entry_invalid", service=name.decode(errors="replace"), error=str(exc))
+        return ServiceInfo(name.decode(errors="replace"))
 
 
 def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+from structlog.testing import capture_logs
 
 from bus import Bus, ServiceInfo, Settings
 
@@ -32,6 +33,16 @@ async def test_a_workers_check_registers_a_missing_service_and_leaves_a_present_
     assert await fake_bus.register_service(newer)  # a starting worker's registration replaces
     assert not await fake_bus.register_service(ServiceInfo("crm"), replace=False)
     assert await fake_bus.services(fresh=True) == [newer]
+
+
+async def test_a_registry_entry_that_does_not_decode_still_names_its_service(
+    fake_bus: Bus,
+) -> None:
+    await fake_bus.register_service(ServiceInfo("actions"))
+    await fake_bus.redis.hset(fake_bus.keys.services(), "crm", "written by hand")
+    with capture_logs() as logs:
+        assert await fake_bus.services() == [ServiceInfo("actions"), ServiceInfo("crm")]
+    assert [(e["event"], e["service"]) for e in logs] == [("service_entry_invalid", "crm")]
 
 
 async def test_history_skips_entries_that_do_not_parse(fake_bus: Bus) -> None:
