@@ -19,7 +19,7 @@ import anyio
 import msgspec
 from redis.exceptions import NoPermissionError, RedisError
 
-from bus import Bus, BusError, ConfigError, ConnectionFailedError, Settings
+from bus import Bus, BusError, CommandRefusedError, ConfigError, ConnectionFailedError, Settings
 
 from . import logs
 
@@ -360,18 +360,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flowbus: {exc}", file=sys.stderr)
         return 2
     except NoPermissionError as exc:
-        reason = str(exc).rpartition("caused error: ")[2].strip("()\"',")
-        print(
-            f"flowbus: not permitted: {reason} (an ACL user needs the commands the README's "
-            "'Operations' lists, on the prefix's keys and channels)",
-            file=sys.stderr,
-        )
-        return 1
+        return _not_permitted(str(exc).rpartition("caused error: ")[2].strip("()\"',"))
     except (BusError, RedisError) as exc:  # ConnectionFailedError among them
+        if isinstance(exc, CommandRefusedError) and exc.reason.startswith("NOPERM"):
+            return _not_permitted(exc.reason)
         print(f"flowbus: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _not_permitted(reason: str) -> int:
+    print(
+        f"flowbus: not permitted: {reason} (an ACL user needs the commands the README's "
+        "'Operations' lists, on the prefix's keys and channels)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 async def _with_bus(
@@ -414,17 +419,25 @@ def _worker(args: argparse.Namespace) -> int:
                 metrics_host=args.metrics_host,
             )
         )
-    except ConnectionFailedError as exc:
-        print(
-            f"flowbus: {exc}; is the server running and FLOWBUS_REDIS_URL right?", file=sys.stderr
-        )
-        return 1
-    except OSError as exc:
-        print(
-            f"flowbus: cannot serve metrics on {args.metrics_host}:{port}: {exc}", file=sys.stderr
-        )
+    except (ConnectionFailedError, OSError, BaseExceptionGroup) as exc:
+        error = _leaf(exc)  # the consumer's own task group wraps what it raises
+        if isinstance(error, ConnectionFailedError):
+            hint = "is the server running and FLOWBUS_REDIS_URL right?"
+            print(f"flowbus: {error}; {hint}", file=sys.stderr)
+        elif isinstance(exc, OSError):  # binding the metrics port, before anything runs
+            where = f"{args.metrics_host}:{port}"
+            print(f"flowbus: cannot serve metrics on {where}: {error}", file=sys.stderr)
+        else:
+            raise error from None  # for `main` to say what it is
         return 1
     return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first error inside task groups' exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _simulate(bus: Bus, args: argparse.Namespace) -> int:

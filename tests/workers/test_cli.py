@@ -157,6 +157,9 @@ def test_a_wrong_password_and_a_user_without_permission_are_refused_clearly(
         weak = f"redis://{user}:right@127.0.0.1:{server.port}/0"
         done = flowbus("worker", "tests.workers.apps:steps", "--redis-url", weak, env=env)
         assert_fails_clearly(done, 1, "not permitted")
+        client.acl_setuser(user, enabled=True, commands=["+@all", "-hset"], reset_keys=False)
+        done = flowbus("worker", "tests.workers.apps:steps", "--redis-url", weak, env=env)
+        assert_fails_clearly(done, 1, "not permitted: NOPERM", "'hset'")  # registering itself
     finally:
         client.acl_deluser(user)
         client.close()
