@@ -7,11 +7,12 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -62,8 +63,11 @@ def make_client(
 ) -> Redis:
     """A client for `settings.url` with a pool of up to `max_connections` (callers beyond it
     wait); a blocking reader (`block_seconds`) gets a single connection whose socket timeout is
-    above its block time."""
+    above its block time. With `settings.cluster`, a cluster client (see `_Cluster`), whose
+    pools per node are unbounded."""
     timeout = 5.0 if block_seconds is None else block_seconds + 5.0
+    if settings.cluster:
+        return _cluster_client(settings, timeout)
     try:
         pool = BlockingConnectionPool.from_url(
             settings.url,
@@ -76,6 +80,38 @@ def make_client(
         return Redis(connection_pool=pool)
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, which learns the cluster's slots before its first command,
+    whoever sends it: a client that has not yet (redis-py 8.1) picks a node for each command
+    without knowing the slots, and a handler's first commands, sent by many coroutines at
+    once, were seen to run twice (redis/redis-py#3935 reports the same start-up race)."""
+
+    _ready = False
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._ready:
+            await self.initialize()  # once; concurrent callers wait for the first
+            self._ready = True
+        return await super().execute_command(*args, **kwargs)
+
+
+def _cluster_client(settings: Settings, timeout: float) -> Redis:
+    """A client of a cluster: it learns the slots' nodes from the node `settings.url` names
+    and routes each command by its key (every key of a session or partition shares a slot).
+    Its pools are per node, unbounded: the cluster client cannot make callers wait."""
+    try:
+        client = _Cluster.from_url(
+            settings.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=5.0,
+            **CONNECTION_OPTIONS,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
+    # It answers every command `Redis` does that the bus sends, routed by key.
+    return cast(Redis, client)
 
 
 @asynccontextmanager
@@ -160,3 +196,8 @@ def _reason(exc: ResponseError) -> str:
     """The server's error message as it sent it, code first."""
     code = _CODES.get(type(exc))
     return f"{code} {exc}" if code else str(exc)
+
+
+def backoff(attempt: int, base: float = 0.05, cap: float = 5.0) -> float:
+    """Exponential backoff with full jitter (half to all of the step)."""
+    return float(min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))

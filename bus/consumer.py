@@ -17,7 +17,6 @@ are written, leases are released so the next owner starts at once.
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import socket
 import time
@@ -29,13 +28,15 @@ from typing import Any
 import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from . import scripts
 from .client import Bus, ServiceInfo
-from .connection import TRANSIENT, call, make_client
+from .connection import TRANSIENT, backoff, call
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload
 from .errors import ConfigError, FencedError
+from .hints import Hints
 from .keys import Keys
 from .ownership import Leases, assign
 from .scripts import Arg
@@ -46,9 +47,6 @@ from .steps import Step, StepBatcher, reader
 log = structlog.get_logger("flowbus.consumer")
 
 Handler = Callable[[Delivery], Awaitable[None]]
-
-#: How long one read of the wake-up subscription waits before it is issued again.
-HINT_READ_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,16 +119,24 @@ class Consumer:
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
         retention_ms = int(self.settings.retention_seconds * 1000)
-        self._steps = StepBatcher(self.settings, retention_ms=retention_ms)
+        cluster = bus.redis if isinstance(bus.redis, RedisCluster) else None
+        self._steps = StepBatcher(self.settings, retention_ms=retention_ms, cluster=cluster)
         self._slots = Slots(self.settings.concurrency)
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
         self._parts: dict[int, _Partition] = {}
         self._stop = anyio.Event()
-        self._hints_changed = anyio.Event()
-        self._subscribed_once = anyio.Event()
         self._last_renewal = 0.0
         self._tg: TaskGroup | None = None
         self._log = log.bind(group=service.name, worker=self.worker_id)
+        self._hints = Hints(
+            self.settings,
+            self.keys,
+            wanted=self._hinted_partitions,
+            on_hint=self._take_hint,
+            on_subscribed=self._take_subscription,
+            cluster=cluster,
+            log=self._log,
+        )
         subscribes = sorted(service.subscribes) if service.subscribes else None
         self._info = ServiceInfo(service.name, subscribes)
 
@@ -154,7 +160,7 @@ class Consumer:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._steps.run)
-            tg.start_soon(self._follow_hints)
+            tg.start_soon(self._hints.run)
             tg.start_soon(self._watch_handlers)
             self._last_renewal = anyio.current_time()
             wanting = await self._rebalance()
@@ -276,72 +282,26 @@ class Consumer:
                 return
             except TRANSIENT as exc:
                 self._log.warning("rescan_failed", partition=part.number, error=str(exc))
-                await anyio.sleep(_backoff(attempt))
+                await anyio.sleep(backoff(attempt))
 
     def _notify_hint_follower(self) -> None:
-        self._hints_changed.set()
+        self._hints.changed()
 
-    async def _follow_hints(self) -> None:
-        """Subscribe to the wake channels of the partitions we own and schedule the sessions
-        they name. A partition is scanned once its subscription is confirmed, and every
-        partition again after a reconnect, so no hint is missed for good."""
-        failures = 0
-        while True:
-            client = make_client(self.settings, block_seconds=HINT_READ_SECONDS)
-            pubsub = client.pubsub()
-            channels: dict[bytes, _Partition] = {}
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._subscribe, pubsub, channels)
-                    while True:
-                        await self._subscribed_once.wait()
-                        message = await pubsub.get_message(timeout=HINT_READ_SECONDS)
-                        failures = 0
-                        if message is not None:
-                            self._take_hint(message, channels)
-            except* TRANSIENT as group:  # raised in the reader or in the subscriber task
-                failures += 1
-                self._log.warning("hints_interrupted", error=str(group.exceptions[0]))
-                await anyio.sleep(_backoff(failures))
-            finally:
-                self._subscribed_once = anyio.Event()
-                with anyio.CancelScope(shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-                    await client.aclose()
+    def _hinted_partitions(self) -> dict[int, _Partition]:
+        return {p: part for p, part in self._parts.items() if not part.draining and not part.lost}
 
-    async def _subscribe(self, pubsub: Any, channels: dict[bytes, _Partition]) -> None:
-        """Keep the subscriptions equal to the partitions we own and are not draining."""
-        while True:
-            self._hints_changed = anyio.Event()
-            want = {
-                self.keys.wake(p).encode(): part
-                for p, part in self._parts.items()
-                if not part.draining and not part.lost
-            }
-            new = [c for c in want if c not in channels]
-            gone = [c for c in channels if c not in want]
-            for channel, part in want.items():
-                if channel in channels and channels[channel] is not part:
-                    part.subscribed.set()  # the subscription never lapsed: no hint was missed
-            channels.clear()
-            channels.update(want)
-            if new:
-                await pubsub.ssubscribe(*new)
-                self._subscribed_once.set()
-            if gone:
-                await pubsub.sunsubscribe(*gone)
-            await self._hints_changed.wait()
+    def _take_hint(self, part: _Partition, session: str) -> None:
+        if not (part.lost or part.draining):
+            self._schedule(part, session)
 
-    def _take_hint(self, message: dict[str, Any], channels: dict[bytes, _Partition]) -> None:
-        part = channels.get(message["channel"])
-        if part is None or part.lost or part.draining:
+    def _take_subscription(self, part: _Partition, confirmed: bool) -> None:
+        """The partition's hints reach us; after a reconnect (a confirmed subscription of a
+        partition scanned before) hints may have been missed, so it is scanned again."""
+        if part.lost or part.draining:
             return
-        if message["type"] == "smessage":
-            self._schedule(part, message["data"].decode())
-        elif message["type"] == "ssubscribe":
-            if part.scanned:  # subscribed again after a reconnect: hints may have been missed
-                self._spawn_rescan(part)
-            part.subscribed.set()
+        if confirmed and part.scanned:
+            self._spawn_rescan(part)
+        part.subscribed.set()
 
     def _spawn_rescan(self, part: _Partition) -> None:
         if part.tg is not None and not part.draining:
@@ -475,7 +435,7 @@ class Consumer:
             )
             return _Settle(policy, (deliveries, error, *_original(raw_fields)))
         self.stats.retries += 1
-        delay = _backoff(
+        delay = backoff(
             deliveries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
         )
         self._log.warning(
@@ -564,7 +524,7 @@ class _Run:
             self.consumer._log.warning(
                 "step_failed", session=self.session, error=str(error), attempt=attempt
             )
-            await anyio.sleep(_backoff(attempt))
+            await anyio.sleep(backoff(attempt))
             read = "p" if read else ""
         raise AssertionError("unreachable")
 
@@ -602,11 +562,6 @@ class _Context:
             await call("save_state", write, bus.settings, self.session, expected=("FENCED",))
         except ResponseError:
             raise FencedError(group, p, keys[1]) from None
-
-
-def _backoff(attempt: int, base: float = 0.05, cap: float = 5.0) -> float:
-    """Exponential backoff with full jitter (half to all of the step)."""
-    return float(min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
 
 
 def vars_of(stats: Stats) -> dict[str, int]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -63,7 +64,12 @@ LOAD_ALL: list[tuple[Arg, ...]] = [("SCRIPT", "LOAD", script.source) for script 
 
 
 async def load_all(redis: Redis) -> None:
-    """Put every script in the server's cache (one round trip)."""
+    """Put every script in the server's cache (one round trip); in a cluster, in every
+    primary's (`SCRIPT LOAD` goes to all of them)."""
+    if isinstance(redis, RedisCluster):
+        for script in ALL:
+            await redis.script_load(script.source)
+        return
     pipe = redis.pipeline(transaction=False)
     for command in LOAD_ALL:
         pipe.execute_command(*command)

@@ -26,6 +26,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     url: str = "redis://127.0.0.1:6379/0"
+    #: The server is a Redis (or Valkey) Cluster; `url` names any one of its nodes.
+    cluster: bool = False
     prefix: str = "flowbus"
     partitions: int = 64
     #: How long a session's keys live after it ended and every group handled all of it.

@@ -3,8 +3,8 @@
 Each session handles one event at a time, but hundreds of sessions step at once. `StepBatcher`
 collects the steps made during one turn of the event loop and sends them together: one script
 call per partition, each followed by the reads of its sessions that read on, all of them in
-one write on the batcher's own connection, so the cost per event is a share of a call and of a
-round trip.
+one write on the batcher's own connection (in a cluster, one write per node, to the node of
+each partition's slot), so the cost per event is a share of a call and of a round trip.
 
 A read is a plain ``XREADGROUP`` (`Step.reader`) that names the lease's fence stream besides the
 session's: it fails if the lease is no longer ours, and it runs right after the script that
@@ -25,7 +25,9 @@ from typing import Any
 
 import anyio
 from redis.asyncio import ConnectionPool
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ClusterDownError, MovedError, ResponseError
 
 from . import scripts
 from .connection import CONNECTION_OPTIONS, TRANSIENT
@@ -120,19 +122,24 @@ def _entries(read: Any) -> list[Any]:
 
 
 class StepBatcher:
-    """Sends `Step`s in shared batches, one at a time, on a connection of its own; a retiring
+    """Sends `Step`s in shared batches, one at a time, on a connection of its own (in a
+    cluster, one per node, each partition's steps to the node of its slot); a retiring
     session's keys live `retention_ms`. Start `run()` in a task group first.
 
     A step's reply comes in an asyncio future of its own, the cheapest wait there is; a waiter
     that is cancelled cancels only its own future. (The bus runs on asyncio, as redis-py does.)
     """
 
-    def __init__(self, settings: Settings, *, retention_ms: int) -> None:
-        pool = ConnectionPool.from_url(
+    def __init__(
+        self, settings: Settings, *, retention_ms: int, cluster: RedisCluster | None = None
+    ) -> None:
+        self._pool = ConnectionPool.from_url(
             settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
         )
         # It connects on first use, and again after a failure.
-        self._connection = pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        self._cluster = cluster
+        self._nodes: dict[tuple[str, int], AbstractConnection] = {}  # in a cluster
         self._retention_ms = retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
@@ -150,8 +157,9 @@ class StepBatcher:
 
     async def run(self) -> None:
         try:
-            with contextlib.suppress(*TRANSIENT):  # now rather than at the first event's step
-                await self._connection.connect()
+            if self._cluster is None:
+                with contextlib.suppress(*TRANSIENT):  # now rather than at the first event's step
+                    await self._connection.connect()
             while True:
                 await self._ready.wait()
                 self._ready = anyio.Event()
@@ -159,39 +167,38 @@ class StepBatcher:
                 await self._send(batch)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._connection.disconnect()
+                for connection in [self._connection, *self._nodes.values()]:
+                    await connection.disconnect()
 
     async def _send(self, batch: list[Step]) -> None:
         by_lease: dict[tuple[str, str], list[Step]] = {}
         for step in batch:
             by_lease.setdefault((step.lease, step.token), []).append(step)
-        commands: list[tuple[scripts.Arg, ...]] = []
+        calls: list[list[tuple[scripts.Arg, ...]]] = []  # per lease: its script call, its reads
         for (lease, token), steps in by_lease.items():
             args: list[scripts.Arg] = [token, self._retention_ms]
             for step in steps:
                 args += step.args()
-            commands.append(
-                scripts.evalsha((scripts.STEP, [lease, *(s.stream for s in steps)], args))
-            )
+            commands = [scripts.evalsha((scripts.STEP, [lease, *(s.stream for s in steps)], args))]
             commands += [step.reader for step in steps if step.reads]
+            calls.append(commands)
         try:
-            with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
-                results = iter(await scripts.call_on(self._connection, commands))
-        except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
-            await self._connection.disconnect(nowait=True)
-            results = iter([exc] * len(commands))
+            if self._cluster is None:
+                replies = await self._exchange(self._connection, calls)
+            else:
+                replies = await self._exchange_by_node(list(by_lease), calls)
         except BaseException:
             for step in batch:  # cancelled (or broken): these steps get no reply
                 assert step.future is not None
                 step.future.cancel()
             raise
-        for steps in by_lease.values():
-            call = next(results)
+        for steps, results in zip(by_lease.values(), replies, strict=True):
+            call, reads = results[0], iter(results[1:])
             for i, step in enumerate(steps):
                 result = call if isinstance(call, BaseException) else call[i]
                 if type(result) is list and result[0] == b"error":
                     result = ResponseError(result[1].decode(errors="replace"))
-                reply = step.reply(result, next(results)) if step.reads else result
+                reply = step.reply(result, next(reads)) if step.reads else result
                 future = step.future
                 assert future is not None
                 if future.done():  # its waiter was cancelled
@@ -200,3 +207,55 @@ class StepBatcher:
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
+
+    async def _exchange(
+        self, connection: AbstractConnection, calls: list[list[tuple[scripts.Arg, ...]]]
+    ) -> list[list[Any]]:
+        """Every call's commands in one write on `connection`; their replies, call by call (a
+        lost connection is every reply's error)."""
+        flat = [command for commands in calls for command in commands]
+        try:
+            with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
+                results: list[Any] = await scripts.call_on(connection, flat)
+        except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
+            await connection.disconnect(nowait=True)
+            results = [exc] * len(flat)
+        replies, at = [], 0
+        for commands in calls:
+            replies.append(results[at : at + len(commands)])
+            at += len(commands)
+        return replies
+
+    async def _exchange_by_node(
+        self, leases: list[tuple[str, str]], calls: list[list[tuple[scripts.Arg, ...]]]
+    ) -> list[list[Any]]:
+        """`_exchange` on every node that holds some of the calls' slots, all at once. After a
+        `MOVED` reply (slots resharded, a failover) the cluster's slot map is read again; the
+        steps that got it are retried by their callers."""
+        assert self._cluster is not None
+        by_node: dict[tuple[str, int], list[int]] = {}
+        replies: list[list[Any]] = [[] for _ in calls]
+        for i, (lease, _token) in enumerate(leases):
+            node = self._cluster.get_node_from_key(lease)
+            if node is None:  # no node serves the slot now
+                replies[i] = [ClusterDownError(f"no node serves the slot of {lease}")] * len(
+                    calls[i]
+                )
+                continue
+            by_node.setdefault((str(node.host), int(node.port)), []).append(i)
+
+        async def on_node(address: tuple[str, int], indexes: list[int]) -> None:
+            connection = self._nodes.get(address)
+            if connection is None:
+                kwargs = {**self._pool.connection_kwargs, "host": address[0], "port": address[1]}
+                connection = self._nodes[address] = self._pool.connection_class(**kwargs)
+            node_replies = await self._exchange(connection, [calls[i] for i in indexes])
+            for i, reply in zip(indexes, node_replies, strict=True):
+                replies[i] = reply
+
+        async with anyio.create_task_group() as tg:
+            for address, indexes in by_node.items():
+                tg.start_soon(on_node, address, indexes)
+        if any(isinstance(r, MovedError) for reply in replies for r in reply):
+            await self._cluster.nodes_manager.initialize()
+        return replies

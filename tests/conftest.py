@@ -24,10 +24,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+#: The server kind of this test session.
+KIND: ServerKind = os.environ.get("FLOWBUS_TEST_SERVER", "auto")  # type: ignore[assignment]  # checked by server_binary
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[LocalServer]:
-    kind: ServerKind = os.environ.get("FLOWBUS_TEST_SERVER", "auto")  # type: ignore[assignment]  # checked by server_binary
-    with LocalServer(kind) as server:
+    with LocalServer(KIND) as server:
         yield server
 
 

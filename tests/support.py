@@ -43,6 +43,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLOWBUS_RETRY_BACKOFF_MAX_SECONDS": str(settings.retry_backoff_max_seconds),
         "FLOWBUS_DEAD_LETTER_POLICY": settings.dead_letter_policy,
         "FLOWBUS_MAX_PAYLOAD_BYTES": str(settings.max_payload_bytes),
+        "FLOWBUS_CLUSTER": "1" if settings.cluster else "0",
     }
 
 

@@ -72,6 +72,7 @@ session for that group only. An ended session takes no new event: drop its dead 
 """
 
 WORKER_SETTINGS = (
+    "cluster",
     "prefix",
     "partitions",
     "lease_ttl_seconds",
@@ -83,6 +84,7 @@ WORKER_SETTINGS = (
 #: Setting -> (option, environment variable), for messages about a bad value.
 OPTIONS = {
     "url": "--redis-url or FLOWBUS_REDIS_URL",
+    "cluster": "--cluster or FLOWBUS_CLUSTER",
     "prefix": "--prefix or FLOWBUS_PREFIX",
     "partitions": "--partitions or FLOWBUS_PARTITIONS",
     "lease_ttl_seconds": "--lease-ttl or FLOWBUS_LEASE_TTL_SECONDS",
@@ -113,6 +115,13 @@ def _connection_options(parser: argparse.ArgumentParser, *, log_level: str = "wa
     g.add_argument("--redis-url", help="server URL; redis://, rediss:// (TLS) or unix://")
     g.add_argument("--prefix", help="key prefix (default flowbus)")
     g.add_argument("--partitions", type=int, help="partitions per deployment (default 64)")
+    g.add_argument(
+        "--cluster",
+        action="store_true",
+        default=None,
+        help="the server is a Redis (or Valkey) Cluster; --redis-url names any node (also "
+        "FLOWBUS_CLUSTER=1)",
+    )
     g.add_argument(
         "--log-level",
         default=os.environ.get("FLOWBUS_LOG_LEVEL", log_level),

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 ServerKind = Literal["auto", "redis", "valkey"]
 
@@ -60,9 +60,12 @@ class LocalServer:
         appendonly: bool = False,
         directory: Path | None = None,
         port: int | None = None,
+        cluster: bool = False,
     ) -> None:
         self.binary = server_binary(kind)
         self.appendonly = appendonly
+        self.cluster = cluster
+        self.cluster_port = free_port() if cluster else 0
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="flowbus-server-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]  # one is set
         self.port = port or free_port()
@@ -96,6 +99,9 @@ class LocalServer:
             "--appendfsync",
             "always",
         ]
+        if self.cluster:  # a node of a cluster, its bus on a port of its own
+            args += ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port)]
+            args += ["--cluster-config-file", str(self.directory / "nodes.conf")]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -149,6 +155,64 @@ class LocalServer:
 
     def __enter__(self) -> LocalServer:
         return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class LocalCluster:
+    """A cluster of `size` private primaries sharing the 16,384 slots evenly, for tests. Use
+    as a context manager; `url` names its first node."""
+
+    def __init__(self, size: int = 3, kind: ServerKind = "auto") -> None:
+        self.nodes = [LocalServer(kind, cluster=True) for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 20.0) -> LocalCluster:
+        import redis  # the sync client, for the set-up alone
+
+        for node in self.nodes:
+            node.start()
+        clients: list[Any] = [redis.Redis(port=node.port) for node in self.nodes]  # untyped
+        try:
+            share = 16_384 // len(clients)
+            for i, client in enumerate(clients):
+                last = 16_383 if i == len(clients) - 1 else (i + 1) * share - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+            first = self.nodes[0]
+            for client in clients[1:]:
+                client.execute_command(
+                    "CLUSTER", "MEET", "127.0.0.1", first.port, first.cluster_port
+                )
+            deadline = time.monotonic() + timeout
+            while not all(
+                b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
+                and len(client.execute_command("CLUSTER", "NODES").splitlines()) == len(clients)
+                for client in clients
+            ):
+                if time.monotonic() > deadline:
+                    raise ServerError(f"the cluster did not form within {timeout}s")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+        return self
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

@@ -14,7 +14,7 @@ import random
 import anyio
 from redis.asyncio import Redis
 
-from bus import Codec, Delivery, Payload, Service, Settings
+from bus import Codec, Delivery, Payload, Service, Settings, make_client
 
 
 class Tick(Payload, tag="tick"):
@@ -31,7 +31,7 @@ _redis: Redis | None = None
 async def handle(delivery: Delivery) -> None:
     global _redis
     if _redis is None:
-        _redis = Redis.from_url(SETTINGS.url)
+        _redis = make_client(SETTINGS)  # a cluster client when FLOWBUS_CLUSTER is set
     await anyio.sleep(random.uniform(0, MAX_DELAY))
     record = f"{delivery.session}|{delivery.seq}|{os.getpid()}|{delivery.deliveries}"
     assert isinstance(delivery.payload, Tick)

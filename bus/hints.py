@@ -1,0 +1,177 @@
+"""Wake-up hints: a worker's subscriptions to the wake channels of the partitions it owns.
+
+The publish script sends a session's id on its partition's sharded channel (``SPUBLISH``)
+when some group may be idle on the session. `Hints` keeps one subscription per server — per
+primary node in a cluster, each to the channels of its slots — equal to the partitions the
+consumer wants, and tells the consumer of every hint and every confirmed subscription. After a
+reconnect every channel is subscribed again, and each confirmation lets the consumer rescan
+that partition, so no hint is missed for good. In a cluster, a follower that loses its node or
+sees a slot move away makes all of them start over on a fresh slot map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import msgspec
+import structlog
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from .connection import TRANSIENT, backoff, make_client
+from .keys import Keys
+from .settings import Settings
+
+#: How long one read of a subscription waits before it is issued again.
+HINT_READ_SECONDS = 10.0
+
+Part = TypeVar("Part")
+Node = tuple[str, int] | None  # a cluster node's address; None: the one server
+
+
+class Hints(Generic[Part]):
+    """Follows the wake channels of `wanted()` (partition number -> the consumer's partition
+    object): `on_hint(part, session)` for each hint, `on_subscribed(part, confirmed)` when a
+    channel's subscription is confirmed by the server (True) or found already in place after a
+    change of `wanted()` (False). Call `changed()` whenever `wanted()` may have changed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        *,
+        wanted: Callable[[], Mapping[int, Part]],
+        on_hint: Callable[[Part, str], None],
+        on_subscribed: Callable[[Part, bool], None],
+        cluster: RedisCluster | None = None,
+        log: Any = None,
+    ) -> None:
+        self.settings, self.keys, self.cluster = settings, keys, cluster
+        self._wanted, self._on_hint, self._on_subscribed = wanted, on_hint, on_subscribed
+        self._changes: set[anyio.Event] = set()  # one per subscriber waiting for a change
+        self._log = log or structlog.get_logger("flowbus.hints")
+
+    def changed(self) -> None:
+        for event in self._changes:
+            event.set()
+
+    async def run(self) -> None:
+        if self.cluster is None:
+            await self._follow(None, None)
+            return
+        failures = 0
+        while True:
+            primaries = [(str(n.host), int(n.port)) for n in self.cluster.get_primaries()]
+            if not primaries:  # the slot map is empty: read it again, after a pause
+                await anyio.sleep(backoff(1))
+            async with anyio.create_task_group() as tg:
+                for node in primaries:
+                    tg.start_soon(self._follow, node, tg.cancel_scope)
+            # A follower lost its node or saw a slot move: read the slot map again.
+            while True:
+                try:
+                    await self.cluster.nodes_manager.initialize()
+                    failures = 0
+                    break
+                except TRANSIENT as exc:
+                    failures += 1
+                    self._log.warning("cluster_slots_unread", error=str(exc))
+                    await anyio.sleep(backoff(failures))
+
+    def _node_of(self, channel: bytes) -> Node:
+        if self.cluster is None:
+            return None
+        node = self.cluster.nodes_manager.get_node_from_slot(key_slot(channel))
+        return (str(node.host), int(node.port)) if node is not None else None
+
+    async def _follow(self, node: Node, topology: anyio.CancelScope | None) -> None:
+        """Subscribe on `node` and hand over its hints; reconnect after a failure (in a
+        cluster, cancel `topology` instead, so every follower starts over)."""
+        failures = 0
+        while True:
+            client = make_client(self._settings_for(node), block_seconds=HINT_READ_SECONDS)
+            pubsub = client.pubsub()
+            channels: dict[bytes, Part] = {}
+            subscribed = anyio.Event()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._subscribe, pubsub, channels, node, subscribed)
+                    while True:
+                        await subscribed.wait()  # reading before subscribing raises
+                        message = await pubsub.get_message(timeout=HINT_READ_SECONDS)
+                        failures = 0
+                        if message is not None:
+                            self._take(message, channels, topology)
+            except* TRANSIENT as group:  # raised in the reader or in the subscriber task
+                failures += 1
+                self._log.warning("hints_interrupted", error=str(group.exceptions[0]), node=node)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    await client.aclose()
+            if topology is not None:
+                topology.cancel()
+                return
+            await anyio.sleep(backoff(failures))
+
+    async def _subscribe(
+        self, pubsub: Any, channels: dict[bytes, Part], node: Node, subscribed: anyio.Event
+    ) -> None:
+        """Keep the subscriptions on `node` equal to the wanted channels it serves."""
+        while True:
+            change = anyio.Event()
+            self._changes.add(change)
+            try:
+                want = {
+                    channel: part
+                    for p, part in self._wanted().items()
+                    if self._node_of(channel := self.keys.wake(p).encode()) == node
+                }
+                new = [c for c in want if c not in channels]
+                gone = [c for c in channels if c not in want]
+                for channel, part in want.items():
+                    if channel in channels and channels[channel] is not part:
+                        self._on_subscribed(part, False)  # it never lapsed: no hint was missed
+                channels.clear()
+                channels.update(want)
+                # A cluster takes one slot per command: a channel at a time.
+                for some in [new] if self.cluster is None else [[c] for c in new]:
+                    if some:
+                        await pubsub.ssubscribe(*some)
+                        subscribed.set()
+                for some in [gone] if self.cluster is None else [[c] for c in gone]:
+                    if some:
+                        await pubsub.sunsubscribe(*some)
+                await change.wait()
+            finally:
+                self._changes.discard(change)
+
+    def _take(
+        self,
+        message: dict[str, Any],
+        channels: dict[bytes, Part],
+        topology: anyio.CancelScope | None,
+    ) -> None:
+        part = channels.get(message["channel"])
+        if part is None:
+            return
+        if message["type"] == "smessage":
+            self._on_hint(part, message["data"].decode())
+        elif message["type"] == "ssubscribe":
+            self._on_subscribed(part, True)
+        elif message["type"] == "sunsubscribe" and topology is not None:
+            topology.cancel()  # the server dropped a channel we want: its slot moved
+
+    def _settings_for(self, node: Node) -> Settings:
+        """Settings reaching `node` alone (its address in the URL, credentials kept)."""
+        if node is None:
+            return self.settings
+        url = urlsplit(self.settings.url)
+        userinfo = url.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@{node[0]}:{node[1]}" if userinfo else f"{node[0]}:{node[1]}"
+        return msgspec.structs.replace(
+            self.settings, url=urlunsplit(url._replace(netloc=netloc)), cluster=False
+        )

@@ -1,0 +1,109 @@
+"""The bus on a three-node cluster (its own): every session's keys in one slot, steps and
+hints per node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import anyio
+import pytest
+
+from bus import Bus, Codec, Delivery, Service, Settings
+from tests.apps.recorder import Tick
+from tests.bus.test_consumer import running
+from tests.bus.test_inbox import Say
+from tests.bus.test_scenarios import RECORDER, publish, settled
+from tests.conftest import KIND, make_settings
+from tests.support import WorkerProcesses, assert_in_order, handled, wait_for
+from tests.workers.test_cli import flowbus
+from workers.observe import dead_letter_count
+from workers.server import LocalCluster
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(kind=KIND) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_settings(cluster: LocalCluster) -> Settings:
+    return make_settings(cluster.url, cluster=True)
+
+
+async def test_sessions_on_every_node_are_handled_in_order(cluster_settings: Settings) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def handle(delivery: Delivery) -> None:
+        seen.append((delivery.session, delivery.seq))
+
+    sessions = [f"call-{i}" for i in range(60)]
+    async with Bus.connect(cluster_settings) as bus:
+        async with running(bus, Service("svc", handle, Codec([Tick]))):
+            for n in range(1, 6):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n), final=n == 5)
+            await wait_for(lambda: len(seen) >= 300, what="every event handled")
+        for session in sessions:
+            assert [seq for s, seq in seen if s == session] == [1, 2, 3, 4, 5]
+
+
+async def test_worker_processes_share_the_cluster_and_a_kill_9_loses_nothing(
+    cluster_settings: Settings, workers: WorkerProcesses
+) -> None:
+    async with Bus.connect(cluster_settings) as bus:
+        procs = [workers.start(RECORDER, cluster_settings) for _ in range(2)]
+        await settled(bus, "recorder", 2)
+        victim = procs[0]
+        sessions = [f"call-{i}" for i in range(100)]
+        killed = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(publish, bus, sessions, 20, hold=(11, killed)))
+
+            async def victim_busy() -> bool:
+                return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 200
+
+            await wait_for(victim_busy, what="the victim to handle 200 events")
+            workers.kill(victim)
+            killed.set()
+
+        async def all_handled() -> bool:
+            return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 2000
+
+        await wait_for(all_handled, limit=60, what="every event after the kill")
+        duplicates = assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))
+        assert max(duplicates.values()) <= 1
+
+
+async def test_a_bot_inbox_works_across_slots(cluster_settings: Settings) -> None:
+    async with Bus.connect(cluster_settings) as bus:
+        for session in ("call-1", "call-2", "call-3"):
+            await bus.publish(session, Tick(n=1))
+            await bus.send(session, Say(text=f"hello {session}"))
+            async with bus.inbox(session, Codec([Say])) as inbox:
+                assert [m.payload for m in await inbox.read(1)] == [Say(text=f"hello {session}")]
+
+
+async def test_the_command_line_reads_a_cluster(
+    cluster_settings: Settings, workers: WorkerProcesses
+) -> None:
+    async with Bus.connect(cluster_settings) as bus:
+        workers.start(RECORDER, cluster_settings)
+        await settled(bus, "recorder", 1)
+        await publish(bus, [f"call-{i}" for i in range(12)], 3, fail=[2])
+
+        async def all_dead_lettered() -> bool:
+            return await dead_letter_count(bus) >= 12
+
+        await wait_for(all_dead_lettered, what="a dead letter of every session")
+        url, prefix = cluster_settings.url, cluster_settings.prefix
+        base = ["--cluster", "--redis-url", url, "--prefix", prefix]
+        groups = flowbus("inspect", "groups", *base)
+        assert groups.returncode == 0, groups.stderr
+        assert groups.stdout.splitlines()[1].split()[:3] == ["recorder", "1", "64"]
+        dead = flowbus("dead", "list", *base)
+        assert dead.returncode == 0, dead.stderr
+        assert sum("always fails" in line for line in dead.stdout.splitlines()) == 12
