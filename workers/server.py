@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -163,11 +164,13 @@ class LocalServer:
 
 
 class LocalCluster:
-    """A cluster of `size` private primaries sharing the 16,384 slots evenly, for tests. Use
-    as a context manager; `url` names its first node."""
+    """A cluster of `size` private primaries sharing the 16,384 slots evenly, and `replicas`
+    replicas of the first primary, for tests. Use as a context manager; `url` names its first
+    node."""
 
-    def __init__(self, size: int = 3, kind: ServerKind = "auto") -> None:
-        self.nodes = [LocalServer(kind, cluster=True) for _ in range(size)]
+    def __init__(self, size: int = 3, kind: ServerKind = "auto", *, replicas: int = 0) -> None:
+        self.nodes = [LocalServer(kind, cluster=True) for _ in range(size + replicas)]
+        self.size = size
 
     @property
     def url(self) -> str:
@@ -180,28 +183,33 @@ class LocalCluster:
             node.start()
         clients: list[Any] = [redis.Redis(port=node.port) for node in self.nodes]  # untyped
         try:
-            share = 16_384 // len(clients)
-            for i, client in enumerate(clients):
-                last = 16_383 if i == len(clients) - 1 else (i + 1) * share - 1
+            share = 16_384 // self.size
+            for i, client in enumerate(clients[: self.size]):
+                last = 16_383 if i == self.size - 1 else (i + 1) * share - 1
                 client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
             first = self.nodes[0]
             for client in clients[1:]:
                 client.execute_command(
                     "CLUSTER", "MEET", "127.0.0.1", first.port, first.cluster_port
                 )
-            deadline = time.monotonic() + timeout
-            while not all(
-                b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
-                and len(client.execute_command("CLUSTER", "NODES").splitlines()) == len(clients)
-                for client in clients
-            ):
-                if time.monotonic() > deadline:
-                    raise ServerError(f"the cluster did not form within {timeout}s")
-                time.sleep(0.05)
+            self._wait(clients, timeout, lambda c: _knows(c, len(clients)), "form")
+            primary = clients[0].execute_command("CLUSTER", "MYID").decode()
+            for client in clients[self.size :]:
+                client.execute_command("CLUSTER", "REPLICATE", primary)
+            self._wait(clients[self.size :], timeout, _synced, "sync its replicas")
+            self._wait(clients, timeout, lambda c: _knows(c, len(clients)), "settle")
         finally:
             for client in clients:
                 client.close()
         return self
+
+    @staticmethod
+    def _wait(clients: list[Any], timeout: float, ready: Callable[[Any], bool], what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(ready(client) for client in clients):
+            if time.monotonic() > deadline:
+                raise ServerError(f"the cluster did not {what} within {timeout}s")
+            time.sleep(0.05)
 
     def close(self) -> None:
         for node in self.nodes:
@@ -218,3 +226,16 @@ class LocalCluster:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _knows(client: Any, nodes: int) -> bool:
+    """The node sees the cluster whole, with all `nodes` in it."""
+    info = client.execute_command("CLUSTER", "INFO")
+    return (
+        b"cluster_state:ok" in info
+        and len(client.execute_command("CLUSTER", "NODES").splitlines()) == nodes
+    )
+
+
+def _synced(client: Any) -> bool:
+    return bool(client.info("replication").get("master_link_status") == "up")

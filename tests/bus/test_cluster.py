@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +14,7 @@ from bus import Bus, Codec, Delivery, Service, Settings
 from tests.apps.recorder import Tick
 from tests.bus.test_consumer import running
 from tests.bus.test_inbox import Say
-from tests.bus.test_scenarios import RECORDER, publish, settled
+from tests.bus.test_scenarios import RECORDER, progressed, publish, settled
 from tests.conftest import KIND, make_settings
 from tests.support import WorkerProcesses, assert_in_order, handled, wait_for
 from tests.workers.test_cli import flowbus
@@ -107,3 +108,40 @@ async def test_the_command_line_reads_a_cluster(
         dead = flowbus("dead", "list", *base)
         assert dead.returncode == 0, dead.stderr
         assert sum("always fails" in line for line in dead.stdout.splitlines()) == 12
+
+
+async def test_a_failover_moves_steps_and_hints_to_the_new_primary(
+    workers: WorkerProcesses,
+) -> None:
+    import redis  # the sync client, to steer the cluster
+
+    with LocalCluster(kind=KIND, replicas=1) as cluster:
+        settings = make_settings(cluster.url, cluster=True)
+        async with Bus.connect(settings) as bus:
+            workers.start(RECORDER, settings)
+            await settled(bus, "recorder", 1)
+            sessions = [f"call-{i}" for i in range(60)]
+            for n in range(1, 6):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n))
+            await wait_for(lambda: progressed(bus, 300), what="work before the failover")
+            replica: Any = redis.Redis(port=cluster.nodes[-1].port)  # untyped
+            replica.execute_command("CLUSTER", "FAILOVER")  # the first primary's slots move
+
+            def promoted() -> bool:
+                return bool(replica.info("replication")["role"] == "master")
+
+            await wait_for(promoted, what="the replica to take over")
+            replica.close()
+            for n in range(6, 11):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n), final=n == 10)
+
+            async def all_handled() -> bool:
+                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 600
+
+            await wait_for(all_handled, limit=60, what="every event after the failover")
+            duplicates = assert_in_order(
+                await handled(bus, "recorder"), dict.fromkeys(sessions, 10)
+            )
+            assert sum(duplicates.values()) == 0
