@@ -205,6 +205,8 @@ async def _run_and_check(
     keys = Keys(settings.prefix, settings.partitions)
     cli = f"redis-cli -p {server.port}" if server else f"redis-cli -u {settings.redacted_url}"
     where = f" --redis-url {shlex.quote(settings.redacted_url)}"
+    if settings.cluster:  # redis-cli follows the cluster's redirections with -c
+        cli, where = f"{cli} -c", f"{where} --cluster"
     if settings.prefix != "flowbus":
         where += f" --prefix {settings.prefix}"
     return report.Summary(
@@ -312,7 +314,15 @@ def _print_summary(summary: report.Summary, options: _Options, settings: Setting
         elif not summary.server.embedded:
             cli = f"redis-cli -u {summary.server.url}"
             pattern = shlex.quote(f"{summary.prefix}:*")
-            print(f"Remove the demo's keys:\n  {cli} --scan --pattern {pattern} | xargs {cli} DEL")
+            if settings.cluster:  # a scan reads one node; a DEL of keys of many slots fails
+                print(
+                    "Remove the demo's keys (on every primary node of the cluster):\n"
+                    f"  {cli} --scan --pattern {pattern} | xargs -n 1 {cli} -c DEL"
+                )
+            else:
+                print(
+                    f"Remove the demo's keys:\n  {cli} --scan --pattern {pattern} | xargs {cli} DEL"
+                )
     sys.stdout.flush()
 
 
