@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, cast
 
 import anyio
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -94,7 +94,30 @@ class _Cluster(RedisCluster):
         if not self._ready:
             await self.initialize()  # once; concurrent callers wait for the first
             self._ready = True
-        return await super().execute_command(*args, **kwargs)
+        with _reset_is_lost():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)
+        return _ClusterPipeline(self)  # type: ignore[abstract]  # as redis-py makes its own
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        with _reset_is_lost():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextmanager
+def _reset_is_lost() -> Iterator[None]:
+    """A connection of redis-py's cluster client closed under a command while the client
+    re-read the slots after a failover fails with ``'NoneType' object has no attribute
+    'writelines'``: a lost connection, for the caller to retry."""
+    try:
+        yield
+    except AttributeError as exc:
+        raise RedisConnectionError(f"connection reset while the slots moved: {exc}") from exc
 
 
 def _cluster_client(settings: Settings, timeout: float) -> Redis:

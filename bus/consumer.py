@@ -120,7 +120,6 @@ class Consumer:
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)
         retention_ms = int(self.settings.retention_seconds * 1000)
         cluster = bus.redis if isinstance(bus.redis, RedisCluster) else None
-        self._steps = StepBatcher(self.settings, retention_ms=retention_ms, cluster=cluster)
         self._slots = Slots(self.settings.concurrency)
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
         self._parts: dict[int, _Partition] = {}
@@ -136,6 +135,12 @@ class Consumer:
             on_subscribed=self._take_subscription,
             cluster=cluster,
             log=self._log,
+        )
+        self._steps = StepBatcher(
+            self.settings,
+            retention_ms=retention_ms,
+            cluster=cluster,
+            on_moved=self._hints.topology_changed,
         )
         subscribes = sorted(service.subscribes) if service.subscribes else None
         self._info = ServiceInfo(service.name, subscribes)

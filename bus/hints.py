@@ -27,6 +27,8 @@ from .settings import Settings
 
 #: How long one read of a subscription waits before it is issued again.
 HINT_READ_SECONDS = 10.0
+#: How often a worker on a cluster compares the slot map with its subscriptions.
+LAYOUT_CHECK_SECONDS = 1.0
 
 Part = TypeVar("Part")
 Node = tuple[str, int] | None  # a cluster node's address; None: the one server
@@ -52,6 +54,7 @@ class Hints(Generic[Part]):
         self.settings, self.keys, self.cluster = settings, keys, cluster
         self._wanted, self._on_hint, self._on_subscribed = wanted, on_hint, on_subscribed
         self._changes: set[anyio.Event] = set()  # one per subscriber waiting for a change
+        self._topology: anyio.CancelScope | None = None  # the followers of a cluster's nodes
         self._log = log or structlog.get_logger("flowbus.hints")
 
     def changed(self) -> None:
@@ -65,21 +68,37 @@ class Hints(Generic[Part]):
         failures = 0
         while True:
             primaries = [(str(n.host), int(n.port)) for n in self.cluster.get_primaries()]
-            if not primaries:  # the slot map is empty: read it again, after a pause
-                await anyio.sleep(backoff(1))
             async with anyio.create_task_group() as tg:
+                self._topology = tg.cancel_scope
                 for node in primaries:
                     tg.start_soon(self._follow, node, tg.cancel_scope)
-            # A follower lost its node or saw a slot move: read the slot map again.
-            while True:
-                try:
-                    await self.cluster.nodes_manager.initialize()
-                    failures = 0
-                    break
-                except TRANSIENT as exc:
-                    failures += 1
-                    self._log.warning("cluster_slots_unread", error=str(exc))
-                    await anyio.sleep(backoff(failures))
+                tg.start_soon(self._watch_layout, tg.cancel_scope)
+            # A follower lost its node, a slot moved away from it, or the slot map changed (a
+            # failover leaves a subscription on the old primary that hears nothing more). The
+            # cluster client reads the map again by itself when its commands are redirected
+            # or lose their node (the worker's heartbeats and renewals touch every slot;
+            # reading it from here too raced with them): start over on it after a pause.
+            failures += 1
+            await anyio.sleep(backoff(failures, cap=1.0))
+
+    async def _watch_layout(self, topology: anyio.CancelScope) -> None:
+        """Start over once the cluster client's slot map puts some partition's channel on
+        another node: it learns of a failover from the redirections of the worker's own
+        heartbeats and renewals, while a subscription on the old primary just hears nothing."""
+        layout = self._layout()
+        while True:
+            await anyio.sleep(LAYOUT_CHECK_SECONDS)
+            if self._layout() != layout:
+                topology.cancel()
+                return
+
+    def _layout(self) -> list[Node]:
+        return [self._node_of(self.keys.wake(p).encode()) for p in range(self.settings.partitions)]
+
+    def topology_changed(self) -> None:
+        """Some slot is served by another node now: in a cluster, subscribe anew."""
+        if self._topology is not None:
+            self._topology.cancel()
 
     def _node_of(self, channel: bytes) -> Node:
         if self.cluster is None:

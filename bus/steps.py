@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import anyio
 from redis.asyncio import ConnectionPool
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError, ResponseError
 
 from . import scripts
@@ -123,15 +124,21 @@ def _entries(read: Any) -> list[Any]:
 
 class StepBatcher:
     """Sends `Step`s in shared batches, one at a time, on a connection of its own (in a
-    cluster, one per node, each partition's steps to the node of its slot); a retiring
-    session's keys live `retention_ms`. Start `run()` in a task group first.
+    cluster, one per node, each partition's steps to the node of its slot, and `on_moved()`
+    called when a slot moved); a retiring session's keys live `retention_ms`. Start `run()`
+    in a task group first.
 
     A step's reply comes in an asyncio future of its own, the cheapest wait there is; a waiter
     that is cancelled cancels only its own future. (The bus runs on asyncio, as redis-py does.)
     """
 
     def __init__(
-        self, settings: Settings, *, retention_ms: int, cluster: RedisCluster | None = None
+        self,
+        settings: Settings,
+        *,
+        retention_ms: int,
+        cluster: RedisCluster | None = None,
+        on_moved: Callable[[], None] | None = None,
     ) -> None:
         self._pool = ConnectionPool.from_url(
             settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
@@ -140,6 +147,8 @@ class StepBatcher:
         self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._cluster = cluster
         self._nodes: dict[tuple[str, int], AbstractConnection] = {}  # in a cluster
+        self._moved: dict[int, tuple[str, int]] = {}  # slot -> node, from MOVED replies
+        self._on_moved = on_moved
         self._retention_ms = retention_ms
         self._queue: list[Step] = []
         self._ready = anyio.Event()
@@ -226,23 +235,33 @@ class StepBatcher:
             at += len(commands)
         return replies
 
+    def _address(self, key: str) -> tuple[str, int] | None:
+        """The node serving `key`'s slot: where a `MOVED` reply sent it, else the cluster
+        client's map."""
+        assert self._cluster is not None
+        slot = key_slot(key.encode())
+        if slot in self._moved:
+            return self._moved[slot]
+        node = self._cluster.nodes_manager.get_node_from_slot(slot)
+        return None if node is None else (str(node.host), int(node.port))
+
     async def _exchange_by_node(
         self, leases: list[tuple[str, str]], calls: list[list[tuple[scripts.Arg, ...]]]
     ) -> list[list[Any]]:
         """`_exchange` on every node that holds some of the calls' slots, all at once. After a
-        `MOVED` reply (slots resharded, a failover) the cluster's slot map is read again; the
-        steps that got it are retried by their callers."""
+        `MOVED` reply (slots resharded, a failover) the slot's steps go where the reply said;
+        the steps that got it are retried by their callers."""
         assert self._cluster is not None
         by_node: dict[tuple[str, int], list[int]] = {}
         replies: list[list[Any]] = [[] for _ in calls]
         for i, (lease, _token) in enumerate(leases):
-            node = self._cluster.get_node_from_key(lease)
-            if node is None:  # no node serves the slot now
+            address = self._address(lease)
+            if address is None:  # no node serves the slot now
                 replies[i] = [ClusterDownError(f"no node serves the slot of {lease}")] * len(
                     calls[i]
                 )
                 continue
-            by_node.setdefault((str(node.host), int(node.port)), []).append(i)
+            by_node.setdefault(address, []).append(i)
 
         async def on_node(address: tuple[str, int], indexes: list[int]) -> None:
             connection = self._nodes.get(address)
@@ -256,6 +275,9 @@ class StepBatcher:
         async with anyio.create_task_group() as tg:
             for address, indexes in by_node.items():
                 tg.start_soon(on_node, address, indexes)
-        if any(isinstance(r, MovedError) for reply in replies for r in reply):
-            await self._cluster.nodes_manager.initialize()
+        moved = [reply[0] for reply in replies if isinstance(reply[0], MovedError)]
+        for error in moved:  # this slot is served elsewhere now
+            self._moved[error.slot_id] = (str(error.host), int(error.port))
+        if moved and self._on_moved is not None:
+            self._on_moved()
         return replies
