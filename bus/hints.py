@@ -5,8 +5,10 @@ when some group may be idle on the session. `Hints` keeps one subscription per s
 primary node in a cluster, each to the channels of its slots — equal to the partitions the
 consumer wants, and tells the consumer of every hint and every confirmed subscription. After a
 reconnect every channel is subscribed again, and each confirmation lets the consumer rescan
-that partition, so no hint is missed for good. In a cluster, a follower that loses its node or
-sees a slot move away makes all of them start over on a fresh slot map.
+that partition, so no hint is missed for good. In a cluster, every subscription starts over
+when one loses its node or sees a slot move away, when a step is told a slot moved, or when
+the cluster client's slot map puts a partition on another node (after a failover, a
+subscription left on the old primary would hear nothing more).
 """
 
 from __future__ import annotations

@@ -271,6 +271,8 @@ class StepBatcher:
             node_replies = await self._exchange(connection, [calls[i] for i in indexes])
             for i, reply in zip(indexes, node_replies, strict=True):
                 replies[i] = reply
+            if isinstance(node_replies[0][0], TRANSIENT):  # lost: trust the client's map again
+                self._moved = {slot: a for slot, a in self._moved.items() if a != address}
 
         async with anyio.create_task_group() as tg:
             for address, indexes in by_node.items():
