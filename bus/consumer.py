@@ -285,7 +285,7 @@ class Consumer:
                 ):
                     self._schedule(part, session.decode())
                 return
-            except TRANSIENT as exc:
+            except (*TRANSIENT, ResponseError) as exc:  # a cluster's redirection among them
                 self._log.warning("rescan_failed", partition=part.number, error=str(exc))
                 await anyio.sleep(backoff(attempt))
 

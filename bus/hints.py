@@ -22,6 +22,7 @@ import msgspec
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import AskError
 
 from .connection import TRANSIENT, backoff, make_client
 from .keys import Keys
@@ -126,8 +127,8 @@ class Hints(Generic[Part]):
                         failures = 0
                         if message is not None:
                             self._take(message, channels, topology)
-            except* TRANSIENT as group:  # raised in the reader or in the subscriber task
-                failures += 1
+            except* (*TRANSIENT, AskError) as group:  # from the reader or the subscriber task;
+                failures += 1  # an ASK or MOVED reply: the node no longer serves a wanted slot
                 self._log.warning("hints_interrupted", error=str(group.exceptions[0]), node=node)
             finally:
                 with anyio.CancelScope(shield=True):

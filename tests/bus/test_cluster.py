@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.crc import key_slot
 
 from bus import Bus, Codec, Delivery, Service, Settings
 from tests.apps.recorder import Tick
@@ -148,3 +149,50 @@ async def test_a_failover_moves_steps_and_hints_to_the_new_primary(
                 key = (r.session, r.seq)  # delivered again, and only then handled again
                 assert r.deliveries > deliveries.get(key, 0), r
                 deliveries[key] = r.deliveries
+
+
+async def test_a_slot_migrating_mid_run_takes_its_sessions_along(
+    workers: WorkerProcesses,
+) -> None:
+    import redis  # the sync client, to steer the cluster
+
+    with LocalCluster(kind=KIND) as cluster:
+        settings = make_settings(cluster.url, cluster=True)
+        async with Bus.connect(settings) as bus:
+            workers.start(RECORDER, settings)
+            await settled(bus, "recorder", 1)
+            names = (f"call-{i}" for i in range(10_000))
+            moving = [s for s in names if bus.keys.partition(s) == 3][:10]  # slot 1584
+            sessions = [*moving, *(f"other-{i}" for i in range(10))]
+            for n in range(1, 6):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n))
+            await wait_for(lambda: progressed(bus, 100), what="work before the move")
+            nodes: list[Any] = [redis.Redis(port=node.port) for node in cluster.nodes]  # untyped
+            slot = key_slot(bus.keys.lease(3, "recorder").encode())
+            migrate(nodes, cluster.nodes[1].port, slot)
+            for n in range(6, 11):
+                for session in sessions:
+                    await bus.publish(session, Tick(n=n), final=n == 10)
+
+            async def all_handled() -> bool:
+                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 200
+
+            await wait_for(all_handled, limit=60, what="every event after the move")
+            records = await handled(bus, "recorder")
+            assert_in_order(records, dict.fromkeys(sessions, 10))
+            assert not nodes[0].execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
+
+
+def migrate(nodes: list[Any], target_port: int, slot: int) -> None:
+    """Move `slot` from the first of `nodes` to the second, as `redis-cli --cluster reshard`
+    does, and tell every node."""
+    source, target = nodes[:2]
+    source_id = source.execute_command("CLUSTER", "MYID").decode()
+    target_id = target.execute_command("CLUSTER", "MYID").decode()
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+    for node in [target, source, *nodes[2:]]:
+        node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
