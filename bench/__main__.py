@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from workers import logs
 from workers.fleet import FleetError
+from workers.runtime import first_error
 from workers.server import LocalServer
 
 from . import baseline, latency, soak, takeover, throughput
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("server_started", binary=str(server.binary), url=server.url)
             results = anyio.run(run_all, server.url, args, started)
     except (BenchError, FleetError, BaseExceptionGroup) as exc:
-        error = _leaf(exc)
+        error = first_error(exc)
         if not isinstance(error, BenchError | FleetError):
             raise
         print(f"bench: {error}", file=sys.stderr)
@@ -152,13 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
     print(f"\nresults written to {args.output}")
     return 0
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first error inside task groups' exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 if __name__ == "__main__":

@@ -398,7 +398,7 @@ async def _with_bus(
 
 def _worker(args: argparse.Namespace) -> int:
     from .app import AppLoadError, load_service
-    from .runtime import serve, tune_gc
+    from .runtime import first_error, serve, tune_gc
 
     settings = _settings(args)
     port = (
@@ -429,7 +429,7 @@ def _worker(args: argparse.Namespace) -> int:
             )
         )
     except (ConnectionFailedError, OSError, BaseExceptionGroup) as exc:
-        error = _leaf(exc)  # the consumer's own task group wraps what it raises
+        error = first_error(exc)  # the consumer's own task group wraps what it raises
         if isinstance(error, ConnectionFailedError):
             hint = "is the server running and FLOWBUS_REDIS_URL right?"
             print(f"flowbus: {error}; {hint}", file=sys.stderr)
@@ -440,13 +440,6 @@ def _worker(args: argparse.Namespace) -> int:
             raise error from None  # for `main` to say what it is
         return 1
     return 0
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first error inside task groups' exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _simulate(bus: Bus, args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from .fleet import Fleet, FleetError
 from .journal import Record, read_journal
 from .live import LiveView
 from .observe import dead_letter_count, server_identity
+from .runtime import first_error
 from .server import LocalServer, ServerError
 from .verify import CallCheck, check_call, latencies_ms
 
@@ -122,12 +123,7 @@ async def _run(
     try:
         return await _run_and_check(settings, options, fleets, server, started)
     except BaseExceptionGroup as group:  # a task group's error: show the error itself
-        raise _leaf(group) from None
-
-
-def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+        raise first_error(group) from None
 
 
 async def _run_and_check(

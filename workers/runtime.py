@@ -118,3 +118,11 @@ async def _on_signals(consumer: Consumer, scope: anyio.CancelScope) -> None:
                 return
             log.info("worker_draining", signal=signal.Signals(signum).name)
             consumer.stop()
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first error inside task groups' exception groups (`exc` itself if it is none), for
+    a command to report what went wrong rather than the groups around it."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -15,7 +15,13 @@ from bus import Bus, Codec, Delivery, Service, Settings
 from tests.apps.recorder import Tick
 from tests.bus.test_consumer import running
 from tests.bus.test_inbox import Say
-from tests.bus.test_scenarios import RECORDER, progressed, publish, settled
+from tests.bus.test_scenarios import (
+    RECORDER,
+    all_handled,
+    progressed,
+    publish,
+    settled,
+)
 from tests.conftest import KIND, make_settings
 from tests.support import WorkerProcesses, assert_in_order, handled, wait_for
 from tests.workers.test_cli import flowbus
@@ -45,9 +51,7 @@ async def test_sessions_on_every_node_are_handled_in_order(cluster_settings: Set
     sessions = [f"call-{i}" for i in range(60)]
     async with Bus.connect(cluster_settings) as bus:
         async with running(bus, Service("svc", handle, Codec([Tick]))):
-            for n in range(1, 6):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n), final=n == 5)
+            await publish(bus, sessions, 5)
             await wait_for(lambda: len(seen) >= 300, what="every event handled")
         for session in sessions:
             assert [seq for s, seq in seen if s == session] == [1, 2, 3, 4, 5]
@@ -72,10 +76,7 @@ async def test_worker_processes_share_the_cluster_and_a_kill_9_loses_nothing(
             workers.kill(victim)
             killed.set()
 
-        async def all_handled() -> bool:
-            return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 2000
-
-        await wait_for(all_handled, limit=60, what="every event after the kill")
+        await wait_for(lambda: all_handled(bus, 2000), limit=60, what="every event after the kill")
         duplicates = assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))
         assert max(duplicates.values()) <= 1
 
@@ -122,9 +123,7 @@ async def test_a_failover_moves_steps_and_hints_to_the_new_primary(
             workers.start(RECORDER, settings)
             await settled(bus, "recorder", 1)
             sessions = [f"call-{i}" for i in range(60)]
-            for n in range(1, 6):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n))
+            await publish(bus, sessions, 5, final=False)
             await wait_for(lambda: progressed(bus, 300), what="work before the failover")
             replica: Any = redis.Redis(port=cluster.nodes[-1].port)  # untyped
             replica.execute_command("CLUSTER", "FAILOVER")  # the first primary's slots move
@@ -134,14 +133,10 @@ async def test_a_failover_moves_steps_and_hints_to_the_new_primary(
 
             await wait_for(promoted, what="the replica to take over")
             replica.close()
-            for n in range(6, 11):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n), final=n == 10)
-
-            async def all_handled() -> bool:
-                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 600
-
-            await wait_for(all_handled, limit=60, what="every event after the failover")
+            await publish(bus, sessions, 5)
+            await wait_for(
+                lambda: all_handled(bus, 600), limit=60, what="every event after the failover"
+            )
             records = await handled(bus, "recorder")
             assert_in_order(records, dict.fromkeys(sessions, 10))
             deliveries: dict[tuple[str, int], int] = {}
@@ -164,24 +159,20 @@ async def test_a_slot_migrating_mid_run_takes_its_sessions_along(
             names = (f"call-{i}" for i in range(10_000))
             moving = [s for s in names if bus.keys.partition(s) == 3][:10]  # slot 1584
             sessions = [*moving, *(f"other-{i}" for i in range(10))]
-            for n in range(1, 6):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n))
+            await publish(bus, sessions, 5, final=False)
             await wait_for(lambda: progressed(bus, 100), what="work before the move")
             nodes: list[Any] = [redis.Redis(port=node.port) for node in cluster.nodes]  # untyped
             slot = key_slot(bus.keys.lease(3, "recorder").encode())
             migrate(nodes, cluster.nodes[1].port, slot)
-            for n in range(6, 11):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n), final=n == 10)
-
-            async def all_handled() -> bool:
-                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 200
-
-            await wait_for(all_handled, limit=60, what="every event after the move")
+            await publish(bus, sessions, 5)
+            await wait_for(
+                lambda: all_handled(bus, 200), limit=60, what="every event after the move"
+            )
             records = await handled(bus, "recorder")
             assert_in_order(records, dict.fromkeys(sessions, 10))
             assert not nodes[0].execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
+            for node in nodes:
+                node.close()
 
 
 def migrate(nodes: list[Any], target_port: int, slot: int) -> None:

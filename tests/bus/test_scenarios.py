@@ -35,16 +35,17 @@ async def publish(
     fail: Collection[int] = (),
     *,
     hold: tuple[int, anyio.Event] | None = None,
+    final: bool = True,
 ) -> dict[str, int]:
-    """Publish `events` ticks to each session, sessions concurrently, each in order; with
-    `hold` (n, event), tick n and later wait for the event."""
+    """Publish `events` ticks to each session, sessions concurrently, each in order, the last
+    one final unless not `final`; with `hold` (n, event), tick n and later wait for the event."""
     sessions = list(sessions)
 
     async def one(session: str) -> None:
         for i in range(1, events + 1):
             if hold and i == hold[0]:
                 await hold[1].wait()
-            await bus.publish(session, Tick(n=i, fail=i in fail), final=i == events)
+            await bus.publish(session, Tick(n=i, fail=i in fail), final=final and i == events)
 
     async with anyio.create_task_group() as tg:
         for session in sessions:
@@ -72,6 +73,11 @@ async def count_handled(bus: Bus, group: str = "recorder") -> int:
 async def progressed(bus: Bus, n: int, group: str = "recorder") -> bool:
     """At least `n` handlings recorded."""
     return await count_handled(bus, group) >= n
+
+
+async def all_handled(bus: Bus, events: int, group: str = "recorder") -> bool:
+    """At least `events` distinct events (session, seq) handled, redeliveries aside."""
+    return len({(r.session, r.seq) for r in await handled(bus, group)}) >= events
 
 
 async def test_four_workers_handle_every_session_in_order_exactly_once(
@@ -108,10 +114,7 @@ async def test_kill_9_of_a_worker_loses_nothing_and_duplicates_only_in_flight_ev
         workers.kill(victim)
         killed.set()
 
-    async def all_handled() -> bool:
-        return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 10_000
-
-    await wait_for(all_handled, limit=120, what="every event after the kill")
+    await wait_for(lambda: all_handled(bus, 10_000), limit=120, what="every event after the kill")
     records = await handled(bus, "recorder")
     duplicates = assert_in_order(records, expected)
     first_by: dict[tuple[str, int], Handled] = {}
@@ -144,11 +147,9 @@ async def test_a_frozen_worker_is_fenced_and_its_late_handlings_are_only_those_i
         await wait_for(frozen_busy, what="the worker to freeze to handle 200 events")
         frozen.send_signal(signal.SIGSTOP)  # a stall past its lease TTL (1 s), not a death
         froze.set()
-
-        async def all_handled() -> bool:
-            return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 3000
-
-        await wait_for(all_handled, limit=60, what="the other worker to handle everything")
+        await wait_for(
+            lambda: all_handled(bus, 3000), limit=60, what="the other worker to handle everything"
+        )
     before_thaw = len(await handled(bus, "recorder"))
     frozen.send_signal(signal.SIGCONT)
     await settled(bus, "recorder", 2)  # it learned it was fenced, rejoined and took its share
@@ -293,20 +294,14 @@ async def test_a_redis_restart_with_aof_loses_nothing_and_keeps_every_session_in
         sessions = [f"call-{i}" for i in range(50)]
         async with Bus.connect(settings) as bus:
             await settled(bus, "recorder", 1)
-            for n in range(1, 11):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n))
+            await publish(bus, sessions, 10, final=False)
             await wait_for(lambda: progressed(bus, 100), what="work before the crash")
             server.kill()  # SIGKILL: only what the AOF holds survives
             server.start()
-            for n in range(11, 21):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n), final=n == 20)
-
-            async def all_handled() -> bool:
-                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 1000
-
-            await wait_for(all_handled, limit=60, what="every event after the restart")
+            await publish(bus, sessions, 10)
+            await wait_for(
+                lambda: all_handled(bus, 1000), limit=60, what="every event after the restart"
+            )
             assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))
 
 
@@ -343,20 +338,14 @@ async def test_an_outage_longer_than_the_lease_loses_nothing_once_the_server_is_
         sessions = [f"call-{i}" for i in range(50)]
         async with Bus.connect(settings) as bus:
             await settled(bus, "recorder", 1)
-            for n in range(1, 11):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n))
+            await publish(bus, sessions, 10, final=False)
             server.kill()
             await wait_for(
                 lambda: "lease_expired" in workers.log(worker), what="its leases to lapse"
             )
             server.start()
-            for n in range(11, 21):
-                for session in sessions:
-                    await bus.publish(session, Tick(n=n), final=n == 20)
-
-            async def all_handled() -> bool:
-                return len({(r.session, r.seq) for r in await handled(bus, "recorder")}) >= 1000
-
-            await wait_for(all_handled, limit=60, what="every event after the outage")
+            await publish(bus, sessions, 10)
+            await wait_for(
+                lambda: all_handled(bus, 1000), limit=60, what="every event after the outage"
+            )
             assert_in_order(await handled(bus, "recorder"), dict.fromkeys(sessions, 20))
