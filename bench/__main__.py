@@ -9,14 +9,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import msgspec
 import structlog
 from redis.asyncio import Redis
 
 from workers import logs
 from workers.fleet import FleetError
-from workers.runtime import first_error
+from workers.runtime import first_error, run
 from workers.server import LocalServer
 
 from . import baseline, latency, soak, takeover, throughput
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with LocalServer(args.server) as server:
             log.info("server_started", binary=str(server.binary), url=server.url)
-            results = anyio.run(run_all, server.url, args, started)
+            results = run(run_all, server.url, args, started)
     except (BenchError, FleetError, BaseExceptionGroup) as exc:
         error = first_error(exc)
         if not isinstance(error, BenchError | FleetError):

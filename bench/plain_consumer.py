@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.typing import KeyT, StreamIdT
 
 from bus import Keys
+from workers.runtime import run
 
 from .workload import session_ids
 
@@ -71,4 +72,4 @@ async def main(url: str, prefix: str, sessions: int, index: int, of: int) -> Non
 
 if __name__ == "__main__":
     url, prefix, sessions, index, of = sys.argv[1:6]
-    anyio.run(main, url, prefix, int(sessions), int(index), int(of))
+    run(main, url, prefix, int(sessions), int(index), int(of))  # on the workers' event loop

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import anyio
 import msgspec
 from redis.exceptions import NoPermissionError, RedisError
 
@@ -31,7 +30,7 @@ examples:
 MODULE:ATTR names a flowbus Service, an ActionService or EventService, or a function returning
 one; the current directory is importable. Run as many replicas as you like: they share the
 service's consumer group and split its partitions. SIGTERM drains and exits; a second one
-stops at once.
+stops at once. It runs on uvloop (FLOWBUS_EVENT_LOOP=asyncio for asyncio's own loop).
 """
 
 EPILOG_DEMO = """\
@@ -103,6 +102,7 @@ ENVIRONMENT = (
     "FLOWBUS_CONNECT_ATTEMPTS",
     "FLOWBUS_LOG_LEVEL",
     "FLOWBUS_LOG_FORMAT",
+    "FLOWBUS_EVENT_LOOP",
 )
 
 
@@ -361,7 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dead": _dead,
         }[args.command]
         settings = _settings(args)
-        return anyio.run(_with_bus, settings, command, args)
+        from .runtime import run
+
+        return run(_with_bus, settings, command, args)
     except UsageError as exc:
         print(f"flowbus: {exc}", file=sys.stderr)
         return 2
@@ -398,7 +400,7 @@ async def _with_bus(
 
 def _worker(args: argparse.Namespace) -> int:
     from .app import AppLoadError, load_service
-    from .runtime import first_error, serve, tune_gc
+    from .runtime import first_error, run, serve, tune_gc
 
     settings = _settings(args)
     port = (
@@ -418,7 +420,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     tune_gc()
     try:
-        anyio.run(
+        run(
             lambda: serve(
                 settings,
                 service,

@@ -38,7 +38,7 @@ from .fleet import Fleet, FleetError
 from .journal import Record, read_journal
 from .live import LiveView
 from .observe import dead_letter_count, server_identity
-from .runtime import first_error
+from .runtime import first_error, run
 from .server import LocalServer, ServerError
 from .verify import CallCheck, check_call, latencies_ms
 
@@ -92,7 +92,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             Fleet(settings, target, group, work / "logs", cwd=ROOT, log_level="warning")
             for group, target, _ in SERVICES
         ]
-        summary = anyio.run(_run, settings, options, fleets, server, started)
+        summary = run(_run, settings, options, fleets, server, started)
         ok, failed = summary.ok, not summary.ok
         _print_summary(summary, options, settings)
     except (DemoError, FleetError, ServerError) as exc:

@@ -103,6 +103,7 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         ([], {"FLOWBUS_MAX_DELIVERIES": "many"}, "FLOWBUS_MAX_DELIVERIES"),
         ([], {"FLOWBUS_METRICS_PORT": "x"}, "FLOWBUS_METRICS_PORT must be an integer"),
         ([], {"FLOWBUS_LOG_LEVEL": "loud"}, "FLOWBUS_LOG_LEVEL must be one of debug, info"),
+        ([], {"FLOWBUS_EVENT_LOOP": "trio"}, "FLOWBUS_EVENT_LOOP must be one of uvloop, asyncio"),
         (["--redis-url", "http://127.0.0.1/0"], {}, "invalid Redis URL"),
     ],
     ids=[
@@ -113,6 +114,7 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         "env-deliveries",
         "env-port",
         "env-log-level",
+        "env-event-loop",
         "url",
     ],
 )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
-from workers.runtime import GC_THRESHOLD
+import pytest
+import uvloop
+
+from bus import ConfigError
+from workers.runtime import GC_THRESHOLD, run
 
 
 def test_a_worker_freezes_its_start_up_heap_and_collects_young_garbage_less_often() -> None:
@@ -15,3 +20,31 @@ def test_a_worker_freezes_its_start_up_heap_and_collects_young_garbage_less_ofte
     )  # in a process of its own: the test process's collector stays as it is
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(GC_THRESHOLD), "True"]
+
+
+async def _loop_type() -> type:
+    return type(asyncio.get_running_loop())
+
+
+@pytest.mark.parametrize(
+    ("chosen", "expected"), [(None, uvloop.Loop), ("uvloop", uvloop.Loop), ("asyncio", None)]
+)
+def test_a_worker_runs_on_uvloop_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch, chosen: str | None, expected: type | None
+) -> None:
+    if chosen is None:
+        monkeypatch.delenv("FLOWBUS_EVENT_LOOP", raising=False)
+    else:
+        monkeypatch.setenv("FLOWBUS_EVENT_LOOP", chosen)
+    loop = run(_loop_type)
+    if expected is None:
+        assert not issubclass(loop, uvloop.Loop)
+        assert issubclass(loop, asyncio.BaseEventLoop)
+    else:
+        assert issubclass(loop, expected)
+
+
+def test_an_unknown_event_loop_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWBUS_EVENT_LOOP", "trio")
+    with pytest.raises(ConfigError, match="uvloop, asyncio"):
+        run(_loop_type)
