@@ -21,6 +21,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -47,6 +48,17 @@ from .steps import Step, StepBatcher, reader
 log = structlog.get_logger("flowbus.consumer")
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+
+def _log_context(*names: str) -> tuple[ContextVar[Any], ...]:
+    """The context variables structlog's `bind_contextvars` sets for `names`, for setting them
+    once per event without its bookkeeping (a fifth of the cost)."""
+    tokens = structlog.contextvars.bind_contextvars(**dict.fromkeys(names))
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tuple(token.var for token in tokens.values())
+
+
+_TYPE, _SEQ = _log_context("type", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +418,8 @@ class Consumer:
             entry.extra,
             run.context,
         )
-        structlog.contextvars.bind_contextvars(type=entry.type, seq=entry.seq)
+        _TYPE.set(entry.type)  # in the logs next to the session, as bind_contextvars would
+        _SEQ.set(entry.seq)
         if not self._slots.take():
             await self._slots.acquire()
         try:
