@@ -113,10 +113,13 @@ class _ClusterPipeline(ClusterPipeline):
 def _reset_is_lost() -> Iterator[None]:
     """A connection of redis-py's cluster client closed under a command while the client
     re-read the slots after a failover fails with ``'NoneType' object has no attribute
-    'writelines'``: a lost connection, for the caller to retry."""
+    'writelines'`` (on uvloop: ``unable to perform operation on <TCPTransport closed=True>;
+    the handler is closed``): a lost connection, for the caller to retry."""
     try:
         yield
-    except AttributeError as exc:
+    except (AttributeError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "handler is closed" not in str(exc):
+            raise
         raise RedisConnectionError(f"connection reset while the slots moved: {exc}") from exc
 
 

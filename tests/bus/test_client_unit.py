@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bus import Bus, ServiceInfo, Settings
+from bus.connection import _reset_is_lost
 
 pytestmark = pytest.mark.anyio
 
@@ -69,3 +71,23 @@ def test_every_connection_shares_one_client_identity() -> None:
     connections = [c.connection_pool.make_connection() for c in clients]  # type: ignore[no-untyped-call]  # untyped in redis-py
     connections.append(StepBatcher(Settings(), retention_ms=1)._connection)
     assert all(c.driver_info is identity for c in connections)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AttributeError("'NoneType' object has no attribute 'writelines'"),  # asyncio's loop
+        RuntimeError("unable to perform operation on <TCPTransport>; the handler is closed"),
+    ],
+    ids=["asyncio", "uvloop"],
+)
+def test_a_cluster_connection_closed_under_a_command_is_a_lost_connection(
+    error: Exception,
+) -> None:
+    with pytest.raises(RedisConnectionError, match="slots moved"), _reset_is_lost():
+        raise error
+
+
+def test_other_runtime_errors_of_the_cluster_client_are_not_hidden() -> None:
+    with pytest.raises(RuntimeError, match="something else"), _reset_is_lost():
+        raise RuntimeError("something else")
