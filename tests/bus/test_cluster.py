@@ -146,6 +146,48 @@ async def test_a_failover_moves_steps_and_hints_to_the_new_primary(
                 deliveries[key] = r.deliveries
 
 
+async def test_a_killed_primary_is_replaced_by_its_replica_and_the_work_goes_on(
+    workers: WorkerProcesses,
+) -> None:
+    import redis  # the sync client, to steer the cluster
+
+    with LocalCluster(kind=KIND, replicas=1) as cluster:
+        nodes: list[Any] = [redis.Redis(port=node.port) for node in cluster.nodes]  # untyped
+        primary, replica = nodes[0], nodes[-1]  # the first primary and its replica
+        for node in nodes:  # fail over within seconds, not the default 15 s
+            node.config_set("cluster-node-timeout", 1000)
+        settings = make_settings(cluster.url, cluster=True)
+        async with Bus.connect(settings) as bus:
+            workers.start(RECORDER, settings)
+            await settled(bus, "recorder", 1)
+            sessions = [f"call-{i}" for i in range(60)]
+            await publish(bus, sessions, 5, final=False)
+            await wait_for(lambda: all_handled(bus, 300), what="work before the kill")
+            # Replication is asynchronous: what the primary did not pass on dies with it.
+            # Killed once the replica has it all, the primary takes nothing with it.
+            offset = primary.info("replication")["master_repl_offset"]
+            await wait_for(
+                lambda: replica.info("replication")["slave_repl_offset"] >= offset,
+                what="the replica to catch up",
+            )
+            primary.close()
+            assert cluster.nodes[0].process is not None
+            cluster.nodes[0].process.kill()  # kill -9: no failover handshake this time
+            await wait_for(
+                lambda: replica.info("replication")["role"] == "master",
+                limit=30,
+                what="the replica to be elected",
+            )
+            await publish(bus, sessions, 5)
+            await wait_for(
+                lambda: all_handled(bus, 600), limit=60, what="every event after the failover"
+            )
+            records = await handled(bus, "recorder")
+            assert_in_order(records, dict.fromkeys(sessions, 10))
+        for node in nodes[1:]:
+            node.close()
+
+
 async def test_a_slot_migrating_mid_run_takes_its_sessions_along(
     workers: WorkerProcesses,
 ) -> None:
