@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import anyio
 import msgspec
 import structlog
 
 from bus import Bus
-from workers.fleet import Fleet
 from workers.observe import live_session_count, server_identity
 from workers.probe import (
     GROUP,
@@ -33,9 +30,8 @@ from workers.probe import (
 )
 
 from .cpu import CpuMeter
-from .workload import BenchError, fresh_settings, session_ids, wait_until
+from .workload import BenchError, fleet_of, fresh_settings, session_ids, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 log = structlog.get_logger("flowbus.bench")
 
 #: Publisher tasks; each owns every PUBLISHERS-th session and a share of the rate.
@@ -114,36 +110,31 @@ async def run(
     settings = fresh_settings(url, "latency")
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
-        with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-            fleet = Fleet(settings, "workers.probe:holding", GROUP, Path(logs), cwd=ROOT)
-            try:
-                fleet.start(workers, id_prefix="probe")
-                await fleet.wait_split(bus, within=30)
-                server = await server_identity(bus.redis)
-                workers_cpu = {w.worker_id: w.pid for w in fleet.workers}
-                meter = CpuMeter({"server": server.pid, "publisher": os.getpid(), **workers_cpu})
-                meter.start()
-                started = time.perf_counter()
-                published = await paced_publish(bus, names, rate, seconds)
-                elapsed = time.perf_counter() - started
-                meter.stop()
-                log.info("paced_load_published", events=published, seconds=round(elapsed, 2))
+        async with fleet_of(
+            bus, settings, "workers.probe:holding", GROUP, workers, id_prefix="probe"
+        ) as fleet:
+            server = await server_identity(bus.redis)
+            workers_cpu = {w.worker_id: w.pid for w in fleet.workers}
+            meter = CpuMeter({"server": server.pid, "publisher": os.getpid(), **workers_cpu})
+            meter.start()
+            started = time.perf_counter()
+            published = await paced_publish(bus, names, rate, seconds)
+            elapsed = time.perf_counter() - started
+            meter.stop()
+            log.info("paced_load_published", events=published, seconds=round(elapsed, 2))
 
-                async def all_handled() -> bool:
-                    fleet.check_alive()
-                    return await live_session_count(bus) == 0  # each ended, all acknowledged
+            async def all_handled() -> bool:
+                fleet.check_alive()
+                return await live_session_count(bus) == 0  # each ended, all acknowledged
 
-                async def all_recorded() -> bool:
-                    fleet.check_alive()
-                    count = await bus.redis.llen(handled_key(settings.prefix))
-                    return int(count) >= published
+            async def all_recorded() -> bool:
+                fleet.check_alive()
+                count = await bus.redis.llen(handled_key(settings.prefix))
+                return int(count) >= published
 
-                await wait_until(all_handled, within=60, what=f"{published} events handled")
-                await flush_probes(bus)
-                await wait_until(all_recorded, within=30, what=f"{published} handlings recorded")
-                await fleet.stop(within=30)
-            finally:
-                fleet.kill_all()
+            await wait_until(all_handled, within=60, what=f"{published} events handled")
+            await flush_probes(bus)
+            await wait_until(all_recorded, within=30, what=f"{published} handlings recorded")
         handlings = await read_handlings(bus.redis, settings.prefix)
     first = [h.latency_us / 1000 for h in handlings if h.deliveries == 1]
     if len({(h.session, h.seq) for h in handlings}) != published:

@@ -11,7 +11,6 @@ At the end every session must retire, which the bus does only once all of it was
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import anyio
@@ -19,13 +18,11 @@ import msgspec
 import structlog
 
 from bus import Bus, ServiceInfo
-from workers.fleet import Fleet
 from workers.observe import live_session_count
 
 from .noop import GROUP, Noop
-from .workload import fresh_settings, wait_until
+from .workload import fleet_of, fresh_settings, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 log = structlog.get_logger("flowbus.bench")
 
 #: Seconds between samples; the first is taken one interval into the load.
@@ -77,54 +74,49 @@ async def run(
     settings = fresh_settings(url, "soak", retention_seconds=5)
     async with Bus.connect(settings) as bus:
         await bus.register_service(ServiceInfo(GROUP))
-        with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-            fleet = Fleet(settings, "bench.noop:service", GROUP, Path(logs), cwd=ROOT)
-            try:
-                fleet.start(workers, id_prefix="soak")
-                await fleet.wait_split(bus, within=30)
-                samples: list[SoakSample] = []
-                calls = [f"call-{i}" for i in range(sessions)]
-                counts = [0] * sessions
-                started_sessions, events = sessions, 0
-                started = next_sample = anyio.current_time()
-                next_sample += SAMPLE_SECONDS
-                while (now := anyio.current_time()) - started < seconds:
-                    i = events % sessions
-                    counts[i] += 1
-                    final = counts[i] == EVENTS_PER_SESSION
-                    await bus.publish(calls[i], Noop(), final=final)
-                    if final:
-                        calls[i], counts[i] = f"call-{started_sessions}", 0
-                        started_sessions += 1
-                    events += 1
-                    if now >= next_sample:
-                        next_sample += SAMPLE_SECONDS
-                        fleet.check_alive()
-                        sample = SoakSample(
-                            round(now - started, 1),
-                            events,
-                            started_sessions,
-                            await live_session_count(bus),
-                            [rss_kb(w.pid) for w in fleet.workers],
-                            int((await bus.redis.info("memory"))["used_memory"]),
-                        )
-                        samples.append(sample)
-                        log.info("soak_sampled", **msgspec.structs.asdict(sample))
-                    delay = started + events / rate - anyio.current_time()
-                    if delay > 0:
-                        await anyio.sleep(delay)
-                calls_made = started_sessions - counts.count(0)  # named, never published to
-                for i, count in enumerate(counts):  # end the calls still going
-                    if count:
-                        await bus.publish(calls[i], Noop(), final=True)
-                        events += 1
-
-                async def retired() -> bool:
+        async with fleet_of(
+            bus, settings, "bench.noop:service", GROUP, workers, id_prefix="soak"
+        ) as fleet:
+            samples: list[SoakSample] = []
+            calls = [f"call-{i}" for i in range(sessions)]
+            counts = [0] * sessions
+            started_sessions, events = sessions, 0
+            started = next_sample = anyio.current_time()
+            next_sample += SAMPLE_SECONDS
+            while (now := anyio.current_time()) - started < seconds:
+                i = events % sessions
+                counts[i] += 1
+                final = counts[i] == EVENTS_PER_SESSION
+                await bus.publish(calls[i], Noop(), final=final)
+                if final:
+                    calls[i], counts[i] = f"call-{started_sessions}", 0
+                    started_sessions += 1
+                events += 1
+                if now >= next_sample:
+                    next_sample += SAMPLE_SECONDS
                     fleet.check_alive()
-                    return await live_session_count(bus) == 0
+                    sample = SoakSample(
+                        round(now - started, 1),
+                        events,
+                        started_sessions,
+                        await live_session_count(bus),
+                        [rss_kb(w.pid) for w in fleet.workers],
+                        int((await bus.redis.info("memory"))["used_memory"]),
+                    )
+                    samples.append(sample)
+                    log.info("soak_sampled", **msgspec.structs.asdict(sample))
+                delay = started + events / rate - anyio.current_time()
+                if delay > 0:
+                    await anyio.sleep(delay)
+            calls_made = started_sessions - counts.count(0)  # named, never published to
+            for i, count in enumerate(counts):  # end the calls still going
+                if count:
+                    await bus.publish(calls[i], Noop(), final=True)
+                    events += 1
 
-                await wait_until(retired, within=60, what="every session to retire")
-                await fleet.stop(within=30)
-            finally:
-                fleet.kill_all()
+            async def retired() -> bool:
+                fleet.check_alive()
+                return await live_session_count(bus) == 0
+
+            await wait_until(retired, within=60, what="every session to retire")
     return SoakResult(workers, rate, round(seconds, 1), events, calls_made, samples)

@@ -10,9 +10,7 @@ event in flight at the kill is delivered again).
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import anyio
 import msgspec
@@ -20,14 +18,12 @@ import structlog
 
 from bus import Bus
 from workers.demo_report import check_order
-from workers.fleet import Fleet
 from workers.observe import lease_owners
 from workers.probe import GROUP, handled_key, percentiles, read_handlings
 
 from .latency import paced_publish
-from .workload import BenchError, fresh_settings, session_ids, wait_until
+from .workload import BenchError, fleet_of, fresh_settings, session_ids, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 log = structlog.get_logger("flowbus.bench")
 
 
@@ -71,37 +67,32 @@ async def run_once(
     settings = fresh_settings(url, "takeover", lease_ttl_seconds=lease_ttl)
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
-        with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-            fleet = Fleet(settings, "workers.probe:service", GROUP, Path(logs), cwd=ROOT)
-            try:
-                fleet.start(workers, id_prefix="probe")
-                await fleet.wait_split(bus, within=30)
-                victim = fleet.workers[0]
-                published = 0
-                async with anyio.create_task_group() as tg:
+        async with fleet_of(
+            bus, settings, "workers.probe:service", GROUP, workers, id_prefix="probe"
+        ) as fleet:
+            victim = fleet.workers[0]
+            published = 0
+            async with anyio.create_task_group() as tg:
 
-                    async def publish() -> None:
-                        nonlocal published
-                        seconds = before_kill + after_kill
-                        published = await paced_publish(bus, names, rate, seconds, publishers=2)
+                async def publish() -> None:
+                    nonlocal published
+                    seconds = before_kill + after_kill
+                    published = await paced_publish(bus, names, rate, seconds, publishers=2)
 
-                    tg.start_soon(publish)
-                    await anyio.sleep(before_kill)
-                    partitions = (await lease_owners(bus, GROUP)).get(victim.worker_id, [])
-                    killed_ns = time.time_ns()
-                    fleet.kill(victim)
-                log.info("takeover_published", events=published, victim=victim.worker_id)
+                tg.start_soon(publish)
+                await anyio.sleep(before_kill)
+                partitions = (await lease_owners(bus, GROUP)).get(victim.worker_id, [])
+                killed_ns = time.time_ns()
+                fleet.kill(victim)
+            log.info("takeover_published", events=published, victim=victim.worker_id)
 
-                async def all_handled() -> bool:
-                    fleet.check_alive()
-                    if await bus.redis.llen(handled_key(settings.prefix)) < published:
-                        return False
-                    return await _distinct_handled(bus) >= published
+            async def all_handled() -> bool:
+                fleet.check_alive()
+                if await bus.redis.llen(handled_key(settings.prefix)) < published:
+                    return False
+                return await _distinct_handled(bus) >= published
 
-                await wait_until(all_handled, within=60, what=f"{published} events handled")
-                await fleet.stop(within=30)
-            finally:
-                fleet.kill_all()
+            await wait_until(all_handled, within=60, what=f"{published} events handled")
         handlings = await read_handlings(bus.redis, settings.prefix)
 
     mine = {s for s in names if bus.keys.partition(s) in set(partitions)}

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import msgspec
 import structlog
 
 from bus import Bus, ServiceInfo
-from workers.fleet import Fleet
 from workers.observe import live_session_count, server_identity
 
 from .cpu import CpuMeter
@@ -28,6 +25,7 @@ from .noop import GROUP, Noop
 from .workload import (
     BenchError,
     backlog,
+    fleet_of,
     fresh_settings,
     last_retired_ms,
     publish_all,
@@ -36,7 +34,6 @@ from .workload import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 log = structlog.get_logger("flowbus.bench")
 
 
@@ -68,39 +65,30 @@ async def run(
     async with Bus.connect(settings) as bus:
         server = await server_identity(bus.redis)
         await bus.register_service(ServiceInfo(GROUP))
-        with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-            fleet = Fleet(settings, "bench.noop:service", GROUP, Path(logs), cwd=ROOT)
-            try:
-                fleet.start(workers, id_prefix="noop")
-                await fleet.wait_split(bus, within=90)
-                for w in fleet.workers:
-                    os.kill(w.pid, signal.SIGSTOP)
-                started = time.perf_counter()
-                await publish_all(bus, names, events, lambda: Noop(sent_ns=time.time_ns()))
-                publish_seconds = time.perf_counter() - started
-                log.info("backlog_published", events=total, seconds=round(publish_seconds, 2))
+        async with fleet_of(
+            bus, settings, "bench.noop:service", GROUP, workers, id_prefix="noop", within=90
+        ) as fleet:
+            for w in fleet.workers:
+                os.kill(w.pid, signal.SIGSTOP)
+            started = time.perf_counter()
+            await publish_all(bus, names, events, lambda: Noop(sent_ns=time.time_ns()))
+            publish_seconds = time.perf_counter() - started
+            log.info("backlog_published", events=total, seconds=round(publish_seconds, 2))
 
-                async def drained() -> bool:
-                    fleet.check_alive()
-                    return await live_session_count(bus) == 0
+            async def drained() -> bool:
+                fleet.check_alive()
+                return await live_session_count(bus) == 0
 
-                meter = CpuMeter(
-                    {"server": server.pid, **{w.worker_id: w.pid for w in fleet.workers}}
-                )
-                thawed = await server_ms(bus.redis)
-                meter.start()
-                for w in fleet.workers:
-                    os.kill(w.pid, signal.SIGCONT)
-                await wait_until(
-                    drained, within=300, what=f"the workers to handle {total} events", every=0.05
-                )
-                meter.stop()
-                seconds = (await last_retired_ms(bus) - thawed) / 1000
-                await fleet.stop(within=30)
-            finally:
-                for w in fleet.alive:
-                    os.kill(w.pid, signal.SIGCONT)
-                fleet.kill_all()
+            meter = CpuMeter({"server": server.pid, **{w.worker_id: w.pid for w in fleet.workers}})
+            thawed = await server_ms(bus.redis)
+            meter.start()
+            for w in fleet.workers:
+                os.kill(w.pid, signal.SIGCONT)
+            await wait_until(
+                drained, within=300, what=f"the workers to handle {total} events", every=0.05
+            )
+            meter.stop()
+            seconds = (await last_retired_ms(bus) - thawed) / 1000
 
         left = await backlog(bus.redis, [bus.keys.session(s) for s in names], GROUP)
         if left.acked != total or left.pending or left.lag:

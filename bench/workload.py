@@ -4,14 +4,20 @@ streams, reading a group's state, and bounded waits."""
 from __future__ import annotations
 
 import secrets
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from redis.asyncio import Redis
 
 from bus import Bus, Keys, Payload, Settings, encode, type_name
+from workers.fleet import Fleet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class BenchError(RuntimeError):
@@ -28,6 +34,31 @@ def fresh_settings(url: str, name: str, **overrides: object) -> Settings:
     return Settings.from_env(
         {}, url=url, prefix=f"bench-{name}-{secrets.token_hex(3)}", **overrides
     )
+
+
+@asynccontextmanager
+async def fleet_of(
+    bus: Bus,
+    settings: Settings,
+    target: str,
+    group: str,
+    workers: int,
+    *,
+    id_prefix: str,
+    within: float = 30,
+) -> AsyncIterator[Fleet]:
+    """`workers` worker processes of `target` (logging to a temporary directory), started and
+    sharing the partitions within `within` seconds; stopped gracefully when the block ends,
+    killed if it raises."""
+    with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
+        fleet = Fleet(settings, target, group, Path(logs), cwd=ROOT)
+        try:
+            fleet.start(workers, id_prefix=id_prefix)
+            await fleet.wait_split(bus, within=within)
+            yield fleet
+            await fleet.stop(within=30)
+        finally:
+            fleet.kill_all()  # SIGKILL ends a frozen (SIGSTOP) worker too
 
 
 async def fill_plain(
