@@ -28,6 +28,8 @@ from .settings import Settings
 
 #: How long the list of registered services is trusted before it is read again.
 SERVICES_TTL = 5.0
+#: Sessions whose last published seq a `Bus` remembers (the oldest is forgotten first).
+REMEMBERED_SESSIONS = 100_000
 
 log = structlog.get_logger("flowbus.bus")
 
@@ -65,13 +67,13 @@ class Bus:
     Open it with ``async with Bus.connect(settings) as bus:``.
     """
 
-    #: How long a publish or inbox write keeps retrying a lost connection.
-
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix, settings.partitions)
         self._services: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
+        # The last seq published to each session still going, for a server that lost them.
+        self._last_seq: dict[str, int] = {}
 
     @classmethod
     @asynccontextmanager
@@ -102,8 +104,11 @@ class Bus:
 
         A connection failure is retried with backoff for up to 15 s (`connection.RETRY_SECONDS`);
         a retry never appends twice (with one publisher per session, as with one bot per call).
-        Raises `SessionEndedError`, `PayloadTooLargeError`, `InvalidSessionIdError`,
-        `CommandRefusedError`, and `ConnectionFailedError` once retrying gives up.
+        If the server lost the session (a restart without its data), the session goes on at the
+        seq after the last one this `Bus` published to it, not at 1
+        (``session_counter_restored`` is logged). Raises `SessionEndedError`,
+        `PayloadTooLargeError`, `InvalidSessionIdError`, `CommandRefusedError`, and
+        `ConnectionFailedError` once retrying gives up.
         """
         check_session_id(session)
         name, data = self._encode(session, payload)
@@ -117,6 +122,7 @@ class Bus:
             int(final),
             int(self.settings.retention_seconds * 1000),
             secrets.token_hex(8),  # the same in every retry: no second append
+            self._last_seq.get(session, 0),
             len(groups),
             *groups,
             *_flat(extra),
@@ -124,12 +130,25 @@ class Bus:
         keys = [self.keys.session(session)]
         append = partial(scripts.PUBLISH, self.redis, keys, args)
         try:
-            seq, entry_id = await call(
+            seq, entry_id, restored = await call(
                 "publish", append, self.settings, session, expected=("ENDED",)
             )
         except ResponseError:
             raise SessionEndedError(session, keys[0]) from None
+        if restored:
+            log.warning("session_counter_restored", session=session, seq=seq)
+        self._remember(session, None if final else int(seq))
         return Published(int(seq), entry_id.decode())
+
+    def _remember(self, session: str, seq: int | None) -> None:
+        """Keep `seq` as the session's last published one, unless a concurrent publish's was
+        later (None: it ended, forget it)."""
+        before = self._last_seq.pop(session, 0)  # re-inserted last: the oldest come first
+        if seq is None:
+            return
+        self._last_seq[session] = max(seq, before)
+        if len(self._last_seq) > REMEMBERED_SESSIONS:
+            del self._last_seq[next(iter(self._last_seq))]
 
     async def send(
         self,

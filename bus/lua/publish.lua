@@ -1,8 +1,11 @@
 -- Append one event to a session: next seq, XADD, wake-up hint, all atomically in one slot.
 -- KEYS: stream (<tag>:session:<sid>)  ARGV: tag sid type data final retention_ms publish_id
---   ngroups group... field value...
+--   after ngroups group... field value...
 -- A retry of the session's last publish (same publish_id) returns its seq and id again instead of
--- appending twice, so a publisher may retry after a lost reply.
+-- appending twice, so a publisher may retry after a lost reply. `after` is the last seq this
+-- publisher appended to the session (0 if none): a session the server does not know although
+-- its publisher does was lost with the server's data, and its counter goes on from there.
+-- Returns {seq, id, restored} (restored: 1 if the counter was taken from `after`).
 local k_stream = KEYS[1]
 local k_meta = k_stream .. ':meta'
 local tag, sid, final, retention, publish_id = ARGV[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7]
@@ -21,30 +24,33 @@ local function may_be_idle(stream, known)
 end
 
 local last = redis.call('HMGET', k_meta, 'publish_id', 'seq', 'publish_entry')
-if last[1] == publish_id then return {tonumber(last[2]), last[3]} end
+if last[1] == publish_id then return {tonumber(last[2]), last[3], 0} end
 if redis.call('HEXISTS', k_meta, 'ended') == 1 then
   return redis.error_reply('ENDED session ' .. sid .. ' has ended')
 end
+local new, after = not last[2], tonumber(ARGV[8])
+local restored = new and after > 0
+if restored then redis.call('HSET', k_meta, 'seq', after) end
 local seq = redis.call('HINCRBY', k_meta, 'seq', 1)
 local ts = now_ms()
 local fields = {'type', ARGV[3], 'seq', seq, 'ts', ts, 'data', ARGV[4]}
-local ngroups = tonumber(ARGV[8])
-for i = 9 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
+local ngroups = tonumber(ARGV[9])
+for i = 10 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', k_stream, '*', unpack(fields))
 redis.call('HSET', k_meta, 'publish_id', publish_id, 'publish_entry', id)
 
-if seq == 1 then
+if new then
   redis.call('HSET', k_meta, 'started', ts)
   redis.call('SADD', tag .. ':live', sid)
   -- Groups of the known services exist from the first event on, so the session cannot retire
   -- before each of them has handled it, even if a service is down right now.
-  for i = 9, 8 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
+  for i = 10, 9 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
 end
 -- The hint that wakes the partition's owners; one lost on a dropped connection is made up for
 -- by the rescan that follows every (re)subscription. Only a group that had read everything
 -- before this entry can be idle on the session: one with more to read reads on by itself (a
 -- session's handling ends only on a read that found nothing new), so it needs no hint.
-if seq == 1 or may_be_idle(k_stream, ngroups) then
+if new or may_be_idle(k_stream, ngroups) then
   redis.call('SPUBLISH', tag .. ':wake', sid)
 end
 
@@ -52,4 +58,4 @@ if final == '1' then
   redis.call('HSET', k_meta, 'ended', ts)
   retire_if_done(k_stream, tag, sid, retention)
 end
-return {seq, id}
+return {seq, id, restored and 1 or 0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from bus import Bus, PayloadTooLargeError, ServiceInfo, SessionEndedError
 from bus import scripts as s
@@ -74,8 +75,44 @@ async def test_a_session_no_service_reads_retires_at_its_end(bus: Bus) -> None:
 async def test_a_retried_publish_appends_once(bus: Bus) -> None:
     p = bus.keys.partition("call-8")
     keys = [bus.keys.session("call-8")]
-    args: list[s.Arg] = [bus.keys.tag(p), "call-8", "tick", b'{"type":"tick"}', 0, 1000, "id-1", 0]
+    args: list[s.Arg] = [bus.keys.tag(p), "call-8", "tick", b'{"type":"tick"}', 0, 1000, "id-1"]
+    args += [0, 0]  # nothing published before, no group
     first = await s.PUBLISH(bus.redis, keys, args)
     again = await s.PUBLISH(bus.redis, keys, args)  # the reply of the first was "lost"
-    assert first == again == [1, first[1]]
+    assert first == again == [1, first[1], 0]
     assert [e.seq for e in await bus.history("call-8")] == [1]
+
+
+async def test_a_session_the_server_lost_goes_on_at_the_next_seq_of_its_publisher(
+    bus: Bus,
+) -> None:
+    await bus.register_service(ServiceInfo("recorder"))
+    for n in (1, 2, 3):
+        await bus.publish("call-9", Tick(n=n))
+    stream = bus.keys.session("call-9")
+    await raw(bus).delete(stream, bus.keys.meta("call-9"))  # as a restart without data does
+    await raw(bus).srem(bus.keys.live(bus.keys.partition("call-9")), "call-9")
+    with capture_logs() as logs:
+        assert (await bus.publish("call-9", Tick(n=4))).seq == 4
+    assert {"event": "session_counter_restored", "session": "call-9", "seq": 4} in [
+        {k: v for k, v in x.items() if k in ("event", "session", "seq")} for x in logs
+    ]
+    assert (await bus.publish("call-9", Tick(n=5), final=True)).seq == 5
+    assert [e.seq for e in await bus.history("call-9")] == [4, 5]
+    # Set up again as a new session is: live, with its services' groups.
+    [group] = await raw(bus).xinfo_groups(stream)
+    assert group["name"] == b"recorder"
+    assert await raw(bus).sismember(bus.keys.live(bus.keys.partition("call-9")), "call-9")
+
+
+async def test_a_publisher_that_never_published_to_a_session_starts_it_at_one(bus: Bus) -> None:
+    await bus.publish("call-10", Tick(n=1))
+    await raw(bus).delete(bus.keys.session("call-10"), bus.keys.meta("call-10"))
+    async with Bus.connect(bus.settings) as other:  # another process, say a restarted bot
+        assert (await other.publish("call-10", Tick(n=1))).seq == 1
+
+
+async def test_a_publisher_forgets_a_session_once_it_ended(bus: Bus) -> None:
+    await bus.publish("call-11", Tick(n=1), final=True)
+    await raw(bus).delete(bus.keys.session("call-11"), bus.keys.meta("call-11"))
+    assert (await bus.publish("call-11", Tick(n=1))).seq == 1  # a new session of that name

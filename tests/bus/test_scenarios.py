@@ -314,7 +314,8 @@ async def test_after_a_restart_without_its_data_the_workers_register_again_and_g
         async with Bus.connect(settings) as bus, Bus.connect(settings) as idle_publisher:
             await settled(bus, "recorder", 1)
             await publish(bus, [f"call-{i}" for i in range(10)], 3)
-            await wait_for(lambda: progressed(bus, 30), what="work before the restart")
+            await publish(bus, ["going"], 3, final=False)  # a call that goes on across it
+            await wait_for(lambda: progressed(bus, 33), what="work before the restart")
             server.kill()
             server.start()
 
@@ -325,8 +326,12 @@ async def test_after_a_restart_without_its_data_the_workers_register_again_and_g
             # A publisher whose connection died with the server, and whose list of services is
             # out of date, reads the list again on a new connection.
             expected = await publish(idle_publisher, [f"new-{i}" for i in range(10)], 3)
-            await wait_for(lambda: progressed(bus, 30), what="the new sessions handled")
-            assert_in_order(await handled(bus, "recorder"), expected)
+            for n in (4, 5):  # its publisher remembers where the call was
+                await bus.publish("going", Tick(n=n), final=n == 5)
+            await wait_for(lambda: progressed(bus, 32), what="the new sessions handled")
+            records = await handled(bus, "recorder")
+            assert [r.seq for r in records if r.session == "going"] == [4, 5]
+            assert_in_order([r for r in records if r.session != "going"], expected)
 
 
 async def test_an_outage_longer_than_the_lease_loses_nothing_once_the_server_is_back(
