@@ -24,6 +24,7 @@ from .errors import (
     SessionEndedError,
 )
 from .keys import Keys, check_session_id
+from .publisher import Publisher
 from .settings import Settings
 
 #: How long the list of registered services is trusted before it is read again.
@@ -74,13 +75,22 @@ class Bus:
         self._services: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
         # The last seq published to each session still going, for a server that lost them.
         self._last_seq: dict[str, int] = {}
+        self._publisher: Publisher | None = None  # else publishes go through `redis`
 
     @classmethod
     @asynccontextmanager
     async def connect(cls, settings: Settings, *, attempts: int = 1) -> AsyncIterator[Bus]:
-        """Connect and check the server; raises `ConnectionFailedError`."""
+        """Connect and check the server; raises `ConnectionFailedError`. Its publishes share
+        writes on a connection of their own (`bus.publisher`; not in a cluster)."""
         async with connect(settings, attempts=attempts) as redis:
-            yield cls(redis, settings)
+            bus = cls(redis, settings)
+            if not settings.cluster:
+                bus._publisher = Publisher(settings)
+            try:
+                yield bus
+            finally:
+                if bus._publisher is not None:
+                    await bus._publisher.aclose()
 
     def _encode(self, session: str, payload: Payload) -> tuple[str, bytes]:
         data = encode(payload)
@@ -128,7 +138,10 @@ class Bus:
             *_flat(extra),
         ]
         keys = [self.keys.session(session)]
-        append = partial(scripts.PUBLISH, self.redis, keys, args)
+        if self._publisher is None:
+            append = partial(scripts.PUBLISH, self.redis, keys, args)
+        else:
+            append = partial(self._publisher.call, scripts.PUBLISH, keys, args)
         try:
             seq, entry_id, restored = await call(
                 "publish", append, self.settings, session, expected=("ENDED",)

@@ -13,6 +13,8 @@ import anyio
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -63,7 +65,9 @@ def make_client(
 ) -> Redis:
     """A client for `settings.url` with a pool of up to `max_connections` (callers beyond it
     wait); a blocking reader (`block_seconds`) gets a single connection whose socket timeout is
-    above its block time. With `settings.cluster`, a cluster client (see `_Cluster`), whose
+    above its block time. A command that finds its pooled connection closed (the server
+    restarted since it was last used) is sent again once on a new one: redis-py retries
+    nothing by default. With `settings.cluster`, a cluster client (see `_Cluster`), whose
     pools per node are unbounded."""
     timeout = 5.0 if block_seconds is None else block_seconds + 5.0
     if settings.cluster:
@@ -75,6 +79,7 @@ def make_client(
             timeout=None,
             socket_timeout=timeout,
             socket_connect_timeout=5.0,
+            retry=Retry(NoBackoff(), 1),
             **CONNECTION_OPTIONS,
         )
         return Redis(connection_pool=pool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import msgspec
 import pytest
+from anyio import wait_all_tasks_blocked
 from structlog.testing import capture_logs
 
 from bus import Bus, PayloadTooLargeError, ServiceInfo, SessionEndedError
@@ -116,3 +117,31 @@ async def test_a_publisher_forgets_a_session_once_it_ended(bus: Bus) -> None:
     await bus.publish("call-11", Tick(n=1), final=True)
     await raw(bus).delete(bus.keys.session("call-11"), bus.keys.meta("call-11"))
     assert (await bus.publish("call-11", Tick(n=1))).seq == 1  # a new session of that name
+
+
+async def test_publishes_sent_meanwhile_wait_their_turn_and_a_cancelled_one_stalls_nobody(
+    bus: Bus,
+) -> None:
+    await raw(bus).execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the first batch hangs
+    published: dict[str, int] = {}
+
+    async def one(session: str) -> None:
+        published[session] = (await bus.publish(session, Tick(n=1))).seq
+
+    gone = anyio.CancelScope()
+
+    async def cancelled() -> None:
+        with gone:
+            await one("gone")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "first")  # sends alone, and waits out the pause
+        await wait_all_tasks_blocked()
+        tg.start_soon(cancelled)  # next in turn, cancelled while it waits (below)
+        await wait_all_tasks_blocked()
+        for i in range(20):
+            tg.start_soon(one, f"call-{i}")
+        await wait_all_tasks_blocked()
+        gone.cancel()
+    assert published.keys() == {"first", *(f"call-{i}" for i in range(20))}
+    assert set(published.values()) == {1}

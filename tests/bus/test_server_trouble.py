@@ -47,3 +47,16 @@ async def test_an_inbox_reader_goes_on_across_a_server_restart() -> None:
                 server.start()
                 await bus.send("call-1", Say(text="after"))
                 assert [m.payload for m in await inbox.read(1)] == [Say(text="after")]
+
+
+async def test_after_a_restart_the_first_command_on_a_pooled_connection_is_sent_again() -> None:
+    with LocalServer(appendonly=True) as server:
+        async with Bus.connect(make_settings(server.url)) as bus:
+            await bus.publish("call-1", Tick(n=1))
+            assert await raw(bus).xlen(bus.keys.session("call-1")) == 1  # a pooled connection
+            server.kill()
+            server.start()
+            # Its connection died with the server; redis-py alone would raise ConnectionError.
+            assert await raw(bus).xlen(bus.keys.session("call-1")) == 1
+            await bus.publish("call-1", Tick(n=2))  # the publisher's own connection, likewise
+            assert await raw(bus).xlen(bus.keys.session("call-1")) == 2
