@@ -70,7 +70,7 @@ class Publisher:
                 return reply
         self._sending = True
         batch = [c for c in self._waiting if c is mine or not c.future.done()]
-        self._waiting = [c for c in self._waiting if c not in batch]
+        self._waiting = []  # the rest were cancelled
         try:
             with anyio.CancelScope(shield=True):
                 replies = await self._exchange([c.command for c in batch])
