@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import msgspec
 import pytest
@@ -145,3 +147,33 @@ async def test_publishes_sent_meanwhile_wait_their_turn_and_a_cancelled_one_stal
         gone.cancel()
     assert published.keys() == {"first", *(f"call-{i}" for i in range(20))}
     assert set(published.values()) == {1}
+
+
+async def test_a_caller_cancelled_just_as_it_is_given_the_turn_passes_it_on(bus: Bus) -> None:
+    # anyio delivers a cancellation only to a task whose wait is not over, so this takes
+    # asyncio's own Task.cancel (as asyncio.wait_for or asyncio.timeout around a publish do).
+    publisher = bus._publisher
+    assert publisher is not None
+    published: dict[str, int] = {}
+
+    async def one(session: str) -> None:
+        published[session] = (await bus.publish(session, Tick(n=1))).seq
+
+    give_turn = publisher._give_turn
+
+    def give_turn_then_cancel() -> None:  # the turn reaches "gone", which is cancelled at once
+        give_turn()
+        if not gone.done():
+            gone.cancel()
+
+    publisher._give_turn = give_turn_then_cancel  # type: ignore[method-assign]
+    await raw(bus).execute_command("CLIENT", "PAUSE", 200, "WRITE")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "first")
+        await wait_all_tasks_blocked()
+        gone = asyncio.ensure_future(one("gone"))
+        await wait_all_tasks_blocked()
+        tg.start_soon(one, "after")
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert published == {"first": 1, "after": 1}
