@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -80,8 +80,9 @@ class Bus:
     @classmethod
     @asynccontextmanager
     async def connect(cls, settings: Settings, *, attempts: int = 1) -> AsyncIterator[Bus]:
-        """Connect and check the server; raises `ConnectionFailedError`. Its publishes share
-        writes on a connection of their own (`bus.publisher`; not in a cluster)."""
+        """Connect and check the server; raises `ConnectionFailedError`. Its publishes and
+        inbox writes share writes on a connection of their own (`bus.publisher`; not in a
+        cluster)."""
         async with connect(settings, attempts=attempts) as redis:
             bus = cls(redis, settings)
             if not settings.cluster:
@@ -138,10 +139,7 @@ class Bus:
             *_flat(extra),
         ]
         keys = [self.keys.session(session)]
-        if self._publisher is None:
-            append = partial(scripts.PUBLISH, self.redis, keys, args)
-        else:
-            append = partial(self._publisher.call, scripts.PUBLISH, keys, args)
+        append = self._script(scripts.PUBLISH, keys, args)
         try:
             seq, entry_id, restored = await call(
                 "publish", append, self.settings, session, expected=("ENDED",)
@@ -152,6 +150,14 @@ class Bus:
             log.warning("session_counter_restored", session=session, seq=seq)
         self._remember(session, None if final else int(seq))
         return Published(int(seq), entry_id.decode())
+
+    def _script(
+        self, script: scripts.Script, keys: list[str], args: list[scripts.Arg]
+    ) -> Callable[[], Awaitable[Any]]:
+        """A call of `script`, on the publisher's connection if this bus has one."""
+        if self._publisher is None:
+            return partial(script, self.redis, keys, args)
+        return partial(self._publisher.call, script, keys, args)
 
     def _remember(self, session: str, seq: int | None) -> None:
         """Keep `seq` as the session's last published one, unless a concurrent publish's was
@@ -187,7 +193,7 @@ class Bus:
             dedupe or f"send/{secrets.token_hex(8)}",
             *_flat(extra),
         ]
-        write = partial(scripts.SEND, self.redis, keys, args)
+        write = self._script(scripts.SEND, keys, args)
         try:
             result = await call("send", write, self.settings, session, expected=("NOSESSION",))
         except ResponseError:

@@ -1,16 +1,16 @@
-"""Publishes of one `Bus`, sent together on a connection of their own.
+"""Publishes and inbox writes of one `Bus`, sent together on a connection of their own.
 
 redis-py's client spends about 600 Python calls on a command (its retry loop, observability
 hooks, a command packer in Python, and a task per write for the socket timeout): on the CI
 machine about 200 µs of CPU per publish, more than the round trip itself. `Publisher` writes
-the publish script calls of every caller waiting at that moment in one write, packed by
-hiredis, and reads their replies in order.
+the script calls of every caller waiting at that moment in one write, packed by hiredis, and
+reads their replies in order.
 
 There is no background task: the first caller sends, callers that arrive meanwhile wait, and
 when a batch is done the first of them is handed the turn to send the next (so no caller keeps
 sending for others). A batch in flight is shielded from its sender's cancellation, so the
 others always get their replies. A lost connection is the error of every call of the batch,
-for `connection.call` to retry (a publish sent again never appends twice).
+for `connection.call` to retry (a publish or inbox write sent again never appends twice).
 """
 
 from __future__ import annotations
