@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import anyio
 import msgspec
@@ -23,9 +22,7 @@ from workers.observe import server_identity
 from . import plain_consumer
 from .cpu import CpuMeter
 from .noop import Noop
-from .workload import BenchError, backlog, fill_plain, fresh_settings, session_ids
-
-ROOT = Path(__file__).resolve().parent.parent
+from .workload import ROOT, BenchError, backlog, fill_plain, fresh_settings, session_ids
 
 
 class BaselineResult(msgspec.Struct, frozen=True):

@@ -111,7 +111,7 @@ async def run(
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
         async with fleet_of(
-            bus, settings, "workers.probe:holding", GROUP, workers, id_prefix="probe"
+            bus, "workers.probe:holding", GROUP, workers, id_prefix="probe"
         ) as fleet:
             server = await server_identity(bus.redis)
             workers_cpu = {w.worker_id: w.pid for w in fleet.workers}

@@ -74,9 +74,7 @@ async def run(
     settings = fresh_settings(url, "soak", retention_seconds=5)
     async with Bus.connect(settings) as bus:
         await bus.register_service(ServiceInfo(GROUP))
-        async with fleet_of(
-            bus, settings, "bench.noop:service", GROUP, workers, id_prefix="soak"
-        ) as fleet:
+        async with fleet_of(bus, "bench.noop:service", GROUP, workers, id_prefix="soak") as fleet:
             samples: list[SoakSample] = []
             calls = [f"call-{i}" for i in range(sessions)]
             counts = [0] * sessions

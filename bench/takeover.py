@@ -68,7 +68,7 @@ async def run_once(
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
         async with fleet_of(
-            bus, settings, "workers.probe:service", GROUP, workers, id_prefix="probe"
+            bus, "workers.probe:service", GROUP, workers, id_prefix="probe"
         ) as fleet:
             victim = fleet.workers[0]
             published = 0

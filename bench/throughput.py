@@ -66,7 +66,7 @@ async def run(
         server = await server_identity(bus.redis)
         await bus.register_service(ServiceInfo(GROUP))
         async with fleet_of(
-            bus, settings, "bench.noop:service", GROUP, workers, id_prefix="noop", within=90
+            bus, "bench.noop:service", GROUP, workers, id_prefix="noop", within=90
         ) as fleet:
             for w in fleet.workers:
                 os.kill(w.pid, signal.SIGSTOP)

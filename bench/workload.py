@@ -39,7 +39,6 @@ def fresh_settings(url: str, name: str, **overrides: object) -> Settings:
 @asynccontextmanager
 async def fleet_of(
     bus: Bus,
-    settings: Settings,
     target: str,
     group: str,
     workers: int,
@@ -51,7 +50,7 @@ async def fleet_of(
     sharing the partitions within `within` seconds; stopped gracefully when the block ends,
     killed if it raises."""
     with tempfile.TemporaryDirectory(prefix="flowbus-bench-") as logs:
-        fleet = Fleet(settings, target, group, Path(logs), cwd=ROOT)
+        fleet = Fleet(bus.settings, target, group, Path(logs), cwd=ROOT)
         try:
             fleet.start(workers, id_prefix=id_prefix)
             await fleet.wait_split(bus, within=within)

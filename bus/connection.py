@@ -13,6 +13,7 @@ import anyio
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -183,6 +184,25 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
             log.warning("connect_retried", url=url, attempt=attempt, delay=round(delay, 2))
             await anyio.sleep(delay)
+
+
+#: A batch on a connection of its own (`batch`) whose replies have not all come after this
+#: long fails as a lost connection would.
+BATCH_TIMEOUT_SECONDS = 10.0
+
+
+async def batch(
+    connection: AbstractConnection, commands: list[tuple[scripts.Arg, ...]]
+) -> list[Any]:
+    """`commands` in one write on `connection` (see `scripts.call_on`), their replies or errors
+    in order. A lost connection, or no reply within `BATCH_TIMEOUT_SECONDS`, is every command's
+    error; the connection is dropped, and connects again on its next use."""
+    try:
+        with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
+            return await scripts.call_on(connection, commands)
+    except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
+        await connection.disconnect(nowait=True)
+        return [exc] * len(commands)
 
 
 async def call(

@@ -24,11 +24,8 @@ from redis.asyncio import ConnectionPool
 from redis.exceptions import NoScriptError
 
 from . import scripts
-from .connection import CONNECTION_OPTIONS, TRANSIENT
+from .connection import CONNECTION_OPTIONS, batch
 from .settings import Settings
-
-#: A batch whose replies have not all come after this long fails as a lost connection would.
-BATCH_TIMEOUT_SECONDS = 10.0
 
 #: What a waiting caller's future is given when it is its turn to send.
 _TURN = object()
@@ -99,17 +96,12 @@ class Publisher:
     async def _exchange(self, commands: list[tuple[scripts.Arg, ...]]) -> list[Any]:
         """Every command's reply or error, in order. Calls the server ran without their script
         (after a restart) are sent again once the scripts are back: they did not run."""
-        try:
-            with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
-                replies = await scripts.call_on(self._connection, commands)
-                missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                if missing:
-                    again = await scripts.call_on(self._connection, [commands[i] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
-        except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
-            await self._connection.disconnect(nowait=True)
-            return [exc] * len(commands)
+        replies = await batch(self._connection, commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            again = await batch(self._connection, [commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
         return replies
 
     async def aclose(self) -> None:

@@ -31,12 +31,9 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError, ResponseError
 
 from . import scripts
-from .connection import CONNECTION_OPTIONS, TRANSIENT
+from .connection import CONNECTION_OPTIONS, TRANSIENT, batch
 from .keys import Keys
 from .settings import Settings
-
-#: A batch whose replies have not all come after this long fails as a connection error would.
-BATCH_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(slots=True, eq=False)
@@ -222,13 +219,7 @@ class StepBatcher:
     ) -> list[list[Any]]:
         """Every call's commands in one write on `connection`; their replies, call by call (a
         lost connection is every reply's error)."""
-        flat = [command for commands in calls for command in commands]
-        try:
-            with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
-                results: list[Any] = await scripts.call_on(connection, flat)
-        except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
-            await connection.disconnect(nowait=True)
-            results = [exc] * len(flat)
+        results = await batch(connection, [command for commands in calls for command in commands])
         replies, at = [], 0
         for commands in calls:
             replies.append(results[at : at + len(commands)])
