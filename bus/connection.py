@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import anyio
 import structlog
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -19,11 +19,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
-    MasterDownError,
+    ClusterError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -35,7 +36,13 @@ from .settings import Settings
 log = structlog.get_logger("flowbus.bus")
 
 #: Errors after which a command may succeed on a fresh connection (server restarting, network).
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+
+#: Errors after which a command may succeed if sent again a little later: a lost connection,
+#: or a cluster whose slots move or whose primary is being replaced (``CLUSTERDOWN``,
+#: ``TRYAGAIN``, or redis-py's cluster client giving up after 16 redirections in about half a
+#: second: ``TTL exhausted``, seen mid-migration).
+TRANSIENT = (*LOST, ClusterError, TryAgainError)
 
 
 #: How long a bus call retries a lost connection before `ConnectionFailedError`.
@@ -83,9 +90,37 @@ def make_client(
             retry=Retry(NoBackoff(), 1),
             **CONNECTION_OPTIONS,
         )
-        return Redis(connection_pool=pool)
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
+    _reset_aware(pool)
+    return Redis(connection_pool=pool)
+
+
+def dedicated_pool(settings: Settings) -> ConnectionPool:
+    """A pool to make connections of one's own from (`make_connection`) for `batch`, which
+    bounds their waits itself: no socket timeout."""
+    pool = ConnectionPool.from_url(
+        settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
+    )
+    _reset_aware(pool)
+    return pool
+
+
+def _reset_aware(pool: ConnectionPool) -> None:
+    """Make `pool`'s connections `_ResetAware`."""
+    base = pool.connection_class
+    pool.connection_class = type(f"ResetAware{base.__name__}", (_ResetAware, base), {})
+
+
+class _ResetAware(AbstractConnection):
+    """A connection whose writes on a connection the server has closed fail as a lost
+    connection (see `_reset_is_lost`), which redis-py and `call` retry. On uvloop such a write
+    raises a `RuntimeError` where asyncio's own loop raises an `OSError`: a hint reader
+    reconnecting to a server being killed (the kernel had accepted the connection) died of it."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        with _reset_is_lost():
+            await super().send_packed_command(command, check_health)
 
 
 class _Cluster(RedisCluster):
@@ -117,16 +152,17 @@ class _ClusterPipeline(ClusterPipeline):
 
 @contextmanager
 def _reset_is_lost() -> Iterator[None]:
-    """A connection of redis-py's cluster client closed under a command while the client
-    re-read the slots after a failover fails with ``'NoneType' object has no attribute
-    'writelines'`` (on uvloop: ``unable to perform operation on <TCPTransport closed=True>;
-    the handler is closed``): a lost connection, for the caller to retry."""
+    """A write on a connection closed under it fails with ``'NoneType' object has no attribute
+    'writelines'`` (closed by redis-py itself: its cluster client does so while it re-reads the
+    slots after a failover) or, on uvloop, ``unable to perform operation on
+    <TCPTransport closed=True>; the handler is closed``: a lost connection, for the caller to
+    retry. (The cluster client makes its connections itself, so it maps them per command.)"""
     try:
         yield
     except (AttributeError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and "handler is closed" not in str(exc):
             raise
-        raise RedisConnectionError(f"connection reset while the slots moved: {exc}") from exc
+        raise RedisConnectionError(f"connection closed under a command: {exc}") from exc
 
 
 def _cluster_client(settings: Settings, timeout: float) -> Redis:
@@ -200,7 +236,7 @@ async def batch(
     try:
         with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
             return await scripts.call_on(connection, commands)
-    except TRANSIENT as exc:  # a timeout too (an OSError): the replies are lost
+    except LOST as exc:  # a timeout too (an OSError): the replies are lost
         await connection.disconnect(nowait=True)
         return [exc] * len(commands)
 
@@ -221,16 +257,16 @@ async def call(
     for attempt in itertools.count(1):
         try:
             return await operation()
-        except ResponseError as exc:
-            if str(exc).startswith(expected):
-                raise
-            raise CommandRefusedError(what, _reason(exc), session=session) from None
-        except TRANSIENT as exc:
+        except TRANSIENT as exc:  # before `ResponseError`: a cluster's TRYAGAIN is one
             if time.monotonic() > deadline:
                 raise ConnectionFailedError(
                     f"{what} failed after {attempt} attempts: {exc}", url=settings.redacted_url
                 ) from None
             await anyio.sleep(min(0.05 * 2**attempt, 1.0))
+        except ResponseError as exc:
+            if str(exc).startswith(expected):
+                raise
+            raise CommandRefusedError(what, _reason(exc), session=session) from None
     raise AssertionError("unreachable")
 
 
@@ -239,7 +275,6 @@ _CODES: dict[type[ResponseError], str] = {
     OutOfMemoryError: "OOM",
     ReadOnlyError: "READONLY",
     NoPermissionError: "NOPERM",
-    MasterDownError: "MASTERDOWN",
 }
 
 

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from redis.asyncio import ConnectionPool
 from redis.exceptions import NoScriptError
 
 from . import scripts
-from .connection import CONNECTION_OPTIONS, batch
+from .connection import batch, dedicated_pool
 from .settings import Settings
 
 #: What a waiting caller's future is given when it is its turn to send.
@@ -42,9 +41,7 @@ class Publisher:
     use, and again after a failure). `aclose()` when done."""
 
     def __init__(self, settings: Settings) -> None:
-        self._pool = ConnectionPool.from_url(
-            settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
-        )
+        self._pool = dedicated_pool(settings)
         self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._waiting: list[_Call] = []
         self._sending = False

@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from redis.asyncio import ConnectionPool
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError, ResponseError
 
 from . import scripts
-from .connection import CONNECTION_OPTIONS, TRANSIENT, batch
+from .connection import LOST, batch, dedicated_pool
 from .keys import Keys
 from .settings import Settings
 
@@ -137,9 +136,7 @@ class StepBatcher:
         cluster: RedisCluster | None = None,
         on_moved: Callable[[], None] | None = None,
     ) -> None:
-        self._pool = ConnectionPool.from_url(
-            settings.url, socket_timeout=None, socket_connect_timeout=5.0, **CONNECTION_OPTIONS
-        )
+        self._pool = dedicated_pool(settings)
         # It connects on first use, and again after a failure.
         self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._cluster = cluster
@@ -164,7 +161,7 @@ class StepBatcher:
     async def run(self) -> None:
         try:
             if self._cluster is None:
-                with contextlib.suppress(*TRANSIENT):  # now rather than at the first event's step
+                with contextlib.suppress(*LOST):  # now rather than at the first event's step
                     await self._connection.connect()
             while True:
                 await self._ready.wait()
@@ -262,7 +259,7 @@ class StepBatcher:
             node_replies = await self._exchange(connection, [calls[i] for i in indexes])
             for i, reply in zip(indexes, node_replies, strict=True):
                 replies[i] = reply
-            if isinstance(node_replies[0][0], TRANSIENT):  # lost: trust the client's map again
+            if isinstance(node_replies[0][0], LOST):  # lost: trust the client's map again
                 self._moved = {slot: a for slot, a in self._moved.items() if a != address}
 
         async with anyio.create_task_group() as tg:

@@ -127,9 +127,11 @@ class Handled:
 
 
 async def handled(bus: Bus, group: str) -> list[Handled]:
+    """The recorder's handlings in the order they were recorded, each once (see its token)."""
     out = []
-    for item in await raw(bus).lrange(f"{bus.settings.prefix}:test:handled:{group}", 0, -1):
-        session, seq, pid, deliveries = item.decode().split("|")
+    items = await raw(bus).lrange(f"{bus.settings.prefix}:test:handled:{group}", 0, -1)
+    for item in dict.fromkeys(items):
+        session, seq, pid, deliveries, _token = item.decode().split("|")
         out.append(Handled(session, int(seq), int(pid), int(deliveries)))
     return out
 

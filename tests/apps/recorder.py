@@ -1,6 +1,8 @@
 """A test service: records every event it handles, after a random small delay.
 
-Each handling appends ``session|seq|pid|deliveries`` to ``<prefix>:test:handled:<group>``.
+Each handling appends ``session|seq|pid|deliveries|token`` to ``<prefix>:test:handled:<group>``;
+the token, random per handling, tells a handling twice from one record written twice (a client
+resends a write whose reply a failover cut off).
 An event whose payload has ``fail`` set raises every time (each attempt is recorded under
 ``<prefix>:test:attempts:<group>``). Settings come from the FLOWBUS_* environment;
 ``RECORDER_GROUP`` names the group and ``RECORDER_MAX_DELAY_MS`` bounds the delay.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from secrets import token_hex
 
 import anyio
 from redis.asyncio import Redis
@@ -33,7 +36,9 @@ async def handle(delivery: Delivery) -> None:
     if _redis is None:
         _redis = make_client(SETTINGS)  # a cluster client when FLOWBUS_CLUSTER is set
     await anyio.sleep(random.uniform(0, MAX_DELAY))
-    record = f"{delivery.session}|{delivery.seq}|{os.getpid()}|{delivery.deliveries}"
+    record = "|".join(
+        map(str, (delivery.session, delivery.seq, os.getpid(), delivery.deliveries, token_hex(4)))
+    )
     assert isinstance(delivery.payload, Tick)
     if delivery.payload.fail:
         await _redis.rpush(f"{SETTINGS.prefix}:test:attempts:{GROUP}", record)

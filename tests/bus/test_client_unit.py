@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 import fakeredis
 import pytest
+from redis.exceptions import ClusterDownError, ClusterError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bus import Bus, ServiceInfo, Settings
-from bus.connection import _reset_is_lost
+from bus import Bus, CommandRefusedError, ServiceInfo, Settings
+from bus.connection import _reset_is_lost, call, dedicated_pool, make_client
+from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -84,10 +88,64 @@ def test_every_connection_shares_one_client_identity() -> None:
 def test_a_cluster_connection_closed_under_a_command_is_a_lost_connection(
     error: Exception,
 ) -> None:
-    with pytest.raises(RedisConnectionError, match="slots moved"), _reset_is_lost():
+    with pytest.raises(RedisConnectionError, match="closed under a command"), _reset_is_lost():
         raise error
 
 
 def test_other_runtime_errors_of_the_cluster_client_are_not_hidden() -> None:
     with pytest.raises(RuntimeError, match="something else"), _reset_is_lost():
         raise RuntimeError("something else")
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+@pytest.mark.parametrize("client", ["pooled", "dedicated"])
+async def test_a_write_on_a_connection_reset_under_it_is_a_lost_connection(client: str) -> None:
+    """As a reconnect finds it when the kernel accepted the connection for a server that was
+    being killed: on uvloop the write raised `RuntimeError`, which nothing retried."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts in the kernel only
+        settings = Settings(url=f"redis://127.0.0.1:{listener.getsockname()[1]}")
+        pool = (
+            make_client(settings).connection_pool
+            if client == "pooled"
+            else dedicated_pool(settings)
+        )
+        connection = pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        await connection._connect()  # the socket alone, before the handshake a reconnect sends
+    # The listener closed with the connection unaccepted: the kernel resets it.
+    await wait_for(lambda: connection._writer.transport.is_closing(), what="the reset")
+    with pytest.raises(RedisConnectionError):
+        await connection.send_packed_command(b"PING\r\n", check_health=False)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ClusterError("TTL exhausted."),  # the cluster client gave up redirecting
+        TryAgainError("Multiple keys request during rehashing of slot"),
+        ClusterDownError("The cluster is down"),
+    ],
+    ids=["ttl", "tryagain", "clusterdown"],
+)
+async def test_a_cluster_busy_moving_slots_is_retried(error: Exception) -> None:
+    failures = [error, error]
+
+    async def operation() -> str:
+        if failures:
+            raise failures.pop()
+        return "done"
+
+    assert await call("publish", operation, Settings()) == "done"
+
+
+async def test_a_refusal_is_not_retried() -> None:
+    attempts = []
+
+    async def operation() -> None:
+        attempts.append(1)
+        raise ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    with pytest.raises(CommandRefusedError, match="WRONGTYPE"):
+        await call("publish", operation, Settings())
+    assert len(attempts) == 1
