@@ -113,10 +113,10 @@ def _reset_aware(pool: ConnectionPool) -> None:
 
 
 class _ResetAware(AbstractConnection):
-    """A connection whose writes on a connection the server has closed fail as a lost
-    connection (see `_reset_is_lost`), which redis-py and `call` retry. On uvloop such a write
-    raises a `RuntimeError` where asyncio's own loop raises an `OSError`: a hint reader
-    reconnecting to a server being killed (the kernel had accepted the connection) died of it."""
+    """A connection whose write after the server reset it fails as a lost connection (see
+    `_reset_is_lost`), which redis-py and `call` retry. On uvloop that write raises a
+    `RuntimeError` where asyncio's own loop raises an `OSError`: a hint reader reconnecting to
+    a server being killed (the kernel had accepted the connection) died of it."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         with _reset_is_lost():
