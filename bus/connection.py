@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, cast
 
 import anyio
@@ -205,14 +206,13 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
         try:
             await client.ping()
             await scripts.load_all(client)
+            await _warn_if_evicting(client, url)
             return
-        except AuthenticationError as exc:
+        except AuthenticationError as exc:  # each a `ConnectionError` too: before `TRANSIENT`
             raise ConnectionFailedError(f"authentication failed: {exc}", url=url) from None
-        except (AuthorizationError, ResponseError) as exc:
-            if "NOPERM" in str(exc) or "NOAUTH" in str(exc) or isinstance(exc, AuthorizationError):
-                raise ConnectionFailedError(f"not permitted: {exc}", url=url) from None
-            raise
-        except TRANSIENT as exc:
+        except AuthorizationError as exc:
+            raise ConnectionFailedError(f"not permitted: {exc}", url=url) from None
+        except TRANSIENT as exc:  # a cluster still forming (CLUSTERDOWN) too
             if attempt == attempts:
                 raise ConnectionFailedError(
                     f"cannot reach the server after {attempts} attempt(s): {exc}", url=url
@@ -220,6 +220,30 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
             log.warning("connect_retried", url=url, attempt=attempt, delay=round(delay, 2))
             await anyio.sleep(delay)
+        except ResponseError as exc:  # redis-py takes NOPERM off the message it classes
+            if isinstance(exc, NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH")):
+                raise ConnectionFailedError(f"not permitted: {_reason(exc)}", url=url) from None
+            raise
+
+
+async def _warn_if_evicting(client: Redis, url: str) -> None:
+    """Warn if the server may delete keys when it runs out of memory: under an ``allkeys-*``
+    policy a session's events not yet handled, under a ``volatile-*`` one the keys the bus
+    gave a lifetime (leases: a takeover too early; ended sessions). A user that may not run
+    ``INFO`` cannot ask; that is not an error."""
+    try:
+        memory = await client.info("memory")
+    except ResponseError:
+        return
+    policy = memory.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        log.warning(
+            "eviction_policy_unsafe",
+            url=url,
+            policy=policy,
+            hint="set maxmemory-policy noeviction: then a full server refuses writes, and "
+            "publishes fail with OOM, rather than deleting the bus's keys",
+        )
 
 
 #: A batch on a connection of its own (`batch`) whose replies have not all come after this
@@ -279,9 +303,15 @@ _CODES: dict[type[ResponseError], str] = {
 
 
 def _reason(exc: ResponseError) -> str:
-    """The server's error message as it sent it, code first."""
+    """The server's error message as it sent it, code first (out of a pipeline's wrapping:
+    ``Command # 1 (…) of pipeline caused error: ("…",)``)."""
+    message = str(exc)
+    _, wrapped, args = message.rpartition(" of pipeline caused error: ")
+    if wrapped:  # the repr of the error's arguments
+        with suppress(ValueError, SyntaxError, TypeError, IndexError):
+            message = str(ast.literal_eval(args)[0])
     code = _CODES.get(type(exc))
-    return f"{code} {exc}" if code else str(exc)
+    return f"{code} {message}" if code else message
 
 
 def backoff(attempt: int, base: float = 0.05, cap: float = 5.0) -> float:

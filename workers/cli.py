@@ -375,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BusError, RedisError) as exc:  # ConnectionFailedError among them
         if isinstance(exc, CommandRefusedError) and exc.reason.startswith("NOPERM"):
             return _not_permitted(exc.reason)
+        if isinstance(exc, ConnectionFailedError) and str(exc).startswith("not permitted: "):
+            return _not_permitted(str(exc).removeprefix("not permitted: "))
         print(f"flowbus: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -6,12 +6,18 @@ import socket
 
 import fakeredis
 import pytest
-from redis.exceptions import ClusterDownError, ClusterError, ResponseError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    NoPermissionError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bus import Bus, CommandRefusedError, ServiceInfo, Settings
-from bus.connection import _reset_is_lost, call, dedicated_pool, make_client
+from bus.connection import _reason, _reset_is_lost, call, dedicated_pool, make_client
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -149,3 +155,21 @@ async def test_a_refusal_is_not_retried() -> None:
     with pytest.raises(CommandRefusedError, match="WRONGTYPE"):
         await call("publish", operation, Settings())
     assert len(attempts) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ResponseError("ERR unknown command 'FOO'"), "ERR unknown command 'FOO'"),
+        (
+            NoPermissionError(
+                "Command # 1 (SCRIPT LOAD -- a script (its comment)) of pipeline caused error: "
+                "(\"this user has no permissions to run the 'script|load' command\",)"
+            ),
+            "NOPERM this user has no permissions to run the 'script|load' command",
+        ),
+    ],
+    ids=["plain", "pipeline"],
+)
+def test_a_refusal_reads_as_the_server_sent_it(error: ResponseError, reason: str) -> None:
+    assert _reason(error) == reason

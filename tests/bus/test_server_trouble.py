@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
+from structlog.testing import capture_logs
 
-from bus import Bus, Codec, CommandRefusedError
+from bus import Bus, Codec, CommandRefusedError, ConnectionFailedError
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
 from tests.conftest import make_settings
@@ -60,3 +62,41 @@ async def test_after_a_restart_the_first_command_on_a_pooled_connection_is_sent_
             assert await raw(bus).xlen(bus.keys.session("call-1")) == 1
             await bus.publish("call-1", Tick(n=2))  # the publisher's own connection, likewise
             assert await raw(bus).xlen(bus.keys.session("call-1")) == 2
+
+
+async def test_connecting_warns_when_the_server_may_evict_the_bus_keys() -> None:
+    with LocalServer() as server:
+        settings = make_settings(server.url)
+        with capture_logs() as logs:
+            async with Bus.connect(settings) as bus:  # the default: noeviction
+                await bus.redis.config_set("maxmemory-policy", "allkeys-lru")
+            async with Bus.connect(settings):
+                pass
+        warnings = [e for e in logs if e["event"] == "eviction_policy_unsafe"]
+        assert [w["policy"] for w in warnings] == ["allkeys-lru"]
+        assert "noeviction" in warnings[0]["hint"]
+
+
+async def test_a_user_that_may_not_ask_the_eviction_policy_connects() -> None:
+    with LocalServer() as server:
+        admin = make_settings(server.url)
+        async with Bus.connect(admin) as bus:
+            await bus.redis.config_set("maxmemory-policy", "allkeys-lru")
+            rule = ["on", ">secret", "~*", "&*", "+@all", "-info"]
+            await raw(bus).execute_command("ACL", "SETUSER", "app", *rule)
+        user = msgspec.structs.replace(admin, url=server.url.replace("//", "//app:secret@"))
+        with capture_logs() as logs:
+            async with Bus.connect(user) as bus:
+                assert (await bus.publish("call-1", Tick(n=1))).seq == 1
+        assert not [e for e in logs if e["event"] == "eviction_policy_unsafe"]
+
+
+async def test_a_user_that_may_not_load_the_scripts_is_refused_with_a_bus_error() -> None:
+    with LocalServer() as server:
+        admin = make_settings(server.url)
+        async with Bus.connect(admin) as bus:
+            await raw(bus).execute_command("ACL", "SETUSER", "app", "on", ">secret", "+ping")
+        user = msgspec.structs.replace(admin, url=server.url.replace("//", "//app:secret@"))
+        with pytest.raises(ConnectionFailedError, match=r"not permitted: NOPERM .*'script"):
+            async with Bus.connect(user):
+                pass
