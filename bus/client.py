@@ -19,6 +19,7 @@ from . import scripts
 from .connection import call, connect, make_client
 from .envelope import Codec, DecodeError, Entry, Payload, encode, type_name
 from .errors import (
+    ConfigError,
     NoSuchSessionError,
     PayloadTooLargeError,
     SessionEndedError,
@@ -117,7 +118,9 @@ class Bus:
         a retry never appends twice (with one publisher per session, as with one bot per call).
         If the server lost the session (a restart without its data), the session goes on at the
         seq after the last one this `Bus` published to it, not at 1
-        (``session_counter_restored`` is logged). Raises `SessionEndedError`,
+        (``session_counter_restored`` is logged). With `Settings.min_replicas`, it returns once
+        that many replicas hold the event too, and sends it again while they do not (for as long
+        as a lost connection). Raises `SessionEndedError`,
         `PayloadTooLargeError`, `InvalidSessionIdError`, `CommandRefusedError`, and
         `ConnectionFailedError` once retrying gives up.
         """
@@ -156,6 +159,8 @@ class Bus:
     ) -> Callable[[], Awaitable[Any]]:
         """A call of `script`, on the publisher's connection if this bus has one."""
         if self._publisher is None:
+            if self.settings.min_replicas:
+                raise ConfigError("min_replicas needs a Bus opened with Bus.connect")
             return partial(script, self.redis, keys, args)
         return partial(self._publisher.call, script, keys, args)
 

@@ -39,11 +39,16 @@ log = structlog.get_logger("flowbus.bus")
 #: Errors after which a command may succeed on a fresh connection (server restarting, network).
 LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 
+
+class ReplicasBehindError(Exception):
+    """Fewer replicas than `Settings.min_replicas` confirmed a write within its timeout."""
+
+
 #: Errors after which a command may succeed if sent again a little later: a lost connection,
-#: or a cluster whose slots move or whose primary is being replaced (``CLUSTERDOWN``,
+#: a cluster whose slots move or whose primary is being replaced (``CLUSTERDOWN``,
 #: ``TRYAGAIN``, or redis-py's cluster client giving up after 16 redirections in about half a
-#: second: ``TTL exhausted``, seen mid-migration).
-TRANSIENT = (*LOST, ClusterError, TryAgainError)
+#: second: ``TTL exhausted``, seen mid-migration), or replicas that have not caught up.
+TRANSIENT = (*LOST, ClusterError, TryAgainError, ReplicasBehindError)
 
 
 #: How long a bus call retries a lost connection before `ConnectionFailedError`.

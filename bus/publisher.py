@@ -11,6 +11,9 @@ when a batch is done the first of them is handed the turn to send the next (so n
 sending for others). A batch in flight is shielded from its sender's cancellation, so the
 others always get their replies. A lost connection is the error of every call of the batch,
 for `connection.call` to retry (a publish or inbox write sent again never appends twice).
+With `Settings.min_replicas`, a ``WAIT`` follows each batch on the same connection, so it
+covers every write of the batch; if too few replicas confirmed them, each call fails with
+`ReplicasBehindError`, and `connection.call` sends it again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import anyio
 from redis.exceptions import NoScriptError
 
 from . import scripts
-from .connection import batch, dedicated_pool
+from .connection import ReplicasBehindError, batch, dedicated_pool
 from .settings import Settings
 
 #: What a waiting caller's future is given when it is its turn to send.
@@ -45,6 +48,8 @@ class Publisher:
         self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._waiting: list[_Call] = []
         self._sending = False
+        self._replicas = settings.min_replicas
+        self._wait = ("WAIT", self._replicas, int(settings.replica_timeout_seconds * 1000))
 
     async def call(self, script: scripts.Script, keys: list[str], args: list[scripts.Arg]) -> Any:
         """`script`'s reply; its error reply, or a lost connection, is raised."""
@@ -93,13 +98,29 @@ class Publisher:
     async def _exchange(self, commands: list[tuple[scripts.Arg, ...]]) -> list[Any]:
         """Every command's reply or error, in order. Calls the server ran without their script
         (after a restart) are sent again once the scripts are back: they did not run."""
-        replies = await batch(self._connection, commands)
+        replies = await self._send(commands)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
-            again = await batch(self._connection, [commands[i] for i in missing])
+            again = await self._send([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
+
+    async def _send(self, commands: list[tuple[scripts.Arg, ...]]) -> list[Any]:
+        """`batch`, then the ``WAIT`` for replicas if there is one to wait for."""
+        if not self._replicas:
+            return await batch(self._connection, commands)
+        *replies, confirmed = await batch(self._connection, [*commands, self._wait])
+        if isinstance(confirmed, BaseException):
+            error = confirmed
+        elif confirmed < self._replicas:
+            error = ReplicasBehindError(
+                f"{confirmed} of {self._replicas} replicas confirmed the write within "
+                f"{self._wait[2]} ms"
+            )
+        else:
+            return replies
+        return [r if isinstance(r, BaseException) else error for r in replies]
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):

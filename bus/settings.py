@@ -49,6 +49,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     read_batch: int = 32
     #: How long a stopping worker lets in-flight handlers finish.
     drain_timeout_seconds: float = 30.0
+    #: Replicas that must hold a publish or inbox write before it returns (a ``WAIT`` after
+    #: each batch); 0: return once the primary has it. Not on a cluster.
+    min_replicas: int = 0
+    #: How long one ``WAIT`` lasts; a write that too few replicas confirmed is sent again (it
+    #: is not appended twice) for as long as a lost connection would be.
+    replica_timeout_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.prefix):
@@ -66,12 +72,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "lease_ttl_seconds",
             "handler_timeout_seconds",
             "drain_timeout_seconds",
+            "replica_timeout_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("concurrency", "max_payload_bytes", "read_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.min_replicas < 0:
+            raise ConfigError(f"min_replicas must be 0 or more, not {self.min_replicas}")
+        if self.min_replicas and self.cluster:
+            raise ConfigError("min_replicas is not supported on a cluster (yet)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

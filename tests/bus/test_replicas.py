@@ -1,0 +1,78 @@
+"""Publishes that wait for replicas (`Settings.min_replicas`), on servers of their own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import fakeredis
+import pytest
+import redis
+
+from bus import Bus, ConfigError, ConnectionFailedError, Settings
+from bus import connection as bus_connection
+from tests.apps.recorder import Tick
+from tests.conftest import make_settings
+from tests.support import raw, wait_for
+from workers.server import LocalServer
+
+pytestmark = pytest.mark.anyio
+
+
+def replicate(replica: LocalServer, primary: LocalServer) -> Any:
+    """Make `replica` a replica of `primary`; its (sync) client."""
+    with redis.Redis(port=primary.port) as source:  # sync at once, not after the default 5 s
+        source.config_set("repl-diskless-sync-delay", 0)
+    client: Any = redis.Redis(port=replica.port)  # untyped
+    client.replicaof("127.0.0.1", primary.port)
+    return client
+
+
+async def test_a_publish_returns_once_a_replica_holds_it() -> None:
+    with LocalServer() as primary, LocalServer() as replica:
+        client = replicate(replica, primary)
+        await wait_for(lambda: client.info("replication")["master_link_status"] == "up")
+        async with Bus.connect(make_settings(primary.url, min_replicas=1)) as bus:
+            for n in range(1, 4):
+                await bus.publish("call-1", Tick(n=n))
+                assert client.xlen(bus.keys.session("call-1")) == n
+        client.close()
+
+
+async def test_a_publish_no_replica_confirms_fails_after_the_retries_appended_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bus_connection, "RETRY_SECONDS", 1.0)
+    with LocalServer() as primary:
+        settings = make_settings(primary.url, min_replicas=1, replica_timeout_seconds=0.1)
+        async with Bus.connect(settings) as bus:
+            with pytest.raises(ConnectionFailedError, match="0 of 1 replicas confirmed"):
+                await bus.publish("call-1", Tick(n=1))
+            assert await raw(bus).xlen(bus.keys.session("call-1")) == 1
+
+
+async def test_a_publish_waits_out_a_replica_that_comes_back() -> None:
+    with LocalServer() as primary, LocalServer() as replica:
+        settings = make_settings(primary.url, min_replicas=1, replica_timeout_seconds=0.1)
+        async with Bus.connect(settings) as bus, anyio.create_task_group() as tg:
+            tg.start_soon(bus.publish, "call-1", Tick(n=1))
+            await wait_for(lambda: waited(bus, 2), what="the publish sent again")
+            client = replicate(replica, primary)
+        assert client.xlen(bus.keys.session("call-1")) == 1  # there, and appended once
+        client.close()
+
+
+async def waited(bus: Bus, times: int) -> bool:
+    """Whether the server ran ``WAIT`` at least `times` times."""
+    stats = await raw(bus).info("commandstats")
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0)) >= times
+
+
+async def test_waiting_for_replicas_is_refused_where_it_cannot_be_done() -> None:
+    with pytest.raises(ConfigError, match="not supported on a cluster"):
+        Settings(cluster=True, min_replicas=1)
+    with pytest.raises(ConfigError, match="min_replicas must be 0 or more"):
+        Settings(min_replicas=-1)
+    bus = Bus(fakeredis.FakeAsyncRedis(), Settings(min_replicas=1))  # no publisher of its own
+    with pytest.raises(ConfigError, match=r"needs a Bus opened with Bus\.connect"):
+        await bus.publish("call-1", Tick(n=1))
