@@ -186,18 +186,14 @@ class Bus:
 
         With `dedupe`, a second write with the same key is dropped and returns None: a handler
         redelivered after a crash sends its command once. Connection failures are retried as for
-        `publish`. Raises `NoSuchSessionError`, `ConnectionFailedError`.
+        `publish`; a retry whose first try was written returns that write. Raises
+        `NoSuchSessionError`, `ConnectionFailedError`.
         """
         check_session_id(session)
         name, data = self._encode(session, payload)
         keys = [self.keys.inbox(session), self.keys.meta(session), self.keys.sent(session)]
-        # Without a dedupe key of the caller's, one of our own makes our retries exactly-once.
-        args: list[scripts.Arg] = [
-            name,
-            data,
-            dedupe or f"send/{secrets.token_hex(8)}",
-            *_flat(extra),
-        ]
+        call_id = secrets.token_hex(8)  # the same in every retry of this call
+        args: list[scripts.Arg] = [name, data, dedupe or f"send/{call_id}", call_id, *_flat(extra)]
         write = self._script(scripts.SEND, keys, args)
         try:
             result = await call("send", write, self.settings, session, expected=("NOSESSION",))

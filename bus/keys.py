@@ -60,7 +60,8 @@ class Keys:
         return f"{self.session(session)}:state"
 
     def sent(self, session: str) -> str:
-        """Set of inbox dedupe keys already written, so a redelivered action sends once."""
+        """Hash of the inbox dedupe keys already written (to ``call seq id``), so a redelivered
+        action sends once and a retried send gets its first try's write back."""
         return f"{self.session(session)}:sent"
 
     # -- one partition ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bus import Bus, Codec, NoSuchSessionError, Payload
+from bus import Bus, Codec, NoSuchSessionError, Payload, scripts
 from tests.apps.recorder import Tick
 from tests.support import raw
 
@@ -23,6 +23,18 @@ async def test_commands_arrive_in_order_once_per_dedupe_key(bus: Bus) -> None:
     async with bus.inbox("call-1", Codec([Say])) as inbox:
         messages = await inbox.read(wait=1)
     assert [(m.seq, m.payload) for m in messages] == [(1, Say(text="hello")), (2, Say(text="bye"))]
+
+
+async def test_a_send_sent_again_after_its_write_gets_that_write_back(bus: Bus) -> None:
+    """As `Bus.send` retries after a lost reply (or replicas that had not confirmed it)."""
+    await bus.publish("call-1", Tick(n=1))
+    session = "call-1"
+    keys = [bus.keys.inbox(session), bus.keys.meta(session), bus.keys.sent(session)]
+    args: list[scripts.Arg] = ["say", b'{"text":"hi"}', "actions/1/0", "call-a"]
+    seq, entry_id = await scripts.SEND(raw(bus), keys, args)
+    assert await scripts.SEND(raw(bus), keys, args) == [seq, entry_id]  # its retry
+    assert await scripts.SEND(raw(bus), keys, [*args[:3], "call-b"]) is None  # another call
+    assert await raw(bus).xlen(keys[0]) == 1
 
 
 async def test_the_reader_waits_for_the_next_command(bus: Bus) -> None:

@@ -9,9 +9,10 @@ import fakeredis
 import pytest
 import redis
 
-from bus import Bus, ConfigError, ConnectionFailedError, Settings
+from bus import Bus, ConfigError, ConnectionFailedError, Published, Settings
 from bus import connection as bus_connection
 from tests.apps.recorder import Tick
+from tests.bus.test_inbox import Say
 from tests.conftest import make_settings
 from tests.support import raw, wait_for
 from workers.server import LocalServer
@@ -59,6 +60,29 @@ async def test_a_publish_waits_out_a_replica_that_comes_back() -> None:
             await wait_for(lambda: waited(bus, 2), what="the publish sent again")
             client = replicate(replica, primary)
         assert client.xlen(bus.keys.session("call-1")) == 1  # there, and appended once
+        client.close()
+
+
+async def test_an_inbox_write_that_waited_for_a_replica_returns_what_it_wrote() -> None:
+    with LocalServer() as primary, LocalServer() as replica:
+        settings = make_settings(primary.url, min_replicas=1, replica_timeout_seconds=0.1)
+        async with Bus.connect(settings) as bus:
+            client = replicate(replica, primary)
+            await wait_for(lambda: client.info("replication")["master_link_status"] == "up")
+            await bus.publish("call-1", Tick(n=1))
+            client.replicaof("no", "one")  # gone: the next write waits for its return
+            sent: list[Published | None] = []
+
+            async def send() -> None:
+                sent.append(await bus.send("call-1", Say(text="hi"), dedupe="actions/1/0"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send)
+                await wait_for(lambda: waited(bus, 3), what="the write sent again")
+                client.replicaof("127.0.0.1", primary.port)
+            [written] = sent  # its retries found it written: not None, as for a duplicate
+            assert written is not None and written.seq == 1
+            assert client.xlen(bus.keys.inbox("call-1")) == 1
         client.close()
 
 
