@@ -30,7 +30,9 @@ examples:
 MODULE:ATTR names a flowbus Service, an ActionService or EventService, or a function returning
 one; the current directory is importable. Run as many replicas as you like: they share the
 service's consumer group and split its partitions. SIGTERM drains and exits; a second one
-stops at once. It runs on uvloop (FLOWBUS_EVENT_LOOP=asyncio for asyncio's own loop).
+stops at once. It runs on uvloop (FLOWBUS_EVENT_LOOP=asyncio for asyncio's own loop). Every
+setting also has a FLOWBUS_* variable (the README's Operations lists them), e.g.
+FLOWBUS_MIN_REPLICAS=1: its inbox writes return once a replica holds them.
 """
 
 EPILOG_DEMO = """\
