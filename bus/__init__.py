@@ -16,6 +16,7 @@ from .errors import (
     FencedError,
     InvalidSessionIdError,
     NoSuchSessionError,
+    NotPermittedError,
     PayloadTooLargeError,
     SessionEndedError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Keys",
     "Message",
     "NoSuchSessionError",
+    "NotPermittedError",
     "Payload",
     "PayloadTooLargeError",
     "Published",

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
-from .errors import CommandRefusedError, ConfigError, ConnectionFailedError
+from .errors import CommandRefusedError, ConfigError, ConnectionFailedError, NotPermittedError
 from .settings import Settings
 
 log = structlog.get_logger("flowbus.bus")
@@ -113,9 +113,14 @@ def dedicated_pool(settings: Settings) -> ConnectionPool:
 
 
 def _reset_aware(pool: ConnectionPool) -> None:
-    """Make `pool`'s connections `_ResetAware`."""
+    """Make `pool`'s connections `_ResetAware` (one class per kind: TCP, TLS, Unix socket)."""
     base = pool.connection_class
-    pool.connection_class = type(f"ResetAware{base.__name__}", (_ResetAware, base), {})
+    if base not in _RESET_AWARE:
+        _RESET_AWARE[base] = type(f"ResetAware{base.__name__}", (_ResetAware, base), {})
+    pool.connection_class = _RESET_AWARE[base]
+
+
+_RESET_AWARE: dict[type, type] = {}
 
 
 class _ResetAware(AbstractConnection):
@@ -216,7 +221,7 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
         except AuthenticationError as exc:  # each a `ConnectionError` too: before `TRANSIENT`
             raise ConnectionFailedError(f"authentication failed: {exc}", url=url) from None
         except AuthorizationError as exc:
-            raise ConnectionFailedError(f"not permitted: {exc}", url=url) from None
+            raise NotPermittedError(str(exc), url=url) from None
         except TRANSIENT as exc:  # a cluster still forming (CLUSTERDOWN) too
             if attempt == attempts:
                 raise ConnectionFailedError(
@@ -227,7 +232,7 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             await anyio.sleep(delay)
         except ResponseError as exc:  # redis-py takes NOPERM off the message it classes
             if isinstance(exc, NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH")):
-                raise ConnectionFailedError(f"not permitted: {_reason(exc)}", url=url) from None
+                raise NotPermittedError(_reason(exc), url=url) from None
             raise
 
 

@@ -6,6 +6,7 @@ boundary, so callers never need to import `redis`::
     BusError
     ├── ConfigError              bad settings (URL, prefix, partitions, limits)
     ├── ConnectionFailedError    the server cannot be reached, or refused our credentials
+    │   └── NotPermittedError    an ACL user lacking a command the bus needs
     ├── InvalidSessionIdError    a session id the key layout cannot carry
     ├── PayloadTooLargeError     an encoded payload above the configured limit
     ├── SessionEndedError        publishing to a session after its final event
@@ -37,6 +38,14 @@ class ConnectionFailedError(BusError):
     def __init__(self, message: str, *, url: str) -> None:
         super().__init__(f"{message} (server {url})")
         self.url = url
+
+
+class NotPermittedError(ConnectionFailedError):
+    """The server refused our user a command the bus needs; `reason` is its message."""
+
+    def __init__(self, reason: str, *, url: str) -> None:
+        super().__init__(f"not permitted: {reason}", url=url)
+        self.reason = reason
 
 
 class InvalidSessionIdError(BusError, ValueError):

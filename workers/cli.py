@@ -18,7 +18,15 @@ from typing import Any
 import msgspec
 from redis.exceptions import NoPermissionError, RedisError
 
-from bus import Bus, BusError, CommandRefusedError, ConfigError, ConnectionFailedError, Settings
+from bus import (
+    Bus,
+    BusError,
+    CommandRefusedError,
+    ConfigError,
+    ConnectionFailedError,
+    NotPermittedError,
+    Settings,
+)
 
 from . import logs
 
@@ -377,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BusError, RedisError) as exc:  # ConnectionFailedError among them
         if isinstance(exc, CommandRefusedError) and exc.reason.startswith("NOPERM"):
             return _not_permitted(exc.reason)
-        if isinstance(exc, ConnectionFailedError) and str(exc).startswith("not permitted: "):
-            return _not_permitted(str(exc).removeprefix("not permitted: "))
+        if isinstance(exc, NotPermittedError):
+            return _not_permitted(exc.reason)
         print(f"flowbus: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -436,7 +444,7 @@ def _worker(args: argparse.Namespace) -> int:
         )
     except (ConnectionFailedError, OSError, BaseExceptionGroup) as exc:
         error = first_error(exc)  # the consumer's own task group wraps what it raises
-        if isinstance(error, ConnectionFailedError):
+        if isinstance(error, ConnectionFailedError) and not isinstance(error, NotPermittedError):
             hint = "is the server running and FLOWBUS_REDIS_URL right?"
             print(f"flowbus: {error}; {hint}", file=sys.stderr)
         elif isinstance(exc, OSError):  # binding the metrics port, before anything runs

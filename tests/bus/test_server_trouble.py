@@ -6,7 +6,7 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from bus import Bus, Codec, CommandRefusedError, ConnectionFailedError
+from bus import Bus, Codec, CommandRefusedError, ConnectionFailedError, NotPermittedError
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
 from tests.conftest import make_settings
@@ -97,6 +97,7 @@ async def test_a_user_that_may_not_load_the_scripts_is_refused_with_a_bus_error(
         async with Bus.connect(admin) as bus:
             await raw(bus).execute_command("ACL", "SETUSER", "app", "on", ">secret", "+ping")
         user = msgspec.structs.replace(admin, url=server.url.replace("//", "//app:secret@"))
-        with pytest.raises(ConnectionFailedError, match=r"not permitted: NOPERM .*'script"):
+        with pytest.raises(NotPermittedError, match=r"not permitted: NOPERM .*'script") as refused:
             async with Bus.connect(user):
                 pass
+        assert isinstance(refused.value, ConnectionFailedError)  # as documented before
