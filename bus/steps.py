@@ -4,7 +4,9 @@ Each session handles one event at a time, but hundreds of sessions step at once.
 collects the steps made during one turn of the event loop and sends them together: one script
 call per partition, each followed by the reads of its sessions that read on, all of them in
 one write on the batcher's own connection (in a cluster, one write per node, to the node of
-each partition's slot), so the cost per event is a share of a call and of a round trip.
+each partition's slot), so the cost per event is a share of a call and of a round trip. A
+consumer runs a few batchers side by side (`consumer.STEP_LANES`), each for some of its
+partitions, so that one batch is at the server while the sessions answered by another run.
 
 A read is a plain ``XREADGROUP`` (`Step.reader`) that names the lease's fence stream besides the
 session's: it fails if the lease is no longer ours, and it runs right after the script that

@@ -20,7 +20,7 @@ from bus import (
     ServiceInfo,
     Settings,
 )
-from bus.consumer import _Partition
+from bus.consumer import STEP_LANES, _Partition
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
@@ -106,6 +106,25 @@ async def test_a_service_sees_only_what_it_subscribes_to_and_acks_the_rest(bus: 
     assert got == ["note"] and consumer.stats.skipped == 2
     [group] = await raw(bus).xinfo_groups(stream)
     assert group["pending"] == 0 and group["lag"] == 0
+
+
+async def test_a_worker_spreads_its_partitions_evenly_over_its_step_lanes(bus: Bus) -> None:
+    got: list[str] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(d.session)
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))) as consumer:
+        parts = consumer._parts.values()
+        loads = [sum(part.steps is lane for part in parts) for lane in consumer._lanes]
+        assert len(loads) == STEP_LANES > 1 and sum(loads) == bus.settings.partitions
+        assert max(loads) - min(loads) <= 1
+        lanes = {bus.keys.partition(f"call-{n}"): f"call-{n}" for n in range(40)}
+        sessions = [s for p, s in lanes.items() if consumer._parts[p].steps is consumer._lanes[1]]
+        sessions += [s for p, s in lanes.items() if consumer._parts[p].steps is consumer._lanes[0]]
+        for session in sessions:
+            await bus.publish(session, Tick(n=1))
+        await wait_for(lambda: sorted(got) == sorted(sessions), what="every lane's sessions")
 
 
 async def test_a_hung_handler_times_out_is_retried_and_dead_lettered(server: LocalServer) -> None:
@@ -270,7 +289,7 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
-    consumer._parts[7] = _Partition(7, "3:w")
+    consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0])
 
     async def members(*, leave: bool = False) -> list[str]:
         return ["other"]  # everything is the other worker's now
