@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import itertools
 import random
 import time
@@ -268,7 +269,7 @@ async def batch(
     in order. A lost connection, or no reply within `BATCH_TIMEOUT_SECONDS`, is every command's
     error; the connection is dropped, and connects again on its next use."""
     try:
-        with anyio.fail_after(BATCH_TIMEOUT_SECONDS):
+        async with asyncio.timeout(BATCH_TIMEOUT_SECONDS):  # half the cost of anyio.fail_after
             return await scripts.call_on(connection, commands)
     except LOST as exc:  # a timeout too (an OSError): the replies are lost
         await connection.disconnect(nowait=True)

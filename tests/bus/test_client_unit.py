@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
+import anyio
 import fakeredis
 import pytest
 from redis.exceptions import (
@@ -17,7 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bus import Bus, CommandRefusedError, ServiceInfo, Settings
-from bus.connection import _reason, _reset_is_lost, call, dedicated_pool, make_client
+from bus import connection as connection_module
+from bus.connection import _reason, _reset_is_lost, batch, call, dedicated_pool, make_client
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -123,6 +126,33 @@ async def test_a_write_on_a_connection_reset_under_it_is_a_lost_connection(clien
     await wait_for(lambda: connection._writer.transport.is_closing(), what="the reset")
     with pytest.raises(RedisConnectionError):
         await connection.send_packed_command(b"PING\r\n", check_health=False)
+
+
+async def _socket_only(connection: Any) -> None:
+    """Connect `connection` without the handshake, which would wait for a reply."""
+    await connection._connect()
+    connection._parser.on_connect(connection)
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+async def test_a_batch_without_replies_fails_as_lost_and_a_cancelled_one_is_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection_module, "BATCH_TIMEOUT_SECONDS", 0.1)
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+        settings = Settings(url=f"redis://127.0.0.1:{listener.getsockname()[1]}")
+        connection = dedicated_pool(settings).make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        await _socket_only(connection)
+        with anyio.fail_after(5):  # not a hang
+            [error, _] = await batch(connection, [("PING",), ("PING",)])
+        assert isinstance(error, TimeoutError) and connection._writer is None  # dropped
+        monkeypatch.setattr(connection_module, "BATCH_TIMEOUT_SECONDS", 10.0)
+        await _socket_only(connection)
+        with anyio.move_on_after(0.1) as scope:
+            await batch(connection, [("PING",)])
+        assert scope.cancelled_caught  # the caller's cancellation, not a timeout
 
 
 @pytest.mark.parametrize(
