@@ -49,9 +49,10 @@ log = structlog.get_logger("flowbus.consumer")
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
-#: Step batchers per worker, each with its own connection, the partitions spread over them: while
-#: one lane's batch is at the server, the sessions the other's answered run. One worker
-#: process alone did about a quarter more events per second with two than with one (README).
+#: Step batchers ("lanes") per worker, each with its own connection and a share of the
+#: partitions: while one lane's batch is at the server, the sessions whose replies came on the
+#: other run. One worker process alone did about a third more events per second with two than
+#: with one (CHANGELOG).
 STEP_LANES = 2
 
 
