@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from . import scripts
@@ -25,7 +26,7 @@ from .errors import (
     SessionEndedError,
 )
 from .keys import Keys, check_session_id
-from .publisher import Publisher
+from .publisher import ClusterPublisher, Publisher
 from .settings import Settings
 
 #: How long the list of registered services is trusted before it is read again.
@@ -76,17 +77,19 @@ class Bus:
         self._services: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
         # The last seq published to each session still going, for a server that lost them.
         self._last_seq: dict[str, int] = {}
-        self._publisher: Publisher | None = None  # else publishes go through `redis`
+        self._publisher: Publisher | ClusterPublisher | None = None  # else through `redis`
 
     @classmethod
     @asynccontextmanager
     async def connect(cls, settings: Settings, *, attempts: int = 1) -> AsyncIterator[Bus]:
         """Connect and check the server; raises `ConnectionFailedError`. Its publishes and
-        inbox writes share writes on a connection of their own (`bus.publisher`; not in a
-        cluster)."""
+        inbox writes share writes on a connection of their own (`bus.publisher`; in a cluster,
+        one per node)."""
         async with connect(settings, attempts=attempts) as redis:
             bus = cls(redis, settings)
-            if not settings.cluster:
+            if isinstance(redis, RedisCluster):
+                bus._publisher = ClusterPublisher(settings, redis)
+            else:
                 bus._publisher = Publisher(settings)
             try:
                 yield bus

@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import msgspec
 import structlog
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
@@ -26,6 +28,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -101,6 +104,27 @@ def make_client(
         raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
     _reset_aware(pool)
     return Redis(connection_pool=pool)
+
+
+def node_of_slot(cluster: RedisCluster, slot: int) -> tuple[str, int] | None:
+    """The address of the primary serving `slot` in the cluster client's map (None: none
+    does, as for a moment in a failover)."""
+    try:
+        node = cluster.nodes_manager.get_node_from_slot(slot)
+    except (SlotNotCoveredError, KeyError):
+        return None
+    return None if node is None else (str(node.host), int(node.port))
+
+
+def node_settings(settings: Settings, host: str, port: int) -> Settings:
+    """Settings reaching one node of a cluster alone: its address in the URL, credentials and
+    scheme kept."""
+    url = urlsplit(settings.url)
+    userinfo = url.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return msgspec.structs.replace(
+        settings, url=urlunsplit(url._replace(netloc=netloc)), cluster=False
+    )
 
 
 def dedicated_pool(settings: Settings) -> ConnectionPool:

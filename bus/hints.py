@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import msgspec
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AskError
 
-from .connection import TRANSIENT, backoff, make_client
+from .connection import TRANSIENT, backoff, make_client, node_settings
 from .keys import Keys
 from .settings import Settings
 
@@ -188,12 +186,5 @@ class Hints(Generic[Part]):
             topology.cancel()  # the server dropped a channel we want: its slot moved
 
     def _settings_for(self, node: Node) -> Settings:
-        """Settings reaching `node` alone (its address in the URL, credentials kept)."""
-        if node is None:
-            return self.settings
-        url = urlsplit(self.settings.url)
-        userinfo = url.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@{node[0]}:{node[1]}" if userinfo else f"{node[0]}:{node[1]}"
-        return msgspec.structs.replace(
-            self.settings, url=urlunsplit(url._replace(netloc=netloc)), cluster=False
-        )
+        """Settings reaching `node` alone."""
+        return self.settings if node is None else node_settings(self.settings, *node)

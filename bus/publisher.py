@@ -14,19 +14,32 @@ for `connection.call` to retry (a publish or inbox write sent again never append
 With `Settings.min_replicas`, a ``WAIT`` follows each batch on the same connection, so it
 covers every write of the batch; if too few replicas confirmed them, each call fails with
 `ReplicasBehindError`, and `connection.call` sends it again.
+
+In a cluster, `ClusterPublisher` keeps a `Publisher` per primary and sends each call to the
+node of its keys' slot, so the ``WAIT`` after a node's batch counts that node's replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from redis.exceptions import NoScriptError
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 
 from . import scripts
-from .connection import ReplicasBehindError, batch, dedicated_pool
+from .connection import (
+    LOST,
+    ReplicasBehindError,
+    batch,
+    dedicated_pool,
+    node_of_slot,
+    node_settings,
+)
 from .settings import Settings
 
 #: What a waiting caller's future is given when it is its turn to send.
@@ -133,3 +146,51 @@ def _turn_given(call: _Call) -> bool:
     if not future.done() or future.cancelled() or future.exception() is not None:
         return False
     return future.result() is _TURN
+
+
+class ClusterPublisher:
+    """A `Publisher` per primary of `cluster`, each call sent to the node of its first key's
+    slot (all of a call's keys share it): the node a ``MOVED`` reply named, else the node the
+    cluster client's slot map names. A ``MOVED`` reply is followed at once (the script did not
+    run); an ``ASK`` reply (the slot is being migrated) is a `TryAgainError` and a node that
+    cannot be reached a lost connection, for `connection.call` to retry after a pause — the
+    second after a command of the cluster client's own on the slot, so that it reads the slot
+    map again if a failover changed it. `aclose()` when done."""
+
+    #: ``MOVED`` replies followed in one call before it fails as a transient error.
+    REDIRECTS = 5
+
+    def __init__(self, settings: Settings, cluster: RedisCluster) -> None:
+        self._settings, self._cluster = settings, cluster
+        self._nodes: dict[tuple[str, int], Publisher] = {}
+        self._moved: dict[int, tuple[str, int]] = {}  # slot -> node, from MOVED replies
+
+    async def call(self, script: scripts.Script, keys: list[str], args: list[scripts.Arg]) -> Any:
+        """As `Publisher.call`, on the node serving `keys`."""
+        slot = key_slot(keys[0].encode())
+        for _ in range(self.REDIRECTS):
+            address = self._moved.get(slot) or node_of_slot(self._cluster, slot)
+            if address is None:
+                raise ClusterDownError(f"no node serves the slot of {keys[0]}")
+            try:
+                return await self._publisher(address).call(script, keys, args)
+            except MovedError as exc:
+                self._moved[slot] = (str(exc.host), int(exc.port))
+            except AskError:
+                raise TryAgainError(f"the slot of {keys[0]} is being migrated") from None
+            except LOST:
+                self._moved = {s: a for s, a in self._moved.items() if a != address}
+                with anyio.move_on_after(2), contextlib.suppress(Exception):
+                    await self._cluster.exists(keys[0])  # it reads the slot map again if need be
+                raise
+        raise TryAgainError(f"{self.REDIRECTS} MOVED replies in a row for {keys[0]}")
+
+    def _publisher(self, address: tuple[str, int]) -> Publisher:
+        publisher = self._nodes.get(address)
+        if publisher is None:
+            publisher = self._nodes[address] = Publisher(node_settings(self._settings, *address))
+        return publisher
+
+    async def aclose(self) -> None:
+        for publisher in self._nodes.values():
+            await publisher.aclose()

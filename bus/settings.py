@@ -50,7 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: How long a stopping worker lets in-flight handlers finish.
     drain_timeout_seconds: float = 30.0
     #: Replicas that must hold a publish or inbox write before it returns (a ``WAIT`` after
-    #: each batch); 0: return once the primary has it. Not on a cluster.
+    #: each batch; in a cluster, replicas of the primary that took it); 0: return once the
+    #: primary has it.
     min_replicas: int = 0
     #: How long one ``WAIT`` lasts; a write that too few replicas confirmed is sent again (it
     #: is not appended twice) for as long as a lost connection would be.
@@ -81,8 +82,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.min_replicas < 0:
             raise ConfigError(f"min_replicas must be 0 or more, not {self.min_replicas}")
-        if self.min_replicas and self.cluster:
-            raise ConfigError("min_replicas is not supported on a cluster (yet)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

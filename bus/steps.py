@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError, ResponseError
 
 from . import scripts
-from .connection import LOST, batch, dedicated_pool
+from .connection import LOST, batch, dedicated_pool, node_of_slot
 from .keys import Keys
 from .settings import Settings
 
@@ -230,10 +230,7 @@ class StepBatcher:
         client's map."""
         assert self._cluster is not None
         slot = key_slot(key.encode())
-        if slot in self._moved:
-            return self._moved[slot]
-        node = self._cluster.nodes_manager.get_node_from_slot(slot)
-        return None if node is None else (str(node.host), int(node.port))
+        return self._moved.get(slot) or node_of_slot(self._cluster, slot)
 
     async def _exchange_by_node(
         self, leases: list[tuple[str, str]], calls: list[list[tuple[scripts.Arg, ...]]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ from redis.exceptions import (
     ClusterError,
     NoPermissionError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,7 +22,17 @@ from structlog.testing import capture_logs
 
 from bus import Bus, CommandRefusedError, ServiceInfo, Settings
 from bus import connection as connection_module
-from bus.connection import _reason, _reset_is_lost, batch, call, dedicated_pool, make_client
+from bus.connection import (
+    TRANSIENT,
+    _reason,
+    _reset_is_lost,
+    batch,
+    call,
+    dedicated_pool,
+    make_client,
+)
+from bus.publisher import ClusterPublisher
+from bus.scripts import PUBLISH
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -203,3 +215,17 @@ async def test_a_refusal_is_not_retried() -> None:
 )
 def test_a_refusal_reads_as_the_server_sent_it(error: ResponseError, reason: str) -> None:
     assert _reason(error) == reason
+
+
+async def test_a_publish_to_a_slot_no_node_serves_is_a_transient_error() -> None:
+    """As for a moment in a failover: `connection.call` retries it, nothing is sent."""
+
+    class Nodes:
+        def get_node_from_slot(self, slot: int) -> None:
+            raise SlotNotCoveredError(f"Slot {slot} not covered by the cluster")
+
+    cluster: Any = SimpleNamespace(nodes_manager=Nodes())
+    publisher = ClusterPublisher(Settings(cluster=True), cluster)
+    with pytest.raises(ClusterDownError, match="no node serves"):
+        await publisher.call(PUBLISH, ["flowbus:{7}:session:call-1"], [])
+    assert isinstance(ClusterDownError("x"), TRANSIENT)

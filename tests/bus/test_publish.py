@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from bus import Bus, PayloadTooLargeError, ServiceInfo, SessionEndedError
 from bus import scripts as s
+from bus.publisher import Publisher
 from tests.apps.recorder import Tick
 from tests.support import raw
 
@@ -153,7 +154,7 @@ async def test_a_caller_cancelled_just_as_it_is_given_the_turn_passes_it_on(bus:
     # anyio delivers a cancellation only to a task whose wait is not over, so this takes
     # asyncio's own Task.cancel (as asyncio.wait_for or asyncio.timeout around a publish do).
     publisher = bus._publisher
-    assert publisher is not None
+    assert isinstance(publisher, Publisher)
     published: dict[str, int] = {}
 
     async def one(session: str) -> None:

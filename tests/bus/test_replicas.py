@@ -1,4 +1,5 @@
-"""Publishes that wait for replicas (`Settings.min_replicas`), on servers of their own."""
+"""Publishes that wait for replicas (`Settings.min_replicas`), on servers and a cluster of their
+own."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import anyio
 import fakeredis
 import pytest
 import redis
+from redis.crc import key_slot
 
 from bus import Bus, ConfigError, ConnectionFailedError, Published, Settings
 from bus import connection as bus_connection
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
-from tests.conftest import make_settings
+from tests.conftest import KIND, make_settings
 from tests.support import raw, wait_for
-from workers.server import LocalServer
+from workers.server import LocalCluster, LocalServer
 
 pytestmark = pytest.mark.anyio
 
@@ -92,9 +94,37 @@ async def waited(bus: Bus, times: int) -> bool:
     return int(stats.get("cmdstat_wait", {}).get("calls", 0)) >= times
 
 
+async def test_in_a_cluster_a_publish_waits_for_the_replicas_of_its_own_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bus_connection, "RETRY_SECONDS", 1.0)
+    with LocalCluster(kind=KIND, replicas=1) as cluster:  # a replica of the first primary only
+        first = cluster.nodes[0].port
+        replica: Any = redis.Redis(port=cluster.nodes[-1].port, single_connection_client=True)
+        replica.execute_command("READONLY")  # it answers reads of its primary's slots
+        settings = make_settings(
+            cluster.url, cluster=True, min_replicas=1, replica_timeout_seconds=0.1
+        )
+        async with Bus.connect(settings) as bus:
+            nodes: Any = bus.redis.nodes_manager  # type: ignore[attr-defined]  # a cluster's
+
+            def on_first(session: str) -> bool:
+                node = nodes.get_node_from_slot(key_slot(bus.keys.session(session).encode()))
+                return bool(node.port == first)
+
+            names = [f"call-{i}" for i in range(100)]
+            replicated = next(s for s in names if on_first(s))
+            alone = next(s for s in names if not on_first(s))
+            for n in (1, 2, 3):
+                await bus.publish(replicated, Tick(n=n))
+                assert replica.xlen(bus.keys.session(replicated)) == n
+            with pytest.raises(ConnectionFailedError, match="0 of 1 replicas confirmed"):
+                await bus.publish(alone, Tick(n=1))
+            assert await bus.redis.xlen(bus.keys.session(alone)) == 1  # appended once
+        replica.close()
+
+
 async def test_waiting_for_replicas_is_refused_where_it_cannot_be_done() -> None:
-    with pytest.raises(ConfigError, match="not supported on a cluster"):
-        Settings(cluster=True, min_replicas=1)
     with pytest.raises(ConfigError, match="min_replicas must be 0 or more"):
         Settings(min_replicas=-1)
     bus = Bus(fakeredis.FakeAsyncRedis(), Settings(min_replicas=1))  # no publisher of its own
