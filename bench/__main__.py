@@ -56,6 +56,14 @@ def parser() -> argparse.ArgumentParser:
         "(default 3)",
     )
     p.add_argument(
+        "--events",
+        type=int,
+        default=20,
+        metavar="N",
+        help="events per session of the baseline and flowbus throughput, over 1,000 sessions "
+        "(default 20; more share each session's start and end among more events)",
+    )
+    p.add_argument(
         "--latency-seconds",
         type=float,
         default=10.0,
@@ -99,13 +107,13 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
             results.throughput = []
         for _ in range(args.runs):  # in turns, so that a slow spell of the machine hits both
             if results.baseline is not None:
-                results.baseline.append(await baseline.run(url))
+                results.baseline.append(await baseline.run(url, events=args.events))
                 log.info(
                     "baseline_measured", events_per_second=results.baseline[-1].events_per_second
                 )
                 await redis.flushall()
             if results.throughput is not None:
-                results.throughput.append(await throughput.run(url))
+                results.throughput.append(await throughput.run(url, events=args.events))
                 log.info(
                     "throughput_measured",
                     events_per_second=results.throughput[-1].events_per_second,
@@ -136,6 +144,8 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.events < 1 or args.runs < 1:
+        parser().error("--events and --runs must be at least 1")
     logs.configure("info", "auto")
     started = time.monotonic()
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.__main__ import parser
+import pytest
+
+from bench.__main__ import main, parser
 from bench.baseline import BaselineResult
 from bench.machine import Machine
 from bench.report import Results, judge, render
@@ -48,3 +50,10 @@ def test_the_soak_runs_only_when_asked_for() -> None:
     assert parser().parse_args([]).soak == 0.0
     assert parser().parse_args(["--only", "soak"]).only == ["soak"]
     assert parser().parse_args(["--soak", "60"]).soak == 60.0
+
+
+def test_the_events_per_session_of_the_throughput_runs_can_be_chosen() -> None:
+    assert parser().parse_args([]).events == 20
+    assert parser().parse_args(["--events", "60"]).events == 60
+    with pytest.raises(SystemExit):
+        main(["--events", "0"])
