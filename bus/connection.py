@@ -24,6 +24,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     ClusterError,
+    MovedError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -106,14 +107,30 @@ def make_client(
     return Redis(connection_pool=pool)
 
 
-def node_of_slot(cluster: RedisCluster, slot: int) -> tuple[str, int] | None:
-    """The address of the primary serving `slot` in the cluster client's map (None: none
-    does, as for a moment in a failover)."""
-    try:
-        node = cluster.nodes_manager.get_node_from_slot(slot)
-    except (SlotNotCoveredError, KeyError):
-        return None
-    return None if node is None else (str(node.host), int(node.port))
+class SlotRoutes:
+    """Which node serves a slot of `cluster`: where a ``MOVED`` reply said it went, else the
+    cluster client's map (whose own refresh lags behind the replies we read ourselves)."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._cluster = cluster
+        self._moved: dict[int, tuple[str, int]] = {}  # slot -> node, from MOVED replies
+
+    def node(self, slot: int) -> tuple[str, int] | None:
+        """The node's address (None: none serves it, as for a moment in a failover)."""
+        if slot in self._moved:
+            return self._moved[slot]
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(slot)
+        except (SlotNotCoveredError, KeyError):
+            return None
+        return None if node is None else (str(node.host), int(node.port))
+
+    def moved(self, error: MovedError) -> None:
+        self._moved[error.slot_id] = (str(error.host), int(error.port))
+
+    def lost(self, address: tuple[str, int]) -> None:
+        """`address` could not be reached: trust the client's map for its slots again."""
+        self._moved = {slot: a for slot, a in self._moved.items() if a != address}
 
 
 def node_settings(settings: Settings, host: str, port: int) -> Settings:

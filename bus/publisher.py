@@ -35,9 +35,9 @@ from . import scripts
 from .connection import (
     LOST,
     ReplicasBehindError,
+    SlotRoutes,
     batch,
     dedicated_pool,
-    node_of_slot,
     node_settings,
 )
 from .settings import Settings
@@ -163,23 +163,23 @@ class ClusterPublisher:
     def __init__(self, settings: Settings, cluster: RedisCluster) -> None:
         self._settings, self._cluster = settings, cluster
         self._nodes: dict[tuple[str, int], Publisher] = {}
-        self._moved: dict[int, tuple[str, int]] = {}  # slot -> node, from MOVED replies
+        self._routes = SlotRoutes(cluster)
 
     async def call(self, script: scripts.Script, keys: list[str], args: list[scripts.Arg]) -> Any:
         """As `Publisher.call`, on the node serving `keys`."""
         slot = key_slot(keys[0].encode())
         for _ in range(self.REDIRECTS):
-            address = self._moved.get(slot) or node_of_slot(self._cluster, slot)
+            address = self._routes.node(slot)
             if address is None:
                 raise ClusterDownError(f"no node serves the slot of {keys[0]}")
             try:
                 return await self._publisher(address).call(script, keys, args)
             except MovedError as exc:
-                self._moved[slot] = (str(exc.host), int(exc.port))
+                self._routes.moved(exc)
             except AskError:
                 raise TryAgainError(f"the slot of {keys[0]} is being migrated") from None
             except LOST:
-                self._moved = {s: a for s, a in self._moved.items() if a != address}
+                self._routes.lost(address)
                 with anyio.move_on_after(2), contextlib.suppress(Exception):
                     await self._cluster.exists(keys[0])  # it reads the slot map again if need be
                 raise

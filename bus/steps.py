@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError, ResponseError
 
 from . import scripts
-from .connection import LOST, batch, dedicated_pool, node_of_slot
+from .connection import LOST, SlotRoutes, batch, dedicated_pool
 from .keys import Keys
 from .settings import Settings
 
@@ -141,9 +141,8 @@ class StepBatcher:
         self._pool = dedicated_pool(settings)
         # It connects on first use, and again after a failure.
         self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        self._cluster = cluster
         self._nodes: dict[tuple[str, int], AbstractConnection] = {}  # in a cluster
-        self._moved: dict[int, tuple[str, int]] = {}  # slot -> node, from MOVED replies
+        self._routes = SlotRoutes(cluster) if cluster is not None else None
         self._on_moved = on_moved
         self._retention_ms = retention_ms
         self._queue: list[Step] = []
@@ -162,7 +161,7 @@ class StepBatcher:
 
     async def run(self) -> None:
         try:
-            if self._cluster is None:
+            if self._routes is None:
                 with contextlib.suppress(*LOST):  # now rather than at the first event's step
                     await self._connection.connect()
             while True:
@@ -188,7 +187,7 @@ class StepBatcher:
             commands += [step.reader for step in steps if step.reads]
             calls.append(commands)
         try:
-            if self._cluster is None:
+            if self._routes is None:
                 replies = await self._exchange(self._connection, calls)
             else:
                 replies = await self._exchange_by_node(list(by_lease), calls)
@@ -225,24 +224,18 @@ class StepBatcher:
             at += len(commands)
         return replies
 
-    def _address(self, key: str) -> tuple[str, int] | None:
-        """The node serving `key`'s slot: where a `MOVED` reply sent it, else the cluster
-        client's map."""
-        assert self._cluster is not None
-        slot = key_slot(key.encode())
-        return self._moved.get(slot) or node_of_slot(self._cluster, slot)
-
     async def _exchange_by_node(
         self, leases: list[tuple[str, str]], calls: list[list[tuple[scripts.Arg, ...]]]
     ) -> list[list[Any]]:
         """`_exchange` on every node that holds some of the calls' slots, all at once. After a
         `MOVED` reply (slots resharded, a failover) the slot's steps go where the reply said;
         the steps that got it are retried by their callers."""
-        assert self._cluster is not None
+        routes = self._routes
+        assert routes is not None
         by_node: dict[tuple[str, int], list[int]] = {}
         replies: list[list[Any]] = [[] for _ in calls]
         for i, (lease, _token) in enumerate(leases):
-            address = self._address(lease)
+            address = routes.node(key_slot(lease.encode()))
             if address is None:  # no node serves the slot now
                 replies[i] = [ClusterDownError(f"no node serves the slot of {lease}")] * len(
                     calls[i]
@@ -258,15 +251,15 @@ class StepBatcher:
             node_replies = await self._exchange(connection, [calls[i] for i in indexes])
             for i, reply in zip(indexes, node_replies, strict=True):
                 replies[i] = reply
-            if isinstance(node_replies[0][0], LOST):  # lost: trust the client's map again
-                self._moved = {slot: a for slot, a in self._moved.items() if a != address}
+            if isinstance(node_replies[0][0], LOST):
+                routes.lost(address)
 
         async with anyio.create_task_group() as tg:
             for address, indexes in by_node.items():
                 tg.start_soon(on_node, address, indexes)
         moved = [reply[0] for reply in replies if isinstance(reply[0], MovedError)]
         for error in moved:  # this slot is served elsewhere now
-            self._moved[error.slot_id] = (str(error.host), int(error.port))
+            routes.moved(error)
         if moved and self._on_moved is not None:
             self._on_moved()
         return replies
