@@ -19,7 +19,7 @@ from workers.runtime import first_error, run
 from workers.server import LocalServer
 
 from . import baseline, latency, soak, takeover, throughput
-from .machine import describe
+from .machine import cpu_probe_ms, describe
 from .report import Results, judge, render
 from .workload import BenchError
 
@@ -138,6 +138,7 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
         await redis.aclose()
     results.seconds = round(time.monotonic() - started, 1)
     results.load_at_end = round(os.getloadavg()[0], 2)
+    results.probe_ms_at_end = cpu_probe_ms()
     judge(results)
     return results
 

@@ -34,6 +34,7 @@ class Results(msgspec.Struct, kw_only=True):
     seconds: float
     machine: Machine
     load_at_end: float
+    probe_ms_at_end: float = 0.0
     baseline: list[BaselineResult] | None = None
     throughput: list[ThroughputResult] | None = None
     latency: LatencyResult | None = None
@@ -78,6 +79,8 @@ def render(r: Results) -> str:
         f"machine: {m.nproc} CPUs ({m.cpu_model}), Python {m.python}, "
         f"{m.server} {m.server_version} (private server started by the benchmark), "
         f"load average {m.load_at_start} at start, {r.load_at_end} at end",
+        f"CPU probe (machine.cpu_probe_ms, lower is faster): {m.probe_ms_at_start:g} ms at start, "
+        f"{r.probe_ms_at_end:g} ms at end",
         "",
         f"{'benchmark':<54} {'result':<52} {'target':<22} verdict",
         "-" * 140,

@@ -6,12 +6,12 @@ import pytest
 
 from bench.__main__ import main, parser
 from bench.baseline import BaselineResult
-from bench.machine import Machine
+from bench.machine import Machine, cpu_probe_ms
 from bench.report import Results, judge, render
 from bench.soak import SoakResult, SoakSample
 from bench.throughput import ThroughputResult
 
-MACHINE = Machine(2, "AMD EPYC", "3.11.7", "redis", "7.0.15", 0.5)
+MACHINE = Machine(2, "AMD EPYC", "3.11.7", "redis", "7.0.15", 0.5, probe_ms_at_start=48.5)
 
 
 def results() -> Results:
@@ -44,6 +44,13 @@ def test_a_soak_shows_its_calls_and_memory_from_the_first_sample_to_the_last() -
     assert "worker RSS MB 40.0 -> 41.0, 39.0 -> 39.0; server used_memory 7.0 -> 8.0 MB" in table
     assert soak.rss_growth_kb == [1_024, 0]
     assert "baseline" not in table  # nothing said of benchmarks that did not run
+
+
+def test_the_table_shows_how_fast_the_cpus_were_at_start_and_at_end() -> None:
+    r = results()
+    r.probe_ms_at_end = cpu_probe_ms()
+    assert r.probe_ms_at_end > 0
+    assert f"48.5 ms at start, {r.probe_ms_at_end:g} ms at end" in render(r)
 
 
 def test_the_soak_runs_only_when_asked_for() -> None:
