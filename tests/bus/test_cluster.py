@@ -42,6 +42,21 @@ def cluster_settings(cluster: LocalCluster) -> Settings:
     return make_settings(cluster.url, cluster=True)
 
 
+def test_the_test_cluster_starts_with_a_config_epoch_per_primary(cluster: LocalCluster) -> None:
+    # With colliding epochs a slot moved early could end up claimed by no node (see
+    # `test_a_slot_migrating_mid_run_takes_its_sessions_along`).
+    import redis  # the sync client, to read the cluster's view
+
+    client: Any = redis.Redis(port=cluster.nodes[0].port)  # untyped
+    try:
+        nodes = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+    finally:
+        client.close()
+    # Left to resolve their collisions, nodes that all started at epoch 0 keep one at 0.
+    epochs = [int(line.split()[6]) for line in nodes if "master" in line.split()[2]]
+    assert len(epochs) == cluster.size and len(set(epochs)) == len(epochs) and 0 not in epochs
+
+
 async def test_sessions_on_every_node_are_handled_in_order(cluster_settings: Settings) -> None:
     seen: list[tuple[str, int]] = []
 
