@@ -7,6 +7,7 @@ directory of its own.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -41,10 +42,30 @@ def server_binary(kind: ServerKind = "auto") -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free right now, below the kernel's range of ephemeral ports: a port of
+    that range (what binding port 0 gives) can be taken as the source port of some outgoing
+    connection before the server binds it, which once made a test cluster's node exit with
+    "Address already in use"."""
+    low = _ephemeral_ports_start()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 20_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is crowded: any free port
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default, and below macOS's
 
 
 class LocalServer:
@@ -70,6 +91,7 @@ class LocalServer:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="flowbus-server-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]  # one is set
         self.port = port or free_port()
+        self._movable = port is None  # until first started: then clients know its port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,6 +103,22 @@ class LocalServer:
         return "valkey" if "valkey" in self.binary.name else "redis"
 
     def start(self, timeout: float = 10.0) -> LocalServer:
+        """Start the server and wait until it answers; a first start on ports of its own
+        choosing that another process took meanwhile tries others."""
+        for attempt in range(1, 4):
+            try:
+                self._start(timeout)
+            except ServerError as exc:
+                if not (self._movable and attempt < 3 and "Address already in use" in str(exc)):
+                    raise
+                self.port = free_port()
+                self.cluster_port = free_port() if self.cluster else 0
+                continue
+            self._movable = False
+            return self
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> None:
         args = [
             str(self.binary),
             "--port",
@@ -110,7 +148,7 @@ class LocalServer:
                 error = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise ServerError(f"{self.binary} exited at start: {error or self.log_tail()}")
             if self._answers():
-                return self
+                return
             time.sleep(0.02)
         self.stop()
         raise ServerError(f"{self.binary} did not answer on port {self.port} within {timeout}s")

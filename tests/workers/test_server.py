@@ -1,0 +1,29 @@
+"""The private servers that the tests, the demo and the benchmarks start (`workers.server`)."""
+
+from __future__ import annotations
+
+import socket
+
+from tests.conftest import KIND
+from workers.server import LocalServer, _ephemeral_ports_start, free_port
+
+
+def test_a_free_port_lies_below_the_ports_outgoing_connections_take() -> None:
+    low = _ephemeral_ports_start()
+    assert all(1024 <= free_port() < low for _ in range(20))
+
+
+def test_a_server_whose_port_was_taken_before_its_first_start_takes_another() -> None:
+    server = LocalServer(KIND, cluster=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.cluster_port))
+        taken.listen()
+        chosen = server.cluster_port
+        try:
+            server.start()
+            assert server.cluster_port != chosen
+            port = server.port
+            server.restart()
+            assert server.port == port  # once started, its clients know its port
+        finally:
+            server.close()
