@@ -45,20 +45,26 @@ def free_port() -> int:
     """A loopback port free right now, below the kernel's range of ephemeral ports: a port of
     that range (what binding port 0 gives) can be taken as the source port of some outgoing
     connection before the server binds it, which once made a test cluster's node exit with
-    "Address already in use"."""
+    "Address already in use". No port is handed out twice by one process."""
     low = _ephemeral_ports_start()
     for _ in range(100):
         port = random.randrange(max(1024, low - 20_000), low)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:  # that range is crowded: any free port
         s.bind(("127.0.0.1", 0))
         found: int = s.getsockname()[1]
         return found
+
+
+_handed_out: set[int] = set()
 
 
 def _ephemeral_ports_start() -> int:
