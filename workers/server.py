@@ -111,18 +111,17 @@ class LocalServer:
     def start(self, timeout: float = 10.0) -> LocalServer:
         """Start the server and wait until it answers; a first start on ports of its own
         choosing that another process took meanwhile tries others."""
-        for attempt in range(1, 4):
+        for attempt in range(3):
             try:
                 self._start(timeout)
+                break
             except ServerError as exc:
-                if not (self._movable and attempt < 3 and "Address already in use" in str(exc)):
+                if not (self._movable and attempt < 2 and "Address already in use" in str(exc)):
                     raise
                 self.port = free_port()
                 self.cluster_port = free_port() if self.cluster else 0
-                continue
-            self._movable = False
-            return self
-        raise AssertionError("unreachable")
+        self._movable = False
+        return self
 
     def _start(self, timeout: float) -> None:
         args = [
