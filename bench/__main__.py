@@ -24,7 +24,7 @@ from .report import Results, judge, render
 from .workload import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-SECTIONS = ("baseline", "throughput", "latency", "takeover")
+SECTIONS = ("baseline", "floor", "throughput", "latency", "takeover")
 #: Seconds of the soak when it is asked for with ``--only soak`` alone.
 SOAK_SECONDS = 300.0
 log = structlog.get_logger("flowbus.bench")
@@ -33,8 +33,8 @@ log = structlog.get_logger("flowbus.bench")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="flowbus benchmarks: baseline, throughput, latency, takeover after kill -9; "
-        "on request a soak (memory over a long run).",
+        description="flowbus benchmarks: baseline, the contract's floor, throughput, latency, "
+        "takeover after kill -9; on request a soak (memory over a long run).",
     )
     p.add_argument(
         "--server",
@@ -52,16 +52,16 @@ def parser() -> argparse.ArgumentParser:
         "--runs",
         type=int,
         default=3,
-        help="runs of the baseline and flowbus throughput (taken in turns) and of the takeover "
-        "(default 3)",
+        help="runs of the baseline, the floor and flowbus throughput (taken in turns) and of the "
+        "takeover (default 3)",
     )
     p.add_argument(
         "--events",
         type=int,
         default=20,
         metavar="N",
-        help="events per session of the baseline and flowbus throughput, over 1,000 sessions "
-        "(default 20; more share each session's start and end among more events)",
+        help="events per session of the baseline, the floor and flowbus throughput, over 1,000 "
+        "sessions (default 20; more share each session's start and end among more events)",
     )
     p.add_argument(
         "--latency-seconds",
@@ -103,15 +103,19 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
         )
         if "baseline" in only:
             results.baseline = []
+        if "floor" in only:
+            results.floor = []
         if "throughput" in only:
             results.throughput = []
-        for _ in range(args.runs):  # in turns, so that a slow spell of the machine hits both
-            if results.baseline is not None:
-                results.baseline.append(await baseline.run(url, events=args.events))
-                log.info(
-                    "baseline_measured", events_per_second=results.baseline[-1].events_per_second
-                )
-                await redis.flushall()
+        for _ in range(args.runs):  # in turns, so that a slow spell of the machine hits all
+            for name, consumer, runs in [
+                ("baseline", "plain", results.baseline),
+                ("floor", "floor", results.floor),
+            ]:
+                if runs is not None:
+                    runs.append(await baseline.run(url, consumer=consumer, events=args.events))
+                    log.info(f"{name}_measured", events_per_second=runs[-1].events_per_second)
+                    await redis.flushall()
             if results.throughput is not None:
                 results.throughput.append(await throughput.run(url, events=args.events))
                 log.info(

@@ -1,9 +1,12 @@
-"""Benchmark 1, the baseline: how fast plain redis-py consumes the same events.
+"""Benchmark 1, the baseline: how fast plain redis-py consumes the same events; and beside it
+the contract's floor, the least Python that keeps flowbus's ordering contract.
 
 1,000 session streams (the bus's key names) of 20 events each are filled with plain XADDs and
 given one consumer group; then 2 processes (as many as flowbus gets workers) each consume half
-of the streams with `bench.plain_consumer`, and the time from "go" until both are done is
-measured. This consumer promises nothing about order or crashes: it is the ceiling.
+of the streams, and the time from "go" until both are done is measured. The baseline's consumer
+(`bench.plain_consumer`) promises nothing about order or crashes: it is the ceiling. The
+floor's (`bench.floor_consumer`) does what the contract makes every implementation do per
+event and nothing else: what flowbus could reach at best.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from bus import Bus
 from workers.observe import server_identity
 
-from . import plain_consumer
+from . import floor_consumer, plain_consumer
 from .cpu import CpuMeter
 from .noop import Noop
 from .workload import ROOT, BenchError, backlog, fill_plain, fresh_settings, session_ids
 
+#: The consumers `run` knows, by name: each module has a `GROUP`, a `NOTE` and a `prepare`.
+CONSUMERS = {"plain": plain_consumer, "floor": floor_consumer}
+
 
 class BaselineResult(msgspec.Struct, frozen=True):
-    """Events per second of the plain consumer, and how it was measured."""
+    """Events per second of a consumer of `CONSUMERS`, and how it was measured."""
 
     processes: int
     sessions: int
@@ -38,30 +44,29 @@ class BaselineResult(msgspec.Struct, frozen=True):
     client_cpu_us: float
     #: CPU cores other processes of the machine kept busy meanwhile.
     other_cores_busy: float
-    note: str = (
-        "plain redis-py asyncio loop: XREADGROUP over 100 streams per call (>, COUNT 100), "
-        "msgspec decode + no-op async handler per entry, pipelined XACK per stream; "
-        "same number of processes as flowbus workers, each consuming half of the streams"
-    )
+    note: str = plain_consumer.NOTE
 
 
 async def run(
-    url: str, *, sessions: int = 1000, events: int = 20, processes: int = 2
+    url: str, *, consumer: str = "plain", sessions: int = 1000, events: int = 20, processes: int = 2
 ) -> BaselineResult:
-    """Fill, then time the plain consumer processes; raises `BenchError` if an event is left."""
-    settings = fresh_settings(url, "plain")
+    """Fill, then time the processes of `consumer` (a name in `CONSUMERS`); raises
+    `BenchError` if an event is left."""
+    module = CONSUMERS[consumer]
+    settings = fresh_settings(url, consumer)
     names = session_ids(sessions)
     async with Bus.connect(settings) as bus:
         server = await server_identity(bus.redis)
         await fill_plain(
-            bus.redis, bus.keys, names, events, Noop(sent_ns=time.time_ns()), plain_consumer.GROUP
+            bus.redis, bus.keys, names, events, Noop(sent_ns=time.time_ns()), module.GROUP
         )
+        await module.prepare(bus.redis, bus.keys)
         procs = [
             await anyio.open_process(
                 [
                     sys.executable,
                     "-m",
-                    "bench.plain_consumer",
+                    module.__name__,
                     url,
                     settings.prefix,
                     str(sessions),
@@ -92,15 +97,13 @@ async def run(
             seconds = time.perf_counter() - started
             meter.stop()
         except TimeoutError:
-            raise BenchError(
-                "the baseline consumers did not finish within their deadline"
-            ) from None
+            raise BenchError(f"the {consumer} consumers did not finish in time") from None
         finally:
             await _close(procs)
         handled = sum(r["events"] for r in results)
-        left = await backlog(bus.redis, [bus.keys.session(s) for s in names], plain_consumer.GROUP)
+        left = await backlog(bus.redis, [bus.keys.session(s) for s in names], module.GROUP)
         if handled != sessions * events or left.pending or left.lag:
-            raise BenchError(f"baseline handled {handled} of {sessions * events} events ({left})")
+            raise BenchError(f"{consumer} handled {handled} of {sessions * events} events ({left})")
     clients = [n for n in meter.used if n != "server"]
     return BaselineResult(
         processes,
@@ -111,13 +114,14 @@ async def run(
         meter.per_event_us(handled, ["server"]),
         meter.per_event_us(handled, clients),
         round(meter.other / seconds, 2),
+        module.NOTE,
     )
 
 
 async def _expect(out: BufferedByteReceiveStream, line: bytes) -> None:
     got = await out.receive_until(b"\n", 1 << 16)
     if got != line:
-        raise BenchError(f"a baseline consumer said {got!r}, not {line!r}")
+        raise BenchError(f"a consumer said {got!r}, not {line!r}")
 
 
 async def _close(procs: list[Process]) -> None:

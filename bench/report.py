@@ -36,6 +36,8 @@ class Results(msgspec.Struct, kw_only=True):
     load_at_end: float
     probe_ms_at_end: float = 0.0
     baseline: list[BaselineResult] | None = None
+    #: The contract's floor (`bench.floor_consumer`), measured as the baseline is.
+    floor: list[BaselineResult] | None = None
     throughput: list[ThroughputResult] | None = None
     latency: LatencyResult | None = None
     latency_sweep: list[LatencyResult] | None = None
@@ -46,6 +48,10 @@ class Results(msgspec.Struct, kw_only=True):
 
 def best_baseline(r: Results) -> BaselineResult | None:
     return max(r.baseline, key=lambda b: b.events_per_second) if r.baseline else None
+
+
+def best_floor(r: Results) -> BaselineResult | None:
+    return max(r.floor, key=lambda b: b.events_per_second) if r.floor else None
 
 
 def best_throughput(r: Results) -> ThroughputResult | None:
@@ -85,7 +91,7 @@ def render(r: Results) -> str:
         f"{'benchmark':<54} {'result':<52} {'target':<22} verdict",
         "-" * 140,
     ]
-    base, flow = best_baseline(r), best_throughput(r)
+    base, floor, flow = best_baseline(r), best_floor(r), best_throughput(r)
     if base and r.baseline:
         runs = ", ".join(f"{b.events_per_second:,.0f}" for b in r.baseline)
         lines.append(
@@ -96,6 +102,20 @@ def render(r: Results) -> str:
                 "",
             )
         )
+    if floor and r.floor:
+        runs = ", ".join(f"{b.events_per_second:,.0f}" for b in r.floor)
+        share = ""
+        if base:
+            share = f" = {floor.events_per_second / base.events_per_second:.1%} of baseline"
+        lines.append(
+            _row(
+                f"1b contract floor: least Python in order, {floor.processes} processes",
+                f"{floor.events_per_second:,.0f} events/s{share}",
+                "",
+                "",
+            )
+        )
+        lines.append(_row("", f"(runs: {runs}; best shown)", "", ""))
     if flow and r.throughput:
         runs = ", ".join(f"{t.events_per_second:,.0f}" for t in r.throughput)
         v = r.verdicts.get("throughput_ratio")
@@ -118,6 +138,9 @@ def render(r: Results) -> str:
                 "",
             )
         )
+        if floor:
+            of_floor = flow.events_per_second / floor.events_per_second
+            lines.append(_row("", f"= {of_floor:.1%} of the contract's floor", "", ""))
     if r.latency:
         lt, v = r.latency, r.verdicts["latency_p99_ms"]
         lines.append(
@@ -193,12 +216,22 @@ def render(r: Results) -> str:
             "",
             "CPU per event (µs): "
             f"baseline server {base.server_cpu_us:g} + consumers {base.client_cpu_us:g}; "
-            f"flowbus server {flow.server_cpu_us:g} + workers {flow.client_cpu_us:g}",
+            + (
+                f"floor server {floor.server_cpu_us:g} + consumers {floor.client_cpu_us:g}; "
+                if floor
+                else ""
+            )
+            + f"flowbus server {flow.server_cpu_us:g} + workers {flow.client_cpu_us:g}",
         ]
     if base and flow:
         lines.append(
             "The baseline gets as many processes as flowbus has workers (2), each consuming half "
             "of the streams; it keeps no per-session order."
+        )
+    if floor:
+        lines.append(
+            "The contract's floor keeps flowbus's order (each event acknowledged by a fenced step "
+            "before the next) and does nothing else (bench/floor_consumer.py)."
         )
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench import floor_consumer
 from bench.__main__ import main, parser
 from bench.baseline import BaselineResult
 from bench.machine import Machine, cpu_probe_ms
@@ -28,6 +29,19 @@ def test_the_throughput_verdict_compares_the_best_runs() -> None:
     judge(r)
     assert r.verdicts["throughput_ratio"].measured == 0.5 and r.verdicts["throughput_ratio"].met
     assert "100,000 events/s = 50.0% of baseline" in render(r)
+
+
+def test_the_floor_is_shown_against_the_baseline_and_flowbus_against_the_floor() -> None:
+    r = results()
+    r.baseline = [BaselineResult(2, 1000, 20_000, 0.1, 200_000, 1, 4, 0)]
+    r.floor = [BaselineResult(2, 1000, 20_000, 0.2, 120_000, 2, 5, 0, floor_consumer.NOTE)]
+    r.throughput = [ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 90_000, 4, 10, 0)]
+    judge(r)
+    table = render(r)
+    assert "120,000 events/s = 60.0% of baseline" in table
+    assert "= 75.0% of the contract's floor" in table
+    assert "floor server 2 + consumers 5; flowbus server 4 + workers 10" in table
+    assert r.verdicts["throughput_ratio"].measured == 0.45  # the target is still the baseline's
 
 
 def test_a_soak_shows_its_calls_and_memory_from_the_first_sample_to_the_last() -> None:
