@@ -449,10 +449,11 @@ class Consumer:
                 if settle is not _ACK:
                     run.then(settle)
                     break
-                run.acks.append(raw_id)
                 run.done, run.deliveries = run.done + 1, 1
                 if run.done < len(run.entries):  # the next handling starts once this is acked
-                    await run.call("")
+                    await run.ack(raw_id)
+                else:
+                    run.acks.append(raw_id)  # with the next read
 
     async def _handle(
         self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
@@ -580,6 +581,16 @@ class _Run:
         self.read = "p"
         if settle is not None:
             self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
+
+    async def ack(self, entry_id: bytes) -> None:
+        """Acknowledge `entry_id` by the short step; if that failed, by `call`, which retries
+        (or raises `FencedError`)."""
+        part = self.part
+        try:
+            await part.steps.ack(self.lease, part.token, self.stream, entry_id)
+        except (ResponseError, *TRANSIENT):
+            self.acks.append(entry_id)
+            await self.call("")
 
     async def call(self, read: str) -> Any:
         """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see

@@ -120,6 +120,29 @@ def _entries(read: Any) -> list[Any]:
     return list(next(iter(streams)))
 
 
+#: A step that only acknowledges one entry: the stream, the entry, the future of its reply.
+_Ack = tuple[str, bytes, asyncio.Future[Any]]
+
+
+def _result(call: Any, i: int) -> Any:
+    """The reply of the `i`-th step of a script `call` (an error is returned, not raised)."""
+    if isinstance(call, BaseException):
+        return call
+    result = call[i]
+    if type(result) is list and result[0] == b"error":
+        return ResponseError(result[1].decode(errors="replace"))
+    return result
+
+
+def _settle(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():  # its waiter was cancelled
+        return
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
+
+
 class StepBatcher:
     """Sends `Step`s in shared batches, one at a time, on a connection of its own (in a
     cluster, one per node, each partition's steps to the node of its slot, and `on_moved()`
@@ -146,6 +169,8 @@ class StepBatcher:
         self._on_moved = on_moved
         self._retention_ms = retention_ms
         self._queue: list[Step] = []
+        # Acknowledgements of one entry, the common step, by (lease, token): no `Step` each.
+        self._acks: dict[tuple[str, str], list[_Ack]] = {}
         self._ready = asyncio.Event()  # cleared and reused: anyio's costs a microsecond a batch
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -154,9 +179,18 @@ class StepBatcher:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         step.future = future = self._loop.create_future()
-        if not self._queue:  # the first step of the next batch wakes the sender
-            self._ready.set()
+        self._ready.set()  # the sender, if this is the first step of the next batch
         self._queue.append(step)
+        return future
+
+    def ack(self, lease: str, token: str, stream: str, entry_id: bytes) -> asyncio.Future[Any]:
+        """Queue a step that only acknowledges `entry_id` (the common step, in short: no `Step`
+        of its own); return the future of its reply."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        future = self._loop.create_future()
+        self._ready.set()
+        self._acks.setdefault((lease, token), []).append((stream, entry_id, future))
         return future
 
     async def run(self) -> None:
@@ -168,22 +202,28 @@ class StepBatcher:
                 await self._ready.wait()
                 self._ready.clear()
                 batch, self._queue = self._queue, []
-                await self._send(batch)
+                acks, self._acks = self._acks, {}
+                await self._send(batch, acks)
         finally:
             with anyio.CancelScope(shield=True):
                 for connection in [self._connection, *self._nodes.values()]:
                     await connection.disconnect()
 
-    async def _send(self, batch: list[Step]) -> None:
-        by_lease: dict[tuple[str, str], list[Step]] = {}
+    async def _send(self, batch: list[Step], acks: dict[tuple[str, str], list[_Ack]]) -> None:
+        by_lease: dict[tuple[str, str], list[Step]] = {lease: [] for lease in acks}
         for step in batch:
             by_lease.setdefault((step.lease, step.token), []).append(step)
         calls: list[list[tuple[scripts.Arg, ...]]] = []  # per lease: its script call, its reads
         for (lease, token), steps in by_lease.items():
+            keys: list[str] = [lease]
             args: list[scripts.Arg] = [token, self._retention_ms]
+            for stream, entry_id, _ in acks.get((lease, token), []):
+                keys.append(stream)
+                args += ("a", entry_id)
             for step in steps:
+                keys.append(step.stream)
                 args += step.args()
-            commands = [scripts.evalsha((scripts.STEP, [lease, *(s.stream for s in steps)], args))]
+            commands = [scripts.evalsha((scripts.STEP, keys, args))]
             commands += [step.reader for step in steps if step.reads]
             calls.append(commands)
         try:
@@ -195,22 +235,19 @@ class StepBatcher:
             for step in batch:  # cancelled (or broken): these steps get no reply
                 assert step.future is not None
                 step.future.cancel()
+            for lease_acks in acks.values():
+                for _, _, future in lease_acks:
+                    future.cancel()
             raise
-        for steps, results in zip(by_lease.values(), replies, strict=True):
+        for (key, steps), results in zip(by_lease.items(), replies, strict=True):
             call, reads = results[0], iter(results[1:])
-            for i, step in enumerate(steps):
-                result = call if isinstance(call, BaseException) else call[i]
-                if type(result) is list and result[0] == b"error":
-                    result = ResponseError(result[1].decode(errors="replace"))
-                reply = step.reply(result, next(reads)) if step.reads else result
-                future = step.future
-                assert future is not None
-                if future.done():  # its waiter was cancelled
-                    continue
-                if isinstance(reply, BaseException):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+            lease_acks = acks.get(key, [])
+            for i, (_, _, future) in enumerate(lease_acks):
+                _settle(future, _result(call, i))
+            for i, step in enumerate(steps, len(lease_acks)):
+                result = _result(call, i)
+                assert step.future is not None
+                _settle(step.future, step.reply(result, next(reads)) if step.reads else result)
 
     async def _exchange(
         self, connection: AbstractConnection, calls: list[list[tuple[scripts.Arg, ...]]]
