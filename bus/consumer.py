@@ -201,6 +201,7 @@ class Consumer:
         self._lanes = [
             StepBatcher(
                 self.settings,
+                group=service.name,
                 retention_ms=retention_ms,
                 cluster=cluster,
                 on_moved=self._hints.topology_changed,

@@ -144,10 +144,10 @@ def _settle(future: asyncio.Future[Any], reply: Any) -> None:
 
 
 class StepBatcher:
-    """Sends `Step`s in shared batches, one at a time, on a connection of its own (in a
-    cluster, one per node, each partition's steps to the node of its slot, and `on_moved()`
-    called when a slot moved); a retiring session's keys live `retention_ms`. Start `run()`
-    in a task group first.
+    """Sends the steps of group `group` in shared batches, one at a time, on a connection of
+    its own (in a cluster, one per node, each partition's steps to the node of its slot, and
+    `on_moved()` called when a slot moved); a retiring session's keys live `retention_ms`.
+    Start `run()` in a task group first.
 
     A step's reply comes in an asyncio future of its own, the cheapest wait there is; a waiter
     that is cancelled cancels only its own future. (The bus runs on asyncio, as redis-py does.)
@@ -157,6 +157,7 @@ class StepBatcher:
         self,
         settings: Settings,
         *,
+        group: str,
         retention_ms: int,
         cluster: RedisCluster | None = None,
         on_moved: Callable[[], None] | None = None,
@@ -167,7 +168,7 @@ class StepBatcher:
         self._nodes: dict[tuple[str, int], AbstractConnection] = {}  # in a cluster
         self._routes = SlotRoutes(cluster) if cluster is not None else None
         self._on_moved = on_moved
-        self._retention_ms = retention_ms
+        self._group, self._retention_ms = group, retention_ms
         self._queue: list[Step] = []
         # Acknowledgements of one entry, the common step, by (lease, token): no `Step` each.
         self._acks: dict[tuple[str, str], list[_Ack]] = {}
@@ -216,7 +217,7 @@ class StepBatcher:
         calls: list[list[tuple[scripts.Arg, ...]]] = []  # per lease: its script call, its reads
         for (lease, token), steps in by_lease.items():
             keys: list[str] = [lease]
-            args: list[scripts.Arg] = [token, self._retention_ms]
+            args: list[scripts.Arg] = [token, self._retention_ms, self._group]
             for stream, entry_id, _ in acks.get((lease, token), []):
                 keys.append(stream)
                 args += ("a", entry_id)

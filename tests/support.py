@@ -167,7 +167,7 @@ class Stepper:
     @classmethod
     @asynccontextmanager
     async def open(cls, bus: Bus, settings: Settings) -> AsyncIterator[Stepper]:
-        batcher = StepBatcher(settings, retention_ms=1000)
+        batcher = StepBatcher(settings, group="g", retention_ms=1000)
         async with anyio.create_task_group() as tg:
             tg.start_soon(batcher.run)
             yield cls(bus, batcher)

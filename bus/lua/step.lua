@@ -7,7 +7,7 @@
 -- stale owner's read fails. (Entries coming back out of Lua cost twice the read itself.)
 -- KEYS: lease (<tag>:lease:<group>) then one stream (<tag>:session:<sid>) per step. The other
 -- keys are named from these; they share the hash tag, so the slot.
--- ARGV: token retention_ms, then per step either
+-- ARGV: token retention_ms group, then per step either
 --       'a' ack_id  (acknowledge one entry, nothing else: the common step, kept short), or
 --       read nacks ack_id... ngive give_id... nverdict [verdict entry deliveries error field...]
 --   read: 'p' (a run's first read, or after anything irregular: is the session paused, gone,
@@ -22,13 +22,18 @@
 -- {'paused'} | {'gone'} | 0 (an 'a' step done) | {'error', message} (that step failed; the
 -- others stand).
 local k_lease = KEYS[1]
-local tag, group = string.match(k_lease, '^(.*):lease:(.*)$')
-local consumer = 'p' .. string.match(tag, '{(%d+)}$')
-local k_paused = tag .. ':paused:' .. group
-local token, retention = ARGV[1], ARGV[2]
+local token, retention, group = ARGV[1], ARGV[2], ARGV[3]
 
 if redis.call('GET', k_lease) ~= token then
   return redis.error_reply('FENCED lease of ' .. k_lease .. ' is not ' .. token)
+end
+
+-- Names only the longer steps need, made at the first of them.
+local tag, consumer, k_paused
+local function names()
+  tag = string.sub(k_lease, 1, #k_lease - #':lease:' - #group)
+  consumer = 'p' .. string.match(tag, '{(%d+)}$')
+  k_paused = tag .. ':paused:' .. group
 end
 
 -- How many entries our consumer has pending on the stream ('gone' if there is no stream; the
@@ -49,6 +54,7 @@ end
 
 -- One session's step, its arguments starting at ARGV[at]; returns its reply.
 local function step(k_stream, at)
+  if not tag then names() end
   local sid = string.sub(k_stream, #tag + #':session:' + 1)
   local read = ARGV[at]
   local nacks = tonumber(ARGV[at + 1])
@@ -102,7 +108,7 @@ local function after(at)
   return at + 1 + tonumber(ARGV[at])
 end
 
-local replies, at = {}, 3
+local replies, at = {}, 4
 for i = 2, #KEYS do
   local ok, reply
   if ARGV[at] == 'a' then

@@ -94,7 +94,7 @@ def test_every_connection_shares_one_client_identity() -> None:
     assert isinstance(identity, DriverInfo)
     clients = [make_client(Settings()), make_client(Settings(), block_seconds=1.0)]
     connections = [c.connection_pool.make_connection() for c in clients]  # type: ignore[no-untyped-call]  # untyped in redis-py
-    connections.append(StepBatcher(Settings(), retention_ms=1)._connection)
+    connections.append(StepBatcher(Settings(), group="g", retention_ms=1)._connection)
     assert all(c.driver_info is identity for c in connections)
 
 

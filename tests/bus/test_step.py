@@ -118,7 +118,7 @@ async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(
     first = reply[3][0]
     await raw(bus).set(bus.keys.session(bad), "not a stream")
     keys = [bus.keys.lease(p, "g"), bus.keys.session(good), bus.keys.session(bad)]
-    replies = await s.STEP(bus.redis, keys, [token, 1000, "a", first, "a", first])
+    replies = await s.STEP(bus.redis, keys, [token, 1000, "g", "a", first, "a", first])
     assert replies[0] == 0 and replies[1][0] == b"error" and b"WRONGTYPE" in replies[1][1]
     pending = await bus.redis.xpending(bus.keys.session(good), "g")
     assert pending["pending"] == 1 and pending["min"] == reply[4][0]  # only the second is left
