@@ -7,16 +7,21 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- True when every consumer group of the stream has read and acknowledged all of it.
+-- True when every consumer group of the stream has read and acknowledged all of it. A group's
+-- lag says whether it read everything, unless the server cannot tell (nil, after a deletion):
+-- then its last delivered id is compared with the stream's last.
 local function all_groups_done(stream)
-  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  if #last == 0 then return true end
-  local last_id = last[1][1]
+  local last_id
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local info = {}
     for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-    if tonumber(info['pending']) > 0 or info['last-delivered-id'] ~= last_id then
-      return false
+    if info['pending'] > 0 or (info['lag'] and info['lag'] > 0) then return false end
+    if not info['lag'] then
+      if last_id == nil then
+        local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+        last_id = #last > 0 and last[1][1] or ''
+      end
+      if last_id ~= '' and info['last-delivered-id'] ~= last_id then return false end
     end
   end
   return true
