@@ -65,7 +65,7 @@ def _log_context(*names: str) -> tuple[ContextVar[Any], ...]:
     return tuple(token.var for token in tokens.values())
 
 
-_TYPE, _SEQ = _log_context("type", "seq")
+_SESSION, _GROUP, _TYPE, _SEQ = _log_context("session", "group", "type", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +405,8 @@ class Consumer:
         """Handle the session until it has nothing new (see `_follow`); a handler out of time
         (see `_watch_handlers`) counts as failed, and the session goes on."""
         run = _Run(self, part, session)
-        structlog.contextvars.bind_contextvars(session=session, group=self.service.name)
+        _SESSION.set(session)  # in the logs, as bind_contextvars would
+        _GROUP.set(self.service.name)
         try:
             while True:
                 with anyio.CancelScope() as run.scope:
@@ -486,7 +487,7 @@ class Consumer:
             entry.extra,
             run.context,
         )
-        _TYPE.set(entry.type)  # in the logs next to the session, as bind_contextvars would
+        _TYPE.set(entry.type)  # in the logs next to the session
         _SEQ.set(entry.seq)
         if not self._slots.take():
             await self._slots.acquire()
