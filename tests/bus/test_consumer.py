@@ -20,7 +20,7 @@ from bus import (
     ServiceInfo,
     Settings,
 )
-from bus.consumer import STEP_LANES, _Partition
+from bus.consumer import STEP_LANES, _Partition, _Runs
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
@@ -330,3 +330,70 @@ async def test_a_new_owner_replays_what_was_left_pending_then_reads_on_counting_
     assert seen == [(1, 2), (2, 2), (3, 2), (4, 1), (5, 1), (6, 1)]
     pending = await bus.redis.xpending(stream, "svc")
     assert pending["pending"] == 0
+
+
+async def test_a_drain_out_of_time_cancels_the_handlers_left_even_one_that_resists(
+    server: LocalServer,
+) -> None:
+    settings = make_settings(server.url, drain_timeout_seconds=0.3, handler_timeout_seconds=60)
+    started: list[str] = []
+    cancelled_again: list[str] = []
+
+    async def handle(d: Delivery) -> None:
+        started.append(d.session)
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            if d.session == "call-2":  # a handler should not do this: it is cancelled again
+                try:
+                    await anyio.sleep(30)
+                except anyio.get_cancelled_exc_class():
+                    cancelled_again.append(d.session)
+            raise
+
+    async with Bus.connect(settings) as bus:
+        for session in ("call-1", "call-2"):
+            await bus.publish(session, Tick(n=1))
+        consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consumer.run)
+                await wait_for(lambda: len(started) == 2, what="both handlers running")
+                consumer.stop()  # run() returns once the drain ran out of time
+        assert cancelled_again == ["call-2"]
+        for session in ("call-1", "call-2"):  # not acknowledged: the next owner handles them
+            pending = await bus.redis.xpending(bus.keys.session(session), "svc")
+            assert pending["pending"] == 1
+
+
+async def test_the_session_tasks_of_a_partition_are_joined_cancelled_and_fail_together() -> None:
+    failed: list[str] = []
+    runs = _Runs(lambda: failed.append("partition"))
+    gate = anyio.Event()
+
+    async def waits() -> None:
+        await gate.wait()
+
+    async def fails() -> None:
+        await gate.wait()
+        raise KeyError("a bug")
+
+    async def resists() -> None:
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            pass  # a session should not do this: cancelled again
+        await anyio.sleep(30)
+
+    runs.spawn(waits())
+    runs.spawn(fails())
+    gate.set()
+    with anyio.fail_after(5):
+        await runs.join()
+    assert failed == ["partition"] and isinstance(runs.error, KeyError)
+
+    runs.spawn(resists())
+    runs.spawn(resists())
+    with anyio.fail_after(5):
+        await runs.close()  # cancelled again until they end
+    await runs.join()  # nothing left
