@@ -128,6 +128,8 @@ def _result(call: Any, i: int) -> Any:
     """The reply of the `i`-th step of a script `call` (an error is returned, not raised)."""
     if isinstance(call, BaseException):
         return call
+    if call == 0:  # every step of the call was an ack, done
+        return 0
     result = call[i]
     if type(result) is list and result[0] == b"error":
         return ResponseError(result[1].decode(errors="replace"))

@@ -103,7 +103,7 @@ async def test_one_call_steps_many_sessions_and_a_broken_one_fails_alone(
             await futures[2]
 
 
-async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(
+async def test_the_short_ack_step_acknowledges_a_broken_one_fails_alone_and_all_done_is_0(
     bus: Bus, settings: Settings
 ) -> None:
     sessions = [f"call-{i}" for i in range(200)]
@@ -122,6 +122,9 @@ async def test_the_short_ack_step_acknowledges_and_a_broken_one_fails_alone(
     assert replies[0] == 0 and replies[1][0] == b"error" and b"WRONGTYPE" in replies[1][1]
     pending = await bus.redis.xpending(bus.keys.session(good), "g")
     assert pending["pending"] == 1 and pending["min"] == reply[4][0]  # only the second is left
+    # a call of acks only, all done, answers 0 for all of them
+    assert await s.STEP(bus.redis, keys[:2], [token, 1000, "g", "a", reply[4][0]]) == 0
+    assert (await bus.redis.xpending(bus.keys.session(good), "g"))["pending"] == 0
 
 
 @pytest.mark.parametrize("policy", ["skip", "pause"])
