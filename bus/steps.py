@@ -213,7 +213,7 @@ class StepBatcher:
                     await connection.disconnect()
 
     async def _send(self, batch: list[Step], acks: dict[tuple[str, str], list[_Ack]]) -> None:
-        by_lease: dict[tuple[str, str], list[Step]] = {lease: [] for lease in acks}
+        by_lease: dict[tuple[str, str], list[Step]] = {key: [] for key in acks}
         for step in batch:
             by_lease.setdefault((step.lease, step.token), []).append(step)
         calls: list[list[tuple[scripts.Arg, ...]]] = []  # per lease: its script call, its reads

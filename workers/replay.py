@@ -13,7 +13,6 @@ retried in place (`Bus.resume`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable
 
 import msgspec
 import structlog
@@ -48,18 +47,17 @@ def accept_replays(service: Service) -> Service:
         return service
     handle = service.handle
 
-    async def handle_replay(delivery: Delivery) -> None:
-        original = unwrap(delivery, service)
-        if original is None:
-            return  # another group's replay: acknowledged unseen
-        with structlog.contextvars.bound_contextvars(
-            seq=original.seq, type=original.type, replay_of=original.extra.get("replay_of")
-        ):
-            await handle(original)
-
-    def handle_with_replays(delivery: Delivery) -> Awaitable[None]:
-        # Any other event's handling itself, with no coroutine of ours around it.
-        return handle_replay(delivery) if delivery.type == REPLAY else handle(delivery)
+    async def handle_with_replays(delivery: Delivery) -> None:
+        if delivery.type == REPLAY:
+            original = unwrap(delivery, service)
+            if original is None:
+                return  # another group's replay: acknowledged unseen
+            with structlog.contextvars.bound_contextvars(
+                seq=original.seq, type=original.type, replay_of=original.extra.get("replay_of")
+            ):
+                await handle(original)
+            return
+        await handle(delivery)
 
     subscribes = None if service.subscribes is None else service.subscribes | {REPLAY}
     return dataclasses.replace(

@@ -71,14 +71,12 @@ def instrument(service: Service, metrics: Metrics | None = None) -> Service:
     context bound) and measured into `metrics`."""
     handle = service.handle
 
-    async def handle_traced(delivery: Delivery) -> None:
-        with structlog.contextvars.bound_contextvars(traceparent=delivery.traceparent):
+    async def handle_instrumented(delivery: Delivery) -> None:
+        if delivery.traceparent:
+            with structlog.contextvars.bound_contextvars(traceparent=delivery.traceparent):
+                await inner(delivery)
+        else:
             await inner(delivery)
-
-    def handle_instrumented(delivery: Delivery) -> Awaitable[None]:
-        # The inner handling itself unless there is a trace context to bind: a coroutine of
-        # our own around every handling would cost a frame per event.
-        return handle_traced(delivery) if delivery.traceparent else inner(delivery)
 
     async def handle_measured(delivery: Delivery) -> None:
         started, clock = time.time(), time.perf_counter()
