@@ -113,41 +113,40 @@ _ACK = _Settle()  # handled (or not this service's business): acknowledge it
 
 
 class _Runs:
-    """The session tasks of one partition, as plain asyncio tasks: anyio's `start_soon` cost a
-    worker about a tenth of its CPU at 20 events per session (CHANGELOG). They are kept as
-    structured as a task group's: the first error calls `on_error` (which cancels the
-    partition) and is kept in `error` for the partition to raise; `close()` cancels those
-    left and waits for them."""
+    """The session runs of one partition, each in a plain asyncio task: anyio's `start_soon`
+    cost a worker about a tenth of its CPU at 20 events per session (CHANGELOG). They are kept
+    as structured as a task group's: the first error calls `on_error` (which cancels the
+    partition) and is kept in `error` for the partition to raise; `close()` cancels the runs
+    left through their own cancel scopes (`_Run.close`), so shields inside handlers and the
+    bus hold as they would in a task group, and waits for them."""
 
     def __init__(self, on_error: Callable[[], None]) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: dict[asyncio.Task[None], _Run] = {}
         self._on_error = on_error
         self.error: BaseException | None = None
 
-    def spawn(self, run: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(run)
-        self._tasks.add(task)
+    def spawn(self, run: _Run, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._runs[task] = run
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        del self._runs[task]
         if not task.cancelled() and task.exception() is not None and self.error is None:
             self.error = task.exception()
             self._on_error()
 
     async def join(self) -> None:
-        """Wait until every task has ended."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        """Wait until every run has ended."""
+        while self._runs:
+            await asyncio.wait(list(self._runs))
 
     async def close(self) -> None:
-        """Cancel the tasks left, again every tenth of a second (as anyio's cancellation
-        reaches every later await too), until they have ended."""
+        """Cancel the runs left, and wait until they have ended."""
         with anyio.CancelScope(shield=True):
-            while self._tasks:
-                for task in self._tasks:
-                    task.cancel()
-                await asyncio.wait(list(self._tasks), timeout=0.1)
+            for run in self._runs.values():
+                run.close()
+            await self.join()
 
 
 @dataclass(slots=True, eq=False)
@@ -398,28 +397,31 @@ class Consumer:
             part.sessions[session] = True
             return
         part.sessions[session] = True
-        part.runs.spawn(self._run_session(part, session))
+        run = _Run(self, part, session)
+        part.runs.spawn(run, self._run_session(run))
 
     # -- one session ------------------------------------------------------------------------
-    async def _run_session(self, part: _Partition, session: str) -> None:
+    async def _run_session(self, run: _Run) -> None:
         """Handle the session until it has nothing new (see `_follow`); a handler out of time
-        (see `_watch_handlers`) counts as failed, and the session goes on."""
-        run = _Run(self, part, session)
-        _SESSION.set(session)  # in the logs, as bind_contextvars would
+        (see `_watch_handlers`) counts as failed, and the session goes on. A run that is
+        closed (`_Run.close`) ends."""
+        _SESSION.set(run.session)  # in the logs, as bind_contextvars would
         _GROUP.set(self.service.name)
         try:
-            while True:
+            while not run.closing:
                 with anyio.CancelScope() as run.scope:
+                    if run.timed_out:  # else the handler swallowed the cancellation, and returned
+                        run.timed_out = False
+                        raw_id, raw_fields = run.entries[run.done]
+                        error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
+                        run.then(
+                            await self._failed(raw_id.decode(), raw_fields, run.deliveries, error)
+                        )
                     await self._follow(run)
                     return
                 run.read = "p"  # a step cut short may have read entries: the pending list has them
-                if run.timed_out:  # else the handler swallowed the cancellation, and returned
-                    run.timed_out = False
-                    raw_id, raw_fields = run.entries[run.done]
-                    error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
-                    run.then(await self._failed(raw_id.decode(), raw_fields, run.deliveries, error))
         finally:
-            part.sessions.pop(session, None)
+            run.part.sessions.pop(run.session, None)
 
     async def _follow(self, run: _Run) -> None:
         """Read up to `read_batch` entries per step, handle them one by one, each acknowledged
@@ -496,7 +498,7 @@ class Consumer:
             await service.handle(delivery)
             error = ""
         except anyio.get_cancelled_exc_class():
-            run.timed_out = run.scope is not None and run.scope.cancel_called
+            run.timed_out = run.scope is not None and run.scope.cancel_called and not run.closing
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -575,6 +577,13 @@ class _Run:
         self.done = 0
         self.deliveries = 0  # of the next entry to handle
         self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
+        self.closing = False  # its partition closes: see `close`
+
+    def close(self) -> None:
+        """End this run: its partition is lost, or its drain ran out of time."""
+        self.closing = True
+        if self.scope is not None:
+            self.scope.cancel()
 
     def then(self, settle: _Settle | None) -> None:
         """After the entry at `done` was not simply handled: give back the rest of the batch,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import anyio
 import pytest
@@ -20,7 +21,7 @@ from bus import (
     ServiceInfo,
     Settings,
 )
-from bus.consumer import STEP_LANES, _Partition, _Runs
+from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
@@ -366,10 +367,21 @@ async def test_a_drain_out_of_time_cancels_the_handlers_left_even_one_that_resis
             assert pending["pending"] == 1
 
 
-async def test_the_session_tasks_of_a_partition_are_joined_cancelled_and_fail_together() -> None:
+class _FakeRun:
+    """What `_Runs` needs of a `_Run`: a cancel scope that `close()` cancels."""
+
+    def __init__(self) -> None:
+        self.scope, self.closing = anyio.CancelScope(), False
+
+    def close(self) -> None:
+        self.closing = True
+        self.scope.cancel()
+
+
+async def test_a_partitions_runs_are_joined_fail_together_and_close_through_their_scopes() -> None:
     failed: list[str] = []
     runs = _Runs(lambda: failed.append("partition"))
-    gate = anyio.Event()
+    gate, done = anyio.Event(), []
 
     async def waits() -> None:
         await gate.wait()
@@ -378,22 +390,37 @@ async def test_the_session_tasks_of_a_partition_are_joined_cancelled_and_fail_to
         await gate.wait()
         raise KeyError("a bug")
 
-    async def resists() -> None:
-        try:
-            await anyio.sleep(30)
-        except anyio.get_cancelled_exc_class():
-            pass  # a session should not do this: cancelled again
-        await anyio.sleep(30)
-
-    runs.spawn(waits())
-    runs.spawn(fails())
+    runs.spawn(cast(_Run, _FakeRun()), waits())
+    runs.spawn(cast(_Run, _FakeRun()), fails())
     gate.set()
     with anyio.fail_after(5):
         await runs.join()
     assert failed == ["partition"] and isinstance(runs.error, KeyError)
 
-    runs.spawn(resists())
-    runs.spawn(resists())
+    waiting: list[str] = []
+
+    async def shields(run: _FakeRun) -> None:
+        with run.scope:
+            with anyio.CancelScope(shield=True):  # as the bus's own batches are
+                waiting.append("shields")
+                await anyio.sleep(0.2)
+                done.append("shielded")
+            await anyio.sleep(30)
+
+    async def resists(run: _FakeRun) -> None:
+        with run.scope:
+            try:
+                waiting.append("resists")
+                await anyio.sleep(30)
+            except anyio.get_cancelled_exc_class():
+                pass  # a session should not do this: its next wait is cancelled too
+            await anyio.sleep(30)
+            done.append("never")
+
+    for session in (shields, resists):
+        run = _FakeRun()
+        runs.spawn(cast(_Run, run), session(run))
+    await wait_for(lambda: len(waiting) == 2, what="both sessions waiting")
     with anyio.fail_after(5):
-        await runs.close()  # cancelled again until they end
-    await runs.join()  # nothing left
+        await runs.close()
+    assert done == ["shielded"]
