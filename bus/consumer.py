@@ -410,7 +410,7 @@ class Consumer:
         try:
             while not run.closing:
                 with anyio.CancelScope() as run.scope:
-                    if run.timed_out:  # else the handler swallowed the cancellation, and returned
+                    if run.timed_out:  # the last handling ran out of time: settle it first
                         run.timed_out = False
                         raw_id, raw_fields = run.entries[run.done]
                         error = f"handler timed out after {self.settings.handler_timeout_seconds}s"
@@ -419,6 +419,7 @@ class Consumer:
                         )
                     await self._follow(run)
                     return
+                # Cancelled: a timeout (or a handler that swallowed one and returned), or closed.
                 run.read = "p"  # a step cut short may have read entries: the pending list has them
         finally:
             run.part.sessions.pop(run.session, None)
