@@ -123,9 +123,12 @@ class _Runs:
     def __init__(self, on_error: Callable[[], None]) -> None:
         self._runs: dict[asyncio.Task[None], _Run] = {}
         self._on_error = on_error
+        self._closing = False
         self.error: BaseException | None = None
 
     def spawn(self, run: _Run, work: Coroutine[Any, Any, None]) -> None:
+        if self._closing:  # a hint that came as the partition closes: the run ends at once
+            run.close()
         task = asyncio.get_running_loop().create_task(work)
         self._runs[task] = run
         task.add_done_callback(self._done)
@@ -144,6 +147,7 @@ class _Runs:
     async def close(self) -> None:
         """Cancel the runs left, and wait until they have ended."""
         with anyio.CancelScope(shield=True):
+            self._closing = True
             for run in self._runs.values():
                 run.close()
             await self.join()

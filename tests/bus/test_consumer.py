@@ -424,3 +424,9 @@ async def test_a_partitions_runs_are_joined_fail_together_and_close_through_thei
     with anyio.fail_after(5):
         await runs.close()
     assert done == ["shielded"]
+
+    late = _FakeRun()  # spawned after the close began: closed at once
+    runs.spawn(cast(_Run, late), waits())
+    assert late.closing
+    gate.set()
+    await runs.join()
