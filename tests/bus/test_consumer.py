@@ -428,5 +428,4 @@ async def test_a_partitions_runs_are_joined_fail_together_and_close_through_thei
     late = _FakeRun()  # spawned after the close began: closed at once
     runs.spawn(cast(_Run, late), waits())
     assert late.closing
-    gate.set()
     await runs.join()
