@@ -85,7 +85,12 @@ def parser() -> argparse.ArgumentParser:
         help="also run the soak (memory over rolling calls at 1,000 events/s) this long "
         f"(with --only soak alone: {SOAK_SECONDS:g} s)",
     )
-    p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="where the JSON results go (default bench/results.json; with --only, "
+        "bench/results-<benchmarks>.json, so that a partial run leaves the full one be)",
+    )
     return p
 
 
@@ -147,6 +152,13 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
     return results
 
 
+def output_for(only: list[str] | None) -> Path:
+    """The default file of the results: `RESULTS` for a full run, another for a partial one."""
+    if not only:
+        return RESULTS
+    return RESULTS.with_name(f"results-{'-'.join(sorted(set(only)))}.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.events < 1 or args.runs < 1:
@@ -164,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 1
     print(render(results))
+    args.output = args.output or output_for(args.only)
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
     print(f"\nresults written to {args.output}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import floor_consumer
-from bench.__main__ import main, parser
+from bench.__main__ import RESULTS, main, output_for, parser
 from bench.baseline import BaselineResult
 from bench.machine import Machine, cpu_probe_ms
 from bench.report import Results, judge, render
@@ -78,3 +78,10 @@ def test_the_events_per_session_of_the_throughput_runs_can_be_chosen() -> None:
     assert parser().parse_args(["--events", "60"]).events == 60
     with pytest.raises(SystemExit):
         main(["--events", "0"])
+
+
+def test_a_partial_run_writes_its_results_beside_the_full_runs() -> None:
+    assert output_for(None) == RESULTS
+    assert output_for(["latency", "floor", "latency"]) == RESULTS.with_name(
+        "results-floor-latency.json"
+    )
