@@ -65,7 +65,9 @@ def _log_context(*names: str) -> tuple[ContextVar[Any], ...]:
     return tuple(token.var for token in tokens.values())
 
 
-_SESSION, _GROUP, _TYPE, _SEQ = _log_context("session", "group", "type", "seq")
+_SESSION, _GROUP, _TYPE, _SEQ, _TRACE = _log_context(
+    "session", "group", "type", "seq", "traceparent"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +82,6 @@ class Service:
     handle: Handler
     codec: Codec
     subscribes: frozenset[str] | None = None
-
-    def wants(self, type_: str) -> bool:
-        return self.subscribes is None or type_ in self.subscribes
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):
@@ -459,10 +458,14 @@ class Consumer:
                     run.then(settle)
                     break
                 run.done, run.deliveries = run.done + 1, 1
-                if run.done < len(run.entries):  # the next handling starts once this is acked
-                    await run.ack(raw_id)
-                else:
-                    run.acks.append(raw_id)  # with the next read
+                if run.done == len(run.entries):  # the last: acknowledged with the next read
+                    run.acks.append(raw_id)
+                    break
+                try:  # the next handling starts once this is acked, by the short step
+                    await part.steps.ack(run.lease, part.token, run.stream, raw_id)
+                except (ResponseError, *TRANSIENT):  # `call` retries it, or raises FencedError
+                    run.acks.append(raw_id)
+                    await run.call("")
 
     async def _handle(
         self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
@@ -472,7 +475,7 @@ class Consumer:
         service = self.service
         try:
             entry = Entry.from_flat(entry_id, raw_fields, max_data=self.settings.max_payload_bytes)
-            if not service.wants(entry.type):
+            if service.subscribes is not None and entry.type not in service.subscribes:
                 self.stats.skipped += 1
                 return _ACK
             payload = service.codec.decode(entry.type, entry.data)
@@ -494,8 +497,12 @@ class Consumer:
             entry.extra,
             run.context,
         )
-        _TYPE.set(entry.type)  # in the logs next to the session
+        _TYPE.set(entry.type)  # in the logs next to the session, with its trace if it has one
         _SEQ.set(entry.seq)
+        trace = entry.extra.get("traceparent", ...)  # `...`: left out of the logs
+        if trace is not run.trace:
+            run.trace = trace
+            _TRACE.set(trace)
         if not self._slots.take():
             await self._slots.acquire()
         try:
@@ -582,6 +589,7 @@ class _Run:
         self.done = 0
         self.deliveries = 0  # of the next entry to handle
         self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
+        self.trace: Any = ...  # the traceparent in its log context (`...`: none)
         self.closing = False  # its partition closes: see `close`
 
     def close(self) -> None:
@@ -597,16 +605,6 @@ class _Run:
         self.read = "p"
         if settle is not None:
             self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
-
-    async def ack(self, entry_id: bytes) -> None:
-        """Acknowledge `entry_id` by the short step; if that failed, by `call`, which retries
-        (or raises `FencedError`)."""
-        part = self.part
-        try:
-            await part.steps.ack(self.lease, part.token, self.stream, entry_id)
-        except (ResponseError, *TRANSIENT):
-            self.acks.append(entry_id)
-            await self.call("")
 
     async def call(self, read: str) -> Any:
         """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see

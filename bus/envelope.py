@@ -10,7 +10,6 @@ a person can act on, and the entry is dead-lettered, never executed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
 import msgspec
@@ -80,6 +79,11 @@ class Codec:
         return payload
 
 
+#: An integer field (seq, ts) as JSON writes it: twice as fast as `int()` on bytes, which also
+#: takes forms no publisher writes ("012", "+1", "1_0").
+_int = msgspec.json.Decoder(int).decode
+
+
 class Entry(msgspec.Struct, frozen=True):
     """One stream entry with its envelope checked; the payload is still JSON."""
 
@@ -103,7 +107,7 @@ class Entry(msgspec.Struct, frozen=True):
             and len(raw[7]) <= max_data
         ):
             try:
-                return cls(entry_id, raw[1].decode(), int(raw[3]), int(raw[5]), raw[7])
+                return cls(entry_id, raw[1].decode(), _int(raw[3]), _int(raw[5]), raw[7])
             except (UnicodeDecodeError, ValueError):
                 pass  # `parse` says what is wrong
         pairs = iter(raw)
@@ -124,7 +128,7 @@ class Entry(msgspec.Struct, frozen=True):
             raise DecodeError(f"data is {len(data)} bytes; the limit is {max_data}")
         try:
             type_ = fields["type"].decode()
-            seq, ts = int(fields["seq"]), int(fields["ts"])
+            seq, ts = _int(fields["seq"]), _int(fields["ts"])
             extra = {k: fields[k].decode() for k in OPTIONAL_FIELDS if k in fields}
         except (UnicodeDecodeError, ValueError):
             raise DecodeError("type, seq, ts or an optional field is malformed") from None
@@ -147,12 +151,12 @@ class DeliveryContext(Protocol):
     async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None: ...
 
 
-@dataclass(slots=True)
-class Delivery:
+class Delivery(msgspec.Struct):
     """What a handler receives: one decoded event of one session, and how often it was sent.
 
     `deliveries` is 1 on the first delivery; a handler that must not repeat side effects
-    deduplicates on (`session`, `seq`).
+    deduplicates on (`session`, `seq`). (A struct, not a dataclass: one is made per event, and
+    a dataclass's Python `__init__` cost the consumer a few percent of its CPU.)
     """
 
     session: str
@@ -163,9 +167,13 @@ class Delivery:
     ts: int
     payload: Payload
     deliveries: int
-    extra: Mapping[str, str] = field(default_factory=dict)
-    _context: DeliveryContext | None = field(default=None, repr=False)
-    _sent: int = field(default=0, repr=False)
+    extra: Mapping[str, str] = msgspec.field(default_factory=dict)
+    _context: DeliveryContext | None = None
+    _sent: int = 0
+
+    def __repr__(self) -> str:
+        shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f[0] != "_")
+        return f"Delivery({', '.join(shown)})"
 
     @property
     def traceparent(self) -> str | None:

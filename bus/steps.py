@@ -245,8 +245,13 @@ class StepBatcher:
         for (key, steps), results in zip(by_lease.items(), replies, strict=True):
             call, reads = results[0], iter(results[1:])
             lease_acks = acks.get(key, [])
-            for i, (_, _, future) in enumerate(lease_acks):
-                _settle(future, _result(call, i))
+            if call == 0:  # every step of the call was an ack, done: the common reply
+                for _, _, future in lease_acks:
+                    if not future.done():
+                        future.set_result(0)
+            else:
+                for i, (_, _, future) in enumerate(lease_acks):
+                    _settle(future, _result(call, i))
             for i, step in enumerate(steps, len(lease_acks)):
                 result = _result(call, i)
                 assert step.future is not None

@@ -35,6 +35,8 @@ class Replay(Payload, tag="flowbus.replay"):
 
 
 REPLAY = type_name(Replay)
+#: The original's envelope fields a replay's handling logs next to its seq and type.
+_LOGGED = frozenset({"replay_of", "traceparent"})
 
 
 class ReplayError(Exception):
@@ -52,9 +54,9 @@ def accept_replays(service: Service) -> Service:
             original = unwrap(delivery, service)
             if original is None:
                 return  # another group's replay: acknowledged unseen
-            with structlog.contextvars.bound_contextvars(
-                seq=original.seq, type=original.type, replay_of=original.extra.get("replay_of")
-            ):
+            context = {"seq": original.seq, "type": original.type}
+            context |= {k: v for k, v in original.extra.items() if k in _LOGGED}
+            with structlog.contextvars.bound_contextvars(**context):
                 await handle(original)
             return
         await handle(delivery)
@@ -79,7 +81,7 @@ def unwrap(delivery: Delivery, service: Service) -> Delivery | None:
         payload = service.codec.decode(replay.event, bytes(replay.data))
     except Exception as exc:
         raise ReplayError(f"the replayed {replay.event!r} does not decode: {exc}") from None
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         delivery,
         type=replay.event,
         seq=replay.seq,

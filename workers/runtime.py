@@ -67,16 +67,12 @@ def tune_gc() -> None:
 
 
 def instrument(service: Service, metrics: Metrics | None = None) -> Service:
-    """`service` with its handling logged (``event_handled`` at debug level, with the trace
-    context bound) and measured into `metrics`."""
+    """`service` with its handling logged (``event_handled`` at debug level) and measured into
+    `metrics`; `service` itself when neither is wanted (timing nobody reads is not taken). The
+    log context of a handling (session, group, type, seq, traceparent) is the consumer's."""
+    if metrics is None and not log.is_enabled_for(logging.DEBUG):
+        return service
     handle = service.handle
-
-    async def handle_instrumented(delivery: Delivery) -> None:
-        if delivery.traceparent:
-            with structlog.contextvars.bound_contextvars(traceparent=delivery.traceparent):
-                await inner(delivery)
-        else:
-            await inner(delivery)
 
     async def handle_measured(delivery: Delivery) -> None:
         started, clock = time.time(), time.perf_counter()
@@ -87,9 +83,7 @@ def instrument(service: Service, metrics: Metrics | None = None) -> Service:
             raise
         _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
 
-    measured = metrics is not None or log.is_enabled_for(logging.DEBUG)
-    inner = handle_measured if measured else handle  # timing nobody reads is not taken
-    return Service(service.name, handle_instrumented, service.codec, service.subscribes)
+    return Service(service.name, handle_measured, service.codec, service.subscribes)
 
 
 def _handled(

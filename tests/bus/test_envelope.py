@@ -97,3 +97,11 @@ def test_entry_from_a_flat_field_list_is_what_parse_says(raw: list[bytes], limit
     except DecodeError as exc:
         got = str(exc)
     assert got == expected
+
+
+@pytest.mark.parametrize("seq", [b"012", b"+3", b"1_0", b"3.0", b"3x", b""])
+def test_seq_and_ts_are_integers_as_json_writes_them(seq: bytes) -> None:
+    flat = [b"type", b"left", b"seq", seq, b"ts", b"17", b"data", b"{}"]
+    with pytest.raises(DecodeError, match="malformed"):
+        Entry.from_flat("1-0", flat, max_data=10)
+    assert Entry.from_flat("1-0", [*flat[:3], b"3", *flat[4:]], max_data=10).seq == 3
