@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-valkey test-all lint bench soak clean
+.PHONY: demo test test-valkey lint bench soak instructions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 ## Memory over five minutes of rolling calls (not part of `make bench`).
 soak: $(STAMP)
 	$(BIN)/python -m bench --only soak --output bench/soak.json
+
+## Instructions per event of the consumers, counted by valgrind (not part of `make bench`).
+instructions: $(STAMP)
+	$(BIN)/python -m bench.instructions
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
