@@ -2,12 +2,12 @@
 
 Seconds move with the machine's fast and slow spells (the same run has taken twice as long in
 one as in another); the instructions a process executes hardly do (two counts of the same run
-differ by a few per cent). ``python -m bench.instructions`` runs each consumer alone under callgrind —
-the baseline's, the contract floor's, and ``flowbus worker bench.noop:service`` — first on a
-backlog of SESSIONS x LOW events, then on one of SESSIONS x HIGH, and reports the difference
-of the two counts per added event: what one more event of a session costs the consumer's
-process, with its start, its stop and its per-session work left out. The server runs outside
-valgrind. It needs ``valgrind`` on the PATH, and takes a few minutes.
+differ by a few per cent). ``python -m bench.instructions`` runs each consumer alone under
+callgrind — the baseline's, the contract floor's, and ``flowbus worker bench.noop:service`` —
+first on a backlog of SESSIONS x LOW events, then on one of SESSIONS x HIGH, and reports the
+difference of the two counts per added event: what one more event of a session costs the
+consumer's process, with its start, its stop and its per-session work left out. The server
+runs outside valgrind. It needs ``valgrind`` on the PATH, and takes a few minutes.
 """
 
 from __future__ import annotations
