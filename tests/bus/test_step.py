@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from redis.exceptions import NoScriptError, ResponseError
@@ -9,6 +11,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from bus import Bus, ServiceInfo, Settings
 from bus import scripts as s
 from bus.ownership import Leases
+from bus.steps import Step
 from tests.apps.recorder import Tick
 from tests.support import Stepper, raw
 
@@ -191,3 +194,33 @@ async def test_steps_go_on_after_the_server_lost_its_script_cache(
     assert await leases.renew({p: token}) == set()  # several calls in one pipeline
     pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
     assert [(p["message_id"], p["times_delivered"]) for p in pending] == [(first.strays[1], 0)]
+
+
+async def test_steps_sent_while_a_batch_is_out_wait_for_the_sessions_it_answers(
+    bus: Bus, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else the two halves go on alternating, each in a batch of its own: twice the calls."""
+    sessions = [f"call-{i}" for i in range(200)]
+    p = bus.keys.partition(sessions[0])
+    first, second = [x for x in sessions if bus.keys.partition(x) == p][:2]
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([p])).values()
+    for session in (first, second):
+        await bus.publish(session, Tick(n=1))
+    async with Stepper.open(bus, settings) as step:
+        sent: list[list[str]] = []
+        send = step.batcher._send
+
+        async def recording(batch: list[Step], acks: dict[Any, Any]) -> None:
+            sent.append([s.stream for s in batch])
+            if len(sent) == 1:  # the second session steps while the first one's batch is out
+                late.append(step.batcher.submit(step.make(second, token, "p")))
+            await send(batch, acks)
+
+        late: list[Any] = []
+        monkeypatch.setattr(step.batcher, "_send", recording)
+        reply = await step(first, token, "p")
+        await step(first, token, ">", acks=[reply[3][0]])  # at once, as a session does
+        await late[0]
+    streams = bus.keys.session(first), bus.keys.session(second)
+    assert sent == [[streams[0]], [streams[1], streams[0]]]
