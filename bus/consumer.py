@@ -440,9 +440,12 @@ class Consumer:
                 return
             reply = await run.call(run.read)
             if reply[0] != b"entries":
-                if reply[0] == b"idle" and part.sessions[session] and not part.draining:
-                    run.read = ">"
-                    continue
+                if reply[0] == b"idle" and not part.draining:
+                    # Read on if new work was hinted meanwhile; and after a first read that
+                    # found nothing, once, for the step that retires a session that is done.
+                    if part.sessions[session] or run.read == "p":
+                        run.read = ">"
+                        continue
                 if run.give:  # read along, not to be handled now (the session is paused)
                     await run.call("")
                 return

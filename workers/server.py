@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -78,7 +78,8 @@ class LocalServer:
     """One server process. Use as a context manager, or `start()` / `stop()`.
 
     With `appendonly`, every write is fsynced to an AOF file in `directory`, so `restart()`
-    (or `kill()` then `start()`) brings back everything acknowledged.
+    (or `kill()` then `start()`) brings back everything acknowledged. With a `wrapper`, the
+    server runs under that command (``valgrind ...``, to count its instructions).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class LocalServer:
         directory: Path | None = None,
         port: int | None = None,
         cluster: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.binary = server_binary(kind)
+        self.wrapper = list(wrapper)  # a command the server runs under (valgrind, say)
         self.appendonly = appendonly
         self.cluster = cluster
         self.cluster_port = free_port() if cluster else 0
@@ -125,6 +128,7 @@ class LocalServer:
 
     def _start(self, timeout: float) -> None:
         args = [
+            *self.wrapper,
             str(self.binary),
             "--port",
             str(self.port),

@@ -52,6 +52,33 @@ class Log:
         return sum(s == session for s, _, _ in self.seen)
 
 
+async def test_a_session_handled_to_its_end_but_left_unretired_retires_at_its_next_run(
+    bus: Bus,
+) -> None:
+    """As a drain leaves it: the new owner's first read finds nothing, its next step retires."""
+    await bus.register_service(ServiceInfo("svc"))
+    p = bus.keys.partition("call-d")
+    for n in (1, 2):
+        await bus.publish("call-d", Tick(n=n), final=n == 2)
+    stream = bus.keys.session("call-d")
+    await raw(bus).xreadgroup("svc", "p0", {stream: ">"})
+    await raw(bus).xack(stream, "svc", *[e[0] for e in await raw(bus).xrange(stream)])
+    assert await raw(bus).sismember(bus.keys.live(p), "call-d")
+    seen: list[Delivery] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d)
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+
+        async def retired() -> bool:
+            return not await raw(bus).sismember(bus.keys.live(p), "call-d")
+
+        await wait_for(retired, what="call-d to retire")
+    assert seen == []
+    assert 0 < await raw(bus).ttl(stream) <= bus.settings.retention_seconds
+
+
 async def test_pause_policy_holds_the_session_until_an_operator_resumes_it(
     server: LocalServer,
 ) -> None:

@@ -224,3 +224,25 @@ async def test_steps_sent_while_a_batch_is_out_wait_for_the_sessions_it_answers(
         await late[0]
     streams = bus.keys.session(first), bus.keys.session(second)
     assert sent == [[streams[0]], [streams[1], streams[0]]]
+
+
+async def test_only_a_step_that_read_before_retires_a_session_that_is_done(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.register_service(ServiceInfo("g"))
+    p = bus.keys.partition("call-1")
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    [token] = (await leases.acquire([p])).values()
+    for n in (1, 2):
+        await bus.publish("call-1", Tick(n=n), final=n == 2)
+    stream = bus.keys.session("call-1")
+    async with Stepper.open(bus, settings) as step:
+        reply = await step("call-1", token, "p")
+        acks = [entry[0] for entry in reply[3:]]
+        assert await step("call-1", token, "", acks=acks) == [b"idle"]  # as a drain settles
+        assert await raw(bus).sismember(bus.keys.live(p), "call-1")  # done, not retired
+        assert await step("call-1", token, "p") == [b"idle"]  # a first step reads on...
+        assert await raw(bus).ttl(stream) == -1
+        assert await step("call-1", token, ">") == [b"idle"]  # ...the next one retires it
+    assert not await raw(bus).sismember(bus.keys.live(p), "call-1")
+    assert 0 < await raw(bus).ttl(stream) <= settings.retention_seconds
