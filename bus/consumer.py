@@ -75,13 +75,15 @@ class Service:
     """A service: its name (= consumer group), its handler and the payload types it knows.
 
     With `subscribes`, other types are acknowledged unseen (other services' business); without
-    it, every type goes to `handle` and a type the codec does not know is dead-lettered.
+    it, every type is handled and a type the codec does not know is dead-lettered. A type in
+    `routes` goes to its handler there, every other one to `handle`.
     """
 
     name: str
     handle: Handler
     codec: Codec
     subscribes: frozenset[str] | None = None
+    routes: Mapping[str, Handler] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):
@@ -510,7 +512,7 @@ class Consumer:
             await self._slots.acquire()
         try:
             self._running[run] = time.monotonic() + self.settings.handler_timeout_seconds
-            await service.handle(delivery)
+            await service.routes.get(entry.type, service.handle)(delivery)
             error = ""
         except anyio.get_cancelled_exc_class():
             run.timed_out = run.scope is not None and run.scope.cancel_called and not run.closing

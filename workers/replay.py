@@ -44,29 +44,27 @@ class ReplayError(Exception):
 
 
 def accept_replays(service: Service) -> Service:
-    """`service`, also accepting replays of its own dead letters (see the module docstring)."""
+    """`service`, also accepting replays of its own dead letters (see the module docstring):
+    a route of its own, so that other events reach their handlers unwrapped."""
     if REPLAY in service.codec:
         return service
-    handle = service.handle
+    routes = service.routes
 
-    async def handle_with_replays(delivery: Delivery) -> None:
-        if delivery.type == REPLAY:
-            original = unwrap(delivery, service)
-            if original is None:
-                return  # another group's replay: acknowledged unseen
-            context = {"seq": original.seq, "type": original.type}
-            context |= {k: v for k, v in original.extra.items() if k in _LOGGED}
-            with structlog.contextvars.bound_contextvars(**context):
-                await handle(original)
-            return
-        await handle(delivery)
+    async def handle_replay(delivery: Delivery) -> None:
+        original = unwrap(delivery, service)
+        if original is None:
+            return  # another group's replay: acknowledged unseen
+        context = {"seq": original.seq, "type": original.type}
+        context |= {k: v for k, v in original.extra.items() if k in _LOGGED}
+        with structlog.contextvars.bound_contextvars(**context):
+            await routes.get(original.type, service.handle)(original)
 
     subscribes = None if service.subscribes is None else service.subscribes | {REPLAY}
     return dataclasses.replace(
         service,
-        handle=handle_with_replays,
         codec=service.codec | Codec([Replay]),
         subscribes=subscribes,
+        routes={**routes, REPLAY: handle_replay},
     )
 
 

@@ -9,6 +9,7 @@ and runs on uvloop when it is installed (`run`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import logging
@@ -21,7 +22,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 import anyio
 import structlog
 
-from bus import Bus, ConfigError, Consumer, Delivery, Service, Settings
+from bus import Bus, ConfigError, Consumer, Delivery, Handler, Service, Settings
 
 from .metrics import Metrics
 from .replay import accept_replays
@@ -72,18 +73,21 @@ def instrument(service: Service, metrics: Metrics | None = None) -> Service:
     log context of a handling (session, group, type, seq, traceparent) is the consumer's."""
     if metrics is None and not log.is_enabled_for(logging.DEBUG):
         return service
-    handle = service.handle
 
-    async def handle_measured(delivery: Delivery) -> None:
-        started, clock = time.time(), time.perf_counter()
-        try:
-            await handle(delivery)
-        except Exception:
-            _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
-            raise
-        _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
+    def measured(handle: Handler) -> Handler:
+        async def handle_measured(delivery: Delivery) -> None:
+            started, clock = time.time(), time.perf_counter()
+            try:
+                await handle(delivery)
+            except Exception:
+                _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
+                raise
+            _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
 
-    return Service(service.name, handle_measured, service.codec, service.subscribes)
+        return handle_measured
+
+    routes = {name: measured(handle) for name, handle in service.routes.items()}
+    return dataclasses.replace(service, handle=measured(service.handle), routes=routes)
 
 
 def _handled(

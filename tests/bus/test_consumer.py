@@ -79,6 +79,23 @@ async def test_a_session_handled_to_its_end_but_left_unretired_retires_at_its_ne
     assert 0 < await raw(bus).ttl(stream) <= bus.settings.retention_seconds
 
 
+async def test_a_type_with_a_route_goes_to_its_handler_the_others_to_handle(bus: Bus) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(("handle", d.seq))
+
+    async def noted(d: Delivery) -> None:
+        seen.append(("route", d.seq))
+
+    service = Service("svc", handle, Codec([Tick, Note]), routes={"note": noted})
+    async with running(bus, service):
+        for payload in (Tick(n=1), Note(), Tick(n=3)):
+            await bus.publish("call-r", payload)
+        await wait_for(lambda: len(seen) == 3, what="three handlings")
+    assert seen == [("handle", 1), ("route", 2), ("handle", 3)]
+
+
 async def test_pause_policy_holds_the_session_until_an_operator_resumes_it(
     server: LocalServer,
 ) -> None:
