@@ -172,8 +172,11 @@ class _ResetAware(AbstractConnection):
     a server being killed (the kernel had accepted the connection) died of it."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        with _reset_is_lost():
+        try:  # not `with _reset_is_lost()`: a generator's context manager costs 4 calls a write
             await super().send_packed_command(command, check_health)
+        except (AttributeError, RuntimeError) as exc:
+            _raise_lost_if_reset(exc)
+            raise
 
 
 class _Cluster(RedisCluster):
@@ -213,8 +216,13 @@ def _reset_is_lost() -> Iterator[None]:
     try:
         yield
     except (AttributeError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "handler is closed" not in str(exc):
-            raise
+        _raise_lost_if_reset(exc)
+        raise
+
+
+def _raise_lost_if_reset(exc: AttributeError | RuntimeError) -> None:
+    """Raise the lost connection that `exc` stands for (see `_reset_is_lost`), if it does."""
+    if isinstance(exc, AttributeError) or "handler is closed" in str(exc):
         raise RedisConnectionError(f"connection closed under a command: {exc}") from exc
 
 

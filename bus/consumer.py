@@ -159,6 +159,8 @@ class _Partition:
     number: int
     token: str
     steps: StepBatcher  # the lane its sessions' steps go by
+    lease: str  # its lease's key
+    reader: Callable[[str], tuple[Arg, ...]]  # a session stream's fenced read (`steps.reader`)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     tg: TaskGroup | None = None
     runs: _Runs = field(init=False)  # its sessions' tasks
@@ -287,8 +289,10 @@ class Consumer:
             self._log.warning("acquire_failed", error=str(exc))
             return True
         assert self._tg is not None
+        group, count = self.service.name, self.settings.read_batch
         for p, token in tokens.items():
-            self._parts[p] = part = _Partition(p, token, self._quietest_lane())
+            lease, read = self.keys.lease(p, group), reader(self.keys, p, group, token, count)
+            self._parts[p] = part = _Partition(p, token, self._quietest_lane(), lease, read)
             self._tg.start_soon(self._run_partition, part)
         if tokens:
             self._log.info("partitions_acquired", partitions=sorted(tokens), members=len(members))
@@ -579,11 +583,9 @@ class _Run:
 
     def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
         self.consumer, self.part, self.session = consumer, part, session
-        keys, group = consumer.keys, consumer.service.name
-        self.stream = keys.session(session)
-        self.lease = keys.lease(part.number, group)
-        count = consumer.settings.read_batch
-        self.reader = reader(keys, part.number, group, part.token, session, count)
+        self.stream = consumer.keys.session(session)
+        self.lease = part.lease
+        self.reader = part.reader(self.stream)
         self.context = _Context(consumer, part, session)
         self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
         self.read = "p"  # the next read; the first replays what a previous owner left pending

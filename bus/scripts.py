@@ -107,8 +107,8 @@ async def call_on(connection: AbstractConnection, commands: list[tuple[Arg, ...]
     pipeline around them (a good share of a round trip's cost in Python). If the server lost
     its scripts they are loaded again, but the calls that failed are not sent again: the
     commands after them have run, so the caller decides."""
-    results = await _exchange(connection, commands)
-    if any(isinstance(r, NoScriptError) for r in results):
+    results, lost_scripts = await _exchange(connection, commands)
+    if lost_scripts:
         await _exchange(connection, LOAD_ALL)
     return results
 
@@ -124,13 +124,18 @@ def evalsha(call: Call) -> tuple[Arg, ...]:
 _pack: Any = hiredis.pack_command
 
 
-async def _exchange(connection: AbstractConnection, commands: list[tuple[Arg, ...]]) -> list[Any]:
+async def _exchange(
+    connection: AbstractConnection, commands: list[tuple[Arg, ...]]
+) -> tuple[list[Any], bool]:
+    """The replies of `commands`, and whether a script call found its script gone."""
     packed = b"".join(map(_pack, commands))
     await connection.send_packed_command(packed, check_health=False)
     replies: list[Any] = []
+    lost_scripts = False
     for _ in commands:
         try:
             replies.append(await connection.read_response())
         except ResponseError as exc:
             replies.append(exc)
-    return replies
+            lost_scripts = lost_scripts or isinstance(exc, NoScriptError)
+    return replies, lost_scripts

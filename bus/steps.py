@@ -90,25 +90,13 @@ class Step:
 
 
 def reader(
-    keys: Keys, partition: int, group: str, token: str, session: str, count: int
-) -> tuple[scripts.Arg, ...]:
-    """The read of up to `count` new entries of `session` for `group` (a `Step.reader`), fenced
-    by the lease `token` of `partition`."""
-    fence, stream = keys.fence(partition, group, token), keys.session(session)
-    consumer = keys.consumer(partition)
-    return (
-        "XREADGROUP",
-        "GROUP",
-        group,
-        consumer,
-        "COUNT",
-        count,
-        "STREAMS",
-        fence,
-        stream,
-        ">",
-        ">",
-    )
+    keys: Keys, partition: int, group: str, token: str, count: int
+) -> Callable[[str], tuple[scripts.Arg, ...]]:
+    """The reads of `group` in `partition`, fenced by its lease `token`: given a session's
+    stream, the read of up to `count` of its new entries (a `Step.reader`)."""
+    fence, consumer = keys.fence(partition, group, token), keys.consumer(partition)
+    head = ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS", fence)
+    return lambda stream: (*head, stream, ">", ">")
 
 
 def _entries(read: Any) -> list[Any]:

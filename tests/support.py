@@ -184,8 +184,8 @@ class Stepper:
     ) -> Step:
         keys = self.bus.keys
         p = keys.partition(session)
-        fenced_read = reader(keys, p, "g", token, session, 32)
         stream, lease = keys.session(session), keys.lease(p, "g")
+        fenced_read = reader(keys, p, "g", token, 32)(stream)
         return Step(stream, lease, token, acks, read, give, verdict, fenced_read)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -23,6 +23,7 @@ from bus import (
 )
 from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
 from bus.ownership import Leases
+from bus.steps import reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
 from tests.support import raw, wait_for
@@ -334,7 +335,8 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
-    consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0])
+    lease, read = bus.keys.lease(7, "svc"), reader(bus.keys, 7, "svc", "3:w", 32)
+    consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0], lease, read)
 
     async def members(*, leave: bool = False) -> list[str]:
         return ["other"]  # everything is the other worker's now
