@@ -170,7 +170,8 @@ class StepBatcher:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         step.future = future = self._loop.create_future()
-        self._ready.set()  # the sender, if this is the first step of the next batch
+        if not (self._queue or self._acks):  # the first step of the next batch wakes the sender
+            self._ready.set()
         self._queue.append(step)
         return future
 
@@ -180,7 +181,8 @@ class StepBatcher:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         future = self._loop.create_future()
-        self._ready.set()
+        if not (self._queue or self._acks):  # as in `submit` (`set` is a Python call each time)
+            self._ready.set()
         self._acks.setdefault((lease, token), []).append((stream, entry_id, future))
         return future
 
@@ -195,7 +197,7 @@ class StepBatcher:
                 batch, self._queue = self._queue, []
                 acks, self._acks = self._acks, {}
                 await self._send(batch, acks)
-                if self._ready.is_set():
+                if self._queue or self._acks:
                     # Steps came while that batch was out. Let the sessions it answered step
                     # first, so that both go in the next batch: sent at once, they would go
                     # on alternating in two half batches, twice the script calls per event.
