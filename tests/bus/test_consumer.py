@@ -8,6 +8,7 @@ from typing import cast
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from bus import (
     Bus,
@@ -95,6 +96,26 @@ async def test_a_type_with_a_route_goes_to_its_handler_the_others_to_handle(bus:
             await bus.publish("call-r", payload)
         await wait_for(lambda: len(seen) == 3, what="three handlings")
     assert seen == [("handle", 1), ("route", 2), ("handle", 3)]
+
+
+async def test_a_worker_whose_hint_connection_is_killed_subscribes_again_and_misses_nothing(
+    bus: Bus,
+) -> None:
+    seen: list[str] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.session)
+
+    with capture_logs() as logs:
+        async with running(bus, Service("svc", handle, Codec([Tick]))):
+            await bus.publish("call-before", Tick(n=1))
+            await wait_for(lambda: seen == ["call-before"], what="the first hint's session")
+            killed = await raw(bus).execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert killed >= 1
+            await bus.publish("call-after", Tick(n=1))  # its hint may find nobody listening
+            await wait_for(lambda: "call-after" in seen, what="the session published after")
+    assert seen == ["call-before", "call-after"]
+    assert any(entry["event"] == "hints_interrupted" for entry in logs)
 
 
 async def test_pause_policy_holds_the_session_until_an_operator_resumes_it(
