@@ -21,7 +21,7 @@ from workers.server import LocalServer
 from . import baseline, latency, soak, takeover, throughput
 from .machine import cpu_probe_ms, describe
 from .report import Results, judge, render
-from .workload import BenchError
+from .workload import BenchError, output_for
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 SECTIONS = ("baseline", "floor", "throughput", "latency", "takeover")
@@ -152,13 +152,6 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
     return results
 
 
-def output_for(only: list[str] | None) -> Path:
-    """The default file of the results: `RESULTS` for a full run, another for a partial one."""
-    if not only:
-        return RESULTS
-    return RESULTS.with_name(f"results-{'-'.join(sorted(set(only)))}.json")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.events < 1 or args.runs < 1:
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 1
     print(render(results))
-    args.output = args.output or output_for(args.only)
+    args.output = args.output or output_for(RESULTS, args.only)
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
     print(f"\nresults written to {args.output}")
     return 0

@@ -39,6 +39,7 @@ from .workload import (
     BenchError,
     fill_plain,
     fresh_settings,
+    output_for,
     publish_all,
     session_ids,
     wait_until,
@@ -95,7 +96,7 @@ class ServerCounter:
 
 
 def totals(status: str) -> int:
-    """The instructions of every thread in ``callgrind_control --events``'s output."""
+    """The instructions of every thread in ``callgrind_control -e``'s output."""
     rows = re.findall(r"^\s*Th\s+\d+\s+([\d,]+)\s*$", status, re.M)
     if not rows:
         raise BenchError(f"callgrind_control counted nothing: {status[-500:]!r}")
@@ -142,8 +143,8 @@ async def count(
                                 raise BenchError(f"the worker exited with {p.returncode}")
                             return await live_session_count(bus) == 0
 
-                        server.start()
-                        await wait_until(drained, within=1800, what="the worker", every=0.5)
+                        server.start()  # each poll (64 SCARDs) counts too: rarely, then
+                        await wait_until(drained, within=1800, what="the worker", every=2)
                         p.send_signal(signal.SIGTERM)
                         await p.wait()
                     else:
@@ -213,7 +214,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=1000, help="sessions (default 1000)")
     p.add_argument("--low", type=int, default=20, help="events per session of the first run")
     p.add_argument("--high", type=int, default=60, help="events per session of the second")
-    p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON (default {RESULTS})")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="JSON (default bench/instructions.json; with --only, "
+        "bench/instructions-<consumers>.json, so that a partial run leaves the full one be)",
+    )
     return p
 
 
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.instructions: {exc}", file=sys.stderr)
         return 1
     print(render(counts))
+    args.output = args.output or output_for(RESULTS, args.only)
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(counts)) + b"\n")
     print(f"\nresults written to {args.output}")
     return 0

@@ -1,5 +1,5 @@
 """What the benchmarks share: session names, settings with a fresh prefix, filling the
-streams, reading a group's state, and bounded waits."""
+streams, reading a group's state, bounded waits, and where results go."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class BenchError(RuntimeError):
     """A benchmark could not produce its figure (a wait timed out, a check failed)."""
+
+
+def output_for(full: Path, only: Sequence[str] | None) -> Path:
+    """Where results go by default: `full` for a full run, ``<full>-<parts>.json`` beside it
+    for a run of some parts only (`only`), so that it leaves the full run's be."""
+    if not only:
+        return full
+    return full.with_name(f"{full.stem}-{'-'.join(sorted(set(only)))}.json")
 
 
 def session_ids(count: int) -> list[str]:

@@ -471,7 +471,7 @@ class Consumer:
                     run.acks.append(raw_id)
                     break
                 try:  # the next handling starts once this is acked, by the short step
-                    await part.steps.ack(run.lease, part.token, run.stream, raw_id)
+                    await part.steps.ack(part.lease, part.token, run.stream, raw_id)
                 except (ResponseError, *TRANSIENT):  # `call` retries it, or raises FencedError
                     run.acks.append(raw_id)
                     await run.call("")
@@ -584,7 +584,6 @@ class _Run:
     def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
         self.consumer, self.part, self.session = consumer, part, session
         self.stream = consumer.keys.session(session)
-        self.lease = part.lease
         self.reader = part.reader(self.stream)
         self.context = _Context(consumer, part, session)
         self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
@@ -616,19 +615,17 @@ class _Run:
     async def call(self, read: str) -> Any:
         """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see
         ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
-        acks, give, verdict = self.acks, self.give, self.verdict
+        part, acks, give, verdict = self.part, self.acks, self.give, self.verdict
         self.acks, self.give, self.verdict = [], [], ()
         for attempt in range(1, 1_000_000):
-            step = Step(
-                self.stream, self.lease, self.part.token, acks, read, give, verdict, self.reader
-            )
+            step = Step(self.stream, part.lease, part.token, acks, read, give, verdict, self.reader)
             try:
-                reply: Any = await self.part.steps.submit(step)
+                reply: Any = await part.steps.submit(step)
                 self.give += step.strays
                 return reply
             except ResponseError as exc:
                 if str(exc).startswith("FENCED"):
-                    group, p = self.consumer.service.name, self.part.number
+                    group, p = self.consumer.service.name, part.number
                     raise FencedError(group, p, self.stream) from None
                 error: Exception = exc
             except TRANSIENT as exc:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from bench import floor_consumer
-from bench.__main__ import RESULTS, main, output_for, parser
+from bench.__main__ import RESULTS, main, parser
 from bench.baseline import BaselineResult
 from bench.machine import Machine, cpu_probe_ms
 from bench.report import Results, judge, render
 from bench.soak import SoakResult, SoakSample
 from bench.throughput import ThroughputResult
+from bench.workload import output_for
 
 MACHINE = Machine(2, "AMD EPYC", "3.11.7", "redis", "7.0.15", 0.5, probe_ms_at_start=48.5)
 
@@ -81,7 +82,7 @@ def test_the_events_per_session_of_the_throughput_runs_can_be_chosen() -> None:
 
 
 def test_a_partial_run_writes_its_results_beside_the_full_runs() -> None:
-    assert output_for(None) == RESULTS
-    assert output_for(["latency", "floor", "latency"]) == RESULTS.with_name(
+    assert output_for(RESULTS, None) == RESULTS
+    assert output_for(RESULTS, ["latency", "floor", "latency"]) == RESULTS.with_name(
         "results-floor-latency.json"
     )
