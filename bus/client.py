@@ -247,13 +247,18 @@ class Bus:
             self._services = (time.monotonic(), services)
         return services
 
-    async def register_service(self, info: ServiceInfo, *, replace: bool = True) -> bool:
+    async def register_service(
+        self, info: ServiceInfo, *, replace: bool = True, retry: bool = True
+    ) -> bool:
         """Record a service so that new sessions get its consumer group from their first event;
         without `replace`, only if it is not recorded (a worker's check that the registry still
-        knows its service, say after a server restarted without its data). True if written."""
+        knows its service, say after a server restarted without its data). True if written.
+        With `retry=False` it is one attempt: a lost connection or a refusal raises redis-py's
+        own error, for a caller with a retry loop of its own."""
         key, value = self.keys.services(), msgspec.json.encode(info)
         write = partial(self.redis.hset if replace else self.redis.hsetnx, key, info.name, value)
-        if not await call("register_service", write, self.settings) and not replace:
+        written = await call("register_service", write, self.settings) if retry else await write()
+        if not written and not replace:
             return False
         self._services = (float("-inf"), [])
         return True

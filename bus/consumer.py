@@ -262,7 +262,7 @@ class Consumer:
         try:
             members = await self._leases.heartbeat()
             lost = await self._leases.renew(held) if held else set()
-            if await self.bus.register_service(self._info, replace=False):
+            if await self.bus.register_service(self._info, replace=False, retry=False):
                 self._log.warning("service_registered_again")  # the server lost its data
         except (*TRANSIENT, ResponseError) as exc:
             self._log.warning("heartbeat_failed", error=str(exc))

@@ -8,6 +8,7 @@ from typing import cast
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bus import (
@@ -370,6 +371,37 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
     monkeypatch.setattr(consumer._leases, "renew", renew)
     await consumer._rebalance()  # a KeyError here stopped the whole worker
     assert consumer.stats.partitions_lost == 0
+
+
+async def test_a_server_lost_during_a_heartbeat_round_fails_the_round_not_the_worker(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gone after the renewal, before the registry check: the round fails as a heartbeat does,
+    and a lease last renewed a TTL ago is let go. (The check used to retry for 15 s, then stop
+    the worker with `ConnectionFailedError`.)"""
+    consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
+    lease, read = bus.keys.lease(7, "svc"), reader(bus.keys, 7, "svc", "3:w", 32)
+    consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0], lease, read)
+    consumer._last_renewal = anyio.current_time() - bus.settings.lease_ttl_seconds - 1
+
+    async def members(*, leave: bool = False) -> list[str]:
+        return ["w"]
+
+    async def renew(tokens: dict[int, str]) -> set[int]:
+        return set()
+
+    async def gone(*args: object) -> None:
+        raise RedisConnectionError("Error 111 connecting to the server. Connection refused.")
+
+    monkeypatch.setattr(consumer._leases, "heartbeat", members)
+    monkeypatch.setattr(consumer._leases, "renew", renew)
+    monkeypatch.setattr(bus.redis, "hsetnx", gone)
+    with capture_logs() as logs:
+        with anyio.fail_after(5):
+            await consumer._rebalance()
+    events = [(e["event"], e.get("reason")) for e in logs]
+    assert ("heartbeat_failed", None) in events
+    assert ("partition_lost", "lease_expired") in events
 
 
 async def _ignore(d: Delivery) -> None:
