@@ -137,7 +137,7 @@ class Hints(Generic[Part]):
                 self._log.warning("hints_interrupted", error=str(group.exceptions[0]), node=node)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8
                     await client.aclose()
             if topology is not None:
                 topology.cancel()
