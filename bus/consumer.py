@@ -447,16 +447,18 @@ class Consumer:
             reply = await run.call(run.read)
             if reply[0] != b"entries":
                 if reply[0] == b"idle" and not part.draining:
-                    # Read on if new work was hinted meanwhile; and after a first read that
-                    # found nothing, once, for the step that retires a session that is done.
-                    if part.sessions[session] or run.read == "p":
+                    # Read on if new work was hinted meanwhile; and after a read that could
+                    # not retire the session ('p', '+') found nothing, once, for the step that
+                    # retires a session that is done.
+                    if part.sessions[session] or run.read != ">":
                         run.read = ">"
                         continue
                 if run.give:  # read along, not to be handled now (the session is paused)
                     await run.call("")
                 return
-            run.read = "p" if reply[1] else ">"
             run.entries, run.deliveries, run.done = reply[3:], int(reply[2]), 0
+            full = len(run.entries) == self.settings.read_batch  # more are surely waiting
+            run.read = "p" if reply[1] else "+" if full else ">"
             for raw_id, raw_fields in run.entries:
                 if part.draining:
                     run.give += [e[0] for e in run.entries[run.done :]]

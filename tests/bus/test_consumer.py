@@ -82,6 +82,30 @@ async def test_a_session_handled_to_its_end_but_left_unretired_retires_at_its_ne
     assert 0 < await raw(bus).ttl(stream) <= bus.settings.retention_seconds
 
 
+async def test_a_session_whose_reads_all_come_back_full_is_handled_and_retires(
+    server: LocalServer,
+) -> None:
+    """Reads of 2 over 4 events: full, full, then nothing; the step after that retires it."""
+    settings = make_settings(server.url, read_batch=2)
+    async with Bus.connect(settings) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        for n in range(1, 5):
+            await bus.publish("call-f", Tick(n=n), final=n == 4)
+        seen: list[int] = []
+
+        async def handle(d: Delivery) -> None:
+            seen.append(d.seq)
+
+        p = bus.keys.partition("call-f")
+        async with running(bus, Service("svc", handle, Codec([Tick]))):
+
+            async def retired() -> bool:
+                return not await raw(bus).sismember(bus.keys.live(p), "call-f")
+
+            await wait_for(retired, what="call-f to retire")
+        assert seen == [1, 2, 3, 4]
+
+
 async def test_a_type_with_a_route_goes_to_its_handler_the_others_to_handle(bus: Bus) -> None:
     seen: list[tuple[str, int]] = []
 

@@ -226,7 +226,7 @@ async def test_steps_sent_while_a_batch_is_out_wait_for_the_sessions_it_answers(
     assert sent == [[streams[0]], [streams[1], streams[0]]]
 
 
-async def test_only_a_step_that_read_before_retires_a_session_that_is_done(
+async def test_only_a_read_on_step_whose_last_read_was_not_full_retires_a_session_that_is_done(
     bus: Bus, settings: Settings
 ) -> None:
     await bus.register_service(ServiceInfo("g"))
@@ -242,6 +242,7 @@ async def test_only_a_step_that_read_before_retires_a_session_that_is_done(
         assert await step("call-1", token, "", acks=acks) == [b"idle"]  # as a drain settles
         assert await raw(bus).sismember(bus.keys.live(p), "call-1")  # done, not retired
         assert await step("call-1", token, "p") == [b"idle"]  # a first step reads on...
+        assert await step("call-1", token, "+") == [b"idle"]  # ...as does one after a full read
         assert await raw(bus).ttl(stream) == -1
         assert await step("call-1", token, ">") == [b"idle"]  # ...the next one retires it
     assert not await raw(bus).sismember(bus.keys.live(p), "call-1")
