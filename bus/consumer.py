@@ -457,7 +457,7 @@ class Consumer:
                     await run.call("")
                 return
             run.entries, run.deliveries, run.done = reply[3:], int(reply[2]), 0
-            full = len(run.entries) == self.settings.read_batch  # more are surely waiting
+            full = len(run.entries) == self.settings.read_batch  # more are likely waiting
             run.read = "p" if reply[1] else "+" if full else ">"
             for raw_id, raw_fields in run.entries:
                 if part.draining:

@@ -14,10 +14,10 @@
 --   or is there a head of our pending list, COUNT 1, an entry inherited from a previous owner
 --   or being retried; else new entries may be read), '>' (the run read before, so the session
 --   is neither paused nor gone: retire it if it is done, else new entries may be read), '+'
---   (as '>', but the run's last read came back full, so more are waiting: read on, no check)
---   or '' (settle only). Only '>' retires: a session usually has new entries at a 'p' or '+'
---   step, and finding that out would cost it an XINFO; the caller sends a '>' step after a
---   'p' or '+' step whose read found nothing.
+--   (as '>', but the run's last read came back full, so more are likely waiting: read on,
+--   no check) or '' (settle only). Only '>' retires: a session usually has new entries at a
+--   'p' or '+' step, and finding that out would cost it an XINFO; the caller sends a '>' step
+--   after a 'p' or '+' step whose read found nothing.
 --   give: entries read but not handled (a drain, a pause): their delivery count goes back to 0,
 --   so whoever reads them next counts a first delivery
 --   verdict: 'skip' (dead-letter and ack) or 'pause' (dead-letter, keep pending, pause)
