@@ -435,18 +435,24 @@ class Consumer:
 
     async def _follow(self, run: _Run) -> None:
         """Read up to `read_batch` entries per step, handle them one by one, each acknowledged
-        before the next one starts, until a read finds nothing new. Anything irregular (a retry, a
+        before the next one starts, until a read finds nothing new (or a batch that was not
+        full is done and no hint came since it was read). Anything irregular (a retry, a
         dead letter, a drain) gives the rest of the batch back and goes on from the pending
         list, which then holds the truth."""
         part, session = run.part, run.session
         while True:
-            part.sessions[session] = False
             if part.draining:  # settle what was handled, read nothing more
                 await run.call("")
                 return
-            reply = await run.call(run.read)
+            # After a read that was not full, what is published later comes with a hint (the
+            # first entry after our last read finds the group idle): unless one came, the '>'
+            # step (settle, retire if done) reads nothing, which would only find nothing.
+            reads = run.read != ">" or part.sessions[session]
+            if reads:
+                part.sessions[session] = False
+            reply = await run.call(run.read, reads=reads)
             if reply[0] != b"entries":
-                if reply[0] == b"idle" and not part.draining:
+                if reply[0] in (b"idle", b"read") and not part.draining:  # nothing was read
                     # Read on if new work was hinted meanwhile; and after a read that could
                     # not retire the session ('p', '+') found nothing, once, for the step that
                     # retires a session that is done.
@@ -614,13 +620,16 @@ class _Run:
         if settle is not None:
             self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
 
-    async def call(self, read: str) -> Any:
+    async def call(self, read: str, *, reads: bool = True) -> Any:
         """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see
-        ``lua/step.lua``); its reply, once it came. Transient errors are retried."""
+        ``lua/step.lua``); its reply, once it came. Transient errors are retried. Without
+        `reads`, a '>' step reads nothing: its reply is the script's (``[b"read"]`` or
+        ``[b"idle"]``); a retry reads, as any 'p' step does."""
         part, acks, give, verdict = self.part, self.acks, self.give, self.verdict
         self.acks, self.give, self.verdict = [], [], ()
         for attempt in range(1, 1_000_000):
-            step = Step(self.stream, part.lease, part.token, acks, read, give, verdict, self.reader)
+            reader = self.reader if reads or attempt > 1 else ()
+            step = Step(self.stream, part.lease, part.token, acks, read, give, verdict, reader)
             try:
                 reply: Any = await part.steps.submit(step)
                 self.give += step.strays

@@ -10,15 +10,26 @@ local k_stream = KEYS[1]
 local k_meta = k_stream .. ':meta'
 local tag, sid, final, retention, publish_id = ARGV[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7]
 
+-- True when stream id a is at or after b.
+local function at_or_after(a, b)
+  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+  return a_ms > b_ms or (a_ms == b_ms and tonumber(a_seq) >= tonumber(b_seq))
+end
+
 -- True unless every group of the stream (and every known service has one) still has more than
--- the new entry to read.
-local function may_be_idle(stream, known)
+-- the new entry to read, and a publish of it among them. A group whose lag is 1 read all
+-- before the new entry; one that read the previous publish's entry `previous` has only entries
+-- appended without this script (a raw XADD) before the new one, which no hint announced.
+local function may_be_idle(stream, known, previous)
   local groups = redis.call('XINFO', 'GROUPS', stream)
   if #groups < known then return true end
   for _, g in ipairs(groups) do
-    for i = 1, #g, 2 do
-      if g[i] == 'lag' and (not g[i + 1] or g[i + 1] <= 1) then return true end
-    end
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if not info['lag'] or info['lag'] <= 1 then return true end
+    if previous and at_or_after(info['last-delivered-id'], previous) then return true end
   end
   return #groups == 0
 end
@@ -47,10 +58,11 @@ if new then
   for i = 10, 9 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
 end
 -- The hint that wakes the partition's owners; one lost on a dropped connection is made up for
--- by the rescan that follows every (re)subscription. Only a group that had read everything
--- before this entry can be idle on the session: one with more to read reads on by itself (a
--- session's handling ends only on a read that found nothing new), so it needs no hint.
-if new or may_be_idle(k_stream, ngroups) then
+-- by the rescan that follows every (re)subscription. Only a group that had read every entry
+-- published before this one can be idle on the session (its handling ends after a read that
+-- was not full, unless a hint came since): one with a published entry still to read was woken
+-- for it and reads on by itself, so it needs no hint.
+if new or may_be_idle(k_stream, ngroups, last[3]) then
   redis.call('SPUBLISH', tag .. ':wake', sid)
 end
 

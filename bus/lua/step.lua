@@ -2,7 +2,8 @@
 -- session's step acknowledges the entries handled since its last one, settles a failed one
 -- (dead-letter then ack, or dead-letter and pause), gives back read entries that will not be
 -- handled now, then says whether the session may read on. The read of new entries itself is
--- not in here: the caller sends it right after this call, as a plain XREADGROUP naming the
+-- not in here: the caller sends it right after this call (unless it expects nothing new: a
+-- '>' step after a batch that was not full, with no hint since), as a plain XREADGROUP naming the
 -- lease's fence stream too, which exists only as long as the lease (see acquire.lua), so a
 -- stale owner's read fails. (Entries coming back out of Lua cost twice the read itself.)
 -- KEYS: lease (<tag>:lease:<group>) then one stream (<tag>:session:<sid>) per step. The other

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -25,7 +25,7 @@ from bus import (
 )
 from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
 from bus.ownership import Leases
-from bus.steps import reader
+from bus.steps import Step, reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
 from tests.support import raw, wait_for
@@ -104,6 +104,67 @@ async def test_a_session_whose_reads_all_come_back_full_is_handled_and_retires(
 
             await wait_for(retired, what="call-f to retire")
         assert seen == [1, 2, 3, 4]
+
+
+async def test_the_step_after_a_batch_that_was_not_full_reads_nothing_unless_hinted(
+    bus: Bus,
+) -> None:
+    """Three events read at once: the step that acknowledges the last one retires the session
+    and sends no read, which could only find nothing."""
+    await bus.register_service(ServiceInfo("svc"))
+    for n in (1, 2, 3):
+        await bus.publish("call-n", Tick(n=n), final=n == 3)
+    stream, p = bus.keys.session("call-n"), bus.keys.partition("call-n")
+    seen: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+
+    consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+    steps: list[tuple[str, bool]] = []  # each step of call-n: its read, and whether it reads
+    for lane in consumer._lanes:
+
+        def recording(step: Step, submit: Any = lane.submit) -> Any:
+            if step.stream == stream:
+                steps.append((step.read, step.reads))
+            return submit(step)
+
+        lane.submit = recording  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+
+        async def retired() -> bool:
+            return not await raw(bus).sismember(bus.keys.live(p), "call-n")
+
+        await wait_for(retired, what="call-n to retire")
+        consumer.stop()
+    assert seen == [1, 2, 3]
+    assert steps == [("p", True), (">", False)]
+
+
+async def test_events_published_while_the_last_of_a_batch_is_handled_are_handled_too(
+    bus: Bus,
+) -> None:
+    """Each handling publishes the next event, so every batch's last step races the hint of
+    the event after it: whether the hint comes before that step, while it is out or after
+    the session's run ended, the next event is handled, in order."""
+    await bus.register_service(ServiceInfo("svc"))
+    seen: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+        if d.seq < 30:
+            await bus.publish("call-c", Tick(n=d.seq + 1), final=d.seq == 29)
+
+    p = bus.keys.partition("call-c")
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+        await bus.publish("call-c", Tick(n=1))
+
+        async def retired() -> bool:
+            return not await raw(bus).sismember(bus.keys.live(p), "call-c")
+
+        await wait_for(retired, what="call-c to retire")
+    assert seen == list(range(1, 31))
 
 
 async def test_a_type_with_a_route_goes_to_its_handler_the_others_to_handle(bus: Bus) -> None:

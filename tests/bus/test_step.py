@@ -82,6 +82,12 @@ async def test_a_publish_wakes_the_partition_only_when_a_group_may_be_idle(
         await bus.publish("call-1", Tick(n=5))  # it read seq 4: idle again
         await bus.publish("call-1", Tick(n=6))  # seq 5 is unread: no hint needed
         assert await hints_until_marker() == [b"call-1"]
+        async with Stepper.open(bus, settings) as step:
+            await step("call-1", token, ">")  # the group reads seqs 5 and 6
+        fields = {"type": "tick", "seq": "99", "ts": "1", "data": "{}"}
+        await raw(bus).xadd(bus.keys.session("call-1"), fields)  # no script, no hint
+        await bus.publish("call-1", Tick(n=7))  # only that raw entry is unread before it
+        assert await hints_until_marker() == [b"call-1"]
     finally:
         await pubsub.aclose()
 
