@@ -18,10 +18,10 @@ local function at_or_after(a, b)
   return a_ms > b_ms or (a_ms == b_ms and tonumber(a_seq) >= tonumber(b_seq))
 end
 
--- True unless every group of the stream (and every known service has one) still has more than
--- the new entry to read, and a publish of it among them. A group whose lag is 1 read all
--- before the new entry; one that read the previous publish's entry `previous` has only entries
--- appended without this script (a raw XADD) before the new one, which no hint announced.
+-- True when some group of the stream (or a known service without one) may be idle on it: it
+-- read every entry published before the new one. That is a lag of 1 (or one the server cannot
+-- tell), or, when entries appended without this script (a raw XADD, which no hint announced)
+-- lie between, a last delivered id at or after the previous publish's entry `previous`.
 local function may_be_idle(stream, known, previous)
   local groups = redis.call('XINFO', 'GROUPS', stream)
   if #groups < known then return true end
