@@ -7,14 +7,23 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The consumer groups of the stream, each as a table of its XINFO GROUPS fields.
+local function groups_of(stream)
+  local groups = {}
+  for n, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    groups[n] = info
+  end
+  return groups
+end
+
 -- True when every consumer group of the stream has read and acknowledged all of it. A group's
 -- lag says whether it read everything, unless the server cannot tell (nil, after a deletion):
 -- then its last delivered id is compared with the stream's last.
 local function all_groups_done(stream)
   local last_id
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  for _, info in ipairs(groups_of(stream)) do
     if info['pending'] > 0 or (info['lag'] and info['lag'] > 0) then return false end
     if not info['lag'] then
       if last_id == nil then

@@ -23,11 +23,9 @@ end
 -- tell), or, when entries appended without this script (a raw XADD, which no hint announced)
 -- lie between, a last delivered id at or after the previous publish's entry `previous`.
 local function may_be_idle(stream, known, previous)
-  local groups = redis.call('XINFO', 'GROUPS', stream)
+  local groups = groups_of(stream)
   if #groups < known then return true end
-  for _, g in ipairs(groups) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  for _, info in ipairs(groups) do
     if not info['lag'] or info['lag'] <= 1 then return true end
     if previous and at_or_after(info['last-delivered-id'], previous) then return true end
   end
