@@ -24,7 +24,7 @@ from .report import Results, judge, render
 from .workload import BenchError, output_for
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-SECTIONS = ("baseline", "floor", "throughput", "latency", "takeover")
+SECTIONS = ("baseline", "floor", "throughput", "batch", "latency", "takeover")
 #: Seconds of the soak when it is asked for with ``--only soak`` alone.
 SOAK_SECONDS = 300.0
 log = structlog.get_logger("flowbus.bench")
@@ -33,8 +33,9 @@ log = structlog.get_logger("flowbus.bench")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="flowbus benchmarks: baseline, the contract's floor, throughput, latency, "
-        "takeover after kill -9; on request a soak (memory over a long run).",
+        description="flowbus benchmarks: baseline, the contract's floor, throughput, throughput "
+        "with batched acks, latency, takeover after kill -9; on request a soak (memory over a "
+        "long run).",
     )
     p.add_argument(
         "--server",
@@ -52,16 +53,16 @@ def parser() -> argparse.ArgumentParser:
         "--runs",
         type=int,
         default=3,
-        help="runs of the baseline, the floor and flowbus throughput (taken in turns) and of the "
-        "takeover (default 3)",
+        help="runs of the baseline, the floor and flowbus throughput with each ack mode (taken "
+        "in turns) and of the takeover (default 3)",
     )
     p.add_argument(
         "--events",
         type=int,
         default=20,
         metavar="N",
-        help="events per session of the baseline, the floor and flowbus throughput, over 1,000 "
-        "sessions (default 20; more share each session's start and end among more events)",
+        help="events per session of the baseline, the floor and both flowbus throughputs, over "
+        "1,000 sessions (default 20; more share each session's start and end among more events)",
     )
     p.add_argument(
         "--latency-seconds",
@@ -112,6 +113,8 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
             results.floor = []
         if "throughput" in only:
             results.throughput = []
+        if "batch" in only:
+            results.throughput_batch = []
         for _ in range(args.runs):  # in turns, so that a slow spell of the machine hits all
             for name, consumer, runs in [
                 ("baseline", "plain", results.baseline),
@@ -121,13 +124,18 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
                     runs.append(await baseline.run(url, consumer=consumer, events=args.events))
                     log.info(f"{name}_measured", events_per_second=runs[-1].events_per_second)
                     await redis.flushall()
-            if results.throughput is not None:
-                results.throughput.append(await throughput.run(url, events=args.events))
-                log.info(
-                    "throughput_measured",
-                    events_per_second=results.throughput[-1].events_per_second,
-                )
-                await redis.flushall()
+            for ack_mode, flows in [
+                ("each", results.throughput),
+                ("batch", results.throughput_batch),
+            ]:
+                if flows is not None:
+                    flows.append(await throughput.run(url, events=args.events, ack_mode=ack_mode))
+                    log.info(
+                        "throughput_measured",
+                        ack_mode=ack_mode,
+                        events_per_second=flows[-1].events_per_second,
+                    )
+                    await redis.flushall()
         if "latency" in only:
             results.latency = await latency.run(url, seconds=args.latency_seconds)
             log.info("latency_measured", p99_ms=results.latency.p99_ms)

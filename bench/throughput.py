@@ -6,6 +6,9 @@ of `bench.noop` start and split the partitions, then are frozen (SIGSTOP) while 
 starts when they are thawed (SIGCONT) and stops when the last session retired, which the bus
 does only once the group acknowledged all of the session; ``XINFO GROUPS`` of every stream
 confirms it at the end. The leases outlive the freeze (their TTL is 30 s here).
+
+Benchmark 2b is the same with the workers' `ack_mode` 'batch': a read batch's entries are
+acknowledged together, by the step after the last one, instead of each before the next.
 """
 
 from __future__ import annotations
@@ -52,14 +55,16 @@ class ThroughputResult(msgspec.Struct, frozen=True):
     client_cpu_us: float
     #: CPU cores other processes of the machine kept busy meanwhile.
     other_cores_busy: float
+    #: The workers' `Settings.ack_mode`.
+    ack_mode: str = "each"
 
 
 async def run(
-    url: str, *, sessions: int = 1000, events: int = 20, workers: int = 2
+    url: str, *, sessions: int = 1000, events: int = 20, workers: int = 2, ack_mode: str = "each"
 ) -> ThroughputResult:
     """Start and freeze the workers, publish the backlog, time the thawed workers draining it;
     `BenchError` on a timeout or an event left unacknowledged."""
-    settings = fresh_settings(url, "noop", lease_ttl_seconds=30)
+    settings = fresh_settings(url, "noop", lease_ttl_seconds=30, ack_mode=ack_mode)
     names = session_ids(sessions)
     total = sessions * events
     async with Bus.connect(settings) as bus:
@@ -103,4 +108,5 @@ async def run(
         meter.per_event_us(total, ["server"]),
         meter.per_event_us(total, [n for n in meter.used if n != "server"]),
         round(meter.other / seconds, 2),
+        ack_mode,
     )

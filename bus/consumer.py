@@ -3,9 +3,9 @@
 The worker joins the group's membership, takes the leases of the partitions the balanced
 assignment gives it, and handles the sessions of those partitions: every session one event at a
 time, in stream order, many sessions at once. A session reads up to `read_batch` entries per
-step and acknowledges each before its next one starts; every step (acknowledge, settle a
-failure, give back, read) is fenced by the partition's lease and batched with the other
-sessions' steps (see `steps`).
+step and acknowledges each before its next one starts (with `ack_mode` 'batch': all of them
+with the step after the last); every step (acknowledge, settle a failure, give back, read) is
+fenced by the partition's lease and batched with the other sessions' steps (see `steps`).
 
 A new owner's first steps in a session return the entries the previous owner left pending, so
 inherited work is replayed in id order before anything new. A failing handler is retried with
@@ -440,6 +440,7 @@ class Consumer:
         dead letter, a drain) gives the rest of the batch back and goes on from the pending
         list, which then holds the truth."""
         part, session = run.part, run.session
+        ack_each = self.settings.ack_mode == "each"
         while True:
             if part.draining:  # settle what was handled, read nothing more
                 await run.call("")
@@ -475,9 +476,9 @@ class Consumer:
                     run.then(settle)
                     break
                 run.done, run.deliveries = run.done + 1, 1
-                if run.done == len(run.entries):  # the last: acknowledged with the next read
-                    run.acks.append(raw_id)
-                    break
+                if run.done == len(run.entries) or not ack_each:  # acknowledged with the next
+                    run.acks.append(raw_id)  # step: the last of a batch, or any by `ack_mode`
+                    continue
                 try:  # the next handling starts once this is acked, by the short step
                     await part.steps.ack(part.lease, part.token, run.stream, raw_id)
                 except (ResponseError, *TRANSIENT):  # `call` retries it, or raises FencedError

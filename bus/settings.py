@@ -15,6 +15,7 @@ from .errors import ConfigError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 DeadLetterPolicy = Literal["skip", "pause"]
+AckMode = Literal["each", "batch"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +48,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Entries of one session read in one step; still handled one at a time, in order, each
     #: acknowledged once its handler returned.
     read_batch: int = 32
+    #: When a handled entry's acknowledgement reaches the server. 'each': before the next
+    #: entry of its session is handled (the ordering contract). 'batch': with the step after
+    #: the last entry of its read batch, one step per batch instead of one per entry (about
+    #: half again the events per second). Handlers still run one at a time, in order; but a
+    #: crash or a lost lease can repeat up to `read_batch` handled entries of a session
+    #: instead of one, and a stale owner can handle as many before it learns it is fenced.
+    ack_mode: AckMode = "each"
     #: How long a stopping worker lets in-flight handlers finish.
     drain_timeout_seconds: float = 30.0
     #: Replicas that must hold a publish or inbox write before it returns (a ``WAIT`` after
@@ -68,6 +76,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"dead_letter_policy must be 'skip' or 'pause', not {self.dead_letter_policy!r}"
             )
+        if self.ack_mode not in ("each", "batch"):
+            raise ConfigError(f"ack_mode must be 'each' or 'batch', not {self.ack_mode!r}")
         for name in (
             "retention_seconds",
             "lease_ttl_seconds",

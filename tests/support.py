@@ -44,6 +44,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLOWBUS_DEAD_LETTER_POLICY": settings.dead_letter_policy,
         "FLOWBUS_MAX_PAYLOAD_BYTES": str(settings.max_payload_bytes),
         "FLOWBUS_CLUSTER": "1" if settings.cluster else "0",
+        "FLOWBUS_READ_BATCH": str(settings.read_batch),
+        "FLOWBUS_ACK_MODE": settings.ack_mode,
     }
 
 

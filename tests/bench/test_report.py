@@ -45,6 +45,23 @@ def test_the_floor_is_shown_against_the_baseline_and_flowbus_against_the_floor()
     assert r.verdicts["throughput_ratio"].measured == 0.45  # the target is still the baseline's
 
 
+def test_batched_acks_get_a_row_and_a_verdict_of_their_own_beside_the_contracts() -> None:
+    r = results()
+    r.baseline = [BaselineResult(2, 1000, 20_000, 0.1, 200_000, 1, 4, 0)]
+    r.throughput = [ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 80_000, 4, 10, 0)]
+    r.throughput_batch = [
+        ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 110_000, 3, 7, 0, "batch"),
+        ThroughputResult(2, 1000, 20_000, 1.0, 0.2, 120_000, 3, 7, 0, "batch"),
+    ]
+    judge(r)
+    assert not r.verdicts["throughput_ratio"].met  # the contract's acks: 40 %
+    assert r.verdicts["throughput_ratio_batch"].measured == 0.6
+    table = render(r)
+    assert "80,000 events/s = 40.0% of baseline" in table
+    assert "120,000 events/s = 60.0% of baseline" in table
+    assert "(runs: 110,000, 120,000; best shown; not the contract's ack order)" in table
+
+
 def test_a_soak_shows_its_calls_and_memory_from_the_first_sample_to_the_last() -> None:
     samples = [
         SoakSample(15.0, 15_000, 1_000, 1_000, [40_960, 39_936], 7 * 1024 * 1024),

@@ -142,6 +142,93 @@ async def test_the_step_after_a_batch_that_was_not_full_reads_nothing_unless_hin
     assert steps == [("p", True), (">", False)]
 
 
+@pytest.mark.parametrize(
+    ("mode", "expected_steps", "short_acks"),
+    [
+        ("each", [("p", True, 0), (">", False, 1)], 2),
+        ("batch", [("p", True, 0), (">", False, 3)], 0),
+    ],
+)
+async def test_ack_mode_each_acknowledges_every_entry_before_the_next_and_batch_a_batch_at_once(
+    server: LocalServer, mode: str, expected_steps: list[tuple[str, bool, int]], short_acks: int
+) -> None:
+    """Three events read at once: 'each' acknowledges the first two by short steps, each before
+    the next handling, and the third with the last step; 'batch' all three with the last step."""
+    async with Bus.connect(make_settings(server.url, ack_mode=mode)) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        for n in (1, 2, 3):
+            await bus.publish("call-n", Tick(n=n), final=n == 3)
+        ours, p = bus.keys.session("call-n"), bus.keys.partition("call-n")
+        seen: list[int] = []
+
+        async def handle(d: Delivery) -> None:
+            seen.append(d.seq)
+
+        consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+        steps: list[tuple[str, bool, int]] = []  # each step of call-n: read, reads, acks
+        acks: list[bytes] = []  # its short steps, each acknowledging one entry
+        for lane in consumer._lanes:
+
+            def recording(step: Step, submit: Any = lane.submit) -> Any:
+                if step.stream == ours:
+                    steps.append((step.read, step.reads, len(step.acks)))
+                return submit(step)
+
+            def acking(
+                lease: str, token: str, stream: str, entry_id: bytes, ack: Any = lane.ack
+            ) -> Any:
+                acks.extend([entry_id] if stream == ours else [])
+                return ack(lease, token, stream, entry_id)
+
+            lane.submit = recording  # type: ignore[method-assign]
+            lane.ack = acking  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run)
+
+            async def retired() -> bool:
+                return not await raw(bus).sismember(bus.keys.live(p), "call-n")
+
+            await wait_for(retired, what="call-n to retire")
+            consumer.stop()
+        assert seen == [1, 2, 3]
+        assert (steps, len(acks)) == (expected_steps, short_acks)
+
+
+async def test_a_graceful_stop_in_batch_ack_mode_acknowledges_what_was_handled(
+    server: LocalServer,
+) -> None:
+    """A worker stopping halfway through a read batch writes the acks of the entries it
+    handled, so the next owner goes on from the first one it did not handle, repeating none."""
+    async with Bus.connect(make_settings(server.url, ack_mode="batch")) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        for n in range(1, 11):
+            await bus.publish("call-g", Tick(n=n), final=n == 10)
+        seen: list[tuple[int, int]] = []  # (consumer, seq)
+        third, release = anyio.Event(), anyio.Event()
+
+        def service(number: int) -> Service:
+            async def handle(d: Delivery) -> None:
+                seen.append((number, d.seq))
+                if d.seq == 3 and number == 1:
+                    third.set()
+                    await release.wait()
+
+            return Service("svc", handle, Codec([Tick]))
+
+        async with running(bus, service(1)) as first:
+            await third.wait()
+            first.stop()
+            release.set()
+        p = bus.keys.partition("call-g")
+        async with running(bus, service(2)):
+
+            async def retired() -> bool:
+                return not await raw(bus).sismember(bus.keys.live(p), "call-g")
+
+            await wait_for(retired, what="call-g to retire")
+        assert seen == [(1, 1), (1, 2), (1, 3), *((2, n) for n in range(4, 11))]
+
+
 async def test_events_published_while_the_last_of_a_batch_is_handled_are_handled_too(
     bus: Bus,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -17,11 +18,13 @@ from tests.support import (
     Handled,
     WorkerProcesses,
     assert_in_order,
+    by_session,
     handled,
     lease_owners,
     raw,
     wait_for,
 )
+from workers.observe import live_session_count
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -80,6 +83,10 @@ async def all_handled(bus: Bus, events: int, group: str = "recorder") -> bool:
     return len({(r.session, r.seq) for r in await handled(bus, group)}) >= events
 
 
+async def no_live_sessions(bus: Bus) -> bool:
+    return await live_session_count(bus) == 0
+
+
 async def test_four_workers_handle_every_session_in_order_exactly_once(
     bus: Bus, settings: Settings, workers: WorkerProcesses
 ) -> None:
@@ -128,6 +135,52 @@ async def test_kill_9_of_a_worker_loses_nothing_and_duplicates_only_in_flight_ev
     owners = await lease_owners(bus, "recorder")
     assert str(victim.pid) not in " ".join(owners) and sum(map(len, owners.values())) == 64
     assert any(r.pid != victim.pid for r in records if first_by[r.session, 1].pid == victim.pid)
+
+
+async def test_in_batch_ack_mode_a_kill_9_loses_nothing_and_repeats_at_most_a_batch(
+    server: LocalServer, workers: WorkerProcesses
+) -> None:
+    """ack_mode 'batch' acknowledges a read batch with one step: handlers still see every
+    session in order, one event at a time, and a kill -9 repeats at most a read batch of a
+    session, only events the victim handled first."""
+    settings = make_settings(server.url, ack_mode="batch", read_batch=8)
+    env = {"RECORDER_MAX_DELAY_MS": "4"}
+    async with Bus.connect(settings) as bus:
+        procs = [workers.start(RECORDER, settings, env) for _ in range(3)]
+        await settled(bus, "recorder", 3)
+        victim = procs[0]
+        expected = dict.fromkeys((f"call-{i}" for i in range(100)), 40)
+        killed = anyio.Event()
+        async with anyio.create_task_group() as tg:  # the last 20 of each once it is dead
+            tg.start_soon(partial(publish, bus, expected, 40, hold=(21, killed)))
+
+            async def victim_busy() -> bool:
+                return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 300
+
+            await wait_for(victim_busy, what="the victim to handle 300 events")
+            workers.kill(victim)
+            killed.set()
+
+        await wait_for(lambda: all_handled(bus, 4_000), limit=120, what="every event")
+        await wait_for(lambda: no_live_sessions(bus), what="every session to retire (all acked)")
+        records = await handled(bus, "recorder")
+        sessions = by_session(records)
+        assert sessions.keys() == expected.keys()
+        for session, recs in sessions.items():
+            seqs = [r.seq for r in recs]
+            assert sorted(set(seqs)) == list(range(1, 41)), (session, seqs)
+            for a, b in itertools.pairwise(recs):  # in order, but where the next owner
+                if b.seq != a.seq + 1:  # replays what the victim handled since its last step
+                    assert a.pid == victim.pid != b.pid, (session, seqs)
+                    assert a.seq - 8 < b.seq <= a.seq and b.deliveries >= 2, (session, seqs)
+        first_by: dict[tuple[str, int], Handled] = {}
+        for r in records:
+            if (r.session, r.seq) in first_by:
+                assert first_by[r.session, r.seq].pid == victim.pid != r.pid, r
+            else:
+                first_by[r.session, r.seq] = r
+        repeated = [len(recs) - len({r.seq for r in recs}) for recs in sessions.values()]
+        assert 1 < max(repeated) <= 8  # more than the one in flight: the victim's acks lagged
 
 
 async def test_a_frozen_worker_is_fenced_and_its_late_handlings_are_only_those_in_flight(

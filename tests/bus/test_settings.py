@@ -29,6 +29,7 @@ def test_environment_variables_fill_the_settings_and_explicit_values_win() -> No
         ({"FLOWBUS_PARTITIONS": "0"}, "partitions must be within"),
         ({"FLOWBUS_PREFIX": "has space"}, "prefix"),
         ({"FLOWBUS_DEAD_LETTER_POLICY": "drop"}, "invalid setting"),
+        ({"FLOWBUS_ACK_MODE": "never"}, "invalid setting.*ack_mode"),
         ({"FLOWBUS_LEASE_TTL_SECONDS": "-1"}, "lease_ttl_seconds must be positive"),
         ({"FLOWBUS_READ_BATCH": "0"}, "read_batch must be at least 1, not 0"),
         ({"FLOWBUS_CONCURRENCY": "0"}, "concurrency must be at least 1, not 0"),
@@ -37,6 +38,13 @@ def test_environment_variables_fill_the_settings_and_explicit_values_win() -> No
 def test_bad_values_are_config_errors_naming_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_ack_mode_is_each_unless_batch_is_asked_for() -> None:
+    assert Settings().ack_mode == "each"
+    assert Settings.from_env({"FLOWBUS_ACK_MODE": "batch"}).ack_mode == "batch"
+    with pytest.raises(ConfigError, match="ack_mode must be 'each' or 'batch'"):
+        Settings(ack_mode="later")  # type: ignore[arg-type]
 
 
 def test_the_password_never_shows() -> None:
