@@ -142,24 +142,32 @@ async def test_in_batch_ack_mode_a_kill_9_loses_nothing_and_repeats_at_most_a_ba
 ) -> None:
     """ack_mode 'batch' acknowledges a read batch with one step: handlers still see every
     session in order, one event at a time, and a kill -9 repeats at most a read batch of a
-    session, only events the victim handled first."""
-    settings = make_settings(server.url, ack_mode="batch", read_batch=8)
+    session, only events the victim handled first. The victim is frozen while the first 20
+    events of each session are published, so that it reads full batches."""
+    settings = make_settings(server.url, ack_mode="batch", read_batch=8, lease_ttl_seconds=3)
     env = {"RECORDER_MAX_DELAY_MS": "4"}
     async with Bus.connect(settings) as bus:
         procs = [workers.start(RECORDER, settings, env) for _ in range(3)]
         await settled(bus, "recorder", 3)
         victim = procs[0]
         expected = dict.fromkeys((f"call-{i}" for i in range(100)), 40)
-        killed = anyio.Event()
-        async with anyio.create_task_group() as tg:  # the last 20 of each once it is dead
-            tg.start_soon(partial(publish, bus, expected, 40, hold=(21, killed)))
+        victim.send_signal(signal.SIGSTOP)  # its sessions' first 20 events wait: full reads
+        await publish(bus, expected, 20, final=False)
+        victim.send_signal(signal.SIGCONT)
 
-            async def victim_busy() -> bool:
-                return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 300
+        async def victim_busy() -> bool:
+            return sum(r.pid == victim.pid for r in await handled(bus, "recorder")) >= 100
 
-            await wait_for(victim_busy, what="the victim to handle 300 events")
-            workers.kill(victim)
-            killed.set()
+        await wait_for(victim_busy, what="the victim to handle 100 events")
+        workers.kill(victim)
+
+        async def the_rest(session: str) -> None:
+            for n in range(21, 41):
+                await bus.publish(session, Tick(n=n), final=n == 40)
+
+        async with anyio.create_task_group() as tg:
+            for session in expected:
+                tg.start_soon(the_rest, session)
 
         await wait_for(lambda: all_handled(bus, 4_000), limit=120, what="every event")
         await wait_for(lambda: no_live_sessions(bus), what="every session to retire (all acked)")
