@@ -242,7 +242,9 @@ class Consumer:
             tg.start_soon(self._watch_handlers)
             self._last_renewal = anyio.current_time()
             wanting = await self._rebalance()
-            self._log.info("worker_started", partitions=len(self._parts))
+            self._log.info(
+                "worker_started", partitions=len(self._parts), ack_mode=self.settings.ack_mode
+            )
             task_status.started()
             while not self._stop.is_set():
                 with anyio.move_on_after(min(tick, 0.2) if wanting else tick):
@@ -435,10 +437,11 @@ class Consumer:
 
     async def _follow(self, run: _Run) -> None:
         """Read up to `read_batch` entries per step, handle them one by one, each acknowledged
-        before the next one starts, until a read finds nothing new (or a batch that was not
-        full is done and no hint came since it was read). Anything irregular (a retry, a
-        dead letter, a drain) gives the rest of the batch back and goes on from the pending
-        list, which then holds the truth."""
+        before the next one starts (with `ack_mode` 'batch': all of them by the step after the
+        last), until a read finds nothing new (or a batch that was not full is done and no
+        hint came since it was read). Anything irregular (a retry, a dead letter, a drain)
+        gives the rest of the batch back and goes on from the pending list, which then holds
+        the truth."""
         part, session = run.part, run.session
         ack_each = self.settings.ack_mode == "each"
         while True:
