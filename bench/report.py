@@ -100,7 +100,7 @@ def render(r: Results) -> str:
     ]
     base, floor, flow = best_baseline(r), best_floor(r), best_throughput(r)
     if base and r.baseline:
-        runs = ", ".join(f"{b.events_per_second:,.0f}" for b in r.baseline)
+        runs = _runs(r.baseline)
         lines.append(
             _row(
                 f"1 baseline: plain redis-py, {base.processes} processes",
@@ -110,7 +110,7 @@ def render(r: Results) -> str:
             )
         )
     if floor and r.floor:
-        runs = ", ".join(f"{b.events_per_second:,.0f}" for b in r.floor)
+        runs = _runs(r.floor)
         share = ""
         if base:
             share = f" = {floor.events_per_second / base.events_per_second:.1%} of baseline"
@@ -124,23 +124,14 @@ def render(r: Results) -> str:
         )
         lines.append(_row("", f"(runs: {runs}; best shown)", "", ""))
     if flow and r.throughput:
-        runs = ", ".join(f"{t.events_per_second:,.0f}" for t in r.throughput)
-        v = r.verdicts.get("throughput_ratio")
-        share = f" = {v.measured:.1%} of baseline" if v else ""
-        lines.append(
-            _row(
-                f"2 flowbus: {flow.workers} workers, {flow.sessions:,} x "
-                f"{flow.events // flow.sessions} events",
-                f"{flow.events_per_second:,.0f} events/s{share}",
-                v.target if v else "",
-                _met(v, "throughput_ratio"),
-            )
-        )
+        per = flow.events // flow.sessions
+        name = f"2 flowbus: {flow.workers} workers, {flow.sessions:,} x {per} events"
+        lines.append(_flow_row(name, flow, r.verdicts.get("throughput_ratio")))
         lines.append(
             _row(
                 "",
-                f"(runs: {runs}; best shown; workers ready, timed from their thaw; other "
-                f"processes kept {flow.other_cores_busy:.2f} cores busy)",
+                f"(runs: {_runs(r.throughput)}; best shown; workers ready, timed from their "
+                f"thaw; other processes kept {flow.other_cores_busy:.2f} cores busy)",
                 "",
                 "",
             )
@@ -150,18 +141,10 @@ def render(r: Results) -> str:
             lines.append(_row("", f"= {of_floor:.1%} of the contract's floor", "", ""))
     batched = best_throughput(r, batch=True)
     if batched and r.throughput_batch:
-        runs = ", ".join(f"{t.events_per_second:,.0f}" for t in r.throughput_batch)
-        v = r.verdicts.get("throughput_ratio_batch")
-        share = f" = {v.measured:.1%} of baseline" if v else ""
-        lines.append(
-            _row(
-                "2b flowbus, ack_mode batch (a batch's acks together)",
-                f"{batched.events_per_second:,.0f} events/s{share}",
-                v.target if v else "",
-                _met(v, "throughput_ratio"),
-            )
-        )
-        lines.append(_row("", f"(runs: {runs}; best shown; not the contract's ack order)", "", ""))
+        name = "2b flowbus, ack_mode batch (a batch's acks together)"
+        lines.append(_flow_row(name, batched, r.verdicts.get("throughput_ratio_batch")))
+        note = f"(runs: {_runs(r.throughput_batch)}; best shown; not the contract's ack order)"
+        lines.append(_row("", note, "", ""))
     if r.latency:
         lt, v = r.latency, r.verdicts["latency_p99_ms"]
         lines.append(
@@ -255,6 +238,16 @@ def render(r: Results) -> str:
             "before the next) and does nothing else (bench/floor_consumer.py)."
         )
     return "\n".join(lines)
+
+
+def _runs(results: list[BaselineResult] | list[ThroughputResult]) -> str:
+    return ", ".join(f"{run.events_per_second:,.0f}" for run in results)
+
+
+def _flow_row(name: str, best: ThroughputResult, v: Verdict | None) -> str:
+    share = f" = {v.measured:.1%} of baseline" if v else ""
+    result = f"{best.events_per_second:,.0f} events/s{share}"
+    return _row(name, result, v.target if v else "", _met(v, "throughput_ratio"))
 
 
 def _row(name: str, result: str, target: str, verdict: str) -> str:

@@ -106,42 +106,6 @@ async def test_a_session_whose_reads_all_come_back_full_is_handled_and_retires(
         assert seen == [1, 2, 3, 4]
 
 
-async def test_the_step_after_a_batch_that_was_not_full_reads_nothing_unless_hinted(
-    bus: Bus,
-) -> None:
-    """Three events read at once: the step that acknowledges the last one retires the session
-    and sends no read, which could only find nothing."""
-    await bus.register_service(ServiceInfo("svc"))
-    for n in (1, 2, 3):
-        await bus.publish("call-n", Tick(n=n), final=n == 3)
-    stream, p = bus.keys.session("call-n"), bus.keys.partition("call-n")
-    seen: list[int] = []
-
-    async def handle(d: Delivery) -> None:
-        seen.append(d.seq)
-
-    consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
-    steps: list[tuple[str, bool]] = []  # each step of call-n: its read, and whether it reads
-    for lane in consumer._lanes:
-
-        def recording(step: Step, submit: Any = lane.submit) -> Any:
-            if step.stream == stream:
-                steps.append((step.read, step.reads))
-            return submit(step)
-
-        lane.submit = recording  # type: ignore[method-assign]
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
-
-        async def retired() -> bool:
-            return not await raw(bus).sismember(bus.keys.live(p), "call-n")
-
-        await wait_for(retired, what="call-n to retire")
-        consumer.stop()
-    assert seen == [1, 2, 3]
-    assert steps == [("p", True), (">", False)]
-
-
 @pytest.mark.parametrize(
     ("mode", "expected_steps", "short_acks"),
     [
@@ -153,7 +117,8 @@ async def test_ack_mode_each_acknowledges_every_entry_before_the_next_and_batch_
     server: LocalServer, mode: str, expected_steps: list[tuple[str, bool, int]], short_acks: int
 ) -> None:
     """Three events read at once: 'each' acknowledges the first two by short steps, each before
-    the next handling, and the third with the last step; 'batch' all three with the last step."""
+    the next handling, and the third with the last step; 'batch' all three with the last step.
+    That step retires the session and sends no read, which could only find nothing."""
     async with Bus.connect(make_settings(server.url, ack_mode=mode)) as bus:
         await bus.register_service(ServiceInfo("svc"))
         for n in (1, 2, 3):
