@@ -142,7 +142,8 @@ async def test_ack_mode_each_acknowledges_every_entry_before_the_next_and_batch_
             def acking(
                 lease: str, token: str, stream: str, entry_id: bytes, ack: Any = lane.ack
             ) -> Any:
-                acks.extend([entry_id] if stream == ours else [])
+                if stream == ours:
+                    acks.append(entry_id)
                 return ack(lease, token, stream, entry_id)
 
             lane.submit = recording  # type: ignore[method-assign]
