@@ -16,7 +16,7 @@ import redis
 
 from bus import Settings
 from tests.support import ROOT, settings_env
-from workers.cli import parser
+from workers.cli import _settings, parser
 from workers.server import LocalServer, free_port
 
 
@@ -99,6 +99,8 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         (["--partitions", "0"], {}, "partitions must be within 1..16384, not 0"),
         (["--lease-ttl", "soon"], {}, "argument --lease-ttl: invalid float value: 'soon'"),
         (["--dead-letter", "retry"], {}, "invalid choice: 'retry'"),
+        (["--ack-mode", "later"], {}, "invalid choice: 'later'"),
+        ([], {"FLOWBUS_ACK_MODE": "later"}, "set by --ack-mode or FLOWBUS_ACK_MODE"),
         (["--no-such-option"], {}, "unrecognized arguments: --no-such-option"),
         ([], {"FLOWBUS_MAX_DELIVERIES": "many"}, "FLOWBUS_MAX_DELIVERIES"),
         ([], {"FLOWBUS_METRICS_PORT": "x"}, "FLOWBUS_METRICS_PORT must be an integer"),
@@ -110,6 +112,8 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         "partitions",
         "lease-ttl",
         "policy",
+        "ack-mode",
+        "env-ack-mode",
         "unknown",
         "env-deliveries",
         "env-port",
@@ -125,6 +129,13 @@ def test_a_worker_given_a_bad_option_says_which(
         "worker", "tests.workers.apps:steps", *args, env={**settings_env(settings), **env}
     )
     assert_fails_clearly(done, 2, says)
+
+
+def test_the_ack_mode_option_reaches_the_workers_settings() -> None:
+    args = parser().parse_args(["worker", "tests.workers.apps:steps", "--ack-mode", "batch"])
+    assert _settings(args).ack_mode == "batch"
+    args = parser().parse_args(["worker", "tests.workers.apps:steps"])
+    assert _settings(args).ack_mode == "each"
 
 
 def test_a_worker_whose_metrics_port_is_taken_says_so(settings: Settings) -> None:
