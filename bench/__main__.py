@@ -13,6 +13,7 @@ import msgspec
 import structlog
 from redis.asyncio import Redis
 
+from bus.settings import AckMode
 from workers import logs
 from workers.fleet import FleetError
 from workers.runtime import first_error, run
@@ -21,6 +22,7 @@ from workers.server import LocalServer
 from . import baseline, latency, soak, takeover, throughput
 from .machine import cpu_probe_ms, describe
 from .report import Results, judge, render
+from .throughput import ThroughputResult
 from .workload import BenchError, output_for
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -124,10 +126,11 @@ async def run_all(url: str, args: argparse.Namespace, started: float) -> Results
                     runs.append(await baseline.run(url, consumer=consumer, events=args.events))
                     log.info(f"{name}_measured", events_per_second=runs[-1].events_per_second)
                     await redis.flushall()
-            for ack_mode, flows in [
+            modes: list[tuple[AckMode, list[ThroughputResult] | None]] = [
                 ("each", results.throughput),
                 ("batch", results.throughput_batch),
-            ]:
+            ]
+            for ack_mode, flows in modes:
                 if flows is not None:
                     flows.append(await throughput.run(url, events=args.events, ack_mode=ack_mode))
                     log.info(

@@ -21,6 +21,7 @@ import msgspec
 import structlog
 
 from bus import Bus, ServiceInfo
+from bus.settings import AckMode
 from workers.observe import live_session_count, server_identity
 
 from .cpu import CpuMeter
@@ -56,11 +57,16 @@ class ThroughputResult(msgspec.Struct, frozen=True):
     #: CPU cores other processes of the machine kept busy meanwhile.
     other_cores_busy: float
     #: The workers' `Settings.ack_mode`.
-    ack_mode: str = "each"
+    ack_mode: AckMode = "each"
 
 
 async def run(
-    url: str, *, sessions: int = 1000, events: int = 20, workers: int = 2, ack_mode: str = "each"
+    url: str,
+    *,
+    sessions: int = 1000,
+    events: int = 20,
+    workers: int = 2,
+    ack_mode: AckMode = "each",
 ) -> ThroughputResult:
     """Start and freeze the workers, publish the backlog, time the thawed workers draining it;
     `BenchError` on a timeout or an event left unacknowledged."""
