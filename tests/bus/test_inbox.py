@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
-from bus import Bus, Codec, NoSuchSessionError, Payload, scripts
+from bus import Bus, Codec, Message, NoSuchSessionError, Payload, scripts
 from tests.apps.recorder import Tick
-from tests.support import raw
+from tests.support import raw, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -39,11 +40,22 @@ async def test_a_send_sent_again_after_its_write_gets_that_write_back(bus: Bus) 
 
 async def test_the_reader_waits_for_the_next_command(bus: Bus) -> None:
     await bus.publish("call-2", Tick(n=1))
-    async with bus.inbox("call-2", Codec([Say])) as inbox:
+    read: list[Message] = []
+
+    async def blocked_reader() -> bool:
+        clients = await raw(bus).client_list()
+        return any(c["cmd"] == "xread" and "b" in c["flags"] for c in clients)
+
+    async with bus.inbox("call-2", Codec([Say])) as inbox, anyio.create_task_group() as tg:
         assert await inbox.read(wait=0.05) == []
+
+        async def reader() -> None:
+            read.extend(await inbox.read(wait=5))
+
+        tg.start_soon(reader)
+        await wait_for(blocked_reader, what="the reader to block on the inbox")
         await bus.send("call-2", Say(text="late"))
-        [message] = await inbox.read(wait=5)
-    assert message.payload == Say(text="late")
+    assert [m.payload for m in read] == [Say(text="late")]
 
 
 async def test_junk_in_the_inbox_is_reported_not_returned(bus: Bus) -> None:

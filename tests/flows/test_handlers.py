@@ -109,7 +109,8 @@ async def test_an_opted_in_handler_is_retried_the_others_are_not(bus: Bus) -> No
 
     async with serving(bus, service):
         await emit_all(bus, (Emitter("user_aggregator"), "on_user_turn_started", ()))
-        await wait_for(lambda: attempts["plain"] == 1 and attempts["flaky"] == 3, what="runs")
+        await wait_for(lambda: attempts["plain"] >= 1 and attempts["flaky"] >= 3, what="runs")
+    assert attempts == {"flaky": 3, "plain": 1}  # after the drain: no retry of `plain` came late
 
 
 class Escalated(Event, tag="support.escalated"):
