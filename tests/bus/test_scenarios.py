@@ -13,7 +13,7 @@ import pytest
 
 from bus import Bus, Settings
 from tests.apps.recorder import Tick
-from tests.conftest import make_settings
+from tests.conftest import KIND, make_settings
 from tests.support import (
     Handled,
     WorkerProcesses,
@@ -349,7 +349,7 @@ async def test_two_services_each_see_every_event_in_order(
 async def test_a_redis_restart_with_aof_loses_nothing_and_keeps_every_session_in_order(
     workers: WorkerProcesses,
 ) -> None:
-    with LocalServer(appendonly=True) as server:
+    with LocalServer(KIND, appendonly=True) as server:
         settings = make_settings(server.url)
         workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
         sessions = [f"call-{i}" for i in range(50)]
@@ -369,7 +369,7 @@ async def test_a_redis_restart_with_aof_loses_nothing_and_keeps_every_session_in
 async def test_after_a_restart_without_its_data_the_workers_register_again_and_go_on(
     workers: WorkerProcesses,
 ) -> None:
-    with LocalServer() as server:  # no AOF: a restart empties it
+    with LocalServer(KIND) as server:  # no AOF: a restart empties it
         settings = make_settings(server.url)
         workers.start(RECORDER, settings, {})
         async with Bus.connect(settings) as bus, Bus.connect(settings) as idle_publisher:
@@ -398,7 +398,7 @@ async def test_after_a_restart_without_its_data_the_workers_register_again_and_g
 async def test_an_outage_longer_than_the_lease_loses_nothing_once_the_server_is_back(
     workers: WorkerProcesses,
 ) -> None:
-    with LocalServer(appendonly=True) as server:
+    with LocalServer(KIND, appendonly=True) as server:
         settings = make_settings(server.url)
         worker = workers.start(RECORDER, settings, {"RECORDER_MAX_DELAY_MS": "4"})
         sessions = [f"call-{i}" for i in range(50)]

@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 from bus import Bus, Codec, CommandRefusedError, ConnectionFailedError, NotPermittedError
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
-from tests.conftest import make_settings
+from tests.conftest import KIND, make_settings
 from tests.support import raw
 from workers.server import LocalServer
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_server_out_of_memory_refuses_a_publish_with_a_bus_error_then_takes_it() -> None:
-    with LocalServer() as server:
+    with LocalServer(KIND) as server:
         async with Bus.connect(make_settings(server.url)) as bus:
             await bus.publish("call-1", Tick(n=1))
             await bus.redis.config_set("maxmemory", 1)
@@ -31,7 +31,7 @@ async def test_a_server_out_of_memory_refuses_a_publish_with_a_bus_error_then_ta
 
 
 async def test_a_read_only_replica_refuses_writes_with_a_bus_error() -> None:
-    with LocalServer() as primary, LocalServer() as replica:
+    with LocalServer(KIND) as primary, LocalServer(KIND) as replica:
         async with Bus.connect(make_settings(replica.url)) as bus:
             await raw(bus).execute_command("REPLICAOF", "127.0.0.1", primary.port)
             with pytest.raises(CommandRefusedError, match="READONLY"):
@@ -39,7 +39,7 @@ async def test_a_read_only_replica_refuses_writes_with_a_bus_error() -> None:
 
 
 async def test_an_inbox_reader_goes_on_across_a_server_restart() -> None:
-    with LocalServer(appendonly=True) as server:
+    with LocalServer(KIND, appendonly=True) as server:
         async with Bus.connect(make_settings(server.url)) as bus:
             await bus.publish("call-1", Tick(n=1))
             await bus.send("call-1", Say(text="before"))
@@ -52,7 +52,7 @@ async def test_an_inbox_reader_goes_on_across_a_server_restart() -> None:
 
 
 async def test_after_a_restart_the_first_command_on_a_pooled_connection_is_sent_again() -> None:
-    with LocalServer(appendonly=True) as server:
+    with LocalServer(KIND, appendonly=True) as server:
         async with Bus.connect(make_settings(server.url)) as bus:
             await bus.publish("call-1", Tick(n=1))
             assert await raw(bus).xlen(bus.keys.session("call-1")) == 1  # a pooled connection
@@ -65,7 +65,7 @@ async def test_after_a_restart_the_first_command_on_a_pooled_connection_is_sent_
 
 
 async def test_connecting_warns_when_the_server_may_evict_the_bus_keys() -> None:
-    with LocalServer() as server:
+    with LocalServer(KIND) as server:
         settings = make_settings(server.url)
         with capture_logs() as logs:
             async with Bus.connect(settings) as bus:  # the default: noeviction
@@ -78,7 +78,7 @@ async def test_connecting_warns_when_the_server_may_evict_the_bus_keys() -> None
 
 
 async def test_a_user_that_may_not_ask_the_eviction_policy_connects() -> None:
-    with LocalServer() as server:
+    with LocalServer(KIND) as server:
         admin = make_settings(server.url)
         async with Bus.connect(admin) as bus:
             await bus.redis.config_set("maxmemory-policy", "allkeys-lru")
@@ -92,7 +92,7 @@ async def test_a_user_that_may_not_ask_the_eviction_policy_connects() -> None:
 
 
 async def test_a_user_that_may_not_load_the_scripts_is_refused_with_a_bus_error() -> None:
-    with LocalServer() as server:
+    with LocalServer(KIND) as server:
         admin = make_settings(server.url)
         async with Bus.connect(admin) as bus:
             await raw(bus).execute_command("ACL", "SETUSER", "app", "on", ">secret", "+ping")

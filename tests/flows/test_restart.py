@@ -10,7 +10,7 @@ import pytest
 
 from bus import Bus
 from flows import FlowManager, FunctionCall, LLMResponse, ScriptedLLM, SimulatedTTS
-from tests.conftest import make_settings
+from tests.conftest import KIND, make_settings
 from tests.flows.test_actions import node, say
 from tests.flows.test_events import ready
 from tests.support import WorkerProcesses, wait_for
@@ -48,7 +48,7 @@ def script() -> dict[str, list[LLMResponse]]:
 
 
 async def test_calls_complete_in_order_across_a_server_restart(workers: WorkerProcesses) -> None:
-    with LocalServer(appendonly=True) as server:
+    with LocalServer(KIND, appendonly=True) as server:
         settings = make_settings(server.url)
         workers.start("tests.apps.actions:app", settings)
         async with Bus.connect(settings) as bus:
