@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -16,6 +17,16 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 DeadLetterPolicy = Literal["skip", "pause"]
 AckMode = Literal["each", "batch"]
+
+#: The least value of each duration (seconds): the server takes milliseconds, and a worker
+#: renews its leases five times per TTL.
+_LEAST_SECONDS = {
+    "retention_seconds": 0.001,
+    "lease_ttl_seconds": 0.1,
+    "handler_timeout_seconds": 0.001,
+    "drain_timeout_seconds": 0.001,
+    "replica_timeout_seconds": 0.001,
+}
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +77,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     replica_timeout_seconds: float = 0.5
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not NAME_PATTERN.match(self.prefix):
             raise ConfigError(f"prefix {self.prefix!r} must match {NAME_PATTERN.pattern}")
         if not 1 <= self.partitions <= 16_384:
@@ -78,20 +90,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.ack_mode not in ("each", "batch"):
             raise ConfigError(f"ack_mode must be 'each' or 'batch', not {self.ack_mode!r}")
-        for name in (
-            "retention_seconds",
-            "lease_ttl_seconds",
-            "handler_timeout_seconds",
-            "drain_timeout_seconds",
-            "replica_timeout_seconds",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+        for name, least in _LEAST_SECONDS.items():
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name} must be at least {least:g}, not {getattr(self, name)}")
+        for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, not {getattr(self, name)}")
         for name in ("concurrency", "max_payload_bytes", "read_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.min_replicas < 0:
             raise ConfigError(f"min_replicas must be 0 or more, not {self.min_replicas}")
+
+    def _check_types(self) -> None:
+        """Each field of its type, a float finite (the struct does not check at construction)."""
+        for field in msgspec.structs.fields(self):
+            value, kind = getattr(self, field.name), field.type
+            if kind is float:
+                ok = type(value) in (int, float) and math.isfinite(value)
+            else:  # a Literal's values are checked below
+                ok = type(value) is (kind if kind in (int, bool) else str)
+            if not ok:
+                raise ConfigError(f"{field.name} must be {_wanted(kind)}, not {value!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -105,7 +125,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for field in msgspec.structs.fields(cls):
             name = "FLOWBUS_REDIS_URL" if field.name == "url" else f"FLOWBUS_{field.name.upper()}"
             if name in env:
-                values[field.name] = env[name]
+                try:
+                    values[field.name] = msgspec.convert(env[name], field.type, strict=False)
+                except msgspec.ValidationError:
+                    wanted = _wanted(field.type)
+                    raise ConfigError(f"{name}={env[name]!r}: must be {wanted}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(values, cls, strict=False)
@@ -116,3 +140,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def redacted_url(self) -> str:
         """The URL with any password replaced by ``***``, for messages and logs."""
         return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", self.url)
+
+
+def _wanted(kind: object) -> str:
+    """What a value of a field of type `kind` must be, in words."""
+    if kind is float:
+        return "a finite number"
+    if kind is int:
+        return "an integer"
+    if kind is bool:
+        return "true or false (or 1 or 0)"
+    if kind is str:
+        return "a string"
+    return "one of " + ", ".join(repr(v) for v in get_args(kind))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bus import ConfigError, Settings
@@ -25,12 +27,15 @@ def test_environment_variables_fill_the_settings_and_explicit_values_win() -> No
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"FLOWBUS_PARTITIONS": "many"}, "invalid setting"),
+        ({"FLOWBUS_PARTITIONS": "many"}, "FLOWBUS_PARTITIONS='many': must be an integer"),
         ({"FLOWBUS_PARTITIONS": "0"}, "partitions must be within"),
         ({"FLOWBUS_PREFIX": "has space"}, "prefix"),
-        ({"FLOWBUS_DEAD_LETTER_POLICY": "drop"}, "invalid setting"),
-        ({"FLOWBUS_ACK_MODE": "never"}, "invalid setting.*ack_mode"),
-        ({"FLOWBUS_LEASE_TTL_SECONDS": "-1"}, "lease_ttl_seconds must be positive"),
+        ({"FLOWBUS_DEAD_LETTER_POLICY": "drop"}, "FLOWBUS_DEAD_LETTER_POLICY='drop': must be one"),
+        ({"FLOWBUS_ACK_MODE": "never"}, "FLOWBUS_ACK_MODE='never': must be one of 'each', 'b"),
+        ({"FLOWBUS_CLUSTER": "yes"}, "FLOWBUS_CLUSTER='yes': must be true or false"),
+        ({"FLOWBUS_LEASE_TTL_SECONDS": "-1"}, "lease_ttl_seconds must be at least 0.1, not -1"),
+        ({"FLOWBUS_LEASE_TTL_SECONDS": "nan"}, "lease_ttl_seconds must be a finite number"),
+        ({"FLOWBUS_RETENTION_SECONDS": "inf"}, "retention_seconds must be a finite number"),
         ({"FLOWBUS_READ_BATCH": "0"}, "read_batch must be at least 1, not 0"),
         ({"FLOWBUS_CONCURRENCY": "0"}, "concurrency must be at least 1, not 0"),
     ],
@@ -45,6 +50,26 @@ def test_ack_mode_is_each_unless_batch_is_asked_for() -> None:
     assert Settings.from_env({"FLOWBUS_ACK_MODE": "batch"}).ack_mode == "batch"
     with pytest.raises(ConfigError, match="ack_mode must be 'each' or 'batch'"):
         Settings(ack_mode="later")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"partitions": "64"}, "partitions must be an integer, not '64'"),
+        ({"partitions": 2.5}, "partitions must be an integer, not 2.5"),
+        ({"url": 5}, "url must be a string, not 5"),
+        ({"cluster": 1}, "cluster must be true or false"),
+        ({"lease_ttl_seconds": "5"}, "lease_ttl_seconds must be a finite number, not '5'"),
+        ({"lease_ttl_seconds": 1e-9}, "lease_ttl_seconds must be at least 0.1"),
+        ({"replica_timeout_seconds": 0.0001}, "replica_timeout_seconds must be at least 0.001"),
+        ({"retry_backoff_seconds": -1.0}, "retry_backoff_seconds must be 0 or more"),
+    ],
+)
+def test_values_of_the_wrong_type_or_range_given_in_code_are_config_errors(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings(**values)  # type: ignore[arg-type]
 
 
 def test_the_password_never_shows() -> None:
