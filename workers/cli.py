@@ -430,11 +430,15 @@ def _worker(args: argparse.Namespace) -> int:
         if args.metrics_port is not None
         else _env_int("FLOWBUS_METRICS_PORT", None)
     )
+    if port is not None and not 0 <= port <= 65_535:
+        raise ConfigError(f"--metrics-port (or FLOWBUS_METRICS_PORT) must be 0..65535, not {port}")
     attempts = args.connect_attempts
     if attempts is None:
-        attempts = _env_int("FLOWBUS_CONNECT_ATTEMPTS", 8) or 8
-    if attempts < 1:
-        raise ConfigError("--connect-attempts must be at least 1")
+        attempts = _env_int("FLOWBUS_CONNECT_ATTEMPTS", 8)
+    if attempts is None or attempts < 1:
+        raise ConfigError(
+            f"--connect-attempts (or FLOWBUS_CONNECT_ATTEMPTS) must be at least 1, not {attempts}"
+        )
     try:
         service = load_service(args.target)
     except AppLoadError as exc:

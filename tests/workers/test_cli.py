@@ -107,6 +107,10 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         ([], {"FLOWBUS_LOG_LEVEL": "loud"}, "FLOWBUS_LOG_LEVEL must be one of debug, info"),
         ([], {"FLOWBUS_EVENT_LOOP": "trio"}, "FLOWBUS_EVENT_LOOP must be one of uvloop, asyncio"),
         (["--redis-url", "http://127.0.0.1/0"], {}, "invalid Redis URL"),
+        (["--lease-ttl", "nan"], {}, "lease_ttl_seconds must be a finite number, not nan (set by"),
+        ([], {"FLOWBUS_CLUSTER": "yes"}, "FLOWBUS_CLUSTER='yes': must be true or false"),
+        (["--metrics-port", "99999"], {}, "--metrics-port (or FLOWBUS_METRICS_PORT) must be 0..6"),
+        ([], {"FLOWBUS_CONNECT_ATTEMPTS": "0"}, "FLOWBUS_CONNECT_ATTEMPTS) must be at least 1"),
     ],
     ids=[
         "partitions",
@@ -120,6 +124,10 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         "env-log-level",
         "env-event-loop",
         "url",
+        "lease-ttl-nan",
+        "env-cluster",
+        "metrics-port-range",
+        "env-connect-attempts",
     ],
 )
 def test_a_worker_given_a_bad_option_says_which(
