@@ -18,9 +18,10 @@ from redis.exceptions import ResponseError
 
 from . import scripts
 from .connection import call, connect, make_client
-from .envelope import Codec, DecodeError, Entry, Payload, encode, type_name
+from .envelope import OPTIONAL_FIELDS, Codec, DecodeError, Entry, Payload, encode, type_name
 from .errors import (
     ConfigError,
+    InvalidExtraError,
     NoSuchSessionError,
     PayloadTooLargeError,
     SessionEndedError,
@@ -340,4 +341,14 @@ def _service_info(item: tuple[bytes, bytes]) -> ServiceInfo:
 
 
 def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:
-    return [x for kv in (extra or {}).items() for x in kv]
+    """`extra` as the entry's field-value list; `InvalidExtraError` for a field the envelope
+    does not carry (one of its own would be overwritten, another one dropped on reading)."""
+    flat = []
+    for field, value in (extra or {}).items():
+        if field not in OPTIONAL_FIELDS:
+            carried = ", ".join(OPTIONAL_FIELDS)
+            raise InvalidExtraError(field, f"the envelope carries only {carried}")
+        if not isinstance(value, str):
+            raise InvalidExtraError(field, f"its value must be a string, not {value!r}")
+        flat += (field, value)
+    return flat

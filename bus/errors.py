@@ -8,6 +8,7 @@ boundary, so callers never need to import `redis`::
     ├── ConnectionFailedError    the server cannot be reached, or refused our credentials
     │   └── NotPermittedError    an ACL user lacking a command the bus needs
     ├── InvalidSessionIdError    a session id the key layout cannot carry
+    ├── InvalidExtraError        an `extra` field the envelope does not carry
     ├── PayloadTooLargeError     an encoded payload above the configured limit
     ├── SessionEndedError        publishing to a session after its final event
     ├── NoSuchSessionError       writing to the inbox of a session that never started
@@ -54,6 +55,15 @@ class InvalidSessionIdError(BusError, ValueError):
     def __init__(self, session: str, reason: str) -> None:
         super().__init__(f"invalid session id {session!r}: {reason}")
         self.session = session
+
+
+class InvalidExtraError(BusError, ValueError):
+    """An `extra` envelope field that is not one of the optional ones (``v``, ``traceparent``,
+    ``reply_to``, ``corr``), or whose value is not a string."""
+
+    def __init__(self, field: object, reason: str) -> None:
+        super().__init__(f"invalid extra field {field!r}: {reason}")
+        self.field = field
 
 
 class PayloadTooLargeError(BusError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import anyio
 import msgspec
@@ -10,7 +11,7 @@ import pytest
 from anyio import wait_all_tasks_blocked
 from structlog.testing import capture_logs
 
-from bus import Bus, PayloadTooLargeError, ServiceInfo, SessionEndedError
+from bus import Bus, InvalidExtraError, PayloadTooLargeError, ServiceInfo, SessionEndedError
 from bus import scripts as s
 from bus.publisher import Publisher
 from tests.apps.recorder import Tick
@@ -35,6 +36,27 @@ async def test_an_entry_is_flat_and_readable(bus: Bus) -> None:
     assert list(fields) == [b"type", b"seq", b"ts", b"data", b"traceparent"]
     assert fields[b"type"] == b"tick" and fields[b"seq"] == b"1"
     assert msgspec.json.decode(fields[b"data"]) == {"type": "tick", "n": 7, "fail": False}
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"seq": "999"}, "'seq': the envelope carries only v, traceparent, reply_to, corr"),
+        ({"data": "{}"}, "'data': the envelope carries only"),
+        ({"tenant": "acme"}, "'tenant': the envelope carries only"),
+        ({"corr": 7}, "'corr': its value must be a string, not 7"),
+    ],
+)
+async def test_an_extra_field_the_envelope_does_not_carry_is_refused_and_nothing_written(
+    bus: Bus, extra: dict[str, object], says: str
+) -> None:
+    await bus.publish("call-4", Tick(n=1))
+    with pytest.raises(InvalidExtraError, match=re.escape(says)):
+        await bus.publish("call-4", Tick(n=2), extra=extra)  # type: ignore[arg-type]
+    with pytest.raises(InvalidExtraError, match=re.escape(says)):
+        await bus.send("call-4", Tick(n=2), extra=extra)  # type: ignore[arg-type]
+    assert [(e.seq, e.type) for e in await bus.history("call-4")] == [(1, "tick")]
+    assert await raw(bus).exists(bus.keys.inbox("call-4")) == 0
 
 
 async def test_nothing_follows_the_final_event(bus: Bus) -> None:
