@@ -50,7 +50,8 @@ class NotPermittedError(ConnectionFailedError):
 
 
 class InvalidSessionIdError(BusError, ValueError):
-    """The session id is empty, too long, or contains whitespace or braces."""
+    """The session id is empty, too long, contains whitespace, control characters or braces,
+    or ends in the suffix of a session's key (``:inbox``, ``:meta``, ``:state``, ``:sent``)."""
 
     def __init__(self, session: str, reason: str) -> None:
         super().__init__(f"invalid session id {session!r}: {reason}")

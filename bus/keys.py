@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 from .errors import InvalidSessionIdError
 
-_BAD_SESSION_CHARS = re.compile(r"[\s{}]")
+_BAD_SESSION_CHARS = re.compile(r"[\s{}\x00-\x1f\x7f]")
 MAX_SESSION_ID = 200
+#: A session's own keys are its stream's name and one of these: a session id ending in one
+#: would name another session's key.
+SESSION_KEY_SUFFIXES = (":inbox", ":meta", ":state", ":sent")
 
 
 def check_session_id(session: str) -> str:
@@ -23,7 +26,13 @@ def check_session_id(session: str) -> str:
     if len(session) > MAX_SESSION_ID:
         raise InvalidSessionIdError(session, f"it is longer than {MAX_SESSION_ID} characters")
     if _BAD_SESSION_CHARS.search(session):
-        raise InvalidSessionIdError(session, "whitespace and braces are not allowed")
+        raise InvalidSessionIdError(
+            session, "whitespace, control characters and braces are not allowed"
+        )
+    if session.endswith(SESSION_KEY_SUFFIXES):
+        raise InvalidSessionIdError(
+            session, f"it may not end in {', '.join(SESSION_KEY_SUFFIXES)} (another's key)"
+        )
     return session
 
 
@@ -51,7 +60,8 @@ class Keys:
         return f"{self.session(session)}:inbox"
 
     def meta(self, session: str) -> str:
-        """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms)."""
+        """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms), and
+        ``publish_id`` and ``publish_entry`` of the last publish (so its retry appends once)."""
         return f"{self.session(session)}:meta"
 
     def state(self, session: str) -> str:

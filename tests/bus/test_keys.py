@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import zlib
 
 import pytest
@@ -49,7 +50,27 @@ def test_the_documented_names() -> None:
     assert keys.consumer(17) == "p17"
 
 
-@pytest.mark.parametrize("bad", ["", "a b", "a{b}", "x" * 201, "tab\there"])
-def test_unusable_session_ids_are_refused_with_the_reason(bad: str) -> None:
-    with pytest.raises(InvalidSessionIdError, match="invalid session id"):
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("", "it is empty"),
+        ("a b", "whitespace"),
+        ("a{b}", "braces"),
+        ("x" * 201, "longer than 200"),
+        ("tab\there", "whitespace"),
+        ("nul\x00byte", "control characters"),
+        ("esc\x1b[31m", "control characters"),
+        ("call-1:inbox", "may not end in :inbox"),
+        ("call-1:meta", "may not end in"),
+        ("call-1:state", "may not end in"),
+        ("call-1:sent", "may not end in"),
+    ],
+)
+def test_unusable_session_ids_are_refused_with_the_reason(bad: str, reason: str) -> None:
+    with pytest.raises(InvalidSessionIdError, match=f"invalid session id .*{re.escape(reason)}"):
         check_session_id(bad)
+
+
+def test_a_session_id_may_hold_colons_that_name_no_key_of_another() -> None:
+    assert check_session_id("sip:call-1@example.com") == "sip:call-1@example.com"
+    assert check_session_id("call-1:inbox-2") == "call-1:inbox-2"
