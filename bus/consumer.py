@@ -88,6 +88,14 @@ class Service:
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):
             raise ConfigError(f"service name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if self.subscribes is not None:  # any collection of type names, kept as a frozenset
+            types = self.subscribes
+            if isinstance(types, str) or not all(isinstance(t, str) for t in types):
+                raise ConfigError(
+                    f"subscribes of service {self.name!r} must be a collection of type names, "
+                    f"not {types!r}"
+                )
+            object.__setattr__(self, "subscribes", frozenset(types))
 
 
 @dataclass(slots=True)

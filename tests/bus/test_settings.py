@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from bus import ConfigError, Settings
+from bus import Codec, ConfigError, Delivery, Service, Settings
 
 
 def test_environment_variables_fill_the_settings_and_explicit_values_win() -> None:
@@ -74,3 +74,18 @@ def test_values_of_the_wrong_type_or_range_given_in_code_are_config_errors(
 
 def test_the_password_never_shows() -> None:
     assert Settings(url="redis://app:s3cret@h:6379/0").redacted_url == "redis://app:***@h:6379/0"
+
+
+async def _noop(delivery: Delivery) -> None:
+    pass
+
+
+def test_a_service_takes_any_collection_of_type_names_and_refuses_a_string_or_a_bad_name() -> None:
+    service = Service("crm", _noop, Codec([]), subscribes=["a.b", "c.d"])  # type: ignore[arg-type]
+    assert service.subscribes == frozenset({"a.b", "c.d"})
+    with pytest.raises(ConfigError, match=r"must be a collection of type names, not 'a\.b'"):
+        Service("crm", _noop, Codec([]), subscribes="a.b")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a collection of type names"):
+        Service("crm", _noop, Codec([]), subscribes=[1])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="service name 'a b' must match"):
+        Service("a b", _noop, Codec([]))
