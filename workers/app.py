@@ -30,7 +30,7 @@ def load_service(target: str) -> Service:
     try:
         obj: object = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name + ".").startswith(exc.name + "."):  # not one it imports
             raise AppLoadError(
                 f"cannot import module {module_name!r}: no such module (the current directory "
                 f"and the installed packages were searched)"

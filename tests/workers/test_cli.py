@@ -84,8 +84,12 @@ def test_a_worker_given_an_unreachable_server_retries_then_says_so(settings: Set
             "importing 'tests.workers.broken_app' raised RuntimeError: the CRM credentials are "
             "missing (",
         ),
+        (
+            "tests.workers.sdk_app:app",
+            "importing 'tests.workers.sdk_app' failed: No module named 'tests.workers.sdk'",
+        ),
     ],
-    ids=["no-colon", "no-module", "no-attribute", "not-a-service", "import-raises"],
+    ids=["no-colon", "no-module", "no-attribute", "not-a-service", "import-raises", "dependency"],
 )
 def test_a_worker_given_a_bad_target_says_what_is_wrong(
     settings: Settings, target: str, says: str
