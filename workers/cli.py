@@ -542,7 +542,8 @@ async def _dead(bus: Bus, args: argparse.Namespace) -> int:
     if args.all:
         letters = await d.list_dead(bus, group=args.group, session=args.session)
     else:
-        letters = [await d.find(bus, ref) for ref in args.refs]
+        found = [await d.find(bus, ref) for ref in args.refs]
+        letters = list({letter.ref: letter for letter in found}.values())  # each once
     letters.sort(key=lambda x: (x.session, x.seq))  # a session's replays keep their order
     act = d.replay if args.action == "replay" else d.drop
     failures = 0

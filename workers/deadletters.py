@@ -20,6 +20,7 @@ acknowledges the entry unhandled (``Bus.resume(drop=True)``) so the session goes
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,10 @@ from .replay import REPLAY, Replay
 DEAD_FIELDS = ("session", "group", "entry", "deliveries", "error", "policy")
 #: The original entry's optional envelope fields a replay carries on.
 ENVELOPE_FIELDS = ("v", "traceparent", "reply_to", "corr")
+
+
+#: A stream entry id, whole (a bare millisecond time would name every entry of it).
+_ENTRY_ID = re.compile(r"^\d+-\d+$")
 
 
 class DeadLetterError(BusError):
@@ -147,26 +152,32 @@ async def _with_paused(bus: Bus, letters: list[DeadLetter]) -> list[DeadLetter]:
 
 
 async def find(bus: Bus, ref: str) -> DeadLetter:
-    """The dead letter named `ref` (``P/ID``, or just ``ID``: every partition is searched).
-    Raises `DeadLetterError` if there is none."""
+    """The dead letter named `ref` (``P/ID``, or just ``ID``: every partition is searched, and
+    an id found in more than one is refused). Raises `DeadLetterError` if there is none."""
     partition, _, entry_id = ref.rpartition("/")
-    if partition and not partition.isdigit():
+    if (partition and not partition.isdigit()) or not _ENTRY_ID.match(entry_id):
         raise DeadLetterError(
             f"{ref!r} is not a dead letter's name (P/ID, e.g. 17/1767225600000-0)"
         )
+    if partition and int(partition) >= bus.settings.partitions:
+        raise DeadLetterError(f"{ref}: there are only {bus.settings.partitions} partitions")
     partitions = [int(partition)] if partition else list(range(bus.settings.partitions))
     pipe = bus.redis.pipeline(transaction=False)
     for p in partitions:
         pipe.xrange(bus.keys.dead(p), entry_id, entry_id)
-    try:
-        replies: list[Any] = await pipe.execute()
-    except Exception as exc:
-        raise DeadLetterError(f"{ref!r} is not a dead letter's name: {exc}") from None
-    for p, entries in zip(partitions, replies, strict=True):
-        for raw_id, fields in entries:
-            [letter] = await _with_paused(bus, [parse(p, _text(raw_id), fields, paused=False)])
-            return letter
-    raise DeadLetterError(f"no dead letter {ref} (flowbus dead list shows them)")
+    replies: list[Any] = await pipe.execute()
+    found = [
+        parse(p, _text(raw_id), fields, paused=False)
+        for p, entries in zip(partitions, replies, strict=True)
+        for raw_id, fields in entries
+    ]
+    if not found:
+        raise DeadLetterError(f"no dead letter {ref} (flowbus dead list shows them)")
+    if len(found) > 1:
+        names = ", ".join(letter.ref for letter in found)
+        raise DeadLetterError(f"{ref} names {len(found)} dead letters ({names}): give P/ID")
+    [letter] = await _with_paused(bus, found)
+    return letter
 
 
 async def replay(bus: Bus, letter: DeadLetter) -> str:

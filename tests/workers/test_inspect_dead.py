@@ -222,6 +222,25 @@ async def test_inspect_refuses_an_unknown_session_and_dead_an_unknown_letter(
     assert status == 2 and "name dead letters (P/ID ...) or give --all" in err
 
 
+async def test_dead_names_one_letter_each_an_id_in_two_partitions_wants_its_partition(
+    bus: Bus, settings: Settings
+) -> None:
+    letter = {"session": "call-1", "group": "steps", "entry": "1-0", "deliveries": "5"}
+    letter |= {"error": "boom", "policy": "skip", "type": "step", "seq": "1", "ts": "1"}
+    for p in (3, 5):  # dead-letter stream ids are per partition: the same id in two of them
+        await raw(bus).xadd(bus.keys.dead(p), letter, id="1700000000000-0")
+    status, _, err = await flowbus(settings, "dead", "show", "1700000000000-0", check=False)
+    assert status == 1
+    assert "names 2 dead letters (3/1700000000000-0, 5/1700000000000-0): give P/ID" in err
+    status, _, err = await flowbus(settings, "dead", "show", "1700000000000", check=False)
+    assert status == 1 and "'1700000000000' is not a dead letter's name (P/ID" in err
+    ref = "3/1700000000000-0"
+    _, out, _ = await flowbus(settings, "dead", "drop", ref, ref)
+    assert out.splitlines() == [f"{ref}: dropped"]  # named twice, dropped once
+    [left] = await as_json(settings, "dead", "list")
+    assert left["ref"] == "5/1700000000000-0"
+
+
 async def _is(records: Any, n: int) -> bool:
     return len(await records) == n
 
