@@ -28,6 +28,8 @@ from redis.exceptions import (
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
     ResponseError,
     SlotNotCoveredError,
     TryAgainError,
@@ -272,18 +274,34 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             raise ConnectionFailedError(f"authentication failed: {exc}", url=url) from None
         except AuthorizationError as exc:
             raise NotPermittedError(str(exc), url=url) from None
+        except RedisClusterUnreachableError as exc:  # not a `RedisError`: no node answered
+            if attempt == attempts:
+                raise ConnectionFailedError(
+                    f"cannot reach the server after {attempts} attempt(s): {exc}", url=url
+                ) from None
+            await _before_retry(url, attempt)
+        except RedisClusterException as exc:  # a node answered, but is no cluster's
+            raise ConnectionFailedError(
+                f"the server is not a cluster's node ({exc}); leave out --cluster "
+                "(FLOWBUS_CLUSTER) for a single server",
+                url=url,
+            ) from None
         except TRANSIENT as exc:  # a cluster still forming (CLUSTERDOWN) too
             if attempt == attempts:
                 raise ConnectionFailedError(
                     f"cannot reach the server after {attempts} attempt(s): {exc}", url=url
                 ) from None
-            delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
-            log.warning("connect_retried", url=url, attempt=attempt, delay=round(delay, 2))
-            await anyio.sleep(delay)
+            await _before_retry(url, attempt)
         except ResponseError as exc:  # redis-py takes NOPERM off the message it classes
             if isinstance(exc, NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH")):
                 raise NotPermittedError(_reason(exc), url=url) from None
             raise
+
+
+async def _before_retry(url: str, attempt: int) -> None:
+    delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1.0)
+    log.warning("connect_retried", url=url, attempt=attempt, delay=round(delay, 2))
+    await anyio.sleep(delay)
 
 
 async def _warn_if_evicting(client: Redis, url: str) -> None:

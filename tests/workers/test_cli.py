@@ -72,6 +72,18 @@ def test_a_worker_given_an_unreachable_server_retries_then_says_so(settings: Set
     assert "connect_retried" in done.stderr  # the retry was logged, with its backoff
 
 
+def test_a_worker_told_of_a_cluster_retries_one_unreachable_and_refuses_a_single_server(
+    settings: Settings,
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    args = ("worker", "tests.workers.apps:steps", "--cluster", "--connect-attempts", "2")
+    done = flowbus(*args, "--redis-url", url)
+    assert_fails_clearly(done, 1, "cannot reach the server after 2 attempt(s)", url)
+    assert "connect_retried" in done.stderr
+    done = flowbus(*args, env=settings_env(settings))  # a server, not a cluster
+    assert_fails_clearly(done, 1, "the server is not a cluster's node (", "leave out --cluster")
+
+
 @pytest.mark.parametrize(
     ("target", "says"),
     [
