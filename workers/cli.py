@@ -24,8 +24,10 @@ from bus import (
     CommandRefusedError,
     ConfigError,
     ConnectionFailedError,
+    InvalidSessionIdError,
     NotPermittedError,
     Settings,
+    check_session_id,
 )
 
 from . import logs
@@ -288,9 +290,19 @@ def parser() -> argparse.ArgumentParser:
         "Pipecat events) against a deployment running workers.sample.",
         EPILOG_SIMULATE,
     )
-    simulate.add_argument("--calls", type=int, default=10, help="calls in all; 0: until stopped")
-    simulate.add_argument("--rate", type=float, default=2.0, help="calls started per second")
-    simulate.add_argument("--concurrency", type=int, default=20, help="calls at once, at most")
+    simulate.add_argument(
+        "--calls", type=int, default=10, help="calls in all; 0: until stopped (default 10)"
+    )
+    simulate.add_argument(
+        "--rate", type=float, default=2.0, help="calls started per second (default 2)"
+    )
+    simulate.add_argument(
+        "--concurrency",
+        type=int,
+        default=20,
+        dest="calls_at_once",  # not the worker setting of that name
+        help="calls at once, at most (default 20)",
+    )
     simulate.add_argument(
         "--wait",
         type=float,
@@ -473,11 +485,13 @@ def _worker(args: argparse.Namespace) -> int:
 async def _simulate(bus: Bus, args: argparse.Namespace) -> int:
     from .bots import ServicesMissingError, simulate
 
-    if args.calls < 0 or args.rate <= 0 or args.concurrency < 1:
-        raise UsageError("--calls must be 0 or more, --rate above 0, --concurrency at least 1")
+    if args.calls < 0 or not args.rate > 0 or args.calls_at_once < 1 or not args.wait >= 0:
+        raise UsageError(
+            "--calls must be 0 or more, --rate above 0, --concurrency at least 1, --wait 0 or more"
+        )
     try:
         ended, failed = await simulate(
-            bus, calls=args.calls, rate=args.rate, concurrency=args.concurrency, wait=args.wait
+            bus, calls=args.calls, rate=args.rate, concurrency=args.calls_at_once, wait=args.wait
         )
     except ServicesMissingError as exc:
         print(f"flowbus: {exc}", file=sys.stderr)
@@ -496,9 +510,15 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
     now = await i.server_ms(bus)
     result: object
     if args.what == "sessions":
+        if args.limit < 1:
+            raise UsageError(f"--limit must be at least 1, not {args.limit}")
         result = rows = await i.sessions(bus, ended=not args.live, limit=args.limit)
         text = i.render_sessions(rows, now)
     elif args.what == "session":
+        try:
+            check_session_id(args.session)
+        except InvalidSessionIdError as exc:
+            raise UsageError(str(exc)) from None
         result = detail = await i.session_detail(bus, args.session, inbox=args.inbox)
         if not detail.events and not detail.meta:
             print(

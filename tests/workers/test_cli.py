@@ -207,3 +207,19 @@ def test_simulate_without_the_sample_services_says_which_to_start(settings: Sett
     assert_fails_clearly(
         done, 1, "no worker of actions, crm is running after 0.3s", "workers.sample:actions"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["inspect", "session", "a b"], "invalid session id 'a b': whitespace"),
+        (["inspect", "sessions", "--limit", "0"], "--limit must be at least 1, not 0"),
+        (["simulate", "--concurrency", "0"], "--concurrency at least 1, --wait 0 or more"),
+        (["simulate", "--wait", "-5"], "--concurrency at least 1, --wait 0 or more"),
+    ],
+    ids=["session-id", "limit", "simulate-concurrency", "simulate-wait"],
+)
+def test_a_command_given_a_bad_value_says_which(
+    settings: Settings, args: list[str], says: str
+) -> None:
+    assert_fails_clearly(flowbus(*args, env=settings_env(settings)), 2, says)
