@@ -29,6 +29,8 @@ class Payload(msgspec.Struct, kw_only=True, tag_field="type"):
 
 def type_name(payload_type: type[Payload]) -> str:
     """The wire ``type`` of a payload class (its tag)."""
+    if not (isinstance(payload_type, type) and issubclass(payload_type, Payload)):
+        raise TypeError(f"{payload_type!r} is not a payload type (a subclass of bus.Payload)")
     tag = payload_type.__struct_config__.tag
     if not isinstance(tag, str):
         raise TypeError(f"{payload_type.__name__} needs a string tag, e.g. tag='node.entered'")

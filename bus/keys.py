@@ -21,6 +21,8 @@ SESSION_KEY_SUFFIXES = (":inbox", ":meta", ":state", ":sent")
 
 def check_session_id(session: str) -> str:
     """Return `session` unchanged, or raise `InvalidSessionIdError`."""
+    if not isinstance(session, str):
+        raise InvalidSessionIdError(session, "it must be a string")
     if not session:
         raise InvalidSessionIdError(session, "it is empty")
     if len(session) > MAX_SESSION_ID:

@@ -138,7 +138,8 @@ def _connection_options(parser: argparse.ArgumentParser, *, log_level: str = "wa
     )
     g.add_argument(
         "--log-level",
-        default=os.environ.get("FLOWBUS_LOG_LEVEL", log_level),
+        default=os.environ.get("FLOWBUS_LOG_LEVEL", log_level).lower(),
+        type=str.lower,
         choices=LOG_LEVELS,
         help=f"also FLOWBUS_LOG_LEVEL (default {log_level})",
     )

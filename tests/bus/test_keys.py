@@ -74,3 +74,9 @@ def test_unusable_session_ids_are_refused_with_the_reason(bad: str, reason: str)
 def test_a_session_id_may_hold_colons_that_name_no_key_of_another() -> None:
     assert check_session_id("sip:call-1@example.com") == "sip:call-1@example.com"
     assert check_session_id("call-1:inbox-2") == "call-1:inbox-2"
+
+
+@pytest.mark.parametrize("bad", [42, b"call-1", None])
+def test_a_session_id_that_is_not_a_string_is_refused(bad: object) -> None:
+    with pytest.raises(InvalidSessionIdError, match="it must be a string"):
+        check_session_id(bad)  # type: ignore[arg-type]

@@ -59,6 +59,12 @@ async def test_an_extra_field_the_envelope_does_not_carry_is_refused_and_nothing
     assert await raw(bus).exists(bus.keys.inbox("call-4")) == 0
 
 
+async def test_a_payload_that_is_not_a_payload_type_is_refused(bus: Bus) -> None:
+    with pytest.raises(TypeError, match="is not a payload type"):
+        await bus.publish("call-5", {"type": "tick", "n": 1})  # type: ignore[arg-type]
+    assert await bus.history("call-5") == []
+
+
 async def test_nothing_follows_the_final_event(bus: Bus) -> None:
     await bus.publish("call-3", Tick(n=1), final=True)
     with pytest.raises(SessionEndedError, match="call-3"):
