@@ -213,9 +213,12 @@ class Bus:
 
     async def write_state(self, session: str, fields: Mapping[str, str | bytes]) -> None:
         """Set application fields of the session's state (last writer wins per field).
-        Raises `NoSuchSessionError`."""
+        Raises `NoSuchSessionError`, and `TypeError` for a name or value that is not text."""
         if not fields:
             return
+        for name, value in fields.items():
+            if not isinstance(name, str) or not isinstance(value, str | bytes):
+                raise TypeError(f"state field {name!r}: names are str, values str or bytes")
         keys = [self.keys.state(check_session_id(session)), self.keys.meta(session)]
         args = [x for kv in fields.items() for x in kv]
         write = partial(scripts.WRITE_STATE, self.redis, keys, args)

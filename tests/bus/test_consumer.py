@@ -425,6 +425,9 @@ async def test_shared_state_fields_are_written_and_read_by_anyone(bus: Bus) -> N
     assert 0 < await raw(bus).ttl(bus.keys.state("call-1")) <= bus.settings.retention_seconds
     with pytest.raises(NoSuchSessionError):
         await bus.write_state("call-none", {"flow.x": "1"})
+    with pytest.raises(TypeError, match=r"state field 'flow\.y': names are str, values str or"):
+        await bus.write_state("call-1", {"flow.count": "4", "flow.y": None})  # type: ignore[dict-item]
+    assert await bus.read_state("call-1") == {"flow.count": b"3"}  # nothing of it written
 
 
 async def test_no_more_handlers_run_at_once_than_the_concurrency_setting(
