@@ -302,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=20,
         dest="calls_at_once",  # not the worker setting of that name
+        metavar="N",
         help="calls at once, at most (default 20)",
     )
     simulate.add_argument(

@@ -75,6 +75,11 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     if options.calls < 1:
         raise ConfigError("--calls must be at least 1")
     url = args.redis_url or os.environ.get("FLOWBUS_REDIS_URL")
+    if url and options.keep:
+        raise ConfigError(
+            "--keep leaves the embedded server running; with --redis-url (or FLOWBUS_REDIS_URL) "
+            "the demo uses that server, whose data stays anyway"
+        )
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server = None if url else LocalServer("valkey", directory=work / "server")
     fleets: list[Fleet] = []

@@ -216,8 +216,9 @@ def test_simulate_without_the_sample_services_says_which_to_start(settings: Sett
         (["inspect", "sessions", "--limit", "0"], "--limit must be at least 1, not 0"),
         (["simulate", "--concurrency", "0"], "--concurrency at least 1, --wait 0 or more"),
         (["simulate", "--wait", "-5"], "--concurrency at least 1, --wait 0 or more"),
+        (["demo", "--keep"], "--keep leaves the embedded server running; with --redis-url"),
     ],
-    ids=["session-id", "limit", "simulate-concurrency", "simulate-wait"],
+    ids=["session-id", "limit", "simulate-concurrency", "simulate-wait", "demo-keep"],
 )
 def test_a_command_given_a_bad_value_says_which(
     settings: Settings, args: list[str], says: str
