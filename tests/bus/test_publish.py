@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import msgspec
@@ -150,10 +153,20 @@ async def test_a_publisher_forgets_a_session_once_it_ended(bus: Bus) -> None:
     assert (await bus.publish("call-11", Tick(n=1))).seq == 1  # a new session of that name
 
 
+@asynccontextmanager
+async def writes_paused(bus: Bus) -> AsyncIterator[Callable[[], Awaitable[object]]]:
+    """The server's writes paused until the function given is called (or the block ends)."""
+    unpause = partial(raw(bus).execute_command, "CLIENT", "UNPAUSE")
+    await raw(bus).execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+    try:
+        yield unpause
+    finally:
+        await unpause()
+
+
 async def test_publishes_sent_meanwhile_wait_their_turn_and_a_cancelled_one_stalls_nobody(
     bus: Bus,
 ) -> None:
-    await raw(bus).execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the first batch hangs
     published: dict[str, int] = {}
 
     async def one(session: str) -> None:
@@ -165,7 +178,7 @@ async def test_publishes_sent_meanwhile_wait_their_turn_and_a_cancelled_one_stal
         with gone:
             await one("gone")
 
-    async with anyio.create_task_group() as tg:
+    async with writes_paused(bus) as unpause, anyio.create_task_group() as tg:
         tg.start_soon(one, "first")  # sends alone, and waits out the pause
         await wait_all_tasks_blocked()
         tg.start_soon(cancelled)  # next in turn, cancelled while it waits (below)
@@ -174,6 +187,7 @@ async def test_publishes_sent_meanwhile_wait_their_turn_and_a_cancelled_one_stal
             tg.start_soon(one, f"call-{i}")
         await wait_all_tasks_blocked()
         gone.cancel()
+        await unpause()  # once all are set up
     assert published.keys() == {"first", *(f"call-{i}" for i in range(20))}
     assert set(published.values()) == {1}
 
@@ -196,13 +210,14 @@ async def test_a_caller_cancelled_just_as_it_is_given_the_turn_passes_it_on(bus:
             gone.cancel()
 
     publisher._give_turn = give_turn_then_cancel  # type: ignore[method-assign]
-    await raw(bus).execute_command("CLIENT", "PAUSE", 200, "WRITE")
-    async with anyio.create_task_group() as tg:
+    async with writes_paused(bus) as unpause, anyio.create_task_group() as tg:
         tg.start_soon(one, "first")
         await wait_all_tasks_blocked()
         gone = asyncio.ensure_future(one("gone"))
         await wait_all_tasks_blocked()
         tg.start_soon(one, "after")
+        await wait_all_tasks_blocked()
+        await unpause()
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert published == {"first": 1, "after": 1}
