@@ -346,7 +346,7 @@ def _service_info(item: tuple[bytes, bytes]) -> ServiceInfo:
 def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:
     """`extra` as the entry's field-value list; `InvalidExtraError` for a field the envelope
     does not carry (one of its own would be overwritten, another one dropped on reading)."""
-    flat = []
+    flat: list[str] = []
     for field, value in (extra or {}).items():
         if field not in OPTIONAL_FIELDS:
             carried = ", ".join(OPTIONAL_FIELDS)

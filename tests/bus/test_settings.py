@@ -86,6 +86,6 @@ def test_a_service_takes_any_collection_of_type_names_and_refuses_a_string_or_a_
     with pytest.raises(ConfigError, match=r"must be a collection of type names, not 'a\.b'"):
         Service("crm", _noop, Codec([]), subscribes="a.b")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="must be a collection of type names"):
-        Service("crm", _noop, Codec([]), subscribes=[1])  # type: ignore[list-item]
+        Service("crm", _noop, Codec([]), subscribes=[1])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="service name 'a b' must match"):
         Service("a b", _noop, Codec([]))
