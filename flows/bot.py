@@ -85,8 +85,9 @@ class BotSession:
         try:
             extra = {"reply_to": self.bus.keys.inbox(self.session), "corr": corr}
             await self.publish(payload, extra=extra)
-            with anyio.move_on_after(wait):
-                await waiter.done.wait()
+            if not done_when([]):  # else no reply is awaited (a sync event nobody handles)
+                with anyio.move_on_after(wait):
+                    await waiter.done.wait()
         finally:
             del self._waiters[corr]
         return waiter.replies

@@ -141,6 +141,17 @@ async def test_a_stuck_service_ends_the_sync_wait_at_the_timeout_naming_it(
     assert outcome.timed_out == ["stuck"] and outcome.errors == {"crm": []}
 
 
+async def test_a_sync_event_no_service_handles_returns_at_once_with_nothing_missing(
+    bus: Bus,
+) -> None:
+    async with BotSession.open(bus, "call-1") as bot:
+        with anyio.fail_after(60):  # the wait below would be 600 s, as it was for every one
+            outcome = await Events(bot, sync_timeout=600).emit(DAILY, "on_before_leave")
+    assert outcome is not None and outcome.timed_out == [] and outcome.errors == {}
+    [entry] = await bus.history("call-1")  # published all the same, for the record
+    assert entry.type == "on_before_leave"
+
+
 async def test_a_default_event_returns_before_any_handler_ran(
     bus: Bus, settings: Settings, workers: WorkerProcesses
 ) -> None:
