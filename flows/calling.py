@@ -9,14 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def required_positionals(handler: Callable[..., Any]) -> int:
-    """How many positional arguments `handler` requires (-1 if it cannot be inspected)."""
+def parameter_count(handler: Callable[..., Any]) -> int:
+    """How many parameters `handler` declares, defaults included, which is how Pipecat
+    chooses the signature to call (-1 if it cannot be inspected)."""
     try:
-        params = inspect.signature(handler).parameters.values()
+        return len(inspect.signature(handler).parameters)
     except (TypeError, ValueError):
         return -1
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(1 for p in params if p.default is p.empty and p.kind in kinds)
 
 
 async def invoke(handler: Callable[..., Any], *args: Any) -> Any:
@@ -34,7 +33,19 @@ async def invoke(handler: Callable[..., Any], *args: Any) -> Any:
 
 
 async def invoke_action(handler: Callable[..., Any], action: dict[str, Any], manager: Any) -> Any:
-    """``handler(action, flow_manager)``, or the legacy ``handler(action)``."""
-    if required_positionals(handler) == 1:
+    """``handler(action, flow_manager)``, or the legacy ``handler(action)`` for a handler of
+    one parameter."""
+    if parameter_count(handler) == 1:
         return await invoke(handler, action)
     return await invoke(handler, action, manager)
+
+
+async def invoke_function(handler: Callable[..., Any], args: Any, manager: Any) -> Any:
+    """A node function's ``handler(args, flow_manager)``, or the older ``handler(args)`` and
+    ``handler()``, by how many parameters it declares."""
+    count = parameter_count(handler)
+    if count == 0:
+        return await invoke(handler)
+    if count == 1:
+        return await invoke(handler, args)
+    return await invoke(handler, args, manager)

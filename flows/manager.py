@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from bus import Bus, Message
 
 from .bot import BotSession
-from .calling import invoke, invoke_action
+from .calling import invoke_action, invoke_function
 from .config import ContextStrategy, FlowConfig, FunctionConfig, Handler, NodeConfig, parse_node
 from .errors import ActionError, FlowTransitionError
 from .protocol import (
@@ -294,7 +294,7 @@ class FlowManager:
             log.error("function_call_failed", function=call.name, error=result["error"])
         else:
             try:
-                returned = await invoke(function.handler, call.arguments, self)
+                returned = await invoke_function(function.handler, call.arguments, self)
                 result, next_node = returned if isinstance(returned, tuple) else (returned, None)
             except Exception as exc:
                 result = {"status": "error", "error": str(exc)}
