@@ -239,7 +239,7 @@ class ActionService:
                 if run.index < len(actions):
                     await self._run_action(delivery, run, actions)
                 else:
-                    if actions:
+                    if actions or (run.phase == "pre" and run.corr):  # the bot waits for it
                         completed = ActionsCompleted(node=run.node, gen=run.gen, phase=run.phase)
                         await self._tell(delivery, run, completed, f"{run.gen}/{run.phase}/done")
                     run.phase, run.index = ("post_wait", 0) if run.phase == "pre" else ("done", 0)

@@ -158,7 +158,7 @@ class FlowManager:
         with structlog.contextvars.bound_contextvars(session=self.session_id, node=config.name):
             log.info("node_entered", gen=gen)
             outcome = "done"
-            if entered.pre_actions:
+            if entered.pre_actions or entered.post_actions:  # all are checked before any runs
                 outcome = await self._run_pre_actions(entered)
             else:
                 await self.bot.publish(entered)
@@ -234,13 +234,14 @@ class FlowManager:
     async def _run_pre_actions(
         self, entered: NodeEntered
     ) -> Literal["done", "ended", "superseded"]:
-        """Publish the node entry and wait for its pre-actions: "done", "ended" (by an
-        ``end_conversation``), or "superseded" (a newer node was entered meanwhile)."""
+        """Publish the node entry and wait until the actions service checked its actions and
+        ran its pre-actions: "done", "ended" (by an ``end_conversation``), or "superseded" (a
+        newer node was entered meanwhile)."""
         services = {s.name for s in await self.bot.bus.services(fresh=True)}
         if self.actions_service not in services:
             await self.bot.publish(entered)
             raise ActionError(
-                f"node {entered.node!r} has pre-actions but no {self.actions_service!r} "
+                f"node {entered.node!r} has actions but no {self.actions_service!r} "
                 "service is running"
             )
 
@@ -262,9 +263,9 @@ class FlowManager:
                     seconds=self.actions_timeout,
                 )
             )
+            what = "the pre-actions" if entered.pre_actions else "the check of the actions"
             raise ActionError(
-                f"the pre-actions of node {entered.node!r} did not finish within "
-                f"{self.actions_timeout}s"
+                f"{what} of node {entered.node!r} did not finish within {self.actions_timeout}s"
             )
         result = replies[0].payload
         assert isinstance(result, ActionsCompleted)

@@ -176,6 +176,7 @@ async def test_a_function_action_runs_its_handler_in_order_with_the_others(actio
             "action 'boom' of node 'n' failed: RuntimeError: CRM down",
         ),
         ([note("X")], [{"type": "nope"}], "action 'nope' of node 'n' failed: action type 'nope'"),
+        ([], [{"type": "nope"}], "action 'nope' of node 'n' failed: action type 'nope'"),
         ([say("")], [], "tts_say needs a non-empty 'text'"),
         ([{"type": "function"}], [], "a function action needs a 'handler'"),
         ([{"type": "function", "handler": "missing"}], [], "no function handler 'missing'"),
@@ -184,6 +185,7 @@ async def test_a_function_action_runs_its_handler_in_order_with_the_others(actio
     ids=[
         "custom-raises",
         "unknown-type-in-post",
+        "unknown-type-in-post-alone",
         "empty-tts-say",
         "function-without-handler",
         "function-unknown",
@@ -217,10 +219,13 @@ async def test_slow_pre_actions_end_the_wait_at_the_timeout_as_an_event(actions:
     assert "action.started:after" not in await timeline(bus, "call-1")  # abandoned
 
 
-async def test_without_an_actions_service_pre_actions_fail_at_once(bus: Bus) -> None:
+@pytest.mark.parametrize("where", ["pre", "post"])
+async def test_without_an_actions_service_a_node_with_actions_fails_at_once(
+    bus: Bus, where: str
+) -> None:
     async with call(bus, "call-1") as fm:
-        with pytest.raises(ActionError, match="no 'actions' service is running"):
-            await fm.initialize(node("n", pre=[say("hi")]))
+        with pytest.raises(ActionError, match="has actions but no 'actions' service is running"):
+            await fm.initialize(node("n", **{where: [say("hi")]}))  # type: ignore[arg-type]
 
 
 async def test_an_interrupted_tts_say_does_not_hang_the_flow(actions: Bus) -> None:
