@@ -225,7 +225,7 @@ async def test_without_an_actions_service_a_node_with_actions_fails_at_once(
 ) -> None:
     async with call(bus, "call-1") as fm:
         with pytest.raises(ActionError, match="has actions but no 'actions' service is running"):
-            await fm.initialize(node("n", **{where: [say("hi")]}))  # type: ignore[arg-type]
+            await fm.initialize(node("n", **{where: [say("hi")]}))
 
 
 async def test_an_interrupted_tts_say_does_not_hang_the_flow(actions: Bus) -> None:
