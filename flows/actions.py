@@ -75,6 +75,8 @@ class _Run(msgspec.Struct):
     tts_done: bool = False
     #: When the bot stops waiting for the pre-actions (ms since epoch; 0: never).
     deadline: int = 0
+    #: The node before this one (None: the first), `current_node` while pre-actions run.
+    previous: str | None = None
 
 
 class _State(msgspec.Struct):
@@ -87,11 +89,16 @@ _decode_state = msgspec.json.Decoder(_State).decode
 class WorkerFlowManager:
     """What a worker-side action handler receives as `flow_manager`.
 
+    `current_node` is the node entered before while pre-actions run (None for the first), and
+    the node itself in its post-actions, as in Pipecat Flows.
+
     `state` is the session's shared flow state (the bot's `flow_manager.state`): read when the
     action starts, written back when it returns. `send` writes a command to the bot.
     """
 
-    def __init__(self, delivery: Delivery, node: str, state: SharedState, key: str) -> None:
+    def __init__(
+        self, delivery: Delivery, node: str | None, state: SharedState, key: str
+    ) -> None:
         self._delivery = delivery
         self.session_id = delivery.session
         self.current_node = node
@@ -190,6 +197,7 @@ class ActionService:
                     entered.post_actions,
                     delivery.extra.get("corr", ""),
                     deadline=deadline,
+                    previous=None if run is None else run.node,
                 )
                 problem = self.problem(run.pre + run.post)
                 if problem is not None:
@@ -286,7 +294,8 @@ class ActionService:
                 )
                 state = SharedState()
                 await state.load(delivery.read_session_state)
-                manager = WorkerFlowManager(delivery, run.node, state, key)
+                node = run.previous if run.phase == "pre" else run.node  # as in Pipecat
+                manager = WorkerFlowManager(delivery, node, state, key)
                 try:
                     await invoke_action(handler, dict(action), manager)
                 except Exception as exc:

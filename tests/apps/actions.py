@@ -48,7 +48,7 @@ async def note(action: dict[str, Any], flow_manager: WorkerFlowManager) -> None:
         f"{SETTINGS.prefix}:test:starts", f"{flow_manager.session_id}|{label}|{os.getpid()}"
     )
     await anyio.sleep(action.get("ms", 0) / 1000)
-    flow_manager.state[f"ran_{label}"] = flow_manager.current_node
+    flow_manager.state[f"ran_{label}"] = str(flow_manager.current_node)  # None: the first
     await effect(flow_manager, f"action.finished:{label}")
 
 

@@ -164,7 +164,19 @@ async def test_a_function_action_runs_its_handler_in_order_with_the_others(actio
     events = await timeline(bus, "call-1")
     assert before(events, "action.finished:X", "function.started:lookup")
     assert before(events, "function.finished:lookup", "action.started:Y")
-    assert fm.state == {"ran_X": "look", "ran_Y": "look"}  # written by the worker, read here
+    # Written by the worker, read here; pre-actions see the node before (none: the first).
+    assert fm.state == {"ran_X": "None", "ran_Y": "None"}
+
+
+async def test_current_node_is_the_one_before_in_pre_actions_and_the_node_in_post_actions(
+    actions: Bus,
+) -> None:
+    replies = {"a": [LLMResponse(text="Noted")], "b": [LLMResponse(text="Next")]}
+    async with call(actions, "call-1", replies) as fm:
+        await fm.initialize(node("a", pre=[note("A")], post=[note("P")]))
+        await wait_for(lambda: handled_everything(actions, "call-1"), what="a's post-actions")
+        await fm.set_node_from_config(node("b", pre=[note("B")]))
+        assert fm.state == {"ran_A": "None", "ran_P": "a", "ran_B": "a"}
 
 
 @pytest.mark.parametrize(
