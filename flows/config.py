@@ -17,6 +17,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .errors import FlowError
 
 Handler = Callable[..., Any]
@@ -227,15 +229,25 @@ def _messages(node: str, key: str, value: Any) -> list[dict[str, Any]]:
         raise InvalidNodeError(node, key, "must be a list of messages")
     for i, message in enumerate(value):
         if not isinstance(message, Mapping) or "role" not in message:
-            raise InvalidNodeError(node, f"{key}[{i}]", "a message needs a 'role' and 'content'")
+            raise InvalidNodeError(node, f"{key}[{i}]", "a message is a mapping with a 'role'")
     return [dict(m) for m in value]
 
 
 def _action(node: str, key: str, action: Any) -> dict[str, Any]:
     if not isinstance(action, Mapping):
         raise InvalidNodeError(node, key, f"an action is a mapping, not {type(action).__name__}")
-    if not isinstance(action.get("type"), str) or not action["type"]:
+    kind = action.get("type")
+    if not isinstance(kind, str) or not kind:
         raise InvalidNodeError(node, key, f"action without a 'type': {dict(action)!r}")
+    handler = action.get("handler")
+    named = kind == "function" and isinstance(handler, str)  # a worker's function, by name
+    if handler is not None and not named and not callable(handler):
+        raise InvalidNodeError(node, key, f"the handler of action {kind!r} is not callable")
+    try:  # what goes to the actions service is JSON
+        msgspec.json.encode({k: v for k, v in action.items() if not callable(v)})
+    except (TypeError, msgspec.EncodeError) as exc:
+        problem = f"action {kind!r} has a value that is not JSON: {exc}"
+        raise InvalidNodeError(node, key, problem) from None
     return dict(action)
 
 

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from bus import Bus, Message
 
+from .actions import BUILTINS
 from .bot import BotSession
 from .calling import invoke_action, invoke_function
 from .config import ContextStrategy, FlowConfig, FunctionConfig, Handler, NodeConfig, parse_node
@@ -220,9 +221,11 @@ class FlowManager:
         and its action names it by a key instead."""
         wired = []
         for i, action in enumerate(actions):
-            handler = action.get("handler")
-            if not callable(handler):
-                handler = self._registered.get(action["type"])
+            handler, kind = action.get("handler"), action["type"]
+            if callable(handler) and kind not in BUILTINS:  # as Pipecat: registered
+                handler = self._registered.setdefault(kind, handler)  # on first sight only
+            elif not callable(handler):
+                handler = self._registered.get(kind)
             if handler is None:
                 wired.append(action)
                 continue

@@ -294,6 +294,26 @@ async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_nod
     assert before(events, "tts.finished:Now in second", "action.started:after-say")
 
 
+async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_one_is_ignored(
+    actions: Bus,
+) -> None:
+    ran: list[str] = []
+
+    def greet(action: dict[str, Any]) -> None:
+        ran.append(f"greet {action['who']}")
+
+    def other(action: dict[str, Any]) -> None:
+        ran.append(f"other {action['who']}")
+
+    async with call(actions, "call-1") as fm:
+        first = node("a", pre=[{"type": "greet", "handler": greet, "who": "a"}])
+        await fm.initialize(first | {"respond_immediately": False})
+        for name, action in [("b", {"who": "b"}), ("c", {"handler": other, "who": "c"})]:
+            entered = node(name, pre=[{"type": "greet", **action}], respond_immediately=False)
+            await fm.set_node_from_config(entered)
+    assert ran == ["greet a", "greet b", "greet c"]
+
+
 async def test_ended_is_set_only_once_session_ended_is_in_the_stream(bus: Bus) -> None:
     async with call(bus, "call-e") as fm:
         publish = fm.bot.publish
