@@ -96,9 +96,7 @@ class WorkerFlowManager:
     action starts, written back when it returns. `send` writes a command to the bot.
     """
 
-    def __init__(
-        self, delivery: Delivery, node: str | None, state: SharedState, key: str
-    ) -> None:
+    def __init__(self, delivery: Delivery, node: str | None, state: SharedState, key: str) -> None:
         self._delivery = delivery
         self.session_id = delivery.session
         self.current_node = node
