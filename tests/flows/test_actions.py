@@ -308,7 +308,11 @@ async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_o
     async with call(actions, "call-1") as fm:
         first = node("a", pre=[{"type": "greet", "handler": greet, "who": "a"}])
         await fm.initialize(first | {"respond_immediately": False})
-        for name, action in [("b", {"who": "b"}), ("c", {"handler": other, "who": "c"})]:
+        later: list[tuple[str, dict[str, Any]]] = [
+            ("b", {"who": "b"}),
+            ("c", {"handler": other, "who": "c"}),
+        ]
+        for name, action in later:
             entered = node(name, pre=[{"type": "greet", **action}], respond_immediately=False)
             await fm.set_node_from_config(entered)
     assert ran == ["greet a", "greet b", "greet c"]
