@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import FlowError
+from .errors import FlowError, InvalidFunctionError
 
 Handler = Callable[..., Any]
 NODE_KEYS = frozenset(
@@ -251,24 +251,31 @@ def _action(node: str, key: str, action: Any) -> dict[str, Any]:
     return dict(action)
 
 
+class InvalidNodeFunctionError(InvalidNodeError, InvalidFunctionError):
+    """A node's function that cannot be used: Pipecat's `InvalidFunctionError` and an
+    `InvalidNodeError` both."""
+
+
 def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> FunctionConfig:
     key = "functions"
     if isinstance(spec, FunctionConfig):
         return spec
     if not isinstance(spec, Mapping):
-        raise InvalidNodeError(node, key, f"a function is a mapping, not {type(spec).__name__}")
+        raise InvalidNodeFunctionError(
+            node, key, f"a function is a mapping, not {type(spec).__name__}"
+        )
     body: Mapping[str, Any] = spec.get("function", spec)  # OpenAI format, or flat
     name = body.get("name")
     if not isinstance(name, str) or not name:
-        raise InvalidNodeError(node, key, "a function needs a 'name'")
+        raise InvalidNodeFunctionError(node, key, "a function needs a 'name'")
     parameters = body.get("parameters", {})
     handler = body.get("handler", spec.get("handler"))
     if isinstance(handler, str):
         if handler not in handlers:
-            raise InvalidNodeError(node, f"{key}.{name}", f"no handler named {handler!r}")
+            raise InvalidNodeFunctionError(node, f"{key}.{name}", f"no handler named {handler!r}")
         handler = handlers[handler]
     if handler is not None and not callable(handler):
-        raise InvalidNodeError(node, f"{key}.{name}", "handler is not callable")
+        raise InvalidNodeFunctionError(node, f"{key}.{name}", "handler is not callable")
     return FunctionConfig(
         name=name,
         description=str(body.get("description", "")),

@@ -85,6 +85,7 @@ class FlowManager:
         self._node: NodeConfig | None = None
         self._gen = 0
         self._initialized = False
+        self._started = False  # session.started published
         self._bot_actions: dict[str, Handler] = {}
         self._registered: dict[str, Handler] = {}
         self._pre_wait: anyio.CancelScope | None = None
@@ -122,15 +123,24 @@ class FlowManager:
         self._registered[action_type] = handler
 
     async def initialize(self, initial_node: NodeLike | None = None) -> None:
-        """Start the session and enter `initial_node` (or the flow's initial node)."""
+        """Start the session and enter `initial_node` (or the flow's initial node). As in
+        Pipecat, a second call only warns, and a call that failed may be made again."""
         if self._initialized:
-            raise FlowTransitionError("the flow manager is already initialized")
+            log.warning("flow_already_initialized", session=self.session_id)
+            return
         self._initialized = True
-        await self.bot.publish(SessionStarted(flow=self.flow.initial_node if self.flow else ""))
-        if initial_node is None and self.flow is not None:
-            initial_node = self.flow.nodes[self.flow.initial_node]
-        if initial_node is not None:
-            await self.set_node_from_config(initial_node)
+        try:
+            if not self._started:
+                flow = self.flow.initial_node if self.flow else ""
+                await self.bot.publish(SessionStarted(flow=flow))
+                self._started = True
+            if initial_node is None and self.flow is not None:
+                initial_node = self.flow.nodes[self.flow.initial_node]
+            if initial_node is not None:
+                await self.set_node_from_config(initial_node)
+        except BaseException:
+            self._initialized = False
+            raise
 
     async def set_node_from_config(self, node: NodeLike) -> None:
         """Enter `node`: publish it, wait for its pre-actions, then (by default) respond.

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from bus import Bus, Settings
 from flows import ActionError, FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
@@ -316,6 +317,22 @@ async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_o
             entered = node(name, pre=[{"type": "greet", **action}], respond_immediately=False)
             await fm.set_node_from_config(entered)
     assert ran == ["greet a", "greet b", "greet c"]
+
+
+async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only_warns(
+    bus: Bus,
+) -> None:
+    async with call(bus, "call-1") as fm:
+        with pytest.raises(ActionError, match="no 'actions' service is running"):
+            await fm.initialize(node("n", pre=[say("hi")]))
+        await fm.initialize(node("plain", respond_immediately=False))
+        assert fm.current_node == "plain"
+        with capture_logs() as logs:
+            await fm.initialize(node("other", respond_immediately=False))
+        assert fm.current_node == "plain"
+    assert [x["event"] for x in logs] == ["flow_already_initialized"]
+    types = [e.type for e in await bus.history("call-1")]
+    assert types.count("session.started") == 1
 
 
 async def test_ended_is_set_only_once_session_ended_is_in_the_stream(bus: Bus) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from flows import InvalidNodeError
+from flows import InvalidFunctionError, InvalidNodeError
 from flows.config import parse_node
 
 
@@ -44,3 +44,16 @@ def test_a_handler_may_be_a_callable_or_for_a_function_action_a_workers_name() -
         node({"type": "greet", "handler": greet}, {"type": "function", "handler": "lookup"})
     )
     assert [a["type"] for a in parsed.pre_actions] == ["greet", "function"]
+
+
+@pytest.mark.parametrize(
+    "function",
+    [{"name": "pick", "handler": 5}, {"description": "no name"}, "pick"],
+    ids=["handler-not-callable", "no-name", "not-a-mapping"],
+)
+def test_an_unusable_function_is_pipecats_invalid_function_error(function: Any) -> None:
+    config = node() | {"functions": [function]}
+    with pytest.raises(InvalidFunctionError, match="node 'n', key 'functions"):
+        parse_node(config)
+    with pytest.raises(InvalidNodeError):  # and flowbus's own name for a node's error
+        parse_node(config)
