@@ -199,8 +199,11 @@ class FlowManager:
         spoken = await self.tts.speak(reply.text) if reply.text else True
         await self.bot.publish(TTSFinished(node=node.name, gen=gen, interrupted=not spoken))
         next_node: NodeLike | None = None
-        for call in reply.function_calls:
-            next_node = await self._call_function(node, call) or next_node
+        if reply.function_calls:  # they see what actions wrote meanwhile, and share theirs
+            await self.state.load(self._read_state)
+            for call in reply.function_calls:
+                next_node = await self._call_function(node, call) or next_node
+            await self.state.flush(self._write_state)
         if next_node is not None and self._gen == gen:
             await self.set_node_from_config(next_node)
 
@@ -350,7 +353,9 @@ class FlowManager:
         try:
             if handler is None:
                 raise ActionError(f"no bot-side handler for action {action.get('type')!r}")
+            await self.state.load(self._read_state)  # as a worker's action sees it
             await invoke_action(handler, action, self)
+            await self.state.flush(self._write_state)  # for the actions after it
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error(

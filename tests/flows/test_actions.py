@@ -13,7 +13,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from bus import Bus, Settings
-from flows import ActionError, FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
+from flows import (
+    ActionError,
+    FlowManager,
+    FunctionCall,
+    LLMResponse,
+    ScriptedLLM,
+    SimulatedTTS,
+)
 from tests.flows.test_events import ready
 from tests.support import WorkerProcesses, raw, wait_for
 
@@ -317,6 +324,28 @@ async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_o
             entered = node(name, pre=[{"type": "greet", **action}], respond_immediately=False)
             await fm.set_node_from_config(entered)
     assert ran == ["greet a", "greet b", "greet c"]
+
+
+async def test_a_function_call_sees_what_a_workers_post_action_wrote_and_shares_its_own(
+    actions: Bus,
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def lookup(args: dict[str, Any], flow_manager: FlowManager) -> Any:
+        seen.append(dict(flow_manager.state))
+        flow_manager.state["looked_up"] = True
+        return {"ok": True}, None
+
+    replies = {
+        "a": [LLMResponse(text="Noted"), LLMResponse(function_calls=[FunctionCall("lookup")])]
+    }
+    async with call(actions, "call-1", replies) as fm:
+        entered = node("a", post=[note("P")], functions=[{"name": "lookup", "handler": lookup}])
+        await fm.initialize(entered)
+        await wait_for(lambda: handled_everything(actions, "call-1"), what="the post-action")
+        await fm.respond("and now?")
+    assert seen == [{"ran_P": "a"}]
+    assert (await actions.read_state("call-1"))["flow.looked_up"] == b"true"
 
 
 async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only_warns(
