@@ -265,26 +265,11 @@ class Consumer:
 
     # -- ownership --------------------------------------------------------------------------
     async def _rebalance(self) -> bool:
-        """Heartbeat, renew, register the service again if the server lost it, hand back what
-        is no longer ours, take what is. True while some partition we should own is still held
-        by another worker."""
-        held = {p: part.token for p, part in self._parts.items() if not part.lost}
-        try:
-            members = await self._leases.heartbeat()
-            lost = await self._leases.renew(held) if held else set()
-            if await self.bus.register_service(self._info, replace=False, retry=False):
-                self._log.warning("service_registered_again")  # the server lost its data
-        except (*TRANSIENT, ResponseError) as exc:
-            self._log.warning("heartbeat_failed", error=str(exc))
-            if anyio.current_time() - self._last_renewal > self.settings.lease_ttl_seconds:
-                for part in list(self._parts.values()):  # others may own them by now
-                    self._lose(part, "lease_expired")
+        """Heartbeat and renew (`_renew`), hand back what is no longer ours, take what is.
+        True while some partition we should own is still held by another worker."""
+        members = await self._renew()
+        if members is None:
             return False
-        self._last_renewal = anyio.current_time()
-        for p in lost:  # unless it was handed back meanwhile (its drain ended, its lease freed)
-            mine = self._parts.get(p)
-            if mine is not None and mine.token == held[p]:
-                self._lose(mine, "lease_lost")
         desired = assign(members, self.settings.partitions).get(self.worker_id, set())
         for p, part in self._parts.items():
             if p not in desired and not part.draining:
@@ -308,6 +293,29 @@ class Consumer:
             self._log.info("partitions_acquired", partitions=sorted(tokens), members=len(members))
         return bool(missing - tokens.keys())
 
+    async def _renew(self) -> list[str] | None:
+        """Heartbeat, renew the leases held, register the service again if the server lost
+        it; the group's members, or None if the round failed (after a lease's TTL of failed
+        rounds, every partition counts as lost: others may own them by now)."""
+        held = {p: part.token for p, part in self._parts.items() if not part.lost}
+        try:
+            members = await self._leases.heartbeat()
+            lost = await self._leases.renew(held) if held else set()
+            if await self.bus.register_service(self._info, replace=False, retry=False):
+                self._log.warning("service_registered_again")  # the server lost its data
+        except (*TRANSIENT, ResponseError) as exc:
+            self._log.warning("heartbeat_failed", error=str(exc))
+            if anyio.current_time() - self._last_renewal > self.settings.lease_ttl_seconds:
+                for part in list(self._parts.values()):
+                    self._lose(part, "lease_expired")
+            return None
+        self._last_renewal = anyio.current_time()
+        for p in lost:  # unless it was handed back meanwhile (its drain ended, its lease freed)
+            mine = self._parts.get(p)
+            if mine is not None and mine.token == held[p]:
+                self._lose(mine, "lease_lost")
+        return members
+
     def _quietest_lane(self) -> StepBatcher:
         """The step lane with the fewest of our partitions, for one we just took."""
         parts = self._parts.values()
@@ -327,15 +335,25 @@ class Consumer:
         self._notify_hint_follower()
 
     async def _drain_all(self) -> None:
+        """Drain every partition; its leases are renewed meanwhile, so that no other worker
+        takes one while a handler in it still runs."""
         for part in list(self._parts.values()):
             self._begin_drain(part)
-        for part in list(self._parts.values()):
-            await part.done.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_while_draining)
+            for part in list(self._parts.values()):
+                await part.done.wait()
+            tg.cancel_scope.cancel()
         with anyio.move_on_after(2, shield=True):
             try:
                 await self._leases.heartbeat(leave=True)
             except (*TRANSIENT, ResponseError) as exc:
                 self._log.warning("leave_failed", error=str(exc))
+
+    async def _renew_while_draining(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.lease_ttl_seconds / 5)
+            await self._renew()
 
     async def _run_partition(self, part: _Partition) -> None:
         try:

@@ -28,7 +28,7 @@ from bus.ownership import Leases
 from bus.steps import Step, reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
-from tests.support import raw, wait_for
+from tests.support import lease_owners, raw, wait_for
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -395,6 +395,49 @@ async def test_a_handler_longer_than_the_lease_runs_once_while_another_worker_wa
             await finished.wait()
             assert first.stats.partitions_lost == second.stats.partitions_lost == 0
     assert runs == ["svc"]
+
+
+async def test_a_graceful_stop_keeps_its_leases_while_a_handler_outlives_them(
+    bus: Bus, settings: Settings
+) -> None:
+    """The drain renews the leases: no other worker takes the partition and runs the event
+    again while the stopping worker's handler still runs."""
+    handled: list[tuple[str, int, int]] = []
+    running: list[str] = []
+    overlaps: list[str] = []
+
+    def service(name: str, hold: float) -> Service:
+        async def handle(d: Delivery) -> None:
+            handled.append((name, d.seq, d.deliveries))
+            overlaps.extend(running)
+            running.append(name)
+            try:
+                await anyio.sleep(hold)  # the handler's own work
+            finally:
+                running.remove(name)
+
+        return Service("svc", handle, Codec([Tick]))
+
+    first = Consumer(bus, service("first", settings.lease_ttl_seconds * 3))
+    async with Bus.connect(settings) as other, anyio.create_task_group() as tg:
+        await tg.start(first.run)
+        await bus.publish("call-1", Tick(n=1))
+        await wait_for(lambda: bool(running), what="the first handler")
+        second = Consumer(other, service("second", 0))
+        await tg.start(second.run)
+        first.stop()  # the drain waits three lease TTLs for the handler
+        await wait_for(lambda: not first._parts, what="the first worker's drain")
+
+        async def second_owns_all() -> bool:
+            owners = await lease_owners(bus, "svc")
+            return len(owners.get(second.worker_id, [])) == bus.settings.partitions
+
+        await wait_for(second_owns_all, what="the second worker taking every partition")
+        await bus.publish("call-1", Tick(n=2))
+        await wait_for(lambda: len(handled) == 2, what="the next event")
+        second.stop()
+    assert overlaps == [] and first.stats.partitions_lost == 0
+    assert handled == [("first", 1, 1), ("second", 2, 1)]  # nothing ran twice
 
 
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
