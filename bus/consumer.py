@@ -609,10 +609,11 @@ class Consumer:
 DEAD_LETTER_FIELDS = frozenset({b"session", b"group", b"entry", b"deliveries", b"error", b"policy"})
 
 
-def _original(raw_fields: list[bytes]) -> tuple[bytes, ...]:
+def _original(raw_fields: list[bytes] | None) -> tuple[bytes, ...]:
+    """The original fields for a dead letter (none for an entry deleted from the stream)."""
     return tuple(
         b"orig." + f if i % 2 == 0 and f in DEAD_LETTER_FIELDS else f
-        for i, f in enumerate(raw_fields)
+        for i, f in enumerate(raw_fields or ())
     )
 
 

@@ -97,9 +97,12 @@ class Entry(msgspec.Struct, frozen=True):
     extra: Mapping[str, str] = msgspec.field(default_factory=dict)
 
     @classmethod
-    def from_flat(cls, entry_id: str, raw: Sequence[bytes], *, max_data: int) -> Entry:
+    def from_flat(cls, entry_id: str, raw: Sequence[bytes] | None, *, max_data: int) -> Entry:
         """As `parse`, from the flat field, value, field, value... list of a stream read; the
-        publisher's own layout (type, seq, ts, data and nothing more) is read in place."""
+        publisher's own layout (type, seq, ts, data and nothing more) is read in place. None
+        is what a read of a pending entry returns once it was deleted from the stream."""
+        if raw is None:
+            raise DecodeError("the entry was deleted from the stream before it was handled")
         if (
             len(raw) == 8
             and raw[0] == b"type"

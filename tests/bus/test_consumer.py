@@ -440,6 +440,29 @@ async def test_a_graceful_stop_keeps_its_leases_while_a_handler_outlives_them(
     assert handled == [("first", 1, 1), ("second", 2, 1)]  # nothing ran twice
 
 
+async def test_a_pending_entry_deleted_from_the_stream_is_dead_lettered_and_the_rest_handled(
+    bus: Bus,
+) -> None:
+    """As a trim by someone else leaves it (redis/redis#6199): pending, with no fields."""
+    await bus.register_service(ServiceInfo("svc"))
+    for n in (1, 2, 3):
+        await bus.publish("call-1", Tick(n=n))
+    stream, p = bus.keys.session("call-1"), bus.keys.partition("call-1")
+    # A previous owner read the first entry and died; then the entry was deleted.
+    [[_, [(first, _)]]] = await raw(bus).xreadgroup("svc", f"p{p}", {stream: ">"}, count=1)
+    await raw(bus).xdel(stream, first)
+    seen: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+        await wait_for(lambda: seen == [2, 3], what="the entries after it")
+    [(_, letter)] = await raw(bus).xrange(bus.keys.dead(p))
+    assert letter[b"entry"] == first
+    assert letter[b"error"] == b"the entry was deleted from the stream before it was handled"
+
+
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
     bus: Bus,
 ) -> None:
