@@ -210,6 +210,9 @@ class StepBatcher:
     async def _send(self, batch: list[Step], acks: dict[tuple[str, str], list[_Ack]]) -> None:
         by_lease: dict[tuple[str, str], list[Step]] = {key: [] for key in acks}
         for step in batch:
+            assert step.future is not None
+            if step.future.cancelled():  # its session's run was cut short and starts over:
+                step.reader = ()  # settle what it says, but read nothing nobody would handle
             by_lease.setdefault((step.lease, step.token), []).append(step)
         calls: list[list[tuple[scripts.Arg, ...]]] = []  # per lease: its script call, its reads
         for (lease, token), steps in by_lease.items():

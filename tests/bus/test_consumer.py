@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import anyio
 import pytest
@@ -461,6 +462,48 @@ async def test_a_pending_entry_deleted_from_the_stream_is_dead_lettered_and_the_
     [(_, letter)] = await raw(bus).xrange(bus.keys.dead(p))
     assert letter[b"entry"] == first
     assert letter[b"error"] == b"the entry was deleted from the stream before it was handled"
+
+
+class _BusyLaneWakeUp(asyncio.Event):
+    """A step lane's wake-up that comes a little late, as when its last batch is still out:
+    steps made meanwhile go in one batch."""
+
+    async def wait(self) -> Literal[True]:
+        await super().wait()
+        await asyncio.sleep(0.005)
+        return True
+
+
+async def test_events_after_a_handler_cut_short_in_its_step_are_handled(
+    server: LocalServer,
+) -> None:
+    """A handler that swallows its timeout returns, and the run is cancelled in the step that
+    acknowledges it and reads on; that step's read must not take entries nobody handles."""
+    settings = make_settings(server.url, handler_timeout_seconds=0.2)
+    seen: list[int] = []
+    started = anyio.Event()
+
+    async def handle(d: Delivery) -> None:
+        if d.seq == 1 and d.deliveries == 1:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                pass  # swallowed: the cancellation comes again at the run's next wait
+        seen.append(d.seq)
+
+    async with Bus.connect(settings) as bus:
+        consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+        for lane in consumer._lanes:
+            lane._ready = _BusyLaneWakeUp()
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run)
+            await bus.publish("call-1", Tick(n=1))
+            await started.wait()
+            await bus.publish("call-1", Tick(n=2))
+            await bus.publish("call-1", Tick(n=3), final=True)
+            await wait_for(lambda: {2, 3} <= set(seen), limit=10, what="the events after it")
+            consumer.stop()
 
 
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
