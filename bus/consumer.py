@@ -455,11 +455,13 @@ class Consumer:
                             await self._failed(raw_id.decode(), raw_fields, run.deliveries, error)
                         )
                     await self._follow(run)
-                    return
+                    break
                 # Cancelled: a timeout (or a handler that swallowed one and returned), or closed.
                 run.read = "p"  # a step cut short may have read entries: the pending list has them
         finally:
-            run.part.sessions.pop(run.session, None)
+            hinted = run.part.sessions.pop(run.session, False)
+        if hinted and not run.closing:  # work came as it ended (a resume's hint, say)
+            self._schedule(run.part, run.session)
 
     async def _follow(self, run: _Run) -> None:
         """Read up to `read_batch` entries per step, handle them one by one, each acknowledged

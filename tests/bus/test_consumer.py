@@ -506,6 +506,57 @@ async def test_events_after_a_handler_cut_short_in_its_step_are_handled(
             consumer.stop()
 
 
+async def test_a_resume_whose_hint_comes_as_the_paused_run_ends_runs_the_session(
+    server: LocalServer,
+) -> None:
+    """The paused run's last step (it gives back the entry it read along) is held until the
+    resume's hint has reached the consumer: the run must not end with the hint lost."""
+    settings = make_settings(server.url, max_deliveries=1, dead_letter_policy="pause")
+    seen: list[int] = []
+    failing = [True]
+
+    async def handle(d: Delivery) -> None:
+        if failing[0]:
+            raise RuntimeError("downstream is down")
+        seen.append(d.seq)
+
+    async with Bus.connect(settings) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+        stream, p = bus.keys.session("call-1"), bus.keys.partition("call-1")
+        held: list[Step] = []
+        for lane in consumer._lanes:
+
+            def submit(step: Step, submit: Any = lane.submit) -> Any:
+                if step.stream == stream and step.give and not step.read and not held:
+                    held.append(step)
+
+                    async def after_the_resume() -> Any:
+                        failing[0] = False
+                        assert await bus.resume("call-1", "svc") is not None
+                        part = consumer._parts[p]
+                        await wait_for(lambda: part.sessions.get("call-1") is True)
+                        return await submit(step)
+
+                    return asyncio.ensure_future(after_the_resume())
+                return submit(step)
+
+            lane.submit = submit  # type: ignore[method-assign]
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run)
+            await bus.publish("call-1", Tick(n=1))
+
+            async def paused() -> bool:
+                return bool(await raw(bus).hexists(bus.keys.paused(p, "svc"), "call-1"))
+
+            await wait_for(paused, what="the session to pause")
+            await bus.publish("call-1", Tick(n=2), final=True)  # read along, given back
+            await wait_for(lambda: seen == [1, 2], limit=10, what="the resumed session")
+            consumer.stop()
+        assert held
+
+
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
     bus: Bus,
 ) -> None:
