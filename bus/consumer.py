@@ -174,7 +174,6 @@ class _Partition:
     runs: _Runs = field(init=False)  # its sessions' tasks
     sessions: dict[str, bool] = field(default_factory=dict)  # session -> new work since read
     subscribed: anyio.Event = field(default_factory=anyio.Event)  # its hints reach us
-    scanned: bool = False  # its live sessions were scheduled once subscribed
     draining: bool = False
     lost: bool = False
     drain: anyio.Event = field(default_factory=anyio.Event)
@@ -365,7 +364,6 @@ class Consumer:
                         await part.subscribed.wait()  # hints from here on reach us; the scan
                         if not part.draining:  # covers what was published before
                             await self._rescan(part)
-                            part.scanned = True
                         await part.drain.wait()
                         timeout = self.settings.drain_timeout_seconds
                         part.scope.deadline = anyio.current_time() + timeout
@@ -402,6 +400,8 @@ class Consumer:
                 return
             except (*TRANSIENT, ResponseError) as exc:  # a cluster's redirection among them
                 self._log.warning("rescan_failed", partition=part.number, error=str(exc))
+                if part.draining:  # a stop waits for no scan
+                    return
                 await anyio.sleep(backoff(attempt))
 
     def _notify_hint_follower(self) -> None:
@@ -416,10 +416,11 @@ class Consumer:
 
     def _take_subscription(self, part: _Partition, confirmed: bool) -> None:
         """The partition's hints reach us; after a reconnect (a confirmed subscription of a
-        partition scanned before) hints may have been missed, so it is scanned again."""
+        partition subscribed before, whose first scan may still run) hints may have been
+        missed, so it is scanned again."""
         if part.lost or part.draining:
             return
-        if confirmed and part.scanned:
+        if confirmed and part.subscribed.is_set():
             self._spawn_rescan(part)
         part.subscribed.set()
 

@@ -557,6 +557,61 @@ async def test_a_resume_whose_hint_comes_as_the_paused_run_ends_runs_the_session
         assert held
 
 
+async def test_a_hint_missed_while_the_first_scan_still_runs_is_made_up_for(bus: Bus) -> None:
+    await bus.register_service(ServiceInfo("svc"))
+    p = bus.keys.partition("call-1")
+    await bus.publish("call-1", Tick(n=1))
+    seen: list[int] = []
+    returned = anyio.Event()
+    sscan = bus.redis.sscan_iter
+
+    async def slow_sscan(key: str, **options: Any) -> AsyncIterator[bytes]:
+        async for member in sscan(key, **options):
+            yield member
+            if key == bus.keys.live(p) and not returned.is_set():
+                returned.set()
+                await anyio.sleep(1.5)  # the rest of a large live set
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+
+    bus.redis.sscan_iter = slow_sscan  # type: ignore[method-assign]
+    consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await returned.wait()
+        await wait_for(lambda: seen == [1], what="the first event")
+        await wait_for(lambda: "call-1" not in consumer._parts[p].sessions, what="its run's end")
+        await raw(bus).execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # hints lost now
+        await bus.publish("call-1", Tick(n=2))
+        await wait_for(lambda: seen == [1, 2], limit=10, what="the event published meanwhile")
+        consumer.stop()
+
+
+async def test_a_stop_while_the_first_scan_cannot_reach_the_server_ends(
+    server: LocalServer,
+) -> None:
+    settings = make_settings(server.url, drain_timeout_seconds=1.0, partitions=4)
+    scans: list[str] = []
+
+    async def down(key: str, **options: Any) -> AsyncIterator[bytes]:
+        scans.append(key)
+        raise RedisConnectionError("Error 111 connecting: Connection refused.")
+        yield b""  # an async generator
+
+    async def handle(d: Delivery) -> None:
+        pass
+
+    async with Bus.connect(settings) as bus:
+        bus.redis.sscan_iter = down  # type: ignore[method-assign]
+        consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+        with anyio.fail_after(60):  # it waited as long as the server was away: here, forever
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer.run)
+                await wait_for(lambda: len(scans) >= 4, what="the first scans failing")
+                consumer.stop()
+
+
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
     bus: Bus,
 ) -> None:
