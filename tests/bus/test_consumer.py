@@ -575,7 +575,7 @@ async def test_a_hint_missed_while_the_first_scan_still_runs_is_made_up_for(bus:
     async def handle(d: Delivery) -> None:
         seen.append(d.seq)
 
-    bus.redis.sscan_iter = slow_sscan  # type: ignore[method-assign]
+    bus.redis.sscan_iter = slow_sscan  # type: ignore[method-assign,assignment]
     consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
     async with anyio.create_task_group() as tg:
         await tg.start(consumer.run)
@@ -603,7 +603,7 @@ async def test_a_stop_while_the_first_scan_cannot_reach_the_server_ends(
         pass
 
     async with Bus.connect(settings) as bus:
-        bus.redis.sscan_iter = down  # type: ignore[method-assign]
+        bus.redis.sscan_iter = down  # type: ignore[method-assign,assignment]
         consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
         with anyio.fail_after(60):  # it waited as long as the server was away: here, forever
             async with anyio.create_task_group() as tg:
