@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import anyio
 import msgspec
 import structlog
 from redis.asyncio import Redis
@@ -78,6 +79,9 @@ class Bus:
         self._services: tuple[float, list[ServiceInfo]] = (float("-inf"), [])
         # The last seq published to each session still going, for a server that lost them.
         self._last_seq: dict[str, int] = {}
+        # A session's publishes go one at a time: the script recognises the retry of the
+        # session's last publish only, so two in flight could both be appended again.
+        self._publishing: dict[str, anyio.Lock] = {}
         self._publisher: Publisher | ClusterPublisher | None = None  # else through `redis`
 
     @classmethod
@@ -126,9 +130,23 @@ class Bus:
         that many replicas hold the event too, and sends it again while they do not (for as long
         as a lost connection). Raises `SessionEndedError`,
         `PayloadTooLargeError`, `InvalidSessionIdError`, `CommandRefusedError`, and
-        `ConnectionFailedError` once retrying gives up.
+        `ConnectionFailedError` once retrying gives up. Concurrent publishes to one session
+        from one `Bus` go one after another, in the order they were made.
         """
         check_session_id(session)
+        lock = self._publishing.get(session)
+        if lock is None:
+            lock = self._publishing[session] = anyio.Lock()
+        try:
+            async with lock:
+                return await self._publish(session, payload, final, extra)
+        finally:
+            if not lock.statistics().tasks_waiting and self._publishing.get(session) is lock:
+                del self._publishing[session]
+
+    async def _publish(
+        self, session: str, payload: Payload, final: bool, extra: Mapping[str, str] | None
+    ) -> Published:
         name, data = self._encode(session, payload)
         groups = [s.name for s in await self.services()]
         p = self.keys.partition(session)

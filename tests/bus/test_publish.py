@@ -7,14 +7,23 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
 from anyio import wait_all_tasks_blocked
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bus import Bus, InvalidExtraError, PayloadTooLargeError, ServiceInfo, SessionEndedError
+from bus import (
+    Bus,
+    InvalidExtraError,
+    PayloadTooLargeError,
+    ServiceInfo,
+    SessionEndedError,
+    publisher,
+)
 from bus import scripts as s
 from bus.publisher import Publisher
 from tests.apps.recorder import Tick
@@ -30,6 +39,36 @@ async def test_concurrent_publishers_get_gap_free_seqs_in_stream_order(bus: Bus)
     entries = await bus.history("call-1")
     assert [e.seq for e in entries] == list(range(1, 201))
     assert sorted(msgspec.json.decode(e.data)["n"] for e in entries) == list(range(200))
+
+
+async def test_concurrent_publishes_to_a_session_go_one_at_a_time_so_a_lost_reply_adds_none(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script knows the retry of a session's last publish only: two of one session in one
+    batch whose replies were lost were both retried, and the first appended again."""
+    sent = publisher.batch
+    sizes: list[int] = []
+
+    async def replies_lost_once(connection: Any, commands: list[Any]) -> list[Any]:
+        replies = await sent(connection, commands)
+        sizes.append(len(commands))
+        if len(sizes) == 2:  # the first batch after the session's start: ran, replies lost
+            return [RedisConnectionError("Connection reset by peer")] * len(commands)
+        return replies
+
+    await bus.publish("call-1", Tick(n=0))
+    monkeypatch.setattr(publisher, "batch", replies_lost_once)
+    async with anyio.create_task_group() as tg:
+        for n in (1, 2, 3):
+            tg.start_soon(bus.publish, "call-1", Tick(n=n))
+    assert max(sizes) == 1  # never two of the session in one batch
+    entries = await bus.history("call-1")
+    assert [(e.seq, msgspec.json.decode(e.data)["n"]) for e in entries] == [
+        (1, 0),
+        (2, 1),
+        (3, 2),
+        (4, 3),
+    ]
 
 
 async def test_an_entry_is_flat_and_readable(bus: Bus) -> None:
