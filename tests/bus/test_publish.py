@@ -46,7 +46,7 @@ async def test_concurrent_publishes_to_a_session_go_one_at_a_time_so_a_lost_repl
 ) -> None:
     """The script knows the retry of a session's last publish only: two of one session in one
     batch whose replies were lost were both retried, and the first appended again."""
-    sent = publisher.batch
+    sent = publisher.batch  # type: ignore[attr-defined]
     sizes: list[int] = []
 
     async def replies_lost_once(connection: Any, commands: list[Any]) -> list[Any]:
