@@ -64,6 +64,8 @@ class FunctionConfig:
     properties: Mapping[str, Any] = field(default_factory=dict)
     required: Sequence[str] = ()
     handler: Handler | None = None
+    #: The node of the flow to go to once it was called (when the handler names none).
+    transition_to: str | None = None
 
     def schema(self) -> dict[str, Any]:
         """The function as an LLM tool definition (OpenAI format)."""
@@ -146,10 +148,11 @@ def parse_node(
         raise InvalidNodeError(node, "task_messages", "required")
     role = _role(node, config)
     strategy = config.get("context_strategy", "APPEND")
-    if isinstance(strategy, Mapping):  # {"strategy": "RESET", ...} as in Pipecat Flows
+    if isinstance(strategy, Mapping):  # {"strategy": "reset", ...} as in Pipecat Flows
         strategy = strategy.get("strategy", "APPEND")
-    try:
-        context_strategy = ContextStrategy(getattr(strategy, "value", strategy))
+    strategy = getattr(strategy, "strategy", strategy)  # Pipecat's ContextStrategyConfig
+    try:  # Pipecat's enum values and YAML are lower case, this one's names upper case
+        context_strategy = ContextStrategy(str(getattr(strategy, "value", strategy)).upper())
     except ValueError:
         allowed = ", ".join(s.value for s in ContextStrategy)
         raise InvalidNodeError(node, "context_strategy", f"one of {allowed}") from None
@@ -201,6 +204,12 @@ def load_flow(path: str | Path, *, handlers: Mapping[str, Handler] | None = None
     initial = data.get("initial_node") or next(iter(nodes), None)
     if initial not in nodes:
         raise FlowError(f"{path}: initial_node {initial!r} is not one of the nodes")
+    for node in nodes.values():
+        for function in node.functions:
+            if function.transition_to is not None and function.transition_to not in nodes:
+                where = f"functions.{function.name}"
+                problem = f"transition_to {function.transition_to!r} is not one of the nodes"
+                raise InvalidNodeFunctionError(node.name, where, problem)
     return FlowConfig(str(initial), nodes)
 
 
@@ -276,10 +285,14 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
         handler = handlers[handler]
     if handler is not None and not callable(handler):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "handler is not callable")
+    transition_to = body.get("transition_to", spec.get("transition_to"))
+    if transition_to is not None and (not isinstance(transition_to, str) or not transition_to):
+        raise InvalidNodeFunctionError(node, f"{key}.{name}", "transition_to names a node")
     return FunctionConfig(
         name=name,
         description=str(body.get("description", "")),
         properties=body.get("properties", parameters.get("properties", {})),
         required=list(body.get("required", parameters.get("required", []))),
         handler=handler,
+        transition_to=transition_to,
     )

@@ -28,7 +28,7 @@ from bus import Bus, Message
 from .actions import BUILTINS
 from .bot import BotSession
 from .calling import invoke_action, invoke_function
-from .config import ContextStrategy, FlowConfig, FunctionConfig, Handler, NodeConfig, parse_node
+from .config import ContextStrategy, FlowConfig, Handler, NodeConfig, parse_node
 from .errors import ActionError, FlowTransitionError
 from .protocol import (
     ActionDone,
@@ -301,21 +301,29 @@ class FlowManager:
         self.messages.extend(node.task_messages)
 
     async def _call_function(self, node: NodeConfig, call: FunctionCall) -> NodeLike | None:
-        function: FunctionConfig | None = next(
-            (f for f in node.functions if f.name == call.name), None
-        )
+        """Run the function the LLM called; the node it asks for (its handler's, else its
+        `transition_to`), if any. What the LLM gets back goes into the context."""
+        function = next((f for f in node.functions if f.name == call.name), None)
         next_node: NodeLike | None = None
-        if function is None or function.handler is None:
-            problem = "is not a function of this node" if function is None else "has no handler"
-            result: Any = {"status": "error", "error": f"function {call.name!r} {problem}"}
-            log.error("function_call_failed", function=call.name, error=result["error"])
-        else:
-            try:
+        result: Any = {"status": "acknowledged"}  # a function with only a transition_to
+        try:
+            if function is None:
+                raise FlowTransitionError(f"function {call.name!r} is not a function of this node")
+            target = function.transition_to
+            if function.handler is None and target is None:
+                raise FlowTransitionError(f"function {call.name!r} has no handler")
+            if target is not None and (self.flow is None or target not in self.flow.nodes):
+                raise FlowTransitionError(
+                    f"function {call.name!r} goes to {target!r}, no node of the flow"
+                )
+            if function.handler is not None:
                 returned = await invoke_function(function.handler, call.arguments, self)
                 result, next_node = returned if isinstance(returned, tuple) else (returned, None)
-            except Exception as exc:
-                result = {"status": "error", "error": str(exc)}
-                log.error("function_call_failed", function=call.name, error=str(exc))
+            if next_node is None and target is not None and self.flow is not None:
+                next_node = self.flow.nodes[target]
+        except Exception as exc:
+            result = {"status": "error", "error": str(exc)}  # as Pipecat gives it
+            log.error("function_call_failed", function=call.name, error=str(exc))
         self.messages.append({"role": "tool", "name": call.name, "content": result})
         return next_node
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,7 +21,9 @@ from flows import (
     LLMResponse,
     ScriptedLLM,
     SimulatedTTS,
+    load_flow,
 )
+from tests.flows.test_config import YAML_FLOW
 from tests.flows.test_events import ready
 from tests.support import WorkerProcesses, raw, wait_for
 
@@ -346,6 +349,23 @@ async def test_a_function_call_sees_what_a_workers_post_action_wrote_and_shares_
         await fm.respond("and now?")
     assert seen == [{"ran_P": "a"}]
     assert (await actions.read_state("call-1"))["flow.looked_up"] == b"true"
+
+
+async def test_a_function_with_only_transition_to_moves_the_flow_there(
+    bus: Bus, tmp_path: Path
+) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(YAML_FLOW)
+    script = {
+        "greet": [LLMResponse(function_calls=[FunctionCall("choose_pizza")])],
+        "pizza": [LLMResponse(text="Which pizza?")],
+    }
+    llm, tts = ScriptedLLM(script), SimulatedTTS(0.0005)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts, flow=load_flow(path)) as fm:
+        await fm.initialize()
+        assert fm.current_node == "pizza"
+    assert llm.calls == ["greet", "pizza"]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Which pizza?"}
 
 
 async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only_warns(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flows import InvalidFunctionError, InvalidNodeError
-from flows.config import parse_node
+from flows.config import load_flow, parse_node
 
 
 def node(*actions: dict[str, Any]) -> dict[str, Any]:
@@ -57,3 +58,48 @@ def test_an_unusable_function_is_pipecats_invalid_function_error(function: Any) 
         parse_node(config)
     with pytest.raises(InvalidNodeError):  # and flowbus's own name for a node's error
         parse_node(config)
+
+
+class _PipecatStrategy:  # the shape of Pipecat's ContextStrategyConfig and its enum
+    def __init__(self, value: str) -> None:
+        self.strategy = type("Strategy", (), {"value": value})()
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["reset", "RESET", {"strategy": "reset"}, _PipecatStrategy("reset")],
+    ids=["lower", "upper", "mapping", "pipecat-config"],
+)
+def test_a_context_strategy_is_read_in_pipecats_forms(strategy: Any) -> None:
+    assert parse_node(node() | {"context_strategy": strategy}).context_strategy.value == "RESET"
+
+
+def test_a_yaml_flow_with_lower_case_strategies_and_transition_to_loads(tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(YAML_FLOW)
+    flow = load_flow(path)
+    [choose] = flow.nodes["greet"].functions
+    assert (choose.name, choose.handler, choose.transition_to) == ("choose_pizza", None, "pizza")
+    assert flow.nodes["pizza"].context_strategy.value == "RESET"
+    path.write_text(YAML_FLOW.replace("transition_to: pizza", "transition_to: sushi"))
+    with pytest.raises(InvalidFunctionError, match="transition_to 'sushi' is not one of the"):
+        load_flow(path)
+
+
+YAML_FLOW = """\
+initial_node: greet
+nodes:
+  greet:
+    role_message: You take orders.
+    task_messages:
+      - role: developer
+        content: Ask whether they want pizza.
+    functions:
+      - name: choose_pizza
+        transition_to: pizza
+  pizza:
+    task_messages:
+      - role: developer
+        content: Take a pizza order.
+    context_strategy: reset
+"""
