@@ -76,7 +76,10 @@ class FlowManager:
         self.session_id = bot.session
         self.state = SharedState()
         self.current_node: str | None = None
+        #: The LLM context, and the role message given before it (`role_message` of the last
+        #: node that set one).
         self.messages: list[dict[str, Any]] = []
+        self.role_message: str | None = None
         #: Post-action failures the actions service reported: (node, action type, error).
         self.action_errors: list[tuple[str, str, str]] = []
         self.ended = anyio.Event()
@@ -189,7 +192,7 @@ class FlowManager:
         gen = self._gen
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
-        reply = await self.llm.generate(self.messages, [f.schema() for f in node.functions])
+        reply = await self.llm.generate(self._context(), [f.schema() for f in node.functions])
         if reply.text:
             self.messages.append({"role": "assistant", "content": reply.text})
         calls = [c.name for c in reply.function_calls]
@@ -292,13 +295,20 @@ class FlowManager:
         return "ended" if result.ended else "done"
 
     def _enter_context(self, node: NodeConfig) -> None:
+        """The node's messages into the context (after a reset, alone); its role message, if
+        it has one, replaces the one before, which is kept across nodes as in Pipecat (an
+        instruction of the LLM's, not a message of the context)."""
         if node.context_strategy is not ContextStrategy.APPEND:
             self.messages = []
         if node.role_message:
-            self.messages = [m for m in self.messages if m.get("role") != "system"]
-            self.messages.insert(0, {"role": "system", "content": node.role_message})
+            self.role_message = node.role_message
         self.messages.append({"role": "system", "content": f"node: {node.name}"})
         self.messages.extend(node.task_messages)
+
+    def _context(self) -> list[dict[str, Any]]:
+        """What the LLM is given: the role message first, then the context."""
+        role = [{"role": "system", "content": self.role_message}] if self.role_message else []
+        return [*role, *self.messages]
 
     async def _call_function(self, node: NodeConfig, call: FunctionCall) -> NodeLike | None:
         """Run the function the LLM called; the node it asks for (its handler's, else its

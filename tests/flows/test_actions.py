@@ -368,6 +368,33 @@ async def test_a_function_with_only_transition_to_moves_the_flow_there(
     assert fm.messages[-1] == {"role": "assistant", "content": "Which pizza?"}
 
 
+async def test_the_role_message_stays_until_a_node_sets_another_and_no_message_is_lost(
+    bus: Bus,
+) -> None:
+    contexts: list[list[str]] = []
+
+    class Recorder:
+        async def generate(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> Any:
+            contexts.append([str(m["content"]) for m in messages if m["role"] != "assistant"])
+            return LLMResponse()
+
+    def at(name: str, **more: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "task_messages": [{"role": "system", "content": f"task {name}"}],
+        } | more
+
+    async with FlowManager.open(bus, "call-1", llm=Recorder(), tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(at("a", role_message="You are Ada."))
+        await fm.set_node_from_config(at("b", role_message="You are Bob."))
+        await fm.set_node_from_config(at("c", context_strategy="RESET"))
+    assert contexts == [
+        ["You are Ada.", "node: a", "task a"],
+        ["You are Bob.", "node: a", "task a", "node: b", "task b"],
+        ["You are Bob.", "node: c", "task c"],
+    ]
+
+
 async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only_warns(
     bus: Bus,
 ) -> None:
