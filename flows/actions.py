@@ -77,6 +77,20 @@ class _Run(msgspec.Struct):
     deadline: int = 0
     #: The node before this one (None: the first), `current_node` while pre-actions run.
     previous: str | None = None
+    #: The seq of the ``node.entered`` it is for: a later one replaces it, even from a bot
+    #: that started over (its `gen` counts from 1 again); the same one again is a replay.
+    seq: int = 0
+
+    @property
+    def entry(self) -> int:
+        """What names this node entry in the keys of its commands and replies (dedupe, corr,
+        a custom action's `action_key`): its seq (its gen, for a run saved before seqs)."""
+        return self.seq or self.gen
+
+
+def _newer(run: _Run, entered: NodeEntered, seq: int) -> bool:
+    """Whether `entered` (at `seq`) comes after the node entry of `run`."""
+    return run.seq < seq if run.seq else run.gen < entered.gen  # a run saved before `seq`
 
 
 class _State(msgspec.Struct):
@@ -184,7 +198,7 @@ class ActionService:
         state = _decode_state(raw) if raw else _State()
         run = state.run
         match delivery.payload:
-            case NodeEntered() as entered if run is None or run.gen < entered.gen:
+            case NodeEntered() as entered if run is None or _newer(run, entered, delivery.seq):
                 if run is not None and run.phase not in ("done", "failed", "ended"):
                     log.info("actions_abandoned", node=run.node, gen=run.gen, phase=run.phase)
                 deadline = delivery.ts + entered.wait_ms if entered.wait_ms else 0
@@ -196,6 +210,7 @@ class ActionService:
                     delivery.extra.get("corr", ""),
                     deadline=deadline,
                     previous=None if run is None else run.node,
+                    seq=delivery.seq,
                 )
                 problem = self.problem(run.pre + run.post)
                 if problem is not None:
@@ -247,7 +262,7 @@ class ActionService:
                 else:
                     if actions or (run.phase == "pre" and run.corr):  # the bot waits for it
                         completed = ActionsCompleted(node=run.node, gen=run.gen, phase=run.phase)
-                        await self._tell(delivery, run, completed, f"{run.gen}/{run.phase}/done")
+                        await self._tell(delivery, run, completed, f"{run.entry}/{run.phase}/done")
                     run.phase, run.index = ("post_wait", 0) if run.phase == "pre" else ("done", 0)
             elif run.phase == "post_wait" and run.llm_done and run.tts_done:
                 run.phase = "post"
@@ -259,7 +274,7 @@ class ActionService:
         i = run.index
         action = actions[i]
         kind = str(action["type"])
-        key = f"{run.gen}/{run.phase}/{i}"
+        key = f"{run.entry}/{run.phase}/{i}"
         following = str(actions[i + 1]["type"]) if i + 1 < len(actions) else None
         with structlog.contextvars.bound_contextvars(action=kind, index=i, phase=run.phase):
             if "bot_handler" in action:
@@ -312,7 +327,7 @@ class ActionService:
             node=run.node, gen=run.gen, phase=phase, error=error, action_type=kind
         )
         run.phase = "failed"
-        await self._tell(delivery, run, failed, f"{run.gen}/{phase}/failed")
+        await self._tell(delivery, run, failed, f"{run.entry}/{phase}/failed")
 
     async def _tell(self, delivery: Delivery, run: _Run, reply: ActionsCompleted, key: str) -> None:
         extra = {"corr": run.corr} if run.corr and reply.phase == "pre" else None

@@ -111,7 +111,7 @@ def _check_actions(stream: Sequence[Entry], records: list[ActionRecord], ended: 
         for phase in ("pre", "post"):
             steps: list[_Step] = []
             for i, action in enumerate(entered[f"{phase}_actions"]):
-                key, kind = f"{gen}/{phase}/{i}", str(action.get("type"))
+                key, kind = f"{entered_seq}/{phase}/{i}", str(action.get("type"))
                 where = f"{node} {phase}-action {i} ({kind})"
                 if phase == "post" and (llm is None or tts is None):
                     break  # not due yet: a record of it is reported below

@@ -395,6 +395,17 @@ async def test_the_role_message_stays_until_a_node_sets_another_and_no_message_i
     ]
 
 
+async def test_a_bot_that_starts_over_on_its_session_gets_its_actions_run(
+    actions: Bus,
+) -> None:
+    """Its node entries count from 1 again; they are new entries all the same."""
+    for label in ("first", "second"):
+        async with call(actions, "call-1") as fm:
+            await fm.initialize(node("a", pre=[note(label)], respond_immediately=False))
+    events = await timeline(actions, "call-1")
+    assert before(events, "action.finished:first", "action.finished:second")
+
+
 async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only_warns(
     bus: Bus,
 ) -> None:

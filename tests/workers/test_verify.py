@@ -32,7 +32,7 @@ CALL = stream(
             "post_actions": [{"type": "log_turn"}, {"type": "end_conversation"}],
         },
     ),
-    ("tts.spoken", {"corr": "1/pre/0"}),
+    ("tts.spoken", {"corr": "2/pre/0"}),
     ("llm.completed", {"node": "greeting", "gen": 1}),
     ("tts.finished", {"node": "greeting", "gen": 1}),
     ("session.ended", {}),
@@ -47,7 +47,7 @@ def seen(seq: int) -> EventRecord:
     return EventRecord("crm", "on_client_connected", seq, 1, 0, 2)
 
 
-IN_ORDER: list[Record] = [seen(1), action("1/pre/1", 3, 3), action("1/post/0", 5, 5)]
+IN_ORDER: list[Record] = [seen(1), action("2/pre/1", 3, 3), action("2/post/0", 5, 5)]
 
 
 def test_a_call_in_order_has_no_problem() -> None:
@@ -60,20 +60,20 @@ def test_a_call_in_order_has_no_problem() -> None:
     ("journal", "problem"),
     [
         (
-            [seen(1), action("1/pre/1", 2, 2), action("1/post/0", 5, 5)],
+            [seen(1), action("2/pre/1", 2, 2), action("2/post/0", 5, 5)],
             "greeting pre-action 1 (load_customer) ran before the action before it had finished",
         ),
         (
-            [seen(1), action("1/pre/1", 3, 4), action("1/post/0", 5, 5)],
+            [seen(1), action("2/pre/1", 3, 4), action("2/post/0", 5, 5)],
             "greeting pre-action 1 (load_customer) was still running when the LLM replied",
         ),
         (
-            [seen(1), action("1/pre/1", 3, 3), action("1/post/0", 4, 5)],
+            [seen(1), action("2/pre/1", 3, 3), action("2/post/0", 4, 5)],
             "greeting post-action 0 (log_turn) ran before the reply was complete and spoken",
         ),
-        ([seen(1), action("1/pre/1", 3, 3)], "greeting post-action 0 (log_turn) did not run"),
-        ([*IN_ORDER, action("1/pre/1", 3, 3)], "action 1/pre/1 ran 2 times"),
-        ([*IN_ORDER, action("1/post/2", 6, 6)], "action 1/post/2 ran where it should not have"),
+        ([seen(1), action("2/pre/1", 3, 3)], "greeting post-action 0 (log_turn) did not run"),
+        ([*IN_ORDER, action("2/pre/1", 3, 3)], "action 2/pre/1 ran 2 times"),
+        ([*IN_ORDER, action("2/post/2", 6, 6)], "action 2/post/2 ran where it should not have"),
         (IN_ORDER[1:], "crm saw seqs [], expected [1]"),
         ([*IN_ORDER, seen(1)], "crm saw seqs [1, 1], expected [1]"),
     ],
