@@ -88,13 +88,18 @@ class _Run(msgspec.Struct):
         return self.seq or self.gen
 
 
-def _newer(run: _Run, entered: NodeEntered, seq: int) -> bool:
-    """Whether `entered` (at `seq`) comes after the node entry of `run`."""
+def _newer(run: _Run | None, entered: NodeEntered, seq: int) -> bool:
+    """Whether `entered` (at `seq`) comes after the node entry of `run` (if any)."""
+    if run is None:
+        return True
     return run.seq < seq if run.seq else run.gen < entered.gen  # a run saved before `seq`
 
 
 class _State(msgspec.Struct):
     run: _Run | None = None
+    #: A node entered while `run`'s post-actions ran: it starts once they are done (as in
+    #: Pipecat, where a transition's frames follow those of the post-actions before it).
+    next: _Run | None = None
 
 
 _decode_state = msgspec.json.Decoder(_State).decode
@@ -197,28 +202,36 @@ class ActionService:
         raw = await delivery.load_state()
         state = _decode_state(raw) if raw else _State()
         run = state.run
+        latest = state.next or run  # the last node entry seen
         match delivery.payload:
-            case NodeEntered() as entered if run is None or _newer(run, entered, delivery.seq):
-                if run is not None and run.phase not in ("done", "failed", "ended"):
-                    log.info("actions_abandoned", node=run.node, gen=run.gen, phase=run.phase)
+            case NodeEntered() as entered if _newer(latest, entered, delivery.seq):
                 deadline = delivery.ts + entered.wait_ms if entered.wait_ms else 0
-                state.run = run = _Run(
+                new = _Run(
                     entered.node,
                     entered.gen,
                     entered.pre_actions,
                     entered.post_actions,
                     delivery.extra.get("corr", ""),
                     deadline=deadline,
-                    previous=None if run is None else run.node,
+                    previous=None if latest is None else latest.node,
                     seq=delivery.seq,
                 )
-                problem = self.problem(run.pre + run.post)
-                if problem is not None:
-                    await self._fail(delivery, run, *problem)
-            case LLMCompleted(gen=gen) if run is not None and run.gen == gen:
-                run.llm_done = True
-            case TTSFinished(gen=gen) if run is not None and run.gen == gen:
-                run.tts_done = True
+                problem = self.problem(new.pre + new.post)
+                if problem is not None:  # it fails at once; the run before goes on
+                    await self._fail(delivery, new, *problem)
+                elif run is not None and run.phase == "post":  # they run to their end first
+                    state.next = new
+                else:
+                    if run is not None and run.phase not in ("done", "failed", "ended"):
+                        log.info("actions_abandoned", node=run.node, gen=run.gen, phase=run.phase)
+                    state.run = run = new
+                    state.next = None
+            case LLMCompleted(gen=gen) | TTSFinished(gen=gen):
+                for of_gen in (r for r in (run, state.next) if r is not None and r.gen == gen):
+                    if isinstance(delivery.payload, LLMCompleted):
+                        of_gen.llm_done = True
+                    else:
+                        of_gen.tts_done = True
             case TTSSpoken(corr=corr) if run is not None and corr and run.waiting == corr:
                 run.waiting = ""
             case ActionDone(corr=corr, error=error) if run is not None and run.waiting == corr:
@@ -226,10 +239,14 @@ class ActionService:
                 if error:
                     actions = run.pre if run.phase == "pre" else run.post
                     await self._fail(delivery, run, str(actions[run.index - 1]["type"]), error)
-            case WaitTimedOut(gen=gen) if run is not None and run.gen == gen:
-                run.phase = "abandoned"
+            case WaitTimedOut(gen=gen) if latest is not None and latest.gen == gen:
+                if latest is state.next:  # the bot gave up on it before it started
+                    state.next = None
+                else:
+                    latest.phase = "abandoned"
             case SessionEnded() if run is not None:
                 run.phase = "ended"
+                state.next = None
             case (
                 NodeEntered()
                 | LLMCompleted()
@@ -266,6 +283,10 @@ class ActionService:
                     run.phase, run.index = ("post_wait", 0) if run.phase == "pre" else ("done", 0)
             elif run.phase == "post_wait" and run.llm_done and run.tts_done:
                 run.phase = "post"
+            elif state.next is not None and run.phase in ("done", "failed", "abandoned"):
+                state.run, state.next = state.next, None  # the node entered meanwhile
+                run = state.run
+                log.info("actions_resumed", node=run.node, gen=run.gen)
             else:
                 return
             await self._save(delivery, state)

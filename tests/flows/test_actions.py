@@ -406,6 +406,28 @@ async def test_a_bot_that_starts_over_on_its_session_gets_its_actions_run(
     assert before(events, "action.finished:first", "action.finished:second")
 
 
+async def test_post_actions_of_a_node_left_by_a_function_call_run_to_their_end_first(
+    actions: Bus,
+) -> None:
+    """The reply's function call moves the flow on while the post-actions wait for their
+    phrase: they run to their end, then the next node's pre-actions (as Pipecat orders it)."""
+    then = node("b", pre=[note("B")], respond_immediately=False)
+
+    async def go(args: dict[str, Any], flow_manager: FlowManager) -> Any:
+        return {"ok": True}, then
+
+    script = {"a": [LLMResponse(text="Noted", function_calls=[FunctionCall("go")])]}
+    post = [say("One moment please, I am checking that."), note("after-say")]
+    async with call(actions, "call-1", script) as fm:
+        await fm.initialize(node("a", post=post, functions=[{"name": "go", "handler": go}]))
+        assert fm.current_node == "b"
+    events = await timeline(actions, "call-1")
+    assert before(
+        events, "tts.finished:One moment please, I am checking that.", "action.started:after-say"
+    )
+    assert before(events, "action.finished:after-say", "action.started:B")
+
+
 async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only_warns(
     bus: Bus,
 ) -> None:
