@@ -99,14 +99,24 @@ class NodeConfig:
     respond_immediately: bool = True
 
     def with_state(self, state: Mapping[str, Any]) -> NodeConfig:
-        """The node with ``{{ key }}`` placeholders in its messages filled from `state`
-        (dotted keys reach into nested dicts; unknown keys stay as written)."""
-        messages = [
-            {**m, "content": fill(m["content"], state)} if isinstance(m.get("content"), str) else m
-            for m in self.task_messages
-        ]
+        """The node with ``{{ key }}`` placeholders in its messages and its actions' ``text``
+        filled from `state` (dotted keys reach into nested dicts; unknown keys stay as
+        written)."""
+
+        def filled(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+            return [
+                {**item, key: fill(item[key], state)} if isinstance(item.get(key), str) else item
+                for item in items
+            ]
+
         role = fill(self.role_message, state) if self.role_message else self.role_message
-        return replace(self, task_messages=messages, role_message=role)
+        return replace(
+            self,
+            task_messages=filled(self.task_messages, "content"),
+            role_message=role,
+            pre_actions=filled(self.pre_actions, "text"),
+            post_actions=filled(self.post_actions, "text"),
+        )
 
 
 def fill(text: str, state: Mapping[str, Any]) -> str:

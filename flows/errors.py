@@ -44,9 +44,10 @@ class EventError(FlowError):
 class UnknownEventError(EventError, KeyError):
     """An event name that is neither in the catalog nor declared by the service."""
 
-    def __init__(self, name: str, suggestions: Sequence[str]) -> None:
+    def __init__(self, name: str, suggestions: Sequence[str], known: Sequence[str] = ()) -> None:
         hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
-        super().__init__(f"unknown event {name!r}{hint} (declare custom events first)")
+        listed = f"; known events: {', '.join(known)}" if known else ""
+        super().__init__(f"unknown event {name!r}{hint} (declare custom events first){listed}")
         self.name, self.suggestions = name, list(suggestions)
 
     def __str__(self) -> str:  # KeyError would show the message in quotes

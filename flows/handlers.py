@@ -96,8 +96,9 @@ def find_spec(name: str, custom: dict[str, EventSpec]) -> EventSpec:
     """The spec of `name`, or `UnknownEventError` with the closest known names."""
     spec = custom.get(name) or CATALOG.get(name)
     if spec is None:
-        known = [*CATALOG, *custom]
-        raise UnknownEventError(name, difflib.get_close_matches(name, known, n=3, cutoff=0.6))
+        known = sorted({*CATALOG, *custom})
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        raise UnknownEventError(name, close, [] if close else known)
     return spec
 
 

@@ -103,3 +103,14 @@ nodes:
         content: Take a pizza order.
     context_strategy: reset
 """
+
+
+def test_placeholders_are_filled_in_messages_and_in_actions_text() -> None:
+    config = node({"type": "tts_say", "text": "Hello {{ caller.name }}"}) | {
+        "task_messages": [{"role": "system", "content": "Greet {{ caller.name }}, {{ nope }}"}],
+        "post_actions": [{"type": "end_conversation", "text": "Bye {{ caller.name }}"}],
+    }
+    filled = parse_node(config).with_state({"caller": {"name": "Ada"}})
+    assert filled.task_messages[0]["content"] == "Greet Ada, {{ nope }}"
+    assert filled.pre_actions[0]["text"] == "Hello Ada"
+    assert filled.post_actions[0]["text"] == "Bye Ada"

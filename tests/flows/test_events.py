@@ -168,6 +168,8 @@ async def test_unknown_names_are_refused_with_suggestions(bus: Bus) -> None:
     service = EventService("crm")
     with pytest.raises(UnknownEventError, match="did you mean on_client_connected"):
         service.add_event_handler("on_client_conected", lambda emitter: None)
+    with pytest.raises(UnknownEventError, match="; known events: on_active_speaker_changed, "):
+        service.add_event_handler("on_zzz", lambda emitter: None)  # nothing close: all of them
     async with BotSession.open(bus, "call-1") as bot:
         with pytest.raises(UnknownEventError, match="on_user_turn_stopped"):
             await Events(bot).emit(USER, "on_user_turn_stoped")
