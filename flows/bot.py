@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -26,6 +26,18 @@ class _Waiter:
     done_when: ReplyCheck
     replies: list[Message] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@contextmanager
+def unwrapped() -> Iterator[None]:
+    """Let the one error of a task group's exception group out as itself: what the body of a
+    session raised (an `EventError`, say) reaches its caller as written, not in a group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0]  # noqa: B904  # the group is its context
+        raise
 
 
 class BotSession:
@@ -57,12 +69,13 @@ class BotSession:
         send, receive = anyio.create_memory_object_stream[Message](math.inf)
         bot = cls(bus, session, send, traceparent=traceparent)
         bot.commands = receive
-        async with bus.inbox(session, codec) as inbox, anyio.create_task_group() as tg:
-            tg.start_soon(bot._route, inbox)
-            try:
-                yield bot
-            finally:
-                tg.cancel_scope.cancel()
+        with unwrapped():
+            async with bus.inbox(session, codec) as inbox, anyio.create_task_group() as tg:
+                tg.start_soon(bot._route, inbox)
+                try:
+                    yield bot
+                finally:
+                    tg.cancel_scope.cancel()
 
     commands: MemoryObjectReceiveStream[Message]
 

@@ -107,7 +107,11 @@ def _payload(
             f"{spec.name!r} takes {len(spec.args)} arguments after the emitter: "
             f"{', '.join(spec.args) or 'none'}"
         )
-    fields = {**dict(zip(spec.args, args, strict=False)), **kwargs, "emitter": emitter}
+    given = dict(zip(spec.args, args, strict=False))
+    twice = sorted(given.keys() & kwargs.keys() | kwargs.keys() & {"emitter"})
+    if twice:
+        raise EventError(f"{spec.name!r} got more than one value for {', '.join(twice)}")
+    fields = {**given, **kwargs, "emitter": emitter}
     try:  # validate here, where the caller can fix it, not in every handling service
         return msgspec.json.decode(encode(spec.payload(**fields)), type=spec.payload)
     except (TypeError, msgspec.ValidationError, msgspec.EncodeError) as exc:

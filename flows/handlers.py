@@ -15,6 +15,7 @@ call's events reach the handlers in order.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from bus import Codec, Delivery, Payload, Service
 from .calling import invoke
 from .catalog import CATALOG, Event, EventSpec, Info
 from .errors import InvalidHandlerError, UnknownEventError
-from .protocol import HandlerOutcome
+from .protocol import COMMANDS, FLOW_EVENTS, HandlerOutcome
 
 log = structlog.get_logger("flowbus.handlers")
 
@@ -41,6 +42,12 @@ class Retry:
 
     attempts: int = 3
     backoff: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or not self.backoff >= 0:
+            raise InvalidHandlerError(
+                f"Retry needs attempts of 1 or more and a backoff of 0 or more, not {self}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +72,26 @@ class _Registration:
     handler: Callable[..., Any]
     emitter: str | None
     retry: Retry | None
+    #: How many of the event's arguments it takes after the emitter (None: all of them).
+    takes: int | None = None
 
     @property
     def name(self) -> str:
-        return getattr(self.handler, "__qualname__", repr(self.handler))
+        return getattr(self.handler, "__qualname__", type(self.handler).__qualname__)
+
+
+def _takes(handler: Callable[..., Any]) -> int | None:
+    """How many arguments `handler` takes after the emitter, if it declares fewer than an
+    event may carry (``on_connected(service)``: Pipecat passes nothing there, while the
+    event's payload always holds its fields); None for ``*args`` or no signature."""
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return max(0, len(positional) - 1)
 
 
 def declare(name: str, payload: type[Event] | None = None, *, sync: bool = False) -> EventSpec:
@@ -78,6 +101,8 @@ def declare(name: str, payload: type[Event] | None = None, *, sync: bool = False
     """
     if name in CATALOG:
         raise InvalidHandlerError(f"{name!r} is a catalog event; custom events need new names")
+    if name in FLOW_EVENTS or name in COMMANDS:
+        raise InvalidHandlerError(f"{name!r} is one of flowbus's own messages; choose another")
     if payload is None:
         generic: Any = msgspec.defstruct(
             "CustomEvent",
@@ -126,6 +151,8 @@ class EventService:
         self, name: str, *, emitter: str | None = None, retry: Retry | None = None
     ) -> Callable[[F], F]:
         """Decorator form of `add_event_handler`."""
+        if not isinstance(name, str):  # ``@event_handler`` without the event's name
+            raise InvalidHandlerError("@x.event_handler takes the event's name")
 
         def register(handler: F) -> F:
             self.add_event_handler(name, handler, emitter=emitter, retry=retry)
@@ -150,16 +177,19 @@ class EventService:
         if emitter is not None and not spec.emitted_by(emitter):
             sources = ", ".join(sorted(spec.emitters))
             raise InvalidHandlerError(f"{emitter!r} never emits {name!r}; it comes from {sources}")
-        self._handlers.setdefault(name, []).append(_Registration(handler, emitter, retry))
+        registration = _Registration(handler, emitter, retry, _takes(handler))
+        self._handlers.setdefault(name, []).append(registration)
 
     def remove_event_handler(self, name: str, handler: Callable[..., Any]) -> None:
-        """Remove the last registration of `handler` for `name` (like Pipecat)."""
+        """Remove the first registration of `handler` for `name`, as Pipecat does (nothing if
+        it has none). Raises `UnknownEventError` for a name neither in the catalog nor
+        declared."""
+        find_spec(name, self._custom)
         registrations = self._handlers.get(name, [])
-        for i in range(len(registrations) - 1, -1, -1):
-            if registrations[i].handler == handler:
+        for i, registration in enumerate(registrations):
+            if registration.handler == handler:
                 del registrations[i]
                 return
-        raise InvalidHandlerError(f"{handler!r} is not a handler of {name!r}")
 
     @property
     def subscribes(self) -> frozenset[str]:
@@ -201,7 +231,7 @@ class EventService:
         with structlog.contextvars.bound_contextvars(handler=registration.name):
             for attempt in range(1, retry.attempts + 1):
                 try:
-                    await invoke(registration.handler, ref, *args)
+                    await invoke(registration.handler, ref, *args[: registration.takes])
                     return ""
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"

@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from bus import Bus, Message
 
 from .actions import BUILTINS
-from .bot import BotSession
+from .bot import BotSession, unwrapped
 from .calling import invoke_action, invoke_function
 from .config import ContextStrategy, FlowConfig, Handler, NodeConfig, parse_node
 from .errors import ActionError, FlowTransitionError
@@ -110,13 +110,14 @@ class FlowManager:
         With `traceparent` (W3C trace context), every event of the session carries it.
         """
         opened = BotSession.open(bus, session, traceparent=traceparent)
-        async with opened as bot, anyio.create_task_group() as tg:
-            manager = cls(bot, tg, llm=llm, tts=tts, **options)
-            tg.start_soon(manager._serve_commands)
-            try:
-                yield manager
-            finally:
-                tg.cancel_scope.cancel()
+        with unwrapped():
+            async with opened as bot, anyio.create_task_group() as tg:
+                manager = cls(bot, tg, llm=llm, tts=tts, **options)
+                tg.start_soon(manager._serve_commands)
+                try:
+                    yield manager
+                finally:
+                    tg.cancel_scope.cancel()
 
     # -- Pipecat Flows' API -----------------------------------------------------------------
     def register_action(self, action_type: str, handler: Handler) -> None:

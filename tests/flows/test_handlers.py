@@ -17,11 +17,13 @@ from flows import (
     Emitter,
     EmitterRef,
     Event,
+    EventError,
     Events,
     EventService,
     InvalidHandlerError,
     Retry,
     Say,
+    UnknownEventError,
 )
 from tests.support import wait_for
 
@@ -132,3 +134,61 @@ async def test_custom_events_are_declared_on_both_sides(bus: Bus) -> None:
         events.declare_event("support.escalated", Escalated, sync=True)
         outcome = await events.emit(Emitter("bot"), "support.escalated", "angry", priority=3)
     assert outcome is not None and outcome.ok and got == [("angry", 3)]
+
+
+async def test_a_handler_gets_only_the_arguments_it_declares_as_pipecat_passes_them(
+    bus: Bus,
+) -> None:
+    """Pipecat calls ``on_connected(service)`` with nothing after the emitter."""
+    seen: list[str] = []
+    service = EventService("svc")
+
+    @service.event_handler("on_connected")
+    async def bare(emitter: EmitterRef) -> None:
+        seen.append("bare")
+
+    @service.event_handler("on_connected")
+    async def with_data(emitter: EmitterRef, data: Any) -> None:
+        seen.append(f"data {data}")
+
+    @service.event_handler("on_connected")
+    def every(emitter: EmitterRef, *args: Any) -> None:
+        seen.append(f"all {len(args)}")
+
+    async with serving(bus, service):
+        await emit_all(bus, (STT, "on_connected", ()))
+        await wait_for(lambda: len(seen) == 3, what="the three handlers")
+    assert seen == ["bare", "data {}", "all 1"]
+
+
+def test_a_registration_is_removed_first_in_first_out_and_bad_ones_are_refused() -> None:
+    service = EventService("svc")
+
+    def h(emitter: EmitterRef) -> None:
+        pass
+
+    def g(emitter: EmitterRef) -> None:
+        pass
+
+    for handler in (h, g, h):
+        service.add_event_handler("on_connected", handler)
+    service.remove_event_handler("on_connected", h)
+    service.remove_event_handler("on_connected", lambda emitter: None)  # not there: nothing
+    assert [r.handler for r in service._handlers["on_connected"]] == [g, h]  # as Pipecat
+    with pytest.raises(UnknownEventError):
+        service.remove_event_handler("on_conected", h)
+    with pytest.raises(InvalidHandlerError, match="takes the event's name"):
+        service.event_handler(h)  # type: ignore[arg-type]  # @service.event_handler, bare
+    with pytest.raises(InvalidHandlerError, match="attempts of 1 or more"):
+        Retry(attempts=0)
+    with pytest.raises(InvalidHandlerError, match="one of flowbus's own messages"):
+        service.declare_event("session.ended")
+
+
+async def test_an_argument_given_twice_is_refused_and_errors_leave_the_session_as_raised(
+    bus: Bus,
+) -> None:
+    with pytest.raises(EventError, match="more than one value for participant"):
+        async with BotSession.open(bus, "call-1") as bot:
+            daily = Emitter("transport.daily", "daily")
+            await Events(bot).emit(daily, "on_participant_left", {"id": 1}, participant={"id": 2})
