@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from bus import Bus, BusError, SessionEndedError
+from bus import Bus, BusError, PayloadTooLargeError, SessionEndedError
 
 from .replay import REPLAY, Replay
 
@@ -216,6 +216,10 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
             "dead letter cannot be handled after it in order; drop it (flowbus dead drop "
             f"{letter.ref}). With --dead-letter pause a session waits for its dead letters."
         ) from None
+    except PayloadTooLargeError as exc:  # its event with the replay's wrapping
+        raise DeadLetterError(
+            f"{letter.ref}: cannot be replayed, {exc}; drop it (flowbus dead drop {letter.ref})"
+        ) from None
     await _remove(bus, letter)
     return (
         f"{letter.ref}: seq {letter.seq} {letter.type} of session {letter.session} replayed "
@@ -225,9 +229,10 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
 
 async def drop(bus: Bus, letter: DeadLetter) -> str:
     """Remove `letter`; a session paused on it goes on without it. Says what was done."""
+    if letter.paused:  # first: should it fail, the letter is still there to drop again
+        await bus.resume(letter.session, letter.group, drop=True)
     await _remove(bus, letter)
     if letter.paused:
-        await bus.resume(letter.session, letter.group, drop=True)
         return (
             f"{letter.ref}: dropped; session {letter.session} goes on for {letter.group} "
             f"without entry {letter.entry}"

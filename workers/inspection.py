@@ -155,11 +155,13 @@ def _rows(raw: Iterable[Any], max_data: int) -> list[EventRow]:
 
 
 async def _all_sessions(bus: Bus) -> list[tuple[str, int, bool]]:
-    """(session, partition, live) of every session the partition indexes know."""
+    """(session, partition, live) of every session the partition indexes know, but for ended
+    ones whose keys have expired (the index is pruned only when another session retires)."""
+    now = await server_ms(bus)
     pipe = bus.redis.pipeline(transaction=False)
     for p in range(bus.settings.partitions):
         pipe.smembers(bus.keys.live(p))
-        pipe.zrange(bus.keys.ended(p), 0, -1)
+        pipe.zrangebyscore(bus.keys.ended(p), f"({now}", "+inf")
     replies: list[Any] = await pipe.execute()
     found: dict[str, tuple[str, int, bool]] = {}
     for p in range(bus.settings.partitions):
@@ -249,15 +251,16 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
     meta_raw, raw, groups_raw, inbox_raw = await pipe.execute(raise_on_error=False)
     max_data = 1 << 62
     events = _rows(raw if isinstance(raw, list) else [], max_data)
-    group_names = [_text(g["name"]) for g in groups_raw] if isinstance(groups_raw, list) else []
+    groups_info = groups_raw if isinstance(groups_raw, list) else []
     pipe = bus.redis.pipeline(transaction=False)
-    for g in group_names:
-        pipe.xpending_range(stream, g, min="-", max="+", count=100)
-        pipe.hget(keys.paused(p, g), session)
+    for g in groups_info:  # every pending entry, however many
+        name, count = _text(g["name"]), max(1, int(g["pending"]))
+        pipe.xpending_range(stream, name, min="-", max="+", count=count)
+        pipe.hget(keys.paused(p, name), session)
     extra: list[Any] = await pipe.execute()
     seq_of = {e.id: e.seq for e in events}
     progress: list[GroupProgress] = []
-    for i, g in enumerate(groups_raw if isinstance(groups_raw, list) else []):
+    for i, g in enumerate(groups_info):
         pending = [
             PendingRow(
                 _text(x["message_id"]),

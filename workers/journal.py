@@ -70,12 +70,14 @@ class Journal:
         self._redis: Redis | None = None
         self._keys = Keys()
         self._pid = os.getpid()
+        self._retention_ms = 0
 
     def _client(self) -> Redis:
         if self._redis is None:
             settings = Settings.from_env()
             self._redis = make_client(settings, max_connections=16)
             self._keys = Keys(settings.prefix, settings.partitions)
+            self._retention_ms = int(settings.retention_seconds * 1000)
         return self._redis
 
     async def _last_seq(self, session: str) -> int:
@@ -83,8 +85,14 @@ class Journal:
         return int(seq or 0)
 
     async def _write(self, session: str, record: Record) -> None:
+        """Append `record`; the journal lives as long as the session's keys would after its
+        end (from its last record), so a deployment that runs on leaks none."""
         redis = self._client()
-        await redis.rpush(journal_key(self._keys.prefix, session), msgspec.json.encode(record))
+        key = journal_key(self._keys.prefix, session)
+        pipe = redis.pipeline(transaction=False)
+        pipe.rpush(key, msgspec.json.encode(record))
+        pipe.pexpire(key, self._retention_ms)
+        await pipe.execute()
 
     @asynccontextmanager
     async def action(

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, Settings
+from bus import Bus, ServiceInfo, Settings
 from tests.conftest import make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
@@ -239,6 +239,39 @@ async def test_dead_names_one_letter_each_an_id_in_two_partitions_wants_its_part
     assert out.splitlines() == [f"{ref}: dropped"]  # named twice, dropped once
     [left] = await as_json(settings, "dead", "list")
     assert left["ref"] == "5/1700000000000-0"
+
+
+async def test_inspect_lists_no_session_whose_keys_expired_and_every_pending_entry(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.publish("call-new", Step(n=1), final=True)  # no service: it retires at once
+    p = bus.keys.partition("call-gone")
+    await raw(bus).zadd(bus.keys.ended(p), {"call-gone": 1})  # its keys expired long ago
+    rows = await as_json(settings, "inspect", "sessions")
+    assert [row["session"] for row in rows] == ["call-new"]
+    # More entries pending than one page of XPENDING held (100): each still shown pending.
+    await bus.register_service(ServiceInfo("slow"))
+    for n in range(1, 152):
+        await bus.publish("call-many", Step(n=n))
+    stream = bus.keys.session("call-many")
+    await raw(bus).xreadgroup("slow", "p0", {stream: ">"}, count=150)
+    detail = await as_json(settings, "inspect", "session", "call-many")
+    marks = [event["progress"]["slow"] for event in detail["events"]]
+    assert marks == ["pending"] * 150 + ["waiting"]
+
+
+async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay(
+    bus: Bus, settings: Settings
+) -> None:
+    big = json.dumps({"type": "step", "n": 1, "pad": "x" * (bus.settings.max_payload_bytes - 50)})
+    for session, data in (("call-big", big), ("call-ok", '{"type": "step", "n": 1}')):
+        await bus.publish(session, Step(n=0))
+        letter = {"session": session, "group": "steps", "entry": "1-0", "deliveries": "5"}
+        letter |= {"error": "boom", "policy": "skip", "type": "step", "seq": "1", "ts": "1"}
+        await raw(bus).xadd(bus.keys.dead(bus.keys.partition(session)), {**letter, "data": data})
+    status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
+    assert status == 1 and "cannot be replayed" in err and "flowbus dead drop" in err
+    assert "of session call-ok replayed for steps" in out
 
 
 async def _is(records: Any, n: int) -> bool:
