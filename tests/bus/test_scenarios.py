@@ -145,7 +145,9 @@ async def test_in_batch_ack_mode_a_kill_9_loses_nothing_and_repeats_at_most_a_ba
     session, only events the victim handled first. The victim is frozen while the first 20
     events of each session are published, so that it reads full batches."""
     settings = make_settings(server.url, ack_mode="batch", read_batch=8, lease_ttl_seconds=3)
-    env = {"RECORDER_MAX_DELAY_MS": "4"}
+    # Handlings slow enough that the kill comes while the victim is still in its sessions'
+    # batches: with 4 ms it sometimes had handled (and acknowledged) all of them by then.
+    env = {"RECORDER_MAX_DELAY_MS": "40"}
     async with Bus.connect(settings) as bus:
         procs = [workers.start(RECORDER, settings, env) for _ in range(3)]
         await settled(bus, "recorder", 3)
