@@ -369,11 +369,12 @@ class Consumer:
                         part.scope.deadline = anyio.current_time() + timeout
                         await part.runs.join()
                 finally:
+                    left = len(part.sessions)  # still running when the drain ended
                     await part.runs.close()
             if part.runs.error is not None:
                 raise part.runs.error
             if part.scope.cancelled_caught and not part.lost:
-                self._log.warning("drain_timed_out", partition=part.number, left=len(part.sessions))
+                self._log.warning("drain_timed_out", partition=part.number, left=left)
         except* FencedError:
             self._lose(part, "fenced")
         finally:

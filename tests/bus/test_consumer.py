@@ -811,12 +811,14 @@ async def test_a_drain_out_of_time_cancels_the_handlers_left_even_one_that_resis
         for session in ("call-1", "call-2"):
             await bus.publish(session, Tick(n=1))
         consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
-        with anyio.fail_after(10):
+        with anyio.fail_after(10), capture_logs() as logs:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(consumer.run)
                 await wait_for(lambda: len(started) == 2, what="both handlers running")
                 consumer.stop()  # run() returns once the drain ran out of time
         assert cancelled_again == ["call-2"]
+        timed_out = [x for x in logs if x["event"] == "drain_timed_out"]
+        assert sum(x["left"] for x in timed_out) == 2  # the sessions it left running
         for session in ("call-1", "call-2"):  # not acknowledged: the next owner handles them
             pending = await bus.redis.xpending(bus.keys.session(session), "svc")
             assert pending["pending"] == 1
