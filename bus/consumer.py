@@ -153,13 +153,15 @@ class _Runs:
         while self._runs:
             await asyncio.wait(list(self._runs))
 
-    async def close(self) -> None:
-        """Cancel the runs left, and wait until they have ended."""
+    async def close(self) -> list[_Run]:
+        """Cancel the runs left, and wait until they have ended; the runs it cancelled."""
         with anyio.CancelScope(shield=True):
             self._closing = True
-            for run in self._runs.values():
+            closed = list(self._runs.values())
+            for run in closed:
                 run.close()
             await self.join()
+        return closed
 
 
 @dataclass(slots=True, eq=False)
@@ -349,6 +351,20 @@ class Consumer:
             except (*TRANSIENT, ResponseError) as exc:
                 self._log.warning("leave_failed", error=str(exc))
 
+    async def _settle_closed(self, runs: list[_Run]) -> None:
+        """After a drain ran out of time: acknowledge what the cut-short runs handled, and give
+        back what they read but never started, so that the next owner neither repeats the one
+        nor counts a second delivery of the other. The entry each was in stays pending."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            for run in runs:
+                unstarted = [e[0] for e in run.entries[run.done + 1 :] if e[0] not in run.give]
+                run.give += unstarted
+                if run.acks or run.give:
+                    try:
+                        await run.call("")
+                    except FencedError:
+                        return  # the partition is another's now: its settling is theirs
+
     async def _renew_while_draining(self) -> None:
         while True:
             await anyio.sleep(self.settings.lease_ttl_seconds / 5)
@@ -369,12 +385,12 @@ class Consumer:
                         part.scope.deadline = anyio.current_time() + timeout
                         await part.runs.join()
                 finally:
-                    left = len(part.sessions)  # still running when the drain ended
-                    await part.runs.close()
+                    closed = await part.runs.close()
             if part.runs.error is not None:
                 raise part.runs.error
             if part.scope.cancelled_caught and not part.lost:
-                self._log.warning("drain_timed_out", partition=part.number, left=left)
+                self._log.warning("drain_timed_out", partition=part.number, left=len(closed))
+                await self._settle_closed(closed)
         except* FencedError:
             self._lose(part, "fenced")
         finally:

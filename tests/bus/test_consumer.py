@@ -612,6 +612,39 @@ async def test_a_stop_while_the_first_scan_cannot_reach_the_server_ends(
                 consumer.stop()
 
 
+@pytest.mark.parametrize("mode", ["each", "batch"])
+async def test_a_drain_out_of_time_settles_what_was_handled_and_gives_back_the_rest(
+    server: LocalServer, mode: str
+) -> None:
+    """The next owner repeats neither the events handled before the stuck one, nor counts a
+    second delivery of those read along but never started."""
+    settings = make_settings(server.url, drain_timeout_seconds=0.3, ack_mode=mode)
+    first: list[int] = []
+    after: list[tuple[int, int]] = []
+
+    async def stuck_at_3(d: Delivery) -> None:
+        first.append(d.seq)
+        if d.seq == 3:
+            await anyio.sleep_forever()
+
+    async def record(d: Delivery) -> None:
+        after.append((d.seq, d.deliveries))
+
+    async with Bus.connect(settings) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        for n in range(1, 6):
+            await bus.publish("call-1", Tick(n=n))  # one read takes all five
+        consumer = Consumer(bus, Service("svc", stuck_at_3, Codec([Tick])))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consumer.run)
+                await wait_for(lambda: first == [1, 2, 3], what="the stuck handler")
+                consumer.stop()  # its drain runs out of time
+        async with running(bus, Service("svc", record, Codec([Tick]))):
+            await wait_for(lambda: len(after) == 3, what="the rest handled")
+    assert after == [(3, 2), (4, 1), (5, 1)]
+
+
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
     bus: Bus,
 ) -> None:
