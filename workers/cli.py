@@ -460,7 +460,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     tune_gc()
     try:
-        run(
+        return run(
             lambda: serve(
                 settings,
                 service,
@@ -481,7 +481,6 @@ def _worker(args: argparse.Namespace) -> int:
         else:
             raise error from None  # for `main` to say what it is
         return 1
-    return 0
 
 
 async def _simulate(bus: Bus, args: argparse.Namespace) -> int:

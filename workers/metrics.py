@@ -61,7 +61,8 @@ class Metrics:
         """Count one handling of `delivery` that started at `started` (epoch seconds)."""
         self.handled.labels(self.service, delivery.type, outcome).inc()
         self.seconds.labels(self.service, delivery.type).observe(seconds)
-        if delivery.deliveries == 1:
+        # A replayed dead letter carries its original event's ts: no delay to measure.
+        if delivery.deliveries == 1 and "replay_of" not in delivery.extra:
             self.delay.labels(self.service).observe(max(0.0, started - delivery.ts / 1000))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> Any:

@@ -106,13 +106,16 @@ async def serve(
     connect_attempts: int = 8,
     metrics_port: int | None = None,
     metrics_host: str = "0.0.0.0",
-) -> None:
-    """Connect (retrying with backoff), run `service` until SIGTERM or SIGINT, then drain.
+) -> int:
+    """Connect (retrying with backoff), run `service` until SIGTERM or SIGINT, then drain;
+    the exit status: 0 once drained.
 
-    A second signal stops at once; entries in flight stay pending for the next owner. With
-    `metrics_port`, metrics are served on it from the start. Raises `ConnectionFailedError`
-    when the server cannot be reached, `OSError` when the metrics port cannot be bound.
+    A second signal stops at once (status 128 + its number, as a shell reports a process it
+    killed); entries in flight stay pending for the next owner. With `metrics_port`, metrics
+    are served on it from the start. Raises `ConnectionFailedError` when the server cannot be
+    reached, `OSError` when the metrics port cannot be bound.
     """
+    hard_stop: list[int] = []
     metrics = Metrics(service.name) if metrics_port is not None else None
     http = (
         metrics.serve(metrics_port, metrics_host) if metrics and metrics_port is not None else None
@@ -123,7 +126,7 @@ async def serve(
                 bus, accept_replays(instrument(service, metrics)), worker_id=worker_id
             )
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_on_signals, consumer, tg.cancel_scope)
+                tg.start_soon(_on_signals, consumer, tg.cancel_scope, hard_stop)
                 if metrics is not None:
                     tg.start_soon(metrics.follow, consumer, bus)
                     log.info("metrics_served", port=metrics_port, host=metrics_host)
@@ -132,13 +135,15 @@ async def serve(
     finally:
         if http is not None:
             http.shutdown()
+    return 128 + hard_stop[0] if hard_stop else 0
 
 
-async def _on_signals(consumer: Consumer, scope: anyio.CancelScope) -> None:
+async def _on_signals(consumer: Consumer, scope: anyio.CancelScope, hard_stop: list[int]) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if consumer.stopping:
                 log.warning("worker_stopped_hard", signal=signal.Signals(signum).name)
+                hard_stop.append(signum)
                 scope.cancel()
                 return
             log.info("worker_draining", signal=signal.Signals(signum).name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import anyio
 from redis.asyncio import Redis
 
 from bus import Codec, Delivery, Payload, Service, Settings
@@ -49,3 +50,12 @@ steps = Service(GROUP, handle, Codec([Step]))
 def make_steps() -> Service:
     """A factory, as `flowbus worker tests.workers.apps:make_steps` accepts."""
     return steps
+
+
+async def handle_stuck(delivery: Delivery) -> None:
+    """Record the step, then hang (a handler no drain outlasts)."""
+    await redis.rpush(records_key(SETTINGS.prefix, "stuck"), str(delivery.seq))
+    await anyio.sleep_forever()
+
+
+stuck = Service("stuck", handle_stuck, Codec([Step]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -272,6 +273,24 @@ async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay(
     status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
     assert status == 1 and "cannot be replayed" in err and "flowbus dead drop" in err
     assert "of session call-ok replayed for steps" in out
+
+
+async def test_a_worker_stopped_hard_by_a_second_signal_says_so_in_its_status(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    proc = workers.start("tests.workers.apps:stuck", settings)
+
+    async def owned() -> bool:
+        return all([await raw(bus).get(bus.keys.lease(p, "stuck")) for p in range(64)])
+
+    await wait_for(owned, what="the worker to own every partition")
+    await bus.publish("call-1", Step(n=1))
+    await wait_for(lambda: _equal(raw(bus).llen(records_key(settings.prefix, "stuck")), 1))
+    proc.send_signal(signal.SIGTERM)  # drains: waits for the stuck handler
+    await wait_for(lambda: "worker_draining" in workers.log(proc), what="the drain")
+    proc.send_signal(signal.SIGTERM)  # stops at once
+    assert proc.wait(30) == 128 + signal.SIGTERM  # not 0: it did not drain
+    assert "worker_stopped_hard" in workers.log(proc)
 
 
 async def _is(records: Any, n: int) -> bool:

@@ -1,15 +1,19 @@
-"""The worker process's own settings."""
+"""The worker process's own settings, and its metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+import time
 
+import msgspec
 import pytest
 import uvloop
 
-from bus import ConfigError
+from bus import ConfigError, Delivery
+from tests.apps.recorder import Tick
+from workers.metrics import Metrics
 from workers.runtime import GC_THRESHOLD, run
 
 
@@ -48,3 +52,17 @@ def test_an_unknown_event_loop_is_a_configuration_error(monkeypatch: pytest.Monk
     monkeypatch.setenv("FLOWBUS_EVENT_LOOP", "trio")
     with pytest.raises(ConfigError, match="uvloop, asyncio"):
         run(_loop_type)
+
+
+def test_a_replayed_dead_letter_adds_no_publish_to_handler_delay() -> None:
+    metrics = Metrics("svc")
+    replay = Delivery("call-1", "svc", "9-0", "tick", 1, 0, Tick(n=1), 1, {"replay_of": "1-0"})
+
+    def delays() -> float:
+        sample = "flowbus_publish_to_handler_seconds_count"
+        return metrics.registry.get_sample_value(sample, {"service": "svc"}) or 0.0
+
+    metrics.observe(replay, time.time(), 0.001, "ok")  # its ts is a day-old event's
+    assert delays() == 0
+    metrics.observe(msgspec.structs.replace(replay, extra={}), time.time(), 0.001, "ok")
+    assert delays() == 1
