@@ -354,10 +354,12 @@ class Consumer:
     async def _settle_closed(self, runs: list[_Run]) -> None:
         """After a drain ran out of time: acknowledge what the cut-short runs handled, and give
         back what they read but never started, so that the next owner neither repeats the one
-        nor counts a second delivery of the other. The entry each was in stays pending."""
+        nor counts a second delivery of the other. The entry whose handler was cut short
+        stays pending."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             for run in runs:
-                unstarted = [e[0] for e in run.entries[run.done + 1 :] if e[0] not in run.give]
+                first = run.done + 1 if run.started == run.done else run.done
+                unstarted = [e[0] for e in run.entries[first:] if e[0] not in run.give]
                 run.give += unstarted
                 if run.acks or run.give:
                     try:
@@ -513,6 +515,7 @@ class Consumer:
                     await run.call("")
                 return
             run.entries, run.deliveries, run.done = reply[3:], int(reply[2]), 0
+            run.started = -1
             full = len(run.entries) == self.settings.read_batch  # more are likely waiting
             run.read = "p" if reply[1] else "+" if full else ">"
             for raw_id, raw_fields in run.entries:
@@ -574,6 +577,7 @@ class Consumer:
             await self._slots.acquire()
         try:
             self._running[run] = time.monotonic() + self.settings.handler_timeout_seconds
+            run.started = run.done
             await service.routes.get(entry.type, service.handle)(delivery)
             error = ""
         except anyio.get_cancelled_exc_class():
@@ -652,6 +656,7 @@ class _Run:
         self.verdict: tuple[Arg, ...] = ()
         self.entries: list[Any] = []  # the last batch read, `done` of them handled
         self.done = 0
+        self.started = -1  # the index in `entries` of the last entry whose handler started
         self.deliveries = 0  # of the next entry to handle
         self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
         self.trace: Any = ...  # the traceparent in its log context (`...`: none)

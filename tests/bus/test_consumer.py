@@ -645,6 +645,47 @@ async def test_a_drain_out_of_time_settles_what_was_handled_and_gives_back_the_r
     assert after == [(3, 2), (4, 1), (5, 1)]
 
 
+async def test_a_drain_out_of_time_gives_back_what_waited_for_a_handler_slot(
+    server: LocalServer,
+) -> None:
+    """One slot (`concurrency` 1), held by a stuck handler: the other session (of the same
+    partition, so that both are cut short at once) read its entries but started none, so the
+    next owner delivers them for the first time."""
+    settings = make_settings(server.url, drain_timeout_seconds=0.3, concurrency=1)
+    after: list[tuple[str, int, int]] = []
+    stuck = anyio.Event()
+
+    async def stick(d: Delivery) -> None:
+        stuck.set()
+        await anyio.sleep_forever()
+
+    async def record(d: Delivery) -> None:
+        after.append((d.session, d.seq, d.deliveries))
+
+    async with Bus.connect(settings) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        p = bus.keys.partition("call-1")
+        other = next(f"call-{i}" for i in range(2, 10_000) if bus.keys.partition(f"call-{i}") == p)
+        await bus.publish("call-1", Tick(n=1))
+        consumer = Consumer(bus, Service("svc", stick, Codec([Tick])))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consumer.run)
+                await stuck.wait()
+                for n in (1, 2):
+                    await bus.publish(other, Tick(n=n))
+
+                async def read_and_waiting() -> bool:
+                    [group] = await raw(bus).xinfo_groups(bus.keys.session(other))
+                    return bool(group["pending"] == 2)
+
+                await wait_for(read_and_waiting, what="the other read, waiting for the slot")
+                consumer.stop()
+        async with running(bus, Service("svc", record, Codec([Tick]))):
+            await wait_for(lambda: len(after) == 3, what="the rest handled")
+    assert sorted(after) == [("call-1", 1, 2), (other, 1, 1), (other, 2, 1)]
+
+
 async def test_a_service_keeps_its_own_state_per_session_and_a_stale_owner_cannot_write_it(
     bus: Bus,
 ) -> None:
