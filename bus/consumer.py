@@ -235,6 +235,12 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def renewed_ago(self) -> float | None:
+        """Seconds since this worker last renewed its leases (or started); None before
+        `run()`. Past the lease TTL its partitions may be another's."""
+        return None if self._tg is None else anyio.current_time() - self._last_renewal
+
     def stop(self) -> None:
         """Begin a graceful stop; `run()` returns once drained."""
         self._stop.set()
@@ -576,7 +582,8 @@ class Consumer:
         if not self._slots.take():
             await self._slots.acquire()
         try:
-            self._running[run] = time.monotonic() + self.settings.handler_timeout_seconds
+            deadline = time.monotonic() + self.settings.handler_timeout_seconds
+            self._running[run] = delivery.deadline = deadline
             run.started = run.done
             await service.routes.get(entry.type, service.handle)(delivery)
             error = ""

@@ -9,6 +9,7 @@ a person can act on, and the entry is dead-lettered, never executed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, Union
 
@@ -175,6 +176,9 @@ class Delivery(msgspec.Struct):
     extra: Mapping[str, str] = msgspec.field(default_factory=dict)
     _context: DeliveryContext | None = None
     _sent: int = 0
+    #: When the consumer cuts this handling short as timed out (`time.monotonic()`; infinite
+    #: outside a consumer), for a handler that splits its time among parts of its work.
+    deadline: float = math.inf
 
     def __repr__(self) -> str:
         shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f[0] != "_")

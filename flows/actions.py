@@ -139,9 +139,9 @@ class ActionService:
 
     def register_action(self, action_type: str, handler: ActionHandler) -> None:
         """Run `handler(action, flow_manager)` (or the legacy `handler(action)`), `def` or
-        `async def`, for actions of `action_type`; replaces an earlier registration."""
-        if action_type in BUILTINS:
-            raise ActionError(f"{action_type!r} is a built-in action and cannot be replaced")
+        `async def`, for actions of `action_type`; replaces an earlier registration, and a
+        built-in action too, as in Pipecat Flows (it then runs as a custom action: in the
+        worker, with nothing waiting after it)."""
         if not callable(handler):
             raise ValueError(f"the handler of action {action_type!r} is not callable")
         self._actions[action_type] = handler
@@ -179,7 +179,7 @@ class ActionService:
         """The first action that cannot run, as (type, reason); checked before any runs."""
         for action in actions:
             kind = str(action.get("type", ""))
-            if "bot_handler" in action:
+            if "bot_handler" in action or kind in self._actions:
                 continue
             if kind == "tts_say" and not str(action.get("text", "")).strip():
                 return kind, "tts_say needs a non-empty 'text'"
@@ -192,7 +192,7 @@ class ActionService:
                         kind,
                         f"no function handler {name!r} is registered in service {self.name!r}",
                     )
-            elif kind not in BUILTINS and kind not in self._actions:
+            elif kind not in BUILTINS:
                 known = ", ".join(sorted(BUILTINS | self._actions.keys()))
                 return kind, f"action type {kind!r} is not registered (known: {known})"
         return None
@@ -302,7 +302,7 @@ class ActionService:
                 run_it = RunAction(corr=key, key=str(action["bot_handler"]), action=action)
                 await delivery.send(run_it, dedupe=key)
                 run.index, run.waiting = i + 1, key
-            elif kind == "tts_say":
+            elif kind == "tts_say" and kind not in self._actions:
                 say = Say(
                     text=str(action["text"]),
                     corr=key,
@@ -310,9 +310,10 @@ class ActionService:
                 )
                 await delivery.send(say, dedupe=key)
                 run.index = i + 1
-                if following not in _SPEECH:  # what follows starts once the phrase was spoken
+                if following not in _SPEECH or following in self._actions:  # what follows starts
+                    # once the phrase was spoken (a built-in replaced is a custom action)
                     run.waiting = key
-            elif kind == "end_conversation":
+            elif kind == "end_conversation" and kind not in self._actions:
                 end = EndConversation(text=str(action.get("text", "")), corr=key)
                 await delivery.send(end, dedupe=key)
                 phase: Literal["pre", "post"] = "pre" if run.phase == "pre" else "post"
@@ -321,11 +322,7 @@ class ActionService:
                 run.phase = "ended"  # later actions never run
                 log.info("conversation_ended_by_action")
             else:
-                handler = (
-                    self._functions[action["handler"]]
-                    if kind == "function"
-                    else self._actions[kind]
-                )
+                handler = self._actions.get(kind) or self._functions[action["handler"]]
                 state = SharedState()
                 await state.load(delivery.read_session_state)
                 node = run.previous if run.phase == "pre" else run.node  # as in Pipecat

@@ -20,15 +20,17 @@ def parameter_count(handler: Callable[..., Any]) -> int:
 
 async def invoke(handler: Callable[..., Any], *args: Any) -> Any:
     """Await an async handler (an object with an async ``__call__`` too, which Pipecat misses);
-    run a plain one in a worker thread, so blocking code stalls no other session; await
-    whatever awaitable it returns."""
+    run a plain one in a worker thread, so blocking code stalls no other session, and give up
+    on it when cancelled (a timeout), leaving the thread to finish; await whatever awaitable
+    it returns."""
     call_method = None if inspect.isroutine(handler) else type(handler).__call__
     if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call_method):
         result = handler(*args)
     else:
         import anyio
 
-        result = await anyio.to_thread.run_sync(functools.partial(handler, *args))
+        call = functools.partial(handler, *args)
+        result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
     return await result if inspect.isawaitable(result) else result
 
 

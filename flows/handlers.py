@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +34,10 @@ from .errors import InvalidHandlerError, UnknownEventError
 from .protocol import COMMANDS, FLOW_EVENTS, HandlerOutcome
 
 log = structlog.get_logger("flowbus.handlers")
+
+#: How long before the bus would cut an event short its handlers stop (at most a tenth of
+#: its time).
+RESERVE_SECONDS = 0.5
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,6 +80,8 @@ class _Registration:
     retry: Retry | None
     #: How many of the event's arguments it takes after the emitter (None: all of them).
     takes: int | None = None
+    #: Seconds one run of it may take (None: what is left of the event's time).
+    timeout: float | None = None
 
     @property
     def name(self) -> str:
@@ -133,6 +141,13 @@ class EventService:
     Handlers run in registration order, each after the previous one finished; a handler's
     exception is logged with the session, event and handler and does not stop the others.
     `def` handlers run in a worker thread so that blocking code cannot stall other sessions.
+
+    An event's handlers share the bus's `handler_timeout_seconds`: a handler still running
+    shortly before it ends (`RESERVE_SECONDS`, at most a tenth of it) is cut short and counts
+    as failed, and the handlers after it are not run (each logged, and in a sync event's
+    outcome), so the event is not delivered again for one slow handler. A handler given a
+    `timeout` of its own is cut short after that long, and the others go on. A `def` handler
+    cut short is left to finish in its thread (a thread cannot be stopped).
     """
 
     def __init__(self, name: str, *, events: Iterable[EventSpec] = ()) -> None:
@@ -148,14 +163,19 @@ class EventService:
         return spec
 
     def event_handler(
-        self, name: str, *, emitter: str | None = None, retry: Retry | None = None
+        self,
+        name: str,
+        *,
+        emitter: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
     ) -> Callable[[F], F]:
         """Decorator form of `add_event_handler`."""
         if not isinstance(name, str):  # ``@event_handler`` without the event's name
             raise InvalidHandlerError("@x.event_handler takes the event's name")
 
         def register(handler: F) -> F:
-            self.add_event_handler(name, handler, emitter=emitter, retry=retry)
+            self.add_event_handler(name, handler, emitter=emitter, retry=retry, timeout=timeout)
             return handler
 
         return register
@@ -167,17 +187,26 @@ class EventService:
         *,
         emitter: str | None = None,
         retry: Retry | None = None,
+        timeout: float | None = None,
     ) -> None:
         """Run `handler(emitter, *args)` for every `name` event; with `emitter`, only for
-        events from emitters of that kind. Raises `UnknownEventError` for a name that is not in
-        the catalog nor declared, `InvalidHandlerError` for a bad handler or emitter kind."""
+        events from emitters of that kind; with `timeout`, a run of it still going after that
+        many seconds counts as failed (see the class docstring). Raises `UnknownEventError`
+        for a name that is not in the catalog nor declared, `InvalidHandlerError` for a bad
+        handler, emitter kind or timeout."""
         spec = find_spec(name, self._custom)
         if not callable(handler):
             raise InvalidHandlerError(f"handler for {name!r} is not callable: {handler!r}")
+        number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+        if timeout is not None and not (number and 0 < timeout < math.inf):
+            raise InvalidHandlerError(
+                f"the timeout of a handler for {name!r} must be a positive number of seconds, "
+                f"not {timeout!r}"
+            )
         if emitter is not None and not spec.emitted_by(emitter):
             sources = ", ".join(sorted(spec.emitters))
             raise InvalidHandlerError(f"{emitter!r} never emits {name!r}; it comes from {sources}")
-        registration = _Registration(handler, emitter, retry, _takes(handler))
+        registration = _Registration(handler, emitter, retry, _takes(handler), timeout)
         self._handlers.setdefault(name, []).append(registration)
 
     def remove_event_handler(self, name: str, handler: Callable[..., Any]) -> None:
@@ -214,10 +243,14 @@ class EventService:
             delivery,
         )
         args = [getattr(event, name) for name in spec.args]
+        # The handlers stop a little before the bus would cut the event short, so that the
+        # event counts as handled (with errors) instead of running them all again.
+        left = delivery.deadline - time.monotonic()
+        until = delivery.deadline - min(RESERVE_SECONDS, left / 10)
         errors = []
         for registration in list(self._handlers.get(delivery.type, ())):
             if registration.emitter in (None, event.emitter.kind):
-                error = await self._run(registration, ref, args)
+                error = await self._run(registration, ref, args, until)
                 if error:
                     errors.append(f"{registration.name}: {error}")
         corr = delivery.extra.get("corr")
@@ -225,21 +258,33 @@ class EventService:
             outcome = HandlerOutcome(corr=corr, service=self.name, errors=errors)
             await delivery.send(outcome, extra={"corr": corr})
 
-    async def _run(self, registration: _Registration, ref: EmitterRef, args: list[Any]) -> str:
-        """Run one handler (with its retries); return its error, or "" if it succeeded."""
+    async def _run(
+        self, registration: _Registration, ref: EmitterRef, args: list[Any], until: float
+    ) -> str:
+        """Run one handler (with its retries), each run cut short at its `timeout` or at
+        `until` (monotonic), whichever is first; return its error, or "" if it succeeded."""
         retry = registration.retry or Retry(attempts=1)
+        error = "not run: the event's time ran out"
         with structlog.contextvars.bound_contextvars(handler=registration.name):
             for attempt in range(1, retry.attempts + 1):
+                left = until - time.monotonic()
+                if left <= 0:  # no time for (another) run
+                    break
+                budget = min(registration.timeout or math.inf, left)
+                failure: Exception | None = None
                 try:
-                    await invoke(registration.handler, ref, *args[: registration.takes])
-                    return ""
+                    with anyio.move_on_after(budget):
+                        await invoke(registration.handler, ref, *args[: registration.takes])
+                        return ""
+                    error = f"timed out after {budget:.3g}s"
                 except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    if attempt == retry.attempts:
-                        log.error(
-                            "event_handler_failed", error=error, attempts=attempt, exc_info=exc
-                        )
-                        return error
+                    error, failure = f"{type(exc).__name__}: {exc}", exc
+                if attempt < retry.attempts:
                     log.warning("event_handler_retried", error=error, attempt=attempt)
                     await anyio.sleep(retry.backoff * 2 ** (attempt - 1))
+                    continue
+                log.error("event_handler_failed", error=error, attempts=attempt, exc_info=failure)
+                return error
+            log.error("event_handler_failed", error=error, attempts=attempt - 1)
+            return error
         raise AssertionError("unreachable")

@@ -250,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics on PORT (/metrics); also FLOWBUS_METRICS_PORT",
+        help="serve Prometheus metrics (/metrics) and health (/healthz) on PORT (0: any free "
+        "one, logged); also FLOWBUS_METRICS_PORT",
     )
     worker.add_argument(
         "--metrics-host", default="0.0.0.0", help="address to serve metrics on (default 0.0.0.0)"

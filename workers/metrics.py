@@ -1,4 +1,5 @@
-"""Prometheus metrics of one worker process (``flowbus worker --metrics-port N``).
+"""Prometheus metrics and health of one worker process (``flowbus worker --metrics-port N``:
+``/metrics`` and ``/healthz`` on port N).
 
 Per event (measured around the service's handler): ``flowbus_events_handled_total`` by
 service, type and outcome (``ok`` or ``error``), ``flowbus_handler_seconds`` (a histogram by
@@ -7,16 +8,30 @@ handler's start). From the consumer, refreshed every few seconds: ``flowbus_retr
 ``flowbus_dead_letters_total``, ``flowbus_events_skipped_total``,
 ``flowbus_partitions_lost_total``, ``flowbus_owned_partitions``, and ``flowbus_lag_events``
 (events of the owned partitions' live sessions that this service has not acknowledged yet).
+
+``/healthz`` answers 200 with a JSON body while the worker's event loop refreshes these figures
+and its leases were renewed within the lease TTL, and 503 (with the same body) otherwise: a
+worker whose loop is stuck or that cannot reach the server.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import msgspec
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,6 +39,8 @@ from bus import Bus, Consumer, Delivery, Stats
 
 #: Handler durations: from a cache hit to a slow CRM call.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: What the HTTP server serves.
+PATHS = ("/metrics", "/healthz")
 #: How often the consumer's counters, partitions and lag are read.
 REFRESH_SECONDS = 2.0
 
@@ -65,21 +82,49 @@ class Metrics:
         if delivery.deliveries == 1 and "replay_of" not in delivery.extra:
             self.delay.labels(self.service).observe(max(0.0, started - delivery.ts / 1000))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> Any:
-        """Serve ``/metrics`` on `port` in a daemon thread; returns the HTTP server (call
+    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+        """Serve ``/metrics`` and ``/healthz`` on `port` (0: any free one; the server's
+        ``server_address`` says which) in a daemon thread; returns the HTTP server (call
         ``shutdown()`` to stop it). Raises `OSError` if the port cannot be bound."""
-        server, _thread = start_http_server(port, host, registry=self.registry)
+        metrics = self
+
+        class Pages(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    status, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+                elif path == "/healthz":
+                    health = metrics.snapshot.health()
+                    status = 200 if health["healthy"] else 503
+                    kind, body = "application/json", msgspec.json.encode(health) + b"\n"
+                else:
+                    status, kind, body = 404, "text/plain", b"not found: /metrics or /healthz\n"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # no access log on stderr, where the worker's own log goes
+
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        server: ThreadingHTTPServer = server_class((host, port), Pages)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 
     async def follow(self, consumer: Consumer, bus: Bus) -> None:
         """Refresh the consumer's figures every `REFRESH_SECONDS` until cancelled."""
+        self.snapshot.lease_ttl = bus.settings.lease_ttl_seconds
         while True:
             partitions = consumer.partitions
             try:
                 lag = await lag_of(bus, consumer.service.name, partitions)
             except Exception:  # a metric is not worth a crash; the next round tries again
                 lag = self.snapshot.lag
-            self.snapshot.update(consumer.stats, len(partitions), lag)
+            self.snapshot.update(consumer.stats, len(partitions), lag, consumer.renewed_ago)
             await anyio.sleep(REFRESH_SECONDS)
 
 
@@ -112,12 +157,34 @@ class _Snapshot(Collector):
         self.stats = Stats()
         self.partitions = 0
         self.lag = 0
-        self.updated = time.time()
+        self.lease_ttl = 0.0
+        self.renewed: float | None = None  # when the leases were last renewed (monotonic)
+        self.updated: float | None = None  # when the loop last refreshed these (monotonic)
 
-    def update(self, stats: Stats, partitions: int, lag: int) -> None:
+    def update(self, stats: Stats, partitions: int, lag: int, renewed_ago: float | None) -> None:
         # A copy, so the HTTP thread never reads a half-updated set of counters.
         self.stats = Stats(**{f: getattr(stats, f) for f in stats.__dataclass_fields__})
-        self.partitions, self.lag, self.updated = partitions, lag, time.time()
+        self.partitions, self.lag, self.updated = partitions, lag, time.monotonic()
+        self.renewed = None if renewed_ago is None else self.updated - renewed_ago
+
+    def health(self) -> dict[str, Any]:
+        """Whether the worker looks alive (see the module docstring), and why."""
+        now = time.monotonic()
+        refreshed = None if self.updated is None else round(now - self.updated, 3)
+        renewed = None if self.renewed is None else round(now - self.renewed, 3)
+        healthy = (
+            refreshed is not None
+            and refreshed < 3 * REFRESH_SECONDS
+            and renewed is not None
+            and renewed < self.lease_ttl
+        )
+        return {
+            "healthy": healthy,
+            "service": self.service,
+            "partitions": self.partitions,
+            "seconds_since_refresh": refreshed,
+            "seconds_since_lease_renewal": renewed,
+        }
 
     def collect(self) -> Iterator[Metric]:
         s, labels = self.stats, [self.service]

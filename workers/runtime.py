@@ -24,7 +24,7 @@ import structlog
 
 from bus import Bus, ConfigError, Consumer, Delivery, Handler, Service, Settings
 
-from .metrics import Metrics
+from .metrics import PATHS, Metrics
 from .replay import accept_replays
 
 log = structlog.get_logger("flowbus.worker")
@@ -129,7 +129,9 @@ async def serve(
                 tg.start_soon(_on_signals, consumer, tg.cancel_scope, hard_stop)
                 if metrics is not None:
                     tg.start_soon(metrics.follow, consumer, bus)
-                    log.info("metrics_served", port=metrics_port, host=metrics_host)
+                    assert http is not None
+                    port = http.server_address[1]
+                    log.info("metrics_served", port=port, host=metrics_host, paths=PATHS)
                 await consumer.run()
                 tg.cancel_scope.cancel()
     finally:

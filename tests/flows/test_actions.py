@@ -13,9 +13,12 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from bus import Bus, Settings
+from bus import Bus, Consumer, Settings
 from flows import (
+    COMMANDS,
     ActionError,
+    ActionsCompleted,
+    ActionService,
     FlowManager,
     FunctionCall,
     LLMResponse,
@@ -23,6 +26,7 @@ from flows import (
     SimulatedTTS,
     load_flow,
 )
+from flows.protocol import NodeEntered
 from tests.flows.test_config import YAML_FLOW
 from tests.flows.test_events import ready
 from tests.support import WorkerProcesses, raw, wait_for
@@ -458,3 +462,26 @@ async def test_ended_is_set_only_once_session_ended_is_in_the_stream(bus: Bus) -
             await fm.ended.wait()
             tg.cancel_scope.cancel()  # as a bot does: close the call the moment it ended
     assert [e.type for e in await bus.history("call-e")][-1:] == ["session.ended"]
+
+
+async def test_register_action_replaces_a_built_in_as_in_pipecat(bus: Bus) -> None:
+    """The replaced ``tts_say`` runs in the worker (even with an empty text, which the
+    built-in refuses); the bot is sent no ``say``."""
+    spoken: list[Any] = []
+    service = ActionService()
+
+    @service.action("tts_say")
+    async def speak_elsewhere(action: dict[str, Any], flow_manager: Any) -> None:
+        spoken.append(action["text"])
+
+    pre = [{"type": "tts_say", "text": ""}, {"type": "tts_say", "text": "Hello"}]
+    assert service.problem(pre) is None
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await bus.publish("call-1", NodeEntered(node="greeting", gen=1, pre_actions=pre))
+        async with bus.inbox("call-1", COMMANDS) as inbox:
+            [message] = await inbox.read(wait=10)
+        consumer.stop()
+    assert message.payload == ActionsCompleted(node="greeting", gen=1, phase="pre")
+    assert spoken == ["", "Hello"]

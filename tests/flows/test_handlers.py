@@ -25,7 +25,10 @@ from flows import (
     Say,
     UnknownEventError,
 )
+from tests.conftest import make_settings
 from tests.support import wait_for
+from workers.deadletters import list_dead
+from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
 STT = Emitter("stt", "deepgram")
@@ -192,3 +195,78 @@ async def test_an_argument_given_twice_is_refused_and_errors_leave_the_session_a
         async with BotSession.open(bus, "call-1") as bot:
             daily = Emitter("transport.daily", "daily")
             await Events(bot).emit(daily, "on_participant_left", {"id": 1}, participant={"id": 2})
+
+
+DAILY = Emitter("transport.daily", "daily")
+
+
+async def test_a_handler_past_its_own_timeout_is_cut_short_and_the_next_one_runs(
+    bus: Bus,
+) -> None:
+    starts: list[str] = []
+    released = threading.Event()
+    service = EventService("svc")
+
+    @service.event_handler("on_before_leave", timeout=0.2)
+    async def hangs(emitter: EmitterRef) -> None:
+        starts.append("hangs")
+        await anyio.sleep_forever()
+
+    @service.event_handler("on_before_leave", timeout=0.2)
+    def blocks(emitter: EmitterRef) -> None:  # a thread cannot be cancelled: it is left
+        starts.append("blocks")
+        released.wait(30)
+
+    @service.event_handler("on_before_leave")
+    async def then(emitter: EmitterRef) -> None:
+        starts.append("then")
+
+    try:
+        async with serving(bus, service), BotSession.open(bus, "call-1") as bot:
+            outcome = await Events(bot, sync_timeout=10).emit(DAILY, "on_before_leave")
+    finally:
+        released.set()
+    assert outcome is not None and outcome.timed_out == []
+    assert outcome.errors == {
+        "svc": [
+            f"{hangs.__qualname__}: timed out after 0.2s",
+            f"{blocks.__qualname__}: timed out after 0.2s",
+        ]
+    }
+    assert starts == ["hangs", "blocks", "then"]  # and never again: the event was handled
+
+
+async def test_handlers_past_the_events_time_stop_before_the_bus_would_run_them_again(
+    server: LocalServer,
+) -> None:
+    """The bus cuts an event short after `handler_timeout_seconds` and delivers it again,
+    running every handler again; the handlers stop a little earlier and the event is done."""
+    starts: list[str] = []
+    service = EventService("svc")
+
+    @service.event_handler("on_before_leave")
+    async def slow(emitter: EmitterRef) -> None:
+        starts.append("slow")
+        await anyio.sleep_forever()
+
+    @service.event_handler("on_before_leave")
+    async def after(emitter: EmitterRef) -> None:
+        starts.append("after")
+
+    settings = make_settings(server.url, handler_timeout_seconds=1.0)
+    async with Bus.connect(settings) as bus:
+        async with serving(bus, service), BotSession.open(bus, "call-1") as bot:
+            outcome = await Events(bot, sync_timeout=10).emit(DAILY, "on_before_leave")
+        assert outcome is not None and outcome.timed_out == []
+        [[first, second]] = outcome.errors.values()
+        assert first.startswith(f"{slow.__qualname__}: timed out after 0.9")
+        assert second == f"{after.__qualname__}: not run: the event's time ran out"
+        assert starts == ["slow"]
+        assert await list_dead(bus) == []
+
+
+def test_a_handler_timeout_must_be_a_positive_number() -> None:
+    service = EventService("svc")
+    for bad in (0, -1.0, float("inf"), float("nan"), "1"):
+        with pytest.raises(InvalidHandlerError, match="positive number of seconds"):
+            service.add_event_handler("on_connected", lambda emitter: None, timeout=bad)  # type: ignore[arg-type]

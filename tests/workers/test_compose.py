@@ -56,6 +56,9 @@ def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist
         if args.command == "worker":
             assert load_service(args.target).name == name  # the group is named as the service
             assert "container_name" not in service and "ports" not in service  # scalable
+            probe = " ".join(service["healthcheck"]["test"])
+            assert f"127.0.0.1:{args.metrics_port}/healthz" in probe, name
+            assert services["bots"]["depends_on"][name]["condition"] == "service_healthy"
     assert services["bots"]["command"][1] == "simulate"
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import urllib.error
 import urllib.request
 
 import anyio
 import pytest
 
-from bus import Bus, Settings
+from bus import Bus, Settings, Stats
 from tests.conftest import make_settings
 from tests.support import WorkerProcesses, raw, wait_for
 from tests.workers.apps import Step, broken_key
 from workers.bots import new_traceparent
+from workers.metrics import REFRESH_SECONDS, Metrics
 from workers.server import free_port
 
 pytestmark = pytest.mark.anyio
@@ -85,3 +88,58 @@ async def start_done(bus: Bus) -> None:
         return all([await raw(bus).get(bus.keys.lease(p, "steps")) for p in range(64)])
 
     await wait_for(owned, what="the worker to own every partition")
+
+
+def fetch(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as page:
+            return page.status, page.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_healthz_says_whether_the_loop_refreshes_and_the_leases_are_renewed() -> None:
+    metrics = Metrics("svc")
+    server = metrics.serve(0, "127.0.0.1")
+    port = server.server_address[1]
+    try:
+        status, body = fetch(port, "/healthz")
+        assert status == 503 and json.loads(body)["healthy"] is False  # not started yet
+        metrics.snapshot.lease_ttl = 5.0
+        metrics.snapshot.update(Stats(), 3, 0, renewed_ago=0.5)
+        status, body = fetch(port, "/healthz")
+        health = json.loads(body)
+        assert status == 200 and health["healthy"] is True and health["partitions"] == 3
+        assert 0.5 <= health["seconds_since_lease_renewal"] < 5
+        metrics.snapshot.update(Stats(), 3, 0, renewed_ago=6.0)  # the server out of reach
+        assert fetch(port, "/healthz")[0] == 503
+        metrics.snapshot.update(Stats(), 3, 0, renewed_ago=0.0)
+        metrics.snapshot.updated = time.monotonic() - 3 * REFRESH_SECONDS  # the loop stuck
+        assert fetch(port, "/healthz")[0] == 503
+        assert fetch(port, "/")[0] == 404
+        assert fetch(port, "/metrics")[0] == 200
+    finally:
+        server.shutdown()
+
+
+async def test_a_worker_on_metrics_port_0_says_which_port_it_took_and_is_healthy(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    proc = workers.start(APP, settings, {"FLOWBUS_METRICS_PORT": "0"})
+    await start_done(bus)
+    port = 0
+
+    def served() -> bool:
+        nonlocal port
+        for line in workers.log(proc).splitlines():
+            if '"metrics_served"' in line:
+                port = json.loads(line)["port"]
+        return port != 0
+
+    await wait_for(served, what="the metrics_served line")
+
+    async def healthy() -> bool:
+        status, body = await anyio.to_thread.run_sync(fetch, port, "/healthz")
+        return status == 200 and json.loads(body)["partitions"] == 64
+
+    await wait_for(healthy, what="a healthy worker owning every partition")
