@@ -30,7 +30,6 @@ import structlog
 from bus import Delivery, Payload, Service
 
 from .calling import invoke_action
-from .errors import ActionError
 from .protocol import (
     FLOW_EVENTS,
     Action,
