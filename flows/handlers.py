@@ -154,11 +154,20 @@ class EventService:
         self.name = name
         self._custom = {spec.name: spec for spec in events}
         self._handlers: dict[str, list[_Registration]] = {}
+        self._started = False  # `as_service()` was called: what it subscribes to is fixed
+
+    def _check_open(self, what: str) -> None:
+        if self._started:
+            raise InvalidHandlerError(
+                f"{what} after service {self.name!r} was started (as_service()): its events "
+                "are fixed by then, so register every handler and event before"
+            )
 
     def declare_event(
         self, name: str, payload: type[Event] | None = None, *, sync: bool = False
     ) -> EventSpec:
         """Declare a custom event this service handles (see `declare`)."""
+        self._check_open(f"declaring {name!r}")
         spec = self._custom[name] = declare(name, payload, sync=sync)
         return spec
 
@@ -193,7 +202,8 @@ class EventService:
         events from emitters of that kind; with `timeout`, a run of it still going after that
         many seconds counts as failed (see the class docstring). Raises `UnknownEventError`
         for a name that is not in the catalog nor declared, `InvalidHandlerError` for a bad
-        handler, emitter kind or timeout."""
+        handler, emitter kind or timeout, or after `as_service()`."""
+        self._check_open(f"adding a handler for {name!r}")
         spec = find_spec(name, self._custom)
         if not callable(handler):
             raise InvalidHandlerError(f"handler for {name!r} is not callable: {handler!r}")
@@ -225,7 +235,10 @@ class EventService:
         return frozenset(name for name, regs in self._handlers.items() if regs)
 
     def as_service(self) -> Service:
-        """The bus service that runs these handlers (what ``flowbus worker`` runs)."""
+        """The bus service that runs these handlers (what ``flowbus worker`` runs). Handlers
+        and events cannot be added after it (`InvalidHandlerError`): it subscribes to the
+        events that have handlers now."""
+        self._started = True
         specs = [*CATALOG.values(), *self._custom.values()]
         codec = Codec(spec.payload for spec in specs)
         return Service(self.name, self._handle, codec, subscribes=self.subscribes)

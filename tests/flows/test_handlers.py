@@ -270,3 +270,14 @@ def test_a_handler_timeout_must_be_a_positive_number() -> None:
     for bad in (0, -1.0, float("inf"), float("nan"), "1"):
         with pytest.raises(InvalidHandlerError, match="positive number of seconds"):
             service.add_event_handler("on_connected", lambda emitter: None, timeout=bad)  # type: ignore[arg-type]
+
+
+def test_handlers_and_events_added_after_the_service_started_are_refused() -> None:
+    """Its subscriptions are fixed when it starts: a later handler would never be called."""
+    service = EventService("svc")
+    service.add_event_handler("on_connected", lambda emitter: None)
+    assert service.as_service().subscribes == {"on_connected"}
+    with pytest.raises(InvalidHandlerError, match="after service 'svc' was started"):
+        service.add_event_handler("on_disconnected", lambda emitter: None)
+    with pytest.raises(InvalidHandlerError, match="after service 'svc' was started"):
+        service.declare_event("support.escalated")
