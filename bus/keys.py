@@ -98,7 +98,8 @@ class Keys:
         return f"{self.tag(partition)}:lease:{group}"
 
     def epoch(self, partition: int, group: str) -> str:
-        """Counter incremented on every acquisition of the lease (the fencing epoch)."""
+        """Counter incremented on every acquisition of the lease (the fencing epoch); it
+        starts at the server's time in ms, so that it never repeats after a loss of data."""
         return f"{self.tag(partition)}:epoch:{group}"
 
     def fence(self, partition: int, group: str, token: str) -> str:

@@ -67,3 +67,15 @@ async def test_heartbeats_list_live_members_and_a_leaver_is_gone_at_once(bus: Bu
     await a.heartbeat()
     assert await b.heartbeat() == ["worker-a", "worker-b"]
     assert await a.heartbeat(leave=True) == ["worker-b"]
+
+
+async def test_epochs_go_on_after_the_server_lost_its_data(bus: Bus) -> None:
+    """An epoch repeated after a restart without data would give the new owner the fence a
+    stale owner of the old epoch still reads with."""
+    a = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    b = Leases(bus.redis, bus.keys, "g", "worker-b", ttl_ms=60_000)
+    [(p, token_a)] = (await a.acquire([5])).items()
+    await raw(bus).delete(bus.keys.lease(p, "g"), bus.keys.epoch(p, "g"))  # the data lost
+    [token_b] = (await b.acquire([p])).values()
+    assert int(token_b.split(":")[0]) > int(token_a.split(":")[0])
+    assert bus.keys.fence(p, "g", token_b) != bus.keys.fence(p, "g", token_a)
