@@ -62,6 +62,10 @@ class OnError(Event, tag="on_error"):
     # {"error": message}. One shape for both, so a handler reads error["error"] either way.
     error: Info = msgspec.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.error, str):  # emitted as Daily does: its message
+            self.error = {"error": self.error}
+
 
 class OnBeforeProcessFrame(Event, tag="on_before_process_frame"):
     """A frame processor is about to process a frame."""

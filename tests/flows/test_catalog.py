@@ -17,6 +17,7 @@ from flows.catalog import (
     lookup,
     payload_types,
 )
+from flows.catalog.pipeline import OnError
 
 # Pipecat's event reference (PIPECAT.md, "The event reference"), one name per event.
 REFERENCE = """
@@ -216,3 +217,14 @@ def test_building_a_catalog_refuses_two_specs_of_one_name() -> None:
     spec = lookup("on_left")
     with pytest.raises(ValueError, match="on_left"):
         build_catalog([spec, EventSpec("on_left", lookup("on_joined").payload, frozenset())])
+
+
+def test_dailys_on_error_message_is_carried_as_the_shape_of_an_error_frame() -> None:
+    """Daily calls ``on_error(transport, message)`` with a string; a frame processor passes an
+    ErrorFrame, described as a dict. Handlers read ``error["error"]`` either way."""
+    daily = Emitter("transport.daily")
+    event = OnError(emitter=daily, error="full")  # type: ignore[arg-type]  # as Daily passes it
+    codec = Codec(payload_types())
+    assert codec.decode("on_error", encode(event)) == OnError(
+        emitter=daily, error={"error": "full"}
+    )
