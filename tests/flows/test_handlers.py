@@ -276,7 +276,7 @@ def test_handlers_and_events_added_after_the_service_started_are_refused() -> No
     """Its subscriptions are fixed when it starts: a later handler would never be called."""
     service = EventService("svc")
     service.add_event_handler("on_connected", lambda emitter: None)
-    assert service.as_service().subscribes == {"on_connected"}
+    assert service.as_service().subscribes == frozenset({"on_connected"})
     with pytest.raises(InvalidHandlerError, match="after service 'svc' was started"):
         service.add_event_handler("on_disconnected", lambda emitter: None)
     with pytest.raises(InvalidHandlerError, match="after service 'svc' was started"):
