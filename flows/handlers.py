@@ -267,7 +267,7 @@ class EventService:
                 if error:
                     errors.append(f"{registration.name}: {error}")
         corr = delivery.extra.get("corr")
-        if spec.sync and corr:
+        if corr:  # the bot waits for the outcome (even if this service thinks it need not)
             outcome = HandlerOutcome(corr=corr, service=self.name, errors=errors)
             await delivery.send(outcome, extra={"corr": corr})
 

@@ -281,3 +281,22 @@ def test_handlers_and_events_added_after_the_service_started_are_refused() -> No
         service.add_event_handler("on_disconnected", lambda emitter: None)
     with pytest.raises(InvalidHandlerError, match="after service 'svc' was started"):
         service.declare_event("support.escalated")
+
+
+async def test_a_bot_that_waits_for_an_event_the_service_declared_default_gets_its_outcome(
+    bus: Bus,
+) -> None:
+    """A sync flag that differs between the two sides no longer costs the bot its timeout."""
+    service = EventService("svc")
+    service.declare_event("support.escalated", Escalated)  # not sync here
+
+    @service.event_handler("support.escalated")
+    async def escalate(emitter: EmitterRef, reason: str, priority: int) -> None:
+        pass
+
+    async with serving(bus, service), BotSession.open(bus, "call-1") as bot:
+        events = Events(bot, sync_timeout=600)
+        events.declare_event("support.escalated", Escalated, sync=True)
+        with anyio.fail_after(60):
+            outcome = await events.emit(Emitter("bot"), "support.escalated", "angry")
+    assert outcome is not None and outcome.ok
