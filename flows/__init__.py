@@ -31,12 +31,21 @@ from .errors import (
 from .handlers import EmitterRef, EventService, Retry, declare
 from .manager import FlowManager
 from .protocol import COMMANDS, FLOW_EVENTS, ActionsCompleted, EndConversation, HandlerOutcome, Say
-from .speech import LLM, TTS, FunctionCall, LLMResponse, ScriptedLLM, SimulatedTTS
+from .speech import (
+    CURRENT_NODE,
+    LLM,
+    TTS,
+    FunctionCall,
+    LLMResponse,
+    ScriptedLLM,
+    SimulatedTTS,
+)
 from .state import SharedState
 
 __all__ = [
     "CATALOG",
     "COMMANDS",
+    "CURRENT_NODE",
     "FLOW_EVENTS",
     "LLM",
     "TTS",

@@ -45,7 +45,7 @@ from .protocol import (
     TTSSpoken,
     WaitTimedOut,
 )
-from .speech import LLM, TTS, FunctionCall
+from .speech import CURRENT_NODE, LLM, TTS, FunctionCall
 from .state import SharedState
 
 log = structlog.get_logger("flowbus.flow")
@@ -193,7 +193,11 @@ class FlowManager:
         gen = self._gen
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
-        reply = await self.llm.generate(self._context(), [f.schema() for f in node.functions])
+        asked = CURRENT_NODE.set(node.name)
+        try:
+            reply = await self.llm.generate(self._context(), [f.schema() for f in node.functions])
+        finally:
+            CURRENT_NODE.reset(asked)
         if reply.text:
             self.messages.append({"role": "assistant", "content": reply.text})
         calls = [c.name for c in reply.function_calls]
@@ -303,7 +307,6 @@ class FlowManager:
             self.messages = []
         if node.role_message:
             self.role_message = node.role_message
-        self.messages.append({"role": "system", "content": f"node: {node.name}"})
         self.messages.extend(node.task_messages)
 
     def _context(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ observer, which the tests and the demo use to check timing.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import anyio
@@ -44,6 +45,11 @@ class TTS(Protocol):
         ...
 
 
+#: The node `FlowManager` asks the LLM to reply in, while it waits for the reply: for stand-ins
+#: such as `ScriptedLLM` (a real LLM goes by the context, which holds no node names).
+CURRENT_NODE: ContextVar[str] = ContextVar("flowbus_current_node", default="")
+
+
 async def _ignore(kind: str, detail: str) -> None:
     pass
 
@@ -51,8 +57,8 @@ async def _ignore(kind: str, detail: str) -> None:
 class ScriptedLLM:
     """Replies from `script`: node name -> replies, used in turn (the last one repeats).
 
-    The node is read from the latest system message ``node: NAME`` that `FlowManager` adds, so
-    a script follows the flow. `observer("llm.started", node)` is awaited before each reply.
+    The node is the one `FlowManager` asks for a reply in (`CURRENT_NODE`), so a script follows
+    the flow. `observer("llm.started", node)` is awaited before each reply.
     """
 
     def __init__(
@@ -65,14 +71,7 @@ class ScriptedLLM:
     async def generate(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
     ) -> LLMResponse:
-        node = next(
-            (
-                str(m["content"]).removeprefix("node: ")
-                for m in reversed(messages)
-                if m.get("role") == "system" and str(m.get("content", "")).startswith("node: ")
-            ),
-            "",
-        )
+        node = CURRENT_NODE.get()
         await self.observer("llm.started", node)
         self.calls.append(node)
         replies = self.script.get(node) or [LLMResponse()]

@@ -393,9 +393,9 @@ async def test_the_role_message_stays_until_a_node_sets_another_and_no_message_i
         await fm.set_node_from_config(at("b", role_message="You are Bob."))
         await fm.set_node_from_config(at("c", context_strategy="RESET"))
     assert contexts == [
-        ["You are Ada.", "node: a", "task a"],
-        ["You are Bob.", "node: a", "task a", "node: b", "task b"],
-        ["You are Bob.", "node: c", "task c"],
+        ["You are Ada.", "task a"],
+        ["You are Bob.", "task a", "task b"],
+        ["You are Bob.", "task c"],
     ]
 
 
