@@ -258,6 +258,24 @@ class Bus:
         entry = await call("resume", resume, self.settings, session)
         return None if entry is None else str(entry.decode())
 
+    async def end_session(self, session: str, *, reason: str = "ended by an operator") -> str:
+        """Mark `session` ended without publishing an event: for a session whose bot went away
+        without a ``final`` publish, which would otherwise stay live, its keys kept for good.
+        It takes no new event, and its keys expire `retention_seconds` after every group has
+        handled all of it. Returns ``"retired"`` (every group was done: the keys expire from
+        now), ``"ending"`` (it retires once its groups are done), ``"ended"`` (it had ended
+        before: nothing changed) or ``"unknown"`` (no such session)."""
+        p = self.keys.partition(check_session_id(session))
+        args: list[scripts.Arg] = [
+            self.keys.tag(p),
+            session,
+            int(self.settings.retention_seconds * 1000),
+            reason,
+        ]
+        end = partial(scripts.END, self.redis, [self.keys.session(session)], args)
+        outcome: Any = await call("end_session", end, self.settings, session)
+        return str(outcome.decode())
+
     async def services(self, *, fresh: bool = False) -> list[ServiceInfo]:
         """Services registered in this deployment, sorted by name (cached for `SERVICES_TTL`
         seconds unless `fresh`). Connection failures are retried as for `publish`."""

@@ -56,7 +56,20 @@ SEND = Script.load("send")
 RESUME = Script.load("resume")
 SAVE_STATE = Script.load("save_state")
 WRITE_STATE = Script.load("write_state")
-ALL = (PUBLISH, STEP, ACQUIRE, RENEW, RELEASE, HEARTBEAT, SEND, RESUME, SAVE_STATE, WRITE_STATE)
+END = Script.load("end", prelude=True)
+ALL = (
+    PUBLISH,
+    STEP,
+    ACQUIRE,
+    RENEW,
+    RELEASE,
+    HEARTBEAT,
+    SEND,
+    RESUME,
+    SAVE_STATE,
+    WRITE_STATE,
+    END,
+)
 
 
 #: The commands that put every script in the server's cache.

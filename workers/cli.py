@@ -1,4 +1,5 @@
-"""The ``flowbus`` command line: ``worker``, ``demo``, ``simulate``, ``inspect``, ``dead``.
+"""The ``flowbus`` command line: ``worker``, ``demo``, ``simulate``, ``inspect``, ``dead``,
+``end``.
 
 Every command reads the deployment from ``FLOWBUS_*`` environment variables, which its options
 override. Errors a person can fix are one line on stderr and a non-zero status, never a
@@ -80,6 +81,17 @@ examples:
 A replay is handled after the session's current position: a session paused on the dead
 letter (--dead-letter pause) is resumed in place; otherwise the event is republished to its
 session for that group only. An ended session takes no new event: drop its dead letters.
+"""
+
+EPILOG_END = """\
+examples:
+  flowbus end call-42                       # its bot crashed without ending it
+  flowbus end --idle-for 3600 --dry-run     # which live sessions had no event for an hour
+  flowbus end --idle-for 3600               # end them (from cron, say)
+
+A session ends when its bot publishes its last event (final); one whose bot went away first
+stays live, its keys kept for good. An ended session takes no new event, and its keys expire
+FLOWBUS_RETENTION_SECONDS after every service handled all of it: nothing unhandled is lost.
 """
 
 WORKER_SETTINGS = (
@@ -345,6 +357,29 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         _connection_options(p)
 
+    end = _subparser(
+        sub,
+        "end",
+        "end sessions whose bots went away without ending them",
+        "Mark sessions ended without an event, so that their keys expire once every service "
+        "handled them.",
+        EPILOG_END,
+    )
+    end.add_argument("sessions", nargs="*", metavar="SESSION", help="the sessions to end")
+    end.add_argument(
+        "--idle-for",
+        type=float,
+        metavar="SECONDS",
+        help="every live session whose last event is at least this old",
+    )
+    end.add_argument("--dry-run", action="store_true", help="say what would end; end nothing")
+    end.add_argument(
+        "--reason",
+        default="ended by an operator",
+        help="kept in the session's meta as end_reason (default: ended by an operator)",
+    )
+    _connection_options(end)
+
     dead = _subparser(
         sub, "dead", "list, show, replay or drop dead letters", "Dead letters.", EPILOG_DEAD
     )
@@ -394,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "simulate": _simulate,
             "inspect": _inspect,
             "dead": _dead,
+            "end": _end,
         }[args.command]
         settings = _settings(args)
         from .runtime import run
@@ -544,6 +580,50 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+async def _end(bus: Bus, args: argparse.Namespace) -> int:
+    from .inspection import duration, idle_sessions
+
+    if bool(args.sessions) == (args.idle_for is not None):
+        raise UsageError("end: name sessions or give --idle-for SECONDS, not both")
+    if args.idle_for is not None and not 0 <= args.idle_for < float("inf"):
+        raise UsageError(f"--idle-for must be 0 or more seconds, not {args.idle_for}")
+    for session in args.sessions:
+        try:
+            check_session_id(session)
+        except InvalidSessionIdError as exc:
+            raise UsageError(str(exc)) from None
+    if args.idle_for is not None:
+        found = await idle_sessions(bus, int(args.idle_for * 1000))
+        targets = [(s, f" (idle {duration(ms)})") for s, ms in found]
+    else:
+        targets = [(s, "") for s in dict.fromkeys(args.sessions)]
+    outcomes: dict[str, int] = {}
+    for session, idle in targets:
+        if args.dry_run:
+            print(f"{session}: would end{idle}")
+            continue
+        outcome = await bus.end_session(session, reason=args.reason)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome == "unknown":
+            print(f"flowbus: no session {session!r}", file=sys.stderr)
+        else:
+            print(f"{session}: {END_OUTCOMES[outcome]}{idle}")
+    if not targets:
+        print("no session idle that long" if args.idle_for is not None else "no session")
+    elif not args.dry_run:
+        ended = outcomes.get("retired", 0) + outcomes.get("ending", 0)
+        print(f"{ended} ended ({outcomes.get('retired', 0)} retired at once)", file=sys.stderr)
+    return 1 if outcomes.get("unknown") else 0
+
+
+#: What `Bus.end_session`'s outcomes mean, for `flowbus end`.
+END_OUTCOMES = {
+    "retired": "ended and retired (every service had handled it; its keys expire)",
+    "ending": "ended; it retires once every service has handled it",
+    "ended": "had ended before (nothing changed)",
+}
 
 
 async def _dead(bus: Bus, args: argparse.Namespace) -> int:

@@ -231,6 +231,22 @@ async def sessions(bus: Bus, *, ended: bool = True, limit: int = 50) -> list[Ses
     return result
 
 
+async def idle_sessions(bus: Bus, idle_ms: int) -> list[tuple[str, int]]:
+    """(session, ms since its last event) of every live session that has not ended and whose
+    last event is at least `idle_ms` old, the longest idle first."""
+    now = await server_ms(bus)
+    live = [s for s, _, is_live in await _all_sessions(bus) if is_live]
+    pipe = bus.redis.pipeline(transaction=False)
+    for session in live:
+        pipe.hmget(bus.keys.meta(session), "publish_entry", "started", "ended")
+    found = []
+    for session, (entry, started, ended) in zip(live, await pipe.execute(), strict=True):
+        last = int(_text(entry).partition("-")[0]) if entry else int(started or 0)
+        if not ended and last and now - last >= idle_ms:
+            found.append((session, now - last))
+    return sorted(found, key=lambda s: (-s[1], s[0]))
+
+
 def _current_node(recent: list[Any]) -> str:
     for _id, fields in recent:
         if fields.get(b"type") == b"node.entered":
@@ -540,9 +556,14 @@ def _short(value: Any, width: int) -> str:
 def _ago(now_ms: int, then_ms: int) -> str:
     if not then_ms or not now_ms:
         return "-"
-    seconds = max(0, now_ms - then_ms) / 1000
+    return f"{duration(now_ms - then_ms)} ago"
+
+
+def duration(ms: int) -> str:
+    """`ms` for a person: 42s, 17m, 5h."""
+    seconds = max(0, ms) / 1000
     if seconds < 120:
-        return f"{seconds:.0f}s ago"
+        return f"{seconds:.0f}s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.0f}h ago"
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -326,3 +327,28 @@ async def test_the_acl_rule_the_readme_gives_is_enough_for_a_worker_and_the_cli(
         assert await as_json(limited, "dead", "list") == []
     finally:
         await raw(bus).execute_command("ACL", "DELUSER", user)
+
+
+async def test_end_ends_named_sessions_and_those_idle_for_long(bus: Bus, settings: Settings) -> None:
+    for session in ("call-old", "call-new"):
+        await bus.publish(session, Step(n=1))
+    await raw(bus).hset(bus.keys.meta("call-old"), "publish_entry", "1000-0")  # long ago
+
+    _, out, _ = await flowbus(settings, "end", "--idle-for", "3600", "--dry-run")
+    assert re.fullmatch(r"call-old: would end \(idle \d+h\)\n", out)
+    assert [s["status"] for s in await as_json(settings, "inspect", "sessions")] == [
+        "live",
+        "live",
+    ]
+    _, out, err = await flowbus(settings, "end", "--idle-for", "3600")
+    assert out.startswith("call-old: ended and retired") and "1 ended" in err
+    code, out, err = await flowbus(settings, "end", "call-new", "call-gone", check=False)
+    assert code == 1 and out.startswith("call-new: ended and retired")
+    assert "no session 'call-gone'" in err
+    rows = await as_json(settings, "inspect", "sessions")
+    assert sorted((r["session"], r["status"]) for r in rows) == [
+        ("call-new", "ended"),
+        ("call-old", "ended"),
+    ]
+    code, _, err = await flowbus(settings, "end", check=False)
+    assert code == 2 and "name sessions or give --idle-for" in err
