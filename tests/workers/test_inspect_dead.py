@@ -329,7 +329,9 @@ async def test_the_acl_rule_the_readme_gives_is_enough_for_a_worker_and_the_cli(
         await raw(bus).execute_command("ACL", "DELUSER", user)
 
 
-async def test_end_ends_named_sessions_and_those_idle_for_long(bus: Bus, settings: Settings) -> None:
+async def test_end_ends_named_sessions_and_those_idle_for_long(
+    bus: Bus, settings: Settings
+) -> None:
     for session in ("call-old", "call-new"):
         await bus.publish(session, Step(n=1))
     await raw(bus).hset(bus.keys.meta("call-old"), "publish_entry", "1000-0")  # long ago
