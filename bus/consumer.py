@@ -180,9 +180,24 @@ class _Partition:
     lost: bool = False
     drain: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
+    #: Until when (`time.monotonic()`) the lease is surely ours: the TTL from just before the
+    #: request that took or last renewed it. No handler starts later than that.
+    vouched_until: float = 0.0
+    renewed: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) by `vouch`
 
     def __post_init__(self) -> None:
         self.runs = _Runs(self.scope.cancel)
+
+    def vouch(self, until: float) -> None:
+        """The lease was renewed: it is ours until `until`."""
+        self.vouched_until = until
+        self.renewed.set()
+        self.renewed = anyio.Event()
+
+    async def vouched(self) -> None:
+        """Wait until the lease is vouched for now (a lease found lost cancels the runs)."""
+        while time.monotonic() >= self.vouched_until:
+            await self.renewed.wait()
 
 
 class Consumer:
@@ -286,6 +301,7 @@ class Consumer:
         if not missing:
             return False
         try:
+            asked = time.monotonic()
             tokens = await self._leases.acquire(sorted(missing))
         except (*TRANSIENT, ResponseError) as exc:
             self._log.warning("acquire_failed", error=str(exc))
@@ -295,6 +311,7 @@ class Consumer:
         for p, token in tokens.items():
             lease, read = self.keys.lease(p, group), reader(self.keys, p, group, token, count)
             self._parts[p] = part = _Partition(p, token, self._quietest_lane(), lease, read)
+            part.vouched_until = asked + self.settings.lease_ttl_seconds
             self._tg.start_soon(self._run_partition, part)
         if tokens:
             self._log.info("partitions_acquired", partitions=sorted(tokens), members=len(members))
@@ -307,6 +324,7 @@ class Consumer:
         held = {p: part.token for p, part in self._parts.items() if not part.lost}
         try:
             members = await self._leases.heartbeat()
+            asked = time.monotonic()
             lost = await self._leases.renew(held) if held else set()
             if await self.bus.register_service(self._info, replace=False, retry=False):
                 self._log.warning("service_registered_again")  # the server lost its data
@@ -317,10 +335,14 @@ class Consumer:
                     self._lose(part, "lease_expired")
             return None
         self._last_renewal = anyio.current_time()
-        for p in lost:  # unless it was handed back meanwhile (its drain ended, its lease freed)
-            mine = self._parts.get(p)
-            if mine is not None and mine.token == held[p]:
+        for p, token in held.items():  # unless it was handed back meanwhile (its drain ended,
+            mine = self._parts.get(p)  # its lease freed)
+            if mine is None or mine.token != token:
+                continue
+            if p in lost:
                 self._lose(mine, "lease_lost")
+            else:
+                mine.vouch(asked + self.settings.lease_ttl_seconds)
         return members
 
     def _quietest_lane(self) -> StepBatcher:
@@ -579,10 +601,18 @@ class Consumer:
         if trace is not run.trace:
             run.trace = trace
             _TRACE.set(trace)
-        if not self._slots.take():
-            await self._slots.acquire()
+        while True:
+            if not self._slots.take():
+                await self._slots.acquire()
+            now = time.monotonic()
+            if now < run.part.vouched_until:
+                break
+            # Past its lease's TTL since the last renewal (the process stalled, the server is
+            # out of reach): the lease may be another's, so nothing starts until it is renewed.
+            self._slots.release()
+            await run.part.vouched()
         try:
-            deadline = time.monotonic() + self.settings.handler_timeout_seconds
+            deadline = now + self.settings.handler_timeout_seconds
             self._running[run] = delivery.deadline = deadline
             run.started = run.done
             await service.routes.get(entry.type, service.handle)(delivery)

@@ -64,7 +64,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: the last entry of its read batch, one step per batch instead of one per entry (about
     #: half again the events per second). Handlers still run one at a time, in order; but a
     #: crash or a lost lease can repeat up to `read_batch` handled entries of a session
-    #: instead of one, and a stale owner can handle as many before it learns it is fenced.
+    #: instead of one (a stale owner starts no more handlers than with 'each': none on a
+    #: lease not renewed within its TTL).
     ack_mode: AckMode = "each"
     #: How long a stopping worker lets in-flight handlers finish.
     drain_timeout_seconds: float = 30.0

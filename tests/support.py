@@ -159,6 +159,26 @@ def assert_in_order(records: list[Handled], expected: Mapping[str, int]) -> dict
     return duplicates
 
 
+def assert_replayed_in_order(
+    records: list[Handled], expected: Mapping[str, int], window: int
+) -> dict[str, int]:
+    """As `assert_in_order`, but where a session moved to another worker the new owner may go
+    back up to `window` events, replaying what the previous one handled and had not yet
+    acknowledged (``ack_mode`` 'batch'). Returns session -> number of duplicate handlings."""
+    sessions = by_session(records)
+    assert sessions.keys() == expected.keys(), "sessions handled differ from sessions published"
+    duplicates = {}
+    for session, recs in sessions.items():
+        seqs = [r.seq for r in recs]
+        assert sorted(set(seqs)) == list(range(1, expected[session] + 1)), (session, seqs)
+        for a, b in itertools.pairwise(recs):
+            if b.seq != a.seq + 1:
+                assert a.pid != b.pid and a.seq - window < b.seq <= a.seq, (session, seqs)
+                assert b.deliveries >= 2, (session, seqs)
+        duplicates[session] = len(seqs) - len(set(seqs))
+    return duplicates
+
+
 class Stepper:
     """Steps of group ``g`` sent the way a consumer sends them: through a `StepBatcher`, with
     the session's read (`Step.reader`). Use ``async with Stepper.open(bus, settings) as s``."""
