@@ -333,7 +333,8 @@ class ActionService:
                     return
                 finally:
                     await state.flush(delivery.write_session_state)
-                run.index = i + 1
+                # The list ends with an end_conversation, whoever handles it (as in Pipecat).
+                run.index = len(actions) if kind == "end_conversation" else i + 1
                 log.debug("action_ran")
 
     async def _fail(self, delivery: Delivery, run: _Run, kind: str, error: str) -> None:

@@ -20,17 +20,19 @@ def parameter_count(handler: Callable[..., Any]) -> int:
 
 async def invoke(handler: Callable[..., Any], *args: Any) -> Any:
     """Await an async handler (an object with an async ``__call__`` too, which Pipecat misses);
-    run a plain one in a worker thread, so blocking code stalls no other session, and give up
-    on it when cancelled (a timeout), leaving the thread to finish; await whatever awaitable
-    it returns."""
+    run a plain one in a worker thread, so blocking code stalls no other session; await
+    whatever awaitable it returns.
+
+    A thread cannot be stopped: cancelled (a timeout), a plain handler is waited for until it
+    returns, and only then does the cancellation go on. Given up on instead, it would run on
+    beside its session's next event, and a stuck one would keep its worker from exiting."""
     call_method = None if inspect.isroutine(handler) else type(handler).__call__
     if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call_method):
         result = handler(*args)
     else:
         import anyio
 
-        call = functools.partial(handler, *args)
-        result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        result = await anyio.to_thread.run_sync(functools.partial(handler, *args))
     return await result if inspect.isawaitable(result) else result
 
 

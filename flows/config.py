@@ -35,7 +35,11 @@ NODE_KEYS = frozenset(
         "respond_immediately",
     }
 )
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+#: ``{{ key }}`` or ``{{ key.sub }}`` (identifiers and dots only, so prose braces stay as they
+#: are); a backslash before it, ``\{{ key }}``, leaves the literal ``{{ key }}``. As Pipecat's.
+_PLACEHOLDER = re.compile(
+    r"(\\?)\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}"
+)
 
 
 class InvalidNodeError(FlowError, ValueError):
@@ -99,32 +103,46 @@ class NodeConfig:
     respond_immediately: bool = True
 
     def with_state(self, state: Mapping[str, Any]) -> NodeConfig:
-        """The node with ``{{ key }}`` placeholders in its messages and its actions' ``text``
-        filled from `state` (dotted keys reach into nested dicts; unknown keys stay as
-        written)."""
+        """The node with ``{{ key }}`` placeholders filled from `state`, as Pipecat Flows
+        does: in its role message, its task messages and its ``tts_say`` actions' ``text``
+        (dotted keys reach into nested dicts). Raises `FlowError` for a key not in `state`."""
 
-        def filled(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+        def filled(text: str) -> str:
+            return fill(text, state, node=self.name)
+
+        def messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return [
-                {**item, key: fill(item[key], state)} if isinstance(item.get(key), str) else item
-                for item in items
+                {**m, "content": filled(m["content"])} if isinstance(m.get("content"), str) else m
+                for m in items
             ]
 
-        role = fill(self.role_message, state) if self.role_message else self.role_message
+        def actions(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [
+                {**a, "text": filled(a["text"])}
+                if a.get("type") == "tts_say" and isinstance(a.get("text"), str)
+                else a
+                for a in items
+            ]
+
         return replace(
             self,
-            task_messages=filled(self.task_messages, "content"),
-            role_message=role,
-            pre_actions=filled(self.pre_actions, "text"),
-            post_actions=filled(self.post_actions, "text"),
+            task_messages=messages(self.task_messages),
+            role_message=filled(self.role_message) if self.role_message else self.role_message,
+            pre_actions=actions(self.pre_actions),
+            post_actions=actions(self.post_actions),
         )
 
 
-def fill(text: str, state: Mapping[str, Any]) -> str:
+def fill(text: str, state: Mapping[str, Any], *, node: str = "") -> str:
+    """`text` with its placeholders filled from `state`; `FlowError` for a key not in it."""
+
     def value(match: re.Match[str]) -> str:
+        if match[1]:  # escaped
+            return match[0][1:]
         found: Any = state
-        for part in match[1].split("."):
+        for part in match[2].split("."):
             if not isinstance(found, Mapping) or part not in found:
-                return match[0]
+                raise FlowError(f"node {node!r} uses '{{{{ {match[2]} }}}}', which is not in state")
             found = found[part]
         return str(found)
 

@@ -146,8 +146,9 @@ class EventService:
     shortly before it ends (`RESERVE_SECONDS`, at most a tenth of it) is cut short and counts
     as failed, and the handlers after it are not run (each logged, and in a sync event's
     outcome), so the event is not delivered again for one slow handler. A handler given a
-    `timeout` of its own is cut short after that long, and the others go on. A `def` handler
-    cut short is left to finish in its thread (a thread cannot be stopped).
+    `timeout` of its own is cut short after that long, and the others go on; a retry that
+    would end past the event's time is not made. A `def` handler runs in a thread, which
+    cannot be stopped: past its time it counts as timed out once it returns.
     """
 
     def __init__(self, name: str, *, events: Iterable[EventSpec] = ()) -> None:
@@ -286,15 +287,17 @@ class EventService:
                 budget = min(registration.timeout or math.inf, left)
                 failure: Exception | None = None
                 try:
-                    with anyio.move_on_after(budget):
+                    with anyio.move_on_after(budget) as scope:
                         await invoke(registration.handler, ref, *args[: registration.takes])
+                    if not scope.cancel_called:  # (a thread returns late, not cancelled)
                         return ""
                     error = f"timed out after {budget:.3g}s"
                 except Exception as exc:
                     error, failure = f"{type(exc).__name__}: {exc}", exc
-                if attempt < retry.attempts:
+                delay = retry.backoff * 2 ** (attempt - 1)
+                if attempt < retry.attempts and time.monotonic() + delay < until:
                     log.warning("event_handler_retried", error=error, attempt=attempt)
-                    await anyio.sleep(retry.backoff * 2 ** (attempt - 1))
+                    await anyio.sleep(delay)
                     continue
                 log.error("event_handler_failed", error=error, attempts=attempt, exc_info=failure)
                 return error

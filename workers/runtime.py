@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, TypeVarTuple, Unpack
@@ -140,6 +141,11 @@ async def serve(
     return 128 + hard_stop[0] if hard_stop else 0
 
 
+#: How long a worker stopped hard (a second signal) waits for its cancelled handlers before
+#: it exits without them.
+HARD_STOP_SECONDS = 3.0
+
+
 async def _on_signals(consumer: Consumer, scope: anyio.CancelScope, hard_stop: list[int]) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -147,6 +153,10 @@ async def _on_signals(consumer: Consumer, scope: anyio.CancelScope, hard_stop: l
                 log.warning("worker_stopped_hard", signal=signal.Signals(signum).name)
                 hard_stop.append(signum)
                 scope.cancel()
+                # A handler stuck in a thread (a plain `def`) cannot be cancelled: exit anyway.
+                exit_later = threading.Timer(HARD_STOP_SECONDS, os._exit, [128 + signum])
+                exit_later.daemon = True
+                exit_later.start()
                 return
             log.info("worker_draining", signal=signal.Signals(signum).name)
             consumer.stop()

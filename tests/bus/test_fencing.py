@@ -8,7 +8,7 @@ from redis.exceptions import ResponseError
 from bus import Bus, Settings
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
-from tests.support import Stepper, raw
+from tests.support import Stepper, raw, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +75,13 @@ async def test_epochs_go_on_after_the_server_lost_its_data(bus: Bus) -> None:
     a = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
     b = Leases(bus.redis, bus.keys, "g", "worker-b", ttl_ms=60_000)
     [(p, token_a)] = (await a.acquire([5])).items()
+
+    async def restarted() -> bool:  # a restart takes longer than a millisecond
+        seconds, micros = await raw(bus).time()
+        now_ms: int = seconds * 1000 + micros // 1000
+        return now_ms > int(token_a.split(":")[0])
+
+    await wait_for(restarted, what="the server's clock to pass the first epoch")
     await raw(bus).delete(bus.keys.lease(p, "g"), bus.keys.epoch(p, "g"))  # the data lost
     [token_b] = (await b.acquire([p])).values()
     assert int(token_b.split(":")[0]) > int(token_a.split(":")[0])

@@ -474,7 +474,20 @@ async def test_register_action_replaces_a_built_in_as_in_pipecat(bus: Bus) -> No
     async def speak_elsewhere(action: dict[str, Any], flow_manager: Any) -> None:
         spoken.append(action["text"])
 
-    pre = [{"type": "tts_say", "text": ""}, {"type": "tts_say", "text": "Hello"}]
+    @service.action("end_conversation")
+    async def hang_up(action: dict[str, Any], flow_manager: Any) -> None:
+        spoken.append("hung up")
+
+    @service.action("note")
+    async def never(action: dict[str, Any], flow_manager: Any) -> None:
+        spoken.append("after the end")
+
+    pre = [
+        {"type": "tts_say", "text": ""},
+        {"type": "tts_say", "text": "Hello"},
+        {"type": "end_conversation"},
+        {"type": "note"},  # the list ends with an end_conversation, whoever handles it
+    ]
     assert service.problem(pre) is None
     consumer = Consumer(bus, service.as_service())
     async with anyio.create_task_group() as tg:
@@ -484,4 +497,4 @@ async def test_register_action_replaces_a_built_in_as_in_pipecat(bus: Bus) -> No
             [message] = await inbox.read(wait=10)
         consumer.stop()
     assert message.payload == ActionsCompleted(node="greeting", gen=1, phase="pre")
-    assert spoken == ["", "Hello"]
+    assert spoken == ["", "Hello", "hung up"]

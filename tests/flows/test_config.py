@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flows import InvalidFunctionError, InvalidNodeError
+from flows import FlowError, InvalidFunctionError, InvalidNodeError
 from flows.config import load_flow, parse_node
 
 
@@ -105,12 +105,20 @@ nodes:
 """
 
 
-def test_placeholders_are_filled_in_messages_and_in_actions_text() -> None:
+def test_placeholders_are_filled_as_pipecat_fills_them() -> None:
+    """In the role and task messages and in ``tts_say`` text, not in other actions; a
+    backslash escapes one; a key not in state is a `FlowError` naming node and key."""
     config = node({"type": "tts_say", "text": "Hello {{ caller.name }}"}) | {
-        "task_messages": [{"role": "system", "content": "Greet {{ caller.name }}, {{ nope }}"}],
+        "role_message": "You serve {{caller.name}}.",
+        "task_messages": [{"role": "system", "content": "Greet {{ caller.name }}, \\{{ as_is }}"}],
         "post_actions": [{"type": "end_conversation", "text": "Bye {{ caller.name }}"}],
     }
     filled = parse_node(config).with_state({"caller": {"name": "Ada"}})
-    assert filled.task_messages[0]["content"] == "Greet Ada, {{ nope }}"
+    assert filled.role_message == "You serve Ada."
+    assert filled.task_messages[0]["content"] == "Greet Ada, {{ as_is }}"
     assert filled.pre_actions[0]["text"] == "Hello Ada"
-    assert filled.post_actions[0]["text"] == "Bye Ada"
+    assert filled.post_actions[0]["text"] == "Bye {{ caller.name }}"  # not a tts_say
+    with pytest.raises(FlowError, match=r"node 'n' uses '\{\{ caller.age \}\}', which is not"):
+        parse_node(node() | {"name": "n", "role_message": "{{ caller.age }}"}).with_state(
+            {"caller": {"name": "Ada"}}
+        )

@@ -9,6 +9,7 @@ raises while the key ``<prefix>:test:broken:<group>`` exists. It takes every typ
 from __future__ import annotations
 
 import os
+import time
 
 import anyio
 from redis.asyncio import Redis
@@ -59,3 +60,12 @@ async def handle_stuck(delivery: Delivery) -> None:
 
 
 stuck = Service("stuck", handle_stuck, Codec([Step]))
+
+
+async def handle_stuck_in_thread(delivery: Delivery) -> None:
+    """Record the step, then hang in a thread (as a plain handler can): no cancelling it."""
+    await redis.rpush(records_key(SETTINGS.prefix, "stuck"), str(delivery.seq))
+    await anyio.to_thread.run_sync(time.sleep, 3600)
+
+
+stuck_in_thread = Service("stuck", handle_stuck_in_thread, Codec([Step]))

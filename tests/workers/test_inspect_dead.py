@@ -276,10 +276,12 @@ async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay(
     assert "of session call-ok replayed for steps" in out
 
 
+@pytest.mark.parametrize("app", ["stuck", "stuck_in_thread"])
 async def test_a_worker_stopped_hard_by_a_second_signal_says_so_in_its_status(
-    bus: Bus, settings: Settings, workers: WorkerProcesses
+    bus: Bus, settings: Settings, workers: WorkerProcesses, app: str
 ) -> None:
-    proc = workers.start("tests.workers.apps:stuck", settings)
+    """A handler stuck in a thread cannot be cancelled: the process exits all the same."""
+    proc = workers.start(f"tests.workers.apps:{app}", settings)
 
     async def owned() -> bool:
         return all([await raw(bus).get(bus.keys.lease(p, "stuck")) for p in range(64)])
