@@ -29,7 +29,7 @@ from .errors import (
     UnknownEventError,
 )
 from .handlers import EmitterRef, EventService, Retry, declare
-from .manager import FlowManager
+from .manager import NO_RESPONSE, FlowManager
 from .protocol import COMMANDS, FLOW_EVENTS, ActionsCompleted, EndConversation, HandlerOutcome, Say
 from .speech import (
     CURRENT_NODE,
@@ -48,6 +48,7 @@ __all__ = [
     "CURRENT_NODE",
     "FLOW_EVENTS",
     "LLM",
+    "NO_RESPONSE",
     "TTS",
     "ActionError",
     "ActionService",

@@ -50,14 +50,32 @@ from .state import SharedState
 
 log = structlog.get_logger("flowbus.flow")
 
+#: What the LLM gets back from a function that returned no result (``(None, next_node)``).
+ACKNOWLEDGED = {"status": "acknowledged"}
+#: LLM turns in a row that one `respond` makes while function calls stay in the node.
+MAX_TURNS = 8
+
+
+class _NoResponse:
+    def __repr__(self) -> str:
+        return "NO_RESPONSE"
+
+
+#: Return ``(result, NO_RESPONSE)`` from a node function to stay in the node without another
+#: LLM turn (as Pipecat's ``NO_RESPONSE``).
+NO_RESPONSE: Any = _NoResponse()
+
 NodeLike = NodeConfig | Mapping[str, Any]
 
 
 class FlowManager:
     """The flow of one session, seen from its bot process. Open it with `FlowManager.open`.
 
-    `actions_timeout` bounds every wait for the actions service; when it passes the bot
-    publishes ``wait.timed_out`` and `set_node` raises `ActionError`, so nothing hangs.
+    `actions_timeout` bounds every wait for the actions service (when it passes the bot
+    publishes ``wait.timed_out`` and `set_node` raises `ActionError`) and every bot-side
+    action; `function_timeout` bounds every node function's handler (past it, the LLM gets an
+    error result). A plain `def` handler runs in a thread, which cannot be stopped: it counts
+    as timed out once it returns. Nothing waits for ever.
     """
 
     def __init__(
@@ -70,9 +88,11 @@ class FlowManager:
         flow: FlowConfig | None = None,
         actions_service: str = "actions",
         actions_timeout: float = 10.0,
+        function_timeout: float = 30.0,
     ) -> None:
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
         self.actions_service, self.actions_timeout = actions_service, actions_timeout
+        self.function_timeout = function_timeout
         self.session_id = bot.session
         self.state = SharedState()
         self.current_node: str | None = None
@@ -83,7 +103,8 @@ class FlowManager:
         #: Post-action failures the actions service reported: (node, action type, error).
         self.action_errors: list[tuple[str, str, str]] = []
         self.ended = anyio.Event()
-        self._ending = False
+        self._ending = False  # no node entry and no LLM turn from here on
+        self._end_sent = False  # session.ended is published, or being published
         self._tg = tg
         self._node: NodeConfig | None = None
         self._gen = 0
@@ -154,6 +175,8 @@ class FlowManager:
         """
         if not self._initialized:
             raise FlowTransitionError("set a node only after initialize()")
+        if self._ending:
+            raise FlowTransitionError(f"the session {self.session_id!r} has ended")
         config = parse_node(node)
         await self.state.load(self._read_state)
         config = config.with_state(self.state)
@@ -177,6 +200,9 @@ class FlowManager:
                 outcome = await self._run_pre_actions(entered)
             else:
                 await self.bot.publish(entered)
+            if self._ending:  # an end_conversation came meanwhile
+                log.info("node_not_entered", gen=gen, reason="the session ended")
+                return
             if outcome == "superseded":
                 log.info("node_superseded", gen=gen, by=self._gen)
                 return
@@ -188,11 +214,27 @@ class FlowManager:
 
     async def respond(self, user_text: str | None = None) -> None:
         """One LLM turn in the current node: the reply is published, spoken, and its function
-        calls run (a transition happens after all of them, to the last node requested)."""
+        calls run. As in Pipecat, a transition happens after all of them, to the last node
+        requested; a call that stays in the node gives the LLM its result and another turn
+        (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row."""
         node = self._require_node()
         gen = self._gen
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
+        for _ in range(MAX_TURNS):
+            if self._ending or self._gen != gen:  # ended, or a newer node took over
+                return
+            next_node, again = await self._turn(node, gen)
+            if next_node is not None and self._gen == gen and not self._ending:
+                await self.set_node_from_config(next_node)
+                return
+            if not again:
+                return
+        log.warning("llm_turns_limited", session=self.session_id, node=node.name, turns=MAX_TURNS)
+
+    async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
+        """Ask the LLM, publish and speak its reply, run its function calls; the node they
+        ask for (the last one), and whether the LLM is to see their results."""
         asked = CURRENT_NODE.set(node.name)
         try:
             reply = await self.llm.generate(self._context(), [f.schema() for f in node.functions])
@@ -207,21 +249,29 @@ class FlowManager:
         spoken = await self.tts.speak(reply.text) if reply.text else True
         await self.bot.publish(TTSFinished(node=node.name, gen=gen, interrupted=not spoken))
         next_node: NodeLike | None = None
+        again = False
         if reply.function_calls:  # they see what actions wrote meanwhile, and share theirs
             await self.state.load(self._read_state)
             for call in reply.function_calls:
-                next_node = await self._call_function(node, call) or next_node
+                asks, responds = await self._call_function(node, call)
+                next_node, again = asks or next_node, again or responds
             await self.state.flush(self._write_state)
-        if next_node is not None and self._gen == gen:
-            await self.set_node_from_config(next_node)
+        return next_node, again and next_node is None
 
     async def end(self, reason: str = "ended") -> None:
-        """End the session: publish ``session.ended``, the stream's last event."""
-        if self._ending:
-            return
+        """End the session: publish ``session.ended``, the stream's last event. A cancellation
+        waits for the publish (its retries are bounded); one that failed may be made again."""
         self._ending = True
-        await self.state.flush(self._write_state)
-        await self.bot.publish(SessionEnded(reason=reason), final=True)
+        if self._end_sent:
+            return
+        self._end_sent = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.state.flush(self._write_state)
+                await self.bot.publish(SessionEnded(reason=reason), final=True)
+        except BaseException:
+            self._end_sent = False
+            raise
         log.info("session_ended", session=self.session_id, reason=reason)
         self.ended.set()  # last: whoever waits for it may close the session at once
 
@@ -314,12 +364,16 @@ class FlowManager:
         role = [{"role": "system", "content": self.role_message}] if self.role_message else []
         return [*role, *self.messages]
 
-    async def _call_function(self, node: NodeConfig, call: FunctionCall) -> NodeLike | None:
-        """Run the function the LLM called; the node it asks for (its handler's, else its
-        `transition_to`), if any. What the LLM gets back goes into the context."""
+    async def _call_function(
+        self, node: NodeConfig, call: FunctionCall
+    ) -> tuple[NodeLike | None, bool]:
+        """Run the function the LLM called, and put what the LLM gets back into the context;
+        the node it asks for (its handler's, else its `transition_to`), if any, and whether the
+        LLM is to see its result (as Pipecat: a function that stays in the node, unless its
+        handler returned ``(result, NO_RESPONSE)``)."""
         function = next((f for f in node.functions if f.name == call.name), None)
-        next_node: NodeLike | None = None
-        result: Any = {"status": "acknowledged"}  # a function with only a transition_to
+        next_node: Any = None
+        result: Any = ACKNOWLEDGED  # a function with only a transition_to
         try:
             if function is None:
                 raise FlowTransitionError(f"function {call.name!r} is not a function of this node")
@@ -331,15 +385,25 @@ class FlowManager:
                     f"function {call.name!r} goes to {target!r}, no node of the flow"
                 )
             if function.handler is not None:
-                returned = await invoke_function(function.handler, call.arguments, self)
-                result, next_node = returned if isinstance(returned, tuple) else (returned, None)
+                with anyio.fail_after(self.function_timeout):
+                    returned = await invoke_function(function.handler, call.arguments, self)
+                if isinstance(returned, tuple):
+                    result, next_node = returned
+                    result = ACKNOWLEDGED if result is None else result
+                else:
+                    result = returned
             if next_node is None and target is not None and self.flow is not None:
                 next_node = self.flow.nodes[target]
+        except TimeoutError:
+            result = {"status": "error", "error": f"timed out after {self.function_timeout}s"}
+            log.error("function_call_failed", function=call.name, error=result["error"])
         except Exception as exc:
             result = {"status": "error", "error": str(exc)}  # as Pipecat gives it
             log.error("function_call_failed", function=call.name, error=str(exc))
         self.messages.append({"role": "tool", "name": call.name, "content": result})
-        return next_node
+        if next_node is NO_RESPONSE:
+            return None, False
+        return (next_node or None), not next_node
 
     async def _serve_commands(self) -> None:
         async with anyio.create_task_group() as actions:
@@ -355,6 +419,9 @@ class FlowManager:
                 if corr:
                     await self.bot.publish(TTSSpoken(corr=corr, interrupted=not spoken))
             case EndConversation(text=text):
+                self._ending = True  # no transition or LLM turn may follow it
+                if self._pre_wait is not None:  # nor a node entered meanwhile
+                    self._pre_wait.cancel()
                 if text:
                     await self.tts.speak(text)
                 await self.end("end_conversation")
@@ -376,8 +443,14 @@ class FlowManager:
             if handler is None:
                 raise ActionError(f"no bot-side handler for action {action.get('type')!r}")
             await self.state.load(self._read_state)  # as a worker's action sees it
-            await invoke_action(handler, action, self)
+            with anyio.fail_after(self.actions_timeout):
+                await invoke_action(handler, action, self)
             await self.state.flush(self._write_state)  # for the actions after it
+        except TimeoutError:
+            error = f"timed out after {self.actions_timeout}s"
+            log.error(
+                "action_failed", session=self.session_id, action=action.get("type"), error=error
+            )
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error(

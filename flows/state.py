@@ -1,7 +1,8 @@
 """The flow's shared `state`: a dict the bot and every worker read and write.
 
-It lives in the session's state hash, one field ``flow.<key>`` per key holding JSON, so writers
-of different keys never clash (the last writer of one key wins). A `SharedState` is a plain
+It lives in the session's state hash, one field ``flow.<key>`` per key holding JSON (empty once
+the key was deleted), so writers of different keys never clash (the last writer of one key
+wins). A `SharedState` is a plain
 mutable mapping in memory; `load` refreshes it, `flush` writes the keys changed since.
 """
 
@@ -17,12 +18,18 @@ Reader = Callable[[], Awaitable[dict[str, bytes]]]
 Writer = Callable[[Mapping[str, str | bytes]], Awaitable[None]]
 
 
+#: What a deleted key's field holds (not JSON, so that a stored ``null`` stays a value).
+DELETED = b""
+
+
 class SharedState(MutableMapping[str, Any]):
-    """The session's flow state (JSON values)."""
+    """The session's flow state (JSON values). What changed since the last `load` or `flush`
+    is found by comparing each value's JSON with the stored one, so a change inside a nested
+    value (``state["order"]["size"] = "L"``) is written as any other."""
 
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}
-        self._dirty: set[str] = set()
+        self._stored: dict[str, bytes] = {}  # each key's JSON as last loaded or flushed
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -30,11 +37,9 @@ class SharedState(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         msgspec.json.encode(value)  # refuse what cannot be shared, where it is set
         self._data[key] = value
-        self._dirty.add(key)
 
     def __delitem__(self, key: str) -> None:
         del self._data[key]
-        self._dirty.add(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -45,23 +50,38 @@ class SharedState(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return f"SharedState({self._data!r})"
 
+    def _changed(self) -> dict[str, bytes]:
+        """Key -> its JSON (`DELETED` if deleted), for every key that differs from its stored
+        value."""
+        changed = {k: msgspec.json.encode(v) for k, v in self._data.items()}
+        changed = {k: v for k, v in changed.items() if self._stored.get(k) != v}
+        return changed | dict.fromkeys(self._stored.keys() - self._data.keys(), DELETED)
+
     async def load(self, read: Reader) -> None:
-        """Replace the contents with the stored state, keeping keys changed but not flushed."""
+        """Replace the contents with the stored state, keeping what changed here and was not
+        flushed yet."""
+        changed = self._changed()
         stored = {
-            k.removeprefix(PREFIX): msgspec.json.decode(v)
+            k.removeprefix(PREFIX): v
             for k, v in (await read()).items()
-            if k.startswith(PREFIX)
+            if k.startswith(PREFIX) and v != DELETED
         }
-        for key in self._dirty:
-            stored.pop(key, None)
-            if key in self._data:
-                stored[key] = self._data[key]
-        self._data = {k: v for k, v in stored.items() if v is not None}
+        data = {k: msgspec.json.decode(v) for k, v in stored.items()}
+        for key, value in changed.items():
+            if value == DELETED:
+                data.pop(key, None)
+            else:
+                data[key] = self._data[key]
+        self._data, self._stored = data, stored
 
     async def flush(self, write: Writer) -> None:
-        """Write the keys changed since the last flush (a deleted key is stored as null)."""
-        if not self._dirty:
+        """Write the keys that changed since they were loaded or flushed."""
+        changed = self._changed()
+        if not changed:
             return
-        fields = {PREFIX + k: msgspec.json.encode(self._data.get(k)) for k in self._dirty}
-        await write(fields)
-        self._dirty.clear()
+        await write({PREFIX + k: v for k, v in changed.items()})
+        for key, value in changed.items():
+            if value == DELETED:
+                self._stored.pop(key, None)
+            else:
+                self._stored[key] = value

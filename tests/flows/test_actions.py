@@ -16,10 +16,12 @@ from structlog.testing import capture_logs
 from bus import Bus, Consumer, Settings
 from flows import (
     COMMANDS,
+    NO_RESPONSE,
     ActionError,
     ActionsCompleted,
     ActionService,
     FlowManager,
+    FlowTransitionError,
     FunctionCall,
     LLMResponse,
     ScriptedLLM,
@@ -344,7 +346,11 @@ async def test_a_function_call_sees_what_a_workers_post_action_wrote_and_shares_
         return {"ok": True}, None
 
     replies = {
-        "a": [LLMResponse(text="Noted"), LLMResponse(function_calls=[FunctionCall("lookup")])]
+        "a": [
+            LLMResponse(text="Noted"),
+            LLMResponse(function_calls=[FunctionCall("lookup")]),
+            LLMResponse(text="Found it"),  # the LLM's turn after the result, as in Pipecat
+        ]
     }
     async with call(actions, "call-1", replies) as fm:
         entered = node("a", post=[note("P")], functions=[{"name": "lookup", "handler": lookup}])
@@ -353,6 +359,7 @@ async def test_a_function_call_sees_what_a_workers_post_action_wrote_and_shares_
         await fm.respond("and now?")
     assert seen == [{"ran_P": "a"}]
     assert (await actions.read_state("call-1"))["flow.looked_up"] == b"true"
+    assert fm.messages[-1] == {"role": "assistant", "content": "Found it"}
 
 
 async def test_a_function_with_only_transition_to_moves_the_flow_there(
@@ -498,3 +505,80 @@ async def test_register_action_replaces_a_built_in_as_in_pipecat(bus: Bus) -> No
         consumer.stop()
     assert message.payload == ActionsCompleted(node="greeting", gen=1, phase="pre")
     assert spoken == ["", "Hello", "hung up"]
+
+
+async def test_function_results_are_given_and_answered_as_pipecat_does(bus: Bus) -> None:
+    """A function that stays in the node gets the LLM another turn, unless it returned
+    NO_RESPONSE; ``(None, node)`` gives the LLM "acknowledged"; a handler that outlives
+    `function_timeout` gives it an error, and the flow goes on."""
+
+    async def stay(args: dict[str, Any]) -> Any:
+        return {"eta": "5 min"}
+
+    async def quiet(args: dict[str, Any]) -> Any:
+        return {"noted": True}, NO_RESPONSE
+
+    async def slow(args: dict[str, Any]) -> Any:
+        await anyio.sleep_forever()
+
+    async def go(args: dict[str, Any]) -> Any:
+        return None, node("b", respond_immediately=False)
+
+    script = {"a": [LLMResponse(function_calls=[FunctionCall(f)]) for f in ("stay", "quiet")]}
+    script["a"] += [LLMResponse(function_calls=[FunctionCall(f)]) for f in ("slow", "go")]
+    functions = [{"name": f.__name__, "handler": f} for f in (stay, quiet, slow, go)]
+    llm = ScriptedLLM(script)
+    async with FlowManager.open(
+        bus, "call-1", llm=llm, tts=SimulatedTTS(0), function_timeout=0.2
+    ) as fm:
+        await fm.initialize(node("a", functions=functions))
+        assert llm.calls == ["a", "a"]  # stay, then a turn that called quiet: no third
+        await fm.respond("and?")
+        assert llm.calls == ["a", "a", "a", "a"] and fm.current_node == "b"
+    results = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    assert results == [
+        {"eta": "5 min"},
+        {"noted": True},
+        {"status": "error", "error": "timed out after 0.2s"},
+        {"status": "acknowledged"},
+    ]
+
+
+async def test_a_bot_side_action_that_never_returns_fails_after_the_actions_timeout(
+    actions: Bus,
+) -> None:
+    async def hang(action: dict[str, Any], flow_manager: FlowManager) -> None:
+        await anyio.sleep_forever()
+
+    async with call(actions, "call-1", {"a": [LLMResponse(text="ok")]}, wait=1.5) as fm:
+        fm.register_action("hang", hang)
+        await fm.initialize(node("a", post=[{"type": "hang"}]))
+        await wait_for(lambda: bool(fm.action_errors), what="the post-action to fail")
+    assert fm.action_errors == [("a", "hang", "timed out after 1.5s")]
+
+
+async def test_no_node_is_entered_after_an_end_conversation(actions: Bus) -> None:
+    """The reply asks for node b while its node's post-action ends the conversation."""
+
+    async def go(args: dict[str, Any]) -> Any:
+        return {"ok": True}, node("b", pre=[note("b")])
+
+    script = {"a": [LLMResponse(text="Transferring", function_calls=[FunctionCall("go")])]}
+    async with call(actions, "call-1", script, wait=10) as fm:
+        ended = {"type": "end_conversation", "text": "Bye"}
+        await fm.initialize(node("a", post=[ended], functions=[{"name": "go", "handler": go}]))
+        with anyio.fail_after(10):
+            await fm.ended.wait()
+        with pytest.raises(FlowTransitionError, match="has ended"):
+            await fm.set_node_from_config(node("c"))
+    assert fm.current_node == "a"
+    assert "llm.started:b" not in await timeline(actions, "call-1")
+
+
+async def test_an_end_cut_short_by_a_cancellation_still_ends_the_session(bus: Bus) -> None:
+    async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.move_on_after(0):
+            await fm.end()
+    assert fm.ended.is_set()
+    assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"

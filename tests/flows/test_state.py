@@ -1,0 +1,53 @@
+"""The flow's shared state: what one side changes, the other reads, nested values and nulls
+included."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from flows import SharedState
+
+pytestmark = pytest.mark.anyio
+
+
+class Store:
+    """A session's state hash, in memory."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, bytes] = {}
+        self.writes: list[set[str]] = []
+
+    async def read(self) -> dict[str, bytes]:
+        return dict(self.fields)
+
+    async def write(self, fields: Mapping[str, str | bytes]) -> None:
+        self.writes.append(set(fields))
+        self.fields |= {k: v.encode() if isinstance(v, str) else v for k, v in fields.items()}
+
+
+async def test_changes_inside_nested_values_nulls_and_deletions_are_shared() -> None:
+    store, bot, worker = Store(), SharedState(), SharedState()
+    bot["order"] = {"size": "S", "items": []}
+    bot["callback"] = None  # a value like any other
+    await bot.flush(store.write)
+
+    await worker.load(store.read)
+    worker["order"]["items"].append("pizza")  # changed in place
+    worker["seen"] = True
+    bot["order"]["size"] = "L"  # meanwhile, on the bot's side
+    await worker.flush(store.write)
+    assert store.writes[-1] == {"flow.order", "flow.seen"}
+
+    await bot.load(store.read)  # keeps its unflushed change, takes the worker's other key
+    assert bot == {"order": {"size": "L", "items": []}, "callback": None, "seen": True}
+    del bot["callback"]
+    await bot.flush(store.write)  # the last writer of a key wins
+    assert store.writes[-1] == {"flow.order", "flow.callback"}
+
+    fresh = SharedState()
+    await fresh.load(store.read)
+    assert fresh == {"order": {"size": "L", "items": []}, "seen": True}
+    await fresh.flush(store.write)  # nothing changed: nothing written
+    assert len(store.writes) == 3
