@@ -8,8 +8,11 @@ every problem is an `InvalidNodeError` naming the node and the key.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+import types
+import typing
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +61,19 @@ class ContextStrategy(Enum):
     RESET_WITH_SUMMARY = "RESET_WITH_SUMMARY"  # deprecated upstream; treated as RESET
 
 
+def context_strategy_of(value: Any) -> ContextStrategy:
+    """A `ContextStrategy` from any of Pipecat's forms: its enum, its name or value (either
+    case, as YAML writes it), or a ``ContextStrategyConfig`` (or its dict). `ValueError` else."""
+    if isinstance(value, Mapping):  # {"strategy": "reset", ...} as in Pipecat Flows
+        value = value.get("strategy", "APPEND")
+    value = getattr(value, "strategy", value)  # Pipecat's ContextStrategyConfig
+    try:  # Pipecat's enum values and YAML are lower case, this one's names upper case
+        return ContextStrategy(str(getattr(value, "value", value)).upper())
+    except ValueError:
+        allowed = ", ".join(s.value for s in ContextStrategy)
+        raise ValueError(f"one of {allowed}, not {value!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class FunctionConfig:
     """A function the LLM may call in a node. Its handler is ``handler(args, flow_manager)``
@@ -99,7 +115,8 @@ class NodeConfig:
     functions: list[FunctionConfig] = field(default_factory=list)
     pre_actions: list[dict[str, Any]] = field(default_factory=list)
     post_actions: list[dict[str, Any]] = field(default_factory=list)
-    context_strategy: ContextStrategy = ContextStrategy.APPEND
+    #: None: the `FlowManager`'s default (APPEND unless it was given another).
+    context_strategy: ContextStrategy | None = None
     respond_immediately: bool = True
 
     def with_state(self, state: Mapping[str, Any]) -> NodeConfig:
@@ -175,15 +192,11 @@ def parse_node(
     if "task_messages" not in config:
         raise InvalidNodeError(node, "task_messages", "required")
     role = _role(node, config)
-    strategy = config.get("context_strategy", "APPEND")
-    if isinstance(strategy, Mapping):  # {"strategy": "reset", ...} as in Pipecat Flows
-        strategy = strategy.get("strategy", "APPEND")
-    strategy = getattr(strategy, "strategy", strategy)  # Pipecat's ContextStrategyConfig
-    try:  # Pipecat's enum values and YAML are lower case, this one's names upper case
-        context_strategy = ContextStrategy(str(getattr(strategy, "value", strategy)).upper())
-    except ValueError:
-        allowed = ", ".join(s.value for s in ContextStrategy)
-        raise InvalidNodeError(node, "context_strategy", f"one of {allowed}") from None
+    strategy = config.get("context_strategy")
+    try:
+        context_strategy = None if strategy is None else context_strategy_of(strategy)
+    except ValueError as exc:
+        raise InvalidNodeError(node, "context_strategy", str(exc)) from None
     respond = config.get("respond_immediately", True)
     if not isinstance(respond, bool):
         raise InvalidNodeError(node, "respond_immediately", "must be true or false")
@@ -297,6 +310,16 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
     key = "functions"
     if isinstance(spec, FunctionConfig):
         return spec
+    if inspect.isfunction(spec) or inspect.ismethod(spec):
+        return _direct_function(node, spec)
+    if all(hasattr(spec, a) for a in ("name", "properties", "required", "handler")):
+        spec = {  # Pipecat's FlowsFunctionSchema
+            "name": spec.name,
+            "description": getattr(spec, "description", ""),
+            "properties": spec.properties,
+            "required": spec.required,
+            "handler": spec.handler,
+        }
     if not isinstance(spec, Mapping):
         raise InvalidNodeFunctionError(
             node, key, f"a function is a mapping, not {type(spec).__name__}"
@@ -324,3 +347,87 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
         handler=handler,
         transition_to=transition_to,
     )
+
+
+#: JSON Schema of the parameter types a direct function may declare.
+_JSON_TYPES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    dict: "object",
+    list: "array",
+}
+_ARGS_SECTION = re.compile(r"^\s*(Args|Arguments|Parameters):\s*$", re.MULTILINE)
+_ARG_LINE = re.compile(r"^\s+(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+
+
+def _direct_function(node: str, fn: Callable[..., Any]) -> FunctionConfig:
+    """A Pipecat Flows *direct function*: ``async def name(flow_manager, arg: type, ...)``,
+    described by its docstring (a description, then Google-style ``Args:``); called as
+    ``fn(flow_manager=..., **args)``, it returns ``(result, next_node)``."""
+    where = f"functions.{getattr(fn, '__name__', '?')}"
+    params = list(inspect.signature(fn).parameters.values())
+    if not inspect.iscoroutinefunction(fn):
+        raise InvalidNodeFunctionError(node, where, "a direct function must be async")
+    if not params or params[0].name != "flow_manager":
+        raise InvalidNodeFunctionError(
+            node, where, "a direct function's first parameter must be named 'flow_manager'"
+        )
+    description, documented = _docstring(inspect.getdoc(fn) or "")
+    hints = typing.get_type_hints(fn)
+    properties: dict[str, Any] = {}
+    for p in params[1:]:
+        properties[p.name] = _json_type(hints.get(p.name))
+        if p.name in documented:
+            properties[p.name]["description"] = documented[p.name]
+    required = [p.name for p in params[1:] if p.default is inspect.Parameter.empty]
+
+    async def call(args: Mapping[str, Any], flow_manager: Any) -> Any:
+        returned = await fn(flow_manager=flow_manager, **args)
+        if not isinstance(returned, tuple):
+            raise InvalidFunctionError(
+                f"direct function {fn.__name__!r} must return (result, next_node), "
+                f"not {type(returned).__name__}"
+            )
+        return returned
+
+    return FunctionConfig(fn.__name__, description, properties, required, call)
+
+
+def _docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """A docstring's description and its ``Args:`` section's descriptions by name."""
+    section = _ARGS_SECTION.search(doc)
+    if section is None:
+        return doc.strip(), {}
+    described: dict[str, str] = {}
+    name, indent = "", 0
+    for line in doc[section.end() :].splitlines():
+        arg = _ARG_LINE.match(line)
+        depth = len(line) - len(line.lstrip())
+        if arg and (not name or depth <= indent):  # a deeper one continues the one before
+            name, indent = arg[1], depth
+            described[name] = arg[2].strip()
+        elif name and line.strip() and line[:1].isspace():
+            described[name] = f"{described[name]} {line.strip()}".strip()
+        elif line.strip():  # the next section
+            break
+    return doc[: section.start()].strip(), described
+
+
+def _json_type(hint: Any) -> dict[str, Any]:
+    """The JSON Schema of a parameter's type hint (``{}``: any)."""
+    if hint is type(None):
+        return {"type": "null"}
+    if hint in _JSON_TYPES:
+        return {"type": _JSON_TYPES[hint]}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_json_type(a) for a in args]}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in (list, tuple, set) and args:
+        return {"type": "array", "items": _json_type(args[0])}
+    if origin is dict and len(args) == 2:
+        return {"type": "object", "additionalProperties": _json_type(args[1])}
+    return {}

@@ -28,7 +28,14 @@ from bus import Bus, Message
 from .actions import BUILTINS
 from .bot import BotSession, unwrapped
 from .calling import invoke_action, invoke_function
-from .config import ContextStrategy, FlowConfig, Handler, NodeConfig, parse_node
+from .config import (
+    ContextStrategy,
+    FlowConfig,
+    Handler,
+    NodeConfig,
+    context_strategy_of,
+    parse_node,
+)
 from .errors import ActionError, FlowTransitionError
 from .protocol import (
     ActionDone,
@@ -89,10 +96,13 @@ class FlowManager:
         actions_service: str = "actions",
         actions_timeout: float = 10.0,
         function_timeout: float = 30.0,
+        context_strategy: Any = ContextStrategy.APPEND,
     ) -> None:
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
         self.actions_service, self.actions_timeout = actions_service, actions_timeout
         self.function_timeout = function_timeout
+        #: For nodes that set none (any of Pipecat's forms, as a node's `context_strategy`).
+        self.context_strategy = context_strategy_of(context_strategy)
         self.session_id = bot.session
         self.state = SharedState()
         self.current_node: str | None = None
@@ -353,7 +363,7 @@ class FlowManager:
         """The node's messages into the context (after a reset, alone); its role message, if
         it has one, replaces the one before, which is kept across nodes as in Pipecat (an
         instruction of the LLM's, not a message of the context)."""
-        if node.context_strategy is not ContextStrategy.APPEND:
+        if (node.context_strategy or self.context_strategy) is not ContextStrategy.APPEND:
             self.messages = []
         if node.role_message:
             self.role_message = node.role_message

@@ -582,3 +582,28 @@ async def test_an_end_cut_short_by_a_cancellation_still_ends_the_session(bus: Bu
             await fm.end()
     assert fm.ended.is_set()
     assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"
+
+
+async def test_a_direct_function_is_called_with_its_arguments_and_strategies_default(
+    bus: Bus,
+) -> None:
+    """``fn(flow_manager=..., **args)``, as Pipecat calls a direct function; and a manager's
+    `context_strategy` is that of every node that sets none."""
+    got: list[Any] = []
+
+    async def check_order(flow_manager: FlowManager, order_id: str) -> Any:
+        """Look an order up.
+
+        Args:
+            order_id: The order's number.
+        """
+        got.append((flow_manager.current_node, order_id))
+        return {"found": True}, node("b", respond_immediately=False)
+
+    script = {"a": [LLMResponse(function_calls=[FunctionCall("check_order", {"order_id": "7"})])]}
+    async with FlowManager.open(
+        bus, "call-1", llm=ScriptedLLM(script), tts=SimulatedTTS(0), context_strategy="reset"
+    ) as fm:
+        await fm.initialize(node("a", functions=[check_order]))
+    assert got == [("a", "7")] and fm.current_node == "b"
+    assert fm.messages == [{"role": "system", "content": "You are at b."}]  # reset by default

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flows import FlowError, InvalidFunctionError, InvalidNodeError
-from flows.config import load_flow, parse_node
+from flows.config import ContextStrategy, load_flow, parse_node
+
+RESET = ContextStrategy.RESET
 
 
 def node(*actions: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +74,7 @@ class _PipecatStrategy:  # the shape of Pipecat's ContextStrategyConfig and its 
     ids=["lower", "upper", "mapping", "pipecat-config"],
 )
 def test_a_context_strategy_is_read_in_pipecats_forms(strategy: Any) -> None:
-    assert parse_node(node() | {"context_strategy": strategy}).context_strategy.value == "RESET"
+    assert parse_node(node() | {"context_strategy": strategy}).context_strategy is RESET
 
 
 def test_a_yaml_flow_with_lower_case_strategies_and_transition_to_loads(tmp_path: Path) -> None:
@@ -80,7 +83,7 @@ def test_a_yaml_flow_with_lower_case_strategies_and_transition_to_loads(tmp_path
     flow = load_flow(path)
     [choose] = flow.nodes["greet"].functions
     assert (choose.name, choose.handler, choose.transition_to) == ("choose_pizza", None, "pizza")
-    assert flow.nodes["pizza"].context_strategy.value == "RESET"
+    assert flow.nodes["pizza"].context_strategy is RESET
     path.write_text(YAML_FLOW.replace("transition_to: pizza", "transition_to: sushi"))
     with pytest.raises(InvalidFunctionError, match="transition_to 'sushi' is not one of the"):
         load_flow(path)
@@ -122,3 +125,57 @@ def test_placeholders_are_filled_as_pipecat_fills_them() -> None:
         parse_node(node() | {"name": "n", "role_message": "{{ caller.age }}"}).with_state(
             {"caller": {"name": "Ada"}}
         )
+
+
+async def check_order(flow_manager: Any, order_id: str, rush: bool = False) -> Any:
+    """Look an order up.
+
+    Args:
+        order_id: The order's number,
+            as the caller says it.
+        rush (bool): Whether to hurry.
+
+    Returns:
+        The order, and no next node.
+    """
+    return {"order": order_id, "rush": rush}, None
+
+
+@dataclass
+class SchemaLike:  # the shape of Pipecat's FlowsFunctionSchema
+    name: str
+    description: str
+    properties: dict[str, Any]
+    required: list[str]
+    handler: Any
+
+
+def test_functions_may_be_direct_functions_or_function_schemas_as_in_pipecat() -> None:
+    schema = SchemaLike("pick", "Pick a size.", {"size": {"type": "string"}}, ["size"], print)
+    direct, picked = parse_node(node() | {"functions": [check_order, schema]}).functions
+    assert direct.schema()["function"] == {
+        "name": "check_order",
+        "description": "Look an order up.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "order_id": {
+                    "type": "string",
+                    "description": "The order's number, as the caller says it.",
+                },
+                "rush": {"type": "boolean", "description": "Whether to hurry."},
+            },
+            "required": ["order_id"],
+        },
+    }
+    assert (picked.name, picked.required, picked.handler) == ("pick", ["size"], print)
+
+    def not_async(flow_manager: Any) -> None:
+        """Sync."""
+
+    async def first_param(manager: Any) -> None:
+        """Misnamed."""
+
+    for bad, problem in ((not_async, "must be async"), (first_param, "named 'flow_manager'")):
+        with pytest.raises(InvalidFunctionError, match=problem):
+            parse_node(node() | {"functions": [bad]})
