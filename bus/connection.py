@@ -24,6 +24,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     ClusterError,
+    InvalidResponse,
     MovedError,
     NoPermissionError,
     OutOfMemoryError,
@@ -295,7 +296,17 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
         except ResponseError as exc:  # redis-py takes NOPERM off the message it classes
             if isinstance(exc, NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH")):
                 raise NotPermittedError(_reason(exc), url=url) from None
-            raise
+            if "HELLO must be called with the client already authenticated" in str(exc):
+                raise ConnectionFailedError(
+                    "the server wants a password: give it in the URL "
+                    "(redis://user:password@host:port/db)",
+                    url=url,
+                ) from None
+            raise ConnectionFailedError(f"the server refused us: {exc}", url=url) from None
+        except InvalidResponse as exc:  # something answered that speaks no Redis protocol
+            raise ConnectionFailedError(
+                f"what answered is not a Redis server ({exc}); is the port right?", url=url
+            ) from None
 
 
 async def _before_retry(url: str, attempt: int) -> None:

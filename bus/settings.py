@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Literal, get_args
 
@@ -79,6 +80,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         self._check_types()
+        parts = urllib.parse.urlsplit(self.url)
+        database = parts.path.strip("/")
+        if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+            raise ConfigError(
+                f"the database in url {self.redacted_url!r} must be a number, not {database!r}"
+            )
         if not NAME_PATTERN.match(self.prefix):
             raise ConfigError(f"prefix {self.prefix!r} must match {NAME_PATTERN.pattern}")
         if not 1 <= self.partitions <= 16_384:

@@ -15,6 +15,7 @@ any deployment running `workers.sample`.
 from __future__ import annotations
 
 import secrets
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,19 +202,20 @@ class ServicesMissingError(RuntimeError):
 
 
 async def wait_for_services(bus: Bus, names: tuple[str, ...], *, within: float) -> None:
-    """Wait until each service in `names` has a live worker; `ServicesMissingError` after
-    `within` seconds."""
-    missing = list(names)
-    with anyio.move_on_after(within):
-        while missing:
-            seconds, micros = await bus.redis.time()
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
-            missing = [
-                n for n in names if not await bus.redis.zcount(bus.keys.members(n), now_ms, "+inf")
-            ]
-            if missing:
-                await anyio.sleep(0.1)
-        return
+    """Wait until each service in `names` has a live worker (checked at least once);
+    `ServicesMissingError` after `within` seconds."""
+    deadline = anyio.current_time() + within
+    while True:
+        seconds, micros = await bus.redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        missing = [
+            n for n in names if not await bus.redis.zcount(bus.keys.members(n), now_ms, "+inf")
+        ]
+        if not missing:
+            return
+        if anyio.current_time() >= deadline:
+            break
+        await anyio.sleep(0.1)
     targets = " and ".join(f"flowbus worker workers.sample:{n}" for n in missing)
     raise ServicesMissingError(
         f"no worker of {', '.join(missing)} is running after {within:g}s; start one ({targets})"
@@ -243,39 +245,78 @@ async def run_calls(
             tg.start_soon(one, session, i * stagger)
 
 
+@dataclass
+class Simulated:
+    """What `simulate` did: calls ended, failed, and cut short by a second stop signal (their
+    sessions were ended, so that they retire)."""
+
+    ended: int = 0
+    failed: int = 0
+    cut: int = 0
+    #: The stop signal that came, if one did.
+    signal: int | None = None
+
+
 async def simulate(
     bus: Bus, *, calls: int, rate: float, concurrency: int, wait: float = 60.0
-) -> tuple[int, int]:
+) -> Simulated:
     """Once the sample services run, start a call every 1/`rate` seconds, at most
-    `concurrency` at once, `calls` in all (0: until cancelled); log each call's end. Returns
-    (calls ended, calls failed). Raises `ServicesMissingError` if they do not run within `wait`
-    seconds."""
+    `concurrency` at once, `calls` in all (0: until stopped); log each call's end. SIGTERM or
+    SIGINT stops starting calls and lets those running end; a second one cuts them short and
+    ends their sessions. Raises `ServicesMissingError` if the services do not run within
+    `wait` seconds."""
     log.info("waiting_for_services", services=SERVICES)
     await wait_for_services(bus, SERVICES, within=wait)
     run = secrets.token_hex(3)
     slots = anyio.Semaphore(concurrency)
     board = Board()
-    ended, failed = 0, 0
+    done = Simulated()
+    running: set[str] = set()
 
     async def one(session: str) -> None:
-        nonlocal ended, failed
+        running.add(session)
         try:
             await run_call(bus, session, board=board)
-            ended += 1
+            done.ended += 1
             log.info("call_ended", session=session)
         except CallFailedError as exc:
-            failed += 1
+            done.failed += 1
             log.error("call_failed", session=session, error=str(exc))
         finally:
             board.calls.pop(session, None)
             board.failures.pop(session, None)
             slots.release()
+        running.discard(session)  # not when it was cut short
 
-    async with anyio.create_task_group() as tg:
-        n = 0
-        while calls == 0 or n < calls:
-            await slots.acquire()  # backpressure: no more than `concurrency` calls at once
-            n += 1
-            tg.start_soon(one, f"sim-{run}-{n:05d}")
-            await anyio.sleep(1 / rate)
-    return ended, failed
+    async def on_signals(starting: anyio.CancelScope, calls_scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if done.signal is None:
+                    done.signal = signum
+                    log.info("simulate_stopping", signal=name, calls_running=len(running))
+                    starting.cancel()
+                else:
+                    log.warning("simulate_stopped_hard", signal=name, calls_cut=len(running))
+                    calls_scope.cancel()
+                    return
+
+    async with anyio.create_task_group() as watch:
+        async with anyio.create_task_group() as calls_tg:
+            starting = anyio.CancelScope()
+            watch.start_soon(on_signals, starting, calls_tg.cancel_scope)
+            with starting:
+                n = 0
+                while calls == 0 or n < calls:
+                    await slots.acquire()  # backpressure: no more than `concurrency` at once
+                    n += 1
+                    calls_tg.start_soon(one, f"sim-{run}-{n:05d}")
+                    if n != calls:
+                        await anyio.sleep(1 / rate)
+        watch.cancel_scope.cancel()
+    done.cut = len(running)
+    if running:  # cut short: end their sessions, so that they retire
+        with anyio.move_on_after(10, shield=True):
+            for session in sorted(running):
+                await bus.end_session(session, reason="the simulator was stopped")
+    return done

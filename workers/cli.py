@@ -407,6 +407,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--session", help="only dead letters of this session")
         if name in ("list", "show"):
             p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "list":
+            p.add_argument(
+                "--limit", type=int, default=200, help="at most this many, oldest first (200)"
+            )
         _connection_options(p)
     return top
 
@@ -450,8 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _not_permitted(exc.reason)
         print(f"flowbus: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return getattr(exc, "status", 130)
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _not_permitted(reason: str) -> int:
@@ -528,14 +535,17 @@ async def _simulate(bus: Bus, args: argparse.Namespace) -> int:
             "--calls must be 0 or more, --rate above 0, --concurrency at least 1, --wait 0 or more"
         )
     try:
-        ended, failed = await simulate(
+        done = await simulate(
             bus, calls=args.calls, rate=args.rate, concurrency=args.calls_at_once, wait=args.wait
         )
     except ServicesMissingError as exc:
         print(f"flowbus: {exc}", file=sys.stderr)
         return 1
-    print(f"{ended} calls ended, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    cut = f", {done.cut} cut short (their sessions ended)" if done.cut else ""
+    print(f"{done.ended} calls ended, {done.failed} failed{cut}", file=sys.stderr)
+    if done.cut and done.signal is not None:
+        return 128 + done.signal  # stopped hard
+    return 1 if done.failed else 0
 
 
 def _print_json(value: object) -> None:
@@ -570,6 +580,12 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
         result = groups = await i.groups(bus)
         text = i.render_groups(groups)
     elif args.what == "owners":
+        if args.group and args.group not in {s.name for s in await bus.services(fresh=True)}:
+            print(
+                f"flowbus: no service {args.group!r} (flowbus inspect groups lists them)",
+                file=sys.stderr,
+            )
+            return 1
         result = owners = await i.owners(bus, args.group)
         text = i.render_owners(owners, bus.settings.partitions)
     else:
@@ -612,8 +628,7 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
             print(f"{session}: {END_OUTCOMES[outcome]}{idle}")
     if not targets:
         print("no session idle that long" if args.idle_for is not None else "no session")
-    elif not args.dry_run:
-        ended = outcomes.get("retired", 0) + outcomes.get("ending", 0)
+    elif not args.dry_run and (ended := outcomes.get("retired", 0) + outcomes.get("ending", 0)):
         print(f"{ended} ended ({outcomes.get('retired', 0)} retired at once)", file=sys.stderr)
     return 1 if outcomes.get("unknown") else 0
 
@@ -629,22 +644,41 @@ END_OUTCOMES = {
 async def _dead(bus: Bus, args: argparse.Namespace) -> int:
     from . import deadletters as d
 
+    if getattr(args, "session", None):
+        try:
+            check_session_id(args.session)
+        except InvalidSessionIdError as exc:
+            raise UsageError(str(exc)) from None
+
+    async def find(ref: str) -> d.DeadLetter:
+        try:
+            return await d.find(bus, ref)
+        except d.BadReferenceError as exc:
+            raise UsageError(str(exc)) from None
+
     if args.action == "list":
+        if args.limit < 1:
+            raise UsageError(f"--limit must be at least 1, not {args.limit}")
         letters = await d.list_dead(bus, group=args.group, session=args.session)
-        _print_json(letters) if args.json else print(d.render_list(letters))
+        shown = letters[: args.limit]
+        _print_json(shown) if args.json else print(d.render_list(shown))
+        if len(letters) > len(shown):
+            more = len(letters) - len(shown)
+            print(f"flowbus: {more} more dead letters (--limit N shows more)", file=sys.stderr)
         return 0
     if args.action == "show":
-        letter = await d.find(bus, args.ref)
+        letter = await find(args.ref)
         _print_json(letter) if args.json else print(d.render_one(letter))
         return 0
     if bool(args.refs) == args.all:
-        raise UsageError(f"dead {args.action}: name dead letters (P/ID ...) or give --all")
+        both = ", not both" if args.all else ""
+        raise UsageError(f"dead {args.action}: name dead letters (P/ID ...) or give --all{both}")
     if args.refs and (args.group or args.session):
         raise UsageError("--group and --session go with --all")
     if args.all:
         letters = await d.list_dead(bus, group=args.group, session=args.session)
     else:
-        found = [await d.find(bus, ref) for ref in args.refs]
+        found = [await find(ref) for ref in args.refs]
         letters = list({letter.ref: letter for letter in found}.values())  # each once
     letters.sort(key=lambda x: (x.session, x.seq))  # a session's replays keep their order
     act = d.replay if args.action == "replay" else d.drop

@@ -44,6 +44,10 @@ class DeadLetterError(BusError):
     """A dead letter that cannot be found, or cannot be replayed; the message says why."""
 
 
+class BadReferenceError(DeadLetterError):
+    """A dead letter's name that cannot name one: malformed, out of range, or ambiguous."""
+
+
 class DeadLetter(msgspec.Struct, frozen=True):
     """One dead letter: `entry` is the session stream's entry that was dead-lettered. For a
     dead-lettered replay, `type`, `seq`, `ts`, `data` and `extra` are those of the event inside
@@ -156,11 +160,11 @@ async def find(bus: Bus, ref: str) -> DeadLetter:
     an id found in more than one is refused). Raises `DeadLetterError` if there is none."""
     partition, _, entry_id = ref.rpartition("/")
     if (partition and not partition.isdigit()) or not _ENTRY_ID.match(entry_id):
-        raise DeadLetterError(
+        raise BadReferenceError(
             f"{ref!r} is not a dead letter's name (P/ID, e.g. 17/1767225600000-0)"
         )
     if partition and int(partition) >= bus.settings.partitions:
-        raise DeadLetterError(f"{ref}: there are only {bus.settings.partitions} partitions")
+        raise BadReferenceError(f"{ref}: there are only {bus.settings.partitions} partitions")
     partitions = [int(partition)] if partition else list(range(bus.settings.partitions))
     pipe = bus.redis.pipeline(transaction=False)
     for p in partitions:
@@ -175,7 +179,7 @@ async def find(bus: Bus, ref: str) -> DeadLetter:
         raise DeadLetterError(f"no dead letter {ref} (flowbus dead list shows them)")
     if len(found) > 1:
         names = ", ".join(letter.ref for letter in found)
-        raise DeadLetterError(f"{ref} names {len(found)} dead letters ({names}): give P/ID")
+        raise BadReferenceError(f"{ref} names {len(found)} dead letters ({names}): give P/ID")
     [letter] = await _with_paused(bus, found)
     return letter
 

@@ -18,6 +18,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             "--keep leaves the embedded server running; with --redis-url (or FLOWBUS_REDIS_URL) "
             "the demo uses that server, whose data stays anyway"
         )
+    previous = signal.signal(signal.SIGTERM, _terminated)  # cleaned up as after Ctrl-C
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server = None if url else LocalServer("valkey", directory=work / "server")
     fleets: list[Fleet] = []
@@ -115,7 +117,18 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             print(f"flowbus demo: worker and server logs are kept in {work}", file=sys.stderr)
         elif not options.keep:
             shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     return 0 if ok else 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (everything started is stopped), exit status 143."""
+
+    status = 128 + signal.SIGTERM
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 async def _run(
@@ -156,7 +169,7 @@ async def _run_and_check(
         sessions = [f"call-{run}{i:0{width}d}" for i in range(1, options.calls + 1)]
         board = Board(dict.fromkeys(sessions, "waiting"))
         view = LiveView(bus, board)
-        _say(f"running {len(sessions)} calls through the sample flow")
+        _say(f"running {len(sessions)} call{'s' * (len(sessions) != 1)} through the sample flow")
         calls_started = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(view.run)

@@ -102,12 +102,12 @@ def render(summary: Summary) -> str:
     where = "embedded" if s.server.embedded else "external"
     lat = s.latency_ms
     in_order = (
-        f"OK: all {s.calls} calls (actions around LLM and TTS, handlers in seq order)"
+        f"OK: all {_calls(s.calls)} (actions around LLM and TTS, handlers in seq order)"
         if s.calls_in_order == s.calls
-        else f"FAILED: {s.calls - s.calls_in_order} of {s.calls} calls"
+        else f"FAILED: {s.calls - s.calls_in_order} of {_calls(s.calls)}"
     )
     lines = [
-        f"flowbus demo: {s.calls} calls on {s.server.name} {s.server.version} ({where}) at "
+        f"flowbus demo: {_calls(s.calls)} on {s.server.name} {s.server.version} ({where}) at "
         f"{s.server.url}, prefix {s.prefix}",
         "",
         _row("calls completed", f"{s.calls_completed} of {s.calls}"),
@@ -123,7 +123,7 @@ def render(summary: Summary) -> str:
         exit_note = "" if w.exit_status in (0, None) else f", exited with {w.exit_status}"
         text = (
             f"{w.worker_id} ({w.service}, pid {w.pid}): {w.records:,} records, "
-            f"{w.calls} calls{exit_note}"
+            f"{_calls(w.calls)}{exit_note}"
         )
         lines.append(_row("worker processes" if i == 0 else "", text))
     lines += [
@@ -144,3 +144,7 @@ def render(summary: Summary) -> str:
 
 def _row(label: str, text: str) -> str:
     return f"  {label:<20}{text}"
+
+
+def _calls(n: int) -> str:
+    return f"{n} call{'s' * (n != 1)}"

@@ -214,6 +214,8 @@ async def sessions(bus: Bus, *, ended: bool = True, limit: int = 50) -> list[Ses
             for g in (groups if isinstance(groups, list) else [])
         }
         status = "live" if live else "ended"
+        if live and meta[2]:  # ended by its bot; some group has yet to handle all of it
+            status = "ending"
         if any(session in by_session for by_session in paused.values()):
             status = "paused"
         result.append(
@@ -299,8 +301,8 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
                 None if paused_entry is None else _text(paused_entry),
             )
         )
-    events = [_with_progress(e, progress) for e in events]
     dead = await list_dead(bus, session=session)
+    events = [_with_progress(e, progress, dead) for e in events]
     return SessionDetail(
         session,
         p,
@@ -315,12 +317,17 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
     )
 
 
-def _with_progress(event: EventRow, groups: list[GroupProgress]) -> EventRow:
+def _with_progress(
+    event: EventRow, groups: list[GroupProgress], dead: list[DeadLetter]
+) -> EventRow:
     marks = {}
+    letters = {(d.group, d.entry) for d in dead}
     for g in groups:
         # An entry read ahead but given back (a drain, a pause) is pending with 0 deliveries.
         delivered = {x.id: x.deliveries for x in g.pending}
-        if delivered.get(event.id):
+        if (g.name, event.id) in letters:  # handled by no one: a dead letter
+            marks[g.name] = "dead"
+        elif delivered.get(event.id):
             marks[g.name] = "pending"
         elif event.id not in delivered and _id_key(event.id) <= _id_key(g.last_delivered_id):
             marks[g.name] = "done"
@@ -454,7 +461,7 @@ def render_session(d: SessionDetail, now_ms: int, *, width: int = 70) -> str:
             f"  traceparent {', '.join(traces[:3])}" + (" …" if len(traces) > 3 else "")
         ]
     names = [g.name for g in d.groups]
-    marks = {"done": "✓", "pending": "…", "waiting": "·"}
+    marks = {"done": "✓", "pending": "…", "waiting": "·", "dead": "✗"}
     lines.append(
         table(
             ["SEQ", "+MS", "TYPE", *names, "DATA"],
@@ -472,11 +479,17 @@ def render_session(d: SessionDetail, now_ms: int, *, width: int = 70) -> str:
         if d.events
         else "  (no events: the session never started, or its keys expired)"
     )
-    lines += ["", "groups (✓ acknowledged, … delivered and not acknowledged, · not delivered):"]
+    lines += [
+        "",
+        "groups (✓ acknowledged, … delivered and not acknowledged, · not delivered, "
+        "✗ dead-lettered):",
+    ]
+    seqs = {e.id: e.seq for e in d.events}
     for g in d.groups:
-        state = f"at seq {g.last_delivered_seq}, lag {g.lag}, pending {len(g.pending)}"
+        state = f"read up to seq {g.last_delivered_seq}, lag {g.lag}, pending {len(g.pending)}"
         if g.paused_entry:
-            state += f", PAUSED on {g.paused_entry} (flowbus dead list --session {d.session})"
+            at = seqs.get(g.paused_entry, "?")
+            state += f", PAUSED at seq {at} (flowbus dead list --session {d.session})"
         lines.append(f"  {g.name}: {state}")
         for x in g.pending:
             lines.append(

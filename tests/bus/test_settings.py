@@ -89,3 +89,9 @@ def test_a_service_takes_any_collection_of_type_names_and_refuses_a_string_or_a_
         Service("crm", _noop, Codec([]), subscribes=[1])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="service name 'a b' must match"):
         Service("a b", _noop, Codec([]))
+
+
+def test_a_database_that_is_not_a_number_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"the database in url .* must be a number, not 'abc'"):
+        Settings(url="redis://:secret@127.0.0.1:6379/abc")
+    assert Settings(url="redis://127.0.0.1:6379/3").url.endswith("/3")

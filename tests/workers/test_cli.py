@@ -4,11 +4,13 @@ says why in one line and exits non-zero, never with a traceback."""
 from __future__ import annotations
 
 import argparse
+import http.server
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 
 import pytest
@@ -224,3 +226,34 @@ def test_a_command_given_a_bad_value_says_which(
     settings: Settings, args: list[str], says: str
 ) -> None:
     assert_fails_clearly(flowbus(*args, env=settings_env(settings)), 2, says)
+
+
+def test_a_port_that_speaks_no_redis_and_a_database_out_of_range_are_said_plainly(
+    server: LocalServer,
+) -> None:
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        url = f"redis://127.0.0.1:{web.server_address[1]}/0"
+        done = flowbus("inspect", "groups", "--redis-url", url)
+        assert_fails_clearly(done, 1, "is not a Redis server", "is the port right?", url)
+    finally:
+        web.shutdown()
+    done = flowbus("inspect", "groups", "--redis-url", f"redis://127.0.0.1:{server.port}/99")
+    assert_fails_clearly(done, 1, "the server refused us: DB index is out of range", "/99")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(settings: Settings) -> None:
+    """As ``flowbus dead list | head -1`` does once head has its line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers", "inspect", "owners"],
+        cwd=ROOT,
+        env={**os.environ, **settings_env(settings)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(60) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -13,9 +14,10 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import ByteReceiveStream
 
 from bus import Bus, Settings
-from tests.support import ROOT, raw
+from tests.support import ROOT, raw, wait_for
 from workers.journal import ActionRecord, EventRecord, read_journal
 
 pytestmark = pytest.mark.anyio
@@ -107,3 +109,44 @@ async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Setti
         live = [await raw(bus).scard(bus.keys.live(p)) for p in range(64)]
         ended = [await raw(bus).zrange(bus.keys.ended(p), 0, -1) for p in range(64)]
     assert sum(live) == 0 and len([s for e in ended for s in e]) == 2  # both calls retired
+
+
+async def test_a_demo_stopped_by_sigterm_stops_everything_it_started() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "workers", "demo", "--calls", "200"], cwd=ROOT, env=env
+    )
+    output = bytearray()
+
+    async def read(stream: ByteReceiveStream) -> None:
+        async for chunk in stream:
+            output.extend(chunk)
+
+    async with proc, anyio.create_task_group() as tg:
+        assert proc.stderr is not None and proc.stdout is not None
+        tg.start_soon(read, proc.stderr)
+        tg.start_soon(read, proc.stdout)
+        await wait_for(lambda: b"running 200 calls" in output, limit=60, what="the calls")
+        found = re.search(rb"on (redis://127.0.0.1:(\d+)\S*)", output)
+        assert found is not None, output
+        url, port = found[1], int(found[2])
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            status = await proc.wait()
+    assert status == 128 + signal.SIGTERM, output.decode()
+    left = [pid for pid in _pids_with(b"FLOWBUS_REDIS_URL=" + url) if pid != os.getpid()]
+    assert left == [], output.decode()  # workers
+    with pytest.raises(OSError):  # the embedded server
+        await anyio.connect_tcp("127.0.0.1", port)
+
+
+def _pids_with(marker: bytes) -> list[int]:
+    """Processes whose environment holds `marker`."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found

@@ -110,10 +110,15 @@ async def test_a_skipped_dead_letter_is_listed_shown_and_replayed_after_the_sess
         "audit": 3,
         "steps": 3,
     }
-    assert all(e["progress"] == {"audit": "done", "steps": "done"} for e in detail["events"])
+    assert [e["progress"] for e in detail["events"]] == [
+        {"audit": "done", "steps": "done"},
+        {"audit": "done", "steps": "dead"},  # handled by no one
+        {"audit": "done", "steps": "done"},
+    ]
     assert [d["ref"] for d in detail["dead_letters"]] == [ref]
     _, text, _ = await flowbus(settings, "inspect", "session", "call-7")
-    assert "steps: at seq 3, lag 0, pending 0" in text and ref in text
+    assert "steps: read up to seq 3, lag 0, pending 0" in text and ref in text
+    assert re.search(r"\n2 +\d+ +step +✓ +✗ ", text), text
 
     await raw(bus).delete(broken_key(settings.prefix, "steps"))
     _, text, _ = await flowbus(settings, "dead", "replay", ref)
@@ -149,12 +154,16 @@ async def test_a_paused_session_is_shown_and_a_replay_resumes_it_in_place_a_drop
         "call-1": (True, "pause", 2),
         "call-2": (True, "pause", 2),
     }
+    _, out, err = await flowbus(settings, "dead", "list", "--limit", "1")
+    assert len(out.splitlines()) == 2 and "1 more dead letters (--limit N" in err  # head, row
     sessions = {s["session"]: s for s in await as_json(settings, "inspect", "sessions")}
     assert {s: (r["status"], r["last_seq"]) for s, r in sessions.items()} == {
         "call-1": ("paused", 3),
         "call-2": ("paused", 3),
     }
     assert sessions["call-1"]["behind"] == {"steps": 2}  # seq 2 and 3
+    _, text, _ = await flowbus(settings, "inspect", "session", "call-1")
+    assert "PAUSED at seq 2" in text
     [group] = await as_json(settings, "inspect", "groups")
     assert {k: group[k] for k in ("name", "workers", "partitions_owned", "paused")} == {
         "name": "steps",
@@ -169,7 +178,11 @@ async def test_a_paused_session_is_shown_and_a_replay_resumes_it_in_place_a_drop
     [steps] = detail["groups"]
     assert steps["paused_entry"] == letters["call-1"]["entry"]
     assert [x["id"] for x in steps["pending"] if x["deliveries"]] == [letters["call-1"]["entry"]]
-    assert [e["progress"]["steps"] for e in detail["events"]] == ["done", "pending", "waiting"]
+    assert [e["progress"]["steps"] for e in detail["events"]] == [
+        "done",
+        "dead",
+        "waiting",
+    ]  # paused on it
 
     await raw(bus).delete(broken_key(settings.prefix, "steps"))
     _, text, _ = await flowbus(settings, "dead", "replay", letters["call-1"]["ref"])
@@ -222,6 +235,14 @@ async def test_inspect_refuses_an_unknown_session_and_dead_an_unknown_letter(
     assert status == 1 and "no dead letter 3/1-0" in err
     status, _, err = await flowbus(settings, "dead", "replay", check=False)
     assert status == 2 and "name dead letters (P/ID ...) or give --all" in err
+    status, _, err = await flowbus(settings, "dead", "replay", "3/1-0", "--all", check=False)
+    assert status == 2 and "or give --all, not both" in err
+    status, _, err = await flowbus(settings, "dead", "show", "99/1-0", check=False)
+    assert status == 2 and "there are only 64 partitions" in err
+    status, _, err = await flowbus(settings, "dead", "list", "--session", "a\nb", check=False)
+    assert status == 2 and "control characters" in err
+    status, _, err = await flowbus(settings, "inspect", "owners", "--group", "nosuch", check=False)
+    assert status == 1 and "no service 'nosuch'" in err
 
 
 async def test_dead_names_one_letter_each_an_id_in_two_partitions_wants_its_partition(
@@ -232,10 +253,10 @@ async def test_dead_names_one_letter_each_an_id_in_two_partitions_wants_its_part
     for p in (3, 5):  # dead-letter stream ids are per partition: the same id in two of them
         await raw(bus).xadd(bus.keys.dead(p), letter, id="1700000000000-0")
     status, _, err = await flowbus(settings, "dead", "show", "1700000000000-0", check=False)
-    assert status == 1
+    assert status == 2
     assert "names 2 dead letters (3/1700000000000-0, 5/1700000000000-0): give P/ID" in err
     status, _, err = await flowbus(settings, "dead", "show", "1700000000000", check=False)
-    assert status == 1 and "'1700000000000' is not a dead letter's name (P/ID" in err
+    assert status == 2 and "'1700000000000' is not a dead letter's name (P/ID" in err
     ref = "3/1700000000000-0"
     _, out, _ = await flowbus(settings, "dead", "drop", ref, ref)
     assert out.splitlines() == [f"{ref}: dropped"]  # named twice, dropped once
@@ -356,3 +377,15 @@ async def test_end_ends_named_sessions_and_those_idle_for_long(
     ]
     code, _, err = await flowbus(settings, "end", check=False)
     assert code == 2 and "name sessions or give --idle-for" in err
+
+
+async def test_a_session_its_bot_ended_shows_as_ending_until_every_service_handled_it(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.register_service(ServiceInfo("audit"))  # no worker of it runs
+    await bus.publish("call-1", Step(n=1), final=True)
+    [row] = await as_json(settings, "inspect", "sessions")
+    assert (row["status"], row["behind"]) == ("ending", {"audit": 1})
+    assert [r["session"] for r in await as_json(settings, "inspect", "sessions", "--live")] == [
+        "call-1"
+    ]

@@ -7,15 +7,17 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import ByteReceiveStream
 
 from bus import Bus, Settings
 from tests.flows.test_events import ready
-from tests.support import ROOT, WorkerProcesses, settings_env
+from tests.support import ROOT, WorkerProcesses, settings_env, wait_for
 from workers.cli import parser
 
 EXAMPLE = re.compile(r"<!-- cli-example: (?P<name>\S+) -->\n```python\n(?P<code>.*?)```", re.S)
@@ -83,3 +85,57 @@ async def test_the_walk_through_runs_a_service_of_your_own(
             "audit",
         )
         assert x["traceparent"].startswith("00-")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signals", [1, 2], ids=["graceful", "hard"])
+async def test_simulate_stopped_by_a_signal_reports_and_leaves_no_call_live(
+    bus: Bus, settings: Settings, workers: WorkerProcesses, signals: int
+) -> None:
+    """A first SIGTERM lets the running calls end; a second cuts them short and ends their
+    sessions. Either way the summary is printed and no call stays live."""
+    for target in ("workers.sample:actions", "workers.sample:crm"):
+        workers.start(target, settings)
+    await ready(bus, "actions", "crm")
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "workers", "simulate", "--calls", "0", "--rate", "20"],
+        cwd=ROOT,
+        env={**os.environ, **settings_env(settings)},
+    )
+    output = bytearray()
+
+    async def read(stream: ByteReceiveStream) -> None:
+        async for chunk in stream:
+            output.extend(chunk)
+
+    async with proc, anyio.create_task_group() as tg:
+        assert proc.stderr is not None
+        tg.start_soon(read, proc.stderr)
+
+        async def calling() -> bool:
+            return len(await live_sessions(bus)) >= 3
+
+        await wait_for(calling, what="calls to start")
+        proc.send_signal(signal.SIGTERM)
+        if signals == 2:  # once the first one was taken: a second one pending would merge
+            await wait_for(lambda: b"simulate_stopping" in output, what="the first signal")
+            proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            status = await proc.wait()
+    stderr = output.decode()
+    summary = re.search(r"(\d+) calls ended, (\d+) failed(, (\d+) cut short)?", stderr)
+    assert summary is not None, stderr
+    if signals == 1:
+        assert status == 0 and summary[3] is None and int(summary[1]) >= 3, stderr
+    else:
+        assert status == 128 + signal.SIGTERM and int(summary[4]) >= 1, stderr
+    assert await live_sessions(bus) == []  # ended, or ended by the simulator as it stopped
+
+
+async def live_sessions(bus: Bus) -> list[str]:
+    pipe = bus.redis.pipeline(transaction=False)
+    for p in range(bus.settings.partitions):
+        pipe.smembers(bus.keys.live(p))
+    live = [s.decode() for members in await pipe.execute() for s in members]
+    ended = [await bus.redis.hexists(bus.keys.meta(s), "ended") for s in live]
+    return [s for s, e in zip(live, ended, strict=True) if not e]
