@@ -92,6 +92,7 @@ class GroupRow(msgspec.Struct, frozen=True):
     subscribes: list[str] | None
     workers: int
     partitions_owned: int
+    #: Live sessions that have the service's group (those that started after it registered).
     live_sessions: int
     lag: int
     pending: int
@@ -347,10 +348,12 @@ async def groups(bus: Bus) -> list[GroupRow]:
     infos: list[Any] = await pipe.execute(raise_on_error=False)
     lag = dict.fromkeys(names, 0)
     pending = dict.fromkeys(names, 0)
+    following = dict.fromkeys(names, 0)  # live sessions with the service's group
     for info in infos:
         for g in info if isinstance(info, list) else []:
             name = _text(g["name"])
             if name in lag:
+                following[name] += 1
                 lag[name] += int(g.get("lag") or 0)
                 pending[name] += int(g["pending"])
     paused = await _paused(bus, names)
@@ -366,7 +369,7 @@ async def groups(bus: Bus) -> list[GroupRow]:
                 s.subscribes,
                 len(workers),
                 sum(len(ps) for ps in owners.values()),
-                len(live),
+                following[s.name],
                 lag[s.name],
                 pending[s.name],
                 len(paused[s.name]),

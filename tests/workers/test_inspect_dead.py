@@ -389,3 +389,6 @@ async def test_a_session_its_bot_ended_shows_as_ending_until_every_service_handl
     assert [r["session"] for r in await as_json(settings, "inspect", "sessions", "--live")] == [
         "call-1"
     ]
+    await bus.register_service(ServiceInfo("late"))  # after the session started: not its
+    groups = await as_json(settings, "inspect", "groups")
+    assert {g["name"]: g["live_sessions"] for g in groups} == {"audit": 1, "late": 0}
