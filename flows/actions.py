@@ -300,7 +300,9 @@ class ActionService:
             if "bot_handler" in action:
                 run_it = RunAction(corr=key, key=str(action["bot_handler"]), action=action)
                 await delivery.send(run_it, dedupe=key)
-                run.index, run.waiting = i + 1, key
+                # The list ends with an end_conversation, whoever handles it (as in Pipecat).
+                run.index = len(actions) if kind == "end_conversation" else i + 1
+                run.waiting = key
             elif kind == "tts_say" and kind not in self._actions:
                 say = Say(
                     text=str(action["text"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -86,6 +87,8 @@ class FunctionConfig:
     handler: Handler | None = None
     #: The node of the flow to go to once it was called (when the handler names none).
     transition_to: str | None = None
+    #: Seconds its handler may take (Pipecat's ``timeout_secs``); None: the manager's.
+    timeout: float | None = None
 
     def schema(self) -> dict[str, Any]:
         """The function as an LLM tool definition (OpenAI format)."""
@@ -319,6 +322,7 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
             "properties": spec.properties,
             "required": spec.required,
             "handler": spec.handler,
+            "timeout_secs": getattr(spec, "timeout_secs", None),
         }
     if not isinstance(spec, Mapping):
         raise InvalidNodeFunctionError(
@@ -339,6 +343,9 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
     transition_to = body.get("transition_to", spec.get("transition_to"))
     if transition_to is not None and (not isinstance(transition_to, str) or not transition_to):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "transition_to names a node")
+    timeout = body.get("timeout_secs", spec.get("timeout_secs"))
+    if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+        raise InvalidNodeFunctionError(node, f"{key}.{name}", "timeout_secs is seconds, above 0")
     return FunctionConfig(
         name=name,
         description=str(body.get("description", "")),
@@ -346,6 +353,7 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
         required=list(body.get("required", parameters.get("required", []))),
         handler=handler,
         transition_to=transition_to,
+        timeout=timeout,
     )
 
 
@@ -358,7 +366,11 @@ _JSON_TYPES: dict[Any, str] = {
     dict: "object",
     list: "array",
 }
-_ARGS_SECTION = re.compile(r"^\s*(Args|Arguments|Parameters):\s*$", re.MULTILINE)
+_SECTION = re.compile(
+    r"^\s*(Args|Arguments|Parameters|Returns?|Yields?|Raises|Examples?|Notes?|Attributes|"
+    r"See Also|Warnings?|Todo):\s*$",
+    re.MULTILINE,
+)
 _ARG_LINE = re.compile(r"^\s+(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
 
 
@@ -392,17 +404,21 @@ def _direct_function(node: str, fn: Callable[..., Any]) -> FunctionConfig:
             )
         return returned
 
-    return FunctionConfig(fn.__name__, description, properties, required, call)
+    timeout = getattr(fn, "_pipecat_timeout_secs", None)  # from Pipecat's @flows_tool_options
+    return FunctionConfig(fn.__name__, description, properties, required, call, timeout=timeout)
 
 
 def _docstring(doc: str) -> tuple[str, dict[str, str]]:
-    """A docstring's description and its ``Args:`` section's descriptions by name."""
-    section = _ARGS_SECTION.search(doc)
-    if section is None:
-        return doc.strip(), {}
+    """A docstring's description (what comes before its first section) and its ``Args:``
+    section's descriptions by name (Google style)."""
+    sections = list(_SECTION.finditer(doc))
+    description = doc[: sections[0].start()].strip() if sections else doc.strip()
+    args = next((m for m in sections if m[1] in ("Args", "Arguments", "Parameters")), None)
+    if args is None:
+        return description, {}
     described: dict[str, str] = {}
     name, indent = "", 0
-    for line in doc[section.end() :].splitlines():
+    for line in doc[args.end() :].splitlines():
         arg = _ARG_LINE.match(line)
         depth = len(line) - len(line.lstrip())
         if arg and (not name or depth <= indent):  # a deeper one continues the one before
@@ -412,7 +428,7 @@ def _docstring(doc: str) -> tuple[str, dict[str, str]]:
             described[name] = f"{described[name]} {line.strip()}".strip()
         elif line.strip():  # the next section
             break
-    return doc[: section.start()].strip(), described
+    return description, described
 
 
 def _json_type(hint: Any) -> dict[str, Any]:
@@ -430,4 +446,12 @@ def _json_type(hint: Any) -> dict[str, Any]:
         return {"type": "array", "items": _json_type(args[0])}
     if origin is dict and len(args) == 2:
         return {"type": "object", "additionalProperties": _json_type(args[1])}
+    if typing.is_typeddict(hint):
+        fields = typing.get_type_hints(hint)
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": {k: _json_type(v) for k, v in fields.items()},
+        }
+        required = sorted(getattr(hint, "__required_keys__", fields))
+        return schema | ({"required": required} if required else {})
     return {}

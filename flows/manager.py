@@ -23,7 +23,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from bus import Bus, Message
+from bus import Bus, Message, Payload, SessionEndedError
 
 from .actions import BUILTINS
 from .bot import BotSession, unwrapped
@@ -117,7 +117,8 @@ class FlowManager:
         self._end_sent = False  # session.ended is published, or being published
         self._tg = tg
         self._node: NodeConfig | None = None
-        self._gen = 0
+        self._gen = 0  # node entries begun
+        self._entered_gen = 0  # the gen of the node entered last (`current_node`)
         self._initialized = False
         self._started = False  # session.started published
         self._bot_actions: dict[str, Handler] = {}
@@ -188,12 +189,12 @@ class FlowManager:
         if self._ending:
             raise FlowTransitionError(f"the session {self.session_id!r} has ended")
         config = parse_node(node)
-        await self.state.load(self._read_state)
-        config = config.with_state(self.state)
         self._gen += 1
         gen = self._gen
         if self._pre_wait is not None:  # an older node's pre-actions are moot now
             self._pre_wait.cancel()
+        await self.state.load(self._read_state)
+        config = config.with_state(self.state)
         entered = NodeEntered(
             node=config.name,
             gen=gen,
@@ -206,18 +207,20 @@ class FlowManager:
         with structlog.contextvars.bound_contextvars(session=self.session_id, node=config.name):
             log.info("node_entered", gen=gen)
             outcome = "done"
-            if entered.pre_actions or entered.post_actions:  # all are checked before any runs
+            if self._gen != gen:  # a newer node was entered while the state was read
+                outcome = "superseded"
+            elif entered.pre_actions or entered.post_actions:  # all checked before any runs
                 outcome = await self._run_pre_actions(entered)
-            else:
-                await self.bot.publish(entered)
+            elif not await self._publish(entered):
+                outcome = "ended"
             if self._ending:  # an end_conversation came meanwhile
                 log.info("node_not_entered", gen=gen, reason="the session ended")
                 return
-            if outcome == "superseded":
+            await self.state.load(self._read_state)  # what the pre-actions wrote
+            if outcome == "superseded" or self._gen != gen:
                 log.info("node_superseded", gen=gen, by=self._gen)
                 return
-        await self.state.load(self._read_state)  # what the pre-actions wrote
-        self.current_node, self._node = config.name, config
+        self.current_node, self._node, self._entered_gen = config.name, config, gen
         self._enter_context(config)
         if config.respond_immediately and outcome != "ended":
             await self.respond()
@@ -228,11 +231,12 @@ class FlowManager:
         requested; a call that stays in the node gives the LLM its result and another turn
         (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row."""
         node = self._require_node()
-        gen = self._gen
+        gen = self._entered_gen  # (a newer node may be being entered: this is still the node)
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
-        for _ in range(MAX_TURNS):
-            if self._ending or self._gen != gen:  # ended, or a newer node took over
+        for turn in range(MAX_TURNS):
+            # Ended, or a newer node entered (for a turn after function calls: or started to).
+            if self._ending or self._entered_gen != gen or (turn and self._gen != gen):
                 return
             next_node, again = await self._turn(node, gen)
             if next_node is not None and self._gen == gen and not self._ending:
@@ -253,11 +257,12 @@ class FlowManager:
         if reply.text:
             self.messages.append({"role": "assistant", "content": reply.text})
         calls = [c.name for c in reply.function_calls]
-        await self.bot.publish(
-            LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
-        )
+        completed = LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
+        if not await self._publish(completed):
+            return None, False
         spoken = await self.tts.speak(reply.text) if reply.text else True
-        await self.bot.publish(TTSFinished(node=node.name, gen=gen, interrupted=not spoken))
+        if not await self._publish(TTSFinished(node=node.name, gen=gen, interrupted=not spoken)):
+            return None, False
         next_node: NodeLike | None = None
         again = False
         if reply.function_calls:  # they see what actions wrote meanwhile, and share theirs
@@ -286,6 +291,19 @@ class FlowManager:
         self.ended.set()  # last: whoever waits for it may close the session at once
 
     # -- internals --------------------------------------------------------------------------
+    async def _publish(self, payload: Payload) -> bool:
+        """Publish `payload`, unless the session is ending (an ``end_conversation`` came,
+        maybe while this was on its way): then False."""
+        if self._ending:
+            return False
+        try:
+            await self.bot.publish(payload)
+        except SessionEndedError:
+            if self._ending:
+                return False
+            raise
+        return True
+
     def _require_node(self) -> NodeConfig:
         if self._node is None:
             raise FlowTransitionError("no current node: call initialize() with a node first")
@@ -322,6 +340,8 @@ class FlowManager:
         ran its pre-actions: "done", "ended" (by an ``end_conversation``), or "superseded" (a
         newer node was entered meanwhile)."""
         services = {s.name for s in await self.bot.bus.services(fresh=True)}
+        if self._gen != entered.gen:  # a newer node was entered meanwhile
+            return "superseded"
         if self.actions_service not in services:
             await self.bot.publish(entered)
             raise ActionError(
@@ -332,14 +352,19 @@ class FlowManager:
         def completed(replies: list[Message]) -> bool:
             return any(isinstance(r.payload, ActionsCompleted) for r in replies)
 
-        with anyio.CancelScope() as self._pre_wait:
-            replies = await self.bot.request(
-                entered, done_when=completed, wait=self.actions_timeout
-            )
+        try:
+            with anyio.CancelScope() as self._pre_wait:
+                replies = await self.bot.request(
+                    entered, done_when=completed, wait=self.actions_timeout
+                )
+        except SessionEndedError:
+            if self._ending:  # an end_conversation came first
+                return "ended"
+            raise
         if self._pre_wait.cancel_called:
             return "superseded"
         if not replies:
-            await self.bot.publish(
+            await self._publish(
                 WaitTimedOut(
                     node=entered.node,
                     gen=entered.gen,
@@ -395,8 +420,11 @@ class FlowManager:
                     f"function {call.name!r} goes to {target!r}, no node of the flow"
                 )
             if function.handler is not None:
-                with anyio.fail_after(self.function_timeout):
+                timeout = function.timeout or self.function_timeout
+                with anyio.move_on_after(timeout) as scope:
                     returned = await invoke_function(function.handler, call.arguments, self)
+                if scope.cancel_called:  # (a plain handler's thread returns late, not cancelled)
+                    raise TimeoutError(f"timed out after {timeout}s")
                 if isinstance(returned, tuple):
                     result, next_node = returned
                     result = ACKNOWLEDGED if result is None else result
@@ -404,9 +432,6 @@ class FlowManager:
                     result = returned
             if next_node is None and target is not None and self.flow is not None:
                 next_node = self.flow.nodes[target]
-        except TimeoutError:
-            result = {"status": "error", "error": f"timed out after {self.function_timeout}s"}
-            log.error("function_call_failed", function=call.name, error=result["error"])
         except Exception as exc:
             result = {"status": "error", "error": str(exc)}  # as Pipecat gives it
             log.error("function_call_failed", function=call.name, error=str(exc))
@@ -453,17 +478,15 @@ class FlowManager:
             if handler is None:
                 raise ActionError(f"no bot-side handler for action {action.get('type')!r}")
             await self.state.load(self._read_state)  # as a worker's action sees it
-            with anyio.fail_after(self.actions_timeout):
+            with anyio.move_on_after(self.actions_timeout) as scope:
                 await invoke_action(handler, action, self)
+            if scope.cancel_called:  # (a plain handler's thread returns late, not cancelled)
+                error = f"timed out after {self.actions_timeout}s"
             await self.state.flush(self._write_state)  # for the actions after it
-        except TimeoutError:
-            error = f"timed out after {self.actions_timeout}s"
-            log.error(
-                "action_failed", session=self.session_id, action=action.get("type"), error=error
-            )
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
+        if error:
             log.error(
                 "action_failed", session=self.session_id, action=action.get("type"), error=error
             )
-        await self.bot.publish(ActionDone(corr=corr, error=error))
+        await self._publish(ActionDone(corr=corr, error=error))

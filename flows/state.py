@@ -60,10 +60,11 @@ class SharedState(MutableMapping[str, Any]):
     async def load(self, read: Reader) -> None:
         """Replace the contents with the stored state, keeping what changed here and was not
         flushed yet."""
+        fields = await read()  # first: what is set meanwhile counts as changed here
         changed = self._changed()
         stored = {
             k.removeprefix(PREFIX): v
-            for k, v in (await read()).items()
+            for k, v in fields.items()
             if k.startswith(PREFIX) and v != DELETED
         }
         data = {k: msgspec.json.decode(v) for k, v in stored.items()}

@@ -1,0 +1,224 @@
+"""The bot's `FlowManager` when things happen at once: an end while a turn or a node entry is
+on its way, two node entries, the caller speaking during a node's pre-actions, the shared state
+written while it is read; and Pipecat 1.14's function forms in detail."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import anyio
+import pytest
+
+from bus import Bus
+from flows import (
+    EndConversation,
+    FlowManager,
+    FunctionCall,
+    LLMResponse,
+    ScriptedLLM,
+    SharedState,
+    SimulatedTTS,
+)
+from flows.config import parse_node
+from tests.flows.test_actions import actions, before, call, node, note, say, timeline  # noqa: F401
+from tests.support import wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_end_conversation_during_a_second_llm_turn_ends_the_call_quietly(
+    actions: Bus,  # noqa: F811
+) -> None:
+    """A function that stays gives the LLM a second turn; meanwhile the node's post-action
+    ends the call. The turn's reply is not published into the ended session."""
+
+    async def stay(args: dict[str, Any]) -> Any:
+        return {"ok": True}
+
+    script = {"a": [LLMResponse(function_calls=[FunctionCall("stay")]), LLMResponse(text="Sure")]}
+    async with call(actions, "call-1", script) as fm:
+        assert isinstance(fm.llm, ScriptedLLM)
+        llm, generate = fm.llm, fm.llm.generate
+
+        async def slow(messages: Any, tools: Any) -> Any:
+            if len(llm.calls) == 1:  # the second turn: the LLM takes a while
+                await fm.ended.wait()
+            return await generate(messages, tools)
+
+        llm.generate = slow  # type: ignore[method-assign]
+        end = {"type": "end_conversation"}
+        await fm.initialize(node("a", post=[end], functions=[{"name": "stay", "handler": stay}]))
+    assert fm.ended.is_set()
+    assert [e.type for e in await actions.history("call-1")][-1] == "session.ended"
+
+
+async def test_an_end_while_a_node_is_being_entered_leaves_the_node_unentered(bus: Bus) -> None:
+    async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        read, reading = fm._read_state, anyio.Event()
+
+        async def slow_read() -> Any:
+            reading.set()
+            await fm.ended.wait()  # the end comes while the state is read
+            return await read()
+
+        fm._read_state = slow_read  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fm.set_node_from_config, node("b", respond_immediately=False))
+            await reading.wait()
+            await bus.send("call-1", EndConversation(text=""))
+    assert fm.current_node == "a"
+    assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"
+
+
+async def test_an_end_conversation_replaced_in_the_bot_still_ends_the_list(
+    actions: Bus,  # noqa: F811
+) -> None:
+    ran: list[str] = []
+
+    async def hang_up(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append("hung up")
+
+    async with call(actions, "call-1", {"a": [LLMResponse(text="hi")]}) as fm:
+        fm.register_action("end_conversation", hang_up)
+        await fm.initialize(node("a", pre=[{"type": "end_conversation"}, note("AFTER")]))
+    assert ran == ["hung up"]
+    assert "action.started:AFTER" not in await timeline(actions, "call-1")
+
+
+async def test_a_plain_function_past_its_timeout_gives_the_llm_an_error(bus: Bus) -> None:
+    """Its thread cannot be stopped: it counts as timed out once it returns."""
+
+    def slow(args: dict[str, Any]) -> Any:
+        time.sleep(0.6)  # blocking work
+        return {"late": True}
+
+    script = {"a": [LLMResponse(function_calls=[FunctionCall("slow")]), LLMResponse(text="ok")]}
+    async with FlowManager.open(
+        bus, "call-1", llm=ScriptedLLM(script), tts=SimulatedTTS(0), function_timeout=0.2
+    ) as fm:
+        await fm.initialize(node("a", functions=[{"name": "slow", "handler": slow}]))
+    results = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    assert results == [{"status": "error", "error": "timed out after 0.2s"}]
+
+
+async def test_a_reply_during_a_nodes_pre_actions_belongs_to_the_node_before(
+    actions: Bus,  # noqa: F811
+) -> None:
+    """The caller speaks while node b's pre-actions run: that turn is node a's, so it does not
+    start b's post-actions before b's own reply."""
+    phrase = "Please hold on while I look this up for you."
+    script = {"a": [LLMResponse(text="old node reply")], "b": [LLMResponse(text="b reply")]}
+    async with call(actions, "call-1", script, tts=SimulatedTTS(0.02)) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        async with anyio.create_task_group() as tg:
+            b = node("b", pre=[say(phrase), note("PRE")], post=[note("POST")])
+            tg.start_soon(fm.set_node_from_config, b)
+
+            async def speaking() -> bool:
+                return f"tts.started:{phrase}" in await timeline(actions, "call-1")
+
+            await wait_for(speaking, what="b's pre-action to speak")
+            await fm.respond("hello?")
+
+        async def post_ran() -> bool:
+            return "action.finished:POST" in await timeline(actions, "call-1")
+
+        await wait_for(post_ran, what="b's post-action")
+    events = await timeline(actions, "call-1")
+    assert before(events, "tts.finished:b reply", "action.started:POST"), events
+
+
+async def test_of_two_node_entries_at_once_the_later_one_wins(actions: Bus) -> None:  # noqa: F811
+    async with call(actions, "call-1", {}, wait=3) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        services, asked = actions.services, anyio.Event()
+
+        async def slow_services(*args: Any, **kwargs: Any) -> Any:
+            if not asked.is_set():  # the first entry's: slow
+                asked.set()
+                await anyio.sleep(0.5)
+            return await services(*args, **kwargs)
+
+        actions.services = slow_services  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        async def enter(n: dict[str, Any]) -> None:
+            try:
+                await fm.set_node_from_config(n)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter, node("x", pre=[note("X")], respond_immediately=False))
+            await asked.wait()
+            tg.start_soon(enter, node("y", pre=[note("Y")], respond_immediately=False))
+    assert fm.current_node == "y" and errors == []
+
+
+class Address(TypedDict):
+    street: str
+    city: str
+
+
+def test_a_direct_functions_description_stops_at_its_first_section() -> None:
+    async def f(flow_manager: Any, to: Address) -> Any:
+        """Only a description.
+
+        Returns:
+            something
+        """
+
+    [fn] = parse_node({"task_messages": [], "functions": [f]}).functions
+    assert fn.description == "Only a description."
+    assert fn.properties["to"] == {
+        "type": "object",
+        "properties": {"street": {"type": "string"}, "city": {"type": "string"}},
+        "required": ["city", "street"],
+    }
+
+
+async def test_a_change_made_while_the_state_is_read_is_kept() -> None:
+    stored: dict[str, bytes] = {}
+    state, reading = SharedState(), anyio.Event()
+
+    async def read() -> dict[str, bytes]:
+        reading.set()
+        await anyio.sleep(0.1)  # the read's round trip
+        return dict(stored)
+
+    async def write(fields: Any) -> None:
+        stored.update(fields)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(state.load, read)  # one task of the bot reads the state
+        await reading.wait()
+        state["paid"] = True  # and meanwhile another sets a key
+    await state.flush(write)
+    assert stored == {"flow.paid": b"true"}
+
+
+async def test_a_functions_own_timeout_is_its_handlers_limit(bus: Bus) -> None:
+    @dataclass
+    class FlowsFunctionSchema:  # Pipecat 1.14's fields
+        name: str
+        description: str
+        properties: dict[str, Any]
+        required: list[str]
+        handler: Any
+        cancel_on_interruption: bool = False
+        timeout_secs: float | None = None
+
+    async def lookup(args: dict[str, Any]) -> Any:
+        await anyio.sleep(0.5)  # a slow lookup
+        return {"found": True}, None
+
+    schema = FlowsFunctionSchema("lookup", "", {}, [], lookup, timeout_secs=5)
+    script = {"a": [LLMResponse(function_calls=[FunctionCall("lookup")]), LLMResponse(text="ok")]}
+    async with FlowManager.open(
+        bus, "call-1", llm=ScriptedLLM(script), tts=SimulatedTTS(0), function_timeout=0.2
+    ) as fm:
+        await fm.initialize(node("a", functions=[schema]))
+    assert [m["content"] for m in fm.messages if m["role"] == "tool"] == [{"found": True}]
