@@ -272,6 +272,12 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             await _warn_if_evicting(client, url)
             return
         except AuthenticationError as exc:  # each a `ConnectionError` too: before `TRANSIENT`
+            if "HELLO must be called with the client already authenticated" in str(exc):
+                raise ConnectionFailedError(
+                    "the server wants a password: give it in the URL "
+                    "(redis://user:password@host:port/db)",
+                    url=url,
+                ) from None
             raise ConnectionFailedError(f"authentication failed: {exc}", url=url) from None
         except AuthorizationError as exc:
             raise NotPermittedError(str(exc), url=url) from None
@@ -296,12 +302,6 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
         except ResponseError as exc:  # redis-py takes NOPERM off the message it classes
             if isinstance(exc, NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH")):
                 raise NotPermittedError(_reason(exc), url=url) from None
-            if "HELLO must be called with the client already authenticated" in str(exc):
-                raise ConnectionFailedError(
-                    "the server wants a password: give it in the URL "
-                    "(redis://user:password@host:port/db)",
-                    url=url,
-                ) from None
             raise ConnectionFailedError(f"the server refused us: {exc}", url=url) from None
         except InvalidResponse as exc:  # something answered that speaks no Redis protocol
             raise ConnectionFailedError(

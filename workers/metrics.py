@@ -19,7 +19,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -118,13 +118,14 @@ class Metrics:
     async def follow(self, consumer: Consumer, bus: Bus) -> None:
         """Refresh the consumer's figures every `REFRESH_SECONDS` until cancelled."""
         self.snapshot.lease_ttl = bus.settings.lease_ttl_seconds
+        self.snapshot.renewed_ago = lambda: consumer.renewed_ago  # read live, not refreshed
         while True:
             partitions = consumer.partitions
             try:
                 lag = await lag_of(bus, consumer.service.name, partitions)
             except Exception:  # a metric is not worth a crash; the next round tries again
                 lag = self.snapshot.lag
-            self.snapshot.update(consumer.stats, len(partitions), lag, consumer.renewed_ago)
+            self.snapshot.update(consumer.stats, len(partitions), lag)
             await anyio.sleep(REFRESH_SECONDS)
 
 
@@ -158,20 +159,21 @@ class _Snapshot(Collector):
         self.partitions = 0
         self.lag = 0
         self.lease_ttl = 0.0
-        self.renewed: float | None = None  # when the leases were last renewed (monotonic)
+        #: Seconds since the leases were last renewed (None: not yet), read when asked.
+        self.renewed_ago: Callable[[], float | None] = lambda: None
         self.updated: float | None = None  # when the loop last refreshed these (monotonic)
 
-    def update(self, stats: Stats, partitions: int, lag: int, renewed_ago: float | None) -> None:
+    def update(self, stats: Stats, partitions: int, lag: int) -> None:
         # A copy, so the HTTP thread never reads a half-updated set of counters.
         self.stats = Stats(**{f: getattr(stats, f) for f in stats.__dataclass_fields__})
         self.partitions, self.lag, self.updated = partitions, lag, time.monotonic()
-        self.renewed = None if renewed_ago is None else self.updated - renewed_ago
 
     def health(self) -> dict[str, Any]:
         """Whether the worker looks alive (see the module docstring), and why."""
         now = time.monotonic()
         refreshed = None if self.updated is None else round(now - self.updated, 3)
-        renewed = None if self.renewed is None else round(now - self.renewed, 3)
+        renewed_ago = self.renewed_ago()
+        renewed = None if renewed_ago is None else round(renewed_ago, 3)
         healthy = (
             refreshed is not None
             and refreshed < 3 * REFRESH_SECONDS

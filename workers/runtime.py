@@ -141,8 +141,8 @@ async def serve(
     return 128 + hard_stop[0] if hard_stop else 0
 
 
-#: How long a worker stopped hard (a second signal) waits for its cancelled handlers before
-#: it exits without them.
+#: How long a worker stopped hard (a second signal), or past its drain timeout, waits for its
+#: cancelled handlers before it exits without them.
 HARD_STOP_SECONDS = 3.0
 
 
@@ -153,13 +153,26 @@ async def _on_signals(consumer: Consumer, scope: anyio.CancelScope, hard_stop: l
                 log.warning("worker_stopped_hard", signal=signal.Signals(signum).name)
                 hard_stop.append(signum)
                 scope.cancel()
-                # A handler stuck in a thread (a plain `def`) cannot be cancelled: exit anyway.
-                exit_later = threading.Timer(HARD_STOP_SECONDS, os._exit, [128 + signum])
-                exit_later.daemon = True
-                exit_later.start()
+                _exit_later(HARD_STOP_SECONDS, 128 + signum)
                 return
             log.info("worker_draining", signal=signal.Signals(signum).name)
             consumer.stop()
+            # The drain cancels what still runs after its timeout, but a handler stuck in a
+            # thread cannot be cancelled: then the process exits without it.
+            _exit_later(consumer.settings.drain_timeout_seconds + HARD_STOP_SECONDS, 128 + signum)
+
+
+def _exit_later(seconds: float, status: int) -> None:
+    """Exit with `status` after `seconds` unless the process has ended by then (for handlers
+    stuck in threads, which no cancellation stops); what it held lapses with its TTL."""
+
+    def exit_now() -> None:
+        log.warning("worker_exited_without_its_handlers", status=status)
+        os._exit(status)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def first_error(exc: BaseException) -> BaseException:

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from bus import Settings
+from tests.conftest import KIND
 from tests.support import ROOT, settings_env
 from workers.cli import _settings, parser
 from workers.server import LocalServer, free_port
@@ -257,3 +258,16 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(settings: Settings) ->
     stderr = proc.stderr.read().decode()
     assert proc.wait(60) == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_a_server_that_wants_a_password_not_given_says_so() -> None:
+    with LocalServer(KIND) as server:
+        admin = redis.Redis(port=server.port)
+        admin.config_set("requirepass", "secret")
+        try:
+            url = f"redis://127.0.0.1:{server.port}/0"
+            done = flowbus("inspect", "groups", "--redis-url", url)
+            assert_fails_clearly(done, 1, "the server wants a password: give it in the URL")
+        finally:
+            redis.Redis(port=server.port, password="secret").config_set("requirepass", "")
+            admin.close()

@@ -392,3 +392,21 @@ async def test_a_session_its_bot_ended_shows_as_ending_until_every_service_handl
     await bus.register_service(ServiceInfo("late"))  # after the session started: not its
     groups = await as_json(settings, "inspect", "groups")
     assert {g["name"]: g["live_sessions"] for g in groups} == {"audit": 1, "late": 0}
+
+
+async def test_a_worker_whose_handler_is_stuck_in_a_thread_exits_after_its_drain_timeout(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    proc = workers.start(
+        "tests.workers.apps:stuck_in_thread", settings, {"FLOWBUS_DRAIN_TIMEOUT_SECONDS": "1"}
+    )
+
+    async def owned() -> bool:
+        return all([await raw(bus).get(bus.keys.lease(p, "stuck")) for p in range(64)])
+
+    await wait_for(owned, what="the worker to own every partition")
+    await bus.publish("call-1", Step(n=1))
+    await wait_for(lambda: _equal(raw(bus).llen(records_key(settings.prefix, "stuck")), 1))
+    proc.send_signal(signal.SIGTERM)  # one signal: the drain gives up after its 1 s (+ 3 s)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert "worker_exited_without_its_handlers" in workers.log(proc)

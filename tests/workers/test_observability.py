@@ -102,18 +102,21 @@ def test_healthz_says_whether_the_loop_refreshes_and_the_leases_are_renewed() ->
     metrics = Metrics("svc")
     server = metrics.serve(0, "127.0.0.1")
     port = server.server_address[1]
+    renewed_ago: list[float | None] = [None]
     try:
         status, body = fetch(port, "/healthz")
         assert status == 503 and json.loads(body)["healthy"] is False  # not started yet
-        metrics.snapshot.lease_ttl = 5.0
-        metrics.snapshot.update(Stats(), 3, 0, renewed_ago=0.5)
+        metrics.snapshot.lease_ttl = 1.5  # short: read live, not from the 2 s refresh
+        metrics.snapshot.renewed_ago = lambda: renewed_ago[0]
+        renewed_ago[0] = 0.5
+        metrics.snapshot.update(Stats(), 3, 0)
         status, body = fetch(port, "/healthz")
         health = json.loads(body)
         assert status == 200 and health["healthy"] is True and health["partitions"] == 3
-        assert 0.5 <= health["seconds_since_lease_renewal"] < 5
-        metrics.snapshot.update(Stats(), 3, 0, renewed_ago=6.0)  # the server out of reach
+        assert health["seconds_since_lease_renewal"] == 0.5
+        renewed_ago[0] = 1.6  # the server out of reach for longer than the TTL
         assert fetch(port, "/healthz")[0] == 503
-        metrics.snapshot.update(Stats(), 3, 0, renewed_ago=0.0)
+        renewed_ago[0] = 0.0
         metrics.snapshot.updated = time.monotonic() - 3 * REFRESH_SECONDS  # the loop stuck
         assert fetch(port, "/healthz")[0] == 503
         assert fetch(port, "/")[0] == 404
@@ -143,3 +146,6 @@ async def test_a_worker_on_metrics_port_0_says_which_port_it_took_and_is_healthy
         return status == 200 and json.loads(body)["partitions"] == 64
 
     await wait_for(healthy, what="a healthy worker owning every partition")
+    for _ in range(12):  # and it stays so, across refreshes of 2 s with a lease TTL of 1 s
+        assert await healthy()
+        await anyio.sleep(0.25)  # a probe's period
