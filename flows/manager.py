@@ -119,6 +119,7 @@ class FlowManager:
         self._node: NodeConfig | None = None
         self._gen = 0  # node entries begun
         self._entered_gen = 0  # the gen of the node entered last (`current_node`)
+        self._entering = 0  # the gen of a node entry under way (0: none)
         self._initialized = False
         self._started = False  # session.started published
         self._bot_actions: dict[str, Handler] = {}
@@ -190,7 +191,19 @@ class FlowManager:
             raise FlowTransitionError(f"the session {self.session_id!r} has ended")
         config = parse_node(node)
         self._gen += 1
-        gen = self._gen
+        gen = self._entering = self._gen
+        try:
+            outcome = await self._enter(config, gen)
+        finally:
+            if self._entering == gen:
+                self._entering = 0
+        if config.respond_immediately and outcome == "done":
+            await self.respond()
+
+    async def _enter(self, config: NodeConfig, gen: int) -> Literal["done", "ended", "superseded"]:
+        """Enter `config` as node entry `gen`: publish it, wait for its pre-actions; whether
+        it was entered ("done"), or not: "ended" (by an ``end_conversation``), "superseded"
+        (a newer entry began)."""
         if self._pre_wait is not None:  # an older node's pre-actions are moot now
             self._pre_wait.cancel()
         await self.state.load(self._read_state)
@@ -206,7 +219,7 @@ class FlowManager:
         await self.state.flush(self._write_state)
         with structlog.contextvars.bound_contextvars(session=self.session_id, node=config.name):
             log.info("node_entered", gen=gen)
-            outcome = "done"
+            outcome: Literal["done", "ended", "superseded"] = "done"
             if self._gen != gen:  # a newer node was entered while the state was read
                 outcome = "superseded"
             elif entered.pre_actions or entered.post_actions:  # all checked before any runs
@@ -215,15 +228,14 @@ class FlowManager:
                 outcome = "ended"
             if self._ending:  # an end_conversation came meanwhile
                 log.info("node_not_entered", gen=gen, reason="the session ended")
-                return
+                return "ended"
             await self.state.load(self._read_state)  # what the pre-actions wrote
             if outcome == "superseded" or self._gen != gen:
                 log.info("node_superseded", gen=gen, by=self._gen)
-                return
+                return "superseded"
         self.current_node, self._node, self._entered_gen = config.name, config, gen
         self._enter_context(config)
-        if config.respond_immediately and outcome != "ended":
-            await self.respond()
+        return outcome
 
     async def respond(self, user_text: str | None = None) -> None:
         """One LLM turn in the current node: the reply is published, spoken, and its function
@@ -236,10 +248,14 @@ class FlowManager:
             self.messages.append({"role": "user", "content": user_text})
         for turn in range(MAX_TURNS):
             # Ended, or a newer node entered (for a turn after function calls: or started to).
-            if self._ending or self._entered_gen != gen or (turn and self._gen != gen):
+            if self._ending or self._entered_gen != gen or (turn and self._entering):
                 return
             next_node, again = await self._turn(node, gen)
-            if next_node is not None and self._gen == gen and not self._ending:
+            if (
+                next_node is not None
+                and self._entered_gen == gen
+                and not (self._ending or self._entering)
+            ):
                 await self.set_node_from_config(next_node)
                 return
             if not again:

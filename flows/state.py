@@ -30,6 +30,8 @@ class SharedState(MutableMapping[str, Any]):
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}
         self._stored: dict[str, bytes] = {}  # each key's JSON as last loaded or flushed
+        self._reading = 0  # loads under way
+        self._flushed: dict[str, bytes] = {}  # what flushes wrote meanwhile (newer than a read)
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -60,13 +62,17 @@ class SharedState(MutableMapping[str, Any]):
     async def load(self, read: Reader) -> None:
         """Replace the contents with the stored state, keeping what changed here and was not
         flushed yet."""
-        fields = await read()  # first: what is set meanwhile counts as changed here
+        self._reading += 1
+        try:
+            fields = await read()  # first: what is set meanwhile counts as changed here
+        finally:
+            self._reading -= 1
         changed = self._changed()
-        stored = {
-            k.removeprefix(PREFIX): v
-            for k, v in fields.items()
-            if k.startswith(PREFIX) and v != DELETED
-        }
+        stored = {k.removeprefix(PREFIX): v for k, v in fields.items() if k.startswith(PREFIX)}
+        stored |= self._flushed  # written while the read was on its way: newer than it
+        stored = {k: v for k, v in stored.items() if v != DELETED}
+        if not self._reading:
+            self._flushed.clear()
         data = {k: msgspec.json.decode(v) for k, v in stored.items()}
         for key, value in changed.items():
             if value == DELETED:
@@ -81,6 +87,8 @@ class SharedState(MutableMapping[str, Any]):
         if not changed:
             return
         await write({PREFIX + k: v for k, v in changed.items()})
+        if self._reading:
+            self._flushed |= changed
         for key, value in changed.items():
             if value == DELETED:
                 self._stored.pop(key, None)

@@ -409,7 +409,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
         if name == "list":
             p.add_argument(
-                "--limit", type=int, default=200, help="at most this many, oldest first (200)"
+                "--limit",
+                type=int,
+                help="at most this many, oldest first (default 200; with --json, all)",
             )
         _connection_options(p)
     return top
@@ -657,10 +659,12 @@ async def _dead(bus: Bus, args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
 
     if args.action == "list":
-        if args.limit < 1:
-            raise UsageError(f"--limit must be at least 1, not {args.limit}")
+        limit = args.limit if args.limit is not None else None if args.json else 200
+        if limit is not None and limit < 1:
+            raise UsageError(f"--limit must be at least 1, not {limit}")
         letters = await d.list_dead(bus, group=args.group, session=args.session)
-        shown = letters[: args.limit]
+        letters.sort(key=lambda x: (*map(int, x.id.split("-")), x.partition))  # oldest first
+        shown = letters[:limit]
         _print_json(shown) if args.json else print(d.render_list(shown))
         if len(letters) > len(shown):
             more = len(letters) - len(shown)

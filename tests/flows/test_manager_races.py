@@ -13,6 +13,7 @@ import pytest
 
 from bus import Bus
 from flows import (
+    ActionError,
     EndConversation,
     FlowManager,
     FunctionCall,
@@ -222,3 +223,50 @@ async def test_a_functions_own_timeout_is_its_handlers_limit(bus: Bus) -> None:
     ) as fm:
         await fm.initialize(node("a", functions=[schema]))
     assert [m["content"] for m in fm.messages if m["role"] == "tool"] == [{"found": True}]
+
+
+async def test_a_failed_node_entry_does_not_stop_later_transitions(bus: Bus) -> None:
+    """Node c's entry fails (no actions service): the call stays in a, whose function to b
+    still moves it there."""
+    b = node("b", respond_immediately=False)
+
+    async def go(args: dict[str, Any]) -> Any:
+        return {"ok": True}, b
+
+    script = {"a": [LLMResponse(function_calls=[FunctionCall("go")])]}
+    async with FlowManager.open(
+        bus, "call-1", llm=ScriptedLLM(script), tts=SimulatedTTS(0), actions_timeout=1
+    ) as fm:
+        functions = [{"name": "go", "handler": go}]
+        await fm.initialize(node("a", respond_immediately=False, functions=functions))
+        with pytest.raises(ActionError, match="no 'actions' service is running"):
+            await fm.set_node_from_config(node("c", pre=[note("C")]))
+        await fm.respond("take me to b")
+        assert fm.current_node == "b"
+
+
+async def test_a_key_set_and_flushed_while_the_state_is_read_stays() -> None:
+    stored: dict[str, bytes] = {"flow.gone": b"1"}
+    state, reading = SharedState(), anyio.Event()
+    await state.load(lambda: _copy(stored))
+
+    async def read() -> dict[str, bytes]:
+        snapshot = dict(stored)  # the read's reply is made now ...
+        reading.set()
+        await anyio.sleep(0.1)  # ... and comes after the flush below
+        return snapshot
+
+    async def write(fields: Any) -> None:
+        stored.update(fields)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(state.load, read)
+        await reading.wait()
+        state["paid"] = True
+        del state["gone"]
+        await state.flush(write)
+    assert dict(state) == {"paid": True}
+
+
+async def _copy(stored: dict[str, bytes]) -> dict[str, bytes]:
+    return dict(stored)

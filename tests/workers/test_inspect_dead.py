@@ -257,6 +257,10 @@ async def test_dead_names_one_letter_each_an_id_in_two_partitions_wants_its_part
     assert "names 2 dead letters (3/1700000000000-0, 5/1700000000000-0): give P/ID" in err
     status, _, err = await flowbus(settings, "dead", "show", "1700000000000", check=False)
     assert status == 2 and "'1700000000000' is not a dead letter's name (P/ID" in err
+    await raw(bus).xadd(bus.keys.dead(40), letter, id="1600000000000-0")  # older, later P
+    [oldest] = await as_json(settings, "dead", "list", "--limit", "1")
+    assert oldest["ref"] == "40/1600000000000-0"
+    await raw(bus).delete(bus.keys.dead(40))
     ref = "3/1700000000000-0"
     _, out, _ = await flowbus(settings, "dead", "drop", ref, ref)
     assert out.splitlines() == [f"{ref}: dropped"]  # named twice, dropped once
