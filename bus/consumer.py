@@ -216,8 +216,7 @@ class Consumer:
         self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
         self._parts: dict[int, _Partition] = {}
         self._stop = anyio.Event()
-        self._last_renewal = 0.0
-        self._renewed_at: float | None = None  # `time.monotonic()` of the last renewal
+        self._renewed_at = 0.0  # `time.monotonic()` of the last renewal (or of the start)
         self._tg: TaskGroup | None = None
         self._log = log.bind(group=service.name, worker=self.worker_id)
         self._hints = Hints(
@@ -256,8 +255,7 @@ class Consumer:
         """Seconds since this worker last renewed its leases (or started); None before
         `run()`. Past the lease TTL its partitions may be another's. (Safe to read from
         another thread: a metrics server's.)"""
-        renewed = self._renewed_at
-        return None if renewed is None else time.monotonic() - renewed
+        return None if self._tg is None else time.monotonic() - self._renewed_at
 
     def stop(self) -> None:
         """Begin a graceful stop; `run()` returns once drained."""
@@ -273,7 +271,7 @@ class Consumer:
                 tg.start_soon(lane.run)
             tg.start_soon(self._hints.run)
             tg.start_soon(self._watch_handlers)
-            self._last_renewal, self._renewed_at = anyio.current_time(), time.monotonic()
+            self._renewed_at = time.monotonic()
             wanting = await self._rebalance()
             self._log.info(
                 "worker_started", partitions=len(self._parts), ack_mode=self.settings.ack_mode
@@ -333,11 +331,11 @@ class Consumer:
                 self._log.warning("service_registered_again")  # the server lost its data
         except (*TRANSIENT, ResponseError) as exc:
             self._log.warning("heartbeat_failed", error=str(exc))
-            if anyio.current_time() - self._last_renewal > self.settings.lease_ttl_seconds:
+            if time.monotonic() - self._renewed_at > self.settings.lease_ttl_seconds:
                 for part in list(self._parts.values()):
                     self._lose(part, "lease_expired")
             return None
-        self._last_renewal, self._renewed_at = anyio.current_time(), time.monotonic()
+        self._renewed_at = time.monotonic()
         for p, token in held.items():  # unless it was handed back meanwhile (its drain ended,
             mine = self._parts.get(p)  # its lease freed)
             if mine is None or mine.token != token:

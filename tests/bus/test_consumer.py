@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
@@ -812,7 +813,7 @@ async def test_a_server_lost_during_a_heartbeat_round_fails_the_round_not_the_wo
     consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
     lease, read = bus.keys.lease(7, "svc"), reader(bus.keys, 7, "svc", "3:w", 32)
     consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0], lease, read)
-    consumer._last_renewal = anyio.current_time() - bus.settings.lease_ttl_seconds - 1
+    consumer._renewed_at = time.monotonic() - bus.settings.lease_ttl_seconds - 1
 
     async def members(*, leave: bool = False) -> list[str]:
         return ["w"]
