@@ -21,7 +21,7 @@ from .errors import (
     PayloadTooLargeError,
     SessionEndedError,
 )
-from .keys import Keys, check_session_id
+from .keys import Keys, check_session_id, check_worker_id
 from .settings import DeadLetterPolicy, Settings
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "Settings",
     "Stats",
     "check_session_id",
+    "check_worker_id",
     "encode",
     "make_client",
     "type_name",

@@ -271,6 +271,7 @@ class Bus:
             session,
             int(self.settings.retention_seconds * 1000),
             reason,
+            secrets.token_hex(8),  # a retry after a lost reply is known as the same request
         ]
         end = partial(scripts.END, self.redis, [self.keys.session(session)], args)
         outcome: Any = await call("end_session", end, self.settings, session)

@@ -39,7 +39,7 @@ from .connection import TRANSIENT, backoff, call
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload
 from .errors import ConfigError, FencedError
 from .hints import Hints
-from .keys import Keys
+from .keys import Keys, check_worker_id
 from .ownership import Leases, assign
 from .scripts import Arg
 from .settings import NAME_PATTERN
@@ -206,7 +206,11 @@ class Consumer:
     def __init__(self, bus: Bus, service: Service, *, worker_id: str | None = None) -> None:
         self.bus, self.service, self.settings = bus, service, bus.settings
         self.keys: Keys = bus.keys
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.worker_id = check_worker_id(
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+            if worker_id is None
+            else worker_id
+        )
         self.stats = Stats()
         ttl_ms = int(self.settings.lease_ttl_seconds * 1000)
         self._leases = Leases(bus.redis, self.keys, service.name, self.worker_id, ttl_ms)

@@ -38,6 +38,21 @@ def check_session_id(session: str) -> str:
     return session
 
 
+def check_worker_id(worker: str) -> str:
+    """Return `worker` unchanged, or raise `ValueError`: a worker id names a group member and is
+    part of its lease tokens and fence keys, so it follows a session id's rules on characters."""
+    if not worker:
+        raise ValueError("invalid worker id: it is empty")
+    if len(worker) > MAX_SESSION_ID:
+        raise ValueError(f"invalid worker id: it is longer than {MAX_SESSION_ID} characters")
+    if _BAD_SESSION_CHARS.search(worker):
+        raise ValueError(
+            f"invalid worker id {worker!r}: whitespace, control characters and braces are not "
+            "allowed"
+        )
+    return worker
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names for one deployment (`prefix`, `partitions`)."""

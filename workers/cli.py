@@ -29,6 +29,7 @@ from bus import (
     NotPermittedError,
     Settings,
     check_session_id,
+    check_worker_id,
 )
 
 from . import logs
@@ -223,6 +224,13 @@ def _env_int(name: str, default: int | None) -> int | None:
         raise ConfigError(f"{name} must be an integer, not {value!r}") from None
 
 
+def _worker_id(text: str) -> str:
+    try:
+        return check_worker_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _subparser(
     sub: Any, name: str, help: str, description: str, epilog: str
 ) -> argparse.ArgumentParser:
@@ -256,7 +264,10 @@ def parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("target", metavar="MODULE:ATTR", help="the service to run")
     worker.add_argument(
-        "--worker-id", help="name in the group's membership (default host-pid-random)"
+        "--worker-id",
+        type=_worker_id,
+        help="name in the group's membership, unique among its workers: no whitespace, control "
+        "characters or braces (default host-pid-random)",
     )
     worker.add_argument(
         "--metrics-port",

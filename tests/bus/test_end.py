@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
+from redis.exceptions import ConnectionError
 
+from bus import scripts
 from bus import Bus, Codec, Consumer, Delivery, Service, ServiceInfo, SessionEndedError
 from tests.apps.recorder import Tick
 from tests.support import raw, wait_for
@@ -51,3 +55,28 @@ async def test_a_session_a_group_still_owes_retires_once_the_group_handled_it(bu
         await wait_for(lambda: retired(bus, "call-1"), what="the session to retire")
         consumer.stop()
     assert seen == [1, 2, 3]
+
+
+async def test_a_retry_after_a_lost_reply_reports_what_the_first_attempt_did(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, lost = scripts.END, []
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        outcome = await real(*args, **kwargs)
+        if not lost:  # the script ran; its reply never came back
+            lost.append(outcome)
+            raise ConnectionError("connection lost")
+        return outcome
+
+    monkeypatch.setattr(scripts, "END", reply_lost)
+    await bus.publish("call-1", Tick(n=1))
+    assert await bus.end_session("call-1") == "retired"
+    assert lost == [b"retired"]
+
+    lost.clear()
+    await bus.register_service(ServiceInfo("svc"))
+    await bus.publish("call-2", Tick(n=1))
+    assert await bus.end_session("call-2") == "ending"
+    assert lost == [b"ending"]
+    assert await bus.end_session("call-2") == "ended"  # another request

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bus import InvalidSessionIdError, Keys, check_session_id
+from bus import InvalidSessionIdError, Keys, check_session_id, check_worker_id
 
 session_ids = st.text(
     st.characters(blacklist_categories=("Zs", "Cc", "Cs"), blacklist_characters="{}\n\r\t"),
@@ -74,6 +74,16 @@ def test_unusable_session_ids_are_refused_with_the_reason(bad: str, reason: str)
 def test_a_session_id_may_hold_colons_that_name_no_key_of_another() -> None:
     assert check_session_id("sip:call-1@example.com") == "sip:call-1@example.com"
     assert check_session_id("call-1:inbox-2") == "call-1:inbox-2"
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [("", "empty"), ("w 1", "whitespace"), ("w{1}", "braces"), ("w" * 201, "longer than 200")],
+)
+def test_unusable_worker_ids_are_refused_with_the_reason(bad: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid worker id.*{reason}"):
+        check_worker_id(bad)
+    assert check_worker_id("host-7.example:2") == "host-7.example:2"
 
 
 @pytest.mark.parametrize("bad", [42, b"call-1", None])

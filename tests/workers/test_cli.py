@@ -130,6 +130,8 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         ([], {"FLOWBUS_CLUSTER": "yes"}, "FLOWBUS_CLUSTER='yes': must be true or false"),
         (["--metrics-port", "99999"], {}, "--metrics-port (or FLOWBUS_METRICS_PORT) must be 0..6"),
         ([], {"FLOWBUS_CONNECT_ATTEMPTS": "0"}, "FLOWBUS_CONNECT_ATTEMPTS) must be at least 1"),
+        (["--worker-id", "w 1"], {}, "--worker-id: invalid worker id 'w 1': whitespace"),
+        (["--worker-id", ""], {}, "--worker-id: invalid worker id: it is empty"),
     ],
     ids=[
         "partitions",
@@ -147,6 +149,8 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         "env-cluster",
         "metrics-port-range",
         "env-connect-attempts",
+        "worker-id",
+        "worker-id-empty",
     ],
 )
 def test_a_worker_given_a_bad_option_says_which(
