@@ -8,8 +8,7 @@ import anyio
 import pytest
 from redis.exceptions import ConnectionError
 
-from bus import scripts
-from bus import Bus, Codec, Consumer, Delivery, Service, ServiceInfo, SessionEndedError
+from bus import Bus, Codec, Consumer, Delivery, Service, ServiceInfo, SessionEndedError, scripts
 from tests.apps.recorder import Tick
 from tests.support import raw, wait_for
 
