@@ -59,7 +59,8 @@ async def test_a_session_a_group_still_owes_retires_once_the_group_handled_it(bu
 async def test_a_retry_after_a_lost_reply_reports_what_the_first_attempt_did(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, lost = scripts.END, []
+    real = scripts.END
+    lost: list[Any] = []
 
     async def reply_lost(*args: Any, **kwargs: Any) -> Any:
         outcome = await real(*args, **kwargs)
