@@ -23,6 +23,7 @@ import msgspec
 from bus import Bus, Settings
 
 from .observe import lease_owners
+from .orphans import ending_with_parent
 
 
 class FleetError(RuntimeError):
@@ -108,6 +109,7 @@ class Fleet:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
+                    preexec_fn=ending_with_parent(),
                 )
             worker = WorkerProcess(worker_id, log_path, popen)
             self.workers.append(worker)

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from .orphans import ending_with_parent
+
 ServerKind = Literal["auto", "redis", "valkey"]
 
 
@@ -150,7 +152,12 @@ class LocalServer:
         if self.cluster:  # a node of a cluster, its bus on a port of its own
             args += ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port)]
             args += ["--cluster-config-file", str(self.directory / "nodes.conf")]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=ending_with_parent(),
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

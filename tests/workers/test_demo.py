@@ -111,7 +111,8 @@ async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Setti
     assert sum(live) == 0 and len([s for e in ended for s in e]) == 2  # both calls retired
 
 
-async def test_a_demo_stopped_by_sigterm_stops_everything_it_started() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(sig: signal.Signals) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
     proc = await anyio.open_process(
         [sys.executable, "-m", "workers", "demo", "--calls", "200"], cwd=ROOT, env=env
@@ -130,14 +131,23 @@ async def test_a_demo_stopped_by_sigterm_stops_everything_it_started() -> None:
         found = re.search(rb"on (redis://127.0.0.1:(\d+)\S*)", output)
         assert found is not None, output
         url, port = found[1], int(found[2])
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         with anyio.fail_after(60):
             status = await proc.wait()
-    assert status == 128 + signal.SIGTERM, output.decode()
-    left = [pid for pid in _pids_with(b"FLOWBUS_REDIS_URL=" + url) if pid != os.getpid()]
-    assert left == [], output.decode()  # workers
-    with pytest.raises(OSError):  # the embedded server
-        await anyio.connect_tcp("127.0.0.1", port)
+    assert status == (128 + sig if sig == signal.SIGTERM else -sig), output.decode()
+
+    async def all_gone() -> bool:  # at once after a SIGTERM; a SIGKILL leaves them to end
+        workers = [pid for pid in _pids_with(b"FLOWBUS_REDIS_URL=" + url) if pid != os.getpid()]
+        try:  # the embedded server
+            await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+        except OSError:
+            return not workers
+        return False
+
+    if sig == signal.SIGTERM:
+        assert await all_gone(), output.decode()
+    else:
+        await wait_for(all_gone, limit=30, what="the workers and the server to end")
 
 
 def _pids_with(marker: bytes) -> list[int]:
