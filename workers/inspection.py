@@ -20,7 +20,7 @@ import msgspec
 
 from bus import Bus, Entry
 
-from .deadletters import DeadLetter, list_dead
+from .deadletters import DeadLetter, count_dead, list_dead
 from .observe import lease_owners
 
 #: How far back from a session's end its current node is looked for.
@@ -357,7 +357,7 @@ async def groups(bus: Bus) -> list[GroupRow]:
                 lag[name] += int(g.get("lag") or 0)
                 pending[name] += int(g["pending"])
     paused = await _paused(bus, names)
-    dead = await list_dead(bus)
+    dead = await count_dead(bus)
     now_ms = await server_ms(bus)
     rows = []
     for s in services:
@@ -373,7 +373,7 @@ async def groups(bus: Bus) -> list[GroupRow]:
                 lag[s.name],
                 pending[s.name],
                 len(paused[s.name]),
-                sum(1 for d in dead if d.group == s.name),
+                dead.get(s.name, 0),
             )
         )
     return rows

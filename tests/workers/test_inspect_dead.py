@@ -17,6 +17,7 @@ from bus import Bus, ServiceInfo, Settings
 from tests.conftest import make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
+from workers.deadletters import count_dead
 
 pytestmark = pytest.mark.anyio
 APP = "tests.workers.apps:steps"
@@ -414,3 +415,14 @@ async def test_a_worker_whose_handler_is_stuck_in_a_thread_exits_after_its_drain
     proc.send_signal(signal.SIGTERM)  # one signal: the drain gives up after its 1 s (+ 3 s)
     assert proc.wait(30) == 128 + signal.SIGTERM
     assert "worker_exited_without_its_handlers" in workers.log(proc)
+
+
+async def test_dead_letters_are_counted_per_group_page_by_page(bus: Bus) -> None:
+    expected: dict[str, int] = {}
+    for p, letters in ((0, 5), (3, 4), (63, 1)):
+        for i in range(letters):
+            group = "a" if i % 2 else "b"
+            expected[group] = expected.get(group, 0) + 1
+            await raw(bus).xadd(bus.keys.dead(p), {"session": f"s{i}", "group": group})
+    for page in (1, 2, 4, 2000):
+        assert await count_dead(bus, page=page) == expected
