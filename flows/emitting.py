@@ -50,10 +50,15 @@ class Events:
         self._custom = {spec.name: spec for spec in events}
 
     def declare_event(
-        self, name: str, payload: type[Event] | None = None, *, sync: bool = False
+        self,
+        name: str,
+        payload: type[Event] | None = None,
+        *,
+        sync: bool = False,
+        emitters: Iterable[str] = (),
     ) -> EventSpec:
         """Declare a custom event, with the same arguments as in the handling service."""
-        spec = self._custom[name] = declare(name, payload, sync=sync)
+        spec = self._custom[name] = declare(name, payload, sync=sync, emitters=emitters)
         return spec
 
     async def emit(

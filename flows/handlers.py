@@ -102,11 +102,24 @@ def _takes(handler: Callable[..., Any]) -> int | None:
     return max(0, len(positional) - 1)
 
 
-def declare(name: str, payload: type[Event] | None = None, *, sync: bool = False) -> EventSpec:
+def declare(
+    name: str,
+    payload: type[Event] | None = None,
+    *,
+    sync: bool = False,
+    emitters: Iterable[str] = (),
+) -> EventSpec:
     """A custom event, to declare on both sides (service and bot) with the same arguments.
 
-    Without `payload` the event carries one argument, ``data`` (a JSON object).
+    Without `payload` the event carries one argument, ``data`` (a JSON object). With
+    `emitters`, the kinds of object that emit it: another emitting it, or a handler filtered
+    on another (``emitter=``), is refused, as for catalog events; without, any kind may.
     """
+    kinds = frozenset(emitters)
+    if isinstance(emitters, str) or not all(isinstance(k, str) and k for k in kinds):
+        raise InvalidHandlerError(
+            f"the emitters of {name!r} must be kinds' names, not {emitters!r}"
+        )
     if name in CATALOG:
         raise InvalidHandlerError(f"{name!r} is a catalog event; custom events need new names")
     if name in FLOW_EVENTS or name in COMMANDS:
@@ -119,10 +132,10 @@ def declare(name: str, payload: type[Event] | None = None, *, sync: bool = False
             tag=name,
             kw_only=True,
         )
-        return EventSpec(name, generic, frozenset(), sync)
+        return EventSpec(name, generic, kinds, sync)
     if payload.__struct_config__.tag != name:
         raise InvalidHandlerError(f"the payload of {name!r} must have tag={name!r}")
-    return EventSpec(name, payload, frozenset(), sync)
+    return EventSpec(name, payload, kinds, sync)
 
 
 def find_spec(name: str, custom: dict[str, EventSpec]) -> EventSpec:
@@ -165,11 +178,16 @@ class EventService:
             )
 
     def declare_event(
-        self, name: str, payload: type[Event] | None = None, *, sync: bool = False
+        self,
+        name: str,
+        payload: type[Event] | None = None,
+        *,
+        sync: bool = False,
+        emitters: Iterable[str] = (),
     ) -> EventSpec:
         """Declare a custom event this service handles (see `declare`)."""
         self._check_open(f"declaring {name!r}")
-        spec = self._custom[name] = declare(name, payload, sync=sync)
+        spec = self._custom[name] = declare(name, payload, sync=sync, emitters=emitters)
         return spec
 
     def event_handler(

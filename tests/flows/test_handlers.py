@@ -26,6 +26,7 @@ from flows import (
     Retry,
     Say,
     UnknownEventError,
+    declare,
 )
 from tests.conftest import make_settings
 from tests.support import wait_for
@@ -139,6 +140,24 @@ async def test_custom_events_are_declared_on_both_sides(bus: Bus) -> None:
         events.declare_event("support.escalated", Escalated, sync=True)
         outcome = await events.emit(Emitter("bot"), "support.escalated", "angry", priority=3)
     assert outcome is not None and outcome.ok and got == [("angry", 3)]
+
+
+async def test_a_custom_event_that_names_its_emitters_refuses_others_on_both_sides(
+    bus: Bus,
+) -> None:
+    service = EventService("svc")
+    service.declare_event("support.escalated", Escalated, emitters=["crm"])
+    with pytest.raises(InvalidHandlerError, match=r"'bot' never emits 'support\.escalated'; it "):
+        service.add_event_handler("support.escalated", print, emitter="bot")
+    service.add_event_handler("support.escalated", print, emitter="crm")
+    with pytest.raises(InvalidHandlerError, match="must be kinds' names, not 'crm'"):
+        declare("support.escalated", Escalated, emitters="crm")
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot)
+        events.declare_event("support.escalated", Escalated, emitters=["crm"])
+        with pytest.raises(EventError, match=r"'bot' does not emit 'support\.escalated'"):
+            await events.emit(Emitter("bot"), "support.escalated", "angry")
+        assert await events.emit(Emitter("crm"), "support.escalated", "angry") is None
 
 
 async def test_a_handler_gets_only_the_arguments_it_declares_as_pipecat_passes_them(
