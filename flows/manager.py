@@ -36,7 +36,7 @@ from .config import (
     context_strategy_of,
     parse_node,
 )
-from .errors import ActionError, FlowTransitionError
+from .errors import ActionError, FlowInitializationError, FlowTransitionError
 from .protocol import (
     ActionDone,
     ActionsCompleted,
@@ -161,7 +161,9 @@ class FlowManager:
 
     async def initialize(self, initial_node: NodeLike | None = None) -> None:
         """Start the session and enter `initial_node` (or the flow's initial node). As in
-        Pipecat, a second call only warns, and a call that failed may be made again."""
+        Pipecat, a second call only warns, a call that failed may be made again, and any error
+        comes as `FlowInitializationError` ("Failed to initialize flow: ..."), the error that
+        caused it as its ``__cause__``."""
         if self._initialized:
             log.warning("flow_already_initialized", session=self.session_id)
             return
@@ -175,6 +177,9 @@ class FlowManager:
                 initial_node = self.flow.nodes[self.flow.initial_node]
             if initial_node is not None:
                 await self.set_node_from_config(initial_node)
+        except Exception as exc:
+            self._initialized = False
+            raise FlowInitializationError(f"Failed to initialize flow: {exc}") from exc
         except BaseException:
             self._initialized = False
             raise

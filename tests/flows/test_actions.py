@@ -20,6 +20,7 @@ from flows import (
     ActionError,
     ActionsCompleted,
     ActionService,
+    FlowInitializationError,
     FlowManager,
     FlowTransitionError,
     FunctionCall,
@@ -226,8 +227,9 @@ async def test_a_broken_action_is_a_clear_error_at_once_and_the_next_call_is_una
 ) -> None:
     bus = actions
     async with call(bus, "call-bad") as fm:
-        with pytest.raises(ActionError, match=message.replace("(", r"\(")):
+        with pytest.raises(FlowInitializationError, match=message.replace("(", r"\(")) as failed:
             await fm.initialize(node("n", pre=pre, post=post))
+        assert isinstance(failed.value.__cause__, ActionError)
     await wait_for(lambda: handled_everything(bus, "call-bad"), what="the failure handled")
     events = await timeline(bus, "call-bad")
     assert "action.started:Y" not in events
@@ -241,8 +243,9 @@ async def test_a_broken_action_is_a_clear_error_at_once_and_the_next_call_is_una
 async def test_slow_pre_actions_end_the_wait_at_the_timeout_as_an_event(actions: Bus) -> None:
     bus = actions
     async with call(bus, "call-1", wait=0.3) as fm:
-        with pytest.raises(ActionError, match=r"did not finish within 0\.3s"):
+        with pytest.raises(FlowInitializationError, match=r"did not finish within 0\.3s") as failed:
             await fm.initialize(node("slow", pre=[note("S", ms=2000), note("after")]))
+        assert isinstance(failed.value.__cause__, ActionError)
     await wait_for(lambda: handled_everything(bus, "call-1"), what="the timeout handled")
     assert [e.type for e in await bus.history("call-1")][-1] == "wait.timed_out"
     assert "action.started:after" not in await timeline(bus, "call-1")  # abandoned
@@ -253,8 +256,11 @@ async def test_without_an_actions_service_a_node_with_actions_fails_at_once(
     bus: Bus, where: str
 ) -> None:
     async with call(bus, "call-1") as fm:
-        with pytest.raises(ActionError, match="has actions but no 'actions' service is running"):
+        with pytest.raises(
+            FlowInitializationError, match="has actions but no 'actions' service is running"
+        ) as failed:
             await fm.initialize(node("n", **{where: [say("hi")]}))
+        assert isinstance(failed.value.__cause__, ActionError)
 
 
 async def test_an_interrupted_tts_say_does_not_hang_the_flow(actions: Bus) -> None:
@@ -443,8 +449,11 @@ async def test_an_initialize_that_failed_may_be_made_again_and_a_second_one_only
     bus: Bus,
 ) -> None:
     async with call(bus, "call-1") as fm:
-        with pytest.raises(ActionError, match="no 'actions' service is running"):
+        with pytest.raises(
+            FlowInitializationError, match="no 'actions' service is running"
+        ) as failed:
             await fm.initialize(node("n", pre=[say("hi")]))
+        assert isinstance(failed.value.__cause__, ActionError)
         await fm.initialize(node("plain", respond_immediately=False))
         assert fm.current_node == "plain"
         with capture_logs() as logs:
