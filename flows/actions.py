@@ -315,7 +315,11 @@ class ActionService:
                     # once the phrase was spoken (a built-in replaced is a custom action)
                     run.waiting = key
             elif kind == "end_conversation" and kind not in self._actions:
-                end = EndConversation(text=str(action.get("text", "")), corr=key)
+                end = EndConversation(
+                    text=str(action.get("text", "")),
+                    corr=key,
+                    append_to_context=bool(action.get("append_text_to_context", True)),
+                )
                 await delivery.send(end, dedupe=key)
                 phase: Literal["pre", "post"] = "pre" if run.phase == "pre" else "post"
                 ended = ActionsCompleted(node=run.node, gen=run.gen, phase=phase, ended=True)

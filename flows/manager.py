@@ -474,12 +474,14 @@ class FlowManager:
                     self.messages.append({"role": "assistant", "content": text})
                 if corr:
                     await self.bot.publish(TTSSpoken(corr=corr, interrupted=not spoken))
-            case EndConversation(text=text):
+            case EndConversation(text=text, append_to_context=append):
                 self._ending = True  # no transition or LLM turn may follow it
                 if self._pre_wait is not None:  # nor a node entered meanwhile
                     self._pre_wait.cancel()
                 if text:
                     await self.tts.speak(text)
+                    if append:
+                        self.messages.append({"role": "assistant", "content": text})
                 await self.end("end_conversation")
             case RunAction(corr=corr, key=key, action=action):
                 # In a task of its own: the action may set a node whose actions need this loop.

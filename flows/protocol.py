@@ -96,10 +96,12 @@ class Say(Payload, tag="say"):
 
 
 class EndConversation(Payload, tag="end"):
-    """Speak `text` (if any), then end the session."""
+    """Speak `text` (if any; into the LLM's context too, with `append_to_context`), then end
+    the session."""
 
     text: str = ""
     corr: str = ""
+    append_to_context: bool = True
 
 
 class RunAction(Payload, tag="action.run"):

@@ -153,6 +153,27 @@ async def test_end_conversation_speaks_ends_the_session_and_skips_what_follows(
     assert (await bus.history("call-1"))[-1].type == "session.ended"
 
 
+@pytest.mark.parametrize("append", [True, False])
+async def test_spoken_text_goes_into_the_context_unless_told_not_to(
+    actions: Bus, append: bool
+) -> None:
+    bus = actions
+    quiet = {"append_text_to_context": False}
+    spoken = node(
+        "bye",
+        pre=[
+            say("Hello"),
+            {**say("Just a note"), **quiet},
+            {"type": "end_conversation", "text": "Bye", **({} if append else quiet)},
+        ],
+    )
+    async with call(bus, f"call-{append}") as fm:
+        await fm.initialize(spoken)
+        await fm.ended.wait()
+        said = [m["content"] for m in fm.messages if m["role"] == "assistant"]
+    assert said == (["Hello", "Bye"] if append else ["Hello"])
+
+
 async def _retired(bus: Bus, stream: str) -> bool:
     return int(await raw(bus).ttl(stream)) > 0
 
