@@ -114,6 +114,7 @@ class FlowManager:
         self.action_errors: list[tuple[str, str, str]] = []
         self.ended = anyio.Event()
         self._ending = False  # no node entry and no LLM turn from here on
+        self._ended_by_pre_action = False  # the end_conversation was a node's pre-action
         self._end_sent = False  # session.ended is published, or being published
         self._tg = tg
         self._node: NodeConfig | None = None
@@ -232,7 +233,11 @@ class FlowManager:
             elif not await self._publish(entered):
                 outcome = "ended"
             if self._ending:  # an end_conversation came meanwhile
-                log.info("node_not_entered", gen=gen, reason="the session ended")
+                if self._ended_by_pre_action and self._entering == gen:
+                    # One of this node's pre-actions: as in Pipecat, it is the current node.
+                    self.current_node, self._node, self._entered_gen = config.name, config, gen
+                else:
+                    log.info("node_not_entered", gen=gen, reason="the session ended")
                 return "ended"
             await self.state.load(self._read_state)  # what the pre-actions wrote
             if outcome == "superseded" or self._gen != gen:
@@ -474,8 +479,9 @@ class FlowManager:
                     self.messages.append({"role": "assistant", "content": text})
                 if corr:
                     await self.bot.publish(TTSSpoken(corr=corr, interrupted=not spoken))
-            case EndConversation(text=text, append_to_context=append):
+            case EndConversation(text=text, append_to_context=append, corr=corr):
                 self._ending = True  # no transition or LLM turn may follow it
+                self._ended_by_pre_action = "/pre/" in corr  # (its key: entry/phase/index)
                 if self._pre_wait is not None:  # nor a node entered meanwhile
                     self._pre_wait.cancel()
                 if text:

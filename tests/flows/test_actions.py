@@ -605,6 +605,19 @@ async def test_no_node_is_entered_after_an_end_conversation(actions: Bus) -> Non
     assert "llm.started:b" not in await timeline(actions, "call-1")
 
 
+async def test_a_node_whose_pre_action_ends_the_conversation_is_the_current_node(
+    actions: Bus,
+) -> None:
+    """As in Pipecat: `current_node` is the node before while pre-actions run, the new one
+    after, even when one of them ended the conversation."""
+    async with call(actions, "call-1", wait=10) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        await fm.set_node_from_config(node("bye", pre=[{"type": "end_conversation"}]))
+        with anyio.fail_after(10):
+            await fm.ended.wait()
+    assert fm.current_node == "bye"
+
+
 async def test_an_end_cut_short_by_a_cancellation_still_ends_the_session(bus: Bus) -> None:
     async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0)) as fm:
         await fm.initialize(node("a", respond_immediately=False))
