@@ -347,16 +347,19 @@ class FlowManager:
         wired = []
         for i, action in enumerate(actions):
             handler, kind = action.get("handler"), action["type"]
-            if callable(handler) and kind not in BUILTINS:  # as Pipecat: registered
+            if kind in BUILTINS and kind != "function":  # as Pipecat: an inline handler of a
+                handler = self._registered.get(kind)  # built-in is ignored (registered ones run)
+            elif callable(handler) and kind not in BUILTINS:  # as Pipecat: registered
                 handler = self._registered.setdefault(kind, handler)  # on first sight only
             elif not callable(handler):
                 handler = self._registered.get(kind)
+            if callable(action.get("handler")):  # the bot's own: not data
+                action = {k: v for k, v in action.items() if k != "handler"}
             if handler is None:
                 wired.append(action)
                 continue
             self._bot_actions[f"{key}/{i}"] = handler
-            bare = {k: v for k, v in action.items() if k != "handler"}
-            wired.append(bare | {"bot_handler": f"{key}/{i}"})
+            wired.append(action | {"bot_handler": f"{key}/{i}"})
         return wired
 
     async def _run_pre_actions(

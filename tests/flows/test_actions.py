@@ -362,6 +362,28 @@ async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_o
     assert ran == ["greet a", "greet b", "greet c"]
 
 
+async def test_an_inline_handler_of_a_built_in_is_ignored_as_in_pipecat(actions: Bus) -> None:
+    ran: list[str] = []
+
+    def mine(action: dict[str, Any]) -> None:
+        ran.append(action["type"])
+
+    async with call(actions, "call-1") as fm:
+        await fm.initialize(
+            node(
+                "bye",
+                pre=[
+                    {**say("Hello"), "handler": mine},
+                    {"type": "end_conversation", "text": "Bye", "handler": mine},
+                ],
+            )
+        )
+        with anyio.fail_after(10):
+            await fm.ended.wait()
+    events = await timeline(actions, "call-1")
+    assert ran == [] and before(events, "tts.finished:Hello", "tts.finished:Bye")
+
+
 async def test_a_function_call_sees_what_a_workers_post_action_wrote_and_shares_its_own(
     actions: Bus,
 ) -> None:
