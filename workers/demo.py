@@ -83,7 +83,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
         )
     previous = signal.signal(signal.SIGTERM, _terminated)  # cleaned up as after Ctrl-C
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
-    server = None if url else LocalServer("valkey", directory=work / "server")
+    server = None if url else LocalServer("valkey", directory=work / "server", outlive=args.keep)
     fleets: list[Fleet] = []
     prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
     prefix = prefix or ("flowbus" if server else f"demo-{secrets.token_hex(4)}")

@@ -81,7 +81,8 @@ class LocalServer:
 
     With `appendonly`, every write is fsynced to an AOF file in `directory`, so `restart()`
     (or `kill()` then `start()`) brings back everything acknowledged. With a `wrapper`, the
-    server runs under that command (``valgrind ...``, to count its instructions).
+    server runs under that command (``valgrind ...``, to count its instructions). It ends
+    when the process that started it dies, however it died, unless it is to `outlive` it.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class LocalServer:
         port: int | None = None,
         cluster: bool = False,
         wrapper: Sequence[str] = (),
+        outlive: bool = False,
     ) -> None:
         self.binary = server_binary(kind)
         self.wrapper = list(wrapper)  # a command the server runs under (valgrind, say)
@@ -104,6 +106,7 @@ class LocalServer:
         self.port = port or free_port()
         self._movable = port is None  # until first started: then clients know its port
         self.process: subprocess.Popen[bytes] | None = None
+        self.outlive = outlive
 
     @property
     def url(self) -> str:
@@ -156,7 +159,7 @@ class LocalServer:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=ending_with_parent(),
+            preexec_fn=None if self.outlive else ending_with_parent(),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
