@@ -318,8 +318,13 @@ class Bus:
 
     @asynccontextmanager
     async def inbox(self, session: str, codec: Codec, *, after: str = "0") -> AsyncIterator[Inbox]:
-        """A reader of the session's inbox, on a connection of its own (reads block)."""
+        """A reader of the session's inbox, on a connection of its own (reads block). `after`
+        is an entry id; ``"$"``: what is written from now on (resolved before this returns)."""
         check_session_id(session)
+        if after == "$":
+            last = partial(self.redis.xrevrange, self.keys.inbox(session), count=1)
+            newest: Any = await call("reading the inbox", last, self.settings, session)
+            after = newest[0][0].decode() if newest else "0"
         client = make_client(self.settings, block_seconds=Inbox.BLOCK_SECONDS)
         try:
             yield Inbox(client, session, self.keys.inbox(session), codec, after, self.settings)

@@ -99,6 +99,9 @@ class _State(msgspec.Struct):
     #: A node entered while `run`'s post-actions ran: it starts once they are done (as in
     #: Pipecat, where a transition's frames follow those of the post-actions before it).
     next: _Run | None = None
+    #: The node the bot entered last (its pre-actions were done): `current_node` while the
+    #: next node's pre-actions run. (A node whose pre-actions failed or timed out is not.)
+    entered: str | None = None
 
 
 _decode_state = msgspec.json.Decoder(_State).decode
@@ -122,10 +125,13 @@ class WorkerFlowManager:
         #: Unique per (session, node entry, phase, position): an idempotency key for the
         #: action's side effects, should a crash make it run again.
         self.action_key = f"{delivery.session}/{key}"
+        self._sent = 0
 
     async def send(self, command: Payload) -> bool:
-        """Write `command` to the bot's inbox (once, even if this action runs again)."""
-        return await self._delivery.send(command, dedupe=f"{self.action_key}/send")
+        """Write `command` to the bot's inbox (once, even if this action runs again): the n-th
+        send of a run is written once per action key."""
+        self._sent += 1
+        return await self._delivery.send(command, dedupe=f"{self.action_key}/send/{self._sent}")
 
 
 class ActionService:
@@ -198,6 +204,9 @@ class ActionService:
 
     # -- the state machine ------------------------------------------------------------------
     async def _handle(self, delivery: Delivery) -> None:
+        payload = delivery.payload
+        if isinstance(payload, NodeEntered) and payload.service not in ("", self.name):
+            return  # another actions service's node entry
         raw = await delivery.load_state()
         state = _decode_state(raw) if raw else _State()
         run = state.run
@@ -212,7 +221,7 @@ class ActionService:
                     entered.post_actions,
                     delivery.extra.get("corr", ""),
                     deadline=deadline,
-                    previous=None if latest is None else latest.node,
+                    previous=state.entered,
                     seq=delivery.seq,
                 )
                 problem = self.problem(new.pre + new.post)
@@ -235,14 +244,20 @@ class ActionService:
                 run.waiting = ""
             case ActionDone(corr=corr, error=error) if run is not None and run.waiting == corr:
                 run.waiting = ""
-                if error:
-                    actions = run.pre if run.phase == "pre" else run.post
-                    await self._fail(delivery, run, str(actions[run.index - 1]["type"]), error)
+                if error:  # the action is the one its corr names (entry/phase/index)
+                    _, of_phase, at = corr.rsplit("/", 2)
+                    actions = run.pre if of_phase == "pre" else run.post
+                    await self._fail(delivery, run, str(actions[int(at)]["type"]), error)
             case WaitTimedOut(gen=gen) if latest is not None and latest.gen == gen:
                 if latest is state.next:  # the bot gave up on it before it started
                     state.next = None
                 else:
                     latest.phase = "abandoned"
+            case SessionStarted() if run is not None and run.phase not in ("failed", "ended"):
+                # A bot that started over on its session: what its predecessor was doing or
+                # waiting for will not be confirmed (nor its next node entered).
+                log.info("actions_abandoned", node=run.node, gen=run.gen, reason="bot restarted")
+                run.phase, run.waiting, state.next = "abandoned", "", None
             case SessionEnded() if run is not None:
                 run.phase = "ended"
                 state.next = None
@@ -279,6 +294,8 @@ class ActionService:
                     if actions or (run.phase == "pre" and run.corr):  # the bot waits for it
                         completed = ActionsCompleted(node=run.node, gen=run.gen, phase=run.phase)
                         await self._tell(delivery, run, completed, f"{run.entry}/{run.phase}/done")
+                    if run.phase == "pre":
+                        state.entered = run.node
                     run.phase, run.index = ("post_wait", 0) if run.phase == "pre" else ("done", 0)
             elif run.phase == "post_wait" and run.llm_done and run.tts_done:
                 run.phase = "post"

@@ -70,7 +70,10 @@ class BotSession:
         bot = cls(bus, session, send, traceparent=traceparent)
         bot.commands = receive
         with unwrapped():
-            async with bus.inbox(session, codec) as inbox, anyio.create_task_group() as tg:
+            # Only what is sent from now on: a bot that starts over on its session is not
+            # told again what its predecessor was.
+            reader = bus.inbox(session, codec, after="$")
+            async with reader as inbox, anyio.create_task_group() as tg:
                 tg.start_soon(bot._route, inbox)
                 try:
                     yield bot

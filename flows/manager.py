@@ -219,6 +219,7 @@ class FlowManager:
             gen=gen,
             respond_immediately=config.respond_immediately,
             wait_ms=int(self.actions_timeout * 1000),
+            service=self.actions_service,
             pre_actions=self._wire_all(config.pre_actions, f"{gen}/pre"),
             post_actions=self._wire_all(config.post_actions, f"{gen}/post"),
         )
@@ -477,11 +478,14 @@ class FlowManager:
     async def _serve(self, message: Message, actions: TaskGroup) -> None:
         match message.payload:
             case Say(text=text, append_to_context=append, corr=corr):
+                if self._ending:  # the call is over: nothing more is said, nor confirmed
+                    log.info("say_dropped", session=self.session_id, reason="the session ended")
+                    return
                 spoken = await self.tts.speak(text)
                 if append:
                     self.messages.append({"role": "assistant", "content": text})
                 if corr:
-                    await self.bot.publish(TTSSpoken(corr=corr, interrupted=not spoken))
+                    await self._publish(TTSSpoken(corr=corr, interrupted=not spoken))
             case EndConversation(text=text, append_to_context=append, corr=corr):
                 self._ending = True  # no transition or LLM turn may follow it
                 self._ended_by_pre_action = "/pre/" in corr  # (its key: entry/phase/index)

@@ -38,6 +38,8 @@ class NodeEntered(Payload, tag="node.entered"):
     respond_immediately: bool = True
     #: How long the bot waits for the pre-actions (0: no limit); later ones are abandoned.
     wait_ms: int = 0
+    #: The actions service that runs them (the bot's `actions_service`; "": any).
+    service: str = ""
 
 
 class LLMCompleted(Payload, tag="llm.completed"):

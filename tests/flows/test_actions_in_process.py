@@ -1,0 +1,254 @@
+"""The actions service run in the test process (a `Consumer`), against a real server: its
+commands to the bot, its answers, and bots that start over or end early."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from bus import Bus, Consumer
+from flows import (
+    COMMANDS,
+    ActionError,
+    ActionService,
+    FlowInitializationError,
+    FlowManager,
+    LLMResponse,
+    ScriptedLLM,
+    SimulatedTTS,
+)
+from flows.protocol import ActionsCompleted, NodeEntered, Say
+from tests.support import wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_custom_action_may_send_two_commands_to_the_bot(bus: Bus) -> None:
+    """WorkerFlowManager.send: 'writes a command to the bot (once, even if this action runs
+    again)'. Two different sends in one run of one action must both arrive."""
+    service = ActionService()
+
+    @service.action("greet_twice")
+    async def greet_twice(action: dict[str, Any], flow_manager: Any) -> None:
+        assert await flow_manager.send(Say(text="one"))
+        assert await flow_manager.send(Say(text="two"))
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        pre = [{"type": "greet_twice"}]
+        await bus.publish("call-1", NodeEntered(node="a", gen=1, pre_actions=pre))
+        got: list[Any] = []
+        async with bus.inbox("call-1", COMMANDS) as inbox:
+
+            async def completed() -> bool:
+                got.extend(m.payload for m in await inbox.read(wait=0.2))
+                return any(isinstance(p, ActionsCompleted) for p in got)
+
+            await wait_for(completed, what="the pre-actions to complete")
+        consumer.stop()
+    assert [p.text for p in got if isinstance(p, Say)] == ["one", "two"]
+    assert got[-1] == ActionsCompleted(node="a", gen=1, phase="pre", error="")
+
+
+async def test_a_bot_that_starts_over_does_not_replay_the_commands_of_the_one_before(
+    bus: Bus,
+) -> None:
+    """A bot process that starts over on its session is not told again what its predecessor
+    was told (commands keyed by a gen the new bot counts from 1 again)."""
+    service = ActionService()
+
+    @service.action("note")
+    async def note(action: dict[str, Any], flow_manager: Any) -> None:
+        pass
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        first = SimulatedTTS(0)
+        async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=first) as fm:
+            await fm.initialize(
+                {
+                    "name": "a",
+                    "task_messages": [],
+                    "pre_actions": [{"type": "tts_say", "text": "Hello from the first bot"}],
+                    "respond_immediately": False,
+                }
+            )
+        assert first.spoken == ["Hello from the first bot"]
+        second = SimulatedTTS(0)
+        async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=second) as fm:
+            await fm.initialize(
+                {
+                    "name": "b",
+                    "task_messages": [],
+                    "pre_actions": [{"type": "tts_say", "text": "Hello from the second bot"}],
+                    "respond_immediately": False,
+                }
+            )
+        consumer.stop()
+    assert second.spoken == ["Hello from the second bot"]
+
+
+async def test_a_failing_bot_side_end_conversation_is_named_in_the_error(bus: Bus) -> None:
+    """A bot-side end_conversation (registered in the bot, as Pipecat allows) that raises: the
+    ActionError must name it, not the action after it in the list."""
+    service = ActionService()
+
+    @service.action("note")
+    async def note(action: dict[str, Any], flow_manager: Any) -> None:
+        pass
+
+    async def hang_up(action: dict[str, Any], flow_manager: Any) -> None:
+        raise RuntimeError("the line is busy")
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
+        ) as fm:
+            fm.register_action("end_conversation", hang_up)
+            pre = [{"type": "end_conversation"}, {"type": "note"}]
+            with pytest.raises(FlowInitializationError) as raised:
+                await fm.initialize({"name": "a", "task_messages": [], "pre_actions": pre})
+        consumer.stop()
+    cause = raised.value.__cause__
+    assert isinstance(cause, ActionError)
+    assert "'end_conversation'" in str(cause) and "'note'" not in str(cause), str(cause)
+
+
+async def test_a_second_action_service_does_not_answer_for_the_one_the_bot_names(
+    bus: Bus,
+) -> None:
+    """FlowManager(actions_service=...) names its service; another ActionService deployed
+    beside it (for other flows) must not fail or run this bot's actions."""
+    mine, other = ActionService("actions"), ActionService("billing-actions")
+    ran: list[str] = []
+
+    @mine.action("note")
+    async def note(action: dict[str, Any], flow_manager: Any) -> None:
+        await anyio.sleep(0.3)  # the work the action does: the other service is faster
+        ran.append("note")
+
+    a, b = Consumer(bus, mine.as_service()), Consumer(bus, other.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.run)
+        await tg.start(b.run)
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
+        ) as fm:
+            pre = [{"type": "note"}]
+            try:
+                await fm.initialize(
+                    {
+                        "name": "a",
+                        "task_messages": [],
+                        "pre_actions": pre,
+                        "respond_immediately": False,
+                    }
+                )
+                error = None
+            except Exception as exc:
+                error = exc.__cause__
+        a.stop()
+        b.stop()
+    assert error is None, error
+    assert ran == ["note"]
+
+
+async def test_current_node_in_pre_actions_is_the_bots_after_a_failed_node_entry(
+    bus: Bus,
+) -> None:
+    """Node b's pre-action fails: the bot stays in a (ActionError). Entering c, its
+    pre-actions must see current_node 'a', as the bot does (and as Pipecat does)."""
+    service = ActionService()
+    seen: list[Any] = []
+
+    @service.action("boom")
+    async def boom(action: dict[str, Any], flow_manager: Any) -> None:
+        raise RuntimeError("boom")
+
+    @service.action("where")
+    async def where(action: dict[str, Any], flow_manager: Any) -> None:
+        seen.append(flow_manager.current_node)
+
+    def n(name: str, pre: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"name": name, "task_messages": [], "pre_actions": pre, "respond_immediately": False}
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
+        ) as fm:
+            await fm.initialize(n("a", [{"type": "where"}]))
+            with pytest.raises(ActionError):
+                await fm.set_node_from_config(n("b", [{"type": "boom"}]))
+            assert fm.current_node == "a"
+            await fm.set_node_from_config(n("c", [{"type": "where"}]))
+        consumer.stop()
+    assert seen == [None, "a"]
+
+
+async def test_a_say_that_comes_after_the_bot_ended_the_session_does_not_crash_the_bot(
+    bus: Bus,
+) -> None:
+    """The worker sends a post-action's say (waited for) just as the bot ends the call (the
+    caller hung up): the worker had not read session.ended yet. The bot must not fail with
+    SessionEndedError publishing tts.spoken into its ended session."""
+    tts = SimulatedTTS(0)
+    async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=tts) as fm:
+        await fm.initialize({"name": "a", "task_messages": [], "respond_immediately": False})
+        await fm.end("the caller hung up")
+        await bus.send("call-1", Say(text="late", corr="2/post/0"))
+        # A command after it: once handled, the command loop got past the say.
+        marker = ActionsCompleted(node="x", gen=9, phase="post", error="marker", action_type="m")
+        await bus.send("call-1", marker)
+        await wait_for(lambda: _has_error(fm), what="the bot to handle both commands")
+    assert "late" not in tts.spoken
+    assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"
+
+
+async def _has_error(fm: FlowManager) -> bool:
+    return bool(fm.action_errors)
+
+
+async def test_a_bot_that_starts_over_while_a_post_action_waited_for_its_phrase_goes_on(
+    bus: Bus,
+) -> None:
+    """The bot dies while speaking a post-action's tts_say (the worker waits for tts.spoken);
+    a new bot starts over on the session: its node's pre-actions must run."""
+    service = ActionService()
+
+    @service.action("note")
+    async def note(action: dict[str, Any], flow_manager: Any) -> None:
+        pass
+
+    speaking = anyio.Event()
+
+    async def observe(kind: str, text: str) -> None:
+        if (kind, text) == ("tts.started", "bye now"):
+            speaking.set()
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        first = SimulatedTTS(1.0, observer=observe)  # a second per character: still speaking
+        llm = ScriptedLLM({"a": [LLMResponse(text="")]})
+        async with FlowManager.open(bus, "call-1", llm=llm, tts=first, actions_timeout=5) as fm:
+            post = [{"type": "tts_say", "text": "bye now"}]
+            await fm.initialize({"name": "a", "task_messages": [], "post_actions": post})
+            await speaking.wait()  # and then the bot process dies
+        second = SimulatedTTS(0)
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=second, actions_timeout=5
+        ) as fm:
+            pre = [{"type": "note"}]
+            await fm.initialize(
+                {"name": "b", "task_messages": [], "pre_actions": pre, "respond_immediately": False}
+            )
+            assert fm.current_node == "b"
+        consumer.stop()
