@@ -141,14 +141,23 @@ class Bus:
             async with lock:
                 return await self._publish(session, payload, final, extra)
         finally:
-            if not lock.statistics().tasks_waiting and self._publishing.get(session) is lock:
+            # Not while another holds it: a release hands the lock to the next waiter, who
+            # then no longer counts as waiting.
+            if (
+                not lock.locked()
+                and not lock.statistics().tasks_waiting
+                and (self._publishing.get(session) is lock)
+            ):
                 del self._publishing[session]
 
     async def _publish(
         self, session: str, payload: Payload, final: bool, extra: Mapping[str, str] | None
     ) -> Published:
         name, data = self._encode(session, payload)
-        groups = [s.name for s in await self.services()]
+        # A session's groups are made at its first event: for that one, the registry as it
+        # is now, not as it was up to SERVICES_TTL ago.
+        first = session not in self._last_seq
+        groups = [s.name for s in await self.services(fresh=first)]
         p = self.keys.partition(session)
         args: list[scripts.Arg] = [
             self.keys.tag(p),

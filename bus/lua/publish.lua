@@ -18,13 +18,22 @@ local function at_or_after(a, b)
   return a_ms > b_ms or (a_ms == b_ms and tonumber(a_seq) >= tonumber(b_seq))
 end
 
--- True when some group of the stream (or a known service without one) may be idle on it: it
+-- True when some group of the stream may be idle on it, or a known service has none (which
+-- it then gets, from the session's start: registered since the session began, it would
+-- otherwise find the session retired under it). A group is idle when it has
 -- read every entry published before the new one. That is a lag of 1 (or one the server cannot
 -- tell), or, when entries appended without this script (a raw XADD, which no hint announced)
 -- lie between, a last delivered id at or after the previous publish's entry `previous`.
 local function may_be_idle(stream, known, previous)
   local groups = groups_of(stream)
-  if #groups < known then return true end
+  if #groups < known then
+    local have = {}
+    for _, info in ipairs(groups) do have[info['name']] = true end
+    for i = 10, 9 + known do
+      if not have[ARGV[i]] then redis.pcall('XGROUP', 'CREATE', stream, ARGV[i], '0') end
+    end
+    return true
+  end
   for _, info in ipairs(groups) do
     if not info['lag'] or info['lag'] <= 1 then return true end
     if previous and at_or_after(info['last-delivered-id'], previous) then return true end

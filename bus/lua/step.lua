@@ -44,11 +44,14 @@ end
 
 -- How many entries our consumer has pending on the stream ('gone' if there is no stream; the
 -- group is made if the stream has none yet).
-local function own_pending(k_stream)
+local function own_pending(k_stream, sid)
   local r = redis.pcall('XPENDING', k_stream, group)
   if type(r) == 'table' and r.err then
     if not string.find(r.err, 'NOGROUP') then error(r.err) end
     if redis.call('EXISTS', k_stream) == 0 then return 'gone' end
+    -- A session that retired before this group came to it: its keys expire, so a group made
+    -- now would have entries to handle on a stream that may vanish under them.
+    if redis.call('SISMEMBER', tag .. ':live', sid) == 0 then return 'gone' end
     redis.call('XGROUP', 'CREATE', k_stream, group, '0')
     return 0
   end
@@ -93,7 +96,7 @@ local function step(k_stream, at)
   if read == '' then return {'idle'} end
   if read == 'p' then
     if redis.call('HEXISTS', k_paused, sid) == 1 then return {'paused'} end
-    local pending = own_pending(k_stream)
+    local pending = own_pending(k_stream, sid)
     if pending == 'gone' then redis.call('SREM', tag .. ':live', sid) return {'gone'} end
     if pending > 0 then
       local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
