@@ -19,7 +19,16 @@ from redis.exceptions import ResponseError
 
 from . import scripts
 from .connection import call, connect, make_client
-from .envelope import OPTIONAL_FIELDS, Codec, DecodeError, Entry, Payload, encode, type_name
+from .envelope import (
+    MAX_EXTRA_BYTES,
+    OPTIONAL_FIELDS,
+    Codec,
+    DecodeError,
+    Entry,
+    Payload,
+    encode,
+    type_name,
+)
 from .errors import (
     ConfigError,
     InvalidExtraError,
@@ -404,5 +413,10 @@ def _flat(extra: Mapping[str, str] | None) -> Sequence[str]:
             raise InvalidExtraError(field, f"the envelope carries only {carried}")
         if not isinstance(value, str):
             raise InvalidExtraError(field, f"its value must be a string, not {value!r}")
+        if len(value.encode()) > MAX_EXTRA_BYTES:
+            size = len(value.encode())
+            raise InvalidExtraError(
+                field, f"its value is {size} bytes; the limit is {MAX_EXTRA_BYTES}"
+            )
         flat += (field, value)
     return flat

@@ -16,6 +16,9 @@ from typing import Any, Protocol, Union
 import msgspec
 
 OPTIONAL_FIELDS = ("v", "traceparent", "reply_to", "corr")
+#: The longest value of an optional field, in bytes (a traceparent is 55; `data` has its own
+#: limit, `Settings.max_payload_bytes`).
+MAX_EXTRA_BYTES = 1024
 _encoder = msgspec.json.Encoder()
 
 
@@ -138,6 +141,10 @@ class Entry(msgspec.Struct, frozen=True):
             extra = {k: fields[k].decode() for k in OPTIONAL_FIELDS if k in fields}
         except (UnicodeDecodeError, ValueError):
             raise DecodeError("type, seq, ts or an optional field is malformed") from None
+        for k in extra:
+            if len(fields[k]) > MAX_EXTRA_BYTES:
+                size = len(fields[k])
+                raise DecodeError(f"{k} is {size} bytes; the limit is {MAX_EXTRA_BYTES}")
         return cls(entry_id, type_, seq, ts, data, extra)
 
 

@@ -87,6 +87,7 @@ async def test_an_entry_is_flat_and_readable(bus: Bus) -> None:
         ({"data": "{}"}, "'data': the envelope carries only"),
         ({"tenant": "acme"}, "'tenant': the envelope carries only"),
         ({"corr": 7}, "'corr': its value must be a string, not 7"),
+        ({"traceparent": "0" * 1025}, "'traceparent': its value is 1025 bytes; the limit is 1024"),
     ],
 )
 async def test_an_extra_field_the_envelope_does_not_carry_is_refused_and_nothing_written(

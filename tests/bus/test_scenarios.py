@@ -321,6 +321,7 @@ async def test_garbage_entries_are_dead_lettered_and_valid_events_still_handled(
             {b"\xff\xfe": b"\x00\x01", b"type": b"\xc3\x28"},
             {"type": "tick", "seq": "x", "ts": "1", "data": '{"type":"tick"}'},
             {"type": "tick", "seq": "9", "ts": "1", "data": '{"type":"tick","n":"one"}'},
+            {"type": "tick", "seq": "9", "ts": "1", "data": "{}", "traceparent": "0" * 5000},
         ]
         for fields in garbage:
             await raw(bus).xadd(stream, fields)
@@ -329,7 +330,7 @@ async def test_garbage_entries_are_dead_lettered_and_valid_events_still_handled(
         await wait_for(lambda: progressed(bus, 2), what="the valid events around the garbage")
         assert [r.seq for r in await handled(bus, "recorder")] == [1, 2]
         reasons = [d["error"] for d in await dead_letters(bus)]
-        assert len(reasons) == 7
+        assert len(reasons) == 8
         assert reasons[1].startswith("invalid data for 'tick': JSON is malformed")
         assert reasons[:1] + reasons[2:] == [
             "missing field(s) ts, data",
@@ -338,6 +339,7 @@ async def test_garbage_entries_are_dead_lettered_and_valid_events_still_handled(
             "a field name is not UTF-8",
             "type, seq, ts or an optional field is malformed",
             "invalid data for 'tick': Expected `int`, got `str` - at `$.n`",
+            "traceparent is 5000 bytes; the limit is 1024",
         ]
         assert proc.poll() is None
 
