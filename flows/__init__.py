@@ -9,6 +9,8 @@ from .actions import ActionService, WorkerFlowManager
 from .bot import BotSession
 from .catalog import CATALOG, Emitter, Event, EventSpec, Info
 from .config import (
+    TRANSITION_IN_YAML,
+    Branch,
     ContextStrategy,
     FlowConfig,
     FunctionConfig,
@@ -49,11 +51,13 @@ __all__ = [
     "FLOW_EVENTS",
     "LLM",
     "NO_RESPONSE",
+    "TRANSITION_IN_YAML",
     "TTS",
     "ActionError",
     "ActionService",
     "ActionsCompleted",
     "BotSession",
+    "Branch",
     "ContextStrategy",
     "Emitter",
     "EmitterRef",

@@ -75,6 +75,49 @@ def context_strategy_of(value: Any) -> ContextStrategy:
         raise ValueError(f"one of {allowed}, not {value!r}") from None
 
 
+class _TransitionInYaml:
+    def __repr__(self) -> str:
+        return "TRANSITION_IN_YAML"
+
+
+#: What a function of a flow file returns as its next node to let the file's `transition_to`
+#: decide (Pipecat 1.14's sentinel; None does the same here).
+TRANSITION_IN_YAML: Any = _TransitionInYaml()
+
+
+def case_key(value: Any) -> str:
+    """The string a `Branch` matches a result's value and its cases' keys by, as Pipecat's:
+    booleans, and strings spelling one in any case, are ``true`` and ``false``; anything
+    else is its ``str()``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    return text.lower() if text.lower() in ("true", "false") else text
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A flow file's transition chosen by the function's result: the node `cases` names for
+    the value of its `field` (matched by `case_key`), else `default`, else none (it stays)."""
+
+    field: str
+    cases: Mapping[str, str]
+    default: str | None = None
+
+    def targets(self) -> list[str]:
+        return [*self.cases.values(), *([self.default] if self.default else [])]
+
+    def destination(self, function: str, result: Any) -> str | None:
+        """The node to go to after `function` returned `result`; `FlowError` if the result
+        has no `field`."""
+        if not isinstance(result, Mapping) or self.field not in result:
+            raise FlowError(
+                f"function {function!r} branches on its result's {self.field!r}, which its "
+                "result does not have"
+            )
+        return self.cases.get(case_key(result[self.field]), self.default)
+
+
 @dataclass(frozen=True, slots=True)
 class FunctionConfig:
     """A function the LLM may call in a node. Its handler is ``handler(args, flow_manager)``
@@ -85,8 +128,9 @@ class FunctionConfig:
     properties: Mapping[str, Any] = field(default_factory=dict)
     required: Sequence[str] = ()
     handler: Handler | None = None
-    #: The node of the flow to go to once it was called (when the handler names none).
-    transition_to: str | None = None
+    #: The node of the flow to go to once it was called (when the handler names none), or a
+    #: `Branch` on its result.
+    transition_to: str | Branch | None = None
     #: Seconds its handler may take (Pipecat's ``timeout_secs``); None: the manager's.
     timeout: float | None = None
 
@@ -115,6 +159,9 @@ class NodeConfig:
     name: str
     task_messages: list[dict[str, Any]]
     role_message: str | None = None
+    #: Deprecated ``role_messages``: as in Pipecat, messages of the context, put before the
+    #: task messages (when the node has no `role_message`), not filled from state.
+    role_messages: list[dict[str, Any]] = field(default_factory=list)
     functions: list[FunctionConfig] = field(default_factory=list)
     pre_actions: list[dict[str, Any]] = field(default_factory=list)
     post_actions: list[dict[str, Any]] = field(default_factory=list)
@@ -195,6 +242,8 @@ def parse_node(
     if "task_messages" not in config:
         raise InvalidNodeError(node, "task_messages", "required")
     role = _role(node, config)
+    deprecated = config.get("role_messages") or []
+    role_messages = [] if role else _messages(node, "role_messages", deprecated)
     strategy = config.get("context_strategy")
     try:
         context_strategy = None if strategy is None else context_strategy_of(strategy)
@@ -206,8 +255,11 @@ def parse_node(
     return NodeConfig(
         name=node,
         task_messages=_messages(node, "task_messages", config["task_messages"]),
-        role_message=role,
-        functions=[_function(node, f, handlers or {}) for f in _list(node, "functions", config)],
+        role_message=role or None,
+        role_messages=role_messages,
+        functions=[
+            parse_function(node, f, handlers or {}) for f in _list(node, "functions", config)
+        ],
         pre_actions=[_action(node, "pre_actions", a) for a in _list(node, "pre_actions", config)],
         post_actions=[
             _action(node, "post_actions", a) for a in _list(node, "post_actions", config)
@@ -219,16 +271,23 @@ def parse_node(
 
 @dataclass(frozen=True, slots=True)
 class FlowConfig:
-    """A whole flow from a file: its nodes by name and the one to start with."""
+    """A whole flow from a file: its nodes by name and the one to start with. Its
+    ``global_functions`` are in every node's `functions` (first, as Pipecat offers them)."""
 
     initial_node: str
     nodes: dict[str, NodeConfig]
 
 
-def load_flow(path: str | Path, *, handlers: Mapping[str, Handler] | None = None) -> FlowConfig:
-    """Read a flow from YAML or JSON: ``{initial_node: NAME, nodes: {NAME: node, ...}}``.
+def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
+    """Read a flow from YAML or JSON, as Pipecat 1.14 writes one: ``{initial_node: NAME,
+    nodes: {NAME: node, ...}, global_functions: [function, ...]}``.
 
-    Function handlers are named (``handler: check_order``) and looked up in `handlers`.
+    A function names its *direct function* in `handlers` (a mapping of names, an object such
+    as a module, or a list of those), which describes it; or it is ``transition_only`` (a
+    ``description``, no parameters, no code); or, flowbus's own form, it describes itself and
+    names its handler (``handler: check_order``). Its ``transition_to`` names a node, or
+    chooses one by a field of its result (``{field: status, cases: {ok: confirm}, default:
+    retry}``); its handler returns ``(result, TRANSITION_IN_YAML)`` (or None) to let it.
     Raises `InvalidNodeError`, or `FlowError` for a file that does not parse.
     """
     path = Path(path)
@@ -244,30 +303,71 @@ def load_flow(path: str | Path, *, handlers: Mapping[str, Handler] | None = None
         raise FlowError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("nodes"), Mapping):
         raise FlowError(f"{path}: expected a mapping with 'nodes' (and 'initial_node')")
-    nodes = {n: parse_node(c, name=n, handlers=handlers) for n, c in data["nodes"].items()}
+    unused = sorted(set(data) - {"initial_node", "nodes", "global_functions"})
+    if unused:
+        raise FlowError(f"{path}: unsupported key(s) {', '.join(map(repr, unused))}")
+    lookup = _Handlers(handlers)
+    nodes = {n: parse_node(c, name=n, handlers=lookup) for n, c in data["nodes"].items()}
     initial = data.get("initial_node") or next(iter(nodes), None)
     if initial not in nodes:
         raise FlowError(f"{path}: initial_node {initial!r} is not one of the nodes")
-    for node in nodes.values():
-        for function in node.functions:
-            if function.transition_to is not None and function.transition_to not in nodes:
-                where = f"functions.{function.name}"
-                problem = f"transition_to {function.transition_to!r} is not one of the nodes"
-                raise InvalidNodeFunctionError(node.name, where, problem)
+    where = "global_functions"
+    shared = [parse_function(where, f, lookup) for f in _list(where, where, data)]
+    for node, functions in [(n.name, n.functions) for n in nodes.values()] + [(where, shared)]:
+        for function in functions:
+            at = f"functions.{function.name}"
+            if function.handler is None and function.transition_to is None:
+                problem = "no handler of that name in the handlers, and no transition_to"
+                raise InvalidNodeFunctionError(node, at, problem)
+            target = function.transition_to
+            for name in [target] if isinstance(target, str) else target.targets() if target else []:
+                if name not in nodes:
+                    problem = f"transition_to {name!r} is not one of the nodes"
+                    raise InvalidNodeFunctionError(node, at, problem)
+            if functions is not shared and function.name in {f.name for f in shared}:
+                raise InvalidNodeFunctionError(node, at, "it is also a global function")
+    if shared:
+        nodes = {n: replace(c, functions=[*shared, *c.functions]) for n, c in nodes.items()}
     return FlowConfig(str(initial), nodes)
 
 
+class _Handlers(Mapping[str, Handler]):
+    """`load_flow`'s handlers, as Pipecat takes them: a mapping of names, an object whose
+    attributes they are (a module, say), or a list of those; a name that is two different
+    callables in them is a `FlowError`."""
+
+    def __init__(self, given: Any) -> None:
+        self._spaces = list(given) if isinstance(given, list | tuple) else [given or {}]
+
+    def __getitem__(self, name: str) -> Handler:
+        found: dict[int, Handler] = {}
+        for space in self._spaces:
+            target = space.get(name) if isinstance(space, Mapping) else getattr(space, name, None)
+            if target is not None:
+                found[id(target)] = target
+        if len(found) > 1:
+            raise FlowError(f"handler {name!r} is defined in more than one of the handlers")
+        if not found:
+            raise KeyError(name)
+        return next(iter(found.values()))
+
+    def __iter__(self) -> typing.Iterator[str]:
+        for space in self._spaces:
+            yield from (
+                space
+                if isinstance(space, Mapping)
+                else (n for n in dir(space) if not n.startswith("_"))
+            )
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def _role(node: str, config: Mapping[str, Any]) -> str | None:
-    if "role_message" in config:
-        role = config["role_message"]
-        if role is not None and not isinstance(role, str):
-            raise InvalidNodeError(node, "role_message", "must be a string")
-        return role
-    messages = config.get("role_messages")
-    if messages is None:
-        return None
-    parts = _messages(node, "role_messages", messages)
-    return "\n".join(str(m.get("content", "")) for m in parts)
+    role = config.get("role_message")
+    if role is not None and not isinstance(role, str):
+        raise InvalidNodeError(node, "role_message", "must be a string")
+    return role
 
 
 def _list(node: str, key: str, config: Mapping[str, Any]) -> list[Any]:
@@ -304,12 +404,33 @@ def _action(node: str, key: str, action: Any) -> dict[str, Any]:
     return dict(action)
 
 
+def _transition(node: str, where: str, value: Any) -> str | Branch | None:
+    """A function's ``transition_to``: a node's name, or a `Branch` (``{field, cases,
+    default}``)."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, Mapping) and set(value) <= {"field", "cases", "default"}:
+        field_, cases, default = value.get("field"), value.get("cases"), value.get("default")
+        if (
+            isinstance(field_, str)
+            and isinstance(cases, Mapping)
+            and cases
+            and all(isinstance(v, str) for v in cases.values())
+            and (default is None or isinstance(default, str))
+        ):
+            return Branch(field_, {case_key(k): v for k, v in cases.items()}, default)
+    problem = "transition_to names a node, or is {field, cases: {value: node}, default}"
+    raise InvalidNodeFunctionError(node, where, problem)
+
+
 class InvalidNodeFunctionError(InvalidNodeError, InvalidFunctionError):
     """A node's function that cannot be used: Pipecat's `InvalidFunctionError` and an
     `InvalidNodeError` both."""
 
 
-def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> FunctionConfig:
+def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> FunctionConfig:
+    """Validate one of `node`'s functions in any of the forms Pipecat takes (a dict, flat or
+    OpenAI's; a direct function; a `FlowsFunctionSchema`), named handlers from `handlers`."""
     key = "functions"
     if isinstance(spec, FunctionConfig):
         return spec
@@ -340,9 +461,21 @@ def _function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Function
         handler = handlers[handler]
     if handler is not None and not callable(handler):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "handler is not callable")
-    transition_to = body.get("transition_to", spec.get("transition_to"))
-    if transition_to is not None and (not isinstance(transition_to, str) or not transition_to):
-        raise InvalidNodeFunctionError(node, f"{key}.{name}", "transition_to names a node")
+    transition_to = _transition(
+        node, f"{key}.{name}", body.get("transition_to", spec.get("transition_to"))
+    )
+    if body.get("transition_only"):  # Pipecat 1.14's flow files: a tool with no code
+        if not isinstance(transition_to, str) or not body.get("description"):
+            problem = "a transition_only function needs a description and a transition_to node"
+            raise InvalidNodeFunctionError(node, f"{key}.{name}", problem)
+        return FunctionConfig(name, str(body["description"]), transition_to=transition_to)
+    if handler is None and name in handlers:
+        # Pipecat 1.14's flow files: an entry names the direct function that is the tool.
+        if "description" in body:
+            problem = "a direct function describes itself in its docstring: no description"
+            raise InvalidNodeFunctionError(node, f"{key}.{name}", problem)
+        direct = _direct_function(node, handlers[name])
+        return replace(direct, name=name, transition_to=transition_to)
     timeout = body.get("timeout_secs", spec.get("timeout_secs"))
     if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "timeout_secs is seconds, above 0")

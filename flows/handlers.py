@@ -50,7 +50,8 @@ class Retry:
     backoff: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or not self.backoff >= 0:
+        whole = isinstance(self.attempts, int) and not isinstance(self.attempts, bool)
+        if not whole or self.attempts < 1 or not self.backoff >= 0:
             raise InvalidHandlerError(
                 f"Retry needs attempts of 1 or more and a backoff of 0 or more, not {self}"
             )

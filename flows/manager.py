@@ -15,8 +15,9 @@ waits — always for a bounded time — for the pre-actions to finish before the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, Literal
 
 import anyio
@@ -29,11 +30,13 @@ from .actions import BUILTINS
 from .bot import BotSession, unwrapped
 from .calling import invoke_action, invoke_function
 from .config import (
+    TRANSITION_IN_YAML,
     ContextStrategy,
     FlowConfig,
     Handler,
     NodeConfig,
     context_strategy_of,
+    parse_function,
     parse_node,
 )
 from .errors import ActionError, FlowInitializationError, FlowTransitionError
@@ -97,8 +100,14 @@ class FlowManager:
         actions_timeout: float = 10.0,
         function_timeout: float = 30.0,
         context_strategy: Any = ContextStrategy.APPEND,
+        global_functions: Sequence[Any] = (),
     ) -> None:
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
+        #: Functions offered in every node, before its own (as Pipecat's `global_functions`):
+        #: in any of the forms a node's `functions` take.
+        self.global_functions = [
+            parse_function("global_functions", f, {}) for f in global_functions
+        ]
         self.actions_service, self.actions_timeout = actions_service, actions_timeout
         self.function_timeout = function_timeout
         #: For nodes that set none (any of Pipecat's forms, as a node's `context_strategy`).
@@ -196,6 +205,10 @@ class FlowManager:
         if self._ending:
             raise FlowTransitionError(f"the session {self.session_id!r} has ended")
         config = parse_node(node)
+        if self.global_functions:  # (a function of the node's own of the same name wins)
+            own = {f.name for f in config.functions}
+            shared = [f for f in self.global_functions if f.name not in own]
+            config = replace(config, functions=[*shared, *config.functions])
         self._gen += 1
         gen = self._entering = self._gen
         try:
@@ -422,6 +435,7 @@ class FlowManager:
             self.messages = []
         if node.role_message:
             self.role_message = node.role_message
+        self.messages.extend(node.role_messages)
         self.messages.extend(node.task_messages)
 
     def _context(self) -> list[dict[str, Any]]:
@@ -445,7 +459,8 @@ class FlowManager:
             target = function.transition_to
             if function.handler is None and target is None:
                 raise FlowTransitionError(f"function {call.name!r} has no handler")
-            if target is not None and (self.flow is None or target not in self.flow.nodes):
+            targets = [target] if isinstance(target, str) else target.targets() if target else []
+            if any(self.flow is None or t not in self.flow.nodes for t in targets):
                 raise FlowTransitionError(
                     f"function {call.name!r} goes to {target!r}, no node of the flow"
                 )
@@ -457,11 +472,14 @@ class FlowManager:
                     raise TimeoutError(f"timed out after {timeout}s")
                 if isinstance(returned, tuple):
                     result, next_node = returned
-                    result = ACKNOWLEDGED if result is None else result
                 else:
                     result = returned
+            if next_node is TRANSITION_IN_YAML:
+                next_node = None
             if next_node is None and target is not None and self.flow is not None:
-                next_node = self.flow.nodes[target]
+                name = target if isinstance(target, str) else target.destination(call.name, result)
+                next_node = self.flow.nodes[name] if name else None
+            result = ACKNOWLEDGED if result is None else result
         except Exception as exc:
             result = {"status": "error", "error": str(exc)}  # as Pipecat gives it
             log.error("function_call_failed", function=call.name, error=str(exc))

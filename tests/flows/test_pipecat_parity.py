@@ -1,0 +1,272 @@
+"""Where flowbus follows Pipecat 1.14 closely: its flow files (direct functions named by the
+handlers, ``transition_only``, branches, global functions), deprecated role messages, retries."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus import Bus
+from flows import (
+    TRANSITION_IN_YAML,
+    Branch,
+    FlowError,
+    FlowManager,
+    FunctionCall,
+    InvalidFunctionError,
+    InvalidHandlerError,
+    LLMResponse,
+    Retry,
+    ScriptedLLM,
+    SimulatedTTS,
+    load_flow,
+)
+
+pytestmark = pytest.mark.anyio
+
+PIPECAT_YAML = """\
+initial_node: greet
+nodes:
+  greet:
+    task_messages:
+      - role: developer
+        content: Ask for the order number.
+    functions:
+      - name: check_order
+global_functions:
+  - name: check_order
+"""
+
+
+async def check_order(flow_manager: Any, order_id: str) -> Any:
+    """Look an order up.
+
+    Args:
+        order_id: The order's number.
+    """
+    return {"found": order_id}, None
+
+
+def test_a_pipecat_yaml_tool_named_by_its_direct_function_gets_that_function(
+    tmp_path: Path,
+) -> None:
+    """In Pipecat 1.14's YAML a function entry names a direct function of the handlers; the
+    tool is that function (its description, parameters and code). flowbus loads it as a
+    function without handler, description or parameters, which fails at every call."""
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIPECAT_YAML.replace("global_functions:\n  - name: check_order\n", ""))
+    flow = load_flow(path, handlers={"check_order": check_order})
+    [fn] = flow.nodes["greet"].functions
+    assert fn.handler is not None
+    assert "order_id" in fn.properties
+
+
+async def test_deprecated_role_messages_are_context_messages_as_in_pipecat(bus: Bus) -> None:
+    """Pipecat 1.14 puts a node's `role_messages` into the context, before its task messages
+    (an explicit ``role_message: None`` does not hide them); they are not a system instruction
+    that outlives a RESET. flowbus makes them the role message: kept after a reset, and
+    dropped when ``role_message`` is present but None."""
+    contexts: list[list[Any]] = []
+
+    class Recorder:
+        async def generate(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> Any:
+            contexts.append([(m["role"], m["content"]) for m in messages])
+            return LLMResponse()
+
+    def at(name: str, **more: Any) -> dict[str, Any]:
+        return {"name": name, "task_messages": [{"role": "user", "content": f"task {name}"}]} | more
+
+    async with FlowManager.open(bus, "call-1", llm=Recorder(), tts=SimulatedTTS(0)) as fm:
+        role = [{"role": "system", "content": "You are Ada."}]
+        await fm.initialize(at("a", role_messages=role))
+        await fm.set_node_from_config(at("b", context_strategy="RESET"))
+        await fm.set_node_from_config(at("c", role_message=None, role_messages=role))
+    assert contexts[0] == [("system", "You are Ada."), ("user", "task a")]
+    assert contexts[1] == [("user", "task b")]  # reset: the role messages are gone
+    assert contexts[2] == [("user", "task b"), ("system", "You are Ada."), ("user", "task c")]
+
+
+def test_a_yaml_tool_with_neither_a_handler_nor_a_transition_is_refused_at_load(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIPECAT_YAML.replace("global_functions:\n  - name: check_order\n", ""))
+    with pytest.raises(InvalidFunctionError, match="check_order"):
+        load_flow(path, handlers={})
+
+
+@pytest.mark.parametrize("attempts", [2.5, float("inf"), True])
+def test_a_retry_whose_attempts_are_not_a_whole_number_is_refused(attempts: Any) -> None:
+    """Accepted, ``Retry(attempts=2.5)`` makes `_run` raise TypeError (``range(1, 3.5)``)
+    before the handler runs: the event is retried by the bus and dead-lettered, and the
+    service's other handlers of that event never run."""
+    with pytest.raises(InvalidHandlerError, match="attempts of 1 or more"):
+        Retry(attempts=attempts)
+
+
+#: Pipecat 1.14's own example of a flow file (its ``FlowConfig`` docstring), with a confirm
+#: node added.
+PIZZA_YAML = """\
+initial_node: greet
+nodes:
+  greet:
+    role_message: You are a friendly order-taking assistant.
+    task_messages:
+      - role: developer
+        content: Greet the caller and ask whether they want pizza or sushi.
+    functions:
+      - name: choose_pizza
+        transition_only: true
+        description: The caller wants to order pizza.
+        transition_to: pizza
+  pizza:
+    task_messages:
+      - role: developer
+        content: Take a pizza order.
+    functions:
+      - name: select_pizza_order
+        transition_to:
+          field: status
+          cases:
+            ok: confirm
+            unavailable: pizza
+            true: confirm
+          default: greet
+  confirm:
+    task_messages:
+      - role: developer
+        content: Confirm the order.
+global_functions:
+  - name: get_delivery_estimate
+"""
+
+
+class Handlers:
+    """The application's module of tools, as Pipecat's `Flow(config, handlers=module)` takes."""
+
+    @staticmethod
+    async def select_pizza_order(flow_manager: Any, size: str) -> Any:
+        """Record the pizza order.
+
+        Args:
+            size: small, medium or large.
+        """
+        status = {"large": "unavailable", "huge": None}.get(size, "ok")
+        return ({"status": status} if status else {}), TRANSITION_IN_YAML
+
+    @staticmethod
+    async def get_delivery_estimate(flow_manager: Any) -> Any:
+        """How long the delivery takes."""
+        return {"minutes": 30}, None
+
+
+def test_a_pipecat_flow_file_loads_with_its_tools_from_a_module(tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    flow = load_flow(path, handlers=Handlers)
+    estimate, choose = flow.nodes["greet"].functions  # the global ones first, as Pipecat
+    assert (estimate.name, estimate.description) == (
+        "get_delivery_estimate",
+        "How long the delivery takes.",
+    )
+    assert (choose.name, choose.description, choose.handler) == (
+        "choose_pizza",
+        "The caller wants to order pizza.",
+        None,
+    )
+    assert (choose.properties, choose.transition_to) == ({}, "pizza")
+    _, select = flow.nodes["pizza"].functions
+    assert select.properties == {
+        "size": {"type": "string", "description": "small, medium or large."}
+    }
+    assert select.transition_to == Branch(
+        "status", {"ok": "confirm", "unavailable": "pizza", "true": "confirm"}, "greet"
+    )
+    assert [f.name for f in flow.nodes["confirm"].functions] == ["get_delivery_estimate"]
+
+
+@pytest.mark.parametrize(
+    ("size", "goes_to"),
+    [("small", "confirm"), ("large", "pizza"), ("huge", "pizza")],
+    ids=["case", "other-case", "no-field"],
+)
+async def test_a_branch_chooses_the_node_by_the_result(
+    bus: Bus, tmp_path: Path, size: str, goes_to: str
+) -> None:
+    """A result without the branch's field is an error the LLM is told of; it stays."""
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    flow = load_flow(path, handlers=Handlers)
+    order = FunctionCall("select_pizza_order", {"size": size})
+    script = {
+        "greet": [LLMResponse(function_calls=[FunctionCall("choose_pizza")])],
+        "pizza": [LLMResponse(function_calls=[order]), LLMResponse(text="Sorry.")],
+    }
+    llm = ScriptedLLM(script)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
+        await fm.initialize()
+        assert fm.current_node == goes_to
+        said = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    assert said[0] == {"status": "acknowledged"}  # choose_pizza: no code, a transition
+    if size == "huge":
+        assert "branches on its result's 'status'" in said[1]["error"]
+    assert llm.calls[:2] == ["greet", "pizza"]
+
+
+async def test_global_functions_are_offered_in_every_node(bus: Bus) -> None:
+    tools: list[list[str]] = []
+
+    class Recorder:
+        async def generate(self, messages: Sequence[Mapping[str, Any]], tools_: Any) -> Any:
+            tools.append([t["function"]["name"] for t in tools_])
+            return LLMResponse()
+
+    def at(name: str, **more: Any) -> dict[str, Any]:
+        return {"name": name, "task_messages": [{"role": "user", "content": name}]} | more
+
+    async def own(args: Any) -> Any:
+        return {"mine": True}, None
+
+    shared = [Handlers.get_delivery_estimate]
+    async with FlowManager.open(
+        bus, "call-1", llm=Recorder(), tts=SimulatedTTS(0), global_functions=shared
+    ) as fm:
+        await fm.initialize(at("a"))
+        await fm.set_node_from_config(at("b", functions=[{"name": "own", "handler": own}]))
+    assert tools == [["get_delivery_estimate"], ["get_delivery_estimate", "own"]]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (("        description: The caller wants to order pizza.\n", ""), "needs a description"),
+        (
+            ("      - name: choose_pizza\n", "      - name: get_delivery_estimate\n"),
+            "also a global",
+        ),
+        (("default: greet", "default: dessert"), "transition_to 'dessert' is not one of the"),
+        (("          field: status\n", ""), "transition_to names a node, or is {field"),
+        (
+            (
+                "  - name: get_delivery_estimate",
+                "  - name: get_delivery_estimate\n    description: x",
+            ),
+            "describes itself in its docstring",
+        ),
+        (("global_functions:", "globals:"), "unsupported key(s) 'globals'"),
+        (("  - name: get_delivery_estimate", "  - name: nowhere"), "no handler of that name"),
+    ],
+    ids=["no-description", "clash", "unknown-node", "bad-branch", "description", "key", "missing"],
+)
+def test_a_flow_file_that_cannot_work_is_refused_at_load(
+    tmp_path: Path, change: tuple[str, str], says: str
+) -> None:
+    path = tmp_path / "flow.yaml"
+    assert change[0] in PIZZA_YAML
+    path.write_text(PIZZA_YAML.replace(*change))
+    with pytest.raises(FlowError, match=re.escape(says)):
+        load_flow(path, handlers=Handlers)
