@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -68,10 +69,15 @@ class EmitterRef:
     seq: int
     deliveries: int
     _delivery: Delivery
+    _handler: int = 0  # the handler's place among the event's
+    _sends: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     async def send(self, command: Payload) -> bool:
-        """Send `command` to the bot of this session (once, even if this event is redelivered)."""
-        return await self._delivery.send(command)
+        """Send `command` to the bot of this session: the n-th send of a handler's run once,
+        even if the handler runs again (a retry, a redelivery of the event)."""
+        delivery = self._delivery
+        key = f"{delivery.group}/{delivery.entry_id}/{self._handler}/{next(self._sends)}"
+        return await delivery.send(command, dedupe=key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +287,9 @@ class EventService:
         left = delivery.deadline - time.monotonic()
         until = delivery.deadline - min(RESERVE_SECONDS, left / 10)
         errors = []
-        for registration in list(self._handlers.get(delivery.type, ())):
+        for i, registration in enumerate(list(self._handlers.get(delivery.type, ()))):
             if registration.emitter in (None, event.emitter.kind):
-                error = await self._run(registration, ref, args, until)
+                error = await self._run(registration, replace(ref, _handler=i), args, until)
                 if error:
                     errors.append(f"{registration.name}: {error}")
         corr = delivery.extra.get("corr")
@@ -306,8 +312,9 @@ class EventService:
                 budget = min(registration.timeout or math.inf, left)
                 failure: Exception | None = None
                 try:
+                    run = replace(ref, _sends=itertools.count(1))  # its sends, numbered anew
                     with anyio.move_on_after(budget) as scope:
-                        await invoke(registration.handler, ref, *args[: registration.takes])
+                        await invoke(registration.handler, run, *args[: registration.takes])
                     if not scope.cancel_called:  # (a thread returns late, not cancelled)
                         return ""
                     error = f"timed out after {budget:.3g}s"

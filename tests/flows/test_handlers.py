@@ -12,8 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, Consumer
+from bus import Bus, Consumer, Delivery
 from flows import (
+    CATALOG,
     COMMANDS,
     BotSession,
     Emitter,
@@ -98,6 +99,44 @@ async def test_def_handlers_run_in_a_thread_and_async_callables_are_awaited(bus:
             [message] = await inbox.read(wait=5)
     assert seen == ["thread", "awaited"]
     assert message.payload == Say(text="got {'a': 1}")
+
+
+async def test_each_handler_numbers_its_own_sends_so_a_rerun_loses_none() -> None:
+    """The n-th send of a handler's run goes once. A handler that sends less when the event
+    comes again (it deduplicates by seq, say) took the next handler's numbers when they were
+    counted over the whole event: a send that never went out was dropped as a repeat."""
+    sent: dict[str, str] = {}
+
+    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe alone
+        async def send(self, payload: Any, dedupe: str, extra: Any) -> object | None:
+            if dedupe in sent:
+                return None
+            sent[dedupe] = payload.text
+            return object()
+
+    seen: set[int] = set()
+    service = EventService("svc")
+
+    @service.event_handler("on_app_message")
+    async def once_per_seq(emitter: EmitterRef, message: Any, sender: Any) -> None:
+        if emitter.seq not in seen:
+            seen.add(emitter.seq)
+            await emitter.send(Say(text="first"))
+
+    @service.event_handler("on_app_message")
+    async def steady(emitter: EmitterRef, message: Any, sender: Any) -> None:
+        if emitter.deliveries == 1:
+            raise RuntimeError("cut short")  # as by the worker's crash, before it sent
+        await emitter.send(Say(text="second"))
+
+    handle = service.as_service().handle
+    event: Any = CATALOG["on_app_message"].payload  # the catalog's class for the event
+    event = event(Emitter("transport.daily"), {"a": 1}, "x")
+    for deliveries in (1, 2):  # the event comes again, as after a worker's crash
+        delivery = Delivery("call-1", "svc", "1-0", "on_app_message", 7, 0, event, deliveries)
+        delivery._context = Inbox()  # type: ignore[assignment]  # the part a handler uses
+        await handle(delivery)
+    assert list(sent.values()) == ["first", "second"]
 
 
 async def test_an_opted_in_handler_is_retried_the_others_are_not(bus: Bus) -> None:
