@@ -59,7 +59,17 @@ class ContextStrategy(Enum):
 
     APPEND = "APPEND"
     RESET = "RESET"
-    RESET_WITH_SUMMARY = "RESET_WITH_SUMMARY"  # deprecated upstream; treated as RESET
+    RESET_WITH_SUMMARY = "RESET_WITH_SUMMARY"  # deprecated upstream (needs a summary_prompt)
+
+
+def summary_prompt_of(value: Any) -> str | None:
+    """The ``summary_prompt`` of a context strategy in any of Pipecat's forms (None if none);
+    `ValueError` if it is RESET_WITH_SUMMARY and has none, as in Pipecat."""
+    prompt = value.get("summary_prompt") if isinstance(value, Mapping) else None
+    prompt = getattr(value, "summary_prompt", prompt)
+    if context_strategy_of(value) is ContextStrategy.RESET_WITH_SUMMARY and not prompt:
+        raise ValueError("summary_prompt is required when using RESET_WITH_SUMMARY strategy")
+    return str(prompt) if prompt else None
 
 
 def context_strategy_of(value: Any) -> ContextStrategy:
@@ -167,6 +177,8 @@ class NodeConfig:
     post_actions: list[dict[str, Any]] = field(default_factory=list)
     #: None: the `FlowManager`'s default (APPEND unless it was given another).
     context_strategy: ContextStrategy | None = None
+    #: What the LLM is asked to summarize the context by, for RESET_WITH_SUMMARY.
+    summary_prompt: str | None = None
     respond_immediately: bool = True
 
     def with_state(self, state: Mapping[str, Any]) -> NodeConfig:
@@ -247,6 +259,7 @@ def parse_node(
     strategy = config.get("context_strategy")
     try:
         context_strategy = None if strategy is None else context_strategy_of(strategy)
+        summary_prompt = None if strategy is None else summary_prompt_of(strategy)
     except ValueError as exc:
         raise InvalidNodeError(node, "context_strategy", str(exc)) from None
     respond = config.get("respond_immediately", True)
@@ -265,6 +278,7 @@ def parse_node(
             _action(node, "post_actions", a) for a in _list(node, "post_actions", config)
         ],
         context_strategy=context_strategy,
+        summary_prompt=summary_prompt,
         respond_immediately=respond,
     )
 

@@ -38,6 +38,7 @@ from .config import (
     context_strategy_of,
     parse_function,
     parse_node,
+    summary_prompt_of,
 )
 from .errors import ActionError, FlowInitializationError, FlowTransitionError
 from .protocol import (
@@ -62,6 +63,8 @@ log = structlog.get_logger("flowbus.flow")
 
 #: What the LLM gets back from a function that returned no result (``(None, next_node)``).
 ACKNOWLEDGED = {"status": "acknowledged"}
+#: How long a RESET_WITH_SUMMARY waits for the LLM's summary (Pipecat's 5 s).
+SUMMARY_SECONDS = 5.0
 #: LLM turns in a row that one `respond` makes while function calls stay in the node.
 MAX_TURNS = 8
 
@@ -112,6 +115,7 @@ class FlowManager:
         self.function_timeout = function_timeout
         #: For nodes that set none (any of Pipecat's forms, as a node's `context_strategy`).
         self.context_strategy = context_strategy_of(context_strategy)
+        self._summary_prompt = summary_prompt_of(context_strategy)
         self.session_id = bot.session
         self.state = SharedState()
         self.current_node: str | None = None
@@ -258,7 +262,7 @@ class FlowManager:
                 log.info("node_superseded", gen=gen, by=self._gen)
                 return "superseded"
         self.current_node, self._node, self._entered_gen = config.name, config, gen
-        self._enter_context(config)
+        self._enter_context(config, await self._summary(config))
         return outcome
 
     async def respond(self, user_text: str | None = None) -> None:
@@ -427,12 +431,42 @@ class FlowManager:
             )
         return "ended" if result.ended else "done"
 
-    def _enter_context(self, node: NodeConfig) -> None:
-        """The node's messages into the context (after a reset, alone); its role message, if
-        it has one, replaces the one before, which is kept across nodes as in Pipecat (an
-        instruction of the LLM's, not a message of the context)."""
-        if (node.context_strategy or self.context_strategy) is not ContextStrategy.APPEND:
+    async def _summary(self, node: NodeConfig) -> str | None:
+        """For a node that resets the context with a summary, the LLM's summary of the context
+        so far, asked for as Pipecat asks (its reply in `CURRENT_NODE` ``NODE/summary``, within
+        `SUMMARY_SECONDS`); None otherwise, or if there is none (the context is kept then)."""
+        strategy = node.context_strategy or self.context_strategy
+        if strategy is not ContextStrategy.RESET_WITH_SUMMARY or not self.messages:
+            return None
+        prompt = node.summary_prompt if node.context_strategy else self._summary_prompt
+        asked: list[dict[str, Any]] = [
+            {"role": "system", "content": prompt},
+            {"role": "developer", "content": f"Conversation history: {self.messages}"},
+        ]
+        summary: str | None = None
+        token = CURRENT_NODE.set(f"{node.name}/summary")
+        try:
+            with anyio.move_on_after(SUMMARY_SECONDS):
+                summary = (await self.llm.generate(asked, [])).text
+        except Exception as exc:
+            log.error("summary_failed", session=self.session_id, error=str(exc))
+        finally:
+            CURRENT_NODE.reset(token)
+        if not summary:
+            log.warning("summary_missing", session=self.session_id, node=node.name)
+        return summary or None
+
+    def _enter_context(self, node: NodeConfig, summary: str | None = None) -> None:
+        """The node's messages into the context (after a reset, alone, or after the summary
+        of a RESET_WITH_SUMMARY, which keeps the context if it has none, as Pipecat does); its
+        role message, if it has one, replaces the one before, which is kept across nodes as in
+        Pipecat (an instruction of the LLM's, not a message of the context)."""
+        strategy = node.context_strategy or self.context_strategy
+        if strategy is ContextStrategy.RESET:
             self.messages = []
+        elif strategy is ContextStrategy.RESET_WITH_SUMMARY and summary is not None:
+            said = f"Here's a summary of the conversation:\n{summary}"
+            self.messages = [{"role": "developer", "content": said}]
         if node.role_message:
             self.role_message = node.role_message
         self.messages.extend(node.role_messages)

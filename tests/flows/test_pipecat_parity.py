@@ -19,11 +19,13 @@ from flows import (
     FunctionCall,
     InvalidFunctionError,
     InvalidHandlerError,
+    InvalidNodeError,
     LLMResponse,
     Retry,
     ScriptedLLM,
     SimulatedTTS,
     load_flow,
+    parse_node,
 )
 
 pytestmark = pytest.mark.anyio
@@ -270,3 +272,37 @@ def test_a_flow_file_that_cannot_work_is_refused_at_load(
     path.write_text(PIZZA_YAML.replace(*change))
     with pytest.raises(FlowError, match=re.escape(says)):
         load_flow(path, handlers=Handlers)
+
+
+@pytest.mark.parametrize("summarized", [True, False])
+async def test_reset_with_summary_keeps_the_llms_summary_or_else_the_context(
+    bus: Bus, summarized: bool
+) -> None:
+    """As Pipecat 1.14: the LLM is asked for a summary of the context (the summary prompt as
+    its instruction); the new node's context is that summary and its task messages, or, if
+    no summary comes, the context goes on as with APPEND."""
+    contexts: list[list[Any]] = []
+
+    class Recorder:
+        async def generate(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> Any:
+            if messages[0]["content"] == "Summarize the call.":
+                if not summarized:
+                    raise ConnectionError("the LLM is down")
+                return LLMResponse(text="They want a large pizza.")
+            contexts.append([m["content"] for m in messages])
+            return LLMResponse()
+
+    def at(name: str, **more: Any) -> dict[str, Any]:
+        return {"name": name, "task_messages": [{"role": "user", "content": name}]} | more
+
+    strategy = {"strategy": "reset_with_summary", "summary_prompt": "Summarize the call."}
+    async with FlowManager.open(bus, "call-1", llm=Recorder(), tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(at("a"))
+        await fm.set_node_from_config(at("b", context_strategy=strategy))
+    summary = "Here's a summary of the conversation:\nThey want a large pizza."
+    assert contexts[1] == ([summary, "b"] if summarized else ["a", "b"])
+
+
+def test_reset_with_summary_needs_a_summary_prompt() -> None:
+    with pytest.raises(InvalidNodeError, match="summary_prompt is required"):
+        parse_node({"task_messages": [], "context_strategy": "RESET_WITH_SUMMARY"})
