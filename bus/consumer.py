@@ -17,6 +17,7 @@ are written, leases are released so the next owner starts at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -420,6 +421,7 @@ class Consumer:
                         part.scope.deadline = anyio.current_time() + timeout
                         await part.runs.join()
                 finally:
+                    part.tg = None  # closed: no rescan or run starts in it any more
                     closed = await part.runs.close()
             if part.runs.error is not None:
                 raise part.runs.error
@@ -499,7 +501,7 @@ class Consumer:
         _GROUP.set(self.service.name)
         try:
             while not run.closing:
-                with anyio.CancelScope() as run.scope:
+                with contextlib.suppress(_Overran), anyio.CancelScope() as run.scope:
                     if run.timed_out:  # the last handling ran out of time: settle it first
                         run.timed_out = False
                         raw_id, raw_fields = run.entries[run.done]
@@ -507,9 +509,15 @@ class Consumer:
                         run.then(
                             await self._failed(raw_id.decode(), raw_fields, run.deliveries, error)
                         )
+                    elif run.overran:  # the last handler returned late: handled all the same
+                        run.overran = False
+                        self.stats.handled += 1
+                        self._log.warning("handler_overran", session=run.session)
+                        run.acks.append(run.entries[run.done][0])
+                        run.give += [e[0] for e in run.entries[run.done + 1 :]]
                     await self._follow(run)
                     break
-                # Cancelled: a timeout (or a handler that swallowed one and returned), or closed.
+                # Cut short: a timeout (or a handler that returned past it: `_Overran`), or closed.
                 run.read = "p"  # a step cut short may have read entries: the pending list has them
         finally:
             hinted = run.part.sessions.pop(run.session, False)
@@ -622,8 +630,15 @@ class Consumer:
             run.started = run.done
             await service.routes.get(entry.type, service.handle)(delivery)
             error = ""
+            if run.scope is not None and run.scope.cancel_called and not run.closing:
+                # It returned past its time (a shielded write, a swallowed cancellation), its
+                # work done; but the run's scope is cancelled, and would cut what comes next.
+                run.overran = True
+                raise _Overran
         except anyio.get_cancelled_exc_class():
             run.timed_out = run.scope is not None and run.scope.cancel_called and not run.closing
+            raise
+        except _Overran:
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -683,6 +698,11 @@ def _original(raw_fields: list[bytes] | None) -> tuple[bytes, ...]:
     )
 
 
+class _Overran(Exception):
+    """A handler returned after its run was cancelled for its timeout: the run starts over
+    (outside the cancelled scope), acknowledging it first."""
+
+
 class _Run:
     """One session's handling by this worker: the batch it read, and its steps."""
 
@@ -701,6 +721,7 @@ class _Run:
         self.started = -1  # the index in `entries` of the last entry whose handler started
         self.deliveries = 0  # of the next entry to handle
         self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
+        self.overran = False  # ...and returned all the same
         self.trace: Any = ...  # the traceparent in its log context (`...`: none)
         self.closing = False  # its partition closes: see `close`
 
