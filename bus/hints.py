@@ -21,6 +21,7 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AskError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .connection import TRANSIENT, backoff, make_client, node_settings
 from .keys import Keys
@@ -122,6 +123,7 @@ class Hints(Generic[Part]):
                     await subscribed.wait()  # the connection is made by the first subscribe
                     connection = pubsub.connection
                     assert connection is not None
+                    pinged = False
                     while True:
                         # Read off the connection itself: `PubSub.get_message` costs a hint
                         # three times as many Python calls. A connection that fails raises;
@@ -129,8 +131,16 @@ class Hints(Generic[Part]):
                         reply = await connection.read_response(
                             timeout=HINT_READ_SECONDS, push_request=True
                         )
-                        failures = 0
-                        if reply is not None:
+                        if reply is None:  # quiet: is the link still there (a NAT forgets)?
+                            if pinged:
+                                raise RedisConnectionError(
+                                    f"no answer to a PING within {HINT_READ_SECONDS}s"
+                                )
+                            await connection.send_command("PING")
+                            pinged = True
+                            continue
+                        failures, pinged = 0, False
+                        if reply != b"PONG" and reply != [b"pong", b""]:
                             await self._take(reply, pubsub, channels, topology)
             except* (*TRANSIENT, AskError) as group:  # from the reader or the subscriber task;
                 failures += 1  # an ASK or MOVED reply: the node no longer serves a wanted slot

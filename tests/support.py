@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from bus import Bus, Settings
 from bus.scripts import Arg
@@ -213,3 +214,43 @@ class Stepper:
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One step (the arguments of `make`); its reply."""
         return await self.batcher.submit(self.make(*args, **kwargs))
+
+
+class Proxy:
+    """A TCP proxy to a server, whose links can be made to go silent: their bytes are dropped
+    both ways while the connections stay open, as on a link a NAT forgot (links made later
+    work). `start()` gives the server's URL through it; run `serve()` in a task."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._said: list[bytearray] = []  # per link, what its client sent first
+        self._silent: set[int] = set()  # ids of the silenced links' records
+        self._listener: Any = None
+
+    async def start(self) -> str:
+        self._listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        return f"redis://127.0.0.1:{self._listener.extra(anyio.abc.SocketAttribute.local_port)}/0"
+
+    async def serve(self) -> None:
+        await self._listener.serve(self._link)
+
+    def silence(self, command: bytes) -> None:
+        """Drop all that goes through the links on which `command` was sent so far."""
+        self._silent |= {id(said) for said in self._said if command in said}
+
+    async def _link(self, client: Any) -> None:
+        said = bytearray()
+        self._said.append(said)
+        async with client, await anyio.connect_tcp("127.0.0.1", self.port) as server:
+
+            async def pump(source: Any, sink: Any, record: bool) -> None:
+                async for data in source:
+                    if record and len(said) < 4096:
+                        said.extend(data)
+                    if id(said) not in self._silent:
+                        await sink.send(data)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, server, True)
+                await pump(server, client, False)
+                tg.cancel_scope.cancel()

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
 import anyio
+import msgspec
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
@@ -24,13 +25,14 @@ from bus import (
     Service,
     ServiceInfo,
     Settings,
+    hints,
 )
 from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
 from bus.ownership import Leases
 from bus.steps import Step, reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
-from tests.support import lease_owners, raw, wait_for
+from tests.support import Proxy, lease_owners, raw, wait_for
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -961,3 +963,29 @@ async def test_a_partitions_runs_are_joined_fail_together_and_close_through_thei
     runs.spawn(cast(_Run, late), waits())
     assert late.closing
     await runs.join()
+
+
+async def test_a_hint_link_that_goes_silent_is_found_out_and_nothing_is_missed(
+    bus: Bus, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link a NAT forgot drops what is sent on it without closing: the worker pings its
+    quiet wake-up link, and when no answer comes, subscribes again and rescans."""
+    monkeypatch.setattr(hints, "HINT_READ_SECONDS", 0.3)
+    proxy = Proxy(int(settings.url.rsplit(":", 1)[1].split("/")[0]))
+    through = msgspec.structs.replace(settings, url=await proxy.start())
+    seen: list[str] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.session)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(proxy.serve)
+        async with Bus.connect(through) as worker_bus:
+            async with running(worker_bus, Service("svc", handle, Codec([Tick]))):
+                await bus.publish("call-before", Tick(n=1))
+                await wait_for(lambda: seen == ["call-before"], what="the first hint's session")
+                proxy.silence(b"SSUBSCRIBE")
+                await bus.publish("call-after", Tick(n=1))  # its hint is dropped on the way
+                await wait_for(lambda: "call-after" in seen, limit=10, what="the later session")
+        tg.cancel_scope.cancel()
+    assert seen == ["call-before", "call-after"]
