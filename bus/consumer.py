@@ -577,6 +577,9 @@ class Consumer:
                 except (ResponseError, *TRANSIENT):  # `call` retries it, or raises FencedError
                     run.acks.append(raw_id)
                     await run.call("")
+                except anyio.get_cancelled_exc_class():  # cut short: the run's last step acks it
+                    run.acks.append(raw_id)
+                    raise
 
     async def _handle(
         self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
@@ -753,6 +756,13 @@ class _Run:
                 reply: Any = await part.steps.submit(step)
                 self.give += step.strays
                 return reply
+            except anyio.get_cancelled_exc_class():
+                # Cut short (a drain out of time, say): what it was to settle is the run's
+                # again, for its last step (`Consumer._settle_closed`); sent twice, it is the
+                # same (an ack, a give-back and a dead letter are written once).
+                self.acks, self.give = [*acks, *self.acks], [*give, *step.strays, *self.give]
+                self.verdict = self.verdict or verdict
+                raise
             except ResponseError as exc:
                 if str(exc).startswith("FENCED"):
                     group, p = self.consumer.service.name, part.number
@@ -767,7 +777,12 @@ class _Run:
             self.consumer._log.warning(
                 "step_failed", session=self.session, error=str(error), attempt=attempt
             )
-            await anyio.sleep(backoff(attempt))
+            try:
+                await anyio.sleep(backoff(attempt))
+            except anyio.get_cancelled_exc_class():  # as above
+                self.acks, self.give = [*acks, *self.acks], [*give, *self.give]
+                self.verdict = self.verdict or verdict
+                raise
             read = "p" if read else ""
         raise AssertionError("unreachable")
 

@@ -3,14 +3,19 @@ comes back: what the next handling and the worker see."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from structlog.testing import capture_logs
 
 from bus import Bus, Codec, Consumer, Delivery, Service, ServiceInfo
+from bus.steps import StepBatcher
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
 from tests.support import raw, wait_for
@@ -167,3 +172,55 @@ async def test_a_handler_that_swallows_its_timeout_counts_as_handled_and_the_nex
             await wait_for(lambda: len(seen) == 3, limit=10, what="three handlings")
     assert seen == [(1, 1), (2, 1), (3, 1)]
     assert consumer.stats.handled == 3 and consumer.stats.dead_lettered == 0
+
+
+async def test_a_drain_cut_short_while_an_ack_is_retried_still_acknowledges_it(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server fails the ack step for a while: the step is retried with backoff. A drain
+    that runs out of time then cuts the retry short, and the run's last step must still
+    write the ack, or the next owner handles the event again."""
+    settings = make_settings(server.url, drain_timeout_seconds=0.2)
+    failing = True
+    real_ack, real_submit = StepBatcher.ack, StepBatcher.submit
+
+    def refused(future: Any) -> Any:
+        future.set_exception(RedisConnectionError("the server went away"))
+        return future
+
+    def ack(self: StepBatcher, *args: Any) -> Any:
+        if failing:
+            return refused(asyncio.get_running_loop().create_future())
+        return real_ack(self, *args)
+
+    def submit(self: StepBatcher, step: Any) -> Any:
+        if failing and step.acks:
+            return refused(asyncio.get_running_loop().create_future())
+        return real_submit(self, step)
+
+    monkeypatch.setattr(StepBatcher, "ack", ack)
+    monkeypatch.setattr(StepBatcher, "submit", submit)
+    seen: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+
+    async with Bus.connect(settings) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        for n in (1, 2):
+            await bus.publish("call-1", Tick(n=n))
+        with capture_logs() as logs:
+            async with running(bus, Service("svc", handle, Codec([Tick]))) as consumer:
+
+                def retrying(attempts: int) -> bool:
+                    return any(e.get("attempt", 0) >= attempts for e in logs)
+
+                await wait_for(lambda: retrying(6), limit=10, what="the ack's sixth retry")
+                failing = False  # the server is back; the retry waits out its backoff
+                consumer.stop()  # ...and the drain runs out of time first
+        stream = bus.keys.session("call-1")
+        second = (await raw(bus).xrange(stream))[1][0]
+        pending = await raw(bus).xpending_range(stream, "svc", "-", "+", 10)
+    assert seen == [1]
+    # seq 1 acknowledged; seq 2, read along, given back unhandled (no delivery counted)
+    assert [(p["message_id"], p["times_delivered"]) for p in pending] == [(second, 0)]
