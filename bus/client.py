@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -364,10 +365,16 @@ class Inbox:
         self.last_id, self.settings = after, settings
         self.max_data = settings.max_payload_bytes
         self.rejected: list[tuple[str, str]] = []
+        # Read by an iteration but not returned yet: the next iteration (or read) starts there.
+        self._unreturned: deque[Message] = deque()
 
     async def read(self, wait: float) -> list[Message]:
         """Messages after the last one read, waiting up to `wait` seconds for the first.
         Connection failures are retried as for `Bus.publish`."""
+        if self._unreturned:
+            messages = list(self._unreturned)
+            self._unreturned.clear()
+            return messages
         block = max(1, int(min(wait, self.BLOCK_SECONDS) * 1000))
         read = partial(self.redis.xread, {self.key: self.last_id}, count=100, block=block)
         reply: Any = await call("reading the inbox", read, self.settings, self.session)
@@ -388,8 +395,10 @@ class Inbox:
 
     async def __aiter__(self) -> AsyncIterator[Message]:
         while True:
-            for message in await self.read(self.BLOCK_SECONDS):
-                yield message
+            if not self._unreturned:
+                self._unreturned.extend(await self.read(self.BLOCK_SECONDS))
+            while self._unreturned:  # an iteration that stops leaves the rest to the next
+                yield self._unreturned.popleft()
 
 
 def _service_info(item: tuple[bytes, bytes]) -> ServiceInfo:

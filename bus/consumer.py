@@ -38,7 +38,7 @@ from . import scripts
 from .client import Bus, ServiceInfo
 from .connection import TRANSIENT, backoff, call
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload
-from .errors import ConfigError, FencedError
+from .errors import ConfigError, FencedError, NoSuchSessionError
 from .hints import Hints
 from .keys import Keys, check_worker_id
 from .ownership import Leases, assign
@@ -808,17 +808,26 @@ class _Context:
         return await self.consumer.bus.read_state(self.session)
 
     async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None:
-        await self.consumer.bus.write_state(self.session, fields)
+        """As `Bus.write_state`, but fenced: a stale owner's write is refused (DESIGN)."""
+        for name, value in fields.items():
+            if not isinstance(name, str) or not isinstance(value, str | bytes):
+                raise TypeError(f"state field {name!r}: names are str, values str or bytes")
+        if fields:
+            await self._write_fenced([x for kv in fields.items() for x in kv])
 
     async def save_state(self, data: bytes) -> None:
+        await self._write_fenced([f"group:{self.consumer.service.name}", data])
+
+    async def _write_fenced(self, pairs: list[str | bytes]) -> None:
         bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
         keys = [bus.keys.lease(p, group), bus.keys.state(self.session), bus.keys.meta(self.session)]
-        write = partial(
-            scripts.SAVE_STATE, bus.redis, keys, [self.part.token, f"group:{group}", data]
-        )
+        write = partial(scripts.SAVE_STATE, bus.redis, keys, [self.part.token, *pairs])
+        expected = ("FENCED", "NOSESSION")
         try:
-            await call("save_state", write, bus.settings, self.session, expected=("FENCED",))
-        except ResponseError:
+            await call("save_state", write, bus.settings, self.session, expected=expected)
+        except ResponseError as exc:
+            if str(exc).startswith("NOSESSION"):
+                raise NoSuchSessionError(self.session) from None
             raise FencedError(group, p, keys[1]) from None
 
 

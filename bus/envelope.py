@@ -231,5 +231,6 @@ class Delivery(msgspec.Struct):
         return await self._ctx().read_session_state()
 
     async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None:
-        """Set fields of the session's shared state (see `Bus.write_state`)."""
+        """Set fields of the session's shared state (see `Bus.write_state`); refused with
+        `FencedError` if this worker no longer owns the session's partition."""
         await self._ctx().write_session_state(fields)

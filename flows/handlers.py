@@ -295,7 +295,10 @@ class EventService:
         corr = delivery.extra.get("corr")
         if corr:  # the bot waits for the outcome (even if this service thinks it need not)
             outcome = HandlerOutcome(corr=corr, service=self.name, errors=errors)
-            await delivery.send(outcome, extra={"corr": corr})
+            # A key of its own: the default one counts the handlers' sends, which a redelivery
+            # may make fewer or more of, and the outcome would then be sent twice.
+            key = f"{delivery.group}/{delivery.entry_id}/outcome"
+            await delivery.send(outcome, dedupe=key, extra={"corr": corr})
 
     async def _run(
         self, registration: _Registration, ref: EmitterRef, args: list[Any], until: float

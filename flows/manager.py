@@ -551,13 +551,15 @@ class FlowManager:
             case RunAction(corr=corr, key=key, action=action):
                 # In a task of its own: the action may set a node whose actions need this loop.
                 actions.start_soon(self._run_bot_action, corr, key, action)
-            case ActionsCompleted(error=error, action_type=kind, node=node) if error:
+            case ActionsCompleted(error=error, action_type=kind, node=node, phase="post") if error:
                 self.action_errors.append((node, kind, error))
                 log.error(
                     "action_failed", session=self.session_id, node=node, action=kind, error=error
                 )
             case ActionsCompleted() | HandlerOutcome():
-                pass  # a post-phase report, or a reply that came after its wait ended
+                # A post-phase report, or a reply that came after its wait ended (a pre-phase
+                # failure then was the caller's `ActionError` already).
+                pass
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
         handler = self._bot_actions.get(key)

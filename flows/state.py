@@ -37,6 +37,8 @@ class SharedState(MutableMapping[str, Any]):
         return self._data[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):  # a field name of the state hash
+            raise TypeError(f"state keys are str, not {type(key).__name__} ({key!r})")
         msgspec.json.encode(value)  # refuse what cannot be shared, where it is set
         self._data[key] = value
 

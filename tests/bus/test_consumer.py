@@ -989,3 +989,22 @@ async def test_a_hint_link_that_goes_silent_is_found_out_and_nothing_is_missed(
                 await wait_for(lambda: "call-after" in seen, limit=10, what="the later session")
         tg.cancel_scope.cancel()
     assert seen == ["call-before", "call-after"]
+
+
+async def test_a_stale_owner_cannot_write_the_sessions_shared_state_either(bus: Bus) -> None:
+    """DESIGN: a stale owner is fenced, "its acks and state writes are refused". A worker's
+    action writes the flow's `state` through `write_session_state`: after its lease is gone,
+    that write must be refused as `save_state` is, not overwrite what the new owner wrote."""
+    deliveries: list[Delivery] = []
+
+    async def handle(d: Delivery) -> None:
+        await d.write_session_state({"flow.step": b'"first"'})
+        deliveries.append(d)
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+        await bus.publish("call-1", Tick(n=1))
+        await wait_for(lambda: len(deliveries) == 1, what="the event")
+    await bus.write_state("call-1", {"flow.step": b'"newer"'})  # the session went on
+    with pytest.raises(FencedError, match="lost partition"):  # its leases were released
+        await deliveries[-1].write_session_state({"flow.step": b'"stale"'})
+    assert (await bus.read_state("call-1"))["flow.step"] == b'"newer"'

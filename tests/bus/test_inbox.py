@@ -71,3 +71,23 @@ async def test_junk_in_the_inbox_is_reported_not_returned(bus: Bus) -> None:
 async def test_writing_to_a_session_that_never_started_is_an_error(bus: Bus) -> None:
     with pytest.raises(NoSuchSessionError, match="call-none"):
         await bus.send("call-none", Say(text="?"))
+
+
+async def test_a_reader_that_stops_iterating_loses_none_of_the_messages_it_did_not_return(
+    bus: Bus,
+) -> None:
+    """`async for message in inbox: ... break` (as the README's bot does), then iterating
+    again, must give the next message: the reader goes on from the last one it returned."""
+    await bus.publish("call-4", Tick(n=1))
+    async with bus.inbox("call-4", Codec([Say])) as inbox:
+        await bus.send("call-4", Say(text="one"))
+        await bus.send("call-4", Say(text="two"))
+        async for message in inbox:
+            assert message.payload == Say(text="one")
+            break
+        got: list[Message] = []
+        with anyio.move_on_after(2):  # (a reader past "two" would block here for good)
+            async for message in inbox:
+                got.append(message)
+                break
+    assert [m.payload for m in got] == [Say(text="two")]

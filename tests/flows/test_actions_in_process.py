@@ -20,7 +20,7 @@ from flows import (
     SimulatedTTS,
 )
 from flows.protocol import ActionsCompleted, NodeEntered, Say
-from tests.support import wait_for
+from tests.support import raw, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -251,4 +251,51 @@ async def test_a_bot_that_starts_over_while_a_post_action_waited_for_its_phrase_
                 {"name": "b", "task_messages": [], "pre_actions": pre, "respond_immediately": False}
             )
             assert fm.current_node == "b"
+        consumer.stop()
+
+
+async def test_a_pre_action_failure_after_the_bot_stopped_waiting_is_not_a_post_action_error(
+    bus: Bus,
+) -> None:
+    """`action_errors` lists post-action failures. A pre-action that fails after the bot gave
+    up on it (the bot already raised `ActionError` for the timeout) must not appear there as
+    one: its reply came late, as a late sync-event outcome, which the bot drops."""
+    service = ActionService()
+    started, gate = anyio.Event(), anyio.Event()
+
+    @service.action("slow")
+    async def slow(action: dict[str, Any], flow_manager: Any) -> None:
+        started.set()
+        await gate.wait()
+        raise RuntimeError("late failure")
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=0.5
+        ) as fm:
+            pre = [{"type": "slow"}]
+            with pytest.raises(FlowInitializationError, match="did not finish within"):
+                await fm.initialize(
+                    {
+                        "name": "a",
+                        "task_messages": [],
+                        "pre_actions": pre,
+                        "respond_immediately": False,
+                    }
+                )
+            gate.set()
+
+            async def failure_sent() -> bool:
+                entries = await raw(bus).xrange(bus.keys.inbox("call-1"))
+                return any(b"late failure" in fields[b"data"] for _, fields in entries)
+
+            await wait_for(failure_sent, what="the late pre-phase failure in the inbox")
+            marker = ActionsCompleted(
+                node="x", gen=9, phase="post", error="marker", action_type="m"
+            )
+            await bus.send("call-1", marker)  # once handled, the late reply was too
+            await wait_for(lambda: _has_error(fm), what="the bot to handle both")
+            assert fm.action_errors == [("x", "m", "marker")]
         consumer.stop()

@@ -380,3 +380,35 @@ async def test_a_retry_that_would_end_past_the_events_time_is_not_made(
         [[error]] = outcome.errors.values()
         assert "timed out after" in error
         assert starts == ["slow"]  # its retry's backoff would have ended past the event's time
+
+
+async def test_a_sync_events_outcome_is_sent_once_when_the_event_comes_again() -> None:
+    """A worker that crashed after replying to a sync event (before its ack) handles the event
+    again: the bot must get one outcome per service, whatever the handlers sent this time."""
+    written: dict[str, Any] = {}
+
+    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe alone
+        async def send(self, payload: Any, dedupe: str, extra: Any) -> object | None:
+            if dedupe in written:
+                return None
+            written[dedupe] = payload
+            return object()
+
+    service = EventService("svc")
+
+    @service.event_handler("on_before_leave")
+    async def greet_once(emitter: EmitterRef) -> None:
+        if emitter.deliveries == 1:  # it deduplicates its own side effect by delivery
+            await emitter.send(Say(text="bye"))
+
+    handle = service.as_service().handle
+    event: Any = CATALOG["on_before_leave"].payload
+    event = event(Emitter("transport.daily"))
+    for deliveries in (1, 2):  # the event comes again, as after a worker's crash
+        delivery = Delivery(
+            "call-1", "svc", "1-0", "on_before_leave", 7, 0, event, deliveries, {"corr": "c1"}
+        )
+        delivery._context = Inbox()  # type: ignore[assignment]  # the part a handler uses
+        await handle(delivery)
+    outcomes = [p for p in written.values() if type(p).__name__ == "HandlerOutcome"]
+    assert len(outcomes) == 1, outcomes

@@ -51,3 +51,14 @@ async def test_changes_inside_nested_values_nulls_and_deletions_are_shared() -> 
     assert fresh == {"order": {"size": "L", "items": []}, "seen": True}
     await fresh.flush(store.write)  # nothing changed: nothing written
     assert len(store.writes) == 3
+
+
+async def test_a_key_that_cannot_be_shared_is_refused_where_it_is_set() -> None:
+    """Keys are the hash's field names (``flow.<key>``): a non-text key must be refused where
+    it is set, as a value that is not JSON is, not fail a later flush far from its cause
+    (in a worker, the flush after the action: the event retried, the action run again)."""
+    store, state = Store(), SharedState()
+    with pytest.raises(TypeError, match="key"):
+        state[1] = "one"  # type: ignore[index]
+    await state.flush(store.write)
+    assert store.writes == []
