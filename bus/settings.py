@@ -28,6 +28,9 @@ _LEAST_SECONDS = {
     "drain_timeout_seconds": 0.001,
     "replica_timeout_seconds": 0.001,
 }
+#: The most of each duration (seconds, about 31 years): the server's scripts take its
+#: milliseconds as an integer, which a Lua number past 1e14 no longer prints as.
+_MOST_SECONDS = 1e9
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +104,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name, least in _LEAST_SECONDS.items():
             if getattr(self, name) < least:
                 raise ConfigError(f"{name} must be at least {least:g}, not {getattr(self, name)}")
+            if getattr(self, name) > _MOST_SECONDS:
+                raise ConfigError(
+                    f"{name} must be at most {_MOST_SECONDS:g}, not {getattr(self, name)}"
+                )
         for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, not {getattr(self, name)}")

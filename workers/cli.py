@@ -624,7 +624,8 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
         except InvalidSessionIdError as exc:
             raise UsageError(str(exc)) from None
     if args.idle_for is not None:
-        found = await idle_sessions(bus, int(args.idle_for * 1000))
+        # At most 2**62 ms: a finite number of seconds can overflow once made milliseconds.
+        found = await idle_sessions(bus, int(min(args.idle_for * 1000, 2**62)))
         targets = [(s, f" (idle {duration(ms)})") for s, ms in found]
     else:
         targets = [(s, "") for s in dict.fromkeys(args.sessions)]

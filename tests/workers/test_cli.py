@@ -275,3 +275,35 @@ def test_a_server_that_wants_a_password_not_given_says_so() -> None:
         finally:
             redis.Redis(port=server.port, password="secret").config_set("requirepass", "")
             admin.close()
+
+
+def test_end_idle_for_a_huge_number_of_seconds_finds_no_session_without_a_traceback(
+    settings: Settings,
+) -> None:
+    """1e308 seconds is finite, but not once made milliseconds: nothing is idle that long."""
+    done = flowbus("end", "--idle-for", "1e308", "--dry-run", env=settings_env(settings))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "no session idle that long"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--lease-ttl", "1e300"], {}, "lease_ttl_seconds must be at most 1e+09"),
+        ([], {"FLOWBUS_LEASE_TTL_SECONDS": "1e12"}, "set by --lease-ttl or FLOWBUS_LEASE_TTL"),
+    ],
+    ids=["lease-ttl", "env-lease-ttl"],
+)
+def test_a_worker_given_a_duration_the_server_cannot_take_refuses_to_start(
+    settings: Settings, args: list[str], env: dict[str, str], says: str
+) -> None:
+    """Not a worker that runs on, owning nothing, logging acquire_failed 5 times a second."""
+    done = flowbus(
+        "worker",
+        "tests.workers.apps:steps",
+        *args,
+        env={**settings_env(settings), **env},
+        timeout=30,
+    )
+    assert_fails_clearly(done, 2, says)

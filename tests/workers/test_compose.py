@@ -39,7 +39,7 @@ def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist
 
     redis = services["redis"]
     assert redis["command"][:3] == ["redis-server", "--appendonly", "yes"]  # AOF persistence
-    assert "ping" in redis["healthcheck"]["test"]
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
     assert any(v["target"] == "/data" for v in redis["volumes"])
 
     settings_variables = {

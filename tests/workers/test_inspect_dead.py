@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -426,3 +427,41 @@ async def test_dead_letters_are_counted_per_group_page_by_page(bus: Bus) -> None
             await raw(bus).xadd(bus.keys.dead(p), {"session": f"s{i}", "group": group})
     for page in (1, 2, 4, 2000):
         assert await count_dead(bus, page=page) == expected
+
+
+def _worker_logging_to_a_pipe(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers", "worker", APP, "--log-level", "debug"],
+        cwd=ROOT,
+        env={**os.environ, **settings_env(settings)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def test_a_worker_whose_log_reader_went_away_goes_on_handling(
+    bus: Bus, settings: Settings
+) -> None:
+    """A closed stderr (``flowbus worker ... 2>&1 | head``, a log shipper or journald that
+    went away) loses the log lines, not the worker: no handling fails for its log line, and
+    the worker neither dies nor exits 0 as if it had been stopped."""
+    proc = _worker_logging_to_a_pipe(settings)
+    try:
+        assert proc.stderr is not None
+
+        async def owned() -> bool:
+            return all([await raw(bus).get(bus.keys.lease(p, "steps")) for p in range(64)])
+
+        await wait_for(owned, what="the worker to own every partition")
+        proc.stderr.close()  # its next log line meets EPIPE
+        await publish_steps(bus, "call-9", failing=0)
+        await wait_for(lambda: _is(records(bus), 3), what="the three steps handled")
+        await wait_for(lambda: _settled(bus, "call-9", 3), what="the steps acknowledged")
+        assert await dead_count(bus) == 0
+        assert proc.poll() is None, proc.returncode  # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
