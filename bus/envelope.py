@@ -232,5 +232,6 @@ class Delivery(msgspec.Struct):
 
     async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None:
         """Set fields of the session's shared state (see `Bus.write_state`); refused with
-        `FencedError` if this worker no longer owns the session's partition."""
+        `FencedError` if this worker no longer owns the session's partition, and with
+        `NoSuchSessionError` if the session's meta is gone."""
         await self._ctx().write_session_state(fields)

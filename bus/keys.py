@@ -77,7 +77,8 @@ class Keys:
         return f"{self.session(session)}:inbox"
 
     def meta(self, session: str) -> str:
-        """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms), and
+        """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms),
+        ``end_reason`` and ``end_request`` (a session ended by `Bus.end_session`), and
         ``publish_id`` and ``publish_entry`` of the last publish (so its retry appends once)."""
         return f"{self.session(session)}:meta"
 

@@ -85,7 +85,8 @@ class FlowManager:
     """The flow of one session, seen from its bot process. Open it with `FlowManager.open`.
 
     `actions_timeout` bounds every wait for the actions service (when it passes the bot
-    publishes ``wait.timed_out`` and `set_node` raises `ActionError`) and every bot-side
+    publishes ``wait.timed_out`` and `set_node_from_config` raises `ActionError`; `initialize`
+    raises `FlowInitializationError`, with it as ``__cause__``) and every bot-side
     action; `function_timeout` bounds every node function's handler (past it, the LLM gets an
     error result). A plain `def` handler runs in a thread, which cannot be stopped: it counts
     as timed out once it returns. Nothing waits for ever.

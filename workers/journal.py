@@ -25,8 +25,9 @@ from flows import EmitterRef, WorkerFlowManager
 
 
 class ActionRecord(msgspec.Struct, tag="action", frozen=True):
-    """A custom or ``function`` action ran: `key` is ``<gen>/<phase>/<index>`` of its node
-    entry; `first` and `last` are the stream's last seq when it started and ended."""
+    """A custom or ``function`` action ran: `key` is ``<entry>/<phase>/<index>`` of its node
+    entry (`entry`: the seq of its ``node.entered``); `first` and `last` are the stream's last
+    seq when it started and ended."""
 
     service: str
     key: str
