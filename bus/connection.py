@@ -31,6 +31,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisClusterUnreachableError,
+    RedisError,
     ResponseError,
     SlotNotCoveredError,
     TryAgainError,
@@ -92,6 +93,7 @@ def make_client(
     nothing by default. With `settings.cluster`, a cluster client (see `_Cluster`), whose
     pools per node are unbounded."""
     timeout = 5.0 if block_seconds is None else block_seconds + 5.0
+    _check_options(settings)
     if settings.cluster:
         return _cluster_client(settings, timeout)
     try:
@@ -108,6 +110,17 @@ def make_client(
         raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
     _reset_aware(pool)
     return Redis(connection_pool=pool)
+
+
+def _check_options(settings: Settings) -> None:
+    """Make one connection (unconnected) from `settings.url`, so that an option that cannot
+    work (a TLS option without ``rediss://``, an unknown ``ssl_cert_reqs``) is a `ConfigError`
+    now rather than redis-py's own error at the first command."""
+    try:
+        pool = ConnectionPool.from_url(settings.url, **CONNECTION_OPTIONS)
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError, RedisError) as exc:
+        raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
 
 
 class SlotRoutes:
@@ -240,7 +253,7 @@ def _cluster_client(settings: Settings, timeout: float) -> Redis:
             socket_connect_timeout=5.0,
             **CONNECTION_OPTIONS,
         )
-    except ValueError as exc:
+    except (ValueError, RedisClusterException) as exc:
         raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
     # It answers every command `Redis` does that the bus sends, routed by key.
     return cast(Redis, client)
@@ -287,7 +300,19 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
                     f"cannot reach the server after {attempts} attempt(s): {exc}", url=url
                 ) from None
             await _before_retry(url, attempt)
-        except RedisClusterException as exc:  # a node answered, but is no cluster's
+        except RedisClusterException as exc:  # a node answered, but is no cluster's, or
+            cause = _cluster_cause(exc)  # refused our credentials or its slot map
+            if isinstance(cause, AuthenticationError):
+                raise ConnectionFailedError(f"authentication failed: {cause}", url=url) from None
+            if isinstance(cause, NoPermissionError | AuthorizationError) or str(cause).startswith(
+                ("NOPERM", "NOAUTH")
+            ):
+                reason = _reason(cause) if isinstance(cause, ResponseError) else str(cause)
+                raise NotPermittedError(
+                    f"{reason} (a cluster's client reads its slot map with CLUSTER SLOTS: "
+                    "grant +cluster|slots)",
+                    url=url,
+                ) from None
             raise ConnectionFailedError(
                 f"the server is not a cluster's node ({exc}); leave out --cluster "
                 "(FLOWBUS_CLUSTER) for a single server",
@@ -307,6 +332,19 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             raise ConnectionFailedError(
                 f"what answered is not a Redis server ({exc}); is the port right?", url=url
             ) from None
+
+
+def _cluster_cause(exc: BaseException) -> BaseException:
+    """What the cluster client's `exc` stands for: redis-py wraps the error of the node it
+    asked (a wrong password, a NOPERM for ``CLUSTER SLOTS``) in exceptions of its own."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if not isinstance(error, RedisClusterException):
+            return error
+        error = error.__cause__ or error.__context__
+    return exc
 
 
 async def _before_retry(url: str, attempt: int) -> None:
@@ -341,13 +379,18 @@ BATCH_TIMEOUT_SECONDS = 10.0
 
 
 async def batch(
-    connection: AbstractConnection, commands: list[tuple[scripts.Arg, ...]]
+    connection: AbstractConnection,
+    commands: list[tuple[scripts.Arg, ...]],
+    *,
+    longer_by: float = 0.0,
 ) -> list[Any]:
     """`commands` in one write on `connection` (see `scripts.call_on`), their replies or errors
-    in order. A lost connection, or no reply within `BATCH_TIMEOUT_SECONDS`, is every command's
-    error; the connection is dropped, and connects again on its next use."""
+    in order. A lost connection, or no reply within `BATCH_TIMEOUT_SECONDS` (plus `longer_by`,
+    for a ``WAIT`` among them), is every command's error; the connection is dropped, and
+    connects again on its next use."""
     try:
-        async with asyncio.timeout(BATCH_TIMEOUT_SECONDS):  # half the cost of anyio.fail_after
+        # asyncio's timeout: half the cost of anyio.fail_after
+        async with asyncio.timeout(BATCH_TIMEOUT_SECONDS + longer_by):
             return await scripts.call_on(connection, commands)
     except LOST as exc:  # a timeout too (an OSError): the replies are lost
         await connection.disconnect(nowait=True)
@@ -379,8 +422,18 @@ async def call(
         except ResponseError as exc:
             if str(exc).startswith(expected):
                 raise
+            if MIGRATING in str(exc) and time.monotonic() <= deadline:
+                await anyio.sleep(min(0.05 * 2**attempt, 1.0))  # as a TRYAGAIN
+                continue
             raise CommandRefusedError(what, _reason(exc), session=session) from None
     raise AssertionError("unreachable")
+
+
+#: A cluster node's refusal of a script that reached for a key of its slot that was migrated
+#: already (the key is not among those the script declares, so no ``ASK`` reply comes): the
+#: slot is being migrated, and the call goes through once that is done. The script stopped at
+#: that key; every script of the bus can be sent again (a publish's retry is known as one).
+MIGRATING = "Script attempted to access a non local key in a cluster node"
 
 
 #: The server's error codes that redis-py takes off the message when it picks a class for them.

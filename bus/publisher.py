@@ -123,7 +123,9 @@ class Publisher:
         """`batch`, then the ``WAIT`` for replicas if there is one to wait for."""
         if not self._replicas:
             return await batch(self._connection, commands)
-        *replies, confirmed = await batch(self._connection, [*commands, self._wait])
+        *replies, confirmed = await batch(
+            self._connection, [*commands, self._wait], longer_by=self._wait[2] / 1000
+        )
         if isinstance(confirmed, BaseException):
             error = confirmed
         elif confirmed < self._replicas:

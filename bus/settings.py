@@ -84,10 +84,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         self._check_types()
         parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme in ("redis", "rediss") and "@" in parts.path + parts.query + parts.fragment:
+            # A '/', '?' or '#' in the user or password ends the address early; redis-py
+            # then reads part of the password as the port or the database, and says so.
+            raise ConfigError(
+                f"url {self.redacted_url!r}: a '/', '?', '#' or '@' in its user or password "
+                "must be percent-encoded (%2F, %3F, %23, %40)"
+            )
         database = parts.path.strip("/")
         if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
             raise ConfigError(
                 f"the database in url {self.redacted_url!r} must be a number, not {database!r}"
+            )
+        if self.cluster and parts.scheme == "unix":
+            raise ConfigError(
+                "a cluster is reached over TCP: url must be redis:// or rediss://, not unix://"
+            )
+        if self.cluster and database not in ("", "0"):
+            raise ConfigError(
+                f"a cluster has database 0 only; url {self.redacted_url!r} names {database!r}"
             )
         if not NAME_PATTERN.match(self.prefix):
             raise ConfigError(f"prefix {self.prefix!r} must match {NAME_PATTERN.pattern}")
@@ -154,7 +169,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def redacted_url(self) -> str:
         """The URL with any password replaced by ``***``, for messages and logs."""
-        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", self.url)
+        # Up to the last '@': a password may hold one (redis-py reads it so).
+        url = re.sub(r"(//[^:/@]*:).*@", r"\1***@", self.url)
+        return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def _wanted(kind: object) -> str:
