@@ -3,6 +3,7 @@ of every event bound in the log lines of its handling."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -51,14 +52,18 @@ async def test_a_worker_exports_what_it_handled_retried_dead_lettered_and_owns(
 
     labels = 'service="steps"'
     dead = f"flowbus_dead_letters_total{{{labels}}}"
+    handled = 'flowbus_events_handled_total{{outcome="{}",service="steps",type="step"}}'
 
-    async def exported() -> bool:
+    async def exported() -> bool:  # a refresh after step 3 (handled after the dead letter)
         samples = await anyio.to_thread.run_sync(scrape, port)
-        return samples.get(dead) == 1 and samples.get(f"flowbus_owned_partitions{{{labels}}}") == 64
+        return (
+            samples.get(dead) == 1
+            and samples.get(handled.format("ok")) == 2
+            and samples.get(f"flowbus_owned_partitions{{{labels}}}") == 64
+        )
 
     await wait_for(exported, what="the refreshed figures")
     samples = await anyio.to_thread.run_sync(scrape, port)
-    handled = 'flowbus_events_handled_total{{outcome="{}",service="steps",type="step"}}'
     assert samples[handled.format("ok")] == 2
     assert samples[handled.format("error")] == 2  # step 2, delivered twice
     assert samples[f"flowbus_retries_total{{{labels}}}"] == 1
@@ -146,6 +151,15 @@ async def test_a_worker_on_metrics_port_0_says_which_port_it_took_and_is_healthy
         return status == 200 and json.loads(body)["partitions"] == 64
 
     await wait_for(healthy, what="a healthy worker owning every partition")
-    for _ in range(12):  # and it stays so, across refreshes of 2 s with a lease TTL of 1 s
-        assert await healthy()
-        await anyio.sleep(0.25)  # a probe's period
+    # And it stays so, across refreshes of 2 s with a lease TTL of 1 s: healthy at every look
+    # until two refreshes were seen (the time since the last one went down twice).
+    looks: list[float] = []
+
+    async def healthy_across_two_refreshes() -> bool:
+        status, body = await anyio.to_thread.run_sync(fetch, port, "/healthz")
+        health = json.loads(body)
+        assert status == 200 and health["partitions"] == 64, health
+        looks.append(health["seconds_since_refresh"])
+        return sum(b < a for a, b in itertools.pairwise(looks)) >= 2
+
+    await wait_for(healthy_across_two_refreshes, what="two refreshes, healthy throughout")
