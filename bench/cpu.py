@@ -25,8 +25,8 @@ def machine_busy_seconds() -> float:
         line = Path("/proc/stat").read_text().splitlines()[0]
     except OSError:
         return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / _TICKS
+    user, nice, system, _idle, _iowait, irq, softirq, _steal = map(int, line.split()[1:9])
+    return (user + nice + system + irq + softirq) / _TICKS  # steal: the hypervisor's, not ours
 
 
 class CpuMeter:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -32,7 +34,7 @@ from bus import Keys
 from workers.runtime import run, tune_gc
 
 from .plain_consumer import handle
-from .workload import session_ids
+from .workload import server_us, session_ids
 
 GROUP = "floor"
 NOTE = (
@@ -142,39 +144,56 @@ async def follow(lane: _Lane, keys: Keys, session: str) -> int:
     return handled
 
 
-async def consume(url: str, keys: Keys, sessions: list[str]) -> int:
-    """Handle every one of `sessions` to its end; the events handled."""
+@asynccontextmanager
+async def connected(url: str) -> AsyncIterator[tuple[Redis, list[_Lane]]]:
+    """A client (for the script and the clock) and the lanes' connections, all made before the
+    clock starts, as the baseline's consumer and flowbus's workers are."""
     redis = Redis.from_url(url)
     try:
         sha = await redis.script_load(_ACK)
         pool: Any = redis.connection_pool  # its connections are untyped in redis-py
         lanes = [_Lane(pool.make_connection(), sha) for _ in range(LANES)]
-        async with anyio.create_task_group() as senders:  # a sender's failure ends the run
-            for lane in lanes:
-                await lane.connection.connect()  # type: ignore[no-untyped-call]
-                senders.start_soon(lane.run)
-            async with asyncio.TaskGroup() as tg:  # the cheapest task per session there is
-                tasks = [
-                    tg.create_task(follow(lanes[keys.partition(s) % LANES], keys, s))
-                    for s in sessions
-                ]
-            senders.cancel_scope.cancel()
         for lane in lanes:
-            await lane.connection.disconnect()
+            await lane.connection.connect()  # type: ignore[no-untyped-call]
+        try:
+            yield redis, lanes
+        finally:
+            for lane in lanes:
+                await lane.connection.disconnect()
     finally:
         await redis.aclose()
+
+
+async def handle_all(lanes: list[_Lane], keys: Keys, sessions: list[str]) -> int:
+    """Handle every one of `sessions` to its end on connected `lanes`; the events handled."""
+    async with anyio.create_task_group() as senders:  # a sender's failure ends the run
+        for lane in lanes:
+            senders.start_soon(lane.run)
+        async with asyncio.TaskGroup() as tg:  # the cheapest task per session there is
+            tasks = [
+                tg.create_task(follow(lanes[keys.partition(s) % LANES], keys, s)) for s in sessions
+            ]
+        senders.cancel_scope.cancel()
     return sum(t.result() for t in tasks)
+
+
+async def consume(url: str, keys: Keys, sessions: list[str]) -> int:
+    """Handle every one of `sessions` to its end; the events handled."""
+    async with connected(url) as (_, lanes):
+        return await handle_all(lanes, keys, sessions)
 
 
 async def main(url: str, prefix: str, sessions: int, index: int, of: int) -> None:
     keys = Keys(prefix)
     mine = [s for s in session_ids(sessions) if keys.partition(s) % of == index]
     tune_gc()  # as a flowbus worker does
-    print("ready", flush=True)
-    await anyio.to_thread.run_sync(sys.stdin.readline)
-    handled = await consume(url, keys, mine)
-    print(msgspec.json.encode({"events": handled}).decode(), flush=True)
-    await anyio.to_thread.run_sync(sys.stdin.readline)  # alive until its CPU time is read
+    async with connected(url) as (redis, lanes):
+        print("ready", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        handled = await handle_all(lanes, keys, mine)
+        done_us = await server_us(redis)  # the server's clock, just after the last ack
+        print(msgspec.json.encode({"events": handled, "done_us": done_us}).decode(), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # alive until its CPU time is read
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 sessions ``i`` with ``i % OF == INDEX`` in the consumer group ``plain``: XREADGROUP over many
 streams at once (``>``, COUNT 100), each entry's data decoded with msgspec and passed to a no-op
 async handler, then one XACK per stream of the batch, pipelined. Prints ``ready`` once
-connected, starts on a ``go`` line on stdin, prints ``{"events": n}`` when its streams are
-drained, and exits on the next line (or end) of stdin, so that its CPU time can be read first.
+connected, starts on a ``go`` line on stdin, prints ``{"events": n, "done_us": t}`` (t: the
+server's clock after its last ack) when its streams are drained, and exits on the next line (or
+end) of stdin, so that its CPU time can be read first.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from redis.typing import KeyT, StreamIdT
 from bus import Keys
 from workers.runtime import run
 
-from .workload import session_ids
+from .workload import server_us, session_ids
 
 GROUP = "plain"
 NOTE = (
@@ -73,7 +74,8 @@ async def main(url: str, prefix: str, sessions: int, index: int, of: int) -> Non
         print("ready", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)
         handled = await consume(redis, mine, f"c{index}")
-        print(msgspec.json.encode({"events": handled}).decode(), flush=True)
+        done_us = await server_us(redis)  # the server's clock, just after the last ack
+        print(msgspec.json.encode({"events": handled, "done_us": done_us}).decode(), flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)  # alive until its CPU time is read
     finally:
         await redis.aclose()

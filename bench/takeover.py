@@ -4,13 +4,15 @@
 steady load (round-robin over the sessions, each in order). One worker is killed with SIGKILL;
 for every session of the partitions it held, the gap is the time from the kill until the first
 event of that session handled by another worker. The contract: under 2 lease TTLs. Every run
-also checks that no event was lost and each session stayed in order (a duplicate is allowed: an
-event in flight at the kill is delivered again).
+also checks that no event was lost, each session stayed in order and every repeat is an event in
+flight at the kill (at most one per session of the victim's); the verdict needs all of it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 
 import anyio
 import msgspec
@@ -19,7 +21,7 @@ import structlog
 from bus import Bus
 from workers.demo_report import check_order
 from workers.observe import lease_owners
-from workers.probe import GROUP, handled_key, percentiles, read_handlings
+from workers.probe import GROUP, Handling, handled_key, percentiles, read_handlings
 
 from .latency import paced_publish
 from .workload import BenchError, fleet_of, fresh_settings, session_ids, wait_until
@@ -37,6 +39,13 @@ class TakeoverRun(msgspec.Struct, frozen=True):
     events: int
     duplicates: int
     lost_or_out_of_order: int
+    #: Repeats that are not the one allowed per victim session: the last event the victim
+    #: started (in flight at the kill), handled once more by another worker after the kill.
+    unexpected_duplicates: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return self.lost_or_out_of_order == 0 and self.unexpected_duplicates == 0
 
 
 class TakeoverResult(msgspec.Struct, frozen=True):
@@ -51,6 +60,38 @@ class TakeoverResult(msgspec.Struct, frozen=True):
     @property
     def max_gap_s(self) -> float:
         return max(r.max_gap_s for r in self.runs)
+
+    @property
+    def clean(self) -> bool:
+        return all(r.clean for r in self.runs)
+
+
+def unexpected_repeats(
+    handlings: Sequence[Handling], victim_sessions: set[str], victim_pid: int, killed_ns: int
+) -> int:
+    """Handlings that repeat an event and are not the repeat a kill allows: one per session of
+    the victim's partitions, of the last event the victim started, by another worker after the
+    kill."""
+    by_event: dict[tuple[str, int], list[Handling]] = defaultdict(list)
+    last_of_victim: dict[str, int] = {}
+    for h in handlings:
+        by_event[(h.session, h.seq)].append(h)
+        if h.pid == victim_pid:
+            last_of_victim[h.session] = max(last_of_victim.get(h.session, 0), h.seq)
+    unexpected = 0
+    for (session, seq), hs in by_event.items():
+        if len(hs) == 1:
+            continue
+        allowed = (
+            len(hs) == 2
+            and session in victim_sessions
+            and seq == last_of_victim.get(session)
+            and hs[0].pid == victim_pid
+            and hs[1].pid != victim_pid
+            and hs[1].handled_ns >= killed_ns
+        )
+        unexpected += 0 if allowed else len(hs) - 1
+    return unexpected
 
 
 async def run_once(
@@ -113,6 +154,7 @@ async def run_once(
         published,
         order.duplicates,
         len(order.incomplete) + len(order.out_of_order) + len(order.unexpected),
+        unexpected_repeats(handlings, mine, victim.pid, killed_ns),
     )
 
 

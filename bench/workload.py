@@ -146,6 +146,12 @@ async def server_ms(redis: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+async def server_us(redis: Redis) -> int:
+    """The server's clock (``TIME``), in µs."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
 async def last_retired_ms(bus: Bus) -> int:
     """When the latest session retired (server clock, ms): its score in the ended index is that
     time plus the retention."""

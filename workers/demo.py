@@ -195,6 +195,10 @@ async def _run_and_check(
             for s in await bus.services(fresh=True)
             if s.subscribes and s.name in {f.group for f in fleets} - {"actions"}
         }
+        handler_services = {f.group for f in fleets} - {"actions"}
+        if subscriptions.keys() != handler_services:  # else their check would be skipped
+            missing = sorted(handler_services - subscriptions.keys())
+            raise DemoError(f"the service registry lists no subscriptions of {missing}")
         checks: list[CallCheck] = []
         journals: dict[str, list[Record]] = {}
         latencies: list[float] = []
