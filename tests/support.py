@@ -19,12 +19,22 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from bus import Bus, Settings
+from bus import Bus, Consumer, Service, Settings
 from bus.scripts import Arg
 from bus.steps import Step, StepBatcher, reader
 from workers.observe import lease_owners as lease_owners  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def running(bus: Bus, service: Service) -> AsyncIterator[Consumer]:
+    """A consumer of `service` running in this process until the block ends (then stopped)."""
+    consumer = Consumer(bus, service)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        yield consumer
+        consumer.stop()
 
 
 def raw(bus: Bus) -> Any:

@@ -13,7 +13,6 @@ from redis.crc import key_slot
 
 from bus import Bus, Codec, Delivery, Service, Settings
 from tests.apps.recorder import Tick
-from tests.bus.test_consumer import running
 from tests.bus.test_inbox import Say
 from tests.bus.test_scenarios import (
     RECORDER,
@@ -23,7 +22,7 @@ from tests.bus.test_scenarios import (
     settled,
 )
 from tests.conftest import KIND, make_settings
-from tests.support import WorkerProcesses, assert_in_order, handled, wait_for
+from tests.support import WorkerProcesses, assert_in_order, handled, running, wait_for
 from tests.workers.test_cli import flowbus
 from workers.observe import dead_letter_count
 from workers.server import LocalCluster

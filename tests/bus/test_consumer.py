@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
 import anyio
@@ -32,7 +31,7 @@ from bus.ownership import Leases
 from bus.steps import Step, reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
-from tests.support import Proxy, lease_owners, raw, wait_for
+from tests.support import Proxy, lease_owners, raw, running, wait_for
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -40,15 +39,6 @@ pytestmark = pytest.mark.anyio
 
 class Note(Payload, tag="note"):
     text: str = ""
-
-
-@asynccontextmanager
-async def running(bus: Bus, service: Service) -> AsyncIterator[Consumer]:
-    consumer = Consumer(bus, service)
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
-        yield consumer
-        consumer.stop()
 
 
 class Log:

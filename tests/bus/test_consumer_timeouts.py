@@ -4,8 +4,6 @@ comes back: what the next handling and the worker see."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -18,19 +16,10 @@ from bus import Bus, Codec, Consumer, Delivery, Service, ServiceInfo
 from bus.steps import StepBatcher
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
-from tests.support import raw, wait_for
+from tests.support import raw, running, wait_for
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def running(bus: Bus, service: Service) -> AsyncIterator[Consumer]:
-    consumer = Consumer(bus, service)
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
-        yield consumer
-        consumer.stop()
 
 
 async def test_batch_mode_a_handler_that_finishes_past_its_timeout_does_not_fail_the_next(

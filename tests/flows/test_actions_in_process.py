@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, Consumer
+from bus import Bus
 from flows import (
     COMMANDS,
     ActionError,
@@ -20,9 +20,14 @@ from flows import (
     SimulatedTTS,
 )
 from flows.protocol import ActionsCompleted, NodeEntered, Say
-from tests.support import raw, wait_for
+from tests.support import raw, running, wait_for
 
 pytestmark = pytest.mark.anyio
+
+
+def quiet(name: str, pre: list[dict[str, Any]]) -> dict[str, Any]:
+    """A node with these pre-actions that does not ask the LLM at once."""
+    return {"name": name, "task_messages": [], "pre_actions": pre, "respond_immediately": False}
 
 
 async def test_a_custom_action_may_send_two_commands_to_the_bot(bus: Bus) -> None:
@@ -35,9 +40,7 @@ async def test_a_custom_action_may_send_two_commands_to_the_bot(bus: Bus) -> Non
         assert await flow_manager.send(Say(text="one"))
         assert await flow_manager.send(Say(text="two"))
 
-    consumer = Consumer(bus, service.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
+    async with running(bus, service.as_service()):
         pre = [{"type": "greet_twice"}]
         await bus.publish("call-1", NodeEntered(node="a", gen=1, pre_actions=pre))
         got: list[Any] = []
@@ -48,7 +51,6 @@ async def test_a_custom_action_may_send_two_commands_to_the_bot(bus: Bus) -> Non
                 return any(isinstance(p, ActionsCompleted) for p in got)
 
             await wait_for(completed, what="the pre-actions to complete")
-        consumer.stop()
     assert [p.text for p in got if isinstance(p, Say)] == ["one", "two"]
     assert got[-1] == ActionsCompleted(node="a", gen=1, phase="pre", error="")
 
@@ -64,31 +66,18 @@ async def test_a_bot_that_starts_over_does_not_replay_the_commands_of_the_one_be
     async def note(action: dict[str, Any], flow_manager: Any) -> None:
         pass
 
-    consumer = Consumer(bus, service.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
+    async with running(bus, service.as_service()):
         first = SimulatedTTS(0)
         async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=first) as fm:
             await fm.initialize(
-                {
-                    "name": "a",
-                    "task_messages": [],
-                    "pre_actions": [{"type": "tts_say", "text": "Hello from the first bot"}],
-                    "respond_immediately": False,
-                }
+                quiet("a", [{"type": "tts_say", "text": "Hello from the first bot"}])
             )
         assert first.spoken == ["Hello from the first bot"]
         second = SimulatedTTS(0)
         async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=second) as fm:
             await fm.initialize(
-                {
-                    "name": "b",
-                    "task_messages": [],
-                    "pre_actions": [{"type": "tts_say", "text": "Hello from the second bot"}],
-                    "respond_immediately": False,
-                }
+                quiet("b", [{"type": "tts_say", "text": "Hello from the second bot"}])
             )
-        consumer.stop()
     assert second.spoken == ["Hello from the second bot"]
 
 
@@ -104,9 +93,7 @@ async def test_a_failing_bot_side_end_conversation_is_named_in_the_error(bus: Bu
     async def hang_up(action: dict[str, Any], flow_manager: Any) -> None:
         raise RuntimeError("the line is busy")
 
-    consumer = Consumer(bus, service.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
+    async with running(bus, service.as_service()):
         async with FlowManager.open(
             bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
         ) as fm:
@@ -114,7 +101,6 @@ async def test_a_failing_bot_side_end_conversation_is_named_in_the_error(bus: Bu
             pre = [{"type": "end_conversation"}, {"type": "note"}]
             with pytest.raises(FlowInitializationError) as raised:
                 await fm.initialize({"name": "a", "task_messages": [], "pre_actions": pre})
-        consumer.stop()
     cause = raised.value.__cause__
     assert isinstance(cause, ActionError)
     assert "'end_conversation'" in str(cause) and "'note'" not in str(cause), str(cause)
@@ -133,10 +119,7 @@ async def test_a_second_action_service_does_not_answer_for_the_one_the_bot_names
         await anyio.sleep(0.3)  # the work the action does: the other service is faster
         ran.append("note")
 
-    a, b = Consumer(bus, mine.as_service()), Consumer(bus, other.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(a.run)
-        await tg.start(b.run)
+    async with running(bus, mine.as_service()), running(bus, other.as_service()):
         async with FlowManager.open(
             bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
         ) as fm:
@@ -151,8 +134,6 @@ async def test_a_second_action_service_does_not_answer_for_the_one_the_bot_names
                 }
             )
             assert fm.current_node == "a" and fm.action_errors == []
-        a.stop()
-        b.stop()
     assert ran == ["note"]
 
 
@@ -175,9 +156,7 @@ async def test_current_node_in_pre_actions_is_the_bots_after_a_failed_node_entry
     def n(name: str, pre: list[dict[str, Any]]) -> dict[str, Any]:
         return {"name": name, "task_messages": [], "pre_actions": pre, "respond_immediately": False}
 
-    consumer = Consumer(bus, service.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
+    async with running(bus, service.as_service()):
         async with FlowManager.open(
             bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
         ) as fm:
@@ -186,7 +165,6 @@ async def test_current_node_in_pre_actions_is_the_bots_after_a_failed_node_entry
                 await fm.set_node_from_config(n("b", [{"type": "boom"}]))
             assert fm.current_node == "a"
             await fm.set_node_from_config(n("c", [{"type": "where"}]))
-        consumer.stop()
     assert seen == [None, "a"]
 
 
@@ -230,9 +208,7 @@ async def test_a_bot_that_starts_over_while_a_post_action_waited_for_its_phrase_
         if (kind, text) == ("tts.started", "bye now"):
             speaking.set()
 
-    consumer = Consumer(bus, service.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
+    async with running(bus, service.as_service()):
         first = SimulatedTTS(1.0, observer=observe)  # a second per character: still speaking
         llm = ScriptedLLM({"a": [LLMResponse(text="")]})
         async with FlowManager.open(bus, "call-1", llm=llm, tts=first, actions_timeout=5) as fm:
@@ -248,7 +224,6 @@ async def test_a_bot_that_starts_over_while_a_post_action_waited_for_its_phrase_
                 {"name": "b", "task_messages": [], "pre_actions": pre, "respond_immediately": False}
             )
             assert fm.current_node == "b"
-        consumer.stop()
 
 
 async def test_a_pre_action_failure_after_the_bot_stopped_waiting_is_not_a_post_action_error(
@@ -266,9 +241,7 @@ async def test_a_pre_action_failure_after_the_bot_stopped_waiting_is_not_a_post_
         await gate.wait()
         raise RuntimeError("late failure")
 
-    consumer = Consumer(bus, service.as_service())
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
+    async with running(bus, service.as_service()):
         async with FlowManager.open(
             bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=0.5
         ) as fm:
@@ -295,4 +268,3 @@ async def test_a_pre_action_failure_after_the_bot_stopped_waiting_is_not_a_post_
             await bus.send("call-1", marker)  # once handled, the late reply was too
             await wait_for(lambda: _has_error(fm), what="the bot to handle both")
             assert fm.action_errors == [("x", "m", "marker")]
-        consumer.stop()
