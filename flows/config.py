@@ -144,6 +144,11 @@ class FunctionConfig:
     #: Seconds its handler may take (Pipecat's ``timeout_secs``); None: the manager's.
     timeout: float | None = None
 
+    def targets(self) -> list[str]:
+        """Every node its `transition_to` may go to."""
+        target = self.transition_to
+        return [target] if isinstance(target, str) else target.targets() if target else []
+
     def schema(self) -> dict[str, Any]:
         """The function as an LLM tool definition (OpenAI format)."""
         parameters = {
@@ -327,18 +332,18 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
         raise FlowError(f"{path}: initial_node {initial!r} is not one of the nodes")
     where = "global_functions"
     shared = [parse_function(where, f, lookup) for f in _list(where, where, data)]
+    shared_names = {f.name for f in shared}
     for node, functions in [(n.name, n.functions) for n in nodes.values()] + [(where, shared)]:
         for function in functions:
             at = f"functions.{function.name}"
             if function.handler is None and function.transition_to is None:
                 problem = "no handler of that name in the handlers, and no transition_to"
                 raise InvalidNodeFunctionError(node, at, problem)
-            target = function.transition_to
-            for name in [target] if isinstance(target, str) else target.targets() if target else []:
+            for name in function.targets():
                 if name not in nodes:
                     problem = f"transition_to {name!r} is not one of the nodes"
                     raise InvalidNodeFunctionError(node, at, problem)
-            if functions is not shared and function.name in {f.name for f in shared}:
+            if functions is not shared and function.name in shared_names:
                 raise InvalidNodeFunctionError(node, at, "it is also a global function")
     if shared:
         nodes = {n: replace(c, functions=[*shared, *c.functions]) for n, c in nodes.items()}

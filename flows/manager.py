@@ -494,8 +494,7 @@ class FlowManager:
             target = function.transition_to
             if function.handler is None and target is None:
                 raise FlowTransitionError(f"function {call.name!r} has no handler")
-            targets = [target] if isinstance(target, str) else target.targets() if target else []
-            if any(self.flow is None or t not in self.flow.nodes for t in targets):
+            if any(self.flow is None or t not in self.flow.nodes for t in function.targets()):
                 raise FlowTransitionError(
                     f"function {call.name!r} goes to {target!r}, no node of the flow"
                 )
