@@ -422,7 +422,7 @@ async def call(
         except ResponseError as exc:
             if str(exc).startswith(expected):
                 raise
-            if MIGRATING in str(exc) and time.monotonic() <= deadline:
+            if MIGRATING in str(exc).lower() and time.monotonic() <= deadline:
                 await anyio.sleep(min(0.05 * 2**attempt, 1.0))  # as a TRYAGAIN
                 continue
             raise CommandRefusedError(what, _reason(exc), session=session) from None
@@ -433,7 +433,8 @@ async def call(
 #: already (the key is not among those the script declares, so no ``ASK`` reply comes): the
 #: slot is being migrated, and the call goes through once that is done. The script stopped at
 #: that key; every script of the bus can be sent again (a publish's retry is known as one).
-MIGRATING = "Script attempted to access a non local key in a cluster node"
+#: (Redis says "Script attempted to access …", Valkey "Attempted to access …".)
+MIGRATING = "attempted to access a non local key in a cluster node"
 
 
 #: The server's error codes that redis-py takes off the message when it picks a class for them.
