@@ -543,9 +543,10 @@ def _worker(args: argparse.Namespace) -> int:
 async def _simulate(bus: Bus, args: argparse.Namespace) -> int:
     from .bots import ServicesMissingError, simulate
 
-    if args.calls < 0 or not args.rate > 0 or args.calls_at_once < 1 or not args.wait >= 0:
-        raise UsageError(
-            "--calls must be 0 or more, --rate above 0, --concurrency at least 1, --wait 0 or more"
+    if args.calls < 0 or not args.rate >= 1e-300 or args.calls_at_once < 1 or not args.wait >= 0:
+        raise UsageError(  # (a rate of 1e-320 calls a second is a wait of for ever)
+            "--calls must be 0 or more, --rate at least 1e-300, --concurrency at least 1, "
+            "--wait 0 or more"
         )
     try:
         done = await simulate(

@@ -222,10 +222,18 @@ def test_simulate_without_the_sample_services_says_which_to_start(settings: Sett
         (["inspect", "session", "a b"], "invalid session id 'a b': whitespace"),
         (["inspect", "sessions", "--limit", "0"], "--limit must be at least 1, not 0"),
         (["simulate", "--concurrency", "0"], "--concurrency at least 1, --wait 0 or more"),
-        (["simulate", "--wait", "-5"], "--concurrency at least 1, --wait 0 or more"),
+        (["simulate", "--wait", "-5"], "least 1, --wait 0 or more"),
+        (["simulate", "--rate", "1e-320"], "--rate at least 1e-300"),
         (["demo", "--keep"], "--keep leaves the embedded server running; with --redis-url"),
     ],
-    ids=["session-id", "limit", "simulate-concurrency", "simulate-wait", "demo-keep"],
+    ids=[
+        "session-id",
+        "limit",
+        "simulate-concurrency",
+        "simulate-wait",
+        "simulate-rate",
+        "demo-keep",
+    ],
 )
 def test_a_command_given_a_bad_value_says_which(
     settings: Settings, args: list[str], says: str
