@@ -93,34 +93,33 @@ def make_client(
     nothing by default. With `settings.cluster`, a cluster client (see `_Cluster`), whose
     pools per node are unbounded."""
     timeout = 5.0 if block_seconds is None else block_seconds + 5.0
-    _check_options(settings)
     if settings.cluster:
+        _check_options(ConnectionPool.from_url, settings)
         return _cluster_client(settings, timeout)
-    try:
-        pool = BlockingConnectionPool.from_url(
-            settings.url,
-            max_connections=max_connections if block_seconds is None else 1,
-            timeout=None,
-            socket_timeout=timeout,
-            socket_connect_timeout=5.0,
-            retry=Retry(NoBackoff(), 1),
-            **CONNECTION_OPTIONS,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
+    pool = _check_options(
+        BlockingConnectionPool.from_url,
+        settings,
+        max_connections=max_connections if block_seconds is None else 1,
+        timeout=None,
+        socket_timeout=timeout,
+        socket_connect_timeout=5.0,
+        retry=Retry(NoBackoff(), 1),
+    )
     _reset_aware(pool)
     return Redis(connection_pool=pool)
 
 
-def _check_options(settings: Settings) -> None:
-    """Make one connection (unconnected) from `settings.url`, so that an option that cannot
-    work (a TLS option without ``rediss://``, an unknown ``ssl_cert_reqs``) is a `ConfigError`
-    now rather than redis-py's own error at the first command."""
+def _check_options(from_url: Callable[..., Any], settings: Settings, **options: Any) -> Any:
+    """The pool `from_url` makes for `settings.url`, after making one of its connections
+    (unconnected), so that an option that cannot work (a TLS option without ``rediss://``, an
+    unknown ``ssl_cert_reqs``) is a `ConfigError` now rather than redis-py's own error at the
+    first command."""
     try:
-        pool = ConnectionPool.from_url(settings.url, **CONNECTION_OPTIONS)
+        pool = from_url(settings.url, **options, **CONNECTION_OPTIONS)
         pool.connection_class(**pool.connection_kwargs)
     except (ValueError, TypeError, RedisError) as exc:
         raise ConfigError(f"invalid Redis URL {settings.redacted_url!r}: {exc}") from None
+    return pool
 
 
 class SlotRoutes:

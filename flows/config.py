@@ -290,11 +290,13 @@ def parse_node(
 
 @dataclass(frozen=True, slots=True)
 class FlowConfig:
-    """A whole flow from a file: its nodes by name and the one to start with. Its
-    ``global_functions`` are in every node's `functions` (first, as Pipecat offers them)."""
+    """A whole flow from a file: its nodes by name, the one to start with, and the functions
+    offered in every node (which a `FlowManager` given the flow offers, as Pipecat's
+    ``FlowManager(global_functions=flow.global_functions)``)."""
 
     initial_node: str
     nodes: dict[str, NodeConfig]
+    global_functions: list[FunctionConfig] = field(default_factory=list)
 
 
 def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
@@ -345,9 +347,7 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
                     raise InvalidNodeFunctionError(node, at, problem)
             if functions is not shared and function.name in shared_names:
                 raise InvalidNodeFunctionError(node, at, "it is also a global function")
-    if shared:
-        nodes = {n: replace(c, functions=[*shared, *c.functions]) for n, c in nodes.items()}
-    return FlowConfig(str(initial), nodes)
+    return FlowConfig(str(initial), nodes, shared)
 
 
 class _Handlers(Mapping[str, Handler]):

@@ -107,9 +107,9 @@ class FlowManager:
         global_functions: Sequence[Any] = (),
     ) -> None:
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
-        #: Functions offered in every node, before its own (as Pipecat's `global_functions`):
-        #: in any of the forms a node's `functions` take.
-        self.global_functions = [
+        #: Functions offered in every node, before its own (as Pipecat's `global_functions`),
+        #: in any of the forms a node's `functions` take; the flow's first.
+        self.global_functions = [*(flow.global_functions if flow else [])] + [
             parse_function("global_functions", f, {}) for f in global_functions
         ]
         self.actions_service, self.actions_timeout = actions_service, actions_timeout

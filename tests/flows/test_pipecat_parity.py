@@ -170,7 +170,8 @@ def test_a_pipecat_flow_file_loads_with_its_tools_from_a_module(tmp_path: Path) 
     path = tmp_path / "flow.yaml"
     path.write_text(PIZZA_YAML)
     flow = load_flow(path, handlers=Handlers)
-    estimate, choose = flow.nodes["greet"].functions  # the global ones first, as Pipecat
+    [estimate] = flow.global_functions
+    [choose] = flow.nodes["greet"].functions
     assert (estimate.name, estimate.description) == (
         "get_delivery_estimate",
         "How long the delivery takes.",
@@ -181,14 +182,14 @@ def test_a_pipecat_flow_file_loads_with_its_tools_from_a_module(tmp_path: Path) 
         None,
     )
     assert (choose.properties, choose.transition_to) == ({}, "pizza")
-    _, select = flow.nodes["pizza"].functions
+    [select] = flow.nodes["pizza"].functions
     assert select.properties == {
         "size": {"type": "string", "description": "small, medium or large."}
     }
     assert select.transition_to == Branch(
         "status", {"ok": "confirm", "unavailable": "pizza", "true": "confirm"}, "greet"
     )
-    assert [f.name for f in flow.nodes["confirm"].functions] == ["get_delivery_estimate"]
+    assert flow.nodes["confirm"].functions == []
 
 
 @pytest.mark.parametrize(
@@ -219,7 +220,8 @@ async def test_a_branch_chooses_the_node_by_the_result(
     assert llm.calls[:2] == ["greet", "pizza"]
 
 
-async def test_global_functions_are_offered_in_every_node(bus: Bus) -> None:
+async def test_global_functions_are_offered_in_every_node(bus: Bus, tmp_path: Path) -> None:
+    """Given to the manager, or by its flow's file: first, as Pipecat offers them."""
     tools: list[list[str]] = []
 
     class Recorder:
@@ -240,6 +242,14 @@ async def test_global_functions_are_offered_in_every_node(bus: Bus) -> None:
         await fm.initialize(at("a"))
         await fm.set_node_from_config(at("b", functions=[{"name": "own", "handler": own}]))
     assert tools == [["get_delivery_estimate"], ["get_delivery_estimate", "own"]]
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    flow = load_flow(path, handlers=Handlers)
+    async with FlowManager.open(
+        bus, "call-2", llm=Recorder(), tts=SimulatedTTS(0), flow=flow
+    ) as fm:
+        await fm.initialize()
+    assert tools[2] == ["get_delivery_estimate", "choose_pizza"]
 
 
 @pytest.mark.parametrize(
