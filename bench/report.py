@@ -13,7 +13,8 @@ from .throughput import ThroughputResult
 
 #: flowbus throughput as a share of the baseline's, at least.
 TARGET_RATIO = 0.5
-#: Publish-to-handler p99 (ms), at most.
+#: Publish-to-handler p99 (ms), under; judged from the times the publishers' schedule gave the
+#: events, the stricter measure (see `bench.latency`).
 TARGET_P99_MS = 5.0
 #: Takeover gap, in lease TTLs, under.
 TARGET_GAP_TTLS = 2.0
@@ -74,7 +75,7 @@ def judge(r: Results) -> None:
                 round(ratio, 4), f">= {TARGET_RATIO:.0%} of baseline", ratio >= TARGET_RATIO
             )
     if r.latency:
-        p99 = r.latency.p99_ms
+        p99 = r.latency.due_p99_ms
         r.verdicts["latency_p99_ms"] = Verdict(p99, f"< {TARGET_P99_MS:g} ms", p99 < TARGET_P99_MS)
     if r.takeover:
         limit = TARGET_GAP_TTLS * r.takeover.lease_ttl_s
@@ -155,6 +156,15 @@ def render(r: Results) -> str:
                 f"{lt.seconds:.0f} s",
                 f"p50 {lt.p50_ms:.2f}  p90 {lt.p90_ms:.2f}  p99 {lt.p99_ms:.2f}  "
                 f"max {lt.max_ms:.1f} ms",
+                "",
+                "",
+            )
+        )
+        lines.append(
+            _row(
+                "",
+                f"from the schedule: p50 {lt.due_p50_ms:.2f}  p99 {lt.due_p99_ms:.2f}  "
+                f"max {lt.due_max_ms:.1f} ms",
                 v.target,
                 _met(v, "latency_p99_ms"),
             )
@@ -163,7 +173,8 @@ def render(r: Results) -> str:
         lines.extend(
             _row(
                 "",
-                f"at {lt.achieved_rate:,.0f}/s: p50 {lt.p50_ms:.2f}  p99 {lt.p99_ms:.2f} ms; "
+                f"at {lt.achieved_rate:,.0f}/s: p50 {lt.p50_ms:.2f}  p99 {lt.p99_ms:.2f} ms "
+                f"({lt.due_p99_ms:.2f} from the schedule); "
                 f"cores busy: {lt.cores_busy:.2f} ours + {lt.other_cores_busy:.2f} others "
                 f"of {m.nproc}",
                 "",

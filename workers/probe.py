@@ -2,14 +2,15 @@
 
 Workers load it as ``workers.probe:service`` (group ``probe``), with their settings in the
 ``FLOWBUS_*`` environment. Each handling appends one `Handling` (a JSON array: session, seq,
-pid, deliveries, sent_ns, handled_ns) to the list ``<prefix>:probe:handled``, before the event is
-acknowledged, so a handling the list does not show was not acknowledged either (the takeover
-benchmark counts on it). ``workers.probe:holding`` keeps its records in memory until a
+pid, deliveries, sent_ns, handled_ns, due_ns) to the list ``<prefix>:probe:handled``, before the
+event is acknowledged, so a handling the list does not show was not acknowledged either (the
+takeover benchmark counts on it). ``workers.probe:holding`` keeps its records in memory until a
 `ProbeFlush` event reaches it, then appends them all at once, so its handler is next to a
 no-op while it is measured, as the latency benchmark asks (no round trip of its own per event;
 the records of a worker that dies before the flush are lost). The publisher puts
 ``time.time_ns()`` in the payload right before publishing; the difference with the time the
-handler started is the publish-to-handler latency.
+handler started is the publish-to-handler latency. A paced publisher also puts the time its
+schedule gave the event, for the latency from there.
 
     redis-cli LRANGE '<prefix>:probe:handled' 0 9
 """
@@ -33,9 +34,11 @@ LISTED = 10
 
 
 class ProbeTick(Payload, tag="probe.tick"):
-    """One probe event; `sent_ns` is the publisher's ``time.time_ns()`` just before publishing."""
+    """One probe event; `sent_ns` is the publisher's ``time.time_ns()`` just before publishing,
+    `due_ns` the time its schedule gave it (0: none), on the same clock."""
 
     sent_ns: int = 0
+    due_ns: int = 0
 
 
 class ProbeFlush(Payload, tag="probe.flush"):
@@ -51,11 +54,21 @@ class Handling(msgspec.Struct, array_like=True, frozen=True):
     deliveries: int
     sent_ns: int
     handled_ns: int
+    due_ns: int = 0
 
     @property
     def latency_us(self) -> float:
         """Publish-to-handler latency (microseconds); both clocks are this machine's."""
         return (self.handled_ns - self.sent_ns) / 1000
+
+    @property
+    def due_latency_us(self) -> float:
+        """Latency from the time the publisher's schedule gave the event if it was published
+        later (from its publish if earlier, or if it had none): a publisher held up adds its
+        delay here, not only to its later publishes (what a paced load measured from the
+        publish alone leaves out, "coordinated omission")."""
+        start = min(self.sent_ns, self.due_ns) if self.due_ns else self.sent_ns
+        return (self.handled_ns - start) / 1000
 
 
 def handled_key(prefix: str) -> str:
@@ -148,9 +161,9 @@ class Recorder:
                 handled_key(settings.prefix),
             )
         match delivery.payload:
-            case ProbeTick(sent_ns=sent_ns):
+            case ProbeTick(sent_ns=sent_ns, due_ns=due_ns):
                 session, seq, deliveries = delivery.session, delivery.seq, delivery.deliveries
-                record = Handling(session, seq, self._pid, deliveries, sent_ns, handled_ns)
+                record = Handling(session, seq, self._pid, deliveries, sent_ns, handled_ns, due_ns)
                 if self._hold:
                     self._held.append(msgspec.json.encode(record))
                 else:
