@@ -94,15 +94,17 @@ class BotSession:
         self, payload: Payload, *, done_when: ReplyCheck, wait: float
     ) -> list[Message]:
         """Publish `payload` asking for replies; return them once `done_when(replies)` holds
-        or `wait` seconds have passed, whichever is first. Never raises for a timeout: the
-        caller sees which replies are missing."""
+        or `wait` seconds have passed, whichever is first: the publish's retries (the server
+        out of reach) count towards `wait`, and a publish cut short by it may or may not have
+        reached the server. Never raises for a timeout: the caller sees which replies are
+        missing."""
         corr = secrets.token_hex(8)
         waiter = self._waiters[corr] = _Waiter(done_when)
         try:
             extra = {"reply_to": self.bus.keys.inbox(self.session), "corr": corr}
-            await self.publish(payload, extra=extra)
-            if not done_when([]):  # else no reply is awaited (a sync event nobody handles)
-                with anyio.move_on_after(wait):
+            with anyio.move_on_after(wait):
+                await self.publish(payload, extra=extra)
+                if not done_when([]):  # else no reply is awaited (a sync event nobody handles)
                     await waiter.done.wait()
         finally:
             del self._waiters[corr]

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgspec
 import structlog
 
@@ -23,15 +24,18 @@ log = structlog.get_logger("flowbus.events")
 @dataclass(frozen=True, slots=True)
 class SyncOutcome:
     """What the services subscribed to a sync event said: each one's handler errors (empty when
-    all succeeded), and the services that had not finished when the wait timed out."""
+    all succeeded), and the services that had not finished when the wait timed out. Not
+    `published` if the server did not answer the look-up of the subscribed services in time:
+    the event was not sent."""
 
     event: str
     errors: dict[str, list[str]]
     timed_out: list[str]
+    published: bool = True
 
     @property
     def ok(self) -> bool:
-        return not self.timed_out and not any(self.errors.values())
+        return self.published and not self.timed_out and not any(self.errors.values())
 
 
 class Events:
@@ -39,8 +43,8 @@ class Events:
 
     ``await events.emit(Emitter("transport.daily", "daily"), "on_client_connected", client)``
     publishes the event and returns at once. A sync event (``on_before_leave``…) waits, for at
-    most `sync_timeout` seconds, until every service subscribed to it has run its handlers, and
-    returns a `SyncOutcome`.
+    most `sync_timeout` seconds in all (the server out of reach included), until every service
+    subscribed to it has run its handlers, and returns a `SyncOutcome`.
     """
 
     def __init__(
@@ -76,16 +80,29 @@ class Events:
         if not spec.sync:
             await self.bot.publish(payload)
             return None
-        services = [
-            s.name
-            for s in await self.bot.bus.services(fresh=True)
-            if s.subscribes and name in s.subscribes
-        ]
+        deadline = anyio.current_time() + self.sync_timeout
+        services: list[str] = []
+        with anyio.move_on_after(self.sync_timeout) as lookup:
+            services = [
+                s.name
+                for s in await self.bot.bus.services(fresh=True)
+                if s.subscribes and name in s.subscribes
+            ]
+        if lookup.cancelled_caught:
+            log.warning(
+                "sync_event_not_published",
+                session=self.bot.session,
+                event_name=name,
+                reason="the server did not answer the look-up of its services in time",
+                timeout=self.sync_timeout,
+            )
+            return SyncOutcome(name, {}, [], published=False)
 
         def all_replied(replies: list[Message]) -> bool:
             return set(services) <= {_outcome(r).service for r in replies}
 
-        replies = await self.bot.request(payload, done_when=all_replied, wait=self.sync_timeout)
+        wait = max(0.0, deadline - anyio.current_time())
+        replies = await self.bot.request(payload, done_when=all_replied, wait=wait)
         errors = {o.service: o.errors for o in map(_outcome, replies)}
         outcome = SyncOutcome(name, errors, sorted(set(services) - errors.keys()))
         if outcome.timed_out:

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, Settings
+from bus import Bus, ServiceInfo, Settings
 from flows import BotSession, Emitter, Events, EventService, UnknownEventError
 from tests.support import WorkerProcesses, lease_owners, raw, wait_for
 
@@ -150,6 +150,26 @@ async def test_a_sync_event_no_service_handles_returns_at_once_with_nothing_miss
     assert outcome is not None and outcome.timed_out == [] and outcome.errors == {}
     [entry] = await bus.history("call-1")  # published all the same, for the record
     assert entry.type == "on_before_leave"
+
+
+async def test_a_sync_event_waits_no_longer_than_its_timeout_for_a_server_that_does_not_answer(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await bus.register_service(ServiceInfo("crm", ["on_before_leave"]))
+
+    async def no_answer(*args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep_forever()  # as a publish retrying against a server out of reach
+
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot, sync_timeout=0.2)
+        monkeypatch.setattr(bot, "publish", no_answer)
+        with anyio.fail_after(60):  # it waited for ever before
+            outcome = await events.emit(DAILY, "on_before_leave")
+        assert outcome is not None and outcome.timed_out == ["crm"] and not outcome.ok
+        monkeypatch.setattr(bus, "services", no_answer)  # the registry's look-up as well
+        with anyio.fail_after(60):
+            outcome = await events.emit(DAILY, "on_before_leave")
+        assert outcome is not None and not outcome.published and not outcome.ok
 
 
 async def test_a_default_event_returns_before_any_handler_ran(
