@@ -41,7 +41,7 @@ from .envelope import Codec, DecodeError, Delivery, Entry, Payload
 from .errors import ConfigError, FencedError, NoSuchSessionError
 from .hints import Hints
 from .keys import Keys, check_worker_id
-from .ownership import Leases, assign
+from .ownership import Leases, Renewal, assign
 from .scripts import Arg
 from .settings import NAME_PATTERN
 from .slots import Slots
@@ -222,6 +222,10 @@ class Consumer:
         self._parts: dict[int, _Partition] = {}
         self._stop = anyio.Event()
         self._renewed_at = 0.0  # `time.monotonic()` of the last renewal (or of the start)
+        #: How long a heartbeat, or a node's renewals, may take (a round stays well within a
+        #: lease TTL even when a cluster node does not answer).
+        self._within = self.settings.lease_ttl_seconds / 2
+        self._acquiring = False  # an `_acquire` runs
         self._tg: TaskGroup | None = None
         self._log = log.bind(group=service.name, worker=self.worker_id)
         self._hints = Hints(
@@ -277,7 +281,7 @@ class Consumer:
             tg.start_soon(self._hints.run)
             tg.start_soon(self._watch_handlers)
             self._renewed_at = time.monotonic()
-            wanting = await self._rebalance()
+            wanting = await self._rebalance(wait=True)
             self._log.info(
                 "worker_started", partitions=len(self._parts), ack_mode=self.settings.ack_mode
             )
@@ -292,9 +296,11 @@ class Consumer:
         self._log.info("worker_stopped", **vars_of(self.stats))
 
     # -- ownership --------------------------------------------------------------------------
-    async def _rebalance(self) -> bool:
-        """Heartbeat and renew (`_renew`), hand back what is no longer ours, take what is.
-        True while some partition we should own is still held by another worker."""
+    async def _rebalance(self, *, wait: bool = False) -> bool:
+        """Heartbeat and renew (`_renew`), hand back what is no longer ours, take what is
+        (`_acquire`: in the background unless `wait`, so that a cluster node out of reach,
+        whose partitions we should own, does not delay the next renewal). True while some
+        partition we should own is not ours."""
         members = await self._renew()
         if members is None:
             return False
@@ -304,15 +310,31 @@ class Consumer:
                 self._log.info("partition_handed_over", partition=p)
                 self._begin_drain(part)
         missing = desired - self._parts.keys()
-        if not missing:
-            return False
+        if missing and not self._acquiring:
+            self._acquiring = True
+            if wait:
+                await self._acquire(sorted(missing), len(members))
+            else:
+                assert self._tg is not None
+                self._tg.start_soon(self._acquire, sorted(missing), len(members))
+        return bool(desired - self._parts.keys())
+
+    async def _acquire(self, partitions: list[int], members: int) -> None:
+        """Take the leases of `partitions` that are free, and start handling those."""
         try:
             asked = time.monotonic()
-            tokens = await self._leases.acquire(sorted(missing))
-        except (*TRANSIENT, ResponseError) as exc:
-            self._log.warning("acquire_failed", error=str(exc))
-            return True
+            tokens = await self._leases.acquire(partitions, within=self._within)
+        except (*TRANSIENT, ResponseError, TimeoutError) as exc:
+            self._log.warning("acquire_failed", error=str(exc) or type(exc).__name__)
+            return
+        finally:
+            self._acquiring = False
         assert self._tg is not None
+        if self._stop.is_set():  # taken as the drain began: the next owner may have them
+            for p, token in tokens.items():
+                with contextlib.suppress(*TRANSIENT, ResponseError):
+                    await self._leases.release(p, token)
+            return
         group, count = self.service.name, self.settings.read_batch
         for p, token in tokens.items():
             lease, read = self.keys.lease(p, group), reader(self.keys, p, group, token, count)
@@ -320,35 +342,54 @@ class Consumer:
             part.vouched_until = asked + self.settings.lease_ttl_seconds
             self._tg.start_soon(self._run_partition, part)
         if tokens:
-            self._log.info("partitions_acquired", partitions=sorted(tokens), members=len(members))
-        return bool(missing - tokens.keys())
+            self._log.info("partitions_acquired", partitions=sorted(tokens), members=members)
 
     async def _renew(self) -> list[str] | None:
-        """Heartbeat, renew the leases held, register the service again if the server lost
-        it; the group's members, or None if the round failed (after a lease's TTL of failed
-        rounds, every partition counts as lost: others may own them by now)."""
+        """Heartbeat (and register the service again if the server lost it) and renew the
+        leases held, at once, each within half a lease TTL; the group's members, or None if
+        the heartbeat failed. A lease whose renewal got no answer is let go once it was last
+        renewed a TTL ago (others may own it by then): in a cluster, a node out of reach holds
+        up only the partitions it serves."""
         held = {p: part.token for p, part in self._parts.items() if not part.lost}
-        try:
-            members = await self._leases.heartbeat()
-            asked = time.monotonic()
-            lost = await self._leases.renew(held) if held else set()
-            if await self.bus.register_service(self._info, replace=False, retry=False):
-                self._log.warning("service_registered_again")  # the server lost its data
-        except (*TRANSIENT, ResponseError) as exc:
-            self._log.warning("heartbeat_failed", error=str(exc))
-            if time.monotonic() - self._renewed_at > self.settings.lease_ttl_seconds:
-                for part in list(self._parts.values()):
-                    self._lose(part, "lease_expired")
-            return None
-        self._renewed_at = time.monotonic()
+        members: list[str] | None = None
+
+        async def membership() -> None:
+            nonlocal members
+            try:
+                with anyio.fail_after(self._within):
+                    found = await self._leases.heartbeat()
+                    if await self.bus.register_service(self._info, replace=False, retry=False):
+                        self._log.warning("service_registered_again")  # the server lost its data
+                members = found
+            except (*TRANSIENT, ResponseError, TimeoutError) as exc:
+                self._log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
+
+        asked = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(membership)
+            try:
+                renewal = await self._leases.renew(held, within=self._within)
+            except ResponseError as exc:  # a refusal (NOPERM, say): every renewal failed
+                renewal = Renewal(set(), dict.fromkeys(held, exc))
+        if renewal.unanswered:
+            error = next(iter(renewal.unanswered.values()))
+            self._log.warning(
+                "renewal_failed",
+                partitions=sorted(renewal.unanswered),
+                error=str(error) or type(error).__name__,
+            )
+        elif members is not None:
+            self._renewed_at = time.monotonic()
         for p, token in held.items():  # unless it was handed back meanwhile (its drain ended,
             mine = self._parts.get(p)  # its lease freed)
             if mine is None or mine.token != token:
                 continue
-            if p in lost:
+            if p in renewal.lost:
                 self._lose(mine, "lease_lost")
-            else:
+            elif p not in renewal.unanswered:
                 mine.vouch(asked + self.settings.lease_ttl_seconds)
+            elif time.monotonic() >= mine.vouched_until:
+                self._lose(mine, "lease_expired")
         return members
 
     def _quietest_lane(self) -> StepBatcher:

@@ -8,12 +8,19 @@ are refused by the scripts that check the lease.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
+import anyio
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from . import scripts
+from .connection import TRANSIENT
 from .keys import Keys
 
 
@@ -39,8 +46,19 @@ def _score(member: str, partition: int) -> int:
     return zlib.crc32(f"{member}/{partition}".encode())
 
 
+class Renewal(NamedTuple):
+    """What a renewal found: the partitions whose lease is no longer ours, and those whose
+    renewal got no answer (a lost connection; in a cluster, their node out of reach), with
+    the error."""
+
+    lost: set[int]
+    unanswered: dict[int, Exception]
+
+
 class Leases:
-    """Heartbeats and partition leases of one worker in one group."""
+    """Heartbeats and partition leases of one worker in one group. Acquiring and renewing
+    leases go to each node of a cluster separately, so a node out of reach holds up only the
+    leases it serves; each call may be given a time limit (`within`)."""
 
     def __init__(self, redis: Redis, keys: Keys, group: str, worker: str, ttl_ms: int) -> None:
         self.redis, self.keys, self.group, self.worker, self.ttl_ms = (
@@ -58,8 +76,11 @@ class Leases:
         )
         return sorted(m.decode() for m in reply)
 
-    async def acquire(self, partitions: Iterable[int]) -> dict[int, str]:
-        """Try to take each partition's lease; return the tokens of those we got."""
+    async def acquire(
+        self, partitions: Iterable[int], *, within: float | None = None
+    ) -> dict[int, str]:
+        """Try to take each partition's lease; return the tokens of those we got. Raises if
+        no node answered (those of a cluster that did not are skipped)."""
         wanted = list(partitions)
         calls: list[scripts.Call] = [
             (
@@ -69,11 +90,14 @@ class Leases:
             )
             for p in wanted
         ]
-        replies = _raise_errors(await scripts.call_many(self.redis, calls))
+        replies = await self._per_node(calls, within)
+        if replies and all(isinstance(r, Exception) for r in replies):
+            raise replies[0]
+        _raise_refusals(replies)
         return {p: r.decode() for p, r in zip(wanted, replies, strict=True) if isinstance(r, bytes)}
 
-    async def renew(self, tokens: dict[int, str]) -> set[int]:
-        """Extend our leases; return the partitions whose lease we no longer hold."""
+    async def renew(self, tokens: dict[int, str], *, within: float | None = None) -> Renewal:
+        """Extend our leases; say which we no longer hold, and which got no answer."""
         calls: list[scripts.Call] = [
             (
                 scripts.RENEW,
@@ -82,8 +106,14 @@ class Leases:
             )
             for p, token in tokens.items()
         ]
-        replies = _raise_errors(await scripts.call_many(self.redis, calls))
-        return {p for p, ok in zip(tokens, replies, strict=True) if not ok}
+        replies = _raise_refusals(await self._per_node(calls, within))
+        renewal = Renewal(set(), {})
+        for p, reply in zip(tokens, replies, strict=True):
+            if isinstance(reply, Exception):
+                renewal.unanswered[p] = reply
+            elif not reply:
+                renewal.lost.add(p)
+        return renewal
 
     async def release(self, partition: int, token: str) -> None:
         keys = [
@@ -92,9 +122,42 @@ class Leases:
         ]
         await scripts.RELEASE(self.redis, keys, [token])
 
+    async def _per_node(self, calls: list[scripts.Call], within: float | None) -> list[Any]:
+        """Each call's reply, or the error that kept it from one: a pipeline per node (one on a
+        single server), all at once, each cut off after `within` seconds."""
+        by_node: dict[object, list[int]] = {}
+        for i, (_, keys, _) in enumerate(calls):
+            by_node.setdefault(self._node(keys[0]), []).append(i)
+        replies: list[Any] = [None] * len(calls)
 
-def _raise_errors(replies: list[object]) -> list[object]:
+        async def on_node(indexes: list[int]) -> None:
+            limit = contextlib.nullcontext() if within is None else anyio.fail_after(within)
+            try:
+                with limit:
+                    got = await scripts.call_many(self.redis, [calls[i] for i in indexes])
+            except (*TRANSIENT, TimeoutError) as exc:
+                got = [exc] * len(indexes)
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+
+        async with anyio.create_task_group() as tg:
+            for indexes in by_node.values():
+                tg.start_soon(on_node, indexes)
+        return replies
+
+    def _node(self, key: str) -> object:
+        """The node serving `key` in a cluster (None: a single server, or not known now)."""
+        if not isinstance(self.redis, RedisCluster):
+            return None
+        with contextlib.suppress(SlotNotCoveredError, RedisClusterException, KeyError):
+            node = self.redis.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+            return None if node is None else node.name
+        return None
+
+
+def _raise_refusals(replies: list[Any]) -> list[Any]:
+    """Raise an error reply that is not a node out of reach (a script's refusal, NOPERM)."""
     for reply in replies:
-        if isinstance(reply, Exception):
+        if isinstance(reply, Exception) and not isinstance(reply, (*TRANSIENT, TimeoutError)):
             raise reply
     return replies

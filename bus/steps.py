@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
@@ -164,6 +165,11 @@ class StepBatcher:
         self._acks: dict[tuple[str, str], list[_Ack]] = {}
         self._ready = asyncio.Event()  # cleared and reused: anyio's costs a microsecond a batch
         self._loop: asyncio.AbstractEventLoop | None = None
+        # In a cluster each node's batch goes out on its own (`_on_node`): the steps for a
+        # node whose last batch is still out wait here, so that a node slow to answer holds
+        # up only its own sessions.
+        self._held: dict[tuple[str, int], tuple[list[Step], dict[tuple[str, str], list[_Ack]]]] = {}
+        self._nodes_tg: TaskGroup | None = None
 
     def submit(self, step: Step) -> asyncio.Future[Any]:
         """Queue `step` for the next batch; return the future of its reply."""
@@ -188,21 +194,25 @@ class StepBatcher:
 
     async def run(self) -> None:
         try:
-            if self._routes is None:
-                with contextlib.suppress(*LOST):  # now rather than at the first event's step
-                    await self._connection.connect()
-            while True:
-                await self._ready.wait()
-                self._ready.clear()
-                batch, self._queue = self._queue, []
-                acks, self._acks = self._acks, {}
-                await self._send(batch, acks)
-                if self._queue or self._acks:
-                    # Steps came while that batch was out. Let the sessions it answered step
-                    # first, so that both go in the next batch: sent at once, they would go
-                    # on alternating in two half batches, twice the script calls per event.
-                    await asyncio.sleep(0)
+            async with anyio.create_task_group() as self._nodes_tg:
+                if self._routes is None:
+                    with contextlib.suppress(*LOST):  # now rather than at the first step
+                        await self._connection.connect()
+                while True:
+                    await self._ready.wait()
+                    self._ready.clear()
+                    batch, self._queue = self._queue, []
+                    acks, self._acks = self._acks, {}
+                    await self._send(batch, acks)
+                    if self._queue or self._acks:
+                        # Steps came while that batch was out. Let the sessions it answered
+                        # step first, so that both go in the next batch: sent at once, they
+                        # would go on alternating in two half batches, twice the script calls
+                        # per event.
+                        await asyncio.sleep(0)
         finally:
+            for steps, acks in self._held.values():  # they get no reply
+                _cancel(steps, acks)
             with anyio.CancelScope(shield=True):
                 for connection in [self._connection, *self._nodes.values()]:
                     await connection.disconnect()
@@ -214,32 +224,39 @@ class StepBatcher:
             if step.future.cancelled():  # its session's run was cut short and starts over:
                 step.reader = ()  # settle what it says, but read nothing nobody would handle
             by_lease.setdefault((step.lease, step.token), []).append(step)
-        calls: list[list[tuple[scripts.Arg, ...]]] = []  # per lease: its script call, its reads
-        for (lease, token), steps in by_lease.items():
-            keys: list[str] = [lease]
-            args: list[scripts.Arg] = [token, self._retention_ms, self._group]
-            for stream, entry_id, _ in acks.get((lease, token), []):
-                keys.append(stream)
-                args += ("a", entry_id)
-            for step in steps:
-                keys.append(step.stream)
-                args += step.args()
-            commands = [scripts.evalsha((scripts.STEP, keys, args))]
-            commands += [step.reader for step in steps if step.reads]
-            calls.append(commands)
+        if self._routes is not None:
+            self._send_by_node(by_lease, acks)
+            return
+        calls = [self._call(key, steps, acks) for key, steps in by_lease.items()]
         try:
-            if self._routes is None:
-                replies = await self._exchange(self._connection, calls)
-            else:
-                replies = await self._exchange_by_node(list(by_lease), calls)
+            replies = await self._exchange(self._connection, calls)
         except BaseException:
-            for step in batch:  # cancelled (or broken): these steps get no reply
-                assert step.future is not None
-                step.future.cancel()
-            for lease_acks in acks.values():
-                for _, _, future in lease_acks:
-                    future.cancel()
+            _cancel(batch, acks)  # cancelled (or broken): these steps get no reply
             raise
+        self._settle_all(by_lease, acks, replies)
+
+    def _call(
+        self, key: tuple[str, str], steps: list[Step], acks: dict[tuple[str, str], list[_Ack]]
+    ) -> list[tuple[scripts.Arg, ...]]:
+        """The script call of a lease's steps, then the reads of those that read on."""
+        lease, token = key
+        keys: list[str] = [lease]
+        args: list[scripts.Arg] = [token, self._retention_ms, self._group]
+        for stream, entry_id, _ in acks.get(key, []):
+            keys.append(stream)
+            args += ("a", entry_id)
+        for step in steps:
+            keys.append(step.stream)
+            args += step.args()
+        return [scripts.evalsha((scripts.STEP, keys, args)), *(s.reader for s in steps if s.reads)]
+
+    def _settle_all(
+        self,
+        by_lease: dict[tuple[str, str], list[Step]],
+        acks: dict[tuple[str, str], list[_Ack]],
+        replies: list[list[Any]],
+    ) -> None:
+        """Give every step of `by_lease` (and every ack of `acks`) its reply."""
         for (key, steps), results in zip(by_lease.items(), replies, strict=True):
             call, reads = results[0], iter(results[1:])
             lease_acks = acks.get(key, [])
@@ -267,42 +284,75 @@ class StepBatcher:
             at += len(commands)
         return replies
 
-    async def _exchange_by_node(
-        self, leases: list[tuple[str, str]], calls: list[list[tuple[scripts.Arg, ...]]]
-    ) -> list[list[Any]]:
-        """`_exchange` on every node that holds some of the calls' slots, all at once. After a
-        `MOVED` reply (slots resharded, a failover) the slot's steps go where the reply said;
-        the steps that got it are retried by their callers."""
+    def _send_by_node(
+        self, by_lease: dict[tuple[str, str], list[Step]], acks: dict[tuple[str, str], list[_Ack]]
+    ) -> None:
+        """Send each node's share of a batch on its own (`_on_node`), unless that node's last
+        share is still out: then it waits for that one's reply."""
+        routes, tg = self._routes, self._nodes_tg
+        assert routes is not None and tg is not None
+        by_node: dict[tuple[str, int] | None, dict[tuple[str, str], list[Step]]] = {}
+        for key, steps in by_lease.items():
+            by_node.setdefault(routes.node(key_slot(key[0].encode())), {})[key] = steps
+        for address, share in by_node.items():
+            share_acks = {key: acks[key] for key in share if key in acks}
+            if address is None:  # no node serves the slot now
+                error = ClusterDownError(f"no node serves the slot of {next(iter(share))[0]}")
+                replies = [[error] * (1 + sum(s.reads for s in steps)) for steps in share.values()]
+                self._settle_all(share, share_acks, replies)
+            elif address in self._held:
+                held_steps, held_acks = self._held[address]
+                held_steps += [step for steps in share.values() for step in steps]
+                for key, lease_acks in share_acks.items():
+                    held_acks.setdefault(key, []).extend(lease_acks)
+            else:
+                self._held[address] = ([], {})
+                tg.start_soon(self._on_node, address, share, share_acks)
+
+    async def _on_node(
+        self,
+        address: tuple[str, int],
+        by_lease: dict[tuple[str, str], list[Step]],
+        acks: dict[tuple[str, str], list[_Ack]],
+    ) -> None:
+        """Send the steps of `by_lease` to the node at `address`, and settle them; then the
+        steps held for it meanwhile go in the next batch. After a ``MOVED`` reply (slots
+        resharded, a failover) the slot's steps go where the reply said; the steps that got
+        it are retried by their callers."""
         routes = self._routes
         assert routes is not None
-        by_node: dict[tuple[str, int], list[int]] = {}
-        replies: list[list[Any]] = [[] for _ in calls]
-        for i, (lease, _token) in enumerate(leases):
-            address = routes.node(key_slot(lease.encode()))
-            if address is None:  # no node serves the slot now
-                replies[i] = [ClusterDownError(f"no node serves the slot of {lease}")] * len(
-                    calls[i]
-                )
-                continue
-            by_node.setdefault(address, []).append(i)
-
-        async def on_node(address: tuple[str, int], indexes: list[int]) -> None:
-            connection = self._nodes.get(address)
-            if connection is None:
-                kwargs = {**self._pool.connection_kwargs, "host": address[0], "port": address[1]}
-                connection = self._nodes[address] = self._pool.connection_class(**kwargs)
-            node_replies = await self._exchange(connection, [calls[i] for i in indexes])
-            for i, reply in zip(indexes, node_replies, strict=True):
-                replies[i] = reply
-            if isinstance(node_replies[0][0], LOST):
-                routes.lost(address)
-
-        async with anyio.create_task_group() as tg:
-            for address, indexes in by_node.items():
-                tg.start_soon(on_node, address, indexes)
+        connection = self._nodes.get(address)
+        if connection is None:
+            kwargs = {**self._pool.connection_kwargs, "host": address[0], "port": address[1]}
+            connection = self._nodes[address] = self._pool.connection_class(**kwargs)
+        calls = [self._call(key, steps, acks) for key, steps in by_lease.items()]
+        try:
+            replies = await self._exchange(connection, calls)
+        except BaseException:
+            _cancel([step for steps in by_lease.values() for step in steps], acks)
+            raise
+        finally:
+            held_steps, held_acks = self._held.pop(address)
+            self._queue += held_steps
+            for key, lease_acks in held_acks.items():
+                self._acks.setdefault(key, []).extend(lease_acks)
+            if held_steps or held_acks:
+                self._ready.set()
+        if isinstance(replies[0][0], LOST):
+            routes.lost(address)
         moved = [reply[0] for reply in replies if isinstance(reply[0], MovedError)]
         for error in moved:  # this slot is served elsewhere now
             routes.moved(error)
         if moved and self._on_moved is not None:
             self._on_moved()
-        return replies
+        self._settle_all(by_lease, acks, replies)
+
+
+def _cancel(steps: list[Step], acks: dict[tuple[str, str], list[_Ack]]) -> None:
+    """These steps get no reply (their batch was cancelled, or broke)."""
+    for step in steps:
+        assert step.future is not None
+        step.future.cancel()
+    for lease_acks in acks.values():
+        for _, _, future in lease_acks:
+            future.cancel()

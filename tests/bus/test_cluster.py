@@ -3,6 +3,7 @@ hints per node."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from redis.crc import key_slot
 
 from bus import Bus, Codec, Delivery, Service, Settings
+from bus import connection as bus_connection
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
 from tests.bus.test_scenarios import (
@@ -22,7 +24,7 @@ from tests.bus.test_scenarios import (
     settled,
 )
 from tests.conftest import KIND, make_settings
-from tests.support import WorkerProcesses, assert_in_order, handled, running, wait_for
+from tests.support import WorkerProcesses, assert_in_order, handled, raw, running, wait_for
 from tests.workers.test_cli import flowbus
 from workers.observe import dead_letter_count
 from workers.server import LocalCluster
@@ -220,3 +222,67 @@ def migrate(nodes: list[Any], target_port: int, slot: int) -> None:
         source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
     for node in [target, source, *nodes[2:]]:
         node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def test_a_node_out_of_reach_holds_up_only_the_sessions_it_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A primary that stops answering (frozen, as a host gone dark before its failover) holds
+    up the partitions whose slots it serves, and the steps sent to it; the worker goes on with
+    the other nodes' sessions (before, it lost every lease and took none back, and a step to
+    the dark node held up every other step of its lane)."""
+    seen: list[tuple[str, int]] = []
+    gate = anyio.Event()  # the dark node's sessions finish their handling once it is dark
+
+    with LocalCluster(kind=KIND) as cluster:
+        settings = make_settings(cluster.url, cluster=True, partitions=12)
+        async with Bus.connect(settings) as bus:
+            keys, nodes = bus.keys, raw(bus).nodes_manager
+
+            def port(key: str) -> int:
+                return int(nodes.get_node_from_slot(key_slot(key.encode())).port)
+
+            shared = {port(keys.members("svc")), port(keys.services())}
+            dark = next(n for n in cluster.nodes if n.port not in shared)
+            served = {p: port(keys.tag(p)) for p in range(settings.partitions)}
+            theirs = {p for p, at in served.items() if at == dark.port}
+            calls = [f"call-{i}" for i in range(200)]
+            healthy = [s for s in calls if keys.partition(s) not in theirs][:30]
+            benighted = [s for s in calls if keys.partition(s) in theirs][:6]
+
+            async def handle(delivery: Delivery) -> None:
+                seen.append((delivery.session, delivery.seq))
+                if delivery.session in benighted:
+                    await gate.wait()
+
+            assert dark.process is not None
+            # A step sent to the dark node waits for it (not for a timeout of 10 s).
+            monkeypatch.setattr(bus_connection, "BATCH_TIMEOUT_SECONDS", 3600)
+            async with running(bus, Service("svc", handle, Codec([Tick]))) as consumer:
+                acquire, tries = consumer._leases.acquire, []
+
+                async def counted(partitions: list[int], **kwargs: Any) -> dict[int, str]:
+                    tries.append(partitions)  # each try waits for the dark node
+                    return await acquire(partitions, **kwargs)
+
+                monkeypatch.setattr(consumer._leases, "acquire", counted)
+                await publish(bus, healthy + benighted, 1, final=False)
+                await wait_for(lambda: len(seen) == 36, what="the first events")
+                dark.process.send_signal(signal.SIGSTOP)
+                try:
+                    gate.set()  # their steps go to the dark node
+
+                    def given_up() -> bool:  # a lease TTL without their renewal
+                        return not theirs & set(consumer.partitions)
+
+                    await wait_for(given_up, what="the dark node's partitions to lapse")
+                    tries.clear()
+                    await wait_for(lambda: len(tries) >= 3, what="tries to take them back")
+                    await publish(bus, healthy, 1)
+                    await wait_for(lambda: len(seen) == 66, what="events on the other nodes")
+                    assert consumer.stats.partitions_lost == len(theirs)  # the others' held
+                finally:
+                    dark.process.send_signal(signal.SIGCONT)
+                await wait_for(lambda: len(consumer.partitions) == 12, what="the dark node back")
+        for session in healthy:
+            assert [seq for s, seq in seen if s == session] == [1, 2]

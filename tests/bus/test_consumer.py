@@ -27,7 +27,7 @@ from bus import (
     hints,
 )
 from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
-from bus.ownership import Leases
+from bus.ownership import Leases, Renewal
 from bus.steps import Step, reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
@@ -786,9 +786,9 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
     async def members(*, leave: bool = False) -> list[str]:
         return ["other"]  # everything is the other worker's now
 
-    async def renew(tokens: dict[int, str]) -> set[int]:
+    async def renew(tokens: dict[int, str], **_: Any) -> Renewal:
         del consumer._parts[7]  # its drain ended meanwhile, and released the lease
-        return {7}  # so it is no longer held
+        return Renewal({7}, {})  # so it is no longer held
 
     monkeypatch.setattr(consumer._leases, "heartbeat", members)
     monkeypatch.setattr(consumer._leases, "renew", renew)
@@ -799,31 +799,39 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
 async def test_a_server_lost_during_a_heartbeat_round_fails_the_round_not_the_worker(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Gone after the renewal, before the registry check: the round fails as a heartbeat does,
-    and a lease last renewed a TTL ago is let go. (The check used to retry for 15 s, then stop
-    the worker with `ConnectionFailedError`.)"""
+    """Gone after the renewal, before the registry check: the heartbeat fails, the renewal
+    stands. A lease whose renewal got no answer is let go once renewed a TTL ago. (The check
+    used to retry for 15 s, then stop the worker with `ConnectionFailedError`.)"""
     consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
     lease, read = bus.keys.lease(7, "svc"), reader(bus.keys, 7, "svc", "3:w", 32)
-    consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0], lease, read)
-    consumer._renewed_at = time.monotonic() - bus.settings.lease_ttl_seconds - 1
+    consumer._parts[7] = part = _Partition(7, "3:w", consumer._lanes[0], lease, read)
+    gone = RedisConnectionError("Error 111 connecting to the server. Connection refused.")
+    renewal = Renewal(set(), {})
 
     async def members(*, leave: bool = False) -> list[str]:
         return ["w"]
 
-    async def renew(tokens: dict[int, str]) -> set[int]:
-        return set()
+    async def renew(tokens: dict[int, str], **_: Any) -> Renewal:
+        return renewal
 
-    async def gone(*args: object) -> None:
-        raise RedisConnectionError("Error 111 connecting to the server. Connection refused.")
+    async def refused(*args: object) -> None:
+        raise gone
 
     monkeypatch.setattr(consumer._leases, "heartbeat", members)
     monkeypatch.setattr(consumer._leases, "renew", renew)
-    monkeypatch.setattr(bus.redis, "hsetnx", gone)
+    monkeypatch.setattr(bus.redis, "hsetnx", refused)
     with capture_logs() as logs:
         with anyio.fail_after(5):
-            await consumer._rebalance()
+            assert await consumer._rebalance() is False
+    assert [e["event"] for e in logs] == ["heartbeat_failed"]
+    assert time.monotonic() < part.vouched_until  # renewed all the same
+
+    renewal = Renewal(set(), {7: gone})
+    part.vouched_until = time.monotonic() - 0.001  # last renewed a TTL ago
+    with capture_logs() as logs:
+        await consumer._rebalance()
     events = [(e["event"], e.get("reason")) for e in logs]
-    assert ("heartbeat_failed", None) in events
+    assert ("renewal_failed", None) in events
     assert ("partition_lost", "lease_expired") in events
 
 

@@ -37,7 +37,7 @@ async def test_only_one_worker_holds_a_lease_and_a_new_epoch_fences_the_old(
             await step(session, token_a, ">", acks=[first_id])
         with pytest.raises(ResponseError, match="NOGROUP"):  # and so is a read on its own
             await raw(bus).execute_command(*step.make(session, token_a, ">").reader)
-        assert await a.renew({p: token_a}) == {p}
+        assert (await a.renew({p: token_a})).lost == {p}
 
         again = await step(session, token_b, "p")
         assert again[:3] == [b"entries", 1, 2] and again[3][0] == first_id  # b replays seq 1
@@ -56,7 +56,7 @@ async def test_a_lease_and_its_fence_expire_together(bus: Bus) -> None:
     assert await expiry(fence) == await expiry(lease) > 0
     await bus.redis.delete(fence)  # evicted, say: the next renewal makes it again
     leases.ttl_ms = 120_000
-    assert await leases.renew({p: token}) == set()
+    assert await leases.renew({p: token}) == (set(), {})
     assert await expiry(fence) == await expiry(lease) > 0
     assert [g["name"] for g in await raw(bus).xinfo_groups(fence)] == [b"g"]
 

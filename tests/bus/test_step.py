@@ -197,7 +197,7 @@ async def test_steps_go_on_after_the_server_lost_its_script_cache(
             await step("call-1", token, "", acks=[reply[3][0]])
         assert await step("call-1", token, "", acks=[reply[3][0]]) == 0
     await raw(bus).script_flush()
-    assert await leases.renew({p: token}) == set()  # several calls in one pipeline
+    assert await leases.renew({p: token}) == (set(), {})  # several calls in one pipeline
     pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
     assert [(p["message_id"], p["times_delivered"]) for p in pending] == [(first.strays[1], 0)]
 
