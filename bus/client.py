@@ -268,11 +268,19 @@ class Bus:
         """Resume a session that `group` paused on a dead letter (policy ``pause``).
 
         The entry is retried with a fresh delivery count, or with `drop` acknowledged unhandled.
-        Returns its entry id, or None if the session was not paused.
+        Returns its entry id, or None if the session was not paused. A retry after a lost reply
+        is known as the same call: it returns the entry the first attempt resumed.
         """
         p = self.keys.partition(check_session_id(session))
-        keys = [self.keys.paused(p, group), self.keys.session(session)]
-        args: list[scripts.Arg] = [session, group, Keys.consumer(p), int(drop), self.keys.wake(p)]
+        keys = [self.keys.paused(p, group), self.keys.session(session), self.keys.meta(session)]
+        args: list[scripts.Arg] = [
+            session,
+            group,
+            Keys.consumer(p),
+            int(drop),
+            self.keys.wake(p),
+            secrets.token_hex(8),  # the same in every retry of this call
+        ]
         resume = partial(scripts.RESUME, self.redis, keys, args)
         entry = await call("resume", resume, self.settings, session)
         return None if entry is None else str(entry.decode())

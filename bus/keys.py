@@ -78,8 +78,10 @@ class Keys:
 
     def meta(self, session: str) -> str:
         """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms),
-        ``end_reason`` and ``end_request`` (a session ended by `Bus.end_session`), and
-        ``publish_id`` and ``publish_entry`` of the last publish (so its retry appends once)."""
+        ``end_reason`` and ``end_request`` (a session ended by `Bus.end_session`),
+        ``publish_id`` and ``publish_entry`` of the last publish (so its retry appends once),
+        and ``resume:<G>``, the last `Bus.resume` for group G (request and entry, so that its
+        retry reports what it did)."""
         return f"{self.session(session)}:meta"
 
     def state(self, session: str) -> str:

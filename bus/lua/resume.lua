@@ -1,6 +1,15 @@
 -- Resume a session paused on a dead letter: retry its entry with a fresh delivery count, or
--- drop it (ack) and go on; then wake the owner. KEYS: paused stream
--- ARGV: sid group consumer drop wake_channel.  Returns the entry id, or nil if not paused.
+-- drop it (ack) and go on; then wake the owner. KEYS: paused stream meta
+-- ARGV: sid group consumer drop wake_channel request.  Returns the entry id, or nil if not paused.
+-- The meta's ``resume:<group>`` keeps the last request and its entry: the same request sent
+-- again (its reply was lost) gets that entry again and resumes nothing more, even if the
+-- session paused on the entry again since.
+local field = 'resume:' .. ARGV[2]
+local last = redis.call('HGET', KEYS[3], field)
+if last then
+  local request, resumed = string.match(last, '^(%S+) (%S+)$')
+  if request == ARGV[6] then return resumed end
+end
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if not entry then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -8,6 +17,9 @@ if ARGV[4] == '1' then
   redis.call('XACK', KEYS[2], ARGV[2], entry)
 else
   redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, entry, 'RETRYCOUNT', 0)
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then  -- never a meta for a session that has none
+  redis.call('HSET', KEYS[3], field, ARGV[6] .. ' ' .. entry)
 end
 redis.call('SPUBLISH', ARGV[5], ARGV[1])
 return entry

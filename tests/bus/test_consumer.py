@@ -25,6 +25,7 @@ from bus import (
     ServiceInfo,
     Settings,
     hints,
+    scripts,
 )
 from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
 from bus.ownership import Leases, Renewal
@@ -284,6 +285,49 @@ async def test_pause_policy_holds_the_session_until_an_operator_resumes_it(
         await wait_for(lambda: log.count("call-p") == 3, what="call-p to resume")
         assert [(seq, n) for s, seq, n in log.seen if s == "call-p"] == [(1, 1), (2, 1), (3, 1)]
         assert await bus.resume("call-p", "svc") is None  # not paused any more
+
+
+async def paused_by_hand(bus: Bus, session: str, group: str) -> str:
+    """`session` paused for `group` on its first entry, as the step script leaves it."""
+    await bus.register_service(ServiceInfo(group))
+    await bus.publish(session, Tick(n=1))
+    p = bus.keys.partition(session)
+    stream = bus.keys.session(session)
+    [(_, [(entry_id, _)])] = await raw(bus).xreadgroup(group, f"p{p}", {stream: ">"}, count=1)
+    await raw(bus).hset(bus.keys.paused(p, group), session, entry_id)
+    return str(entry_id.decode())
+
+
+async def test_a_resume_retried_after_a_lost_reply_reports_the_entry_it_resumed(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = await paused_by_hand(bus, "call-1", "svc")
+    paused = bus.keys.paused(bus.keys.partition("call-1"), "svc")
+    real = scripts.RESUME
+    lost: list[Any] = []
+    pause_again = False
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        outcome = await real(*args, **kwargs)
+        if not lost:  # it ran; its reply never came back
+            lost.append(outcome)
+            if pause_again:  # before the retry came, the entry failed and paused again
+                await raw(bus).hset(paused, "call-1", entry)
+            raise RedisConnectionError("connection lost")
+        return outcome
+
+    monkeypatch.setattr(scripts, "RESUME", reply_lost)
+    assert await bus.resume("call-1", "svc") == entry  # not None: the first attempt resumed
+    assert lost == [entry.encode()] and not await raw(bus).hexists(paused, "call-1")
+    assert await bus.resume("call-1", "svc") is None  # another call: nothing is paused
+
+    await raw(bus).hset(paused, "call-1", entry)
+    lost.clear()
+    pause_again = True
+    assert await bus.resume("call-1", "svc") == entry
+    assert lost == [entry.encode()]
+    assert await raw(bus).hget(paused, "call-1") == entry.encode()  # not resumed twice
+    assert await bus.resume("call-1", "svc") == entry  # another call resumes the new pause
 
 
 async def test_a_service_sees_only_what_it_subscribes_to_and_acks_the_rest(bus: Bus) -> None:
