@@ -32,6 +32,7 @@ from .envelope import (
 )
 from .errors import (
     ConfigError,
+    DeadLetterGoneError,
     InvalidExtraError,
     NoSuchSessionError,
     PayloadTooLargeError,
@@ -126,11 +127,15 @@ class Bus:
         *,
         final: bool = False,
         extra: Mapping[str, str] | None = None,
+        dead_letter: str | None = None,
     ) -> Published:
         """Append `payload` to the session's stream with the next `seq`.
 
         `final` marks the session's last event: afterwards the session retires once every group
         handled it. `extra` carries optional envelope fields (``traceparent``, ``corr``…).
+        `dead_letter` is the id of a dead letter of the session's partition (in `Keys.dead`)
+        that this event replays: it is removed as the event is appended, and if it is gone
+        (replayed or dropped already) nothing is appended and `DeadLetterGoneError` is raised.
 
         A connection failure is retried with backoff for up to 15 s (`connection.RETRY_SECONDS`);
         a retry never appends twice (with one publisher per session, as with one bot per call).
@@ -138,8 +143,8 @@ class Bus:
         seq after the last one this `Bus` published to it, not at 1
         (``session_counter_restored`` is logged). With `Settings.min_replicas`, it returns once
         that many replicas hold the event too, and sends it again while they do not (for as long
-        as a lost connection). Raises `SessionEndedError`,
-        `PayloadTooLargeError`, `InvalidSessionIdError`, `CommandRefusedError`, and
+        as a lost connection). Raises `SessionEndedError`, `PayloadTooLargeError`,
+        `InvalidSessionIdError`, `DeadLetterGoneError`, `CommandRefusedError`, and
         `ConnectionFailedError` once retrying gives up. Concurrent publishes to one session
         from one `Bus` go one after another, in the order they were made.
         """
@@ -149,7 +154,7 @@ class Bus:
             lock = self._publishing[session] = anyio.Lock()
         try:
             async with lock:
-                return await self._publish(session, payload, final, extra)
+                return await self._publish(session, payload, final, extra, dead_letter)
         finally:
             # Not while another holds it: a release hands the lock to the next waiter, who
             # then no longer counts as waiting.
@@ -161,7 +166,12 @@ class Bus:
                 del self._publishing[session]
 
     async def _publish(
-        self, session: str, payload: Payload, final: bool, extra: Mapping[str, str] | None
+        self,
+        session: str,
+        payload: Payload,
+        final: bool,
+        extra: Mapping[str, str] | None,
+        dead_letter: str | None,
     ) -> Published:
         name, data = self._encode(session, payload)
         # A session's groups are made at its first event: for that one, the registry as it
@@ -178,6 +188,7 @@ class Bus:
             int(self.settings.retention_seconds * 1000),
             secrets.token_hex(8),  # the same in every retry: no second append
             self._last_seq.get(session, 0),
+            dead_letter or "",
             len(groups),
             *groups,
             *_flat(extra),
@@ -186,9 +197,11 @@ class Bus:
         append = self._script(scripts.PUBLISH, keys, args)
         try:
             seq, entry_id, restored = await call(
-                "publish", append, self.settings, session, expected=("ENDED",)
+                "publish", append, self.settings, session, expected=("ENDED", "NODEADLETTER")
             )
-        except ResponseError:
+        except ResponseError as exc:
+            if str(exc).startswith("NODEADLETTER"):
+                raise DeadLetterGoneError(session, self.keys.dead(p), str(dead_letter)) from None
             raise SessionEndedError(session, keys[0]) from None
         if restored:
             log.warning("session_counter_restored", session=session, seq=seq)
@@ -264,15 +277,23 @@ class Bus:
         except ResponseError:
             raise NoSuchSessionError(session) from None
 
-    async def resume(self, session: str, group: str, *, drop: bool = False) -> str | None:
+    async def resume(
+        self, session: str, group: str, *, drop: bool = False, dead_letter: str | None = None
+    ) -> str | None:
         """Resume a session that `group` paused on a dead letter (policy ``pause``).
 
         The entry is retried with a fresh delivery count, or with `drop` acknowledged unhandled.
+        `dead_letter` is the id of its dead letter (in `Keys.dead`), removed in the same step.
         Returns its entry id, or None if the session was not paused. A retry after a lost reply
         is known as the same call: it returns the entry the first attempt resumed.
         """
         p = self.keys.partition(check_session_id(session))
-        keys = [self.keys.paused(p, group), self.keys.session(session), self.keys.meta(session)]
+        keys = [
+            self.keys.paused(p, group),
+            self.keys.session(session),
+            self.keys.meta(session),
+            self.keys.dead(p),
+        ]
         args: list[scripts.Arg] = [
             session,
             group,
@@ -280,6 +301,7 @@ class Bus:
             int(drop),
             self.keys.wake(p),
             secrets.token_hex(8),  # the same in every retry of this call
+            dead_letter or "",
         ]
         resume = partial(scripts.RESUME, self.redis, keys, args)
         entry = await call("resume", resume, self.settings, session)

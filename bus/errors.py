@@ -12,6 +12,7 @@ boundary, so callers never need to import `redis`::
     ├── PayloadTooLargeError     an encoded payload above the configured limit
     ├── SessionEndedError        publishing to a session after its final event
     ├── NoSuchSessionError       writing to the inbox of a session that never started
+    ├── DeadLetterGoneError      replaying a dead letter that was replayed or dropped already
     ├── FencedError              a stale owner's ack or read, refused by the lease check
     └── CommandRefusedError      the server refused a command (out of memory, a read-only
                                  replica, a missing permission)
@@ -91,6 +92,17 @@ class NoSuchSessionError(BusError):
     def __init__(self, session: str) -> None:
         super().__init__(f"session {session!r} does not exist (never started, or expired)")
         self.session = session
+
+
+class DeadLetterGoneError(BusError):
+    """A publish that replays a dead letter found it gone: replayed or dropped already."""
+
+    def __init__(self, session: str, stream: str, dead_letter: str) -> None:
+        super().__init__(
+            f"dead letter {dead_letter} of session {session!r} is no longer in {stream} "
+            "(replayed or dropped already): nothing was published"
+        )
+        self.session, self.stream, self.dead_letter = session, stream, dead_letter
 
 
 class FencedError(BusError):

@@ -14,8 +14,10 @@ after the session's current position:
   acknowledge it unseen. A session that has ended takes no new event: its dead letters can
   be dropped, not replayed (run services with ``--dead-letter pause`` to keep that possible).
 
-Either way the dead letter is then removed. Dropping removes it; for a paused session it also
-acknowledges the entry unhandled (``Bus.resume(drop=True)``) so the session goes on.
+Either way the dead letter is removed in the same step as the resume or the publish, so a
+replay cut short (Ctrl-C, a lost connection) and run again hands the event back once. Dropping
+removes it; for a paused session it also acknowledges the entry unhandled
+(``Bus.resume(drop=True)``) so the session goes on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from bus import Bus, BusError, PayloadTooLargeError, SessionEndedError
+from bus import Bus, BusError, DeadLetterGoneError, PayloadTooLargeError, SessionEndedError
 
 from .replay import REPLAY, Replay
 
@@ -209,8 +211,11 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
     """Hand `letter`'s event back to its group (see the module docstring); say what was done.
     Raises `DeadLetterError` when its session can take no new event."""
     if letter.paused:
-        await bus.resume(letter.session, letter.group)
-        await _remove(bus, letter)
+        if await bus.resume(letter.session, letter.group, dead_letter=letter.id) is None:
+            raise DeadLetterError(
+                f"{letter.ref}: session {letter.session} is no longer paused on it for "
+                f"{letter.group} (resumed meanwhile); nothing was done"
+            )
         return (
             f"{letter.ref}: session {letter.session} resumed for {letter.group}: entry "
             f"{letter.entry} (seq {letter.seq}) is retried in place"
@@ -234,7 +239,7 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
     )
     trace = {"traceparent": original["traceparent"]} if "traceparent" in original else None
     try:
-        published = await bus.publish(letter.session, payload, extra=trace)
+        published = await bus.publish(letter.session, payload, extra=trace, dead_letter=letter.id)
     except SessionEndedError:
         raise DeadLetterError(
             f"{letter.ref}: session {letter.session} has ended and takes no new event, so its "
@@ -245,7 +250,10 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
         raise DeadLetterError(
             f"{letter.ref}: cannot be replayed, {exc}; drop it (flowbus dead drop {letter.ref})"
         ) from None
-    await _remove(bus, letter)
+    except DeadLetterGoneError:  # another replay or drop took it first
+        raise DeadLetterError(
+            f"{letter.ref}: replayed or dropped meanwhile; nothing was published"
+        ) from None
     return (
         f"{letter.ref}: seq {letter.seq} {letter.type} of session {letter.session} replayed "
         f"for {letter.group} as seq {published.seq}"
@@ -254,14 +262,14 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
 
 async def drop(bus: Bus, letter: DeadLetter) -> str:
     """Remove `letter`; a session paused on it goes on without it. Says what was done."""
-    if letter.paused:  # first: should it fail, the letter is still there to drop again
-        await bus.resume(letter.session, letter.group, drop=True)
+    if letter.paused:  # the letter removed with the resume
+        resumed = await bus.resume(letter.session, letter.group, drop=True, dead_letter=letter.id)
+        if resumed is not None:
+            return (
+                f"{letter.ref}: dropped; session {letter.session} goes on for {letter.group} "
+                f"without entry {letter.entry}"
+            )
     await _remove(bus, letter)
-    if letter.paused:
-        return (
-            f"{letter.ref}: dropped; session {letter.session} goes on for {letter.group} "
-            f"without entry {letter.entry}"
-        )
     return f"{letter.ref}: dropped"
 
 

@@ -1,10 +1,13 @@
 -- Append one event to a session: next seq, XADD, wake-up hint, all atomically in one slot.
 -- KEYS: stream (<tag>:session:<sid>)  ARGV: tag sid type data final retention_ms publish_id
---   after ngroups group... field value...
+--   after dead_letter ngroups group... field value...
 -- A retry of the session's last publish (same publish_id) returns its seq and id again instead of
 -- appending twice, so a publisher may retry after a lost reply. `after` is the last seq this
 -- publisher appended to the session (0 if none): a session the server does not know although
 -- its publisher does was lost with the server's data, and its counter goes on from there.
+-- `dead_letter` ('' if none) is the id in <tag>:dead of the dead letter this event replays: it
+-- is removed as the event is appended, and if it is gone already (replayed or dropped), nothing
+-- is appended (error NODEADLETTER), so a replay cut short and run again is not appended twice.
 -- Returns {seq, id, restored} (restored: 1 if the counter was taken from `after`).
 local k_stream = KEYS[1]
 local k_meta = k_stream .. ':meta'
@@ -29,7 +32,7 @@ local function may_be_idle(stream, known, previous)
   if #groups < known then
     local have = {}
     for _, info in ipairs(groups) do have[info['name']] = true end
-    for i = 10, 9 + known do
+    for i = 11, 10 + known do
       if not have[ARGV[i]] then redis.pcall('XGROUP', 'CREATE', stream, ARGV[i], '0') end
     end
     return true
@@ -46,14 +49,18 @@ if last[1] == publish_id then return {tonumber(last[2]), last[3], 0} end
 if redis.call('HEXISTS', k_meta, 'ended') == 1 then
   return redis.error_reply('ENDED session ' .. sid .. ' has ended')
 end
+local dead_letter = ARGV[9]
+if dead_letter ~= '' and redis.call('XDEL', tag .. ':dead', dead_letter) == 0 then
+  return redis.error_reply('NODEADLETTER dead letter ' .. dead_letter .. ' is gone')
+end
 local new, after = not last[2], tonumber(ARGV[8])
 local restored = new and after > 0
 if restored then redis.call('HSET', k_meta, 'seq', after) end
 local seq = redis.call('HINCRBY', k_meta, 'seq', 1)
 local ts = now_ms()
 local fields = {'type', ARGV[3], 'seq', seq, 'ts', ts, 'data', ARGV[4]}
-local ngroups = tonumber(ARGV[9])
-for i = 10 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
+local ngroups = tonumber(ARGV[10])
+for i = 11 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', k_stream, '*', unpack(fields))
 redis.call('HSET', k_meta, 'publish_id', publish_id, 'publish_entry', id)
 
@@ -62,7 +69,7 @@ if new then
   redis.call('SADD', tag .. ':live', sid)
   -- Groups of the known services exist from the first event on, so the session cannot retire
   -- before each of them has handled it, even if a service is down right now.
-  for i = 10, 9 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
+  for i = 11, 10 + ngroups do redis.pcall('XGROUP', 'CREATE', k_stream, ARGV[i], '0') end
 end
 -- The hint that wakes the partition's owners; one lost on a dropped connection is made up for
 -- by the rescan that follows every (re)subscription. Only a group that had read every entry

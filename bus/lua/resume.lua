@@ -1,6 +1,8 @@
 -- Resume a session paused on a dead letter: retry its entry with a fresh delivery count, or
--- drop it (ack) and go on; then wake the owner. KEYS: paused stream meta
--- ARGV: sid group consumer drop wake_channel request.  Returns the entry id, or nil if not paused.
+-- drop it (ack) and go on; then wake the owner. KEYS: paused stream meta dead
+-- ARGV: sid group consumer drop wake_channel request dead_letter.  Returns the entry id, or nil
+-- if not paused. `dead_letter` ('' if none) is the id in `dead` of the dead letter the session
+-- paused on: it is removed with the resume, so that it is not replayed again afterwards.
 -- The meta's ``resume:<group>`` keeps the last request and its entry: the same request sent
 -- again (its reply was lost) gets that entry again and resumes nothing more, even if the
 -- session paused on the entry again since.
@@ -18,6 +20,7 @@ if ARGV[4] == '1' then
 else
   redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, entry, 'RETRYCOUNT', 0)
 end
+if ARGV[7] ~= '' then redis.call('XDEL', KEYS[4], ARGV[7]) end  -- after: a failure keeps it
 if redis.call('EXISTS', KEYS[3]) == 1 then  -- never a meta for a session that has none
   redis.call('HSET', KEYS[3], field, ARGV[6] .. ' ' .. entry)
 end

@@ -151,7 +151,7 @@ async def test_a_retried_publish_appends_once(bus: Bus) -> None:
     p = bus.keys.partition("call-8")
     keys = [bus.keys.session("call-8")]
     args: list[s.Arg] = [bus.keys.tag(p), "call-8", "tick", b'{"type":"tick"}', 0, 1000, "id-1"]
-    args += [0, 0]  # nothing published before, no group
+    args += [0, "", 0]  # nothing published before, no dead letter replayed, no group
     first = await s.PUBLISH(bus.redis, keys, args)
     again = await s.PUBLISH(bus.redis, keys, args)  # the reply of the first was "lost"
     assert first == again == [1, first[1], 0]

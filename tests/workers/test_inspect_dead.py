@@ -14,11 +14,11 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, ServiceInfo, Settings
+from bus import Bus, ServiceInfo, Settings, scripts
 from tests.conftest import make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
-from workers.deadletters import count_dead
+from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
 
 pytestmark = pytest.mark.anyio
 APP = "tests.workers.apps:steps"
@@ -301,6 +301,70 @@ async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay(
     status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
     assert status == 1 and "cannot be replayed" in err and "flowbus dead drop" in err
     assert "of session call-ok replayed for steps" in out
+
+
+async def a_dead_letter(bus: Bus, session: str, *, paused: bool) -> None:
+    """A dead letter of group steps for the session's one event, as a worker leaves it: with
+    policy skip (the entry acknowledged), or pause (the session paused on the entry)."""
+    await bus.register_service(ServiceInfo("steps"))
+    await bus.publish(session, Step(n=1))
+    p, stream = bus.keys.partition(session), bus.keys.session(session)
+    [(_, [(entry, fields)])] = await raw(bus).xreadgroup("steps", f"p{p}", {stream: ">"}, count=1)
+    letter = {"session": session, "group": "steps", "entry": entry, "deliveries": 5}
+    letter |= {"error": "RuntimeError: boom", "policy": "pause" if paused else "skip", **fields}
+    if paused:
+        await raw(bus).hset(bus.keys.paused(p, "steps"), session, entry)
+    else:
+        await raw(bus).xack(stream, "steps", entry)
+    await raw(bus).xadd(bus.keys.dead(p), letter)
+
+
+class Interrupted(Exception):
+    """Ctrl-C, or a connection lost for good, as the server has just run the script."""
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["skipped", "paused"])
+async def test_a_replay_cut_short_after_the_server_ran_it_and_run_again_hands_it_back_once(
+    bus: Bus, settings: Settings, monkeypatch: pytest.MonkeyPatch, paused: bool
+) -> None:
+    await a_dead_letter(bus, "call-1", paused=paused)
+    name = "RESUME" if paused else "PUBLISH"
+    real = getattr(scripts, name)
+
+    async def cut_short(*args: Any) -> Any:
+        await real(*args)
+        raise Interrupted
+
+    monkeypatch.setattr(scripts, name, cut_short)
+    [letter] = await list_dead(bus)
+    assert letter.paused is paused
+    with pytest.raises(Interrupted):  # a Bus without a publisher calls `scripts.PUBLISH`
+        await replay(Bus(bus.redis, bus.settings), letter)
+    monkeypatch.undo()
+
+    _, out, _ = await flowbus(settings, "dead", "replay", "--all")  # the operator runs it again
+    assert out == "no dead letters\n"
+    history = [e.type for e in await bus.history("call-1")]
+    assert history == (["step"] if paused else ["step", "flowbus.replay"])
+    if paused:  # retried in place, once
+        stream = bus.keys.session("call-1")
+        [pending] = await raw(bus).xpending_range(stream, "steps", "-", "+", 10)
+        assert pending["times_delivered"] == 0
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["skipped", "paused"])
+async def test_a_dead_letter_replayed_by_another_meanwhile_is_not_replayed_again(
+    bus: Bus, paused: bool
+) -> None:
+    await a_dead_letter(bus, "call-1", paused=paused)
+    [letter] = await list_dead(bus)
+    await replay(bus, letter)  # another operator's, between our list and our replay
+    meanwhile = "no longer paused on it" if paused else "replayed or dropped meanwhile"
+    with pytest.raises(DeadLetterError, match=meanwhile):
+        await replay(bus, letter)
+    history = [e.type for e in await bus.history("call-1")]
+    assert history == (["step"] if paused else ["step", "flowbus.replay"])
+    assert await list_dead(bus) == []
 
 
 @pytest.mark.parametrize("app", ["stuck", "stuck_in_thread"])
