@@ -14,6 +14,9 @@ after the session's current position:
   acknowledge it unseen. A session that has ended takes no new event: its dead letters can
   be dropped, not replayed (run services with ``--dead-letter pause`` to keep that possible).
 
+A letter whose session paused on it and was resumed since (an application's `Bus.resume`) is
+not replayed: its entry was retried in place, or dropped, then.
+
 Either way the dead letter is removed in the same step as the resume or the publish, so a
 replay cut short (Ctrl-C, a lost connection) and run again hands the event back once. Dropping
 removes it; for a paused session it also acknowledges the entry unhandled
@@ -209,17 +212,18 @@ async def find(bus: Bus, ref: str) -> DeadLetter:
 
 async def replay(bus: Bus, letter: DeadLetter) -> str:
     """Hand `letter`'s event back to its group (see the module docstring); say what was done.
-    Raises `DeadLetterError` when its session can take no new event."""
+    Raises `DeadLetterError` when its session can take no new event, or when its session
+    paused on it and was resumed since (`Bus.resume`): its entry was retried in place, or
+    dropped, then, and a replay would hand it over a second time."""
     if letter.paused:
         if await bus.resume(letter.session, letter.group, dead_letter=letter.id) is None:
-            raise DeadLetterError(
-                f"{letter.ref}: session {letter.session} is no longer paused on it for "
-                f"{letter.group} (resumed meanwhile); nothing was done"
-            )
+            raise _resumed_already(letter)
         return (
             f"{letter.ref}: session {letter.session} resumed for {letter.group}: entry "
             f"{letter.entry} (seq {letter.seq}) is retried in place"
         )
+    if letter.policy == "pause":  # the session paused on it, and no longer does
+        raise _resumed_already(letter)
     exists = await bus.redis.exists(bus.keys.meta(letter.session))
     if not exists:
         raise DeadLetterError(
@@ -257,6 +261,14 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
     return (
         f"{letter.ref}: seq {letter.seq} {letter.type} of session {letter.session} replayed "
         f"for {letter.group} as seq {published.seq}"
+    )
+
+
+def _resumed_already(letter: DeadLetter) -> DeadLetterError:
+    return DeadLetterError(
+        f"{letter.ref}: session {letter.session} is no longer paused on it for {letter.group}: "
+        f"it was resumed already (entry {letter.entry} retried in place, or dropped), so it is "
+        f"not handed over again; flowbus dead drop {letter.ref} removes the dead letter"
     )
 
 

@@ -359,12 +359,30 @@ async def test_a_dead_letter_replayed_by_another_meanwhile_is_not_replayed_again
     await a_dead_letter(bus, "call-1", paused=paused)
     [letter] = await list_dead(bus)
     await replay(bus, letter)  # another operator's, between our list and our replay
-    meanwhile = "no longer paused on it" if paused else "replayed or dropped meanwhile"
+    meanwhile = "it was resumed already" if paused else "replayed or dropped meanwhile"
     with pytest.raises(DeadLetterError, match=meanwhile):
         await replay(bus, letter)
     history = [e.type for e in await bus.history("call-1")]
     assert history == (["step"] if paused else ["step", "flowbus.replay"])
     assert await list_dead(bus) == []
+
+
+async def test_a_dead_letter_its_session_was_resumed_on_is_not_handed_over_again(
+    bus: Bus, settings: Settings
+) -> None:
+    """`Bus.resume` (as the README has an application call it) leaves the dead letter: its
+    entry was retried in place, so a replay would make the group handle the event twice."""
+    await a_dead_letter(bus, "call-1", paused=True)
+    assert await bus.resume("call-1", "steps") is not None
+    [letter] = await as_json(settings, "dead", "list")
+    assert (letter["paused"], letter["policy"]) == (False, "pause")
+    status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
+    assert status == 1 and out == ""
+    assert f"{letter['ref']}: session call-1 is no longer paused on it for steps" in err
+    assert f"flowbus dead drop {letter['ref']} removes the dead letter" in err
+    assert [e.type for e in await bus.history("call-1")] == ["step"]  # nothing republished
+    _, out, _ = await flowbus(settings, "dead", "drop", letter["ref"])
+    assert out == f"{letter['ref']}: dropped\n"
 
 
 @pytest.mark.parametrize("app", ["stuck", "stuck_in_thread"])
