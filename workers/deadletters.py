@@ -41,6 +41,10 @@ DEAD_FIELDS = ("session", "group", "entry", "deliveries", "error", "policy")
 ENVELOPE_FIELDS = ("v", "traceparent", "reply_to", "corr")
 
 
+#: The type of a dead letter that holds no event: its entry was deleted from the stream before
+#: it was handled (the consumer dead-letters it with that reason), so nothing can be replayed.
+NO_EVENT = "?"
+
 #: A stream entry id, whole (a bare millisecond time would name every entry of it).
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
 
@@ -99,7 +103,7 @@ def parse(partition: int, entry_id: str, raw: Mapping[bytes, bytes], paused: boo
         data: Any = msgspec.json.decode(original.get("data", ""))
     except msgspec.DecodeError:
         data = original.get("data", "")
-    kind, seq, ts = original.get("type", "?"), original.get("seq"), original.get("ts")
+    kind, seq, ts = original.get("type", NO_EVENT), original.get("seq"), original.get("ts")
     extra = {k: v for k, v in original.items() if k not in ("type", "seq", "ts", "data")}
     replay_of = ""
     if kind == REPLAY and isinstance(data, dict):
@@ -224,6 +228,11 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
         )
     if letter.policy == "pause":  # the session paused on it, and no longer does
         raise _resumed_already(letter)
+    if letter.type == NO_EVENT:
+        raise DeadLetterError(
+            f"{letter.ref}: holds no event to replay ({letter.error}); drop it "
+            f"(flowbus dead drop {letter.ref})"
+        )
     exists = await bus.redis.exists(bus.keys.meta(letter.session))
     if not exists:
         raise DeadLetterError(

@@ -385,6 +385,23 @@ async def test_a_dead_letter_its_session_was_resumed_on_is_not_handed_over_again
     assert out == f"{letter['ref']}: dropped\n"
 
 
+async def test_a_dead_letter_that_holds_no_event_is_not_replayed(
+    bus: Bus, settings: Settings
+) -> None:
+    """The consumer dead-letters an entry deleted from the stream before it was handled with
+    no original fields: there is nothing to hand back (a replay of it fails in every worker)."""
+    await bus.publish("call-1", Step(n=1))
+    error = "the entry was deleted from the stream before it was handled"
+    letter = {"session": "call-1", "group": "steps", "entry": "1-0", "deliveries": "1"}
+    letter |= {"error": error, "policy": "skip"}
+    await raw(bus).xadd(bus.keys.dead(bus.keys.partition("call-1")), letter)
+    status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
+    assert status == 1 and out == ""
+    assert f"holds no event to replay ({error}); drop it (flowbus dead drop " in err
+    assert [e.type for e in await bus.history("call-1")] == ["step"]
+    assert len(await as_json(settings, "dead", "list")) == 1
+
+
 @pytest.mark.parametrize("app", ["stuck", "stuck_in_thread"])
 async def test_a_worker_stopped_hard_by_a_second_signal_says_so_in_its_status(
     bus: Bus, settings: Settings, workers: WorkerProcesses, app: str
