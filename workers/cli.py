@@ -659,7 +659,7 @@ END_OUTCOMES = {
 async def _dead(bus: Bus, args: argparse.Namespace) -> int:
     from . import deadletters as d
 
-    if getattr(args, "session", None):
+    if getattr(args, "session", None) is not None:  # "" too: it would match no letter
         try:
             check_session_id(args.session)
         except InvalidSessionIdError as exc:

@@ -243,6 +243,8 @@ async def test_inspect_refuses_an_unknown_session_and_dead_an_unknown_letter(
     assert status == 2 and "there are only 64 partitions" in err
     status, _, err = await flowbus(settings, "dead", "list", "--session", "a\nb", check=False)
     assert status == 2 and "control characters" in err
+    status, _, err = await flowbus(settings, "dead", "drop", "--all", "--session", "", check=False)
+    assert status == 2 and "invalid session id '': it is empty" in err  # not "no dead letters"
     status, _, err = await flowbus(settings, "inspect", "owners", "--group", "nosuch", check=False)
     assert status == 1 and "no service 'nosuch'" in err
 
