@@ -70,8 +70,9 @@ def tune_gc() -> None:
 
 def instrument(service: Service, metrics: Metrics | None = None) -> Service:
     """`service` with its handling logged (``event_handled`` at debug level) and measured into
-    `metrics`; `service` itself when neither is wanted (timing nobody reads is not taken). The
-    log context of a handling (session, group, type, seq, traceparent) is the consumer's."""
+    `metrics`; `service` itself when neither is wanted (timing nobody reads is not taken). A
+    handling cut short at ``handler_timeout_seconds`` counts as an error. The log context of a
+    handling (session, group, type, seq, traceparent) is the consumer's."""
     if metrics is None and not log.is_enabled_for(logging.DEBUG):
         return service
 
@@ -82,6 +83,12 @@ def instrument(service: Service, metrics: Metrics | None = None) -> Service:
                 await handle(delivery)
             except Exception:
                 _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
+                raise
+            except anyio.get_cancelled_exc_class():
+                # Cut short at its timeout, which the consumer counts as a failure (not a
+                # drain or a lost partition, which leave the entry for the next owner).
+                if time.monotonic() >= delivery.deadline:
+                    _handled(delivery, metrics, started, time.perf_counter() - clock, "error")
                 raise
             _handled(delivery, metrics, started, time.perf_counter() - clock, "ok")
 

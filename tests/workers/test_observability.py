@@ -13,12 +13,13 @@ import urllib.request
 import anyio
 import pytest
 
-from bus import Bus, Settings, Stats
+from bus import Bus, Codec, Delivery, Service, Settings, Stats
 from tests.conftest import make_settings
-from tests.support import WorkerProcesses, raw, wait_for
+from tests.support import WorkerProcesses, raw, running, wait_for
 from tests.workers.apps import Step, broken_key, records_key
 from workers.bots import new_traceparent
 from workers.metrics import REFRESH_SECONDS, Metrics
+from workers.runtime import instrument
 from workers.server import free_port
 
 pytestmark = pytest.mark.anyio
@@ -125,6 +126,34 @@ async def test_a_resumed_entry_adds_no_second_publish_to_handler_delay(
     handled = 'flowbus_events_handled_total{{outcome="{}",service="steps",type="step"}}'
     assert samples[handled.format("ok")] == 3 and samples[handled.format("error")] == 2
     assert samples['flowbus_publish_to_handler_seconds_count{service="steps"}'] == 3  # not 4
+
+
+async def test_a_handling_cut_short_at_its_timeout_is_measured_as_an_error(
+    settings: Settings,
+) -> None:
+    settings = make_settings(settings.url, handler_timeout_seconds=0.05, max_deliveries=1)
+    done: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        assert isinstance(d.payload, Step)
+        if d.payload.fail:
+            await anyio.sleep_forever()  # until the consumer cancels it at its timeout
+        done.append(d.seq)
+
+    metrics = Metrics("svc", settings)
+    async with Bus.connect(settings) as bus:
+        async with running(bus, instrument(Service("svc", handle, Codec([Step])), metrics)):
+            await bus.publish("call-1", Step(n=1, fail=True))
+            await bus.publish("call-1", Step(n=2))
+            await wait_for(lambda: done == [2], what="the step after the one timed out")
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"service": "svc", **labels})
+
+    assert sample("flowbus_events_handled_total", type="step", outcome="error") == 1
+    assert sample("flowbus_events_handled_total", type="step", outcome="ok") == 1
+    assert sample("flowbus_handler_seconds_count", type="step") == 2
+    assert sample("flowbus_publish_to_handler_seconds_count") == 2
 
 
 async def start_done(bus: Bus) -> None:
