@@ -44,6 +44,9 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 PATHS = ("/metrics", "/healthz")
 #: How often the consumer's counters, partitions and lag are read.
 REFRESH_SECONDS = 2.0
+#: How long the HTTP server waits for a request on a connection: one that never sends it (a
+#: client gone without closing, a port scan) would otherwise hold a thread for good.
+REQUEST_TIMEOUT_SECONDS = 10.0
 #: At most this many paused entries are remembered (see `Metrics.observe`); a session paused
 #: and then dropped, or resumed in another process, is never seen here again.
 PAUSED_REMEMBERED = 10_000
@@ -114,6 +117,8 @@ class Metrics:
         metrics = self
 
         class Pages(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_SECONDS
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from bus import Bus, Codec, Delivery, Service, Settings, Stats
 from tests.conftest import make_settings
 from tests.support import WorkerProcesses, raw, running, wait_for
 from tests.workers.apps import Step, broken_key, records_key
+from workers import metrics as metrics_module
 from workers.bots import new_traceparent
 from workers.metrics import REFRESH_SECONDS, Metrics
 from workers.runtime import instrument
@@ -193,6 +195,22 @@ def test_healthz_says_whether_the_loop_refreshes_and_the_leases_are_renewed() ->
         metrics.snapshot.updated = time.monotonic() - 3 * REFRESH_SECONDS  # the loop stuck
         assert fetch(port, "/healthz")[0] == 503
         assert fetch(port, "/")[0] == 404
+        assert fetch(port, "/metrics")[0] == 200
+    finally:
+        server.shutdown()
+
+
+def test_the_metrics_server_closes_a_connection_that_sends_no_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that never sends its request (a half-open one whose client went away, a
+    port scan) would hold one of the server's threads for good."""
+    monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT_SECONDS", 0.2)
+    server = Metrics("svc").serve(0, "127.0.0.1")
+    try:
+        port = server.server_address[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            assert idle.recv(1) == b""  # closed by the server (a timeout here: still open)
         assert fetch(port, "/metrics")[0] == 200
     finally:
         server.shutdown()
