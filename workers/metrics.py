@@ -18,6 +18,7 @@ worker whose loop is stuck or that cannot reach the server.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -37,6 +39,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bus import Bus, Consumer, Delivery, Settings, Stats
+
+log = structlog.get_logger("flowbus.metrics")
 
 #: Handler durations: from a cache hit to a slow CRM call.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -139,9 +143,8 @@ class Metrics:
                 pass  # no access log on stderr, where the worker's own log goes
 
         family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        server_class = type("Server", (_Server,), {"address_family": family})
         server: ThreadingHTTPServer = server_class((host, port), Pages)
-        server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 
@@ -157,6 +160,17 @@ class Metrics:
                 lag = self.snapshot.lag
             self.snapshot.update(consumer.stats, len(partitions), lag)
             await anyio.sleep(REFRESH_SECONDS)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A request that failed (most often its client went away): one log line, rather than
+        # socketserver's traceback on stderr among the worker's JSON lines.
+        exc = sys.exc_info()[1]
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("metrics_request_failed", client=str(client_address[0]), error=error)
 
 
 async def lag_of(bus: Bus, group: str, partitions: list[int]) -> int:

@@ -7,12 +7,15 @@ import itertools
 import json
 import re
 import socket
+import struct
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from bus import Bus, Codec, Delivery, Service, Settings, Stats
 from tests.conftest import make_settings
@@ -214,6 +217,29 @@ def test_the_metrics_server_closes_a_connection_that_sends_no_request(
         assert fetch(port, "/metrics")[0] == 200
     finally:
         server.shutdown()
+
+
+async def test_a_request_its_client_cut_short_is_a_log_line_not_a_traceback(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    server = Metrics("svc").serve(0, "127.0.0.1")
+
+    def accepted() -> bool:  # a thread of the server's reads the request
+        return any("process_request_thread" in t.name for t in threading.enumerate())
+
+    try:
+        with capture_logs() as logs:
+            with socket.create_connection(("127.0.0.1", server.server_address[1])) as client:
+                client.sendall(b"GET /metrics HTTP/1.0\r\n")  # the headers never end
+                await wait_for(accepted, what="the server to read the request")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # closed with a reset: the server's read of the headers fails
+            await wait_for(lambda: any(x["event"] == "metrics_request_failed" for x in logs))
+    finally:
+        server.shutdown()
+    [line] = [x for x in logs if x["event"] == "metrics_request_failed"]
+    assert line["error"].startswith("ConnectionResetError")
+    assert "Traceback" not in capfd.readouterr().err  # socketserver's, amid the JSON lines
 
 
 async def test_a_worker_on_metrics_port_0_says_which_port_it_took_and_is_healthy(
