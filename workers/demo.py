@@ -207,7 +207,7 @@ async def _run_and_check(
             journals[session] = await read_journal(bus.redis, settings.prefix, session)
             checks.append(check_call(session, stream, journals[session], subscriptions))
             latencies += latencies_ms(stream, journals[session])
-        dead = await dead_letter_count(bus)
+        dead = await dead_letter_count(bus, sessions)
         exits: dict[str, int] = {}
         for fleet in fleets:
             exits |= await fleet.stop(within=settings.drain_timeout_seconds + 5)

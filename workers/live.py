@@ -60,7 +60,7 @@ class LiveView:
         rate = (published - p0) / (now - t0) if now > t0 else 0.0
         by_node = {state: self.board.count(state) for state in ("waiting", "connecting", *NODES)}
         by_node |= {"ended": self.board.count("ended"), "failed": self.board.count("failed")}
-        dead = await dead_letter_count(self.bus)
+        dead = await dead_letter_count(self.bus, sessions)
         return Snapshot(by_node, len(sessions), published, rate, lag, dead)
 
     @staticmethod

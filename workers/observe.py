@@ -5,7 +5,9 @@ Each reads every partition in one pipeline, so it is cheap enough to poll a few 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -24,12 +26,19 @@ async def lease_owners(bus: Bus, group: str) -> dict[str, list[int]]:
     return owners
 
 
-async def dead_letter_count(bus: Bus) -> int:
-    """Entries in the dead-letter streams of all partitions."""
+async def dead_letter_count(bus: Bus, sessions: Collection[str] | None = None) -> int:
+    """Entries in the dead-letter streams of all partitions; with `sessions`, those of these
+    sessions only (the demo's calls, on a server that other calls may use too)."""
     pipe = bus.redis.pipeline(transaction=False)
-    for p in range(bus.settings.partitions):
-        pipe.xlen(bus.keys.dead(p))
-    return sum(await pipe.execute())
+    if sessions is None:
+        for p in range(bus.settings.partitions):
+            pipe.xlen(bus.keys.dead(p))
+        return sum(await pipe.execute())
+    wanted = {s.encode() for s in sessions}
+    for p in sorted({bus.keys.partition(s) for s in sessions}):
+        pipe.xrange(bus.keys.dead(p))
+    replies: list[Any] = await pipe.execute()
+    return sum(fields.get(b"session") in wanted for entries in replies for _, fields in entries)
 
 
 async def live_session_count(bus: Bus) -> int:

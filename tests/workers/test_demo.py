@@ -111,6 +111,25 @@ async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Setti
     assert sum(live) == 0 and len([s for e in ended for s in e]) == 2  # both calls retired
 
 
+async def test_the_demo_counts_the_dead_letters_of_its_own_calls_only(settings: Settings) -> None:
+    """On a server other calls use (its prefix given), a dead letter of theirs is not the
+    demo's: it neither shows it nor fails for it."""
+    async with Bus.connect(settings) as bus:
+        dead = bus.keys.dead(bus.keys.partition("another-call"))
+        letter = {"session": "another-call", "group": "crm", "entry": "1-0", "error": "boom"}
+        await raw(bus).xadd(dead, {**letter, "deliveries": 5, "policy": "skip", "type": "x"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}
+    args = ["--redis-url", settings.url, "--prefix", settings.prefix, "--calls", "2", "--json"]
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "workers", "demo", *args], cwd=ROOT, env=env, check=False
+        )
+    summary = json.loads(done.stdout)
+    assert summary["dead_letters"] == 0
+    assert done.returncode == 0 and summary["ok"], done.stderr.decode()
+    assert "dead letters 0" in done.stderr.decode()  # the live view's last line too
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(sig: signal.Signals) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
