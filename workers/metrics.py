@@ -4,8 +4,9 @@
 Per event (measured around the service's handler): ``flowbus_events_handled_total`` by
 service, type and outcome (``ok`` or ``error``), ``flowbus_handler_seconds`` (a histogram by
 service and type) and ``flowbus_publish_to_handler_seconds`` (from the entry's ``ts`` to the
-handler's start; an event's first handling only: not its retries, not a dead letter replayed or
-resumed). From the consumer, refreshed every few seconds: ``flowbus_retries_total``,
+start of its first delivery's handling: not of a retry or a replayed dead letter; an entry
+`Bus.resume` retries in place comes with a fresh delivery count and is measured again, its
+delay the whole pause). From the consumer, refreshed every few seconds: ``flowbus_retries_total``,
 ``flowbus_dead_letters_total``, ``flowbus_events_skipped_total``,
 ``flowbus_partitions_lost_total``, ``flowbus_owned_partitions``, and ``flowbus_lag_events``
 (events of the owned partitions' live sessions that this service has not acknowledged yet).
@@ -38,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bus import Bus, Consumer, Delivery, Settings, Stats
+from bus import Bus, Consumer, Delivery, Stats
 
 log = structlog.get_logger("flowbus.metrics")
 
@@ -51,27 +52,13 @@ REFRESH_SECONDS = 2.0
 #: How long the HTTP server waits for a request on a connection: one that never sends it (a
 #: client gone without closing, a port scan) would otherwise hold a thread for good.
 REQUEST_TIMEOUT_SECONDS = 10.0
-#: At most this many paused entries are remembered (see `Metrics.observe`); a session paused
-#: and then dropped, or resumed in another process, is never seen here again.
-PAUSED_REMEMBERED = 10_000
 
 
 class Metrics:
-    """The metrics of one service in one process, in a registry of their own.
+    """The metrics of one service in one process, in a registry of their own."""
 
-    With the deployment's `settings` and its ``dead_letter_policy`` 'pause', the entries this
-    process paused a session on are remembered: `Bus.resume` retries one in place with a fresh
-    delivery count, and its publish-to-handler delay was measured at its first handling, before
-    the pause. (One resumed after its partition moved to another process is measured again
-    there, its delay including the pause.)"""
-
-    def __init__(self, service: str, settings: Settings | None = None) -> None:
+    def __init__(self, service: str) -> None:
         self.service = service
-        self._pauses_after: int | None = None  # a failure on this delivery pauses the session
-        if settings is not None and settings.dead_letter_policy == "pause":
-            self._pauses_after = settings.max_deliveries
-        #: (session, entry id) of the entries this process paused a session on.
-        self._paused: dict[tuple[str, str], None] = {}
         self.registry = CollectorRegistry()
         self.handled = Counter(
             "flowbus_events_handled",
@@ -88,7 +75,7 @@ class Metrics:
         )
         self.delay = Histogram(
             "flowbus_publish_to_handler_seconds",
-            "From an event's publication (its ts) to the start of its first handling.",
+            "From an event's publication (its ts) to the start of its handling.",
             ["service"],
             buckets=SECONDS_BUCKETS,
             registry=self.registry,
@@ -101,17 +88,7 @@ class Metrics:
         self.handled.labels(self.service, delivery.type, outcome).inc()
         self.seconds.labels(self.service, delivery.type).observe(seconds)
         # A replayed dead letter carries its original event's ts: no delay to measure.
-        first = delivery.deliveries == 1 and "replay_of" not in delivery.extra
-        if self._pauses_after is not None:
-            key = (delivery.session, delivery.entry_id)
-            if key in self._paused:  # resumed (`Bus.resume`), its delivery count 1 again
-                del self._paused[key]
-                first = False
-            if outcome == "error" and delivery.deliveries >= self._pauses_after:
-                self._paused[key] = None  # its session pauses on it
-                if len(self._paused) > PAUSED_REMEMBERED:
-                    del self._paused[next(iter(self._paused))]
-        if first:
+        if delivery.deliveries == 1 and "replay_of" not in delivery.extra:
             self.delay.labels(self.service).observe(max(0.0, started - delivery.ts / 1000))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

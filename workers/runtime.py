@@ -124,7 +124,7 @@ async def serve(
     reached, `OSError` when the metrics port cannot be bound.
     """
     hard_stop: list[int] = []
-    metrics = Metrics(service.name, settings) if metrics_port is not None else None
+    metrics = Metrics(service.name) if metrics_port is not None else None
     http = (
         metrics.serve(metrics_port, metrics_host) if metrics and metrics_port is not None else None
     )

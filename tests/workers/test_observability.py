@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from bus import Bus, Codec, Delivery, Service, Settings, Stats
 from tests.conftest import make_settings
 from tests.support import WorkerProcesses, raw, running, wait_for
-from tests.workers.apps import Step, broken_key, records_key
+from tests.workers.apps import Step, broken_key
 from workers import metrics as metrics_module
 from workers.bots import new_traceparent
 from workers.metrics import REFRESH_SECONDS, Metrics
@@ -94,45 +94,6 @@ async def test_a_worker_exports_what_it_handled_retried_dead_lettered_and_owns(
     assert any(x["event"] == "metrics_served" and x["port"] == port for x in lines)
 
 
-async def test_a_resumed_entry_adds_no_second_publish_to_handler_delay(
-    bus: Bus, settings: Settings, workers: WorkerProcesses
-) -> None:
-    """`Bus.resume` retries the entry a session paused on with a fresh delivery count (1
-    again); its delay from publication was measured at its first handling, before the pause."""
-    settings = make_settings(
-        settings.url, prefix=settings.prefix, max_deliveries=2, dead_letter_policy="pause"
-    )
-    port = free_port()
-    env = {"FLOWBUS_METRICS_PORT": str(port), "FLOWBUS_LOG_LEVEL": "debug"}
-    proc = workers.start(APP, settings, env)
-    await start_done(bus)
-    await raw(bus).set(broken_key(settings.prefix, "steps"), 1)
-    for n in (1, 2, 3):
-        await bus.publish("call-1", Step(n=n, fail=n == 2))
-    p = bus.keys.partition("call-1")
-
-    async def paused() -> bool:
-        return bool(await raw(bus).hexists(bus.keys.paused(p, "steps"), "call-1"))
-
-    await wait_for(paused, what="the session to pause on step 2")
-    await raw(bus).delete(broken_key(settings.prefix, "steps"))
-    assert await bus.resume("call-1", "steps") is not None
-    # Each handling's event_handled line comes once it was measured: 1, 2 twice, 2, 3.
-    await wait_for(
-        lambda: workers.log(proc).count('"event_handled"') == 5, what="the resumed session"
-    )
-    records = await raw(bus).lrange(records_key(settings.prefix, "steps"), 0, -1)
-    assert [r.decode().split("|")[1:4] for r in records] == [
-        ["1", "1", "1"],
-        ["2", "2", "1"],  # resumed: delivery 1 again
-        ["3", "3", "1"],
-    ]
-    samples = await anyio.to_thread.run_sync(scrape, port)
-    handled = 'flowbus_events_handled_total{{outcome="{}",service="steps",type="step"}}'
-    assert samples[handled.format("ok")] == 3 and samples[handled.format("error")] == 2
-    assert samples['flowbus_publish_to_handler_seconds_count{service="steps"}'] == 3  # not 4
-
-
 async def test_a_handling_cut_short_at_its_timeout_is_measured_as_an_error(
     settings: Settings,
 ) -> None:
@@ -145,7 +106,7 @@ async def test_a_handling_cut_short_at_its_timeout_is_measured_as_an_error(
             await anyio.sleep_forever()  # until the consumer cancels it at its timeout
         done.append(d.seq)
 
-    metrics = Metrics("svc", settings)
+    metrics = Metrics("svc")
     async with Bus.connect(settings) as bus:
         async with running(bus, instrument(Service("svc", handle, Codec([Step])), metrics)):
             await bus.publish("call-1", Step(n=1, fail=True))
