@@ -475,9 +475,10 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
     parameters = body.get("parameters", {})
     handler = body.get("handler", spec.get("handler"))
     if isinstance(handler, str):
-        if handler not in handlers:
-            raise InvalidNodeFunctionError(node, f"{key}.{name}", f"no handler named {handler!r}")
-        handler = handlers[handler]
+        named = handler
+        handler = _named(node, f"{key}.{name}", handlers, named)
+        if handler is None:
+            raise InvalidNodeFunctionError(node, f"{key}.{name}", f"no handler named {named!r}")
     if handler is not None and not callable(handler):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "handler is not callable")
     transition_to = _transition(
@@ -488,12 +489,13 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
             problem = "a transition_only function needs a description and a transition_to node"
             raise InvalidNodeFunctionError(node, f"{key}.{name}", problem)
         return FunctionConfig(name, str(body["description"]), transition_to=transition_to)
-    if handler is None and name in handlers:
+    direct_fn = None if handler is not None else _named(node, f"{key}.{name}", handlers, name)
+    if direct_fn is not None:
         # Pipecat 1.14's flow files: an entry names the direct function that is the tool.
         if "description" in body:
             problem = "a direct function describes itself in its docstring: no description"
             raise InvalidNodeFunctionError(node, f"{key}.{name}", problem)
-        direct = _direct_function(node, handlers[name])
+        direct = _direct_function(node, direct_fn)
         return replace(direct, name=name, transition_to=transition_to)
     timeout = body.get("timeout_secs", spec.get("timeout_secs"))
     if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
@@ -507,6 +509,18 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
         transition_to=transition_to,
         timeout=timeout,
     )
+
+
+def _named(node: str, where: str, handlers: Mapping[str, Handler], name: str) -> Handler | None:
+    """The callable `name` in `handlers` (None if it is not there); an error naming `node` and
+    `where` if it is not callable or is two different callables in them."""
+    try:
+        found = handlers.get(name)
+    except FlowError as exc:  # `_Handlers`: in more than one of them
+        raise InvalidNodeFunctionError(node, where, str(exc)) from None
+    if found is not None and not callable(found):
+        raise InvalidNodeFunctionError(node, where, f"{name!r} in the handlers is not callable")
+    return found
 
 
 #: JSON Schema of the parameter types a direct function may declare.

@@ -316,3 +316,28 @@ async def test_reset_with_summary_keeps_the_llms_summary_or_else_the_context(
 def test_reset_with_summary_needs_a_summary_prompt() -> None:
     with pytest.raises(InvalidNodeError, match="summary_prompt is required"):
         parse_node({"task_messages": [], "context_strategy": "RESET_WITH_SUMMARY"})
+
+
+PIZZA = {"select_pizza_order": Handlers.select_pizza_order}
+
+
+@pytest.mark.parametrize(
+    ("handlers", "says"),
+    [
+        (PIZZA | {"get_delivery_estimate": 30}, "in the handlers is not callable"),
+        (
+            [Handlers, {"get_delivery_estimate": Handlers.select_pizza_order}],
+            "'get_delivery_estimate' is defined in more than one of the handlers",
+        ),
+    ],
+    ids=["not-callable", "ambiguous"],
+)
+def test_a_tool_the_handlers_cannot_give_is_refused_naming_where_it_is(
+    tmp_path: Path, handlers: Any, says: str
+) -> None:
+    """Not a TypeError from deep inside, nor a message without the function's place."""
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    where = "node 'global_functions', key 'functions.get_delivery_estimate'"
+    with pytest.raises(InvalidFunctionError, match=re.escape(where) + ".*" + re.escape(says)):
+        load_flow(path, handlers=handlers)
