@@ -242,7 +242,8 @@ def parse_node(
     """Validate a Pipecat-Flows node dict into a `NodeConfig`.
 
     `name` is used when the dict has none (else a fresh UUID, as in Pipecat Flows). String
-    function handlers (from YAML/JSON) are looked up in `handlers`.
+    handlers of functions and actions (from YAML/JSON) are looked up in `handlers`; a
+    ``function`` action's that is not there names a function of the actions service.
     """
     if isinstance(config, NodeConfig):
         return config
@@ -278,9 +279,13 @@ def parse_node(
         functions=[
             parse_function(node, f, handlers or {}) for f in _list(node, "functions", config)
         ],
-        pre_actions=[_action(node, "pre_actions", a) for a in _list(node, "pre_actions", config)],
+        pre_actions=[
+            _action(node, "pre_actions", a, handlers or {})
+            for a in _list(node, "pre_actions", config)
+        ],
         post_actions=[
-            _action(node, "post_actions", a) for a in _list(node, "post_actions", config)
+            _action(node, "post_actions", a, handlers or {})
+            for a in _list(node, "post_actions", config)
         ],
         context_strategy=context_strategy,
         summary_prompt=summary_prompt,
@@ -405,14 +410,27 @@ def _messages(node: str, key: str, value: Any) -> list[dict[str, Any]]:
     return [dict(m) for m in value]
 
 
-def _action(node: str, key: str, action: Any) -> dict[str, Any]:
+def _action(node: str, key: str, action: Any, handlers: Mapping[str, Handler]) -> dict[str, Any]:
     if not isinstance(action, Mapping):
         raise InvalidNodeError(node, key, f"an action is a mapping, not {type(action).__name__}")
     kind = action.get("type")
     if not isinstance(kind, str) or not kind:
         raise InvalidNodeError(node, key, f"action without a 'type': {dict(action)!r}")
     handler = action.get("handler")
-    named = kind == "function" and isinstance(handler, str)  # a worker's function, by name
+    if isinstance(handler, str):  # as in Pipecat's flow files: a name in the handlers
+        if kind in ("tts_say", "end_conversation"):
+            raise InvalidNodeError(node, key, f"the built-in {kind!r} action takes no handler")
+        try:
+            found = handlers.get(handler)
+        except FlowError as exc:  # in more than one of them
+            raise InvalidNodeError(node, key, str(exc)) from None
+        if found is not None:
+            action = {**action, "handler": found}
+            handler = found
+        elif kind != "function":
+            problem = f"action {kind!r} names handler {handler!r}, which is not in the handlers"
+            raise InvalidNodeError(node, key, problem)
+    named = kind == "function" and isinstance(handler, str)  # else a worker's function, by name
     if handler is not None and not named and not callable(handler):
         raise InvalidNodeError(node, key, f"the handler of action {kind!r} is not callable")
     try:  # what goes to the actions service is JSON

@@ -13,6 +13,7 @@ import pytest
 from bus import Bus
 from flows import (
     TRANSITION_IN_YAML,
+    ActionService,
     Branch,
     FlowError,
     FlowManager,
@@ -27,6 +28,7 @@ from flows import (
     load_flow,
     parse_node,
 )
+from tests.support import running
 
 pytestmark = pytest.mark.anyio
 
@@ -340,4 +342,51 @@ def test_a_tool_the_handlers_cannot_give_is_refused_naming_where_it_is(
     path.write_text(PIZZA_YAML)
     where = "node 'global_functions', key 'functions.get_delivery_estimate'"
     with pytest.raises(InvalidFunctionError, match=re.escape(where) + ".*" + re.escape(says)):
+        load_flow(path, handlers=handlers)
+
+
+ACTIONS_YAML = """\
+initial_node: greet
+nodes:
+  greet:
+    task_messages:
+      - role: developer
+        content: Greet the caller.
+    respond_immediately: false
+    pre_actions:
+      - type: notify
+        handler: notify_crm
+        channel: calls
+      - type: function
+        handler: remember_call
+"""
+
+
+async def test_a_flow_files_action_handlers_are_named_in_the_handlers_as_in_pipecat(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A custom action (or a ``function`` action) names its handler in the handlers given to
+    `load_flow`, as in Pipecat 1.14; it runs in the bot, as an inline callable does."""
+    ran: list[tuple[str, Any]] = []
+
+    async def notify_crm(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append(("notify_crm", action["channel"]))
+
+    async def remember_call(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append(("remember_call", flow_manager.session_id))
+
+    path = tmp_path / "flow.yaml"
+    path.write_text(ACTIONS_YAML)
+    handlers = {"notify_crm": notify_crm, "remember_call": remember_call}
+    flow = load_flow(path, handlers=handlers)
+    async with running(bus, ActionService().as_service()):
+        llm = ScriptedLLM({})
+        async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
+            await fm.initialize()
+    assert ran == [("notify_crm", "calls"), ("remember_call", "call-1")]
+    path.write_text(ACTIONS_YAML.replace("handler: notify_crm", "handler: nowhere"))
+    with pytest.raises(InvalidNodeError, match=r"node 'greet', key 'pre_actions'.*'nowhere'"):
+        load_flow(path, handlers=handlers)
+    path.write_text(ACTIONS_YAML.replace("type: notify", "type: tts_say"))
+    with pytest.raises(InvalidNodeError, match="the built-in 'tts_say' action takes no handler"):
         load_flow(path, handlers=handlers)
