@@ -306,7 +306,8 @@ class FlowConfig:
 
 def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
     """Read a flow from YAML or JSON, as Pipecat 1.14 writes one: ``{initial_node: NAME,
-    nodes: {NAME: node, ...}, global_functions: [function, ...]}``.
+    nodes: {NAME: node, ...}, global_functions: [function, ...]}``; in YAML, ``!include PATH``
+    reads another file (PATH relative to the flow file's directory).
 
     A function names its *direct function* in `handlers` (a mapping of names, an object such
     as a module, or a list of those), which describes it; or it is ``transition_only`` (a
@@ -322,7 +323,7 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, _including_loader(path.parent))
         else:
             data = json.loads(text)
     except Exception as exc:
@@ -353,6 +354,25 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
             if functions is not shared and function.name in shared_names:
                 raise InvalidNodeFunctionError(node, at, "it is also a global function")
     return FlowConfig(str(initial), nodes, shared)
+
+
+def _including_loader(base: Path) -> Any:
+    """A YAML safe loader that reads Pipecat's ``!include PATH`` (PATH relative to `base`,
+    the flow file's directory, in included files too) as that file's YAML."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def include(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "!include takes a file's path", node.start_mark
+            )
+        return yaml.load((base / str(loader.construct_scalar(node))).read_text(), Loader)
+
+    Loader.add_constructor("!include", include)
+    return Loader
 
 
 class _Handlers(Mapping[str, Handler]):

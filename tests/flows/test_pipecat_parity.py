@@ -390,3 +390,21 @@ async def test_a_flow_files_action_handlers_are_named_in_the_handlers_as_in_pipe
     path.write_text(ACTIONS_YAML.replace("type: notify", "type: tts_say"))
     with pytest.raises(InvalidNodeError, match="the built-in 'tts_say' action takes no handler"):
         load_flow(path, handlers=handlers)
+
+
+def test_a_flow_file_may_include_other_files_as_in_pipecat(tmp_path: Path) -> None:
+    """Pipecat 1.14's ``!include PATH``, relative to the flow file's directory (an included
+    file's own includes too)."""
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "greet.yaml").write_text(
+        "- role: developer\n  content: !include prompts/greet.txt\n"
+    )
+    (tmp_path / "prompts" / "greet.txt").write_text("Greet the caller.\n")
+    path = tmp_path / "flow.yaml"
+    path.write_text(
+        "initial_node: greet\nnodes:\n  greet:\n    task_messages: !include prompts/greet.yaml\n"
+    )
+    flow = load_flow(path)
+    assert flow.nodes["greet"].task_messages == [
+        {"role": "developer", "content": "Greet the caller."}
+    ]
