@@ -305,9 +305,10 @@ class FlowConfig:
 
 
 def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
-    """Read a flow from YAML or JSON, as Pipecat 1.14 writes one: ``{initial_node: NAME,
-    nodes: {NAME: node, ...}, global_functions: [function, ...]}``; in YAML, ``!include PATH``
-    reads another file (PATH relative to the flow file's directory).
+    """Read a flow from JSON (a ``.json`` file) or YAML (any other file), as Pipecat 1.14
+    writes one: ``{initial_node: NAME, nodes: {NAME: node, ...}, global_functions: [function,
+    ...]}``; in YAML, ``!include PATH`` reads another file (PATH relative to the flow file's
+    directory).
 
     A function names its *direct function* in `handlers` (a mapping of names, an object such
     as a module, or a list of those), which describes it; or it is ``transition_only`` (a
@@ -319,15 +320,16 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
     """
     path = Path(path)
     text = path.read_text()
+    form = "JSON" if path.suffix == ".json" else "YAML"  # as Pipecat's FlowConfig.from_file
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if form == "YAML":
             import yaml
 
             data = yaml.load(text, _including_loader(path.parent))
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise FlowError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
+        raise FlowError(f"{path}: not valid {form}: {exc}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("nodes"), Mapping):
         raise FlowError(f"{path}: expected a mapping with 'nodes' (and 'initial_node')")
     unused = sorted(set(data) - {"initial_node", "nodes", "global_functions"})

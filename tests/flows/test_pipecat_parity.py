@@ -408,3 +408,15 @@ def test_a_flow_file_may_include_other_files_as_in_pipecat(tmp_path: Path) -> No
     assert flow.nodes["greet"].task_messages == [
         {"role": "developer", "content": "Greet the caller."}
     ]
+
+
+@pytest.mark.parametrize("name", ["flow.YAML", "flow", "flow.json"])
+def test_a_flow_file_is_json_by_its_suffix_and_else_yaml_as_in_pipecat(
+    tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / name
+    if name.endswith(".json"):
+        path.write_text('{"nodes": {"greet": {"task_messages": []}}}')
+    else:
+        path.write_text("nodes:\n  greet:\n    task_messages: []\n")
+    assert load_flow(path).initial_node == "greet"
