@@ -336,6 +336,10 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
     if unused:
         raise FlowError(f"{path}: unsupported key(s) {', '.join(map(repr, unused))}")
     lookup = _Handlers(handlers)
+    for n, c in data["nodes"].items():  # transitions and current_node go by the key
+        if isinstance(c, Mapping) and c.get("name", n) != n:
+            problem = f"a node of a flow file is named by its key, not {c['name']!r}"
+            raise InvalidNodeError(str(n), "name", problem)
     nodes = {n: parse_node(c, name=n, handlers=lookup) for n, c in data["nodes"].items()}
     initial = data.get("initial_node") or next(iter(nodes), None)
     if initial not in nodes:

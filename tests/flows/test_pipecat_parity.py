@@ -273,8 +273,21 @@ async def test_global_functions_are_offered_in_every_node(bus: Bus, tmp_path: Pa
         ),
         (("global_functions:", "globals:"), "unsupported key(s) 'globals'"),
         (("  - name: get_delivery_estimate", "  - name: nowhere"), "no handler of that name"),
+        (
+            ("  confirm:\n", "  confirm:\n    name: confirmation\n"),
+            "node 'confirm', key 'name': a node of a flow file is named by its key",
+        ),
     ],
-    ids=["no-description", "clash", "unknown-node", "bad-branch", "description", "key", "missing"],
+    ids=[
+        "no-description",
+        "clash",
+        "unknown-node",
+        "bad-branch",
+        "description",
+        "key",
+        "missing",
+        "other-name",
+    ],
 )
 def test_a_flow_file_that_cannot_work_is_refused_at_load(
     tmp_path: Path, change: tuple[str, str], says: str
