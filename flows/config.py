@@ -271,14 +271,13 @@ def parse_node(
     respond = config.get("respond_immediately", True)
     if not isinstance(respond, bool):
         raise InvalidNodeError(node, "respond_immediately", "must be true or false")
+    functions = [parse_function(node, f, handlers or {}) for f in _list(node, "functions", config)]
     return NodeConfig(
         name=node,
         task_messages=_messages(node, "task_messages", config["task_messages"]),
         role_message=role or None,
         role_messages=role_messages,
-        functions=[
-            parse_function(node, f, handlers or {}) for f in _list(node, "functions", config)
-        ],
+        functions=unique_functions(node, functions),
         pre_actions=[
             _action(node, "pre_actions", a, handlers or {})
             for a in _list(node, "pre_actions", config)
@@ -345,7 +344,9 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
     if initial not in nodes:
         raise FlowError(f"{path}: initial_node {initial!r} is not one of the nodes")
     where = "global_functions"
-    shared = [parse_function(where, f, lookup) for f in _list(where, where, data)]
+    shared = unique_functions(
+        where, [parse_function(where, f, lookup) for f in _list(where, where, data)]
+    )
     shared_names = {f.name for f in shared}
     for node, functions in [(n.name, n.functions) for n in nodes.values()] + [(where, shared)]:
         for function in functions:
@@ -489,6 +490,18 @@ def _transition(node: str, where: str, value: Any) -> str | Branch | None:
 class InvalidNodeFunctionError(InvalidNodeError, InvalidFunctionError):
     """A node's function that cannot be used: Pipecat's `InvalidFunctionError` and an
     `InvalidNodeError` both."""
+
+
+def unique_functions(node: str, functions: Sequence[FunctionConfig]) -> list[FunctionConfig]:
+    """`functions`, or an `InvalidNodeFunctionError` if two have one name: the LLM would be
+    offered two tools of that name (as Pipecat's flow files, which allow none)."""
+    names: set[str] = set()
+    for function in functions:
+        if function.name in names:
+            problem = "two functions of that name"
+            raise InvalidNodeFunctionError(node, f"functions.{function.name}", problem)
+        names.add(function.name)
+    return list(functions)
 
 
 def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> FunctionConfig:

@@ -39,6 +39,7 @@ from .config import (
     parse_function,
     parse_node,
     summary_prompt_of,
+    unique_functions,
 )
 from .errors import ActionError, FlowInitializationError, FlowTransitionError
 from .protocol import (
@@ -109,9 +110,11 @@ class FlowManager:
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
         #: Functions offered in every node, before its own (as Pipecat's `global_functions`),
         #: in any of the forms a node's `functions` take; the flow's first.
-        self.global_functions = [*(flow.global_functions if flow else [])] + [
-            parse_function("global_functions", f, {}) for f in global_functions
-        ]
+        own = flow.global_functions if flow else []
+        given = [parse_function("global_functions", f, {}) for f in global_functions]
+        self.global_functions = unique_functions(  # (Pipecat's idiom gives the flow's again)
+            "global_functions", [*own, *(f for f in given if f not in own)]
+        )
         self.actions_service, self.actions_timeout = actions_service, actions_timeout
         self.function_timeout = function_timeout
         #: For nodes that set none (any of Pipecat's forms, as a node's `context_strategy`).

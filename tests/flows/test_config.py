@@ -179,3 +179,13 @@ def test_functions_may_be_direct_functions_or_function_schemas_as_in_pipecat() -
     for bad, problem in ((not_async, "must be async"), (first_param, "named 'flow_manager'")):
         with pytest.raises(InvalidFunctionError, match=problem):
             parse_node(node() | {"functions": [bad]})
+
+
+def test_two_functions_of_one_name_in_a_node_are_refused() -> None:
+    """As Pipecat's flow files: the LLM would be offered two tools of that name (which its
+    API refuses, or it calls the first), and the second could never run."""
+    pick = {"name": "pick", "handler": print}
+    with pytest.raises(
+        InvalidFunctionError, match=re.escape("node 'n', key 'functions.pick': two")
+    ):
+        parse_node(node() | {"functions": [pick, pick | {"description": "other"}]})

@@ -433,3 +433,47 @@ def test_a_flow_file_is_json_by_its_suffix_and_else_yaml_as_in_pipecat(
     else:
         path.write_text("nodes:\n  greet:\n    task_messages: []\n")
     assert load_flow(path).initial_node == "greet"
+
+
+async def test_global_functions_are_offered_once_each(bus: Bus, tmp_path: Path) -> None:
+    """Pipecat's idiom ``FlowManager(global_functions=flow.global_functions)`` with the flow
+    given too offers each once; two different functions of one name are refused, in a flow
+    file or given to the manager."""
+    tools: list[list[str]] = []
+
+    class Recorder:
+        async def generate(self, messages: Sequence[Mapping[str, Any]], tools_: Any) -> Any:
+            tools.append([t["function"]["name"] for t in tools_])
+            return LLMResponse()
+
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    flow = load_flow(path, handlers=Handlers)
+    shared = flow.global_functions
+    async with FlowManager.open(
+        bus, "call-1", llm=Recorder(), tts=SimulatedTTS(0), flow=flow, global_functions=shared
+    ) as fm:
+        await fm.initialize()
+    assert tools == [["get_delivery_estimate", "choose_pizza"]]
+
+    async def get_delivery_estimate(flow_manager: Any) -> Any:
+        """Another estimate."""
+        return {"minutes": 5}, None
+
+    with pytest.raises(
+        InvalidFunctionError, match=re.escape("'functions.get_delivery_estimate': two")
+    ):
+        async with FlowManager.open(
+            bus,
+            "call-2",
+            llm=Recorder(),
+            tts=SimulatedTTS(0),
+            flow=flow,
+            global_functions=[get_delivery_estimate],
+        ):
+            pass
+    path.write_text(PIZZA_YAML + "  - name: get_delivery_estimate\n")
+    with pytest.raises(
+        InvalidFunctionError, match=re.escape("'functions.get_delivery_estimate': two")
+    ):
+        load_flow(path, handlers=Handlers)
