@@ -34,6 +34,7 @@ from .config import (
     ContextStrategy,
     FlowConfig,
     Handler,
+    InvalidNodeFunctionError,
     NodeConfig,
     context_strategy_of,
     parse_function,
@@ -205,7 +206,8 @@ class FlowManager:
     async def set_node_from_config(self, node: NodeLike) -> None:
         """Enter `node`: publish it, wait for its pre-actions, then (by default) respond.
 
-        Raises `FlowTransitionError` before `initialize`, `InvalidNodeError` for a bad config,
+        Raises `FlowTransitionError` before `initialize`, `InvalidNodeError` for a bad config
+        (a function's `transition_to` that is not a node of the manager's flow included),
         `ActionError` if a pre-action failed, is unknown, or did not finish in time.
         """
         if not self._initialized:
@@ -217,6 +219,13 @@ class FlowManager:
             own = {f.name for f in config.functions}
             shared = [f for f in self.global_functions if f.name not in own]
             config = replace(config, functions=[*shared, *config.functions])
+        for function in config.functions:  # refused now, not when the LLM calls it
+            nodes = self.flow.nodes if self.flow else {}
+            for target in (t for t in function.targets() if t not in nodes):
+                problem = f"transition_to {target!r} is not a node of the manager's flow"
+                if self.flow is None:
+                    problem = f"transition_to {target!r} needs a FlowManager given a flow"
+                raise InvalidNodeFunctionError(config.name, f"functions.{function.name}", problem)
         self._gen += 1
         gen = self._entering = self._gen
         try:

@@ -477,3 +477,25 @@ async def test_global_functions_are_offered_once_each(bus: Bus, tmp_path: Path) 
         InvalidFunctionError, match=re.escape("'functions.get_delivery_estimate': two")
     ):
         load_flow(path, handlers=Handlers)
+
+
+@pytest.mark.parametrize("with_flow", [False, True], ids=["no-flow", "not-in-flow"])
+async def test_a_transition_to_no_node_of_the_managers_flow_is_refused_at_node_entry(
+    bus: Bus, tmp_path: Path, with_flow: bool
+) -> None:
+    """Not accepted, to fail only when the LLM calls the function."""
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    flow = load_flow(path, handlers=Handlers) if with_flow else None
+    entered = {
+        "name": "help",
+        "task_messages": [{"role": "developer", "content": "Help."}],
+        "functions": [{"name": "leave", "description": "Leave.", "transition_to": "dessert"}],
+    }
+    llm = ScriptedLLM({"help": [LLMResponse(function_calls=[FunctionCall("leave")])]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
+        with pytest.raises(FlowError) as raised:
+            await fm.initialize(entered)
+    assert isinstance(raised.value.__cause__, InvalidNodeError)
+    assert "node 'help', key 'functions.leave': transition_to 'dessert'" in str(raised.value)
+    assert llm.calls == []
