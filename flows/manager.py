@@ -34,6 +34,7 @@ from .config import (
     ContextStrategy,
     FlowConfig,
     Handler,
+    InvalidNodeError,
     InvalidNodeFunctionError,
     NodeConfig,
     context_strategy_of,
@@ -42,7 +43,12 @@ from .config import (
     summary_prompt_of,
     unique_functions,
 )
-from .errors import ActionError, FlowInitializationError, FlowTransitionError
+from .errors import (
+    ActionError,
+    FlowInitializationError,
+    FlowTransitionError,
+    InvalidFunctionError,
+)
 from .protocol import (
     ActionDone,
     ActionsCompleted,
@@ -214,6 +220,20 @@ class FlowManager:
             raise FlowTransitionError("set a node only after initialize()")
         if self._ending:
             raise FlowTransitionError(f"the session {self.session_id!r} has ended")
+        config = self._checked(node)
+        self._gen += 1
+        gen = self._entering = self._gen
+        try:
+            outcome = await self._enter(config, gen)
+        finally:
+            if self._entering == gen:
+                self._entering = 0
+        if config.respond_immediately and outcome == "done":
+            await self.respond()
+
+    def _checked(self, node: NodeLike) -> NodeConfig:
+        """`node` validated, with the global functions; `InvalidNodeError` if it cannot be
+        entered."""
         config = parse_node(node)
         if self.global_functions:  # (a function of the node's own of the same name wins)
             own = {f.name for f in config.functions}
@@ -226,15 +246,7 @@ class FlowManager:
                 if self.flow is None:
                     problem = f"transition_to {target!r} needs a FlowManager given a flow"
                 raise InvalidNodeFunctionError(config.name, f"functions.{function.name}", problem)
-        self._gen += 1
-        gen = self._entering = self._gen
-        try:
-            outcome = await self._enter(config, gen)
-        finally:
-            if self._entering == gen:
-                self._entering = 0
-        if config.respond_immediately and outcome == "done":
-            await self.respond()
+        return config
 
     async def _enter(self, config: NodeConfig, gen: int) -> Literal["done", "ended", "superseded"]:
         """Enter `config` as node entry `gen`: publish it, wait for its pre-actions; whether
@@ -525,9 +537,21 @@ class FlowManager:
             if next_node is None and target is not None and self.flow is not None:
                 name = target if isinstance(target, str) else target.destination(call.name, result)
                 next_node = self.flow.nodes[name] if name else None
+            if next_node and next_node is not NO_RESPONSE:  # (as Pipecat, a falsy one stays)
+                if isinstance(next_node, str):
+                    raise InvalidFunctionError(
+                        f"function {call.name!r} returned the node name {next_node!r}: return "
+                        "its config, or (result, TRANSITION_IN_YAML) and give it a transition_to"
+                    )
+                try:  # an error of the function's, as in Pipecat, not of the LLM turn
+                    next_node = self._checked(next_node)
+                except InvalidNodeError as exc:
+                    problem = f"function {call.name!r} returned a node that cannot be entered"
+                    raise InvalidFunctionError(f"{problem}: {exc}") from None
             result = ACKNOWLEDGED if result is None else result
         except Exception as exc:
-            result = {"status": "error", "error": str(exc)}  # as Pipecat gives it
+            result = {"status": "error", "error": str(exc)}  # as Pipecat gives it; it stays
+            next_node = None
             log.error("function_call_failed", function=call.name, error=str(exc))
         self.messages.append({"role": "tool", "name": call.name, "content": result})
         if next_node is NO_RESPONSE:

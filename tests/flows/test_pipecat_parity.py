@@ -499,3 +499,36 @@ async def test_a_transition_to_no_node_of_the_managers_flow_is_refused_at_node_e
     assert isinstance(raised.value.__cause__, InvalidNodeError)
     assert "node 'help', key 'functions.leave': transition_to 'dessert'" in str(raised.value)
     assert llm.calls == []
+
+
+@pytest.mark.parametrize(
+    ("returned", "says"),
+    [
+        ("confirm", "returned the node name 'confirm'"),
+        ({"name": "confirm"}, "key 'task_messages': required"),
+    ],
+    ids=["name", "bad-node"],
+)
+async def test_a_handlers_next_node_that_is_no_node_is_an_error_the_llm_gets(
+    bus: Bus, returned: Any, says: str
+) -> None:
+    """As a handler that raises (and as Pipecat 1.14 tells a flow file's tool that returns a
+    node's name): the LLM gets the error and the flow stays, instead of the turn failing."""
+
+    async def confirm(args: Any, flow_manager: Any) -> Any:
+        return {"ok": True}, returned
+
+    entered = {
+        "name": "order",
+        "task_messages": [{"role": "developer", "content": "Take the order."}],
+        "functions": [{"name": "confirm", "description": "Confirm.", "handler": confirm}],
+    }
+    script = [LLMResponse(function_calls=[FunctionCall("confirm")]), LLMResponse(text="Sorry.")]
+    llm = ScriptedLLM({"order": script})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(entered)
+        assert fm.current_node == "order"
+    [said] = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    assert said["status"] == "error"
+    assert "function 'confirm'" in said["error"] and says in said["error"]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Sorry."}
