@@ -590,11 +590,21 @@ _JSON_TYPES: dict[Any, str] = {
     list: "array",
 }
 _SECTION = re.compile(
-    r"^\s*(Args|Arguments|Parameters|Returns?|Yields?|Raises|Examples?|Notes?|Attributes|"
-    r"See Also|Warnings?|Todo):\s*$",
+    r"^\s*(Args|Arguments|Parameters|Params|Returns?|Yields?|Raises|Examples?|Notes?|"
+    r"Attributes|See Also|Warnings?|Todo):\s*$",
     re.MULTILINE,
 )
 _ARG_LINE = re.compile(r"^\s+(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+_PARAMETERS = ("Args", "Arguments", "Parameters", "Params")
+#: NumPy style: a section's name underlined with dashes; a parameter is ``name : type``.
+_NUMPY_SECTION = re.compile(r"^[ \t]*(\w[\w ]*?)[ \t]*\n[ \t]*-{3,}[ \t]*$", re.MULTILINE)
+_NUMPY_ARG = re.compile(r"^(\*{0,2}\w+)\s*(?::.*)?$")
+#: reST style: fields such as ``:param [type] name: text`` and ``:returns: text``.
+_REST_FIELD = re.compile(r"^[ \t]*:\w[^:\n]*:", re.MULTILINE)
+_REST_PARAM = re.compile(
+    r"^[ \t]*:(?:param|parameter|arg|argument|key|keyword)\s+(?:[^:\n]*\s)?(\*{0,2}\w+)"
+    r"\s*:\s*(.*)$"
+)
 
 
 def _direct_function(node: str, fn: Callable[..., Any]) -> FunctionConfig:
@@ -632,11 +642,16 @@ def _direct_function(node: str, fn: Callable[..., Any]) -> FunctionConfig:
 
 
 def _docstring(doc: str) -> tuple[str, dict[str, str]]:
-    """A docstring's description (what comes before its first section) and its ``Args:``
-    section's descriptions by name (Google style)."""
+    """A docstring's description (what comes before its first section) and its parameters'
+    descriptions by name: Google style (``Args:``), or NumPy's or reST's, as Pipecat reads
+    them."""
+    if numpy := list(_NUMPY_SECTION.finditer(doc)):
+        return _numpy_docstring(doc, numpy)
+    if rest := _REST_FIELD.search(doc):
+        return _rest_docstring(doc, rest.start())
     sections = list(_SECTION.finditer(doc))
     description = doc[: sections[0].start()].strip() if sections else doc.strip()
-    args = next((m for m in sections if m[1] in ("Args", "Arguments", "Parameters")), None)
+    args = next((m for m in sections if m[1] in _PARAMETERS), None)
     if args is None:
         return description, {}
     described: dict[str, str] = {}
@@ -652,6 +667,38 @@ def _docstring(doc: str) -> tuple[str, dict[str, str]]:
         elif line.strip():  # the next section
             break
     return description, described
+
+
+def _numpy_docstring(doc: str, sections: list[re.Match[str]]) -> tuple[str, dict[str, str]]:
+    described: dict[str, str] = {}
+    ends = [m.start() for m in sections[1:]] + [len(doc)]
+    for section, end in zip(sections, ends, strict=True):
+        if section[1] not in (*_PARAMETERS, "Other Parameters"):
+            continue
+        name = ""
+        for line in doc[section.end() : end].splitlines():
+            if line.strip() and not line[:1].isspace():  # ``name : type``
+                arg = _NUMPY_ARG.match(line)
+                name = arg[1] if arg else ""
+                if name:
+                    described[name] = ""
+            elif name and line.strip():
+                described[name] = f"{described[name]} {line.strip()}".strip()
+    return doc[: sections[0].start()].strip(), described
+
+
+def _rest_docstring(doc: str, start: int) -> tuple[str, dict[str, str]]:
+    described: dict[str, str] = {}
+    name = ""
+    for line in doc[start:].splitlines():
+        if param := _REST_PARAM.match(line):
+            name = param[1]
+            described[name] = param[2].strip()
+        elif _REST_FIELD.match(line):  # ``:returns:``, ``:type name:``...
+            name = ""
+        elif name and line.strip() and line[:1].isspace():
+            described[name] = f"{described[name]} {line.strip()}"
+    return doc[:start].strip(), described
 
 
 def _json_type(hint: Any) -> dict[str, Any]:

@@ -189,3 +189,56 @@ def test_two_functions_of_one_name_in_a_node_are_refused() -> None:
         InvalidFunctionError, match=re.escape("node 'n', key 'functions.pick': two")
     ):
         parse_node(node() | {"functions": [pick, pick | {"description": "other"}]})
+
+
+async def rest_style(flow_manager: Any, order_id: str, rush: bool = False) -> Any:
+    """Look an order up.
+
+    :param order_id: The order's number,
+        as the caller says it.
+    :param bool rush: Whether to hurry.
+    :returns: The order, and no next node.
+    """
+    return {}, None
+
+
+async def numpy_style(flow_manager: Any, order_id: str, rush: bool = False) -> Any:
+    """Look an order up.
+
+    Parameters
+    ----------
+    order_id : str
+        The order's number,
+        as the caller says it.
+    rush : bool
+        Whether to hurry.
+
+    Returns
+    -------
+    tuple
+        The order, and no next node.
+    """
+    return {}, None
+
+
+async def google_params(flow_manager: Any, order_id: str, rush: bool = False) -> Any:
+    """Look an order up.
+
+    Params:
+        order_id: The order's number,
+            as the caller says it.
+        rush: Whether to hurry.
+    """
+    return {}, None
+
+
+@pytest.mark.parametrize("fn", [check_order, rest_style, numpy_style, google_params])
+def test_a_direct_functions_docstring_is_read_in_the_styles_pipecat_reads(fn: Any) -> None:
+    """Google, reST and NumPy style, as Pipecat's docstring parser reads them: the description
+    is what comes before the parameters, each parameter gets its own."""
+    [parsed] = parse_node(node() | {"functions": [fn]}).functions
+    assert parsed.description == "Look an order up."
+    assert parsed.properties == {
+        "order_id": {"type": "string", "description": "The order's number, as the caller says it."},
+        "rush": {"type": "boolean", "description": "Whether to hurry."},
+    }
