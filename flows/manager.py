@@ -240,6 +240,11 @@ class FlowManager:
             shared = [f for f in self.global_functions if f.name not in own]
             config = replace(config, functions=[*shared, *config.functions])
         for function in config.functions:  # refused now, not when the LLM calls it
+            if function.handler is None and function.transition_to is None:
+                where = f"functions.{function.name}"
+                raise InvalidNodeFunctionError(
+                    config.name, where, "no handler and no transition_to"
+                )
             nodes = self.flow.nodes if self.flow else {}
             for target in (t for t in function.targets() if t not in nodes):
                 problem = f"transition_to {target!r} is not a node of the manager's flow"

@@ -479,9 +479,17 @@ async def test_global_functions_are_offered_once_each(bus: Bus, tmp_path: Path) 
         load_flow(path, handlers=Handlers)
 
 
-@pytest.mark.parametrize("with_flow", [False, True], ids=["no-flow", "not-in-flow"])
-async def test_a_transition_to_no_node_of_the_managers_flow_is_refused_at_node_entry(
-    bus: Bus, tmp_path: Path, with_flow: bool
+@pytest.mark.parametrize(
+    ("with_flow", "leave", "says"),
+    [
+        (False, {"transition_to": "dessert"}, "transition_to 'dessert' needs a FlowManager"),
+        (True, {"transition_to": "dessert"}, "transition_to 'dessert' is not a node of the"),
+        (True, {}, "no handler and no transition_to"),
+    ],
+    ids=["no-flow", "not-in-flow", "neither"],
+)
+async def test_a_function_that_cannot_work_is_refused_at_node_entry(
+    bus: Bus, tmp_path: Path, with_flow: bool, leave: dict[str, Any], says: str
 ) -> None:
     """Not accepted, to fail only when the LLM calls the function."""
     path = tmp_path / "flow.yaml"
@@ -490,14 +498,14 @@ async def test_a_transition_to_no_node_of_the_managers_flow_is_refused_at_node_e
     entered = {
         "name": "help",
         "task_messages": [{"role": "developer", "content": "Help."}],
-        "functions": [{"name": "leave", "description": "Leave.", "transition_to": "dessert"}],
+        "functions": [{"name": "leave", "description": "Leave."} | leave],
     }
     llm = ScriptedLLM({"help": [LLMResponse(function_calls=[FunctionCall("leave")])]})
     async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
         with pytest.raises(FlowError) as raised:
             await fm.initialize(entered)
     assert isinstance(raised.value.__cause__, InvalidNodeError)
-    assert "node 'help', key 'functions.leave': transition_to 'dessert'" in str(raised.value)
+    assert f"node 'help', key 'functions.leave': {says}" in str(raised.value)
     assert llm.calls == []
 
 
