@@ -108,6 +108,7 @@ class Bus:
             else:
                 bus._publisher = Publisher(settings)
             try:
+                await bus.check_partitions()
                 yield bus
             finally:
                 if bus._publisher is not None:
@@ -325,6 +326,25 @@ class Bus:
         end = partial(scripts.END, self.redis, [self.keys.session(session)], args)
         outcome: Any = await call("end_session", end, self.settings, session)
         return str(outcome.decode())
+
+    async def check_partitions(self, *, record: bool = False) -> None:
+        """Raise `ConfigError` if the deployment's partition count (`Keys.deployment`) is not
+        ours: with another, sessions map to other keys, and the events published under them
+        would go unhandled. With `record` (a worker's start), ours is recorded if none is."""
+        key, ours = self.keys.deployment(), self.settings.partitions
+
+        async def read() -> Any:
+            if record:
+                await self.redis.hsetnx(key, "partitions", ours)
+            return await self.redis.hget(key, "partitions")
+
+        recorded = await call("checking the partitions", read, self.settings)
+        if recorded is not None and int(recorded) != ours:
+            raise ConfigError(
+                f"partitions is {ours}, but the deployment of prefix {self.settings.prefix!r} "
+                f"has {int(recorded)} ({key}): every client and worker of a deployment must "
+                "use the same (FLOWBUS_PARTITIONS, --partitions)"
+            )
 
     async def services(self, *, fresh: bool = False) -> list[ServiceInfo]:
         """Services registered in this deployment, sorted by name (cached for `SERVICES_TTL`

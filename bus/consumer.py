@@ -272,6 +272,7 @@ class Consumer:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Join the group and handle events until `stop()`; then drain and leave."""
+        await self.bus.check_partitions(record=True)
         await self.bus.register_service(self._info)
         tick = self.settings.lease_ttl_seconds / 5
         async with anyio.create_task_group() as tg:

@@ -135,6 +135,11 @@ class Keys:
         """Hash service name -> JSON of the services that run in this deployment."""
         return f"{self.prefix}:services"
 
+    def deployment(self) -> str:
+        """Hash of the deployment's fixed settings: ``partitions``, recorded by its first
+        worker and checked by every client (`Bus.check_partitions`)."""
+        return f"{self.prefix}:deployment"
+
     def members(self, group: str) -> str:
         """Sorted set of the group's live workers, scored by heartbeat expiry (ms)."""
         return f"{self.prefix}:members:{group}"

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from bus import (
     Bus,
     Codec,
+    ConfigError,
     Consumer,
     Delivery,
     FencedError,
@@ -1050,3 +1051,22 @@ async def test_a_stale_owner_cannot_write_the_sessions_shared_state_either(bus: 
     with pytest.raises(FencedError, match="lost partition"):  # its leases were released
         await deliveries[-1].write_session_state({"flow.step": b'"stale"'})
     assert (await bus.read_state("call-1"))["flow.step"] == b'"newer"'
+
+
+async def test_a_client_or_worker_given_another_partition_count_than_the_deployments_is_refused(
+    bus: Bus, settings: Settings
+) -> None:
+    """With another count a session maps to other keys: its events would go unhandled."""
+    other = msgspec.structs.replace(settings, partitions=settings.partitions * 2)
+    async with Bus.connect(other):  # nothing recorded yet: no worker has started
+        pass
+    async with running(bus, Service("svc", _ignore, Codec([Tick]))):
+        pass
+    assert await raw(bus).hget(bus.keys.deployment(), "partitions") == b"64"
+    with pytest.raises(ConfigError, match="partitions is 128, but the deployment .* has 64"):
+        async with Bus.connect(other):
+            pass
+    async with Bus.connect(settings):  # the same count
+        pass
+    with pytest.raises(ConfigError, match="has 64"):
+        await Consumer(Bus(bus.redis, other), Service("svc", _ignore, Codec([Tick]))).run()
