@@ -148,10 +148,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Read ``FLOWBUS_<FIELD>`` variables (e.g. ``FLOWBUS_REDIS_URL``, ``FLOWBUS_PREFIX``).
 
         Explicit keyword overrides win over the environment; `None` overrides are ignored.
-        Raises `ConfigError` for a value of the wrong type.
+        Raises `ConfigError` for a value of the wrong type or out of range, naming the
+        variable that holds it.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
+        variables: dict[str, str] = {}  # field -> the variable its value came from
         for field in msgspec.structs.fields(cls):
             name = "FLOWBUS_REDIS_URL" if field.name == "url" else f"FLOWBUS_{field.name.upper()}"
             if name in env:
@@ -160,11 +162,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 except msgspec.ValidationError:
                     wanted = _wanted(field.type)
                     raise ConfigError(f"{name}={env[name]!r}: must be {wanted}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                variables[field.name] = name
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
         try:
             return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"invalid setting: {exc}") from None
+        except ConfigError:
+            # Name the variable when one is wrong on its own (the message has its value,
+            # and a URL's password stays hidden).
+            for field_name, name in variables.items():
+                if field_name not in given:
+                    try:
+                        cls(**{field_name: values[field_name]})  # type: ignore[arg-type]  # its field's type, converted above
+                    except ConfigError as exc:
+                        raise ConfigError(f"{name}: {exc}") from None
+            raise
 
     @property
     def redacted_url(self) -> str:

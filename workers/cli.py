@@ -207,7 +207,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     try:
         return Settings.from_env(None, url=args.redis_url, **values)
     except ConfigError as exc:
-        field = re.search(r"\$\.(\w+)|^FLOWBUS_(\w+)=|^(\w+) must", str(exc))
+        field = re.search(r"\$\.(\w+)|^FLOWBUS_(\w+)[=:]|^(\w+) must", str(exc))
         name = field and (field[1] or (field[2] or "").lower() or field[3])
         if name in OPTIONS:
             raise ConfigError(f"{exc} (set by {OPTIONS[name]})") from None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 import pytest
 
 from bus import Codec, ConfigError, Delivery, Service, Settings
@@ -43,6 +44,49 @@ def test_environment_variables_fill_the_settings_and_explicit_values_win() -> No
 def test_bad_values_are_config_errors_naming_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+#: A value each variable refuses, whatever the other settings are.
+BAD_VALUES = {
+    "FLOWBUS_REDIS_URL": "redis://app:s3cret@h:6379/zero",
+    "FLOWBUS_CLUSTER": "yes",
+    "FLOWBUS_PREFIX": "has space",
+    "FLOWBUS_PARTITIONS": "0",
+    "FLOWBUS_RETENTION_SECONDS": "0",
+    "FLOWBUS_MAX_PAYLOAD_BYTES": "0",
+    "FLOWBUS_LEASE_TTL_SECONDS": "0.01",
+    "FLOWBUS_MAX_DELIVERIES": "0",
+    "FLOWBUS_RETRY_BACKOFF_SECONDS": "-1",
+    "FLOWBUS_RETRY_BACKOFF_MAX_SECONDS": "-1",
+    "FLOWBUS_DEAD_LETTER_POLICY": "drop",
+    "FLOWBUS_HANDLER_TIMEOUT_SECONDS": "0",
+    "FLOWBUS_CONCURRENCY": "0",
+    "FLOWBUS_READ_BATCH": "0",
+    "FLOWBUS_ACK_MODE": "never",
+    "FLOWBUS_DRAIN_TIMEOUT_SECONDS": "1e12",
+    "FLOWBUS_MIN_REPLICAS": "-1",
+    "FLOWBUS_REPLICA_TIMEOUT_SECONDS": "0",
+}
+
+
+def test_every_variable_has_a_bad_value_below() -> None:
+    names = {
+        "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
+        for f in msgspec.structs.fields(Settings)
+    }
+    assert names == BAD_VALUES.keys()
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES.items(), ids=list(BAD_VALUES))
+def test_a_bad_value_of_any_variable_is_refused_naming_the_variable(name: str, value: str) -> None:
+    """An operator reads which variable to change, not only a field's name."""
+    with pytest.raises(ConfigError, match=rf"^{name}\b") as refused:
+        Settings.from_env({name: value})
+    assert "s3cret" not in str(refused.value)  # a URL's password never shows
+
+
+def test_a_bad_variable_that_an_explicit_value_overrides_is_not_used() -> None:
+    assert Settings.from_env({"FLOWBUS_PARTITIONS": "0"}, partitions=8).partitions == 8
 
 
 def test_ack_mode_is_each_unless_batch_is_asked_for() -> None:

@@ -132,6 +132,8 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         ([], {"FLOWBUS_CONNECT_ATTEMPTS": "0"}, "FLOWBUS_CONNECT_ATTEMPTS) must be at least 1"),
         (["--worker-id", "w 1"], {}, "--worker-id: invalid worker id 'w 1': whitespace"),
         (["--worker-id", ""], {}, "--worker-id: invalid worker id: it is empty"),
+        ([], {"FLOWBUS_HANDLER_TIMEOUT_SECONDS": "0"}, "FLOWBUS_HANDLER_TIMEOUT_SECONDS: handler"),
+        ([], {"FLOWBUS_PREFIX": "a b"}, "FLOWBUS_PREFIX: prefix 'a b' must match"),
     ],
     ids=[
         "partitions",
@@ -151,6 +153,8 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
         "env-connect-attempts",
         "worker-id",
         "worker-id-empty",
+        "env-handler-timeout",
+        "env-prefix",
     ],
 )
 def test_a_worker_given_a_bad_option_says_which(
