@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -59,9 +60,20 @@ def load_service(target: str) -> Service:
     return obj
 
 
+#: Where `importlib.import_module` runs, a frame of every failed import.
+_IMPORTLIB = str(Path(importlib.__file__).parent) + os.sep
+
+
 def _where(exc: Exception) -> str:
-    """``Type: message (file, line N)`` of the user's code that raised `exc`."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    """``Type: message (file, line N)`` of the user's code that raised `exc`: the innermost
+    frame that is neither Python's import machinery nor a frozen module (``os.environ``) nor
+    this loader (a factory called with the wrong arguments). A `SyntaxError` names its place
+    in its message."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<frozen ", _IMPORTLIB)) and f.filename != __file__
+    ]
     last = frames[-1] if frames else None
     place = f" ({last.filename}, line {last.lineno})" if last else ""
     return f"{type(exc).__name__}: {exc}{place}"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 import redis
@@ -110,6 +111,40 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
     settings: Settings, target: str, says: str
 ) -> None:
     assert_fails_clearly(flowbus("worker", target, env=settings_env(settings)), 2, says)
+
+
+@pytest.mark.parametrize(
+    ("code", "target", "says"),
+    [
+        (
+            'import os\n\nKEY = os.environ["FLOWBUS_TEST_UNSET_KEY"]\n',
+            "user_app:service",
+            "raised KeyError: 'FLOWBUS_TEST_UNSET_KEY' (%s, line 3)",
+        ),
+        (
+            "service = (\n",
+            "user_app:service",
+            "raised SyntaxError: '(' was never closed (user_app.py",
+        ),
+        (
+            "def make(name):\n    return name\n",
+            "user_app:make",
+            "raised TypeError: make() missing 1 required positional argument: 'name'",
+        ),
+    ],
+    ids=["missing-variable", "syntax-error", "factory-arguments"],
+)
+def test_a_worker_whose_app_fails_to_load_points_at_the_apps_code_not_python_or_flowbus(
+    tmp_path: Path, settings: Settings, code: str, target: str, says: str
+) -> None:
+    """Where the failure is, in the user's file, not in Python's import machinery (`<frozen
+    os>`) or in flowbus's loader."""
+    (tmp_path / "user_app.py").write_text(code)
+    env = {**settings_env(settings), "PYTHONPATH": str(tmp_path)}
+    done = flowbus("worker", target, env=env)
+    assert_fails_clearly(done, 2, says.replace("%s", str(tmp_path / "user_app.py")))
+    for elsewhere in ("<frozen", "importlib", "workers/app.py"):
+        assert elsewhere not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
