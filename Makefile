@@ -6,8 +6,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-valkey lint bench soak instructions clean
 
+# flowbus needs Python 3.11 or later (pip on an older one back-tracks for minutes, then fails).
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
+
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -c '$(NEW_ENOUGH)' 2>/dev/null || { \
+	  echo "flowbus needs Python 3.11 or later ($(PYTHON) -V: $$($(PYTHON) -V 2>&1))." \
+	    "Name another: make $(or $(MAKECMDGOALS),demo) PYTHON=python3.12" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c '$(NEW_ENOUGH)' || { \
+	  echo "flowbus needs Python 3.11 or later, and $(VENV) has $$($(BIN)/python -V 2>&1):" \
+	    "make clean, then make $(or $(MAKECMDGOALS),demo) PYTHON=python3.12" >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
