@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -20,8 +21,9 @@ def load_service(target: str) -> Service:
 
     The attribute may be a `Service`, an object with an ``as_service()`` method (a
     `flows.ActionService` or `flows.EventService`), or a callable with no arguments returning
-    either. The current directory is importable, as with ``python -m``. Every failure, the
-    user's own code raising included, is an `AppLoadError` saying where it happened.
+    either (not an async one). The current directory is importable, as with ``python -m``.
+    Every failure, the user's own code raising included, is an `AppLoadError` saying where it
+    happened.
     """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -44,6 +46,11 @@ def load_service(target: str) -> Service:
             known = ", ".join(n for n in dir(obj) if not n.startswith("_"))[:200]
             raise AppLoadError(f"{module_name!r} has no attribute {attr!r} (it has: {known})")
         obj = getattr(obj, part)
+    if inspect.iscoroutinefunction(obj):
+        raise AppLoadError(
+            f"{target} is an async function: the worker calls it before its event loop runs; "
+            "make it a plain def returning the service"
+        )
     try:
         if callable(obj) and not isinstance(obj, Service) and not hasattr(obj, "as_service"):
             obj = obj()

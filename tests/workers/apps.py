@@ -53,6 +53,11 @@ def make_steps() -> Service:
     return steps
 
 
+async def make_steps_later() -> Service:
+    """An async factory, which `flowbus worker` cannot call before its event loop runs."""
+    return steps
+
+
 async def handle_stuck(delivery: Delivery) -> None:
     """Record the step, then hang (a handler no drain outlasts)."""
     await redis.rpush(records_key(SETTINGS.prefix, "stuck"), str(delivery.seq))

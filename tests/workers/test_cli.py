@@ -95,6 +95,7 @@ def test_a_worker_told_of_a_cluster_retries_one_unreachable_and_refuses_a_single
         ("tests.workers.nothing_here:app", "cannot import module 'tests.workers.nothing_here'"),
         ("tests.workers.apps:missing", "has no attribute 'missing' (it has: "),
         ("tests.workers.apps:not_a_service", "is a dict, not a flowbus Service"),
+        ("tests.workers.apps:make_steps_later", "make_steps_later is an async function"),
         (
             "tests.workers.broken_app:app",
             "importing 'tests.workers.broken_app' raised RuntimeError: the CRM credentials are "
@@ -105,7 +106,15 @@ def test_a_worker_told_of_a_cluster_retries_one_unreachable_and_refuses_a_single
             "importing 'tests.workers.sdk_app' failed: No module named 'tests.workers.sdk'",
         ),
     ],
-    ids=["no-colon", "no-module", "no-attribute", "not-a-service", "import-raises", "dependency"],
+    ids=[
+        "no-colon",
+        "no-module",
+        "no-attribute",
+        "not-a-service",
+        "async-factory",
+        "import-raises",
+        "dependency",
+    ],
 )
 def test_a_worker_given_a_bad_target_says_what_is_wrong(
     settings: Settings, target: str, says: str
