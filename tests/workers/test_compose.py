@@ -4,6 +4,7 @@ only commands, services and variables flowbus has."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,16 @@ def test_the_image_installs_the_packages_compose_runs() -> None:
     for package in ("bus", "flows", "workers"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert "pip install ." in dockerfile and "USER " in dockerfile
+
+
+def test_the_build_context_leaves_out_the_venv_and_keeps_what_the_image_copies() -> None:
+    """``docker compose up --build`` after ``make demo`` would send the .venv too."""
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".git", "**/__pycache__"} <= ignored
+    copied = re.findall(r"^COPY (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    for source in " ".join(copied).split():
+        assert source not in ignored and (ROOT / source).exists(), source
