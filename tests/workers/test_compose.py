@@ -54,6 +54,7 @@ def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist
         assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
         assert set(service["environment"]) <= settings_variables | set(ENVIRONMENT), name
         assert service["build"]["context"] == str(ROOT) and (ROOT / "Dockerfile").exists()
+        assert service["init"] is True, name  # signals reach flowbus before it handles them
         if args.command == "worker":
             assert load_service(args.target).name == name  # the group is named as the service
             assert "container_name" not in service and "ports" not in service  # scalable
