@@ -39,7 +39,7 @@ def load_service(target: str) -> Service:
                 f"and the installed packages were searched)"
             ) from None
         raise AppLoadError(f"importing {module_name!r} failed: {exc}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a script's sys.exit() on import is no service
         raise AppLoadError(f"importing {module_name!r} raised {_where(exc)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -57,7 +57,7 @@ def load_service(target: str) -> Service:
         as_service = getattr(obj, "as_service", None)
         if callable(as_service):
             obj = as_service()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise AppLoadError(f"making the service {target} raised {_where(exc)}") from None
     if not isinstance(obj, Service):
         raise AppLoadError(
@@ -71,7 +71,7 @@ def load_service(target: str) -> Service:
 _IMPORTLIB = str(Path(importlib.__file__).parent) + os.sep
 
 
-def _where(exc: Exception) -> str:
+def _where(exc: BaseException) -> str:
     """``Type: message (file, line N)`` of the user's code that raised `exc`: the innermost
     frame that is neither Python's import machinery nor a frozen module (``os.environ``) nor
     this loader (a factory called with the wrong arguments). A `SyntaxError` names its place

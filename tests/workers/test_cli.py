@@ -140,8 +140,15 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
             "user_app:make",
             "raised TypeError: make() missing 1 required positional argument: 'name'",
         ),
+        # A script's sys.exit run on import: not a worker that exits 0 having run nothing.
+        ("import sys\n\nsys.exit(0)\n", "user_app:service", "raised SystemExit: 0 (%s, line 3)"),
+        (
+            "import sys\n\ndef make():\n    sys.exit('no CRM key')\n",
+            "user_app:make",
+            "making the service user_app:make raised SystemExit: no CRM key (%s, line 4)",
+        ),
     ],
-    ids=["missing-variable", "syntax-error", "factory-arguments"],
+    ids=["missing-variable", "syntax-error", "factory-arguments", "exit-0", "factory-exit"],
 )
 def test_a_worker_whose_app_fails_to_load_points_at_the_apps_code_not_python_or_flowbus(
     tmp_path: Path, settings: Settings, code: str, target: str, says: str
