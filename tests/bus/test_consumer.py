@@ -1063,7 +1063,7 @@ async def test_a_client_or_worker_given_another_partition_count_than_the_deploym
     async with running(bus, Service("svc", _ignore, Codec([Tick]))):
         pass
     assert await raw(bus).hget(bus.keys.deployment(), "partitions") == b"64"
-    with pytest.raises(ConfigError, match="partitions is 128, but the deployment .* has 64"):
+    with pytest.raises(ConfigError, match=r"partitions is 128, but the deployment .* has 64"):
         async with Bus.connect(other):
             pass
     async with Bus.connect(settings):  # the same count
