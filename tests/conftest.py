@@ -27,6 +27,11 @@ def anyio_backend() -> str:
 #: The server kind of this test session.
 KIND: ServerKind = os.environ.get("FLOWBUS_TEST_SERVER", "auto")  # type: ignore[assignment]  # checked by server_binary
 
+# The deployment's settings of the caller's shell (an exported FLOWBUS_ACK_MODE=batch, say)
+# are not the tests': each test gives its settings, and its worker processes get them.
+for _name in [n for n in os.environ if n.startswith("FLOWBUS_") and n != "FLOWBUS_TEST_SERVER"]:
+    del os.environ[_name]
+
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LocalServer]:
