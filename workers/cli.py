@@ -10,10 +10,11 @@ refusing us, a demo that found a problem, a dead letter that cannot be replayed)
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -428,7 +429,24 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A line for each ``FLOWBUS_*`` variable in `env` that nothing reads (a misspelt one
+    would be ignored without a word), with the name it may have meant."""
+    known = {
+        "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
+        for f in msgspec.structs.fields(Settings)
+    } | {*ENVIRONMENT, "FLOWBUS_TEST_SERVER"}
+    lines = []
+    for name in sorted(n for n in env if n.startswith("FLOWBUS_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        meant = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"flowbus: {name} is not a flowbus variable, and is ignored{meant}")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for line in _unknown_variables(os.environ):
+        print(line, file=sys.stderr)
     args = parser().parse_args(argv)
     try:
         if args.log_level not in LOG_LEVELS:

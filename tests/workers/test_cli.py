@@ -370,3 +370,15 @@ def test_a_worker_given_a_duration_the_server_cannot_take_refuses_to_start(
         timeout=30,
     )
     assert_fails_clearly(done, 2, says)
+
+
+def test_a_misspelt_variable_is_named_with_what_it_may_have_meant() -> None:
+    done = flowbus("inspect", "--help", env={"FLOWBUS_LEASE_TTL": "2", "FLOWBUS_PREFIXX": "a"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "flowbus: FLOWBUS_LEASE_TTL is not a flowbus variable, and is ignored "
+        "(did you mean FLOWBUS_LEASE_TTL_SECONDS?)",
+        "flowbus: FLOWBUS_PREFIXX is not a flowbus variable, and is ignored "
+        "(did you mean FLOWBUS_PREFIX?)",
+    ]
+    assert flowbus("inspect", "--help", env={"FLOWBUS_PREFIX": "a"}).stderr == ""
