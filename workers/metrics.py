@@ -101,6 +101,12 @@ class Metrics:
             timeout = REQUEST_TIMEOUT_SECONDS
 
             def do_GET(self) -> None:
+                self._answer(body_too=True)
+
+            def do_HEAD(self) -> None:  # a load balancer's health check, say
+                self._answer(body_too=False)
+
+            def _answer(self, *, body_too: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     status, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
@@ -114,7 +120,8 @@ class Metrics:
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if body_too:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # no access log on stderr, where the worker's own log goes
@@ -129,12 +136,16 @@ class Metrics:
         """Refresh the consumer's figures every `REFRESH_SECONDS` until cancelled."""
         self.snapshot.lease_ttl = bus.settings.lease_ttl_seconds
         self.snapshot.renewed_ago = lambda: consumer.renewed_ago  # read live, not refreshed
+        failing = False
         while True:
             partitions = consumer.partitions
             try:
                 lag = await lag_of(bus, consumer.service.name, partitions)
-            except Exception:  # a metric is not worth a crash; the next round tries again
-                lag = self.snapshot.lag
+                failing = False
+            except Exception as exc:  # a metric is not worth a crash; the next round tries again
+                if not failing:  # said once while it goes on failing: the gauge keeps its value
+                    log.warning("lag_read_failed", error=f"{type(exc).__name__}: {exc}")
+                failing, lag = True, self.snapshot.lag
             self.snapshot.update(consumer.stats, len(partitions), lag)
             await anyio.sleep(REFRESH_SECONDS)
 

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import anyio
 import pytest
@@ -160,8 +161,38 @@ def test_healthz_says_whether_the_loop_refreshes_and_the_leases_are_renewed() ->
         assert fetch(port, "/healthz")[0] == 503
         assert fetch(port, "/")[0] == 404
         assert fetch(port, "/metrics")[0] == 200
+        head = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="HEAD")
+        with urllib.request.urlopen(head, timeout=5) as page:  # it was 501
+            assert page.status == 200 and page.read() == b""
     finally:
         server.shutdown()
+
+
+async def test_a_lag_that_cannot_be_read_is_said_once_and_the_gauge_keeps_its_value(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics, rounds = Metrics("svc"), []
+
+    async def unreadable(*args: Any) -> int:
+        rounds.append(1)
+        if len(rounds) == 1:
+            return 7
+        raise RuntimeError("the server said no")
+
+    monkeypatch.setattr(metrics_module, "lag_of", unreadable)
+    monkeypatch.setattr(metrics_module, "REFRESH_SECONDS", 0.01)
+    async with running(bus, Service("svc", _nothing, Codec([Step]))) as consumer:
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(metrics.follow, consumer, bus)
+                await wait_for(lambda: len(rounds) > 5, what="several failed rounds")
+                tg.cancel_scope.cancel()
+    assert [e["event"] for e in logs if e["event"] == "lag_read_failed"] == ["lag_read_failed"]
+    assert metrics.snapshot.lag == 7
+
+
+async def _nothing(d: Delivery) -> None:
+    pass
 
 
 def test_the_metrics_server_closes_a_connection_that_sends_no_request(
