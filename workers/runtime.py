@@ -128,20 +128,24 @@ async def serve(
     http = (
         metrics.serve(metrics_port, metrics_host) if metrics and metrics_port is not None else None
     )
+    running: list[Consumer] = []  # the consumer, once connected
     try:
-        async with Bus.connect(settings, attempts=connect_attempts) as bus:
-            consumer = Consumer(
-                bus, accept_replays(instrument(service, metrics)), worker_id=worker_id
-            )
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_on_signals, consumer, tg.cancel_scope, hard_stop)
+        async with anyio.create_task_group() as tg:
+            # From the start: a signal while connecting stops at once (as PID 1 in a
+            # container, a process without a handler would not even hear SIGTERM).
+            tg.start_soon(_on_signals, running, tg.cancel_scope, hard_stop)
+            async with Bus.connect(settings, attempts=connect_attempts) as bus:
+                consumer = Consumer(
+                    bus, accept_replays(instrument(service, metrics)), worker_id=worker_id
+                )
+                running.append(consumer)
                 if metrics is not None:
                     tg.start_soon(metrics.follow, consumer, bus)
                     assert http is not None
                     port = http.server_address[1]
                     log.info("metrics_served", port=port, host=metrics_host, paths=PATHS)
                 await consumer.run()
-                tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
     finally:
         if http is not None:
             http.shutdown()
@@ -153,9 +157,17 @@ async def serve(
 HARD_STOP_SECONDS = 3.0
 
 
-async def _on_signals(consumer: Consumer, scope: anyio.CancelScope, hard_stop: list[int]) -> None:
+async def _on_signals(
+    running: list[Consumer], scope: anyio.CancelScope, hard_stop: list[int]
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
+            if not running:  # still connecting: nothing to drain
+                log.info("worker_stopped_connecting", signal=signal.Signals(signum).name)
+                hard_stop.append(signum)
+                scope.cancel()
+                return
+            consumer = running[0]
             if consumer.stopping:
                 log.warning("worker_stopped_hard", signal=signal.Signals(signum).name)
                 hard_stop.append(signum)

@@ -7,10 +7,12 @@ import argparse
 import http.server
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -382,3 +384,29 @@ def test_a_misspelt_variable_is_named_with_what_it_may_have_meant() -> None:
         "(did you mean FLOWBUS_PREFIX?)",
     ]
     assert flowbus("inspect", "--help", env={"FLOWBUS_PREFIX": "a"}).stderr == ""
+
+
+def test_a_worker_still_connecting_stops_at_a_signal_with_its_status(tmp_path: Path) -> None:
+    """It listens for signals from the start: as PID 1 in a container a process with no
+    handler would not even hear SIGTERM, and `docker compose stop` waited out its grace."""
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there: it retries
+    options = ["--redis-url", url, "--connect-attempts", "1000", "--log-format", "json"]
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "worker", "tests.workers.apps:steps", *options],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"connect_retried" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)  # polls the log; the condition is the line above
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM  # not killed by it (-15)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert b"worker_stopped_connecting" in log.read_bytes()
