@@ -321,10 +321,13 @@ class Consumer:
         return bool(desired - self._parts.keys())
 
     async def _acquire(self, partitions: list[int], members: int) -> None:
-        """Take the leases of `partitions` that are free, and start handling those."""
+        """Take the leases of `partitions` that are free, and start handling those. A stop
+        meanwhile waits for the reply (at most `_within`), and the leases are given back:
+        cut short, the server would hold them for nobody until their TTL ran out."""
         try:
             asked = time.monotonic()
-            tokens = await self._leases.acquire(partitions, within=self._within)
+            with anyio.CancelScope(shield=True):
+                tokens = await self._leases.acquire(partitions, within=self._within)
         except (*TRANSIENT, ResponseError, TimeoutError) as exc:
             self._log.warning("acquire_failed", error=str(exc) or type(exc).__name__)
             return
@@ -332,9 +335,10 @@ class Consumer:
             self._acquiring = False
         assert self._tg is not None
         if self._stop.is_set():  # taken as the drain began: the next owner may have them
-            for p, token in tokens.items():
-                with contextlib.suppress(*TRANSIENT, ResponseError):
-                    await self._leases.release(p, token)
+            with anyio.move_on_after(2, shield=True):
+                for p, token in tokens.items():
+                    with contextlib.suppress(*TRANSIENT, ResponseError):
+                        await self._leases.release(p, token)
             return
         group, count = self.service.name, self.settings.read_batch
         for p, token in tokens.items():

@@ -1070,3 +1070,43 @@ async def test_a_client_or_worker_given_another_partition_count_than_the_deploym
         pass
     with pytest.raises(ConfigError, match="has 64"):
         await Consumer(Bus(bus.redis, other), Service("svc", _ignore, Codec([Tick]))).run()
+
+
+async def test_a_stop_while_a_lease_is_being_taken_gives_it_back(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases are taken in the background: a stop that comes before the reply waits for it
+    and gives back what was taken. (The stop cancelled the taking, and the server held the
+    lease for nobody until its TTL ran out: the next owner waited that long.)"""
+    settings = make_settings(server.url, lease_ttl_seconds=30.0, partitions=4)
+    async with Bus.connect(settings) as bus:
+        p, lease = 2, bus.keys.lease(2, "svc")
+        other = Leases(bus.redis, bus.keys, "svc", "other", ttl_ms=60_000)
+        [token] = (await other.acquire([p])).values()  # so the start leaves it to take
+        consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])))
+        acquire, heartbeat = consumer._leases.acquire, consumer._leases.heartbeat
+        taken, reply = anyio.Event(), anyio.Event()
+
+        async def answered_late(partitions: list[int], **kwargs: Any) -> dict[int, str]:
+            tokens = await acquire(partitions, **kwargs)
+            if tokens:  # the server took it; its reply is still on its way
+                taken.set()
+                await reply.wait()
+            return tokens
+
+        async def leave(*, leave: bool = False) -> list[str]:
+            members = await heartbeat(leave=leave)
+            if leave:  # the reply comes just after the worker left its group
+                asyncio.get_running_loop().call_soon(reply.set)
+            return members
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer.run)
+                assert consumer.partitions == [0, 1, 3]
+                monkeypatch.setattr(consumer._leases, "acquire", answered_late)
+                monkeypatch.setattr(consumer._leases, "heartbeat", leave)
+                await other.release(p, token)
+                await taken.wait()
+                consumer.stop()
+        assert await raw(bus).get(lease) is None
