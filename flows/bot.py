@@ -91,19 +91,26 @@ class BotSession:
         return await self.bus.publish(self.session, payload, final=final, extra=extra)
 
     async def request(
-        self, payload: Payload, *, done_when: ReplyCheck, wait: float
+        self,
+        payload: Payload,
+        *,
+        done_when: ReplyCheck,
+        wait: float,
+        sent: anyio.Event | None = None,
     ) -> list[Message]:
         """Publish `payload` asking for replies; return them once `done_when(replies)` holds
         or `wait` seconds have passed, whichever is first: the publish's retries (the server
         out of reach) count towards `wait`, and a publish cut short by it may or may not have
-        reached the server. Never raises for a timeout: the caller sees which replies are
-        missing."""
+        reached the server (`sent` is set once the server confirmed it). Never raises for a
+        timeout: the caller sees which replies are missing."""
         corr = secrets.token_hex(8)
         waiter = self._waiters[corr] = _Waiter(done_when)
         try:
             extra = {"reply_to": self.bus.keys.inbox(self.session), "corr": corr}
             with anyio.move_on_after(wait):
                 await self.publish(payload, extra=extra)
+                if sent is not None:
+                    sent.set()
                 if not done_when([]):  # else no reply is awaited (a sync event nobody handles)
                     await waiter.done.wait()
         finally:

@@ -25,8 +25,9 @@ log = structlog.get_logger("flowbus.events")
 class SyncOutcome:
     """What the services subscribed to a sync event said: each one's handler errors (empty when
     all succeeded), and the services that had not finished when the wait timed out. Not
-    `published` if the server did not answer the look-up of the subscribed services in time:
-    the event was not sent."""
+    `published` if the server did not confirm the publish in time: it did not answer the
+    look-up of the subscribed services (the event was not sent), or the publish itself (it
+    may or may not have reached the server)."""
 
     event: str
     errors: dict[str, list[str]]
@@ -101,11 +102,21 @@ class Events:
         def all_replied(replies: list[Message]) -> bool:
             return set(services) <= {_outcome(r).service for r in replies}
 
-        wait = max(0.0, deadline - anyio.current_time())
-        replies = await self.bot.request(payload, done_when=all_replied, wait=wait)
+        wait, sent = max(0.0, deadline - anyio.current_time()), anyio.Event()
+        replies = await self.bot.request(payload, done_when=all_replied, wait=wait, sent=sent)
         errors = {o.service: o.errors for o in map(_outcome, replies)}
-        outcome = SyncOutcome(name, errors, sorted(set(services) - errors.keys()))
-        if outcome.timed_out:
+        timed_out = sorted(set(services) - errors.keys())
+        outcome = SyncOutcome(name, errors, timed_out, published=sent.is_set())
+        if not outcome.published:
+            log.warning(
+                "sync_event_not_published",
+                session=self.bot.session,
+                event_name=name,
+                reason="the server did not confirm its publish in time",
+                services=outcome.timed_out,
+                timeout=self.sync_timeout,
+            )
+        elif outcome.timed_out:
             log.warning(
                 "sync_event_timed_out",
                 session=self.bot.session,

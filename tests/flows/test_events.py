@@ -172,6 +172,24 @@ async def test_a_sync_event_waits_no_longer_than_its_timeout_for_a_server_that_d
         assert outcome is not None and not outcome.published and not outcome.ok
 
 
+async def test_a_sync_event_whose_publish_did_not_go_through_in_time_is_not_reported_ok(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No service handles it, so no reply is awaited; but its publish never finished: the
+    event is not in the session's history, and the outcome says so (it said ok)."""
+
+    async def no_answer(*args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep_forever()  # as a publish retrying against a server out of reach
+
+    async with BotSession.open(bus, "call-1") as bot:
+        monkeypatch.setattr(bot, "publish", no_answer)
+        with anyio.fail_after(60):
+            outcome = await Events(bot, sync_timeout=0.2).emit(DAILY, "on_before_leave")
+    assert outcome is not None and outcome.timed_out == []
+    assert not outcome.published and not outcome.ok
+    assert await bus.history("call-1") == []
+
+
 async def test_a_default_event_returns_before_any_handler_ran(
     bus: Bus, settings: Settings, workers: WorkerProcesses
 ) -> None:
