@@ -55,6 +55,8 @@ SECONDS_PER_CHAR = 0.008
 STAGGER_SECONDS = 0.1
 
 SERVICES = (("actions", "workers.sample:actions", 2), ("crm", "workers.sample:crm", 1))
+#: The commands the demo prints name its partition count only when it is not this one.
+DEFAULT_PARTITIONS = Settings().partitions
 
 
 class DemoError(RuntimeError):
@@ -85,6 +87,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server = None if url else LocalServer("valkey", directory=work / "server", outlive=args.keep)
     fleets: list[Fleet] = []
+    settings: Settings | None = None
     prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
     prefix = prefix or ("flowbus" if server else f"demo-{secrets.token_hex(4)}")
     ok, failed = False, False
@@ -110,7 +113,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             fleet.kill_all()  # only after an error or an interrupt is anything still running
         if server is not None and server.process is not None:
             if options.keep:
-                _print_kept(server, options, prefix)
+                _print_kept(server, options, prefix, settings)
             else:
                 server.stop()
         if failed:
@@ -227,6 +230,8 @@ async def _run_and_check(
         cli, where = f"{cli} -c", f"{where} --cluster"
     if settings.prefix != "flowbus":
         where += f" --prefix {settings.prefix}"
+    if settings.partitions != DEFAULT_PARTITIONS:  # the deployment's: another is refused
+        where += f" --partitions {settings.partitions}"
     return report.Summary(
         ok=(
             in_order == completed == len(sessions)
@@ -344,11 +349,15 @@ def _print_summary(summary: report.Summary, options: _Options, settings: Setting
     sys.stdout.flush()
 
 
-def _print_kept(server: LocalServer, options: _Options, prefix: str) -> None:
+def _print_kept(
+    server: LocalServer, options: _Options, prefix: str, settings: Settings | None
+) -> None:
     assert server.process is not None
     env = f"FLOWBUS_REDIS_URL={server.url}"
     if prefix != "flowbus":
         env += f" FLOWBUS_PREFIX={prefix}"
+    if settings is not None and settings.partitions != DEFAULT_PARTITIONS:
+        env += f" FLOWBUS_PARTITIONS={settings.partitions}"
     text = (
         f"The embedded server keeps running (pid {server.process.pid}, files in "
         f"{server.directory}):\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -109,6 +110,32 @@ async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Setti
         live = [await raw(bus).scard(bus.keys.live(p)) for p in range(64)]
         ended = [await raw(bus).zrange(bus.keys.ended(p), 0, -1) for p in range(64)]
     assert sum(live) == 0 and len([s for e in ended for s in e]) == 2  # both calls retired
+
+
+async def test_the_demos_inspect_command_works_with_the_partition_count_it_was_given(
+    settings: Settings,
+) -> None:
+    """The deployment records its partition count, and a client with another is refused: the
+    command the demo prints names the count it ran with (it was refused with any but 64)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}
+    args = ["--redis-url", settings.url, "--prefix", settings.prefix, "--partitions", "8"]
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "workers", "demo", *args, "--calls", "1", "--json"],
+            cwd=ROOT,
+            env=env,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+    [command] = [c for c in json.loads(done.stdout)["inspect"] if c.startswith("flowbus ")]
+    with anyio.fail_after(60):
+        shown = await anyio.run_process(
+            [sys.executable, "-m", "workers", *shlex.split(command)[1:]],
+            cwd=ROOT,
+            env=env,
+            check=False,
+        )
+    assert shown.returncode == 0, shown.stderr.decode()
 
 
 async def test_the_demo_counts_the_dead_letters_of_its_own_calls_only(settings: Settings) -> None:
