@@ -41,7 +41,7 @@ from .envelope import Codec, DecodeError, Delivery, Entry, Payload
 from .errors import ConfigError, FencedError, NoSuchSessionError
 from .hints import Hints
 from .keys import Keys, check_worker_id
-from .ownership import Leases, Renewal, assign
+from .ownership import Leases, assign
 from .scripts import Arg
 from .settings import NAME_PATTERN
 from .slots import Slots
@@ -365,6 +365,7 @@ class Consumer:
                     found = await self._leases.heartbeat()
                     if await self.bus.register_service(self._info, replace=False, retry=False):
                         self._log.warning("service_registered_again")  # the server lost its data
+                        await self.bus.check_partitions(record=True)  # so is it recorded again
                 members = found
             except (*TRANSIENT, ResponseError, TimeoutError) as exc:
                 self._log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
@@ -372,10 +373,7 @@ class Consumer:
         asked = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(membership)
-            try:
-                renewal = await self._leases.renew(held, within=self._within)
-            except ResponseError as exc:  # a refusal (NOPERM, say): every renewal failed
-                renewal = Renewal(set(), dict.fromkeys(held, exc))
+            renewal = await self._leases.renew(held, within=self._within)
         if renewal.unanswered:
             error = next(iter(renewal.unanswered.values()))
             self._log.warning(

@@ -79,8 +79,9 @@ class Leases:
     async def acquire(
         self, partitions: Iterable[int], *, within: float | None = None
     ) -> dict[int, str]:
-        """Try to take each partition's lease; return the tokens of those we got. Raises if
-        no node answered (those of a cluster that did not are skipped)."""
+        """Try to take each partition's lease; return the tokens of those we got. A lease
+        whose call failed (its node out of reach, a refusal) is skipped, unless every call
+        failed: then the first error is raised."""
         wanted = list(partitions)
         calls: list[scripts.Call] = [
             (
@@ -93,11 +94,11 @@ class Leases:
         replies = await self._per_node(calls, within)
         if replies and all(isinstance(r, Exception) for r in replies):
             raise replies[0]
-        _raise_refusals(replies)
         return {p: r.decode() for p, r in zip(wanted, replies, strict=True) if isinstance(r, bytes)}
 
     async def renew(self, tokens: dict[int, str], *, within: float | None = None) -> Renewal:
-        """Extend our leases; say which we no longer hold, and which got no answer."""
+        """Extend our leases; say which we no longer hold, and which got no answer (or a
+        refusal: one of a slot being migrated, say, fails that lease's renewal alone)."""
         calls: list[scripts.Call] = [
             (
                 scripts.RENEW,
@@ -106,7 +107,7 @@ class Leases:
             )
             for p, token in tokens.items()
         ]
-        replies = _raise_refusals(await self._per_node(calls, within))
+        replies = await self._per_node(calls, within)
         renewal = Renewal(set(), {})
         for p, reply in zip(tokens, replies, strict=True):
             if isinstance(reply, Exception):
@@ -153,11 +154,3 @@ class Leases:
             node = self.redis.nodes_manager.get_node_from_slot(key_slot(key.encode()))
             return None if node is None else node.name
         return None
-
-
-def _raise_refusals(replies: list[Any]) -> list[Any]:
-    """Raise an error reply that is not a node out of reach (a script's refusal, NOPERM)."""
-    for reply in replies:
-        if isinstance(reply, Exception) and not isinstance(reply, (*TRANSIENT, TimeoutError)):
-            raise reply
-    return replies

@@ -1110,3 +1110,15 @@ async def test_a_stop_while_a_lease_is_being_taken_gives_it_back(
                 await taken.wait()
                 consumer.stop()
         assert await raw(bus).get(lease) is None
+
+
+async def test_a_worker_records_the_partition_count_again_when_the_server_lost_it(
+    bus: Bus,
+) -> None:
+    async with running(bus, Service("svc", _ignore, Codec([Tick]))):
+        await raw(bus).delete(bus.keys.services(), bus.keys.deployment())  # a restart, no data
+
+        async def recorded() -> bool:
+            return bool(await raw(bus).hget(bus.keys.deployment(), "partitions") == b"64")
+
+        await wait_for(recorded, what="the count recorded again")

@@ -97,3 +97,16 @@ async def test_epochs_go_on_after_the_server_lost_some_or_all_of_its_data(bus: B
     await raw(bus).decr(bus.keys.epoch(p, "g"))  # back, but is still there
     [token_c] = (await a.acquire([p])).values()
     assert int(token_c.split(":")[0]) > int(token_b.split(":")[0])
+
+
+async def test_a_refused_lease_call_fails_that_lease_alone(bus: Bus) -> None:
+    """A refusal (here a lease key of the wrong type; in a cluster, a slot being migrated)
+    used to fail the whole round, every other lease with it."""
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    tokens = await leases.acquire([1, 2])
+    await raw(bus).delete(bus.keys.lease(2, "g"))
+    await raw(bus).hset(bus.keys.lease(2, "g"), "not", "a lease")
+    renewal = await leases.renew(tokens)
+    assert renewal.lost == set() and list(renewal.unanswered) == [2]
+    await raw(bus).hset(bus.keys.lease(4, "g"), "not", "a lease")
+    assert list(await leases.acquire([3, 4])) == [3]
