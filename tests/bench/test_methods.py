@@ -106,4 +106,6 @@ async def test_a_held_up_publisher_stamps_its_late_events_with_their_due_times(
     assert len(ticks) == 4
     # each due 1 ms after the one before, on the schedule's clock, however late it went out
     assert [b.due_ns - a.due_ns for a, b in pairwise(ticks)] == [1_000_000] * 3
-    assert all(t.sent_ns - t.due_ns >= held * 1e9 for t in ticks[1:])  # published late
+    # Each later one went out after the hold, though due at most 3 ms after the first (and
+    # a timer may wake a little early: a margin of 2 ms more).
+    assert all(t.sent_ns - t.due_ns >= (held - 0.005) * 1e9 for t in ticks[1:])
