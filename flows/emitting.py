@@ -82,43 +82,28 @@ class Events:
             await self.bot.publish(payload)
             return None
         deadline = anyio.current_time() + self.sync_timeout
-        services: list[str] = []
-        with anyio.move_on_after(self.sync_timeout) as lookup:
+        services: list[str] | None = None
+        with anyio.move_on_after(self.sync_timeout):
             services = [
                 s.name
                 for s in await self.bot.bus.services(fresh=True)
                 if s.subscribes and name in s.subscribes
             ]
-        if lookup.cancelled_caught:
-            log.warning(
-                "sync_event_not_published",
-                session=self.bot.session,
-                event_name=name,
-                reason="the server did not answer the look-up of its services in time",
-                timeout=self.sync_timeout,
-            )
-            return SyncOutcome(name, {}, [], published=False)
 
         def all_replied(replies: list[Message]) -> bool:
-            return set(services) <= {_outcome(r).service for r in replies}
+            return set(services or ()) <= {_outcome(r).service for r in replies}
 
-        wait, sent = max(0.0, deadline - anyio.current_time()), anyio.Event()
-        replies = await self.bot.request(payload, done_when=all_replied, wait=wait, sent=sent)
+        replies: list[Message] = []
+        sent = anyio.Event()
+        if services is not None:  # else the look-up was cut short: nothing is sent
+            wait = max(0.0, deadline - anyio.current_time())
+            replies = await self.bot.request(payload, done_when=all_replied, wait=wait, sent=sent)
         errors = {o.service: o.errors for o in map(_outcome, replies)}
-        timed_out = sorted(set(services) - errors.keys())
+        timed_out = sorted(set(services or ()) - errors.keys())
         outcome = SyncOutcome(name, errors, timed_out, published=sent.is_set())
-        if not outcome.published:
+        if outcome.timed_out or not outcome.published:
             log.warning(
-                "sync_event_not_published",
-                session=self.bot.session,
-                event_name=name,
-                reason="the server did not confirm its publish in time",
-                services=outcome.timed_out,
-                timeout=self.sync_timeout,
-            )
-        elif outcome.timed_out:
-            log.warning(
-                "sync_event_timed_out",
+                "sync_event_timed_out" if outcome.published else "sync_event_not_published",
                 session=self.bot.session,
                 event_name=name,
                 services=outcome.timed_out,
