@@ -261,9 +261,10 @@ class Consumer:
 
     @property
     def renewed_ago(self) -> float | None:
-        """Seconds since this worker last renewed its leases (or started); None before
-        `run()`. Past the lease TTL its partitions may be another's. (Safe to read from
-        another thread: a metrics server's.)"""
+        """Seconds since this worker last renewed its leases, some of them at least (or,
+        holding none, heartbeat; or started); None before `run()`. Past the lease TTL its
+        partitions may be another's. (Safe to read from another thread: a metrics
+        server's.)"""
         return None if self._tg is None else time.monotonic() - self._renewed_at
 
     def stop(self) -> None:
@@ -381,7 +382,9 @@ class Consumer:
                 partitions=sorted(renewal.unanswered),
                 error=str(error) or type(error).__name__,
             )
-        elif members is not None:
+        # Alive for `renewed_ago` (the health check) while some lease was renewed: on a
+        # cluster, a node out of reach holds up its own partitions, not the worker.
+        if len(renewal.unanswered) < len(held) if held else members is not None:
             self._renewed_at = time.monotonic()
         for p, token in held.items():  # unless it was handed back meanwhile (its drain ended,
             mine = self._parts.get(p)  # its lease freed)

@@ -872,12 +872,16 @@ async def test_a_server_lost_during_a_heartbeat_round_fails_the_round_not_the_wo
     assert time.monotonic() < part.vouched_until  # renewed all the same
 
     renewal = Renewal(set(), {7: gone})
+    lease8, read8 = bus.keys.lease(8, "svc"), reader(bus.keys, 8, "svc", "3:w", 32)
+    consumer._parts[8] = _Partition(8, "3:w", consumer._lanes[0], lease8, read8)
     part.vouched_until = time.monotonic() - 0.001  # last renewed a TTL ago
+    consumer._renewed_at = 0.0
     with capture_logs() as logs:
         await consumer._rebalance()
     events = [(e["event"], e.get("reason")) for e in logs]
     assert ("renewal_failed", None) in events
     assert ("partition_lost", "lease_expired") in events
+    assert consumer._renewed_at > 0  # alive: partition 8's lease was renewed
 
 
 async def _ignore(d: Delivery) -> None:
