@@ -17,7 +17,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, SlotNotCoveredError
+from redis.exceptions import RedisClusterException, ResponseError, SlotNotCoveredError
 
 from . import scripts
 from .connection import TRANSIENT
@@ -136,7 +136,7 @@ class Leases:
             try:
                 with limit:
                     got = await scripts.call_many(self.redis, [calls[i] for i in indexes])
-            except (*TRANSIENT, TimeoutError) as exc:
+            except (*TRANSIENT, ResponseError, TimeoutError) as exc:  # NOPERM loading scripts
                 got = [exc] * len(indexes)
             for i, reply in zip(indexes, got, strict=True):
                 replies[i] = reply

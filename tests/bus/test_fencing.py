@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import ResponseError
 
-from bus import Bus, Settings
+from bus import Bus, Settings, scripts
 from bus.ownership import Leases
 from tests.apps.recorder import Tick
 from tests.support import Stepper, raw, wait_for
@@ -110,3 +110,21 @@ async def test_a_refused_lease_call_fails_that_lease_alone(bus: Bus) -> None:
     assert renewal.lost == set() and list(renewal.unanswered) == [2]
     await raw(bus).hset(bus.keys.lease(4, "g"), "not", "a lease")
     assert list(await leases.acquire([3, 4])) == [3]
+
+
+async def test_a_refusal_of_a_whole_pipeline_fails_its_leases_not_the_worker(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal raised for the whole call (NOPERM loading the scripts again after a restart)
+    is each lease's error: before, it escaped the round's task group and ended the worker."""
+    leases = Leases(bus.redis, bus.keys, "g", "worker-a", ttl_ms=60_000)
+    tokens = await leases.acquire([1, 2])
+
+    async def refused(*args: object) -> None:
+        raise ResponseError("NOPERM this user has no permissions to run the 'script' command")
+
+    monkeypatch.setattr(scripts, "call_many", refused)
+    renewal = await leases.renew(tokens)
+    assert renewal.lost == set() and sorted(renewal.unanswered) == [1, 2]
+    with pytest.raises(ResponseError, match="NOPERM"):
+        await leases.acquire([3])
