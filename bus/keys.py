@@ -80,8 +80,9 @@ class Keys:
         """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms),
         ``end_reason`` and ``end_request`` (a session ended by `Bus.end_session`),
         ``publish_id`` and ``publish_entry`` of the last publish (so its retry appends once),
-        and ``resume:<G>``, the last `Bus.resume` for group G (request and entry, so that its
-        retry reports what it did)."""
+        ``resume:<G>``, the last `Bus.resume` for group G (request and entry, so that its
+        retry reports what it did), and ``paused_letter:<G>``, the dead letter G's pause is
+        on (removed by the resume)."""
         return f"{self.session(session)}:meta"
 
     def state(self, session: str) -> str:

@@ -14,8 +14,9 @@ after the session's current position:
   acknowledge it unseen. A session that has ended takes no new event: its dead letters can
   be dropped, not replayed (run services with ``--dead-letter pause`` to keep that possible).
 
-A letter whose session paused on it and was resumed since (an application's `Bus.resume`) is
-not replayed: its entry was retried in place, or dropped, then.
+A letter whose session paused on it and was resumed since is not replayed: its entry was
+retried in place, or dropped, then. (`Bus.resume` removes the letter a pause noted; one from
+before flowbus noted them stays listed.)
 
 Either way the dead letter is removed in the same step as the resume or the publish, so a
 replay cut short (Ctrl-C, a lost connection) and run again hands the event back once. Dropping

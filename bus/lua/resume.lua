@@ -2,7 +2,8 @@
 -- drop it (ack) and go on; then wake the owner. KEYS: paused stream meta dead
 -- ARGV: sid group consumer drop wake_channel request dead_letter.  Returns the entry id, or nil
 -- if not paused. `dead_letter` ('' if none) is the id in `dead` of the dead letter the session
--- paused on: it is removed with the resume, so that it is not replayed again afterwards.
+-- paused on; without it, the one the step script noted in the meta's ``paused_letter:<group>``.
+-- It is removed with the resume, so that it is neither listed nor replayed afterwards.
 -- The meta's ``resume:<group>`` keeps the last request and its entry: the same request sent
 -- again (its reply was lost) gets that entry again and resumes nothing more, even if the
 -- session paused on the entry again since.
@@ -20,7 +21,10 @@ if ARGV[4] == '1' then
 else
   redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, entry, 'RETRYCOUNT', 0)
 end
-if ARGV[7] ~= '' then redis.call('XDEL', KEYS[4], ARGV[7]) end  -- after: a failure keeps it
+local letter = ARGV[7]
+if letter == '' then letter = redis.call('HGET', KEYS[3], 'paused_letter:' .. ARGV[2]) end
+if letter then redis.call('XDEL', KEYS[4], letter) end  -- after: a failure keeps it
+redis.call('HDEL', KEYS[3], 'paused_letter:' .. ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then  -- never a meta for a session that has none
   redis.call('HSET', KEYS[3], field, ARGV[6] .. ' ' .. entry)
 end

@@ -85,7 +85,12 @@ local function step(k_stream, at)
       local dead = {'session', sid, 'group', group, 'entry', entry, 'deliveries', ARGV[at + 3],
                     'error', ARGV[at + 4], 'policy', verdict}
       for i = at + 5, at + nverdict do dead[#dead + 1] = ARGV[i] end
-      redis.call('XADD', tag .. ':dead', '*', unpack(dead))
+      local letter = redis.call('XADD', tag .. ':dead', '*', unpack(dead))
+      -- The letter a pause is on, for `resume.lua` to remove (never a meta for a session
+      -- that has none: it would not expire).
+      if verdict == 'pause' and redis.call('EXISTS', k_stream .. ':meta') == 1 then
+        redis.call('HSET', k_stream .. ':meta', 'paused_letter:' .. group, letter)
+      end
     end
     if verdict == 'pause' then
       redis.call('HSET', k_paused, sid, entry)

@@ -283,6 +283,7 @@ async def test_pause_policy_holds_the_session_until_an_operator_resumes_it(
 
         failing["call-p"] = False
         assert await bus.resume("call-p", "svc") is not None
+        assert await raw(bus).xlen(bus.keys.dead(p)) == 0  # its letter removed: settled
         await wait_for(lambda: log.count("call-p") == 3, what="call-p to resume")
         assert [(seq, n) for s, seq, n in log.seen if s == "call-p"] == [(1, 1), (2, 1), (3, 1)]
         assert await bus.resume("call-p", "svc") is None  # not paused any more

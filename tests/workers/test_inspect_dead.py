@@ -372,8 +372,9 @@ async def test_a_dead_letter_replayed_by_another_meanwhile_is_not_replayed_again
 async def test_a_dead_letter_its_session_was_resumed_on_is_not_handed_over_again(
     bus: Bus, settings: Settings
 ) -> None:
-    """`Bus.resume` (as the README has an application call it) leaves the dead letter: its
-    entry was retried in place, so a replay would make the group handle the event twice."""
+    """A letter its pause did not note (from before flowbus noted them; made by hand here)
+    stays after `Bus.resume`: its entry was retried in place, so a replay would make the
+    group handle the event twice."""
     await a_dead_letter(bus, "call-1", paused=True)
     assert await bus.resume("call-1", "steps") is not None
     [letter] = await as_json(settings, "dead", "list")
