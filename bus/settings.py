@@ -155,7 +155,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         values: dict[str, object] = {}
         variables: dict[str, str] = {}  # field -> the variable its value came from
         for field in msgspec.structs.fields(cls):
-            name = "FLOWBUS_REDIS_URL" if field.name == "url" else f"FLOWBUS_{field.name.upper()}"
+            name = VARIABLES[field.name]
             if name in env:
                 try:
                     values[field.name] = msgspec.convert(env[name], field.type, strict=False)
@@ -186,6 +186,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         # Up to the last '@': a password may hold one (redis-py reads it so).
         url = re.sub(r"(//[^:/@]*:).*@", r"\1***@", self.url)
         return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+#: The environment variable of each setting, by field: ``FLOWBUS_<FIELD>``, the URL's
+#: ``FLOWBUS_REDIS_URL``.
+VARIABLES = {
+    f.name: "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
+    for f in msgspec.structs.fields(Settings)
+}
 
 
 def _wanted(kind: object) -> str:

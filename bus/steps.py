@@ -211,8 +211,6 @@ class StepBatcher:
                         # per event.
                         await asyncio.sleep(0)
         finally:
-            for steps, acks in self._held.values():  # they get no reply
-                _cancel(steps, acks)
             with anyio.CancelScope(shield=True):
                 for connection in [self._connection, *self._nodes.values()]:
                     await connection.disconnect()

@@ -447,10 +447,7 @@ def _action(node: str, key: str, action: Any, handlers: Mapping[str, Handler]) -
     if isinstance(handler, str):  # as in Pipecat's flow files: a name in the handlers
         if kind in ("tts_say", "end_conversation"):
             raise InvalidNodeError(node, key, f"the built-in {kind!r} action takes no handler")
-        try:
-            found = handlers.get(handler)
-        except FlowError as exc:  # in more than one of them
-            raise InvalidNodeError(node, key, str(exc)) from None
+        found = _named(node, key, handlers, handler)
         if found is not None:
             action = {**action, "handler": found}
             handler = found

@@ -90,8 +90,10 @@ class Events:
                 if s.subscribes and name in s.subscribes
             ]
 
+        wanted = set(services or ())
+
         def all_replied(replies: list[Message]) -> bool:
-            return set(services or ()) <= {_outcome(r).service for r in replies}
+            return wanted <= {_outcome(r).service for r in replies}
 
         replies: list[Message] = []
         sent = anyio.Event()
@@ -99,7 +101,7 @@ class Events:
             wait = max(0.0, deadline - anyio.current_time())
             replies = await self.bot.request(payload, done_when=all_replied, wait=wait, sent=sent)
         errors = {o.service: o.errors for o in map(_outcome, replies)}
-        timed_out = sorted(set(services or ()) - errors.keys())
+        timed_out = sorted(wanted - errors.keys())
         outcome = SyncOutcome(name, errors, timed_out, published=sent.is_set())
         if outcome.timed_out or not outcome.published:
             log.warning(

@@ -32,6 +32,7 @@ from bus import (
     check_session_id,
     check_worker_id,
 )
+from bus.settings import VARIABLES
 
 from . import logs
 
@@ -432,10 +433,7 @@ def parser() -> argparse.ArgumentParser:
 def _unknown_variables(env: Mapping[str, str]) -> list[str]:
     """A line for each ``FLOWBUS_*`` variable in `env` that nothing reads (a misspelt one
     would be ignored without a word), with the name it may have meant."""
-    known = {
-        "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
-        for f in msgspec.structs.fields(Settings)
-    } | {*ENVIRONMENT, "FLOWBUS_TEST_SERVER"}
+    known = {*VARIABLES.values(), *ENVIRONMENT, "FLOWBUS_TEST_SERVER"}
     lines = []
     for name in sorted(n for n in env if n.startswith("FLOWBUS_") and n not in known):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)

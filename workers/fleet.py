@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import msgspec
 
 from bus import Bus, Settings
+from bus.settings import VARIABLES
 
 from .observe import lease_owners
 from .orphans import ending_with_parent
@@ -33,11 +33,7 @@ class FleetError(RuntimeError):
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Every setting as the ``FLOWBUS_*`` variable `Settings.from_env` reads."""
-    env = {}
-    for f in msgspec.structs.fields(Settings):
-        name = "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
-        env[name] = str(getattr(settings, f.name))
-    return env
+    return {name: str(getattr(settings, field)) for field, name in VARIABLES.items()}
 
 
 @dataclass(eq=False)

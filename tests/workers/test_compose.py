@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from bus import Settings
+from bus.settings import VARIABLES
 from tests.support import ROOT
 from workers.app import load_service
 from workers.cli import ENVIRONMENT, parser
@@ -43,10 +41,7 @@ def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist
     assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
     assert any(v["target"] == "/data" for v in redis["volumes"])
 
-    settings_variables = {
-        "FLOWBUS_REDIS_URL" if f.name == "url" else f"FLOWBUS_{f.name.upper()}"
-        for f in msgspec.structs.fields(Settings)
-    }
+    settings_variables = set(VARIABLES.values())
     for name in ("actions", "crm", "bots"):
         service = services[name]
         assert service["command"][0] == "flowbus", name
