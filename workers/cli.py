@@ -84,6 +84,8 @@ examples:
 A replay is handled after the session's current position: a session paused on the dead
 letter (--dead-letter pause) is resumed in place; otherwise the event is republished to its
 session for that group only. An ended session takes no new event: drop its dead letters.
+Letters are replayed in each session's order; when one cannot be, the session's later ones
+are left for you (status 1) rather than handled before it.
 """
 
 EPILOG_END = """\
@@ -716,12 +718,24 @@ async def _dead(bus: Bus, args: argparse.Namespace) -> int:
     letters.sort(key=lambda x: (x.session, x.seq))  # a session's replays keep their order
     act = d.replay if args.action == "replay" else d.drop
     failures = 0
+    held: set[tuple[str, str]] = set()  # (session, group) whose earlier letter was not replayed
     for letter in letters:
+        if (letter.session, letter.group) in held:
+            failures += 1
+            print(
+                f"flowbus: {letter.ref}: not replayed, to keep session {letter.session}'s order "
+                f"for {letter.group}: an earlier dead letter of it was not; replay this one by "
+                "name once that one is dealt with",
+                file=sys.stderr,
+            )
+            continue
         try:
             print(await act(bus, letter))
         except d.DeadLetterError as exc:
             failures += 1
             print(f"flowbus: {exc}", file=sys.stderr)
+            if args.action == "replay":
+                held.add((letter.session, letter.group))
     if not letters:
         print("no dead letters")
     return 1 if failures else 0

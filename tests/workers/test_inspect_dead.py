@@ -291,18 +291,25 @@ async def test_inspect_lists_no_session_whose_keys_expired_and_every_pending_ent
     assert marks == ["pending"] * 150 + ["waiting"]
 
 
-async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay(
+async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay_but_not_in_its_session(
     bus: Bus, settings: Settings
 ) -> None:
     big = json.dumps({"type": "step", "n": 1, "pad": "x" * (bus.settings.max_payload_bytes - 50)})
-    for session, data in (("call-big", big), ("call-ok", '{"type": "step", "n": 1}')):
-        await bus.publish(session, Step(n=0))
-        letter = {"session": session, "group": "steps", "entry": "1-0", "deliveries": "5"}
-        letter |= {"error": "boom", "policy": "skip", "type": "step", "seq": "1", "ts": "1"}
+    small = '{"type": "step", "n": 2}'
+    letters = [("call-big", 1, big), ("call-big", 2, small), ("call-ok", 1, small)]
+    for session, seq, data in letters:
+        await bus.publish(session, Step(n=seq))
+        letter = {"session": session, "group": "steps", "entry": f"{seq}-0", "deliveries": "5"}
+        letter |= {"error": "boom", "policy": "skip", "type": "step", "seq": seq, "ts": "1"}
         await raw(bus).xadd(bus.keys.dead(bus.keys.partition(session)), {**letter, "data": data})
     status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
     assert status == 1 and "cannot be replayed" in err and "flowbus dead drop" in err
     assert "of session call-ok replayed for steps" in out
+    # call-big's seq 2 would be handled before its seq 1: it waits
+    assert "of session call-big" not in out
+    assert "not replayed, to keep session call-big's order for steps" in err
+    assert [e.type for e in await bus.history("call-big")] == ["step", "step"]
+    assert len(await as_json(settings, "dead", "list", "--session", "call-big")) == 2
 
 
 async def a_dead_letter(bus: Bus, session: str, *, paused: bool) -> None:
