@@ -300,7 +300,7 @@ async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay_but_not
     for session, seq, data in letters:
         await bus.publish(session, Step(n=seq))
         letter = {"session": session, "group": "steps", "entry": f"{seq}-0", "deliveries": "5"}
-        letter |= {"error": "boom", "policy": "skip", "type": "step", "seq": seq, "ts": "1"}
+        letter |= {"error": "boom", "policy": "skip", "type": "step", "seq": str(seq), "ts": "1"}
         await raw(bus).xadd(bus.keys.dead(bus.keys.partition(session)), {**letter, "data": data})
     status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
     assert status == 1 and "cannot be replayed" in err and "flowbus dead drop" in err
