@@ -339,6 +339,8 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
         if isinstance(c, Mapping) and c.get("name", n) != n:
             problem = f"a node of a flow file is named by its key, not {c['name']!r}"
             raise InvalidNodeError(str(n), "name", problem)
+        if isinstance(c, Mapping) and isinstance(c.get("task_messages"), list):
+            _file_messages(str(n), c["task_messages"])
     nodes = {n: parse_node(c, name=n, handlers=lookup) for n, c in data["nodes"].items()}
     initial = data.get("initial_node") or next(iter(nodes), None)
     if initial not in nodes:
@@ -435,6 +437,24 @@ def _messages(node: str, key: str, value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, Mapping) or "role" not in message:
             raise InvalidNodeError(node, f"{key}[{i}]", "a message is a mapping with a 'role'")
     return [dict(m) for m in value]
+
+
+def _file_messages(node: str, messages: list[Any]) -> None:
+    """A flow file's task messages are ``{role, content}``, both text, as Pipecat's
+    ``FlowConfig.Message`` (in code, a message may be anything the LLM service takes)."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            continue  # _messages says what is wrong
+        where = f"task_messages[{i}]"
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise InvalidNodeError(
+                node, where, f"unknown key {extra[0]!r}: a message is role, content"
+            )
+        if not isinstance(message.get("content"), str):
+            raise InvalidNodeError(
+                node, where, "a message in a flow file needs its content, as text"
+            )
 
 
 def _action(node: str, key: str, action: Any, handlers: Mapping[str, Handler]) -> dict[str, Any]:
@@ -538,7 +558,8 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
     transition_to = _transition(
         node, f"{key}.{name}", body.get("transition_to", spec.get("transition_to"))
     )
-    if body.get("transition_only"):  # Pipecat 1.14's flow files: a tool with no code
+    if _flag(node, f"{key}.{name}.transition_only", body.get("transition_only", False)):
+        # Pipecat 1.14's flow files: a tool with no code
         if not isinstance(transition_to, str) or not body.get("description"):
             problem = "a transition_only function needs a description and a transition_to node"
             raise InvalidNodeFunctionError(node, f"{key}.{name}", problem)
@@ -563,6 +584,23 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
         transition_to=transition_to,
         timeout=timeout,
     )
+
+
+#: What Pipecat's flow files (pydantic, lax) read as a yes or a no, as text.
+_FLAGS = {"true": True, "yes": True, "on": True, "1": True, "t": True, "y": True}
+_FLAGS |= {"false": False, "no": False, "off": False, "0": False, "f": False, "n": False}
+
+
+def _flag(node: str, where: str, value: Any) -> bool:
+    """A yes-or-no value as Pipecat's flow files read it: a boolean, 0 or 1, or one of
+    `_FLAGS` in any case (``"false"`` is no, where its truth would be yes)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAGS:
+        return _FLAGS[value.strip().lower()]
+    raise InvalidNodeFunctionError(node, where, f"must be true or false, not {value!r}")
 
 
 def _named(node: str, where: str, handlers: Mapping[str, Handler], name: str) -> Handler | None:

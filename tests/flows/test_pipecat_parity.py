@@ -277,6 +277,15 @@ async def test_global_functions_are_offered_in_every_node(bus: Bus, tmp_path: Pa
             ("  confirm:\n", "  confirm:\n    name: confirmation\n"),
             "node 'confirm', key 'name': a node of a flow file is named by its key",
         ),
+        (
+            ("transition_only: true", 'transition_only: "maybe"'),
+            "choose_pizza.transition_only': must be true or false, not 'maybe'",
+        ),
+        (("        content: Confirm the order.\n", ""), "needs its content, as text"),
+        (
+            ("content: Confirm the order.\n", "content: Confirm the order.\n        name: x\n"),
+            "task_messages[0]': unknown key 'name'",
+        ),
     ],
     ids=[
         "no-description",
@@ -287,6 +296,9 @@ async def test_global_functions_are_offered_in_every_node(bus: Bus, tmp_path: Pa
         "key",
         "missing",
         "other-name",
+        "not-a-flag",
+        "no-content",
+        "message-key",
     ],
 )
 def test_a_flow_file_that_cannot_work_is_refused_at_load(
