@@ -147,8 +147,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Read ``FLOWBUS_<FIELD>`` variables (e.g. ``FLOWBUS_REDIS_URL``, ``FLOWBUS_PREFIX``).
 
-        Explicit keyword overrides win over the environment; `None` overrides are ignored.
-        Raises `ConfigError` for a value of the wrong type or out of range, naming the
+        Explicit keyword overrides win over the environment; `None` overrides are ignored,
+        as are empty variables (``FLOWBUS_PREFIX=`` is the default prefix). Raises `ConfigError` for a value of the wrong type or out of range, naming the
         variable that holds it.
         """
         env = os.environ if env is None else env
@@ -156,7 +156,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         variables: dict[str, str] = {}  # field -> the variable its value came from
         for field in msgspec.structs.fields(cls):
             name = VARIABLES[field.name]
-            if name in env:
+            if env.get(name):
                 try:
                     values[field.name] = msgspec.convert(env[name], field.type, strict=False)
                 except msgspec.ValidationError:

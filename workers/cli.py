@@ -148,21 +148,21 @@ def _connection_options(parser: argparse.ArgumentParser, *, log_level: str = "wa
     g.add_argument("--partitions", type=int, help="partitions per deployment (default 64)")
     g.add_argument(
         "--cluster",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="the server is a Redis (or Valkey) Cluster; --redis-url names any node (also "
-        "FLOWBUS_CLUSTER=1)",
+        "FLOWBUS_CLUSTER=1; --no-cluster overrides that)",
     )
     g.add_argument(
         "--log-level",
-        default=os.environ.get("FLOWBUS_LOG_LEVEL", log_level).lower(),
+        default=(os.environ.get("FLOWBUS_LOG_LEVEL") or log_level).lower(),
         type=str.lower,
         choices=LOG_LEVELS,
         help=f"also FLOWBUS_LOG_LEVEL (default {log_level})",
     )
     g.add_argument(
         "--log-format",
-        default=os.environ.get("FLOWBUS_LOG_FORMAT", "auto"),
+        default=os.environ.get("FLOWBUS_LOG_FORMAT") or "auto",
         choices=LOG_FORMATS,
         help="auto: readable on a terminal, JSON lines otherwise; also FLOWBUS_LOG_FORMAT",
     )

@@ -25,6 +25,11 @@ def test_environment_variables_fill_the_settings_and_explicit_values_win() -> No
     )
 
 
+def test_an_empty_variable_is_unset() -> None:
+    """As a compose file's ``FLOWBUS_PREFIX: ${PREFIX:-}`` leaves it when PREFIX is not set."""
+    assert Settings.from_env(dict.fromkeys(VARIABLES.values(), "")) == Settings()
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

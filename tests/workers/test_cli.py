@@ -386,6 +386,17 @@ def test_a_misspelt_variable_is_named_with_what_it_may_have_meant() -> None:
     assert flowbus("inspect", "--help", env={"FLOWBUS_PREFIX": "a"}).stderr == ""
 
 
+def test_no_cluster_overrides_the_environments_and_empty_variables_are_unset(
+    settings: Settings,
+) -> None:
+    env = {**settings_env(settings), "FLOWBUS_CLUSTER": "1"}
+    env |= {"FLOWBUS_LOG_LEVEL": "", "FLOWBUS_LOG_FORMAT": "", "FLOWBUS_PARTITIONS": ""}
+    done = flowbus("inspect", "groups", "--no-cluster", env=env)
+    assert done.returncode == 0, done.stderr
+    done = flowbus("inspect", "groups", env=env)  # told of a cluster, found a single server
+    assert_fails_clearly(done, 1, "the server is not a cluster's node (")
+
+
 def test_a_worker_still_connecting_stops_at_a_signal_with_its_status(tmp_path: Path) -> None:
     """It listens for signals from the start: as PID 1 in a container a process with no
     handler would not even hear SIGTERM, and `docker compose stop` waited out its grace."""
