@@ -148,8 +148,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Read ``FLOWBUS_<FIELD>`` variables (e.g. ``FLOWBUS_REDIS_URL``, ``FLOWBUS_PREFIX``).
 
         Explicit keyword overrides win over the environment; `None` overrides are ignored,
-        as are empty variables (``FLOWBUS_PREFIX=`` is the default prefix). Raises `ConfigError` for a value of the wrong type or out of range, naming the
-        variable that holds it.
+        as are empty variables (``FLOWBUS_PREFIX=`` is the default prefix). Raises
+        `ConfigError` for a value of the wrong type or out of range, naming the variable that
+        holds it.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
