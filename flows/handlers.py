@@ -263,7 +263,13 @@ class EventService:
     def as_service(self) -> Service:
         """The bus service that runs these handlers (what ``flowbus worker`` runs). Handlers
         and events cannot be added after it (`InvalidHandlerError`): it subscribes to the
-        events that have handlers now."""
+        events that have handlers now; one with none is refused, as a service that would
+        acknowledge every event unseen (an app whose handlers' module was not imported)."""
+        if not self.subscribes:
+            raise InvalidHandlerError(
+                f"service {self.name!r} has no event handlers: register some "
+                "(@service.event_handler(...)) before it is started"
+            )
         self._started = True
         specs = [*CATALOG.values(), *self._custom.values()]
         codec = Codec(spec.payload for spec in specs)

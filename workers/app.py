@@ -67,19 +67,21 @@ def load_service(target: str) -> Service:
     return obj
 
 
-#: Where `importlib.import_module` runs, a frame of every failed import.
+#: Where `importlib.import_module` runs, a frame of every failed import; and flowbus's own
+#: packages, whose errors say what is wrong in the user's terms.
 _IMPORTLIB = str(Path(importlib.__file__).parent) + os.sep
+_FLOWBUS = tuple(str(Path(__file__).parents[1] / p) + os.sep for p in ("bus", "flows", "workers"))
 
 
 def _where(exc: BaseException) -> str:
     """``Type: message (file, line N)`` of the user's code that raised `exc`: the innermost
     frame that is neither Python's import machinery nor a frozen module (``os.environ``) nor
-    this loader (a factory called with the wrong arguments). A `SyntaxError` names its place
-    in its message."""
+    flowbus (this loader calling a factory with the wrong arguments, a flowbus call refusing
+    what it was given). A `SyntaxError` names its place in its message."""
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith(("<frozen ", _IMPORTLIB)) and f.filename != __file__
+        if not f.filename.startswith(("<frozen ", _IMPORTLIB, *_FLOWBUS))
     ]
     last = frames[-1] if frames else None
     place = f" ({last.filename}, line {last.lineno})" if last else ""

@@ -344,6 +344,22 @@ def test_handlers_and_events_added_after_the_service_started_are_refused() -> No
         service.declare_event("support.escalated")
 
 
+def test_a_service_with_no_handlers_is_refused_at_start() -> None:
+    """It would acknowledge every event unseen: most likely its handlers' module was not
+    imported, or its last handler was removed."""
+    service = EventService("svc")
+    with pytest.raises(InvalidHandlerError, match="service 'svc' has no event handlers"):
+        service.as_service()
+
+    def handler(emitter: EmitterRef) -> None:
+        pass
+
+    service.add_event_handler("on_connected", handler)
+    service.remove_event_handler("on_connected", handler)
+    with pytest.raises(InvalidHandlerError, match="service 'svc' has no event handlers"):
+        service.as_service()
+
+
 async def test_a_bot_that_waits_for_an_event_the_service_declared_default_gets_its_outcome(
     bus: Bus,
 ) -> None:

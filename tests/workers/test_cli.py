@@ -149,8 +149,28 @@ def test_a_worker_given_a_bad_target_says_what_is_wrong(
             "user_app:make",
             "making the service user_app:make raised SystemExit: no CRM key (%s, line 4)",
         ),
+        (
+            "from flows import EventService\n\ncrm = EventService('crm')\n",
+            "user_app:crm",
+            "making the service user_app:crm raised InvalidHandlerError: service 'crm' has no "
+            "event handlers: register some (@service.event_handler(...)) before it is started\n",
+        ),
+        (
+            "from flows import EventService\n\ncrm = EventService('crm')\n"
+            "crm.add_event_handler('on_no_such_event', print)\n",
+            "user_app:crm",
+            "raised UnknownEventError: unknown event 'on_no_such_event'",
+        ),
     ],
-    ids=["missing-variable", "syntax-error", "factory-arguments", "exit-0", "factory-exit"],
+    ids=[
+        "missing-variable",
+        "syntax-error",
+        "factory-arguments",
+        "exit-0",
+        "factory-exit",
+        "no-handlers",
+        "flowbus-refuses",
+    ],
 )
 def test_a_worker_whose_app_fails_to_load_points_at_the_apps_code_not_python_or_flowbus(
     tmp_path: Path, settings: Settings, code: str, target: str, says: str
@@ -161,7 +181,7 @@ def test_a_worker_whose_app_fails_to_load_points_at_the_apps_code_not_python_or_
     env = {**settings_env(settings), "PYTHONPATH": str(tmp_path)}
     done = flowbus("worker", target, env=env)
     assert_fails_clearly(done, 2, says.replace("%s", str(tmp_path / "user_app.py")))
-    for elsewhere in ("<frozen", "importlib", "workers/app.py"):
+    for elsewhere in ("<frozen", "importlib", "workers/app.py", "flows/handlers.py"):
         assert elsewhere not in done.stderr, done.stderr
 
 
