@@ -6,11 +6,13 @@ machine about 200 µs of CPU per publish, more than the round trip itself. `Publ
 the script calls of every caller waiting at that moment in one write, packed by hiredis, and
 reads their replies in order.
 
-There is no background task: the first caller sends, callers that arrive meanwhile wait, and
-when a batch is done the first of them is handed the turn to send the next (so no caller keeps
-sending for others). A batch in flight is shielded from its sender's cancellation, so the
-others always get their replies. A lost connection is the error of every call of the batch,
-for `connection.call` to retry (a publish or inbox write sent again never appends twice).
+There is no standing task: the first caller starts a batch, callers that arrive meanwhile
+wait, and when a batch is done the first of them is handed the turn to start the next (so no
+caller keeps sending for others). A batch goes out in a task of its own, so every caller of it
+gets its reply even if the one that started it is cancelled, and that one returns at once (a
+caller's time limit holds with a server that does not answer). A lost connection is the error
+of every call of the batch, for `connection.call` to retry (a publish or inbox write sent
+again never appends twice).
 With `Settings.min_replicas`, a ``WAIT`` follows each batch on the same connection, so it
 covers every write of the batch; if too few replicas confirmed them, each call fails with
 `ReplicasBehindError`, and `connection.call` sends it again.
@@ -61,45 +63,54 @@ class Publisher:
         self._connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._waiting: list[_Call] = []
         self._sending = False
+        self._flushes: set[asyncio.Task[None]] = set()  # batches in flight
         self._replicas = settings.min_replicas
         self._wait = ("WAIT", self._replicas, int(settings.replica_timeout_seconds * 1000))
 
     async def call(self, script: scripts.Script, keys: list[str], args: list[scripts.Arg]) -> Any:
-        """`script`'s reply; its error reply, or a lost connection, is raised."""
-        mine = _Call(
-            scripts.evalsha((script, keys, args)), asyncio.get_running_loop().create_future()
-        )
+        """`script`'s reply; its error reply, or a lost connection, is raised. Cancelled, it
+        returns at once; its call may still reach the server, with the batch it went in."""
+        loop = asyncio.get_running_loop()
+        mine = _Call(scripts.evalsha((script, keys, args)), loop.create_future())
         self._waiting.append(mine)
         if self._sending:
-            try:
-                reply = await mine.future
-            except BaseException:
-                if _turn_given(mine):  # to a caller that is gone: pass it on
-                    self._waiting.remove(mine)
-                    self._give_turn()
-                raise
+            reply = await self._reply(mine)
             if reply is not _TURN:
                 return reply
+            mine.future = loop.create_future()  # for its reply, in the batch it sends
         self._sending = True
-        batch = [c for c in self._waiting if c is mine or not c.future.done()]
-        self._waiting = []  # the rest were cancelled
+        batch = [c for c in self._waiting if not c.future.done()]  # the rest were cancelled
+        self._waiting = []
+        flush = loop.create_task(self._flush(batch))  # not cut short with its sender
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flushes.discard)
+        return await self._reply(mine)
+
+    async def _reply(self, call: _Call) -> Any:
+        """What `call`'s future is given: its reply, or the turn to send (`_TURN`)."""
         try:
-            with anyio.CancelScope(shield=True):
-                replies = await self._exchange([c.command for c in batch])
-        except BaseException as exc:  # a bug, not a lost connection: fail them all
+            return await call.future
+        except BaseException:
+            if _turn_given(call):  # to a caller that is gone: pass it on
+                self._waiting.remove(call)
+                self._give_turn()
+            raise
+
+    async def _flush(self, batch: list[_Call]) -> None:
+        """Send `batch`, hand the turn on, and give each call its reply (a caller that was
+        cancelled meanwhile has none to take)."""
+        try:
+            replies = await self._exchange([c.command for c in batch])
+        except Exception as exc:  # a bug, not a lost connection: fail them all
             replies = [exc] * len(batch)
         finally:
             self._give_turn()
         for c, reply in zip(batch, replies, strict=True):
-            if c is not mine and not c.future.done():
+            if not c.future.done():
                 if isinstance(reply, BaseException):
                     c.future.set_exception(reply)
                 else:
                     c.future.set_result(reply)
-        reply = replies[batch.index(mine)]
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
 
     def _give_turn(self) -> None:
         """Hand the turn to send to the first caller still waiting, if any."""

@@ -714,9 +714,9 @@ async def test_a_drain_out_of_time_gives_back_what_waited_for_a_handler_slot(
                 for n in (1, 2):
                     await bus.publish(other, Tick(n=n))
 
-                async def read_and_waiting() -> bool:
+                async def read_and_waiting() -> bool:  # its first, or both if read at once
                     [group] = await raw(bus).xinfo_groups(bus.keys.session(other))
-                    return bool(group["pending"] == 2)
+                    return bool(group["pending"] >= 1)
 
                 await wait_for(read_and_waiting, what="the other read, waiting for the slot")
                 consumer.stop()
