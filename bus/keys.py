@@ -79,7 +79,9 @@ class Keys:
     def meta(self, session: str) -> str:
         """Hash: ``seq`` (last event seq), ``inbox_seq``, ``started``, ``ended`` (ms),
         ``end_reason`` and ``end_request`` (a session ended by `Bus.end_session`),
-        ``publish_id`` and ``publish_entry`` of the last publish (so its retry appends once),
+        ``publish_entry``, the last publish's entry, ``publish_id`` and ``publish_reply`` (its
+        seq and entry) of the last publish but a replay's and ``replay_id`` and
+        ``replay_reply`` of the last replay's (so that the retry of either appends once),
         ``resume:<G>``, the last `Bus.resume` for group G (request and entry, so that its
         retry reports what it did), and ``paused_letter:<G>``, the dead letter G's pause is
         on (removed by the resume)."""

@@ -2,7 +2,9 @@
 -- KEYS: stream (<tag>:session:<sid>)  ARGV: tag sid type data final retention_ms publish_id
 --   after dead_letter ngroups group... field value...
 -- A retry of the session's last publish (same publish_id) returns its seq and id again instead of
--- appending twice, so a publisher may retry after a lost reply. `after` is the last seq this
+-- appending twice, so a publisher may retry after a lost reply. A replay (below) is remembered
+-- apart (replay_id), so that one appended between the bot's publish and its retry does not make
+-- the bot's event appended twice. `after` is the last seq this
 -- publisher appended to the session (0 if none): a session the server does not know although
 -- its publisher does was lost with the server's data, and its counter goes on from there.
 -- `dead_letter` ('' if none) is the id in <tag>:dead of the dead letter this event replays: it
@@ -44,16 +46,20 @@ local function may_be_idle(stream, known, previous)
   return #groups == 0
 end
 
-local last = redis.call('HMGET', k_meta, 'publish_id', 'seq', 'publish_entry')
-if last[1] == publish_id then return {tonumber(last[2]), last[3], 0} end
+local dead_letter = ARGV[9]
+local by = dead_letter == '' and 'publish' or 'replay'
+local last = redis.call('HMGET', k_meta, by .. '_id', by .. '_reply', 'seq', 'publish_entry')
+if last[1] == publish_id and last[2] then
+  local seq, id = string.match(last[2], '^(%d+) (.+)$')
+  return {tonumber(seq), id, 0}
+end
 if redis.call('HEXISTS', k_meta, 'ended') == 1 then
   return redis.error_reply('ENDED session ' .. sid .. ' has ended')
 end
-local dead_letter = ARGV[9]
 if dead_letter ~= '' and redis.call('XDEL', tag .. ':dead', dead_letter) == 0 then
   return redis.error_reply('NODEADLETTER dead letter ' .. dead_letter .. ' is gone')
 end
-local new, after = not last[2], tonumber(ARGV[8])
+local new, after = not last[3], tonumber(ARGV[8])
 local restored = new and after > 0
 if restored then redis.call('HSET', k_meta, 'seq', after) end
 local seq = redis.call('HINCRBY', k_meta, 'seq', 1)
@@ -62,7 +68,7 @@ local fields = {'type', ARGV[3], 'seq', seq, 'ts', ts, 'data', ARGV[4]}
 local ngroups = tonumber(ARGV[10])
 for i = 11 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', k_stream, '*', unpack(fields))
-redis.call('HSET', k_meta, 'publish_id', publish_id, 'publish_entry', id)
+redis.call('HSET', k_meta, by .. '_id', publish_id, by .. '_reply', seq .. ' ' .. id, 'publish_entry', id)
 
 if new then
   redis.call('HSET', k_meta, 'started', ts)
@@ -76,7 +82,7 @@ end
 -- published before this one can be idle on the session (its handling ends after a read that
 -- was not full, unless a hint came since): one with a published entry still to read was woken
 -- for it and reads on by itself, so it needs no hint.
-if new or may_be_idle(k_stream, ngroups, last[3]) then
+if new or may_be_idle(k_stream, ngroups, last[4]) then
   redis.call('SPUBLISH', tag .. ':wake', sid)
 end
 

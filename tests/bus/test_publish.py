@@ -71,6 +71,40 @@ async def test_concurrent_publishes_to_a_session_go_one_at_a_time_so_a_lost_repl
     ]
 
 
+async def test_a_replay_between_a_publish_whose_reply_was_lost_and_its_retry_adds_nothing(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script remembered the session's last publish only, so the bot's retry after a
+    replay (`flowbus dead replay`) appended the bot's event a second time."""
+    sent = publisher.batch  # type: ignore[attr-defined]
+    await bus.publish("call-1", Tick(n=0))
+    letter = await raw(bus).xadd(bus.keys.dead(bus.keys.partition("call-1")), {"seq": "1"})
+    operator = Bus(bus.redis, bus.settings)  # another process's, through its own connection
+
+    async def replay_then_reply_lost(connection: Any, commands: list[Any]) -> list[Any]:
+        await sent(connection, commands)
+        monkeypatch.setattr(publisher, "batch", sent)
+        await operator.publish("call-1", Tick(n=99), dead_letter=letter.decode())
+        return [RedisConnectionError("Connection reset by peer")] * len(commands)
+
+    monkeypatch.setattr(publisher, "batch", replay_then_reply_lost)
+    published = await bus.publish("call-1", Tick(n=1))  # retried after the lost reply
+    entries = await bus.history("call-1")
+    assert [(e.seq, msgspec.json.decode(e.data)["n"]) for e in entries] == [(1, 0), (2, 1), (3, 99)]
+    assert (published.seq, published.entry_id) == (2, entries[1].id)
+
+    async def reply_lost(connection: Any, commands: list[Any]) -> list[Any]:
+        await sent(connection, commands)
+        monkeypatch.setattr(publisher, "batch", sent)
+        return [RedisConnectionError("Connection reset by peer")] * len(commands)
+
+    letter = await raw(bus).xadd(bus.keys.dead(bus.keys.partition("call-1")), {"seq": "2"})
+    monkeypatch.setattr(publisher, "batch", reply_lost)
+    replayed = await bus.publish("call-1", Tick(n=98), dead_letter=letter.decode())
+    assert replayed.seq == 4  # a replay's retry is known too (its letter is gone by then)
+    assert len(await bus.history("call-1")) == 4
+
+
 async def test_an_entry_is_flat_and_readable(bus: Bus) -> None:
     published = await bus.publish("call-2", Tick(n=7), extra={"traceparent": "00-abc-def-01"})
     [(entry_id, fields)] = await raw(bus).xrange(bus.keys.session("call-2"))
@@ -230,6 +264,36 @@ async def test_publishes_sent_meanwhile_wait_their_turn_and_a_cancelled_one_stal
         await unpause()  # once all are set up
     assert published.keys() == {"first", *(f"call-{i}" for i in range(20))}
     assert set(published.values()) == {1}
+
+
+async def test_a_publish_cancelled_while_its_batch_is_out_returns_at_once_and_the_batch_goes_on(
+    bus: Bus,
+) -> None:
+    """A caller's time limit holds with a server that does not answer (a sync event's
+    `sync_timeout`): the batch it started used to be shielded from it until its replies came,
+    the socket's timeout later."""
+    published: dict[str, int] = {}
+
+    async def one(session: str) -> None:
+        published[session] = (await bus.publish(session, Tick(n=1))).seq
+
+    first = anyio.CancelScope()
+
+    async def cancelled() -> None:
+        with first:
+            await one("first")
+
+    async with writes_paused(bus) as unpause, anyio.create_task_group() as tg:
+        tg.start_soon(cancelled)  # starts a batch, which waits out the pause
+        await wait_all_tasks_blocked()
+        tg.start_soon(one, "next")  # waits its turn
+        await wait_all_tasks_blocked()
+        first.cancel()
+        await wait_all_tasks_blocked()
+        assert first.cancelled_caught  # returned while its batch is still out
+        await unpause()
+    assert published == {"next": 1}
+    assert [e.seq for e in await bus.history("first")] == [1]  # its batch went on
 
 
 async def test_a_caller_cancelled_just_as_it_is_given_the_turn_passes_it_on(bus: Bus) -> None:
