@@ -108,6 +108,9 @@ class Stats:
     retries: int = 0
     dead_lettered: int = 0
     partitions_lost: int = 0
+    #: Steps (acks, reads) that failed and were sent again: the server out of reach, or
+    #: refusing them (out of memory, say). Their sessions wait meanwhile; nothing is lost.
+    step_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -821,6 +824,7 @@ class _Run:
             # ('p'), so entries whose reply was lost are read again rather than skipped; those
             # read while the step failed go back first.
             give = [*give, *step.strays]
+            self.consumer.stats.step_failures += 1
             self.consumer._log.warning(
                 "step_failed", session=self.session, error=str(error), attempt=attempt
             )

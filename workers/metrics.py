@@ -8,7 +8,9 @@ start of its first delivery's handling: not of a retry or a replayed dead letter
 `Bus.resume` retries in place comes with a fresh delivery count and is measured again, its
 delay the whole pause). From the consumer, refreshed every few seconds: ``flowbus_retries_total``,
 ``flowbus_dead_letters_total``, ``flowbus_events_skipped_total``,
-``flowbus_partitions_lost_total``, ``flowbus_owned_partitions``, and ``flowbus_lag_events``
+``flowbus_partitions_lost_total``, ``flowbus_step_failures_total`` (acks and reads that
+failed and were sent again: the server out of reach, or refusing them),
+``flowbus_owned_partitions``, and ``flowbus_lag_events``
 (events of the owned partitions' live sessions that this service has not acknowledged yet).
 
 ``/healthz`` answers 200 with a JSON body while the worker's event loop refreshes these figures
@@ -227,6 +229,7 @@ class _Snapshot(Collector):
             ("flowbus_dead_letters", s.dead_lettered, "Events dead-lettered (or paused on)."),
             ("flowbus_events_skipped", s.skipped, "Events of types the service ignores."),
             ("flowbus_partitions_lost", s.partitions_lost, "Partitions lost to a lapsed lease."),
+            ("flowbus_step_failures", s.step_failures, "Acks and reads that failed, sent again."),
         ):
             counter = CounterMetricFamily(name, text, labels=["service"])
             counter.add_metric(labels, value)

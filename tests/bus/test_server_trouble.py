@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from bus import Bus, Codec, CommandRefusedError, ConnectionFailedError, NotPermittedError
+from bus import (
+    Bus,
+    Codec,
+    CommandRefusedError,
+    ConnectionFailedError,
+    Delivery,
+    NotPermittedError,
+    Service,
+    ServiceInfo,
+)
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
 from tests.conftest import KIND, make_settings
-from tests.support import raw
+from tests.support import raw, running, wait_for
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -28,6 +38,40 @@ async def test_a_server_out_of_memory_refuses_a_publish_with_a_bus_error_then_ta
             assert [e.seq for e in await bus.history("call-1")] == [1]  # reads still work
             await bus.redis.config_set("maxmemory", 0)
             assert (await bus.publish("call-1", Tick(n=2))).seq == 2
+
+
+async def test_an_ack_the_server_refuses_is_sent_again_until_it_takes_it_and_counted() -> None:
+    """The server refuses the step that acknowledges a handled event (its user's XACK
+    revoked): the session waits and the step is sent again, counted for the metrics
+    (``flowbus_step_failures_total``), until the server takes it; nothing is lost or handled
+    twice, and the worker's leases are kept meanwhile."""
+    started, go, handled = anyio.Event(), anyio.Event(), []
+
+    async def handle(delivery: Delivery) -> None:
+        if delivery.seq == 1:
+            started.set()
+            await go.wait()
+        handled.append((delivery.seq, delivery.deliveries))
+
+    with LocalServer(KIND) as server:
+        admin = make_settings(server.url)
+        user = msgspec.structs.replace(admin, url=server.url.replace("//", "//app:secret@"))
+        app = ["ACL", "SETUSER", "app"]
+        async with Bus.connect(admin) as root:
+            await raw(root).execute_command(*app, "on", ">secret", "~*", "&*", "+@all")
+            async with Bus.connect(user) as bus:
+                await bus.register_service(ServiceInfo("svc"))
+                for n in (1, 2):
+                    await bus.publish("call-1", Tick(n=n))
+                async with running(bus, Service("svc", handle, Codec([Tick]))) as consumer:
+                    await started.wait()
+                    await raw(root).execute_command(*app, "-xack")
+                    go.set()
+                    await wait_for(lambda: consumer.stats.step_failures >= 2, what="refusals")
+                    assert handled == [(1, 1)]  # the next waits for the ack
+                    await raw(root).execute_command(*app, "+xack")
+                    await wait_for(lambda: len(handled) == 2, what="the session going on")
+    assert handled == [(1, 1), (2, 1)] and consumer.stats.partitions_lost == 0
 
 
 async def test_a_read_only_replica_refuses_writes_with_a_bus_error() -> None:

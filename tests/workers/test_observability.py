@@ -77,6 +77,7 @@ async def test_a_worker_exports_what_it_handled_retried_dead_lettered_and_owns(
     assert samples['flowbus_handler_seconds_count{service="steps",type="step"}'] == 4
     assert samples[f"flowbus_publish_to_handler_seconds_count{{{labels}}}"] == 3  # first tries
     assert samples[f"flowbus_lag_events{{{labels}}}"] == 0
+    assert samples[f"flowbus_step_failures_total{{{labels}}}"] == 0
 
     log = workers.terminate(workers.procs[-1])
     lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
