@@ -109,7 +109,8 @@ class Stats:
     dead_lettered: int = 0
     partitions_lost: int = 0
     #: Steps (acks, reads) that failed and were sent again: the server out of reach, or
-    #: refusing them (out of memory, say). Their sessions wait meanwhile; nothing is lost.
+    #: refusing them (a user's permissions changed, say). Their sessions wait meanwhile;
+    #: nothing is lost.
     step_failures: int = 0
 
 

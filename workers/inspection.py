@@ -451,11 +451,15 @@ def render_sessions(rows: list[SessionRow], now_ms: int) -> str:
     )
 
 
+#: The meta's memory of the last publishes, for their retries: nothing to show.
+_RETRIES = frozenset({"publish_id", "publish_reply", "replay_id", "replay_reply"})
+
+
 def render_session(d: SessionDetail, now_ms: int, *, width: int = 70) -> str:
     started = int(d.meta.get("started", 0))
     lines = [
         f"session {d.session}  partition {d.partition}  stream {d.stream}",
-        "  " + "  ".join(f"{k}={v}" for k, v in sorted(d.meta.items()) if k != "publish_id"),
+        "  " + "  ".join(f"{k}={v}" for k, v in sorted(d.meta.items()) if k not in _RETRIES),
         "",
     ]
     traces = sorted({e.extra["traceparent"] for e in d.events if "traceparent" in e.extra})

@@ -2,11 +2,11 @@
 -- KEYS: stream (<tag>:session:<sid>)  ARGV: tag sid type data final retention_ms publish_id
 --   after dead_letter ngroups group... field value...
 -- A retry of the session's last publish (same publish_id) returns its seq and id again instead of
--- appending twice, so a publisher may retry after a lost reply. A replay (below) is remembered
--- apart (replay_id), so that one appended between the bot's publish and its retry does not make
--- the bot's event appended twice. `after` is the last seq this
--- publisher appended to the session (0 if none): a session the server does not know although
--- its publisher does was lost with the server's data, and its counter goes on from there.
+-- appending twice, so a publisher may retry after a lost reply. A replay's (below) is remembered
+-- apart (replay_*), so that one coming between the bot's publish and its retry does not make
+-- the bot's event appended twice. `after` is the last seq this publisher appended to the
+-- session (0 if none): a session the server does not know although its publisher does was lost
+-- with the server's data, and its counter goes on from there.
 -- `dead_letter` ('' if none) is the id in <tag>:dead of the dead letter this event replays: it
 -- is removed as the event is appended, and if it is gone already (replayed or dropped), nothing
 -- is appended (error NODEADLETTER), so a replay cut short and run again is not appended twice.
@@ -68,7 +68,8 @@ local fields = {'type', ARGV[3], 'seq', seq, 'ts', ts, 'data', ARGV[4]}
 local ngroups = tonumber(ARGV[10])
 for i = 11 + ngroups, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', k_stream, '*', unpack(fields))
-redis.call('HSET', k_meta, by .. '_id', publish_id, by .. '_reply', seq .. ' ' .. id, 'publish_entry', id)
+redis.call('HSET', k_meta, by .. '_id', publish_id, by .. '_reply', seq .. ' ' .. id,
+  'publish_entry', id)
 
 if new then
   redis.call('HSET', k_meta, 'started', ts)

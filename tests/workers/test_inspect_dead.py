@@ -120,6 +120,7 @@ async def test_a_skipped_dead_letter_is_listed_shown_and_replayed_after_the_sess
     assert [d["ref"] for d in detail["dead_letters"]] == [ref]
     _, text, _ = await flowbus(settings, "inspect", "session", "call-7")
     assert "steps: read up to seq 3, lag 0, pending 0" in text and ref in text
+    assert "publish_entry=" in text and "publish_reply" not in text  # its retries' memory
     assert re.search(r"\n2 +\d+ +step +✓ +✗ ", text), text
 
     await raw(bus).delete(broken_key(settings.prefix, "steps"))
