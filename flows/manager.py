@@ -348,9 +348,12 @@ class FlowManager:
         return next_node, again and next_node is None
 
     async def end(self, reason: str = "ended") -> None:
-        """End the session: publish ``session.ended``, the stream's last event. A cancellation
+        """End the session: publish ``session.ended``, the stream's last event. A node entry
+        waiting for its pre-actions returns at once, the node not entered. A cancellation
         waits for the publish (its retries are bounded); one that failed may be made again."""
         self._ending = True
+        if self._pre_wait is not None:  # a node entry waiting for its pre-actions is moot now
+            self._pre_wait.cancel()
         if self._end_sent:
             return
         self._end_sent = True

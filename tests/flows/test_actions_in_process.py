@@ -268,3 +268,36 @@ async def test_a_pre_action_failure_after_the_bot_stopped_waiting_is_not_a_post_
             await bus.send("call-1", marker)  # once handled, the late reply was too
             await wait_for(lambda: _has_error(fm), what="the bot to handle both")
             assert fm.action_errors == [("x", "m", "marker")]
+
+
+async def test_an_end_while_a_node_waits_for_its_pre_actions_leaves_it_at_once(
+    bus: Bus,
+) -> None:
+    """The caller hangs up (the bot calls `end()`) while node b's pre-action phrase is being
+    spoken. The phrase is never confirmed, so the pre-actions never finish: the node entry
+    must return, b not entered, not wait out `actions_timeout` and raise `ActionError`."""
+    service = ActionService()
+
+    @service.action("lookup")
+    async def lookup(action: dict[str, Any], flow_manager: Any) -> None:
+        pass
+
+    speaking = anyio.Event()
+
+    async def observe(kind: str, text: str) -> None:
+        if kind == "tts.started":
+            speaking.set()
+
+    async with running(bus, service.as_service()):
+        tts = SimulatedTTS(0.02, observer=observe)
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=tts, actions_timeout=3
+        ) as fm:
+            await fm.initialize(quiet("a", []))
+            pre = [{"type": "tts_say", "text": "Please hold on."}, {"type": "lookup"}]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.set_node_from_config, quiet("b", pre))
+                await speaking.wait()
+                await fm.end("the caller hung up")
+            assert fm.current_node == "a"
+    assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"
