@@ -253,11 +253,15 @@ class ActionService:
                     state.next = None
                 else:
                     latest.phase = "abandoned"
-            case SessionStarted() if run is not None and run.phase not in ("failed", "ended"):
-                # A bot that started over on its session: what its predecessor was doing or
-                # waiting for will not be confirmed (nor its next node entered).
-                log.info("actions_abandoned", node=run.node, gen=run.gen, reason="bot restarted")
-                run.phase, run.waiting, state.next = "abandoned", "", None
+            case SessionStarted():
+                # A bot that started over on its session: it is in no node yet (its first
+                # node's pre-actions see current_node None), and what its predecessor was doing
+                # or waiting for will not be confirmed (nor its next node entered).
+                state.entered = None
+                if run is not None and run.phase not in ("failed", "ended"):
+                    why = "bot restarted"
+                    log.info("actions_abandoned", node=run.node, gen=run.gen, reason=why)
+                    run.phase, run.waiting, state.next = "abandoned", "", None
             case SessionEnded() if run is not None:
                 run.phase = "ended"
                 state.next = None
@@ -268,7 +272,6 @@ class ActionService:
                 | TTSSpoken()
                 | ActionDone()
                 | WaitTimedOut()
-                | SessionStarted()
                 | SessionEnded()
             ):
                 pass  # a replay, or an event of an earlier node

@@ -301,3 +301,24 @@ async def test_an_end_while_a_node_waits_for_its_pre_actions_leaves_it_at_once(
                 await fm.end("the caller hung up")
             assert fm.current_node == "a"
     assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"
+
+
+async def test_a_bot_that_starts_over_is_in_no_node_for_its_first_pre_actions(
+    bus: Bus,
+) -> None:
+    """A new bot on the session (the one before died): while its first node's pre-actions
+    run, its `current_node` is None, so theirs must be too, not the old bot's last node."""
+    service = ActionService()
+    seen: list[Any] = []
+
+    @service.action("where")
+    async def where(action: dict[str, Any], flow_manager: Any) -> None:
+        seen.append(flow_manager.current_node)
+
+    async with running(bus, service.as_service()):
+        for name in ("a", "b"):  # one bot, then the next
+            async with FlowManager.open(
+                bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
+            ) as fm:
+                await fm.initialize(quiet(name, [{"type": "where"}]))
+    assert seen == [None, None]
