@@ -15,6 +15,7 @@ waits — always for a bounded time — for the pre-actions to finish before the
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -97,7 +98,8 @@ class FlowManager:
     raises `FlowInitializationError`, with it as ``__cause__``) and every bot-side
     action; `function_timeout` bounds every node function's handler (past it, the LLM gets an
     error result). A plain `def` handler runs in a thread, which cannot be stopped: it counts
-    as timed out once it returns. Nothing waits for ever.
+    as timed out once it returns. Nothing waits for ever: each is a finite number of seconds
+    above 0, else `ValueError`.
     """
 
     def __init__(
@@ -114,6 +116,13 @@ class FlowManager:
         context_strategy: Any = ContextStrategy.APPEND,
         global_functions: Sequence[Any] = (),
     ) -> None:
+        for option, seconds in (
+            ("actions_timeout", actions_timeout),
+            ("function_timeout", function_timeout),
+        ):
+            if not (isinstance(seconds, int | float) and 0 < seconds < math.inf):
+                # (an infinite one failed the first node entry; 0 or less, every wait at once)
+                raise ValueError(f"{option} is a number of seconds above 0, not {seconds!r}")
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
         #: Functions offered in every node, before its own (as Pipecat's `global_functions`),
         #: in any of the forms a node's `functions` take; the flow's first.

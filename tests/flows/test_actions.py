@@ -261,6 +261,27 @@ async def test_a_broken_action_is_a_clear_error_at_once_and_the_next_call_is_una
     assert "action.finished:fine" in await timeline(bus, "call-next")
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"actions_timeout": float("inf")},  # failed the first node entry, unclearly
+        {"actions_timeout": 0},
+        {"actions_timeout": float("nan")},
+        {"function_timeout": -1},  # every function call timed out at once
+        {"function_timeout": "30"},
+    ],
+)
+async def test_a_timeout_that_cannot_bound_a_wait_is_refused_at_once(
+    bus: Bus, option: dict[str, Any]
+) -> None:
+    (name,) = option
+    with pytest.raises(ValueError, match=f"^{name} is a number of seconds above 0"):
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), **option
+        ):
+            pass
+
+
 async def test_slow_pre_actions_end_the_wait_at_the_timeout_as_an_event(actions: Bus) -> None:
     bus = actions
     async with call(bus, "call-1", wait=0.3) as fm:
