@@ -30,6 +30,7 @@ import structlog
 from bus import Delivery, Payload, Service
 
 from .calling import invoke_action
+from .errors import FlowTransitionError
 from .protocol import (
     FLOW_EVENTS,
     Action,
@@ -126,6 +127,16 @@ class WorkerFlowManager:
         #: action's side effects, should a crash make it run again.
         self.action_key = f"{delivery.session}/{key}"
         self._sent = 0
+
+    async def set_node_from_config(self, node: Any) -> None:
+        """Not in a worker: the bot owns the flow. Raises `FlowTransitionError` saying so (a
+        Pipecat ``function`` action that sets a node has its handler given as a callable in
+        the bot's config, where it runs in the bot)."""
+        raise FlowTransitionError(
+            f"a worker's action cannot set the node of session {self.session_id!r}, the bot "
+            "owns the flow: give a handler that sets a node as a callable in the bot's node "
+            "config (it then runs in the bot)"
+        )
 
     async def send(self, command: Payload) -> bool:
         """Write `command` to the bot's inbox (once, even if this action runs again): the n-th

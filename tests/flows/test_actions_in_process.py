@@ -322,3 +322,26 @@ async def test_a_bot_that_starts_over_is_in_no_node_for_its_first_pre_actions(
             ) as fm:
                 await fm.initialize(quiet(name, [{"type": "where"}]))
     assert seen == [None, None]
+
+
+async def test_a_worker_function_action_that_sets_a_node_is_told_where_it_can(bus: Bus) -> None:
+    """A Pipecat `function` action that sets a node, registered in the worker: it cannot (the
+    bot owns the flow), and the error must say so and where such a handler runs, not be an
+    `AttributeError` of the worker's flow manager."""
+    service = ActionService()
+
+    @service.function("go_on")
+    async def go_on(action: dict[str, Any], flow_manager: Any) -> None:
+        await flow_manager.set_node_from_config({"name": "b", "task_messages": []})
+
+    async with running(bus, service.as_service()):
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=10
+        ) as fm:
+            pre = [{"type": "function", "handler": "go_on"}]
+            with pytest.raises(FlowInitializationError) as raised:
+                await fm.initialize(quiet("a", pre))
+    cause = raised.value.__cause__
+    assert isinstance(cause, ActionError)
+    assert "FlowTransitionError" in str(cause), str(cause)
+    assert "callable in the bot's node config" in str(cause), str(cause)
