@@ -631,7 +631,7 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _end(bus: Bus, args: argparse.Namespace) -> int:
-    from .inspection import duration, idle_sessions
+    from .inspection import duration, end_states, idle_sessions
 
     if bool(args.sessions) == (args.idle_for is not None):
         raise UsageError("end: name sessions or give --idle-for SECONDS, not both")
@@ -649,11 +649,13 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
     else:
         targets = [(s, "") for s in dict.fromkeys(args.sessions)]
     outcomes: dict[str, int] = {}
-    for session, idle in targets:
-        if args.dry_run:
+    states = await end_states(bus, [s for s, _ in targets]) if args.dry_run else []
+    for i, (session, idle) in enumerate(targets):
+        if args.dry_run and states[i] == "live":
             print(f"{session}: would end{idle}")
             continue
-        outcome = await bus.end_session(session, reason=args.reason)
+        # A dry run says of an ended or unknown session what the run would.
+        outcome = states[i] if args.dry_run else await bus.end_session(session, reason=args.reason)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "unknown":
             print(f"flowbus: no session {session!r}", file=sys.stderr)

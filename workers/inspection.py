@@ -250,6 +250,20 @@ async def idle_sessions(bus: Bus, idle_ms: int) -> list[tuple[str, int]]:
     return sorted(found, key=lambda s: (-s[1], s[0]))
 
 
+async def end_states(bus: Bus, sessions: Sequence[str]) -> list[str]:
+    """For each of `sessions`, what `Bus.end_session` would find: ``"ended"`` (it had ended),
+    ``"unknown"`` (no such session) or ``"live"``; for ``flowbus end --dry-run``."""
+    pipe = bus.redis.pipeline(transaction=False)
+    for session in sessions:
+        pipe.exists(bus.keys.meta(session))
+        pipe.hexists(bus.keys.meta(session), "ended")
+    replies: list[Any] = await pipe.execute()
+    return [
+        "ended" if ended else "live" if exists else "unknown"
+        for exists, ended in zip(replies[::2], replies[1::2], strict=True)
+    ]
+
+
 def _current_node(recent: list[Any]) -> str:
     for _id, fields in recent:
         if fields.get(b"type") == b"node.entered":

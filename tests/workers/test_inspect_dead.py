@@ -495,6 +495,26 @@ async def test_end_ends_named_sessions_and_those_idle_for_long(
     assert code == 2 and "name sessions or give --idle-for" in err
 
 
+async def test_end_dry_run_says_of_an_unknown_or_ended_session_what_the_run_would(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.publish("call-live", Step(n=1))
+    await bus.publish("call-done", Step(n=1), final=True)  # no service: it retires at once
+    code, out, err = await flowbus(
+        settings, "end", "call-live", "call-done", "call-gone", "--dry-run", check=False
+    )
+    assert code == 1 and "no session 'call-gone'" in err
+    assert out.splitlines() == [
+        "call-live: would end",
+        "call-done: had ended before (nothing changed)",
+    ]
+    rows = await as_json(settings, "inspect", "sessions")
+    assert sorted((r["session"], r["status"]) for r in rows) == [
+        ("call-done", "ended"),
+        ("call-live", "live"),
+    ]
+
+
 async def test_a_session_its_bot_ended_shows_as_ending_until_every_service_handled_it(
     bus: Bus, settings: Settings
 ) -> None:
