@@ -173,6 +173,26 @@ async def _all_sessions(bus: Bus) -> list[tuple[str, int, bool]]:
     return list(found.values())
 
 
+async def _counted_lag(bus: Bus, streams: Sequence[str], infos: Sequence[Any]) -> list[Any]:
+    """Each stream's XINFO GROUPS reply (an error: no groups), with each group's ``lag``
+    counted where the server gives none: entries deleted by hand (or a group's id set) leave
+    it unknown to the server, and taken for 0 it would show the group caught up."""
+    groups = [info if isinstance(info, list) else [] for info in infos]
+    unknown = [
+        (stream, g)
+        for stream, gs in zip(streams, groups, strict=True)
+        for g in gs
+        if g.get("lag") is None
+    ]
+    if unknown:
+        pipe = bus.redis.pipeline(transaction=False)
+        for stream, g in unknown:  # the entries after its position: not delivered to it yet
+            pipe.xrange(stream, min=f"({_text(g['last-delivered-id'])}", max="+")
+        for (_, g), after in zip(unknown, await pipe.execute(), strict=True):
+            g["lag"] = len(after)
+    return groups
+
+
 async def _paused(bus: Bus, groups: Sequence[str]) -> dict[str, dict[str, str]]:
     """group -> {session: paused entry id}."""
     pipe = bus.redis.pipeline(transaction=False)
@@ -206,14 +226,13 @@ async def sessions(bus: Bus, *, ended: bool = True, limit: int = 50) -> list[Ses
         pipe.xinfo_groups(bus.keys.session(session))
         pipe.xrevrange(bus.keys.session(session), count=NODE_LOOKBACK)
     replies: list[Any] = await pipe.execute(raise_on_error=False)
+    streams = [bus.keys.session(session) for (session, _, _), _meta in rows]
+    infos = await _counted_lag(bus, streams, replies[::2])
     paused = await _paused(bus, await _group_names(bus))
     result = []
     for i, ((session, p, live), meta) in enumerate(rows):
-        groups, recent = replies[2 * i], replies[2 * i + 1]
-        behind = {
-            _text(g["name"]): int(g.get("lag") or 0) + int(g["pending"])
-            for g in (groups if isinstance(groups, list) else [])
-        }
+        groups, recent = infos[i], replies[2 * i + 1]
+        behind = {_text(g["name"]): int(g["lag"]) + int(g["pending"]) for g in groups}
         status = "live" if live else "ended"
         if live and meta[2]:  # ended by its bot; some group has yet to handle all of it
             status = "ending"
@@ -284,7 +303,7 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
     meta_raw, raw, groups_raw, inbox_raw = await pipe.execute(raise_on_error=False)
     max_data = 1 << 62
     events = _rows(raw if isinstance(raw, list) else [], max_data)
-    groups_info = groups_raw if isinstance(groups_raw, list) else []
+    [groups_info] = await _counted_lag(bus, [stream], [groups_raw])
     pipe = bus.redis.pipeline(transaction=False)
     for g in groups_info:  # every pending entry, however many
         name, count = _text(g["name"]), max(1, int(g["pending"]))
@@ -311,7 +330,7 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
                 last,
                 seq_of.get(last, 0),
                 g.get("entries-read"),
-                g.get("lag"),
+                g["lag"],
                 pending,
                 None if paused_entry is None else _text(paused_entry),
             )
@@ -359,16 +378,17 @@ async def groups(bus: Bus) -> list[GroupRow]:
     pipe = bus.redis.pipeline(transaction=False)
     for session, _ in live:
         pipe.xinfo_groups(bus.keys.session(session))
-    infos: list[Any] = await pipe.execute(raise_on_error=False)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    infos = await _counted_lag(bus, [bus.keys.session(s) for s, _ in live], replies)
     lag = dict.fromkeys(names, 0)
     pending = dict.fromkeys(names, 0)
     following = dict.fromkeys(names, 0)  # live sessions with the service's group
     for info in infos:
-        for g in info if isinstance(info, list) else []:
+        for g in info:
             name = _text(g["name"])
             if name in lag:
                 following[name] += 1
-                lag[name] += int(g.get("lag") or 0)
+                lag[name] += int(g["lag"])
                 pending[name] += int(g["pending"])
     paused = await _paused(bus, names)
     dead = await count_dead(bus)

@@ -292,6 +292,27 @@ async def test_inspect_lists_no_session_whose_keys_expired_and_every_pending_ent
     assert marks == ["pending"] * 150 + ["waiting"]
 
 
+async def test_inspect_counts_the_lag_the_server_leaves_unknown_after_an_entry_deleted_by_hand(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.register_service(ServiceInfo("slow"))  # no worker of it runs
+    for n in (1, 2, 3, 4):
+        await bus.publish("call-1", Step(n=n))
+    stream = bus.keys.session("call-1")
+    await raw(bus).xreadgroup("slow", "p0", {stream: ">"}, count=1)
+    [(last, _)] = await raw(bus).xrevrange(stream, count=1)
+    await raw(bus).xdel(stream, last)  # by hand, after the group's position
+    assert (await raw(bus).xinfo_groups(stream))[0]["lag"] is None  # the server cannot tell
+    [row] = await as_json(settings, "inspect", "sessions")
+    assert row["behind"] == {"slow": 3}  # seq 1 pending, 2 and 3 not read
+    [group] = (await as_json(settings, "inspect", "session", "call-1"))["groups"]
+    assert (group["lag"], len(group["pending"])) == (2, 1)
+    _, text, _ = await flowbus(settings, "inspect", "session", "call-1")
+    assert "slow: read up to seq 1, lag 2, pending 1" in text
+    [service] = await as_json(settings, "inspect", "groups")
+    assert (service["lag"], service["pending"]) == (2, 1)
+
+
 async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay_but_not_in_its_session(
     bus: Bus, settings: Settings
 ) -> None:
