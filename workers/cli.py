@@ -363,7 +363,13 @@ def parser() -> argparse.ArgumentParser:
         p = _subparser(what, name, help, help[0].upper() + help[1:] + ".", epilog)
         if name == "sessions":
             p.add_argument("--live", action="store_true", help="only sessions still live")
-            p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+            p.add_argument(
+                "--limit",
+                type=int,
+                default=50,
+                help="at most this many, live ones first, then the latest started; stderr says "
+                "how many more there are (default 50)",
+            )
         if name == "session":
             p.add_argument("session", metavar="SESSION")
             p.add_argument("--inbox", action="store_true", help="also show the bot's inbox")
@@ -589,11 +595,14 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
 
     now = await i.server_ms(bus)
     result: object
+    more = ""  # what was left out, said on stderr
     if args.what == "sessions":
         if args.limit < 1:
             raise UsageError(f"--limit must be at least 1, not {args.limit}")
-        result = rows = await i.sessions(bus, ended=not args.live, limit=args.limit)
-        text = i.render_sessions(rows, now)
+        rows, total = await i.sessions(bus, ended=not args.live, limit=args.limit)
+        result, text = rows, i.render_sessions(rows, now)
+        if total > len(rows):
+            more = f"{total - len(rows)} more sessions not shown (--limit N shows more)"
     elif args.what == "session":
         try:
             check_session_id(args.session)
@@ -627,6 +636,8 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         print(text)
+    if more:
+        print(f"flowbus: {more}", file=sys.stderr)
     return 0
 
 

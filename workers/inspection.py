@@ -211,8 +211,11 @@ async def _group_names(bus: Bus) -> list[str]:
     return [s.name for s in await bus.services(fresh=True)]
 
 
-async def sessions(bus: Bus, *, ended: bool = True, limit: int = 50) -> list[SessionRow]:
-    """The `limit` most recently started sessions (live first, then ended if `ended`)."""
+async def sessions(
+    bus: Bus, *, ended: bool = True, limit: int = 50
+) -> tuple[list[SessionRow], int]:
+    """The `limit` most recently started sessions (live first, then ended if `ended`), and how
+    many there are in all."""
     found = [s for s in await _all_sessions(bus) if ended or s[2]]
     pipe = bus.redis.pipeline(transaction=False)
     for session, _, _ in found:
@@ -250,7 +253,7 @@ async def sessions(bus: Bus, *, ended: bool = True, limit: int = 50) -> list[Ses
                 behind,
             )
         )
-    return result
+    return result, len(found)
 
 
 async def idle_sessions(bus: Bus, idle_ms: int) -> list[tuple[str, int]]:

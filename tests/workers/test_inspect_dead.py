@@ -292,6 +292,20 @@ async def test_inspect_lists_no_session_whose_keys_expired_and_every_pending_ent
     assert marks == ["pending"] * 150 + ["waiting"]
 
 
+async def test_inspect_sessions_says_how_many_its_limit_left_out(
+    bus: Bus, settings: Settings
+) -> None:
+    for session in ("call-1", "call-2", "call-3"):
+        await bus.publish(session, Step(n=1))
+    _, out, err = await flowbus(settings, "inspect", "sessions", "--limit", "2")
+    assert len(out.splitlines()) == 1 + 2  # the header, two sessions
+    assert "flowbus: 1 more sessions not shown (--limit N shows more)" in err
+    _, out, err = await flowbus(settings, "inspect", "sessions", "--limit", "2", "--json")
+    assert len(json.loads(out)) == 2 and "1 more sessions not shown" in err
+    _, out, err = await flowbus(settings, "inspect", "sessions", "--limit", "3")
+    assert len(out.splitlines()) == 1 + 3 and "more sessions" not in err
+
+
 async def test_inspect_counts_the_lag_the_server_leaves_unknown_after_an_entry_deleted_by_hand(
     bus: Bus, settings: Settings
 ) -> None:
