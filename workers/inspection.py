@@ -25,6 +25,9 @@ from .observe import lease_owners
 
 #: How far back from a session's end its current node is looked for.
 NODE_LOOKBACK = 200
+#: Entries read from a stream per command: a huge session read in one would hold the server
+#: up (about a second per million entries), every worker's commands waiting behind it.
+PAGE = 1000
 
 
 class SessionRow(msgspec.Struct, frozen=True):
@@ -173,6 +176,18 @@ async def _all_sessions(bus: Bus) -> list[tuple[str, int, bool]]:
     return list(found.values())
 
 
+async def _read_stream(bus: Bus, stream: str, after: str = "-") -> list[Any]:
+    """Every entry of `stream` after the id `after` (``-``: all of it), a page per command."""
+    entries: list[Any] = []
+    start = after if after == "-" else f"({after}"
+    while True:
+        page: Any = await bus.redis.xrange(stream, min=start, max="+", count=PAGE)
+        entries += page
+        if len(page) < PAGE:
+            return entries
+        start = f"({_text(page[-1][0])}"
+
+
 async def _counted_lag(bus: Bus, streams: Sequence[str], infos: Sequence[Any]) -> list[Any]:
     """Each stream's XINFO GROUPS reply (an error: no groups), with each group's ``lag``
     counted where the server gives none: entries deleted by hand (or a group's id set) leave
@@ -184,12 +199,8 @@ async def _counted_lag(bus: Bus, streams: Sequence[str], infos: Sequence[Any]) -
         for g in gs
         if g.get("lag") is None
     ]
-    if unknown:
-        pipe = bus.redis.pipeline(transaction=False)
-        for stream, g in unknown:  # the entries after its position: not delivered to it yet
-            pipe.xrange(stream, min=f"({_text(g['last-delivered-id'])}", max="+")
-        for (_, g), after in zip(unknown, await pipe.execute(), strict=True):
-            g["lag"] = len(after)
+    for stream, g in unknown:  # the entries after its position: not delivered to it yet
+        g["lag"] = len(await _read_stream(bus, stream, _text(g["last-delivered-id"])))
     return groups
 
 
@@ -300,12 +311,10 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
     stream = keys.session(session)
     pipe = bus.redis.pipeline(transaction=False)
     pipe.hgetall(keys.meta(session))
-    pipe.xrange(stream)
     pipe.xinfo_groups(stream)
-    pipe.xrange(keys.inbox(session))
-    meta_raw, raw, groups_raw, inbox_raw = await pipe.execute(raise_on_error=False)
+    meta_raw, groups_raw = await pipe.execute(raise_on_error=False)
     max_data = 1 << 62
-    events = _rows(raw if isinstance(raw, list) else [], max_data)
+    events = _rows(await _read_stream(bus, stream), max_data)
     [groups_info] = await _counted_lag(bus, [stream], [groups_raw])
     pipe = bus.redis.pipeline(transaction=False)
     for g in groups_info:  # every pending entry, however many
@@ -349,7 +358,7 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
         else {},
         events,
         progress,
-        _rows(inbox_raw, max_data) if inbox and isinstance(inbox_raw, list) else [],
+        _rows(await _read_stream(bus, keys.inbox(session)), max_data) if inbox else [],
         dead,
     )
 

@@ -292,6 +292,37 @@ async def test_inspect_lists_no_session_whose_keys_expired_and_every_pending_ent
     assert marks == ["pending"] * 150 + ["waiting"]
 
 
+async def test_inspect_session_reads_a_long_stream_a_page_at_a_time(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.publish("call-long", Step(n=1))
+    stream = bus.keys.session("call-long")
+    pipe = raw(bus).pipeline(transaction=False)
+    for n in range(2, 2501):
+        data = json.dumps({"type": "step", "n": n})
+        pipe.xadd(stream, {"type": "step", "seq": n, "ts": n, "data": data})
+    await pipe.execute()
+    await raw(bus).xgroup_create(stream, "late", id="0")  # by hand: none of it read
+    await raw(bus).config_set("slowlog-log-slower-than", 0)  # every command, with its args
+    await raw(bus).config_set("slowlog-max-len", 1000)
+    await raw(bus).slowlog_reset()
+    try:
+        detail = await as_json(settings, "inspect", "session", "call-long", "--inbox")
+        log = await raw(bus).slowlog_get(1000)
+    finally:
+        await raw(bus).config_set("slowlog-log-slower-than", 10_000)
+    assert [e["seq"] for e in detail["events"]] == list(range(1, 2501))
+    assert {g["name"]: g["lag"] for g in detail["groups"]} == {"late": 2500}
+    reads = [
+        e["command"].split()
+        for e in log
+        if e["command"].startswith(b"XRANGE " + stream.encode())  # the inbox's too
+    ]
+    assert len(reads) >= 3 + 1  # the stream's pages and the inbox's
+    # No command read more than a page (an unbounded one would hold the server up).
+    assert all(r[-2:-1] == [b"COUNT"] and int(r[-1]) <= 1000 for r in reads), reads
+
+
 async def test_inspect_sessions_says_how_many_its_limit_left_out(
     bus: Bus, settings: Settings
 ) -> None:
