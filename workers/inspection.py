@@ -188,7 +188,7 @@ async def _read_stream(bus: Bus, stream: str, after: str = "-") -> list[Any]:
         start = f"({_text(page[-1][0])}"
 
 
-async def _counted_lag(bus: Bus, streams: Sequence[str], infos: Sequence[Any]) -> list[Any]:
+async def counted_lag(bus: Bus, streams: Sequence[str], infos: Sequence[Any]) -> list[Any]:
     """Each stream's XINFO GROUPS reply (an error: no groups), with each group's ``lag``
     counted where the server gives none: entries deleted by hand (or a group's id set) leave
     it unknown to the server, and taken for 0 it would show the group caught up."""
@@ -241,7 +241,7 @@ async def sessions(
         pipe.xrevrange(bus.keys.session(session), count=NODE_LOOKBACK)
     replies: list[Any] = await pipe.execute(raise_on_error=False)
     streams = [bus.keys.session(session) for (session, _, _), _meta in rows]
-    infos = await _counted_lag(bus, streams, replies[::2])
+    infos = await counted_lag(bus, streams, replies[::2])
     paused = await _paused(bus, await _group_names(bus))
     result = []
     for i, ((session, p, live), meta) in enumerate(rows):
@@ -315,7 +315,7 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
     meta_raw, groups_raw = await pipe.execute(raise_on_error=False)
     max_data = 1 << 62
     events = _rows(await _read_stream(bus, stream), max_data)
-    [groups_info] = await _counted_lag(bus, [stream], [groups_raw])
+    [groups_info] = await counted_lag(bus, [stream], [groups_raw])
     pipe = bus.redis.pipeline(transaction=False)
     for g in groups_info:  # every pending entry, however many
         name, count = _text(g["name"]), max(1, int(g["pending"]))
@@ -391,7 +391,7 @@ async def groups(bus: Bus) -> list[GroupRow]:
     for session, _ in live:
         pipe.xinfo_groups(bus.keys.session(session))
     replies: list[Any] = await pipe.execute(raise_on_error=False)
-    infos = await _counted_lag(bus, [bus.keys.session(s) for s, _ in live], replies)
+    infos = await counted_lag(bus, [bus.keys.session(s) for s, _ in live], replies)
     lag = dict.fromkeys(names, 0)
     pending = dict.fromkeys(names, 0)
     following = dict.fromkeys(names, 0)  # live sessions with the service's group

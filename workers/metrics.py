@@ -43,6 +43,8 @@ from prometheus_client.registry import Collector
 
 from bus import Bus, Consumer, Delivery, Stats
 
+from .inspection import counted_lag
+
 log = structlog.get_logger("flowbus.metrics")
 
 #: Handler durations: from a cache hit to a slow CRM call.
@@ -177,10 +179,11 @@ async def lag_of(bus: Bus, group: str, partitions: list[int]) -> int:
         pipe.xinfo_groups(bus.keys.session(session))
     total = 0
     replies: list[Any] = await pipe.execute(raise_on_error=False)
-    for groups in replies:
-        for g in groups if isinstance(groups, list) else ():
+    streams = [bus.keys.session(session) for session in sessions]
+    for groups in await counted_lag(bus, streams, replies):  # a lag the server cannot tell
+        for g in groups:
             if g["name"].decode() == group:
-                total += int(g.get("lag") or 0) + int(g["pending"])
+                total += int(g["lag"]) + int(g["pending"])
     return total
 
 

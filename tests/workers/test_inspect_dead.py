@@ -19,6 +19,7 @@ from tests.conftest import make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
 from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
+from workers.metrics import lag_of
 
 pytestmark = pytest.mark.anyio
 APP = "tests.workers.apps:steps"
@@ -356,6 +357,8 @@ async def test_inspect_counts_the_lag_the_server_leaves_unknown_after_an_entry_d
     assert "slow: read up to seq 1, lag 2, pending 1" in text
     [service] = await as_json(settings, "inspect", "groups")
     assert (service["lag"], service["pending"]) == (2, 1)
+    partition = bus.keys.partition("call-1")
+    assert await lag_of(bus, "slow", [partition]) == 3  # the metrics' flowbus_lag_events
 
 
 async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay_but_not_in_its_session(
