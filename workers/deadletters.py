@@ -27,7 +27,7 @@ removes it; for a paused session it also acknowledges the entry unhandled
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
@@ -133,44 +133,51 @@ def parse(partition: int, entry_id: str, raw: Mapping[bytes, bytes], paused: boo
 
 
 async def list_dead(
-    bus: Bus, *, group: str | None = None, session: str | None = None
+    bus: Bus, *, group: str | None = None, session: str | None = None, page: int = 2000
 ) -> list[DeadLetter]:
-    """Every dead letter (of `group`, of `session`), by partition then age."""
+    """Every dead letter (of `group`, of `session`), by partition then age, read `page` of
+    each partition's at a time."""
     partitions = [bus.keys.partition(session)] if session else list(range(bus.settings.partitions))
-    pipe = bus.redis.pipeline(transaction=False)
-    for p in partitions:
-        pipe.xrange(bus.keys.dead(p))
-    replies: list[Any] = await pipe.execute()
     letters = []
-    for p, entries in zip(partitions, replies, strict=True):
+    async for p, entries in _pages(bus, partitions, page):
         for raw_id, fields in entries:
             letter = parse(p, _text(raw_id), fields, paused=False)
             if (group is None or letter.group == group) and (
                 session is None or letter.session == session
             ):
                 letters.append(letter)
+    letters.sort(key=lambda d: d.partition)  # stable: each partition's by age
     return await _with_paused(bus, letters)
 
 
 async def count_dead(bus: Bus, *, page: int = 2000) -> dict[str, int]:
-    """Dead letters per group, read a page of every partition at a time: only their group is
-    looked at (0.4 s for 64,000 letters, against 2 s for `list_dead`)."""
+    """Dead letters per group, read as `list_dead` reads them: only their group is looked at
+    (0.4 s for 64,000 letters, against 2 s for `list_dead`)."""
     counts: dict[str, int] = {}
-    after = dict.fromkeys(range(bus.settings.partitions), "-")
+    async for _, entries in _pages(bus, list(range(bus.settings.partitions)), page):
+        for _, fields in entries:
+            group = _text(fields.get(b"group", b""))
+            counts[group] = counts.get(group, 0) + 1
+    return counts
+
+
+async def _pages(
+    bus: Bus, partitions: list[int], page: int
+) -> AsyncIterator[tuple[int, list[Any]]]:
+    """The dead letters of `partitions`, a page of each at a time, oldest first (one read of
+    them all would hold the server up while it sends a pile of them)."""
+    after = dict.fromkeys(partitions, "-")
     while after:
         pipe = bus.redis.pipeline(transaction=False)
         for p, start in after.items():
             pipe.xrange(bus.keys.dead(p), start, "+", count=page)
         replies: list[Any] = await pipe.execute()
         for (p, _), entries in zip(list(after.items()), replies, strict=True):
-            for _, fields in entries:
-                group = _text(fields.get(b"group", b""))
-                counts[group] = counts.get(group, 0) + 1
+            yield p, entries
             if len(entries) < page:
                 del after[p]
             else:
                 after[p] = "(" + _text(entries[-1][0])
-    return counts
 
 
 async def _with_paused(bus: Bus, letters: list[DeadLetter]) -> list[DeadLetter]:

@@ -617,15 +617,21 @@ async def test_a_worker_whose_handler_is_stuck_in_a_thread_exits_after_its_drain
     assert "worker_exited_without_its_handlers" in workers.log(proc)
 
 
-async def test_dead_letters_are_counted_per_group_page_by_page(bus: Bus) -> None:
+async def test_dead_letters_are_listed_and_counted_per_group_page_by_page(bus: Bus) -> None:
     expected: dict[str, int] = {}
+    ids = []
     for p, letters in ((0, 5), (3, 4), (63, 1)):
         for i in range(letters):
             group = "a" if i % 2 else "b"
             expected[group] = expected.get(group, 0) + 1
-            await raw(bus).xadd(bus.keys.dead(p), {"session": f"s{i}", "group": group})
+            entry = await raw(bus).xadd(bus.keys.dead(p), {"session": f"s{i}", "group": group})
+            ids.append(f"{p}/{entry.decode()}")
     for page in (1, 2, 4, 2000):
         assert await count_dead(bus, page=page) == expected
+        assert [d.ref for d in await list_dead(bus, page=page)] == ids  # by partition, then age
+    assert [d.ref for d in await list_dead(bus, group="a", page=1)] == [
+        i for i, n in zip(ids, [0, 1, 0, 1, 0, 0, 1, 0, 1, 0], strict=True) if n
+    ]
 
 
 def _worker_logging_to_a_pipe(settings: Settings) -> subprocess.Popen[bytes]:
