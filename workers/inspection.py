@@ -135,6 +135,10 @@ def _decode_data(data: bytes) -> Any:
         return data.decode(errors="replace")
 
 
+#: The type shown of an entry that is not a valid event; its fields are its data, as they are.
+MALFORMED = "(malformed)"
+
+
 def _rows(raw: Iterable[Any], max_data: int) -> list[EventRow]:
     rows = []
     for raw_id, fields in raw:
@@ -143,7 +147,7 @@ def _rows(raw: Iterable[Any], max_data: int) -> list[EventRow]:
             entry = Entry.parse(entry_id, fields, max_data=max_data)
         except Exception as exc:  # shown as it is: an operator looks at exactly these
             shown = {_text(k): _text(v) for k, v in fields.items()}
-            rows.append(EventRow(entry_id, 0, 0, "(malformed)", shown, {"error": str(exc)}))
+            rows.append(EventRow(entry_id, 0, 0, MALFORMED, shown, {"error": str(exc)}))
             continue
         rows.append(
             EventRow(
@@ -521,10 +525,10 @@ def render_session(d: SessionDetail, now_ms: int, *, width: int = 70) -> str:
             (
                 [
                     e.seq,
-                    e.ts - started if started else e.ts,
+                    "-" if e.type == MALFORMED else e.ts - started if started else e.ts,
                     e.type,
                     *(marks.get(e.progress.get(n, ""), " ") for n in names),
-                    _short(e.data, width),
+                    _event_data(e, width),
                 ]
                 for e in d.events
             ),
@@ -610,6 +614,14 @@ def render_members(rows: list[MemberRow]) -> str:
         ["SERVICE", "WORKER", "PARTITIONS", "HEARTBEAT LAPSES IN"],
         ([r.group, r.worker, r.partitions, f"{r.expires_in_ms} ms"] for r in rows),
     )
+
+
+def _event_data(e: EventRow, width: int) -> str:
+    """An event's data, short; a malformed entry's error, then its fields as they are."""
+    if e.type == MALFORMED:
+        fields = msgspec.json.encode(e.data).decode()
+        return _short(f"{e.extra.get('error', '')}: {fields}", width * 2)
+    return _short(e.data, width)
 
 
 def _short(value: Any, width: int) -> str:

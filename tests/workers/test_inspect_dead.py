@@ -361,6 +361,18 @@ async def test_inspect_counts_the_lag_the_server_leaves_unknown_after_an_entry_d
     assert await lag_of(bus, "slow", [partition]) == 3  # the metrics' flowbus_lag_events
 
 
+async def test_inspect_session_shows_a_malformed_entry_as_it_is_with_what_is_wrong(
+    bus: Bus, settings: Settings
+) -> None:
+    await bus.publish("call-1", Step(n=1))
+    stream = bus.keys.session("call-1")
+    await raw(bus).xadd(stream, {"type": "step", "seq": "x", "data": "{}"})  # by hand
+    _, text, _ = await flowbus(settings, "inspect", "session", "call-1")
+    [row] = [line for line in text.splitlines() if "(malformed)" in line]
+    assert row.split()[:3] == ["0", "-", "(malformed)"], row  # no time from a start of 0
+    assert "seq" in row and '"type":"step"' in row, row  # what is wrong, and its own fields
+
+
 async def test_dead_replay_all_goes_on_past_a_letter_too_large_to_replay_but_not_in_its_session(
     bus: Bus, settings: Settings
 ) -> None:
