@@ -274,7 +274,7 @@ class FlowManager:
             node=config.name,
             gen=gen,
             respond_immediately=config.respond_immediately,
-            wait_ms=int(self.actions_timeout * 1000),
+            wait_ms=max(1, int(self.actions_timeout * 1000)),  # 0 is no limit
             service=self.actions_service,
             pre_actions=self._wire_all(config.pre_actions, f"{gen}/pre"),
             post_actions=self._wire_all(config.post_actions, f"{gen}/post"),
