@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +46,17 @@ class Events:
     ``await events.emit(Emitter("transport.daily", "daily"), "on_client_connected", client)``
     publishes the event and returns at once. A sync event (``on_before_leave``…) waits, for at
     most `sync_timeout` seconds in all (the server out of reach included), until every service
-    subscribed to it has run its handlers, and returns a `SyncOutcome`.
+    subscribed to it has run its handlers, and returns a `SyncOutcome`. `sync_timeout` is a
+    finite number of seconds above 0, else `ValueError`.
     """
 
     def __init__(
         self, bot: BotSession, *, sync_timeout: float = 5.0, events: Iterable[EventSpec] = ()
     ) -> None:
+        if not (isinstance(sync_timeout, int | float) and 0 < sync_timeout < math.inf):
+            # (0 or less: no sync event was ever published; NaN failed each emit of one, and
+            # an infinite one let a stuck service hold the bot for ever)
+            raise ValueError(f"sync_timeout is a number of seconds above 0, not {sync_timeout!r}")
         self.bot, self.sync_timeout = bot, sync_timeout
         self._custom = {spec.name: spec for spec in events}
 

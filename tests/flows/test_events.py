@@ -211,3 +211,16 @@ async def test_unknown_names_are_refused_with_suggestions(bus: Bus) -> None:
     async with BotSession.open(bus, "call-1") as bot:
         with pytest.raises(UnknownEventError, match="on_user_turn_stopped"):
             await Events(bot).emit(USER, "on_user_turn_stoped")
+
+
+async def test_a_sync_timeout_that_is_not_a_finite_number_of_seconds_above_0_is_refused(
+    bus: Bus,
+) -> None:
+    """With 0 or less a sync event was never published (the wait for the subscribed services'
+    look-up ended at once); NaN failed every emit of one; infinity let a stuck service hold
+    the bot for ever."""
+    async with BotSession.open(bus, "call-1") as bot:
+        for bad in (0, -1.0, float("nan"), float("inf"), "5"):
+            with pytest.raises(ValueError, match="sync_timeout is a number of seconds above 0"):
+                Events(bot, sync_timeout=bad)  # type: ignore[arg-type]  # "5" on purpose
+        assert Events(bot, sync_timeout=0.5).sync_timeout == 0.5
