@@ -248,7 +248,15 @@ class EventService:
     def remove_event_handler(self, name: str, handler: Callable[..., Any]) -> None:
         """Remove the first registration of `handler` for `name`, as Pipecat does (nothing if
         it has none). Raises `UnknownEventError` for a name neither in the catalog nor
-        declared."""
+        declared, `InvalidHandlerError` after `as_service()`."""
+        if self._started:
+            # In Pipecat a removal concerns one call's object; here it would concern every
+            # session this replica handles, and no other replica's.
+            raise InvalidHandlerError(
+                f"removing a handler for {name!r} after service {self.name!r} was started "
+                "(as_service()) would stop it for every session of this worker and for none "
+                "of the others; to act once per session, check emitter.session in the handler"
+            )
         find_spec(name, self._custom)
         registrations = self._handlers.get(name, [])
         for i, registration in enumerate(registrations):

@@ -430,3 +430,33 @@ async def test_a_sync_events_outcome_is_sent_once_when_the_event_comes_again() -
         await handle(delivery)
     outcomes = [p for p in written.values() if type(p).__name__ == "HandlerOutcome"]
     assert len(outcomes) == 1, outcomes
+
+
+async def test_a_handler_that_removes_itself_once_running_is_refused_and_runs_for_every_call(
+    bus: Bus,
+) -> None:
+    """Pipecat's one-shot idiom removes a handler from one call's transport. Here it removed it
+    from the whole worker: the next call's event was handled without it, and ok."""
+    seen: list[str] = []
+    service = EventService("svc")
+
+    @service.event_handler("on_before_leave")
+    async def once(emitter: EmitterRef) -> None:
+        seen.append(emitter.session)
+        service.remove_event_handler("on_before_leave", once)
+
+    @service.event_handler("on_before_leave")
+    async def always(emitter: EmitterRef) -> None:
+        pass
+
+    outcomes = []
+    async with serving(bus, service):
+        for session in ("call-1", "call-2"):
+            async with BotSession.open(bus, session) as bot:
+                outcomes.append(await Events(bot, sync_timeout=30).emit(DAILY, "on_before_leave"))
+    assert seen == ["call-1", "call-2"]
+    for outcome in outcomes:
+        assert outcome is not None and outcome.timed_out == []
+        [error] = outcome.errors["svc"]
+        assert error.startswith(f"{once.__qualname__}: InvalidHandlerError: removing a handler")
+        assert "check emitter.session in the handler" in error
