@@ -228,7 +228,7 @@ class EventService:
         events from emitters of that kind; with `timeout`, a run of it still going after that
         many seconds counts as failed (see the class docstring). Raises `UnknownEventError`
         for a name that is not in the catalog nor declared, `InvalidHandlerError` for a bad
-        handler, emitter kind or timeout, or after `as_service()`."""
+        handler, emitter kind, retry or timeout, or after `as_service()`."""
         self._check_open(f"adding a handler for {name!r}")
         spec = find_spec(name, self._custom)
         if not callable(handler):
@@ -238,6 +238,13 @@ class EventService:
             raise InvalidHandlerError(
                 f"the timeout of a handler for {name!r} must be a positive number of seconds, "
                 f"not {timeout!r}"
+            )
+        if retry is not None and not isinstance(retry, Retry):
+            # (it failed the whole event instead, which the bus then ran again, every other
+            # handler of it included)
+            raise InvalidHandlerError(
+                f"the retry of a handler for {name!r} is a Retry, e.g. "
+                f"retry=Retry(attempts=3), not {retry!r}"
             )
         if emitter is not None and not spec.emitted_by(emitter):
             sources = ", ".join(sorted(spec.emitters))

@@ -460,3 +460,13 @@ async def test_a_handler_that_removes_itself_once_running_is_refused_and_runs_fo
         [error] = outcome.errors["svc"]
         assert error.startswith(f"{once.__qualname__}: InvalidHandlerError: removing a handler")
         assert "check emitter.session in the handler" in error
+
+
+def test_a_retry_that_is_not_a_retry_is_refused() -> None:
+    """``retry=3`` was taken, then failed the whole event at each delivery: the bus ran the
+    event's other handlers again every time, and dead-lettered it."""
+    service = EventService("svc")
+    for bad in (3, {"attempts": 3}):
+        with pytest.raises(InvalidHandlerError, match=r"is a Retry, e\.g\. retry=Retry\("):
+            service.add_event_handler("on_connected", lambda emitter: None, retry=bad)  # type: ignore[arg-type]
+    assert "on_connected" not in service.subscribes
