@@ -140,6 +140,13 @@ def declare(
             kw_only=True,
         )
         return EventSpec(name, generic, kinds, sync)
+    if not (isinstance(payload, type) and issubclass(payload, Event)):
+        # (a plain Payload has no `emitter`: every emit of it failed with "Unexpected keyword
+        # argument 'emitter'"; anything else, with an AttributeError here)
+        raise InvalidHandlerError(
+            f"the payload of {name!r} must be a subclass of flows.Event, which carries the "
+            f"emitter (class X(Event, tag={name!r}): ...), not {payload!r}"
+        )
     if payload.__struct_config__.tag != name:
         raise InvalidHandlerError(f"the payload of {name!r} must have tag={name!r}")
     return EventSpec(name, payload, kinds, sync)

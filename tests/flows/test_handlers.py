@@ -7,12 +7,13 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import pytest
 
-from bus import Bus, Consumer, Delivery
+from bus import Bus, Consumer, Delivery, Payload
 from flows import (
     CATALOG,
     COMMANDS,
@@ -179,6 +180,24 @@ async def test_custom_events_are_declared_on_both_sides(bus: Bus) -> None:
         events.declare_event("support.escalated", Escalated, sync=True)
         outcome = await events.emit(Emitter("bot"), "support.escalated", "angry", priority=3)
     assert outcome is not None and outcome.ok and got == [("angry", 3)]
+
+
+def test_a_custom_events_payload_that_is_not_an_event_is_refused_where_it_is_declared() -> None:
+    """A plain `Payload` was taken, and every emit of the event then failed with
+    "Unexpected keyword argument 'emitter'"; a dataclass, with an AttributeError."""
+
+    class Plain(Payload, tag="support.escalated"):
+        reason: str
+
+    @dataclass
+    class Data:
+        reason: str
+
+    for bad in (Plain, Data, Escalated(Emitter("crm"), "angry")):
+        with pytest.raises(InvalidHandlerError, match=r"must be a subclass of flows\.Event"):
+            declare("support.escalated", bad)  # type: ignore[arg-type]  # not an Event type
+        with pytest.raises(InvalidHandlerError, match=r"class X\(Event, tag='support\.escal"):
+            EventService("svc").declare_event("support.escalated", bad)  # type: ignore[arg-type]
 
 
 async def test_a_custom_event_that_names_its_emitters_refuses_others_on_both_sides(
