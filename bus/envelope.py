@@ -223,7 +223,8 @@ class Delivery(msgspec.Struct):
 
     async def save_state(self, data: bytes) -> None:
         """Save this service's own state for the session; refused with `FencedError` if this
-        worker no longer owns the session's partition (so a stale owner cannot overwrite)."""
+        worker no longer owns the session's partition (so a stale owner cannot overwrite), and
+        with `NoSuchSessionError` if the session's meta is gone."""
         await self._ctx().save_state(data)
 
     async def read_session_state(self) -> dict[str, bytes]:

@@ -11,9 +11,11 @@ boundary, so callers never need to import `redis`::
     ├── InvalidExtraError        an `extra` field the envelope does not carry
     ├── PayloadTooLargeError     an encoded payload above the configured limit
     ├── SessionEndedError        publishing to a session after its final event
-    ├── NoSuchSessionError       writing to the inbox of a session that never started
+    ├── NoSuchSessionError       writing to the inbox or state of a session that never
+    │                            started (or expired)
     ├── DeadLetterGoneError      replaying a dead letter that was replayed or dropped already
-    ├── FencedError              a stale owner's ack or read, refused by the lease check
+    ├── FencedError              a stale owner's ack, read or state write, refused by the
+    │                            lease check
     └── CommandRefusedError      the server refused a command (out of memory, a read-only
                                  replica, a missing permission)
 

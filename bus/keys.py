@@ -1,4 +1,7 @@
-"""The key layout: every Redis key flowbus touches is named here and nowhere else.
+"""The key layout: every Redis key the bus touches is named here (its scripts derive the
+names of a session's and a partition's other keys from the ones they are given); only the
+sample services' journal (`workers.journal`) and the benchmarks' probe (`workers.probe`)
+name lists of their own.
 
 A session belongs to partition ``P = crc32(session) % partitions``. The keys of a session and
 of its partition carry the hash tag ``{P}``, so each script touches a single cluster slot.
@@ -99,7 +102,8 @@ class Keys:
 
     # -- one partition ----------------------------------------------------------------------
     def wake(self, partition: int) -> str:
-        """Sharded pub/sub channel: a session of this partition has a new event (its id)."""
+        """Sharded pub/sub channel: a session of this partition has a new event, or was resumed
+        (its id)."""
         return f"{self.tag(partition)}:wake"
 
     def live(self, partition: int) -> str:
@@ -111,7 +115,8 @@ class Keys:
         return f"{self.tag(partition)}:ended"
 
     def dead(self, partition: int) -> str:
-        """Dead-letter stream of the partition: original fields plus group, entry and error."""
+        """Dead-letter stream of the partition: the original fields plus session, group, entry,
+        deliveries, error and policy."""
         return f"{self.tag(partition)}:dead"
 
     def lease(self, partition: int, group: str) -> str:
@@ -119,8 +124,9 @@ class Keys:
         return f"{self.tag(partition)}:lease:{group}"
 
     def epoch(self, partition: int, group: str) -> str:
-        """Counter incremented on every acquisition of the lease (the fencing epoch); it
-        starts at the server's time in ms, so that it never repeats after a loss of data."""
+        """Counter incremented on every acquisition of the lease (the fencing epoch), and set to
+        the server's time in ms if it is behind it, so that it never repeats after a loss of
+        data."""
         return f"{self.tag(partition)}:epoch:{group}"
 
     def fence(self, partition: int, group: str, token: str) -> str:

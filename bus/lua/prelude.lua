@@ -1,4 +1,5 @@
--- Shared by the scripts that can retire a session (publish, step). Prepended by bus/scripts.py.
+-- Shared by the scripts that can retire a session (publish, step, end). Prepended by
+-- bus/scripts.py.
 -- A session's keys are <tag>:session:<sid>[:meta|:inbox|:sent|:state] and its partition's are
 -- <tag>:live, <tag>:ended...; <tag> is <prefix>:{P}, so all of them live in one slot.
 
