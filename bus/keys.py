@@ -146,7 +146,8 @@ class Keys:
 
     def deployment(self) -> str:
         """Hash of the deployment's fixed settings: ``partitions``, recorded by its first
-        worker and checked by every client (`Bus.check_partitions`)."""
+        worker and checked by every client (`Bus.check_partitions`); ``demo``, set where
+        ``flowbus demo`` ran on a server it was given."""
         return f"{self.prefix}:deployment"
 
     def members(self, group: str) -> str:

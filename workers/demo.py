@@ -156,6 +156,8 @@ async def _run_and_check(
 ) -> report.Summary:
     async with Bus.connect(settings, attempts=5) as bus:
         identity = await server_identity(bus.redis)
+        if server is None:
+            await _claim_prefix(bus)
         for fleet, (group, target, count) in zip(fleets, SERVICES, strict=True):
             fleet.start(count, id_prefix=group)
             _say(f"started {count} worker process{'es' * (count > 1)} of {target}")
@@ -321,6 +323,21 @@ def _shares(
 
 def _say(text: str) -> None:
     print(f"flowbus demo: {text}", file=sys.stderr, flush=True)
+
+
+async def _claim_prefix(bus: Bus) -> None:
+    """On a server given, refuse a prefix that a deployment other than a demo uses (the demo
+    registers its services there, and prints a command that deletes every key under it); mark
+    it as a demo's (``demo`` in its deployment hash), for the demo to run there again."""
+    key, prefix = bus.keys.deployment(), bus.keys.prefix
+    if await bus.redis.hlen(bus.keys.services()) and not await bus.redis.hexists(key, "demo"):
+        raise DemoError(
+            f"prefix {prefix!r} on that server is a deployment's (it has services registered) "
+            "and not an earlier demo's: the demo would run its own services there and tell you "
+            "to delete every key under it; give --prefix a name of the demo's own, or leave "
+            "it out (and FLOWBUS_PREFIX unset) for a fresh one"
+        )
+    await bus.redis.hset(key, "demo", "1")
 
 
 def _exit_text(exits: dict[str, int]) -> str:

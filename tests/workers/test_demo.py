@@ -17,7 +17,7 @@ import anyio
 import pytest
 from anyio.abc import ByteReceiveStream
 
-from bus import Bus, Settings
+from bus import Bus, ServiceInfo, Settings
 from tests.support import ROOT, raw, wait_for
 from workers.journal import ActionRecord, EventRecord, read_journal
 
@@ -110,6 +110,32 @@ async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Setti
         live = [await raw(bus).scard(bus.keys.live(p)) for p in range(64)]
         ended = [await raw(bus).zrange(bus.keys.ended(p), 0, -1) for p in range(64)]
     assert sum(live) == 0 and len([s for e in ended for s in e]) == 2  # both calls retired
+    with anyio.fail_after(120):  # again under the same prefix, its services an earlier demo's
+        again = await anyio.run_process(
+            [sys.executable, "-m", "workers", "demo", *args], cwd=ROOT, env=env, check=False
+        )
+    assert again.returncode == 0, again.stderr.decode() + again.stdout.decode()
+
+
+async def test_the_demo_refuses_a_prefix_a_deployment_uses(settings: Settings) -> None:
+    """It would register its services among the deployment's and print a command that deletes
+    every key under the prefix (a FLOWBUS_PREFIX left exported, say)."""
+    async with Bus.connect(settings) as bus:
+        await bus.register_service(ServiceInfo("billing"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}
+    env["FLOWBUS_PREFIX"] = settings.prefix
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "workers", "demo", "--redis-url", settings.url, "--calls", "1"],
+            cwd=ROOT,
+            env=env,
+            check=False,
+        )
+    assert done.returncode == 1, done.stdout.decode()
+    assert f"prefix {settings.prefix!r} on that server is a deployment's" in done.stderr.decode()
+    assert b"Remove the demo's keys" not in done.stdout
+    async with Bus.connect(settings) as bus:
+        assert [s.name for s in await bus.services(fresh=True)] == ["billing"]  # nothing added
 
 
 async def test_the_demos_inspect_command_works_with_the_partition_count_it_was_given(
