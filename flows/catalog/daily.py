@@ -1,5 +1,5 @@
 """Daily transport events no other transport emits: the call, participants, transcription,
-recording, dial-in and dial-out.
+the network connection, recording, dial-in and dial-out.
 
 Daily hands handlers plain dicts (participants, join data, dial-in/out data), carried as
 `Info` unchanged. Events Daily shares with other transports are in `transports`.
@@ -47,6 +47,30 @@ class OnTranscriptionMessage(Event, tag="on_transcription_message"):
     """Daily's transcription sent a message (text, participant id, timestamp...)."""
 
     message: Info = msgspec.field(default_factory=dict)
+
+
+class OnTranscriptionStopped(Event, tag="on_transcription_stopped"):
+    """Daily's transcription of the room stopped."""
+
+    stopped_by: str  # the id of the participant who stopped it
+    stopped_by_error: bool  # whether an error stopped it
+
+
+class OnTranscriptionError(Event, tag="on_transcription_error"):
+    """Daily's transcription of the room failed."""
+
+    message: str
+
+
+# The connection.
+
+
+class OnNetworkConnectionStatusUpdated(Event, tag="on_network_connection_status_updated"):
+    """A network connection the call needs was interrupted, or connected (again)."""
+
+    # Daily's status, e.g. {"connection": "signalling" | "sendTransport" | "recvTransport",
+    # "event": "connected" | "interrupted"}.
+    status: Info = msgspec.field(default_factory=dict)
 
 
 # Recording. AudioBufferProcessor emits on_recording_started/stopped too, with no arguments.
@@ -141,6 +165,10 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnParticipantJoined, {DAILY}),
     spec(OnParticipantUpdated, {DAILY}),
     spec(OnTranscriptionMessage, {DAILY}),
+    # Not in the reference but registered by Daily's transport in 1.14: these three.
+    spec(OnTranscriptionStopped, {DAILY}),
+    spec(OnTranscriptionError, {DAILY}),
+    spec(OnNetworkConnectionStatusUpdated, {DAILY}),
     spec(OnRecordingStarted, {DAILY, AUDIO_BUFFER}),
     spec(OnRecordingStopped, {DAILY, AUDIO_BUFFER}),
     spec(OnRecordingError, {DAILY}),

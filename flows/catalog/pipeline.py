@@ -51,6 +51,22 @@ class OnIdleTimeout(Event, tag="on_idle_timeout"):
     item_id: str = ""
 
 
+class OnPipelineTimeout(Event, tag="on_pipeline_timeout"):
+    """The StartFrame, or a CancelFrame, did not reach the end of the pipeline in time."""
+
+    # The frame that was waited for, described as for on_pipeline_started. It is followed by
+    # on_pipeline_finished after a CancelFrame; after a StartFrame the pipeline stops.
+    frame: Info = msgspec.field(default_factory=dict)
+
+
+class OnHeartbeatTimeout(Event, tag="on_heartbeat_timeout"):
+    """No heartbeat frame came back through the pipeline within the monitoring period."""
+
+
+class OnSetupTimeout(Event, tag="on_setup_timeout"):
+    """Setting the pipeline task or its processors up took too long; the pipeline stops."""
+
+
 # Every frame processor (`FrameProcessor` registers these five with sync=True in 1.14).
 
 
@@ -101,6 +117,10 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnFrameReachedUpstream, {PIPELINE_TASK}),
     spec(OnFrameReachedDownstream, {PIPELINE_TASK}),
     spec(OnIdleTimeout, {PIPELINE_TASK, LLM}),
+    # Not in the reference but registered by the pipeline task in 1.14.
+    spec(OnPipelineTimeout, {PIPELINE_TASK}),
+    spec(OnHeartbeatTimeout, {PIPELINE_TASK}),
+    spec(OnSetupTimeout, {PIPELINE_TASK}),
     spec(OnError, KINDS, sync=True),
     spec(OnBeforeProcessFrame, KINDS, sync=True),
     spec(OnAfterProcessFrame, KINDS, sync=True),

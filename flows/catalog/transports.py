@@ -68,6 +68,14 @@ class OnAppMessage(Event, tag="on_app_message"):
     sender: str | None = None  # the sender's id; LiveKit may not know it
 
 
+class OnDtmfEvent(Event, tag="on_dtmf_event"):
+    """A caller pressed a key on their phone (a DTMF tone on a dial-in or SIP call)."""
+
+    # The transport's dict, e.g. {"tone": "5", ...}: Daily's as daily-python gives it, LiveKit's
+    # {"tone": ..., "digit": ..., "code": ..., "participant_id": ...}.
+    data: Info = msgspec.field(default_factory=dict)
+
+
 class OnCallStateUpdated(Event, tag="on_call_state_updated"):
     """The call state changed (e.g. "joining", "joined", "left")."""
 
@@ -153,6 +161,7 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnActiveSpeakerChanged, {DAILY, LIVEKIT}),
     spec(OnAppMessage, {DAILY, LIVEKIT, SMALL_WEBRTC}),
     spec(OnCallStateUpdated, {DAILY, LIVEKIT}),
+    spec(OnDtmfEvent, {DAILY, LIVEKIT}),  # registered in 1.14, not in the reference
     spec(OnParticipantConnected, {LIVEKIT}),
     spec(OnParticipantDisconnected, {LIVEKIT}),
     spec(OnAudioTrackSubscribed, {LIVEKIT}),

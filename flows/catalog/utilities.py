@@ -79,6 +79,21 @@ class OnBotTurnAudioData(Event, tag="on_bot_turn_audio_data"):
     num_channels: int = 1
 
 
+class OnUserTurnAudio(Event, tag="on_user_turn_audio"):
+    """A turn ended: everything the user said during it (with turn tracking on)."""
+
+    # Pipecat passes a TurnAudioData; this carries its fields: {"turn_number": int, "audio":
+    # base64 of the PCM bytes, "sample_rate": int, "num_channels": int}.
+    data: Info = msgspec.field(default_factory=dict)
+
+
+class OnBotTurnAudio(Event, tag="on_bot_turn_audio"):
+    """A turn ended: everything the bot said during it (with turn tracking on)."""
+
+    # As on_user_turn_audio: TurnAudioData's fields, the audio as base64.
+    data: Info = msgspec.field(default_factory=dict)
+
+
 # RTVIProcessor.
 
 
@@ -94,6 +109,15 @@ class OnClientMessage(Event, tag="on_client_message"):
     """The RTVI client sent a custom message."""
 
     # RTVI's ClientMessage: {"msg_id": ..., "type": ..., "data": ...}.
+    message: Info = msgspec.field(default_factory=dict)
+
+
+class OnUiMessage(Event, tag="on_ui_message"):
+    """The RTVI client sent a UI message: an event, a snapshot, or a job group to cancel."""
+
+    # RTVI's message as JSON: {"label": "rtvi-ai", "type": "ui-event" | "ui-snapshot" |
+    # "ui-cancel-job-group", "id": ..., "data": {...}} (data: {"event", "payload"}, {"tree"},
+    # or {"job_id", "reason"}).
     message: Info = msgspec.field(default_factory=dict)
 
 
@@ -118,6 +142,22 @@ class OnLatencyMeasured(Event, tag="on_latency_measured"):
     """Seconds from the user's stopping to speak to the bot's starting to speak."""
 
     latency: float
+
+
+class OnFirstBotSpeechLatency(Event, tag="on_first_bot_speech_latency"):
+    """Seconds from the client's connecting to the bot's first speech (once per call)."""
+
+    latency: float
+
+
+class OnLatencyBreakdown(Event, tag="on_latency_breakdown"):
+    """What the time before the bot spoke went on (with metrics enabled), turn by turn."""
+
+    # Pipecat's LatencyBreakdown as JSON: {"ttfb": [...], "contributions": [{"key", "label",
+    # "owner", "owner_kind", "start_time", "duration_secs"}...], "measured_from":
+    # "user_silence" | "client_connected" | None, "total_secs", "text_aggregation",
+    # "user_turn_start_time", "user_turn_secs", "function_calls": [...]}; times in seconds.
+    breakdown: Info = msgspec.field(default_factory=dict)
 
 
 # Extensions.
@@ -149,12 +189,19 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnTrackAudioData, {AUDIO_BUFFER}),
     spec(OnUserTurnAudioData, {AUDIO_BUFFER}),
     spec(OnBotTurnAudioData, {AUDIO_BUFFER}),
+    # Not in the reference but registered in 1.14: the turn audio events that replace the two
+    # above, on_ui_message, and the latency observer's last two.
+    spec(OnUserTurnAudio, {AUDIO_BUFFER}),
+    spec(OnBotTurnAudio, {AUDIO_BUFFER}),
     spec(OnBotStarted, {RTVI}),
     spec(OnClientReady, {RTVI}),
     spec(OnClientMessage, {RTVI}),
+    spec(OnUiMessage, {RTVI}),
     spec(OnTurnStarted, {TURN_TRACKING_OBSERVER}),
     spec(OnTurnEnded, {TURN_TRACKING_OBSERVER}),
     spec(OnLatencyMeasured, {USER_BOT_LATENCY_OBSERVER}),
+    spec(OnFirstBotSpeechLatency, {USER_BOT_LATENCY_OBSERVER}),
+    spec(OnLatencyBreakdown, {USER_BOT_LATENCY_OBSERVER}),
     spec(OnConversationDetected, {VOICEMAIL_DETECTOR, IVR_NAVIGATOR}),
     spec(OnVoicemailDetected, {VOICEMAIL_DETECTOR}),
     spec(OnIvrStatusChanged, {IVR_NAVIGATOR}),

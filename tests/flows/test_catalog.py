@@ -49,6 +49,15 @@ on_turn_started on_turn_ended on_latency_measured on_conversation_detected
 on_voicemail_detected on_ivr_status_changed
 """.split()
 
+# Registered by Pipecat 1.14 (its source) but missing from that reference.
+BEYOND_REFERENCE = """
+on_pipeline_timeout on_heartbeat_timeout on_setup_timeout
+on_dtmf_event on_transcription_stopped on_transcription_error
+on_network_connection_status_updated
+on_user_turn_audio on_bot_turn_audio on_ui_message
+on_latency_breakdown on_first_bot_speech_latency
+""".split()
+
 # Those whose emitter waits for the handlers: Daily's and LiveKit's last moment in the room,
 # and the frame processor events, which Pipecat 1.14 registers with sync=True.
 SYNC = {
@@ -79,6 +88,7 @@ SHARED = {
     "on_first_participant_joined": {"transport.daily", "transport.livekit"},
     "on_call_state_updated": {"transport.daily", "transport.livekit"},
     "on_session_timeout": {"transport.websocket_server", "transport.fastapi_websocket"},
+    "on_dtmf_event": {"transport.daily", "transport.livekit"},
 }
 
 CODEC = Codec(payload_types())
@@ -130,7 +140,9 @@ def full(spec: EventSpec) -> Event:
 
 def test_every_reference_event_is_in_the_catalog_and_nothing_else() -> None:
     assert len(REFERENCE) == len(set(REFERENCE)) == 88
-    assert sorted(CATALOG) == sorted(REFERENCE)
+    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 12
+    assert not set(REFERENCE) & set(BEYOND_REFERENCE)
+    assert sorted(CATALOG) == sorted(REFERENCE + BEYOND_REFERENCE)
     assert len(payload_types()) == len(set(payload_types())) == len(CATALOG)
 
 
@@ -178,6 +190,17 @@ def test_handler_arguments_follow_pipecats_order() -> None:
     assert lookup("on_user_turn_stopped").args == ("strategy", "message")
     assert lookup("on_dialout_answered").args == ("data",)
     assert lookup("on_before_leave").args == ()
+    # (the events beyond the reference, as Pipecat 1.14 calls their handlers)
+    assert lookup("on_pipeline_timeout").args == ("frame",)
+    assert lookup("on_heartbeat_timeout").args == lookup("on_setup_timeout").args == ()
+    assert lookup("on_dtmf_event").args == ("data",)
+    assert lookup("on_transcription_stopped").args == ("stopped_by", "stopped_by_error")
+    assert lookup("on_transcription_error").args == ("message",)
+    assert lookup("on_network_connection_status_updated").args == ("status",)
+    assert lookup("on_user_turn_audio").args == lookup("on_bot_turn_audio").args == ("data",)
+    assert lookup("on_ui_message").args == ("message",)
+    assert lookup("on_latency_breakdown").args == ("breakdown",)
+    assert lookup("on_first_bot_speech_latency").args == ("latency",)
 
 
 def test_a_decoded_event_is_validated() -> None:
