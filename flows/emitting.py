@@ -78,7 +78,8 @@ class Events:
         """Publish event `name` from `emitter` with the handler arguments `args`/`kwargs`.
 
         Returns None for a default event, a `SyncOutcome` for a sync one. Raises
-        `UnknownEventError`, or `EventError` for arguments that do not fit the event.
+        `UnknownEventError`, or `EventError` for a name that is not a string or arguments that
+        do not fit the event.
         """
         spec = find_spec(name, self._custom)
         if not spec.emitted_by(emitter.kind):

@@ -31,7 +31,7 @@ from bus import Codec, Delivery, Payload, Service
 
 from .calling import invoke
 from .catalog import CATALOG, Event, EventSpec, Info
-from .errors import InvalidHandlerError, UnknownEventError
+from .errors import EventError, InvalidHandlerError, UnknownEventError
 from .protocol import COMMANDS, FLOW_EVENTS, HandlerOutcome
 
 log = structlog.get_logger("flowbus.handlers")
@@ -152,8 +152,20 @@ def declare(
     return EventSpec(name, payload, kinds, sync)
 
 
+def _not_a_name(name: object, handler: object = None) -> str:
+    """What to say of an event name that is not a string (`handler`: what came with it)."""
+    # (difflib's close matches failed on it: "'NoneType' object is not iterable", or
+    # "unhashable type: 'list'" in the look-up before)
+    swapped = isinstance(handler, str) and callable(name)
+    hint = f"; the name comes first: add_event_handler({handler!r}, handler)" if swapped else ""
+    return f"an event's name is a string such as 'on_client_connected', not {name!r}{hint}"
+
+
 def find_spec(name: str, custom: dict[str, EventSpec]) -> EventSpec:
-    """The spec of `name`, or `UnknownEventError` with the closest known names."""
+    """The spec of `name`, or `UnknownEventError` with the closest known names (`EventError`
+    for a name that is not a string)."""
+    if not isinstance(name, str):
+        raise EventError(_not_a_name(name))
     spec = custom.get(name) or CATALOG.get(name)
     if spec is None:
         known = sorted({*CATALOG, *custom})
@@ -234,8 +246,11 @@ class EventService:
         """Run `handler(emitter, *args)` for every `name` event; with `emitter`, only for
         events from emitters of that kind; with `timeout`, a run of it still going after that
         many seconds counts as failed (see the class docstring). Raises `UnknownEventError`
-        for a name that is not in the catalog nor declared, `InvalidHandlerError` for a bad
-        handler, emitter kind, retry or timeout, or after `as_service()`."""
+        for a name that is not in the catalog nor declared, `InvalidHandlerError` for a name
+        that is not a string, a bad handler, emitter kind, retry or timeout, or after
+        `as_service()`."""
+        if not isinstance(name, str):
+            raise InvalidHandlerError(_not_a_name(name, handler))
         self._check_open(f"adding a handler for {name!r}")
         spec = find_spec(name, self._custom)
         if not callable(handler):
@@ -262,7 +277,9 @@ class EventService:
     def remove_event_handler(self, name: str, handler: Callable[..., Any]) -> None:
         """Remove the first registration of `handler` for `name`, as Pipecat does (nothing if
         it has none). Raises `UnknownEventError` for a name neither in the catalog nor
-        declared, `InvalidHandlerError` after `as_service()`."""
+        declared, `InvalidHandlerError` for one that is not a string or after `as_service()`."""
+        if not isinstance(name, str):
+            raise InvalidHandlerError(_not_a_name(name, handler))
         if self._started:
             # In Pipecat a removal concerns one call's object; here it would concern every
             # session this replica handles, and no other replica's.

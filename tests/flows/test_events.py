@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anyio
 import pytest
 
 from bus import Bus, ServiceInfo, Settings
-from flows import BotSession, Emitter, Events, EventService, UnknownEventError
+from flows import (
+    BotSession,
+    Emitter,
+    EventError,
+    Events,
+    EventService,
+    InvalidHandlerError,
+    UnknownEventError,
+)
 from tests.support import WorkerProcesses, lease_owners, raw, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -211,6 +220,28 @@ async def test_unknown_names_are_refused_with_suggestions(bus: Bus) -> None:
     async with BotSession.open(bus, "call-1") as bot:
         with pytest.raises(UnknownEventError, match="on_user_turn_stopped"):
             await Events(bot).emit(USER, "on_user_turn_stoped")
+
+
+async def test_a_name_that_is_not_a_string_is_refused_saying_so(bus: Bus) -> None:
+    """It failed in difflib, looking for close names: "'NoneType' object is not iterable"."""
+    service = EventService("crm")
+
+    def connected(emitter: Any, client: Any) -> None:
+        pass
+
+    for bad in (None, 3, ["on_client_connected"]):
+        with pytest.raises(
+            InvalidHandlerError, match=f"is a string .*, not {re.escape(repr(bad))}"
+        ):
+            service.add_event_handler(bad, connected)  # type: ignore[arg-type]  # on purpose
+        with pytest.raises(InvalidHandlerError, match="is a string"):
+            service.remove_event_handler(bad, connected)  # type: ignore[arg-type]  # on purpose
+    with pytest.raises(InvalidHandlerError, match=r"the name comes first: add_event_handler\("):
+        service.add_event_handler(connected, "on_client_connected")  # type: ignore[arg-type]
+    assert not service.subscribes
+    async with BotSession.open(bus, "call-1") as bot:
+        with pytest.raises(EventError, match=r"is a string .*, not None"):
+            await Events(bot).emit(DAILY, None)  # type: ignore[arg-type]  # on purpose
 
 
 async def test_a_sync_timeout_that_is_not_a_finite_number_of_seconds_above_0_is_refused(
