@@ -109,6 +109,29 @@ def _takes(handler: Callable[..., Any]) -> int | None:
     return max(0, len(positional) - 1)
 
 
+def _cannot_take(handler: Callable[..., Any], spec: EventSpec) -> str:
+    """Why `handler` cannot be called as its event's handlers are (the emitter, then the
+    event's arguments, as many as it has positional parameters for: see `_takes`), or "" if
+    it can, or has no signature to read."""
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):  # (a builtin, say): it fails when called, if it does
+        return ""
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
+    required = [p.name for p in positional if p.default is p.empty]
+    keyword_only = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if not positional and not variadic:
+        return "it has no positional parameter for the emitter"
+    if len(required) > 1 + len(spec.args):
+        return f"it requires {len(required)} positional arguments ({', '.join(required)})"
+    if keyword_only:
+        # (nothing is passed by keyword; a functools.partial given a keyword argument makes
+        # the parameters after it keyword-only)
+        return f"it requires keyword-only {', '.join(keyword_only)}, which nothing passes"
+    return ""
+
+
 def declare(
     name: str,
     payload: type[Event] | None = None,
@@ -243,12 +266,15 @@ class EventService:
         retry: Retry | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Run `handler(emitter, *args)` for every `name` event; with `emitter`, only for
-        events from emitters of that kind; with `timeout`, a run of it still going after that
-        many seconds counts as failed (see the class docstring). Raises `UnknownEventError`
-        for a name that is not in the catalog nor declared, `InvalidHandlerError` for a name
-        that is not a string, a bad handler, emitter kind, retry or timeout, or after
-        `as_service()`."""
+        """Run `handler(emitter, *args)` for every `name` event (without the arguments it has
+        no positional parameter for: Pipecat passes some events fewer than their payload
+        holds); with `emitter`, only for events from emitters of that kind; with `timeout`, a
+        run of it still going after that many seconds counts as failed (see the class
+        docstring). Raises `UnknownEventError` for a name that is not in the catalog nor
+        declared, `InvalidHandlerError` for a name that is not a string, a handler that is
+        not callable or cannot be called so (no positional parameter for the emitter, more
+        required ones than the emitter and the event's arguments, a required keyword-only
+        one), a bad emitter kind, retry or timeout, or after `as_service()`."""
         if not isinstance(name, str):
             raise InvalidHandlerError(_not_a_name(name, handler))
         self._check_open(f"adding a handler for {name!r}")
@@ -272,6 +298,13 @@ class EventService:
             sources = ", ".join(sorted(spec.emitters))
             raise InvalidHandlerError(f"{emitter!r} never emits {name!r}; it comes from {sources}")
         registration = _Registration(handler, emitter, retry, _takes(handler), timeout)
+        why = _cannot_take(handler, spec)
+        if why:  # (it was taken, and failed with a TypeError at every event)
+            called = ", ".join(("emitter", *spec.args))
+            raise InvalidHandlerError(
+                f"handler {registration.name} for {name!r} cannot be called as "
+                f"handler({called}) nor with fewer of the event's arguments: {why}"
+            )
         self._handlers.setdefault(name, []).append(registration)
 
     def remove_event_handler(self, name: str, handler: Callable[..., Any]) -> None:

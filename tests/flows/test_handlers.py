@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -241,6 +242,122 @@ async def test_a_handler_gets_only_the_arguments_it_declares_as_pipecat_passes_t
         await emit_all(bus, (STT, "on_connected", ()))
         await wait_for(lambda: len(seen) == 3, what="the three handlers")
     assert seen == ["bare", "data {}", "all 1"]
+
+
+class Recorder:
+    """Handlers of on_participant_left (participant, reason) in every form Pipecat calls."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[Any, ...]] = {}
+
+    def method(self, emitter: EmitterRef, participant: Any, reason: str) -> None:
+        self.seen["method"] = (participant["id"], reason)
+
+    async def __call__(self, emitter: EmitterRef, participant: Any) -> None:
+        self.seen["object"] = (participant["id"],)
+
+
+def tagged(tag: str, emitter: EmitterRef, participant: Any, reason: str, *, into: Recorder) -> None:
+    into.seen[tag] = (participant["id"], reason)
+
+
+async def test_every_signature_that_can_take_the_events_arguments_is_taken_and_runs(
+    bus: Bus,
+) -> None:
+    """Those that Pipecat's ``handler(emitter, *args, **kwargs)`` can call, and those taking
+    fewer of the event's arguments, which flowbus passes fewer."""
+    rec = Recorder()
+    service = EventService("svc")
+    seen = rec.seen
+
+    async def both(emitter: EmitterRef, participant: Any, reason: str) -> None:
+        seen["both"] = (participant["id"], reason)
+
+    def defaults(
+        emitter: EmitterRef, participant: Any = None, reason: str = "", n: int = 0
+    ) -> None:
+        seen["defaults"] = (participant["id"], reason, n)
+
+    def variadic(*args: Any, **kwargs: Any) -> None:
+        seen["variadic"] = (args[1]["id"], args[2], kwargs)
+
+    def positional_only(emitter: EmitterRef, /, participant: Any, *, loud: bool = False) -> None:
+        seen["positional_only"] = (participant["id"], loud)
+
+    async def emitter_only(emitter: EmitterRef) -> None:
+        seen["emitter_only"] = (emitter.kind,)
+
+    for handler in (
+        both,
+        defaults,
+        variadic,
+        positional_only,
+        emitter_only,
+        rec.method,
+        rec,
+        functools.partial(tagged, "partial", into=rec),
+        lambda *args: seen.update(lambda_=(len(args),)),
+    ):
+        service.add_event_handler("on_participant_left", handler)
+    async with serving(bus, service):
+        daily = Emitter("transport.daily")
+        await emit_all(bus, (daily, "on_participant_left", ({"id": "p-1"}, "leftCall")))
+        await wait_for(lambda: len(seen) == 9, what="the nine handlers")
+    assert seen == {
+        "both": ("p-1", "leftCall"),
+        "defaults": ("p-1", "leftCall", 0),
+        "variadic": ("p-1", "leftCall", {}),
+        "positional_only": ("p-1", False),
+        "emitter_only": ("transport.daily",),
+        "method": ("p-1", "leftCall"),
+        "object": ("p-1",),
+        "partial": ("p-1", "leftCall"),
+        "lambda_": (3,),
+    }
+
+
+def test_a_handler_that_cannot_take_the_events_arguments_is_refused_at_registration() -> None:
+    """It was taken, then failed with a TypeError at every event."""
+    service = EventService("svc")
+
+    def nothing() -> None: ...
+
+    def keyword_emitter(*, emitter: EmitterRef) -> None: ...
+
+    def too_many(emitter: EmitterRef, participant: Any, reason: str, extra: Any) -> None: ...
+
+    def too_many_before_rest(emitter: EmitterRef, a: Any, b: Any, c: Any, *rest: Any) -> None: ...
+
+    def keyword_flag(emitter: EmitterRef, participant: Any, *, flag: bool) -> None: ...
+
+    def given_by_keyword(emitter: EmitterRef, participant: Any, reason: str) -> None: ...
+
+    class NoEmitter:
+        async def __call__(self) -> None: ...
+
+    cases: list[tuple[Any, str]] = [
+        (nothing, "no positional parameter for the emitter"),
+        (keyword_emitter, "no positional parameter for the emitter"),
+        (NoEmitter(), "no positional parameter for the emitter"),
+        (too_many, r"requires 4 positional arguments \(emitter, participant, reason, extra\)"),
+        (too_many_before_rest, "requires 4 positional arguments"),
+        (keyword_flag, "requires keyword-only flag, which nothing passes"),
+        # (the parameters after one a partial gives by keyword can only be given by keyword)
+        (functools.partial(given_by_keyword, participant={}), "keyword-only reason"),
+    ]
+    for handler, why in cases:
+        name = getattr(handler, "__qualname__", type(handler).__qualname__)
+        with pytest.raises(InvalidHandlerError) as caught:
+            service.add_event_handler("on_participant_left", handler)
+        assert str(caught.value).startswith(
+            f"handler {name} for 'on_participant_left' cannot be called as "
+            "handler(emitter, participant, reason) nor with fewer of the event's arguments: "
+        )
+        assert re.search(why, str(caught.value)), (name, str(caught.value))
+    assert not service.subscribes
+    with pytest.raises(InvalidHandlerError, match=r"cannot be called as handler\(emitter\) nor"):
+        service.add_event_handler("on_left", lambda emitter, extra: None)
+    service.add_event_handler("on_left", max)  # no signature to read (ValueError): taken
 
 
 def test_a_registration_is_removed_first_in_first_out_and_bad_ones_are_refused() -> None:
