@@ -52,9 +52,13 @@ class Retry:
 
     def __post_init__(self) -> None:
         whole = isinstance(self.attempts, int) and not isinstance(self.attempts, bool)
-        if not whole or self.attempts < 1 or not self.backoff >= 0:
+        number = isinstance(self.backoff, int | float) and not isinstance(self.backoff, bool)
+        # (an infinite backoff was taken and made no retry: the next run was never due in
+        # the event's time; a string or None failed with a TypeError comparing it)
+        if not (whole and self.attempts >= 1 and number and 0 <= self.backoff < math.inf):
             raise InvalidHandlerError(
-                f"Retry needs attempts of 1 or more and a backoff of 0 or more, not {self}"
+                "Retry needs attempts of 1 or more and a backoff of 0 or more seconds, a "
+                f"finite number, not {self}"
             )
 
 

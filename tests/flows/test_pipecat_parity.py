@@ -112,6 +112,17 @@ def test_a_retry_whose_attempts_are_not_a_whole_number_is_refused(attempts: Any)
         Retry(attempts=attempts)
 
 
+@pytest.mark.parametrize("backoff", [float("inf"), float("nan"), -0.5, "0.1", None, True])
+def test_a_retry_whose_backoff_is_not_a_finite_number_of_seconds_is_refused(
+    backoff: Any,
+) -> None:
+    """An infinite backoff was taken and silently made no retry (the next run was never due
+    within the event's time); a string or None failed with a bare TypeError."""
+    with pytest.raises(InvalidHandlerError, match="a backoff of 0 or more seconds, a finite"):
+        Retry(backoff=backoff)
+    assert Retry(backoff=0).backoff == 0 and Retry(backoff=2).backoff == 2
+
+
 #: Pipecat 1.14's own example of a flow file (its ``FlowConfig`` docstring), with a confirm
 #: node added.
 PIZZA_YAML = """\
