@@ -77,7 +77,8 @@ class Events:
     ) -> SyncOutcome | None:
         """Publish event `name` from `emitter` with the handler arguments `args`/`kwargs`.
 
-        Returns None for a default event, a `SyncOutcome` for a sync one. Raises
+        Returns None for a default event, a `SyncOutcome` for a sync one (sync from this
+        emitter's kind: Daily's own ``on_error`` is not, a frame processor's is). Raises
         `UnknownEventError`, or `EventError` for a name that is not a string or arguments that
         do not fit the event.
         """
@@ -85,7 +86,7 @@ class Events:
         if not spec.emitted_by(emitter.kind):
             raise EventError(f"{emitter.kind!r} does not emit {name!r}")
         payload = _payload(spec, emitter, args, kwargs)
-        if not spec.sync:
+        if not spec.sync_for(emitter.kind):
             await self.bot.publish(payload)
             return None
         deadline = anyio.current_time() + self.sync_timeout

@@ -41,6 +41,14 @@ class EventSpec:
     payload: type[Event]
     emitters: frozenset[str]
     sync: bool = False
+    #: Emitter kinds whose event of this name is not sync although the event is (Daily's own
+    #: ``on_error``, where every frame processor's is).
+    async_for: frozenset[str] = frozenset()
+
+    def sync_for(self, kind: str) -> bool:
+        """Whether this event from an emitter of `kind` is sync: the bot waits for its
+        handlers."""
+        return self.sync and kind not in self.async_for
 
     def emitted_by(self, kind: str) -> bool:
         """Whether an emitter of `kind` may emit this event (any kind, for custom events
@@ -53,9 +61,15 @@ class EventSpec:
         return tuple(f for f in self.payload.__struct_fields__ if f != "emitter")
 
 
-def spec(payload: type[Event], emitters: Iterable[str], *, sync: bool = False) -> EventSpec:
+def spec(
+    payload: type[Event],
+    emitters: Iterable[str],
+    *,
+    sync: bool = False,
+    async_for: Iterable[str] = (),
+) -> EventSpec:
     """The spec of `payload`'s event, named by its wire type (the payload's tag)."""
-    return EventSpec(type_name(payload), payload, frozenset(emitters), sync)
+    return EventSpec(type_name(payload), payload, frozenset(emitters), sync, frozenset(async_for))
 
 
 # Emitter kinds, from Pipecat's event reference.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import KINDS, LLM, PIPELINE_TASK, Event, EventSpec, Info, spec
+from .base import DAILY, KINDS, LLM, PIPELINE_TASK, Event, EventSpec, Info, spec
 
 # Pipeline task: `PipelineTask` (a `PipelineWorker` in 1.14).
 
@@ -108,8 +108,8 @@ class OnAfterPushFrame(Event, tag="on_after_push_frame"):
 
 
 # Any kind may be a frame processor (services, aggregators, transports' input and output...).
-# Sync as in Pipecat, where a processor waits for these handlers before going on; Daily's own
-# on_error is not sync there, but one name has one spec and the processors' reading wins.
+# Sync as in Pipecat, where a processor waits for these handlers before going on; but the
+# Daily transport's own on_error is not sync there, nor here.
 SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineStarted, {PIPELINE_TASK}),
     spec(OnPipelineFinished, {PIPELINE_TASK}),
@@ -121,7 +121,7 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineTimeout, {PIPELINE_TASK}),
     spec(OnHeartbeatTimeout, {PIPELINE_TASK}),
     spec(OnSetupTimeout, {PIPELINE_TASK}),
-    spec(OnError, KINDS, sync=True),
+    spec(OnError, KINDS, sync=True, async_for={DAILY}),
     spec(OnBeforeProcessFrame, KINDS, sync=True),
     spec(OnAfterProcessFrame, KINDS, sync=True),
     spec(OnBeforePushFrame, KINDS, sync=True),

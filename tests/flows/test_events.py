@@ -181,6 +181,19 @@ async def test_a_sync_event_waits_no_longer_than_its_timeout_for_a_server_that_d
         assert outcome is not None and not outcome.published and not outcome.ok
 
 
+async def test_dailys_own_on_error_is_not_sync_where_a_frame_processors_is(bus: Bus) -> None:
+    """As in Pipecat 1.14: the Daily transport registers on_error without sync, every frame
+    processor with it. The bot waited up to `sync_timeout` for Daily's too."""
+    await bus.register_service(ServiceInfo("crm", ["on_error"]))  # no worker of it runs
+    error = {"error": "boom", "fatal": False}
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot, sync_timeout=0.2)
+        assert await events.emit(DAILY, "on_error", error) is None  # published, not waited for
+        outcome = await events.emit(USER, "on_error", error)  # a frame processor's: waited for
+    assert outcome is not None and outcome.timed_out == ["crm"]
+    assert [e.type for e in await bus.history("call-1")] == ["on_error", "on_error"]
+
+
 async def test_a_sync_event_whose_publish_did_not_go_through_in_time_is_not_reported_ok(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
