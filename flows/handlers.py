@@ -149,6 +149,8 @@ def declare(
     `emitters`, the kinds of object that emit it: another emitting it, or a handler filtered
     on another (``emitter=``), is refused, as for catalog events; without, any kind may.
     """
+    if not isinstance(name, str) or not name:
+        raise InvalidHandlerError(f"a custom event's name is a non-empty string, not {name!r}")
     kinds = frozenset(emitters)
     if isinstance(emitters, str) or not all(isinstance(k, str) and k for k in kinds):
         raise InvalidHandlerError(

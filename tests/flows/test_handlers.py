@@ -201,6 +201,15 @@ def test_a_custom_events_payload_that_is_not_an_event_is_refused_where_it_is_dec
             EventService("svc").declare_event("support.escalated", bad)  # type: ignore[arg-type]
 
 
+def test_a_custom_event_whose_name_is_not_a_string_is_refused() -> None:
+    """`declare(None)` made a spec that no event could match."""
+    for bad in (None, "", 3):
+        with pytest.raises(InvalidHandlerError, match="a custom event's name is a non-empty"):
+            declare(bad)  # type: ignore[arg-type]  # not a name
+        with pytest.raises(InvalidHandlerError, match="a custom event's name is a non-empty"):
+            EventService("svc").declare_event(bad)  # type: ignore[arg-type]  # not a name
+
+
 async def test_a_custom_event_that_names_its_emitters_refuses_others_on_both_sides(
     bus: Bus,
 ) -> None:
