@@ -543,7 +543,10 @@ def render_session(d: SessionDetail, now_ms: int, *, width: int = 70) -> str:
     ]
     seqs = {e.id: e.seq for e in d.events}
     for g in d.groups:
-        state = f"read up to seq {g.last_delivered_seq}, lag {g.lag}, pending {len(g.pending)}"
+        read = f"seq {g.last_delivered_seq}"
+        if not g.last_delivered_seq and g.last_delivered_id != "0-0":  # deleted by hand
+            read = f"entry {g.last_delivered_id} (no longer in the stream)"
+        state = f"read up to {read}, lag {g.lag}, pending {len(g.pending)}"
         if g.paused_entry:
             at = seqs.get(g.paused_entry, "?")
             state += f", PAUSED at seq {at} (flowbus dead list --session {d.session})"

@@ -357,6 +357,10 @@ async def test_inspect_counts_the_lag_the_server_leaves_unknown_after_an_entry_d
     assert "slow: read up to seq 1, lag 2, pending 1" in text
     [service] = await as_json(settings, "inspect", "groups")
     assert (service["lag"], service["pending"]) == (2, 1)
+    [(first, _)] = await raw(bus).xrange(stream, count=1)
+    await raw(bus).xdel(stream, first)  # the entry the group read last
+    _, text, _ = await flowbus(settings, "inspect", "session", "call-1")
+    assert f"slow: read up to entry {first.decode()} (no longer in the stream)" in text, text
     partition = bus.keys.partition("call-1")
     assert await lag_of(bus, "slow", [partition]) == 3  # the metrics' flowbus_lag_events
 
