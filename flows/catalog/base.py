@@ -96,6 +96,14 @@ TURN_TRACKING_OBSERVER = "observer.turn_tracking"
 USER_BOT_LATENCY_OBSERVER = "observer.user_bot_latency"
 VOICEMAIL_DETECTOR = "extension.voicemail_detector"
 IVR_NAVIGATOR = "extension.ivr_navigator"
+# Emitter kinds of events that Pipecat 1.14 registers beyond its reference.
+USER_TURN_PROCESSOR = "user_turn_processor"
+WAKE_PHRASE_STRATEGY = "strategy.wake_phrase"
+LLM_FULL_RESPONSE_AGGREGATOR = "llm_full_response_aggregator"
+SERVICE_METRICS_OBSERVER = "observer.service_metrics"
+SPEAKING_OBSERVER = "observer.speaking"
+FUNCTION_CALL_OBSERVER = "observer.function_call"
+STARTUP_TIMING_OBSERVER = "observer.startup_timing"
 
 KINDS = frozenset(
     {
@@ -122,5 +130,12 @@ KINDS = frozenset(
         USER_BOT_LATENCY_OBSERVER,
         VOICEMAIL_DETECTOR,
         IVR_NAVIGATOR,
+        USER_TURN_PROCESSOR,
+        WAKE_PHRASE_STRATEGY,
+        LLM_FULL_RESPONSE_AGGREGATOR,
+        SERVICE_METRICS_OBSERVER,
+        SPEAKING_OBSERVER,
+        FUNCTION_CALL_OBSERVER,
+        STARTUP_TIMING_OBSERVER,
     }
 )

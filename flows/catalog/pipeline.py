@@ -67,7 +67,8 @@ class OnSetupTimeout(Event, tag="on_setup_timeout"):
     """Setting the pipeline task or its processors up took too long; the pipeline stops."""
 
 
-# Every frame processor (`FrameProcessor` registers these five with sync=True in 1.14).
+# Every frame processor (`FrameProcessor` registers these five with sync=True in 1.14, and
+# on_usable_changed without).
 
 
 class OnError(Event, tag="on_error"):
@@ -107,9 +108,17 @@ class OnAfterPushFrame(Event, tag="on_after_push_frame"):
     frame: Info = msgspec.field(default_factory=dict)
 
 
+class OnUsableChanged(Event, tag="on_usable_changed"):
+    """A frame processor became unusable (e.g. its API key was refused) or usable again."""
+
+    # A ServiceSwitcher emits it too, when whether any of its services is usable changes.
+    is_usable: bool
+
+
 # Any kind may be a frame processor (services, aggregators, transports' input and output...).
 # Sync as in Pipecat, where a processor waits for these handlers before going on; but the
-# Daily transport's own on_error is not sync there, nor here.
+# Daily transport's own on_error is not sync there, nor here. on_usable_changed (beyond the
+# reference) is not sync in Pipecat either.
 SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineStarted, {PIPELINE_TASK}),
     spec(OnPipelineFinished, {PIPELINE_TASK}),
@@ -126,4 +135,5 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnAfterProcessFrame, KINDS, sync=True),
     spec(OnBeforePushFrame, KINDS, sync=True),
     spec(OnAfterPushFrame, KINDS, sync=True),
+    spec(OnUsableChanged, KINDS),
 )

@@ -97,6 +97,38 @@ class OnSpeakersResult(Event, tag="on_speakers_result"):
     message: Info = msgspec.field(default_factory=dict)
 
 
+# Turn detection of Cartesia's turns STT (Ink-2) and Gradium's STT. Cartesia passes the
+# transcript so far (possibly empty) to all but on_turn_resume; Gradium passes nothing.
+
+
+class OnTurnStart(Event, tag="on_turn_start"):
+    """The STT provider's turn detection heard the user start a turn (Cartesia, Gradium)."""
+
+    transcript: str = ""
+
+
+class OnTurnUpdate(Event, tag="on_turn_update"):
+    """Cartesia updated the transcript of the current turn."""
+
+    transcript: str
+
+
+class OnTurnEagerEnd(Event, tag="on_turn_eager_end"):
+    """Cartesia predicts the turn is ending; on_turn_resume may withdraw the prediction."""
+
+    transcript: str
+
+
+class OnTurnResume(Event, tag="on_turn_resume"):
+    """Cartesia: the user kept speaking after an eager end of turn."""
+
+
+class OnTurnEnd(Event, tag="on_turn_end"):
+    """The STT provider's turn detection ended the user's turn (Cartesia, Gradium)."""
+
+    transcript: str = ""  # Cartesia's final transcript (empty for a silent turn); Gradium none
+
+
 # TTS services.
 
 
@@ -118,6 +150,13 @@ class OnFunctionCallsStarted(Event, tag="on_function_calls_started"):
     function_calls: list[Info] = msgspec.field(default_factory=list)
 
 
+class OnFunctionCallsCancelled(Event, tag="on_function_calls_cancelled"):
+    """Function calls in flight were cancelled (an interruption, a timeout, or on request)."""
+
+    # As for on_function_calls_started: each a FunctionCallFromLLM without its context.
+    function_calls: list[Info] = msgspec.field(default_factory=list)
+
+
 class OnCompletionTimeout(Event, tag="on_completion_timeout"):
     """An LLM completion request timed out."""
 
@@ -134,6 +173,49 @@ class OnConversationItemUpdated(Event, tag="on_conversation_item_updated"):
 
     item_id: str
     item: Info | None = None
+
+
+class OnConversationItemDeleted(Event, tag="on_conversation_item_deleted"):
+    """Grok's realtime LLM confirmed that it deleted a conversation item."""
+
+    item_id: str
+
+
+class OnConversationItemTruncated(Event, tag="on_conversation_item_truncated"):
+    """Grok's realtime LLM confirmed that it truncated a conversation item's audio."""
+
+    item_id: str
+    content_index: int | None = None
+    audio_end_ms: int | None = None  # where the audio was cut, in milliseconds
+
+
+class OnDtmfReceived(Event, tag="on_dtmf_received"):
+    """Grok's realtime LLM received a DTMF key press on its SIP call."""
+
+    button: str  # Pipecat's KeypadEntry, a str enum: "0"-"9", "#" or "*"
+
+
+class OnMcpEvent(Event, tag="on_mcp_event"):
+    """Grok's realtime LLM reported a step of an MCP tool listing or call."""
+
+    # Pipecat passes the server event's type, e.g. "response.mcp_call.completed" (named
+    # event_type here: `type` is the wire tag), then the whole event as JSON.
+    event_type: str
+    event: Info = msgspec.field(default_factory=dict)
+
+
+class OnSessionStarted(Event, tag="on_session_started"):
+    """OpenAI's live LLM service started its session: the session as the API resolved it."""
+
+    session: Info = msgspec.field(default_factory=dict)
+
+
+class OnDelegationCreated(Event, tag="on_delegation_created"):
+    """OpenAI's live LLM delegated work (to the client or to a Responses run)."""
+
+    # Its DelegationMetadata: {"id": ..., "type": "delegation", "target": "client" |
+    # "responses", "response_id": ...}.
+    delegation: Info = msgspec.field(default_factory=dict)
 
 
 SPECS: tuple[EventSpec, ...] = (
@@ -156,4 +238,18 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnCompletionTimeout, {LLM}),
     spec(OnConversationItemCreated, {LLM}),
     spec(OnConversationItemUpdated, {LLM}),
+    # Not in the reference but registered in 1.14: Cartesia's and Gradium's turn events, every
+    # LLM service's on_function_calls_cancelled, Grok's and OpenAI Live's own.
+    spec(OnTurnStart, {STT}),
+    spec(OnTurnUpdate, {STT}),
+    spec(OnTurnEagerEnd, {STT}),
+    spec(OnTurnResume, {STT}),
+    spec(OnTurnEnd, {STT}),
+    spec(OnFunctionCallsCancelled, {LLM}),
+    spec(OnConversationItemDeleted, {LLM}),
+    spec(OnConversationItemTruncated, {LLM}),
+    spec(OnDtmfReceived, {LLM}),
+    spec(OnMcpEvent, {LLM}),
+    spec(OnSessionStarted, {LLM}),
+    spec(OnDelegationCreated, {LLM}),
 )

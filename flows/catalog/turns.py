@@ -1,5 +1,6 @@
 """Turn events of the user and assistant context aggregators (`LLMUserAggregator`,
-`LLMAssistantAggregator`).
+`LLMAssistantAggregator`), of `UserTurnProcessor` (the user aggregator's turn events without
+a context) and of the wake phrase turn start strategy.
 
 Pipecat passes the turn strategy object that decided a user turn; the payloads carry its
 class name. Transcripts come as Pipecat's message dataclasses, carried as `Info` with the
@@ -10,7 +11,16 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import ASSISTANT_AGGREGATOR, USER_AGGREGATOR, Event, EventSpec, Info, spec
+from .base import (
+    ASSISTANT_AGGREGATOR,
+    USER_AGGREGATOR,
+    USER_TURN_PROCESSOR,
+    WAKE_PHRASE_STRATEGY,
+    Event,
+    EventSpec,
+    Info,
+    spec,
+)
 
 # User aggregator.
 
@@ -28,6 +38,29 @@ class OnUserTurnStopped(Event, tag="on_user_turn_stopped"):
     # Pipecat's UserTurnStoppedMessage: {"content": transcript, "timestamp": when the turn
     # started, "user_id": ...}. content is None in realtime mode, where the transcript is only
     # final once the assistant answers.
+    message: Info = msgspec.field(default_factory=dict)
+
+
+class OnUserTurnInferenceTriggered(Event, tag="on_user_turn_inference_triggered"):
+    """A stop strategy found enough signal to start the LLM's inference for the user's turn."""
+
+    # Usually with on_user_turn_stopped; alone when a later strategy waits for the LLM's verdict
+    # before ending the turn, or (speculatively) before the turn has ended.
+    strategy: str = ""  # e.g. "TurnAnalyzerUserTurnStopStrategy"
+
+
+class OnUserTurnMessageAdded(Event, tag="on_user_turn_message_added"):
+    """The user's turn was written to the LLM context (in realtime mode, when the bot answers)."""
+
+    # Pipecat's UserTurnMessageAddedMessage: {"content": transcript, "timestamp": when the turn
+    # started, "user_id": ...}; content is always set, unlike on_user_turn_stopped's.
+    message: Info = msgspec.field(default_factory=dict)
+
+
+class OnUserBackchannel(Event, tag="on_user_backchannel"):
+    """The user acknowledged the bot ("mhm") without interrupting it; not in the context."""
+
+    # Pipecat's UserBackchannelMessage: {"content": ..., "timestamp": ..., "user_id": ...}.
     message: Info = msgspec.field(default_factory=dict)
 
 
@@ -69,14 +102,56 @@ class OnAssistantThought(Event, tag="on_assistant_thought"):
     message: Info = msgspec.field(default_factory=dict)
 
 
+class OnAssistantBackchannel(Event, tag="on_assistant_backchannel"):
+    """The assistant started saying a backchannel ("Mm-hmm.") while the user talks."""
+
+    # Pipecat's AssistantBackchannelMessage: {"content": ..., "timestamp": ...}.
+    message: Info = msgspec.field(default_factory=dict)
+
+
+class OnSummaryApplied(Event, tag="on_summary_applied"):
+    """The assistant aggregator's summarizer compressed the LLM context into a summary."""
+
+    # The aggregator's own LLMContextSummarizer, by name (e.g. "LLMContextSummarizer#0"), and
+    # its SummaryAppliedEvent: {"original_message_count", "new_message_count",
+    # "summarized_message_count", "preserved_message_count"}, all ints.
+    summarizer: str = ""
+    event: Info = msgspec.field(default_factory=dict)
+
+
+# The wake phrase start strategy (`WakePhraseUserTurnStartStrategy`): an app registers its
+# handlers on the strategy itself.
+
+
+class OnWakePhraseDetected(Event, tag="on_wake_phrase_detected"):
+    """The user said a wake phrase: their turns may start now."""
+
+    phrase: str  # the configured phrase that matched
+
+
+class OnWakePhraseTimeout(Event, tag="on_wake_phrase_timeout"):
+    """No activity since the wake phrase for the timeout: the wake phrase is needed again."""
+
+
+# UserTurnProcessor passes on_user_turn_stopped its strategy alone (no message).
 SPECS: tuple[EventSpec, ...] = (
-    spec(OnUserTurnStarted, {USER_AGGREGATOR}),
-    spec(OnUserTurnStopped, {USER_AGGREGATOR}),
-    spec(OnUserTurnStopTimeout, {USER_AGGREGATOR}),
-    spec(OnUserTurnIdle, {USER_AGGREGATOR}),
+    spec(OnUserTurnStarted, {USER_AGGREGATOR, USER_TURN_PROCESSOR}),
+    spec(OnUserTurnStopped, {USER_AGGREGATOR, USER_TURN_PROCESSOR}),
+    spec(OnUserTurnStopTimeout, {USER_AGGREGATOR, USER_TURN_PROCESSOR}),
+    spec(OnUserTurnIdle, {USER_AGGREGATOR, USER_TURN_PROCESSOR}),
     spec(OnUserMuteStarted, {USER_AGGREGATOR}),
     spec(OnUserMuteStopped, {USER_AGGREGATOR}),
     spec(OnAssistantTurnStarted, {ASSISTANT_AGGREGATOR}),
     spec(OnAssistantTurnStopped, {ASSISTANT_AGGREGATOR}),
     spec(OnAssistantThought, {ASSISTANT_AGGREGATOR}),
+    # Not in the reference but registered in 1.14: these seven. The turn controller and its
+    # strategies register on_user_turn_inference_triggered with sync=True too, but they are
+    # the aggregator's internals; the aggregator and UserTurnProcessor register it async.
+    spec(OnUserTurnInferenceTriggered, {USER_AGGREGATOR, USER_TURN_PROCESSOR}),
+    spec(OnUserTurnMessageAdded, {USER_AGGREGATOR}),
+    spec(OnUserBackchannel, {USER_AGGREGATOR}),
+    spec(OnAssistantBackchannel, {ASSISTANT_AGGREGATOR}),
+    spec(OnSummaryApplied, {ASSISTANT_AGGREGATOR}),
+    spec(OnWakePhraseDetected, {WAKE_PHRASE_STRATEGY}),
+    spec(OnWakePhraseTimeout, {WAKE_PHRASE_STRATEGY}),
 )

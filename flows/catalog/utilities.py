@@ -12,9 +12,14 @@ import msgspec
 
 from .base import (
     AUDIO_BUFFER,
+    FUNCTION_CALL_OBSERVER,
     IVR_NAVIGATOR,
+    LLM_FULL_RESPONSE_AGGREGATOR,
     RTVI,
+    SERVICE_METRICS_OBSERVER,
     SERVICE_SWITCHER,
+    SPEAKING_OBSERVER,
+    STARTUP_TIMING_OBSERVER,
     TRANSCRIPT_PROCESSOR,
     TURN_TRACKING_OBSERVER,
     USER_BOT_LATENCY_OBSERVER,
@@ -25,7 +30,7 @@ from .base import (
     spec,
 )
 
-# ServiceSwitcher and TranscriptProcessor.
+# ServiceSwitcher, TranscriptProcessor and LLMFullResponseAggregator.
 
 
 class OnServiceSwitched(Event, tag="on_service_switched"):
@@ -41,6 +46,13 @@ class OnTranscriptUpdate(Event, tag="on_transcript_update"):
     # {"role": "user" | "assistant", "content": ..., "user_id": ..., "timestamp": ...}.
     # TranscriptProcessor is gone from Pipecat 1.14; the shape is that of 0.0.x.
     messages: list[Info] = msgspec.field(default_factory=list)
+
+
+class OnCompletion(Event, tag="on_completion"):
+    """An LLMFullResponseAggregator collected a whole LLM response, or an interrupted one."""
+
+    completion: str  # the response's text
+    completed: bool  # False when an interruption cut the response short
 
 
 # AudioBufferProcessor.
@@ -160,6 +172,60 @@ class OnLatencyBreakdown(Event, tag="on_latency_breakdown"):
     breakdown: Info = msgspec.field(default_factory=dict)
 
 
+# The observers below pass Pipecat's pydantic records; the payloads carry them as JSON (their
+# model_dump(mode="json")), timestamps as Unix seconds.
+
+
+class OnServiceLatency(Event, tag="on_service_latency"):
+    """A ServiceMetricsObserver measured how long a service made the user wait."""
+
+    # Its ServiceLatencyRecord: {"kind": "ttfb" | "ttfa" | "ttfat", "processor", "model",
+    # "timestamp", "seconds", "ttfb_secs", "leading_silence_secs", "thinking_time_secs"}.
+    record: Info = msgspec.field(default_factory=dict)
+
+
+class OnServiceUsage(Event, tag="on_service_usage"):
+    """A ServiceMetricsObserver recorded what a service consumed (tokens, characters, audio)."""
+
+    # Its ServiceUsageRecord: {"kind": "stt" | "llm" | "tts", "processor", "model",
+    # "timestamp", "audio_seconds", "characters", "prompt_tokens", "completion_tokens",
+    # "total_tokens", ...}; only the fields of its kind of service are set, the rest null.
+    record: Info = msgspec.field(default_factory=dict)
+
+
+class OnSpeechEvent(Event, tag="on_speech_event"):
+    """A SpeakingObserver saw someone start or stop speaking, or an interruption."""
+
+    # Its SpeechEvent: {"kind": "user_speech_started" | "user_turn_stopped" |
+    # "bot_speech_started" | "interruption" | ..., "timestamp", "started_at"}.
+    event: Info = msgspec.field(default_factory=dict)
+
+
+class OnFunctionCallEvent(Event, tag="on_function_call_event"):
+    """A FunctionCallObserver saw a function call start, run, or settle."""
+
+    # Its FunctionCallEvent: {"kind": "function_call_started" | "function_call_completed" |
+    # ..., "function_name", "tool_call_id", "timestamp", "group_id", "blocking", "arguments",
+    # "started_at", "in_progress_at", "result", "error"}.
+    event: Info = msgspec.field(default_factory=dict)
+
+
+class OnStartupTimingReport(Event, tag="on_startup_timing_report"):
+    """A StartupTimingObserver timed the pipeline's startup, processor by processor (once)."""
+
+    # Its StartupTimingReport: {"start_time", "total_duration_secs", "setup_phase_secs",
+    # "start_phase_secs", "processor_timings": [{"processor_name", "start_offset_secs",
+    # "duration_secs", ...}...], "warmup"}.
+    report: Info = msgspec.field(default_factory=dict)
+
+
+class OnTransportTimingReport(Event, tag="on_transport_timing_report"):
+    """A StartupTimingObserver timed the bot's and the first client's connecting (once)."""
+
+    # Its TransportTimingReport: {"start_time", "bot_connected_secs", "client_connected_secs"}.
+    report: Info = msgspec.field(default_factory=dict)
+
+
 # Extensions.
 
 
@@ -185,6 +251,7 @@ class OnIvrStatusChanged(Event, tag="on_ivr_status_changed"):
 SPECS: tuple[EventSpec, ...] = (
     spec(OnServiceSwitched, {SERVICE_SWITCHER}),
     spec(OnTranscriptUpdate, {TRANSCRIPT_PROCESSOR}),
+    spec(OnCompletion, {LLM_FULL_RESPONSE_AGGREGATOR}),  # beyond the reference
     spec(OnAudioData, {AUDIO_BUFFER}),
     spec(OnTrackAudioData, {AUDIO_BUFFER}),
     spec(OnUserTurnAudioData, {AUDIO_BUFFER}),
@@ -202,6 +269,14 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnLatencyMeasured, {USER_BOT_LATENCY_OBSERVER}),
     spec(OnFirstBotSpeechLatency, {USER_BOT_LATENCY_OBSERVER}),
     spec(OnLatencyBreakdown, {USER_BOT_LATENCY_OBSERVER}),
+    # Beyond the reference too: the observers an app adds for metrics, speaking, function
+    # calls and startup timing.
+    spec(OnServiceLatency, {SERVICE_METRICS_OBSERVER}),
+    spec(OnServiceUsage, {SERVICE_METRICS_OBSERVER}),
+    spec(OnSpeechEvent, {SPEAKING_OBSERVER}),
+    spec(OnFunctionCallEvent, {FUNCTION_CALL_OBSERVER}),
+    spec(OnStartupTimingReport, {STARTUP_TIMING_OBSERVER}),
+    spec(OnTransportTimingReport, {STARTUP_TIMING_OBSERVER}),
     spec(OnConversationDetected, {VOICEMAIL_DETECTOR, IVR_NAVIGATOR}),
     spec(OnVoicemailDetected, {VOICEMAIL_DETECTOR}),
     spec(OnIvrStatusChanged, {IVR_NAVIGATOR}),

@@ -56,6 +56,14 @@ on_dtmf_event on_transcription_stopped on_transcription_error
 on_network_connection_status_updated
 on_user_turn_audio on_bot_turn_audio on_ui_message
 on_latency_breakdown on_first_bot_speech_latency
+on_usable_changed
+on_user_turn_inference_triggered on_user_turn_message_added on_user_backchannel
+on_assistant_backchannel on_summary_applied on_wake_phrase_detected on_wake_phrase_timeout
+on_turn_start on_turn_update on_turn_eager_end on_turn_resume on_turn_end
+on_function_calls_cancelled on_conversation_item_deleted on_conversation_item_truncated
+on_dtmf_received on_mcp_event on_session_started on_delegation_created
+on_completion on_service_latency on_service_usage on_speech_event on_function_call_event
+on_startup_timing_report on_transport_timing_report
 """.split()
 
 # Those whose emitter waits for the handlers: Daily's and LiveKit's last moment in the room,
@@ -89,6 +97,11 @@ SHARED = {
     "on_call_state_updated": {"transport.daily", "transport.livekit"},
     "on_session_timeout": {"transport.websocket_server", "transport.fastapi_websocket"},
     "on_dtmf_event": {"transport.daily", "transport.livekit"},
+    "on_user_turn_started": {"user_aggregator", "user_turn_processor"},
+    "on_user_turn_stopped": {"user_aggregator", "user_turn_processor"},
+    "on_user_turn_inference_triggered": {"user_aggregator", "user_turn_processor"},
+    "on_turn_start": {"stt"},
+    "on_usable_changed": KINDS,
 }
 
 CODEC = Codec(payload_types())
@@ -140,7 +153,7 @@ def full(spec: EventSpec) -> Event:
 
 def test_every_reference_event_is_in_the_catalog_and_nothing_else() -> None:
     assert len(REFERENCE) == len(set(REFERENCE)) == 88
-    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 12
+    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 39
     assert not set(REFERENCE) & set(BEYOND_REFERENCE)
     assert sorted(CATALOG) == sorted(REFERENCE + BEYOND_REFERENCE)
     assert len(payload_types()) == len(set(payload_types())) == len(CATALOG)
@@ -170,7 +183,14 @@ def test_each_spec_names_its_payload_and_documents_it(name: str) -> None:
 
 def test_events_whose_data_is_optional_can_be_emitted_with_only_the_emitter() -> None:
     emitter = Emitter("transport.daily")
-    for name in ["on_client_connected", "on_user_turn_stopped", "on_pipeline_started", "on_left"]:
+    for name in [
+        "on_client_connected",
+        "on_user_turn_stopped",
+        "on_pipeline_started",
+        "on_left",
+        "on_turn_start",  # Gradium passes no transcript
+        "on_turn_end",
+    ]:
         payload = CATALOG[name].payload(emitter=emitter)
         assert CODEC.decode(name, encode(payload)) == payload
 
@@ -201,6 +221,31 @@ def test_handler_arguments_follow_pipecats_order() -> None:
     assert lookup("on_ui_message").args == ("message",)
     assert lookup("on_latency_breakdown").args == ("breakdown",)
     assert lookup("on_first_bot_speech_latency").args == ("latency",)
+    assert lookup("on_usable_changed").args == ("is_usable",)
+    assert lookup("on_user_turn_inference_triggered").args == ("strategy",)
+    for name in ["on_user_turn_message_added", "on_user_backchannel", "on_assistant_backchannel"]:
+        assert lookup(name).args == ("message",)
+    assert lookup("on_summary_applied").args == ("summarizer", "event")
+    assert lookup("on_wake_phrase_detected").args == ("phrase",)
+    assert lookup("on_wake_phrase_timeout").args == lookup("on_turn_resume").args == ()
+    for name in ["on_turn_start", "on_turn_update", "on_turn_eager_end", "on_turn_end"]:
+        assert lookup(name).args == ("transcript",)
+    assert lookup("on_function_calls_cancelled").args == ("function_calls",)
+    assert lookup("on_conversation_item_deleted").args == ("item_id",)
+    assert lookup("on_conversation_item_truncated").args == (
+        "item_id",
+        "content_index",
+        "audio_end_ms",
+    )
+    assert lookup("on_dtmf_received").args == ("button",)
+    assert lookup("on_mcp_event").args == ("event_type", "event")
+    assert lookup("on_session_started").args == ("session",)
+    assert lookup("on_delegation_created").args == ("delegation",)
+    assert lookup("on_completion").args == ("completion", "completed")
+    assert lookup("on_service_latency").args == lookup("on_service_usage").args == ("record",)
+    assert lookup("on_speech_event").args == lookup("on_function_call_event").args == ("event",)
+    assert lookup("on_startup_timing_report").args == ("report",)
+    assert lookup("on_transport_timing_report").args == ("report",)
 
 
 def test_a_decoded_event_is_validated() -> None:
@@ -224,7 +269,7 @@ def test_a_shared_event_lists_every_emitter(name: str, emitters: set[str]) -> No
 
 
 def test_frame_processor_events_may_come_from_any_kind() -> None:
-    for name in ["on_before_process_frame", "on_after_push_frame", "on_error"]:
+    for name in ["on_before_process_frame", "on_after_push_frame", "on_error", "on_usable_changed"]:
         assert lookup(name).emitters == KINDS
 
 
