@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
+
+
+def is_seconds(value: object, *, zero: bool = False) -> bool:
+    """Whether `value` is a time limit or delay: a finite number of seconds above 0 (0 too
+    with `zero`), not a bool. An infinite one, NaN, 0 or less, or a string made waits that
+    never end, or fail at once, or fail later with a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (0 <= value if zero else 0 < value) and value < math.inf
 
 
 def parameter_count(handler: Callable[..., Any]) -> int:

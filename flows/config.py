@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import re
 import types
 import typing
@@ -23,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from .calling import is_seconds
 from .errors import FlowError, InvalidFunctionError
 
 Handler = Callable[..., Any]
@@ -573,7 +573,7 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
         direct = _direct_function(node, direct_fn)
         return replace(direct, name=name, transition_to=transition_to)
     timeout = body.get("timeout_secs", spec.get("timeout_secs"))
-    if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+    if timeout is not None and not is_seconds(timeout):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "timeout_secs is seconds, above 0")
     return FunctionConfig(
         name=name,

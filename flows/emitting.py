@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import structlog
 from bus import Message, encode
 
 from .bot import BotSession
+from .calling import is_seconds
 from .catalog import Emitter, Event, EventSpec
 from .errors import EventError
 from .handlers import declare, find_spec
@@ -53,7 +53,7 @@ class Events:
     def __init__(
         self, bot: BotSession, *, sync_timeout: float = 5.0, events: Iterable[EventSpec] = ()
     ) -> None:
-        if not (isinstance(sync_timeout, int | float) and 0 < sync_timeout < math.inf):
+        if not is_seconds(sync_timeout):
             # (0 or less: no sync event was ever published; NaN failed each emit of one, and
             # an infinite one let a stuck service hold the bot for ever)
             raise ValueError(f"sync_timeout is a number of seconds above 0, not {sync_timeout!r}")

@@ -29,7 +29,7 @@ import structlog
 
 from bus import Codec, Delivery, Payload, Service
 
-from .calling import invoke
+from .calling import invoke, is_seconds
 from .catalog import CATALOG, Event, EventSpec, Info
 from .errors import EventError, InvalidHandlerError, UnknownEventError
 from .protocol import COMMANDS, FLOW_EVENTS, HandlerOutcome
@@ -52,10 +52,9 @@ class Retry:
 
     def __post_init__(self) -> None:
         whole = isinstance(self.attempts, int) and not isinstance(self.attempts, bool)
-        number = isinstance(self.backoff, int | float) and not isinstance(self.backoff, bool)
         # (an infinite backoff was taken and made no retry: the next run was never due in
         # the event's time; a string or None failed with a TypeError comparing it)
-        if not (whole and self.attempts >= 1 and number and 0 <= self.backoff < math.inf):
+        if not (whole and self.attempts >= 1 and is_seconds(self.backoff, zero=True)):
             raise InvalidHandlerError(
                 "Retry needs attempts of 1 or more and a backoff of 0 or more seconds, a "
                 f"finite number, not {self}"
@@ -287,8 +286,7 @@ class EventService:
         spec = find_spec(name, self._custom)
         if not callable(handler):
             raise InvalidHandlerError(f"handler for {name!r} is not callable: {handler!r}")
-        number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-        if timeout is not None and not (number and 0 < timeout < math.inf):
+        if timeout is not None and not is_seconds(timeout):
             raise InvalidHandlerError(
                 f"the timeout of a handler for {name!r} must be a positive number of seconds, "
                 f"not {timeout!r}"

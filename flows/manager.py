@@ -15,7 +15,6 @@ waits — always for a bounded time — for the pre-actions to finish before the
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -29,7 +28,7 @@ from bus import Bus, Message, Payload, SessionEndedError
 
 from .actions import BUILTINS
 from .bot import BotSession, unwrapped
-from .calling import invoke_action, invoke_function
+from .calling import invoke_action, invoke_function, is_seconds
 from .config import (
     TRANSITION_IN_YAML,
     ContextStrategy,
@@ -120,7 +119,7 @@ class FlowManager:
             ("actions_timeout", actions_timeout),
             ("function_timeout", function_timeout),
         ):
-            if not (isinstance(seconds, int | float) and 0 < seconds < math.inf):
+            if not is_seconds(seconds):
                 # (an infinite one failed the first node entry; 0 or less, every wait at once)
                 raise ValueError(f"{option} is a number of seconds above 0, not {seconds!r}")
         self.bot, self.llm, self.tts, self.flow = bot, llm, tts, flow
