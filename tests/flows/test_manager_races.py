@@ -135,27 +135,32 @@ async def test_a_reply_during_a_nodes_pre_actions_belongs_to_the_node_before(
 async def test_of_two_node_entries_at_once_the_later_one_wins(actions: Bus) -> None:  # noqa: F811
     async with call(actions, "call-1", {}, wait=3) as fm:
         await fm.initialize(node("a", respond_immediately=False))
-        services, asked = actions.services, anyio.Event()
+        services, asked, later_done = actions.services, anyio.Event(), anyio.Event()
 
         async def slow_services(*args: Any, **kwargs: Any) -> Any:
-            if not asked.is_set():  # the first entry's: slow
+            if not asked.is_set():  # the first entry's look-up answers after the second entry
                 asked.set()
-                await anyio.sleep(0.5)
+                await later_done.wait()
             return await services(*args, **kwargs)
 
         actions.services = slow_services  # type: ignore[method-assign]
         errors: list[BaseException] = []
 
-        async def enter(n: dict[str, Any]) -> None:
+        async def enter(n: dict[str, Any], done: anyio.Event | None = None) -> None:
             try:
                 await fm.set_node_from_config(n)
             except Exception as exc:
                 errors.append(exc)
+            finally:
+                if done is not None:
+                    done.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(enter, node("x", pre=[note("X")], respond_immediately=False))
-            await asked.wait()
-            tg.start_soon(enter, node("y", pre=[note("Y")], respond_immediately=False))
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(enter, node("x", pre=[note("X")], respond_immediately=False))
+                await asked.wait()
+                y = node("y", pre=[note("Y")], respond_immediately=False)
+                tg.start_soon(enter, y, later_done)
     assert fm.current_node == "y" and errors == []
 
 
