@@ -428,6 +428,18 @@ async def call(
     raise AssertionError("unreachable")
 
 
+def refused(
+    what: str, exc: ResponseError, settings: Settings, *, needs: str = ""
+) -> CommandRefusedError | NotPermittedError:
+    """The bus's error for the server's refusal `exc` of `what`, outside `call`: a missing
+    permission is a `NotPermittedError` (saying what the user `needs`), any other refusal a
+    `CommandRefusedError`."""
+    if isinstance(exc, NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH")):
+        needed = f"; an ACL user needs {needs}" if needs else ""
+        return NotPermittedError(f"{_reason(exc)} ({what}{needed})", url=settings.redacted_url)
+    return CommandRefusedError(what, _reason(exc))
+
+
 #: A cluster node's refusal of a script that reached for a key of its slot that was migrated
 #: already (the key is not among those the script declares, so no ``ASK`` reply comes): the
 #: slot is being migrated, and the call goes through once that is done. The script stopped at

@@ -20,10 +20,10 @@ import anyio
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import AskError
+from redis.exceptions import AskError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .connection import TRANSIENT, backoff, make_client, node_settings
+from .connection import TRANSIENT, backoff, make_client, node_settings, refused
 from .keys import Keys
 from .settings import Settings
 
@@ -40,7 +40,9 @@ class Hints(Generic[Part]):
     """Follows the wake channels of `wanted()` (partition number -> the consumer's partition
     object): `on_hint(part, session)` for each hint, `on_subscribed(part, confirmed)` when a
     channel's subscription is confirmed by the server (True) or found already in place after a
-    change of `wanted()` (False). Call `changed()` whenever `wanted()` may have changed."""
+    change of `wanted()` (False). Call `changed()` whenever `wanted()` may have changed. `run`
+    raises `NotPermittedError` (an ACL user without the wake channels) or `CommandRefusedError`
+    if the server refuses a subscription."""
 
     def __init__(
         self,
@@ -145,6 +147,12 @@ class Hints(Generic[Part]):
             except* (*TRANSIENT, AskError) as group:  # from the reader or the subscriber task;
                 failures += 1  # an ASK or MOVED reply: the node no longer serves a wanted slot
                 self._log.warning("hints_interrupted", error=str(group.exceptions[0]), node=node)
+            except* ResponseError as group:  # a refused SSUBSCRIBE: an ACL user without the
+                refusal = group.exceptions[0]  # channels, a server without sharded pub/sub
+                assert isinstance(refusal, ResponseError)
+                what = f"subscribing to the wake-up channels ({self.keys.wake(0)} and the like)"
+                needs = f"the prefix's channels, &{self.settings.prefix}:*"
+                raise refused(what, refusal, self.settings, needs=needs) from None
             finally:
                 with anyio.CancelScope(shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8

@@ -12,6 +12,7 @@ from bus import (
     Codec,
     CommandRefusedError,
     ConnectionFailedError,
+    Consumer,
     Delivery,
     NotPermittedError,
     Service,
@@ -145,3 +146,27 @@ async def test_a_user_that_may_not_load_the_scripts_is_refused_with_a_bus_error(
             async with Bus.connect(user):
                 pass
         assert isinstance(refused.value, ConnectionFailedError)  # as documented before
+
+
+async def test_a_worker_whose_user_may_not_subscribe_to_the_wake_channels_says_so() -> None:
+    """Redis 7 gives a new ACL user no channels by default (``acl-pubsub-default``): the
+    worker's refused subscription was redis-py's own error, naming no channel."""
+
+    async def handle(delivery: Delivery) -> None:
+        pass
+
+    with LocalServer(KIND) as server:
+        admin = make_settings(server.url)
+        user = msgspec.structs.replace(admin, url=server.url.replace("//", "//app:secret@"))
+        async with Bus.connect(admin) as root:
+            rule = ["on", ">secret", "~*", "resetchannels", "+@all"]
+            await raw(root).execute_command("ACL", "SETUSER", "app", *rule)
+        async with Bus.connect(user) as bus:
+            consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+            with pytest.raises(ExceptionGroup) as failed:
+                await consumer.run()
+    [refused] = failed.value.exceptions
+    assert isinstance(refused, NotPermittedError), refused
+    assert refused.reason.startswith("NOPERM")
+    assert f"{admin.prefix}:{{0}}:wake" in refused.reason
+    assert f"&{admin.prefix}:*" in refused.reason
