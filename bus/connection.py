@@ -56,8 +56,16 @@ class ReplicasBehindError(Exception):
 #: Errors after which a command may succeed if sent again a little later: a lost connection,
 #: a cluster whose slots move or whose primary is being replaced (``CLUSTERDOWN``,
 #: ``TRYAGAIN``, or redis-py's cluster client giving up after 16 redirections in about half a
-#: second: ``TTL exhausted``, seen mid-migration), or replicas that have not caught up.
-TRANSIENT = (*LOST, ClusterError, TryAgainError, ReplicasBehindError)
+#: second: ``TTL exhausted``, seen mid-migration; a slot no node serves in its map, or no node
+#: reached by its refresh, neither of them a `RedisError`), or replicas that have not caught up.
+TRANSIENT = (
+    *LOST,
+    ClusterError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+    ReplicasBehindError,
+)
 
 
 #: How long a bus call retries a lost connection before `ConnectionFailedError`.

@@ -13,6 +13,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     NoPermissionError,
+    RedisClusterUnreachableError,
     ResponseError,
     SlotNotCoveredError,
     TryAgainError,
@@ -173,8 +174,12 @@ async def test_a_batch_without_replies_fails_as_lost_and_a_cancelled_one_is_canc
         ClusterError("TTL exhausted."),  # the cluster client gave up redirecting
         TryAgainError("Multiple keys request during rehashing of slot"),
         ClusterDownError("The cluster is down"),
+        # redis-py's cluster client, not `RedisError`s: a failover's gap, or no node answering
+        # for a moment (they reached the caller raw)
+        SlotNotCoveredError('Slot "7" is not covered by the cluster.'),
+        RedisClusterUnreachableError("Redis Cluster cannot be connected."),
     ],
-    ids=["ttl", "tryagain", "clusterdown"],
+    ids=["ttl", "tryagain", "clusterdown", "slot-not-covered", "unreachable"],
 )
 async def test_a_cluster_busy_moving_slots_is_retried(error: Exception) -> None:
     failures = [error, error]
