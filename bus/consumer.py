@@ -870,6 +870,11 @@ class _Context:
     async def save_state(self, data: bytes) -> None:
         await self._write_fenced([f"group:{self.consumer.service.name}", data])
 
+    async def server_ms(self) -> int:
+        bus = self.consumer.bus
+        now = partial(scripts.NOW, bus.redis, [bus.keys.meta(self.session)], [])
+        return int(await call("server_ms", now, bus.settings, self.session))
+
     async def _write_fenced(self, pairs: list[str | bytes]) -> None:
         bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
         keys = [bus.keys.lease(p, group), bus.keys.state(self.session), bus.keys.meta(self.session)]

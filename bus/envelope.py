@@ -163,6 +163,8 @@ class DeliveryContext(Protocol):
 
     async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None: ...
 
+    async def server_ms(self) -> int: ...
+
 
 class Delivery(msgspec.Struct):
     """What a handler receives: one decoded event of one session, and how often it was sent.
@@ -236,3 +238,8 @@ class Delivery(msgspec.Struct):
         `FencedError` if this worker no longer owns the session's partition, and with
         `NoSuchSessionError` if the session's meta is gone."""
         await self._ctx().write_session_state(fields)
+
+    async def server_ms(self) -> int:
+        """The clock of the server that holds the session, in ms: the clock of `ts`, to
+        compare with it where this process's clock may differ (one round trip)."""
+        return await self._ctx().server_ms()

@@ -57,6 +57,7 @@ RESUME = Script.load("resume")
 SAVE_STATE = Script.load("save_state")
 WRITE_STATE = Script.load("write_state")
 END = Script.load("end", prelude=True)
+NOW = Script.load("now")
 ALL = (
     PUBLISH,
     STEP,
@@ -69,6 +70,7 @@ ALL = (
     SAVE_STATE,
     WRITE_STATE,
     END,
+    NOW,
 )
 
 

@@ -20,7 +20,6 @@ resumes at the next action.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -297,7 +296,8 @@ class ActionService:
     async def _advance(self, delivery: Delivery, state: _State, run: _Run) -> None:
         """Run actions until the list ends, fails, or must wait for the bot."""
         while not run.waiting:
-            if run.phase == "pre" and run.deadline and time.time() * 1000 > run.deadline:
+            # The deadline is on the server's clock (the entry's `ts`), not this host's.
+            if run.phase == "pre" and run.deadline and await delivery.server_ms() > run.deadline:
                 log.warning("actions_abandoned", reason="the bot stopped waiting", at=run.index)
                 run.phase = "abandoned"
             elif run.phase in ("pre", "post"):

@@ -3,6 +3,7 @@ commands to the bot, its answers, and bots that start over or end early."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -104,6 +105,32 @@ async def test_a_failing_bot_side_end_conversation_is_named_in_the_error(bus: Bu
     cause = raised.value.__cause__
     assert isinstance(cause, ActionError)
     assert "'end_conversation'" in str(cause) and "'note'" not in str(cause), str(cause)
+
+
+async def test_pre_actions_run_on_a_worker_whose_clock_is_an_hour_ahead(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bot's wait for them ends on the server's clock (its node entry's `ts` plus
+    `actions_timeout`): a worker host whose clock ran ahead by more than that took every
+    pre-action for one the bot had stopped waiting for, and abandoned it."""
+    service = ActionService()
+    ran: list[int] = []
+
+    @service.action("note")
+    async def note(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append(action["n"])
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this process's clock only
+    async with running(bus, service.as_service()):
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0), actions_timeout=3
+        ) as fm:
+            pre = [{"type": "note", "n": 1}, {"type": "note", "n": 2}]
+            node = {"name": "a", "task_messages": [], "pre_actions": pre}
+            await fm.initialize(node | {"respond_immediately": False})
+            assert fm.current_node == "a" and fm.action_errors == []
+    assert ran == [1, 2]
 
 
 async def test_a_second_action_service_does_not_answer_for_the_one_the_bot_names(
