@@ -614,7 +614,9 @@ class FlowManager:
                 pass
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
-        handler = self._bot_actions.get(key)
+        # Each is asked for once (a worker that runs the action again does not send it
+        # again): dropped, the table does not grow with every node entry of a long call.
+        handler = self._bot_actions.pop(key, None)
         error = ""
         try:
             if handler is None:

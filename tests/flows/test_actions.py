@@ -355,6 +355,7 @@ async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_nod
         await wait_for(lambda: fm.current_node == "second", what="the transition")
     events = await timeline(bus, "call-1")
     assert ran == ["tag t1", "jump from None"]  # current_node is the old one during pre-actions
+    assert fm._bot_actions == {}  # each dropped once run: no growth over a long call
     assert before(events, "action.finished:X", "tts.started:Now in second")
     assert before(events, "tts.finished:Now in second", "action.started:after-say")
 
