@@ -20,6 +20,7 @@ resumes at the next action.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -295,9 +296,18 @@ class ActionService:
 
     async def _advance(self, delivery: Delivery, state: _State, run: _Run) -> None:
         """Run actions until the list ends, fails, or must wait for the bot."""
+        offset: float | None = None  # the server's clock less this host's monotonic one, in ms
+
+        async def server_now() -> float:
+            """The server's clock (ms): read once per delivery, then carried on locally."""
+            nonlocal offset
+            if offset is None:
+                offset = await delivery.server_ms() - time.monotonic() * 1000
+            return time.monotonic() * 1000 + offset
+
         while not run.waiting:
             # The deadline is on the server's clock (the entry's `ts`), not this host's.
-            if run.phase == "pre" and run.deadline and await delivery.server_ms() > run.deadline:
+            if run.phase == "pre" and run.deadline and await server_now() > run.deadline:
                 log.warning("actions_abandoned", reason="the bot stopped waiting", at=run.index)
                 run.phase = "abandoned"
             elif run.phase in ("pre", "post"):

@@ -22,6 +22,7 @@ import anyio.abc
 from bus import Bus, Consumer, Service, Settings
 from bus.scripts import Arg
 from bus.steps import Step, StepBatcher, reader
+from workers.fleet import settings_env as settings_env  # the workers' own, for the tests
 from workers.observe import lease_owners as lease_owners  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,23 +42,6 @@ def raw(bus: Bus) -> Any:
     """The bus's Redis client, for reading replies in tests (redis-py types each reply as a
     union of every shape it could take)."""
     return bus.redis
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    return {
-        "FLOWBUS_REDIS_URL": settings.url,
-        "FLOWBUS_PREFIX": settings.prefix,
-        "FLOWBUS_PARTITIONS": str(settings.partitions),
-        "FLOWBUS_LEASE_TTL_SECONDS": str(settings.lease_ttl_seconds),
-        "FLOWBUS_MAX_DELIVERIES": str(settings.max_deliveries),
-        "FLOWBUS_RETRY_BACKOFF_SECONDS": str(settings.retry_backoff_seconds),
-        "FLOWBUS_RETRY_BACKOFF_MAX_SECONDS": str(settings.retry_backoff_max_seconds),
-        "FLOWBUS_DEAD_LETTER_POLICY": settings.dead_letter_policy,
-        "FLOWBUS_MAX_PAYLOAD_BYTES": str(settings.max_payload_bytes),
-        "FLOWBUS_CLUSTER": "1" if settings.cluster else "0",
-        "FLOWBUS_READ_BATCH": str(settings.read_batch),
-        "FLOWBUS_ACK_MODE": settings.ack_mode,
-    }
 
 
 LOG_TAIL_LINES = 40
