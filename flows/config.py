@@ -91,7 +91,8 @@ class _TransitionInYaml:
 
 
 #: What a function of a flow file returns as its next node to let the file's `transition_to`
-#: decide (Pipecat 1.14's sentinel; None does the same here).
+#: decide (Pipecat 1.14's sentinel; None does the same here). A function with no
+#: `transition_to` that was not read from a file returns it in error: the LLM is told so.
 TRANSITION_IN_YAML: Any = _TransitionInYaml()
 
 
@@ -143,6 +144,9 @@ class FunctionConfig:
     transition_to: str | Branch | None = None
     #: Seconds its handler may take (Pipecat's ``timeout_secs``); None: the manager's.
     timeout: float | None = None
+    #: Read by `load_flow`: without a `transition_to`, a handler's ``TRANSITION_IN_YAML``
+    #: stays in the node (the file gave it none); elsewhere, as in Pipecat, that is an error.
+    from_file: bool = False
 
     def targets(self) -> list[str]:
         """Every node its `transition_to` may go to."""
@@ -342,12 +346,13 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
         if isinstance(c, Mapping) and isinstance(c.get("task_messages"), list):
             _file_messages(str(n), c["task_messages"])
     nodes = {n: parse_node(c, name=n, handlers=lookup) for n, c in data["nodes"].items()}
+    nodes = {n: replace(c, functions=_from_file(c.functions)) for n, c in nodes.items()}
     initial = data.get("initial_node") or next(iter(nodes), None)
     if initial not in nodes:
         raise FlowError(f"{path}: initial_node {initial!r} is not one of the nodes")
     where = "global_functions"
     shared = unique_functions(
-        where, [parse_function(where, f, lookup) for f in _list(where, where, data)]
+        where, _from_file([parse_function(where, f, lookup) for f in _list(where, where, data)])
     )
     shared_names = {f.name for f in shared}
     for node, functions in [(n.name, n.functions) for n in nodes.values()] + [(where, shared)]:
@@ -363,6 +368,10 @@ def load_flow(path: str | Path, *, handlers: Any = None) -> FlowConfig:
             if functions is not shared and function.name in shared_names:
                 raise InvalidNodeFunctionError(node, at, "it is also a global function")
     return FlowConfig(str(initial), nodes, shared)
+
+
+def _from_file(functions: list[FunctionConfig]) -> list[FunctionConfig]:
+    return [replace(f, from_file=True) for f in functions]
 
 
 def _including_loader(base: Path) -> Any:

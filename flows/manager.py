@@ -549,6 +549,12 @@ class FlowManager:
                 else:
                     result = returned
             if next_node is TRANSITION_IN_YAML:
+                if target is None and not function.from_file:  # (as Pipecat: nothing decides)
+                    raise InvalidFunctionError(
+                        f"function {call.name!r} returned TRANSITION_IN_YAML, but it has no "
+                        "transition_to and is not of a flow file: return a node's config, or "
+                        "None to stay"
+                    )
                 next_node = None
             if next_node is None and target is not None and self.flow is not None:
                 name = target if isinstance(target, str) else target.destination(call.name, result)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from bus import Bus
 from flows import (
@@ -537,14 +538,16 @@ async def test_a_function_that_cannot_work_is_refused_at_node_entry(
     [
         ("confirm", "returned the node name 'confirm'"),
         ({"name": "confirm"}, "key 'task_messages': required"),
+        (TRANSITION_IN_YAML, "returned TRANSITION_IN_YAML, but it has no transition_to"),
     ],
-    ids=["name", "bad-node"],
+    ids=["name", "bad-node", "transition-in-yaml"],
 )
 async def test_a_handlers_next_node_that_is_no_node_is_an_error_the_llm_gets(
     bus: Bus, returned: Any, says: str
 ) -> None:
     """As a handler that raises (and as Pipecat 1.14 tells a flow file's tool that returns a
-    node's name): the LLM gets the error and the flow stays, instead of the turn failing."""
+    node's name, or a tool of a node built in code that returns TRANSITION_IN_YAML): the LLM
+    gets the error and the flow stays, instead of the turn failing; a log line says why."""
 
     async def confirm(args: Any, flow_manager: Any) -> Any:
         return {"ok": True}, returned
@@ -557,9 +560,36 @@ async def test_a_handlers_next_node_that_is_no_node_is_an_error_the_llm_gets(
     script = [LLMResponse(function_calls=[FunctionCall("confirm")]), LLMResponse(text="Sorry.")]
     llm = ScriptedLLM({"order": script})
     async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
-        await fm.initialize(entered)
+        with capture_logs() as logs:
+            await fm.initialize(entered)
         assert fm.current_node == "order"
     [said] = [m["content"] for m in fm.messages if m["role"] == "tool"]
     assert said["status"] == "error"
     assert "function 'confirm'" in said["error"] and says in said["error"]
     assert fm.messages[-1] == {"role": "assistant", "content": "Sorry."}
+    [logged] = [x for x in logs if x["event"] == "function_call_failed"]
+    assert (logged["function"], logged["error"]) == ("confirm", said["error"])
+
+
+async def test_a_flow_files_function_without_transition_to_stays_on_transition_in_yaml(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """As in Pipecat 1.14: the file gave the function no transition, so it stays (the same
+    return from a node built in code is an error: see above)."""
+
+    class Estimate(Handlers):
+        @staticmethod
+        async def get_delivery_estimate(flow_manager: Any) -> Any:
+            """How long the delivery takes."""
+            return {"minutes": 30}, TRANSITION_IN_YAML
+
+    path = tmp_path / "flow.yaml"
+    path.write_text(PIZZA_YAML)
+    flow = load_flow(path, handlers=Estimate)
+    ask = LLMResponse(function_calls=[FunctionCall("get_delivery_estimate")])
+    llm = ScriptedLLM({"greet": [ask, LLMResponse(text="Thirty minutes.")]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
+        await fm.initialize()
+        assert fm.current_node == "greet"
+    assert [m["content"] for m in fm.messages if m["role"] == "tool"] == [{"minutes": 30}]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Thirty minutes."}
