@@ -155,7 +155,9 @@ class FlowManager:
         self._entering = 0  # the gen of a node entry under way (0: none)
         self._initialized = False
         self._started = False  # session.started published
-        self._bot_actions: dict[str, Handler] = {}
+        #: The bot's own actions of node entries, by the key their actions name: (gen,
+        #: handler). Dropped once run, or once the actions service will not run them.
+        self._bot_actions: dict[str, tuple[int, Handler]] = {}
         self._registered: dict[str, Handler] = {}
         self._pre_wait: anyio.CancelScope | None = None
 
@@ -233,6 +235,9 @@ class FlowManager:
         gen = self._entering = self._gen
         try:
             outcome = await self._enter(config, gen)
+        except Exception:  # not entered: its actions failed, or the bot does not wait for them
+            self._bot_actions = {k: a for k, a in self._bot_actions.items() if a[0] != gen}
+            raise
         finally:
             if self._entering == gen:
                 self._entering = 0
@@ -275,8 +280,8 @@ class FlowManager:
             respond_immediately=config.respond_immediately,
             wait_ms=max(1, int(self.actions_timeout * 1000)),  # 0 is no limit
             service=self.actions_service,
-            pre_actions=self._wire_all(config.pre_actions, f"{gen}/pre"),
-            post_actions=self._wire_all(config.post_actions, f"{gen}/post"),
+            pre_actions=self._wire_all(config.pre_actions, gen, "pre"),
+            post_actions=self._wire_all(config.post_actions, gen, "post"),
         )
         await self.state.flush(self._write_state)
         with structlog.contextvars.bound_contextvars(session=self.session_id, node=config.name):
@@ -300,6 +305,11 @@ class FlowManager:
                 log.info("node_superseded", gen=gen, by=self._gen)
                 return "superseded"
         self.current_node, self._node, self._entered_gen = config.name, config, gen
+        if entered.pre_actions or entered.post_actions:
+            # The actions service ran this entry's pre-actions, so it is done with every
+            # earlier one: their actions that did not run never will. (An entry without
+            # actions is not waited for: the post-actions before it may still be running.)
+            self._bot_actions = {k: a for k, a in self._bot_actions.items() if a[0] >= gen}
         self._enter_context(config, await self._summary(config))
         return outcome
 
@@ -362,6 +372,7 @@ class FlowManager:
         self._ending = True
         if self._pre_wait is not None:  # a node entry waiting for its pre-actions is moot now
             self._pre_wait.cancel()
+        self._bot_actions.clear()  # no action runs after the end
         if self._end_sent:
             return
         self._end_sent = True
@@ -400,9 +411,11 @@ class FlowManager:
     async def _write_state(self, fields: Mapping[str, str | bytes]) -> None:
         await self.bot.bus.write_state(self.session_id, fields)
 
-    def _wire_all(self, actions: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-        """Actions as data; a callable handler (inline, or registered in this bot) stays here
-        and its action names it by a key instead."""
+    def _wire_all(
+        self, actions: list[dict[str, Any]], gen: int, phase: Literal["pre", "post"]
+    ) -> list[dict[str, Any]]:
+        """Actions of node entry `gen` as data; a callable handler (inline, or registered in
+        this bot) stays here and its action names it by a key instead."""
         wired = []
         for i, action in enumerate(actions):
             handler, kind = action.get("handler"), action["type"]
@@ -417,8 +430,9 @@ class FlowManager:
             if handler is None:
                 wired.append(action)
                 continue
-            self._bot_actions[f"{key}/{i}"] = handler
-            wired.append(action | {"bot_handler": f"{key}/{i}"})
+            key = f"{gen}/{phase}/{i}"
+            self._bot_actions[key] = (gen, handler)
+            wired.append(action | {"bot_handler": key})
         return wired
 
     async def _run_pre_actions(
@@ -607,6 +621,9 @@ class FlowManager:
                         self.messages.append({"role": "assistant", "content": text})
                 await self.end("end_conversation")
             case RunAction(corr=corr, key=key, action=action):
+                if self._ending:  # the call is over: its actions are not run, nor confirmed
+                    log.info("action_dropped", session=self.session_id, reason="the session ended")
+                    return
                 # In a task of its own: the action may set a node whose actions need this loop.
                 actions.start_soon(self._run_bot_action, corr, key, action)
             case ActionsCompleted(error=error, action_type=kind, node=node, phase="post") if error:
@@ -622,14 +639,14 @@ class FlowManager:
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
         # Each is asked for once (a worker that runs the action again does not send it
         # again): dropped, the table does not grow with every node entry of a long call.
-        handler = self._bot_actions.pop(key, None)
+        wired = self._bot_actions.pop(key, None)
         error = ""
         try:
-            if handler is None:
+            if wired is None:
                 raise ActionError(f"no bot-side handler for action {action.get('type')!r}")
             await self.state.load(self._read_state)  # as a worker's action sees it
             with anyio.move_on_after(self.actions_timeout) as scope:
-                await invoke_action(handler, action, self)
+                await invoke_action(wired[1], action, self)
             if scope.cancel_called:  # (a plain handler's thread returns late, not cancelled)
                 error = f"timed out after {self.actions_timeout}s"
             await self.state.flush(self._write_state)  # for the actions after it

@@ -360,6 +360,63 @@ async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_nod
     assert before(events, "tts.finished:Now in second", "action.started:after-say")
 
 
+async def test_bot_side_actions_that_will_not_run_are_dropped_from_the_bot(actions: Bus) -> None:
+    """Those of a node entry the actions service left for a newer one, of an entry that
+    failed, and at the end: none stays in the bot's table for the rest of a long call."""
+    ran: list[str] = []
+
+    def tag(action: dict[str, Any]) -> None:
+        ran.append(action["label"])
+
+    async with call(actions, "call-1") as fm:
+        fm.register_action("tag", tag)
+        tagged = {"type": "tag", "label": "a"}
+        await fm.initialize(node("a", post=[tagged], respond_immediately=False))
+        # No reply in "a": its post-actions never run once "b" is entered.
+        await fm.set_node_from_config(node("b", pre=[note("B")], respond_immediately=False))
+        assert fm._bot_actions == {}
+        broken = node("c", pre=[{"type": "unknown"}], post=[tagged], respond_immediately=False)
+        with pytest.raises(ActionError, match="'unknown' is not registered"):
+            await fm.set_node_from_config(broken)
+        assert fm._bot_actions == {}
+        await fm.set_node_from_config(node("d", post=[tagged], respond_immediately=False))
+        assert list(fm._bot_actions) == ["4/post/0"]  # still due, at the next reply
+        await fm.end()
+        assert fm._bot_actions == {}
+    assert ran == []
+
+
+async def test_a_bot_side_post_action_still_due_after_the_next_node_was_entered_runs(
+    actions: Bus,
+) -> None:
+    """The next node has no actions, so the bot does not wait for the service: it is
+    entered while the post-actions of the node before still run."""
+    ran: list[str] = []
+    release = anyio.Event()
+
+    async def hold(action: dict[str, Any], flow_manager: FlowManager) -> None:
+        await release.wait()
+
+    def tag(action: dict[str, Any], flow_manager: FlowManager) -> None:
+        ran.append(f"{action['label']} in {flow_manager.current_node}")
+
+    async def go(args: dict[str, Any], flow_manager: FlowManager) -> Any:
+        return {"ok": True}, node("b", respond_immediately=False)
+
+    script = {"a": [LLMResponse(text="Noted", function_calls=[FunctionCall("go")])]}
+    post: list[dict[str, Any]] = [
+        {"type": "function", "handler": hold},
+        {"type": "tag", "label": "after-hold"},
+    ]
+    async with call(actions, "call-1", script) as fm:
+        fm.register_action("tag", tag)
+        await fm.initialize(node("a", post=post, functions=[{"name": "go", "handler": go}]))
+        assert fm.current_node == "b"
+        release.set()
+        await wait_for(lambda: ran == ["after-hold in b"], what="the post-action of a")
+        assert fm._bot_actions == {}
+
+
 async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_one_is_ignored(
     actions: Bus,
 ) -> None:
