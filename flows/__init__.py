@@ -41,6 +41,7 @@ from .speech import (
     LLMResponse,
     ScriptedLLM,
     SimulatedTTS,
+    Spoken,
 )
 from .state import SharedState
 
@@ -86,6 +87,7 @@ __all__ = [
     "ScriptedLLM",
     "SharedState",
     "SimulatedTTS",
+    "Spoken",
     "SyncOutcome",
     "UnknownEventError",
     "WorkerFlowManager",

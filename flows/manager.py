@@ -64,7 +64,7 @@ from .protocol import (
     TTSSpoken,
     WaitTimedOut,
 )
-from .speech import CURRENT_NODE, LLM, TTS, FunctionCall
+from .speech import CURRENT_NODE, LLM, TTS, FunctionCall, Spoken, heard
 from .state import SharedState
 
 log = structlog.get_logger("flowbus.flow")
@@ -346,14 +346,14 @@ class FlowManager:
             reply = await self.llm.generate(self._context(), [f.schema() for f in node.functions])
         finally:
             CURRENT_NODE.reset(asked)
-        if reply.text:
-            self.messages.append({"role": "assistant", "content": reply.text})
         calls = [c.name for c in reply.function_calls]
         completed = LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
         if not await self._publish(completed):
             return None, False
-        spoken = await self.tts.speak(reply.text) if reply.text else True
-        if not await self._publish(TTSFinished(node=node.name, gen=gen, interrupted=not spoken)):
+        spoken = await self._say(reply.text) if reply.text else Spoken("")
+        if not await self._publish(
+            TTSFinished(node=node.name, gen=gen, interrupted=spoken.interrupted)
+        ):
             return None, False
         next_node: NodeLike | None = None
         again = False
@@ -605,20 +605,16 @@ class FlowManager:
                 if self._ending:  # the call is over: nothing more is said, nor confirmed
                     log.info("say_dropped", session=self.session_id, reason="the session ended")
                     return
-                spoken = await self.tts.speak(text)
-                if append:
-                    self.messages.append({"role": "assistant", "content": text})
+                spoken = await self._say(text, append)
                 if corr:
-                    await self._publish(TTSSpoken(corr=corr, interrupted=not spoken))
+                    await self._publish(TTSSpoken(corr=corr, interrupted=spoken.interrupted))
             case EndConversation(text=text, append_to_context=append, corr=corr):
                 self._ending = True  # no transition or LLM turn may follow it
                 self._ended_by_pre_action = "/pre/" in corr  # (its key: entry/phase/index)
                 if self._pre_wait is not None:  # nor a node entered meanwhile
                     self._pre_wait.cancel()
                 if text:
-                    await self.tts.speak(text)
-                    if append:
-                        self.messages.append({"role": "assistant", "content": text})
+                    await self._say(text, append)
                 await self.end("end_conversation")
             case RunAction(corr=corr, key=key, action=action):
                 if self._ending:  # the call is over: its actions are not run, nor confirmed
@@ -635,6 +631,14 @@ class FlowManager:
                 # A post-phase report, or a reply that came after its wait ended (a pre-phase
                 # failure then was the caller's `ActionError` already).
                 pass
+
+    async def _say(self, text: str, append: bool = True) -> Spoken:
+        """Speak `text`; with `append`, what the caller heard of it goes into the LLM's context
+        (as in Pipecat, whose context keeps what was spoken of an interrupted reply)."""
+        spoken = heard(text, await self.tts.speak(text))
+        if append and spoken.text:
+            self.messages.append({"role": "assistant", "content": spoken.text})
+        return spoken
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
         # Each is asked for once (a worker that runs the action again does not send it

@@ -39,10 +39,24 @@ class LLM(Protocol):
         ...
 
 
+class Spoken(msgspec.Struct, frozen=True):
+    """What a caller heard of a text: all of it, or its start, `text`, up to an interruption."""
+
+    text: str
+    interrupted: bool = False
+
+
 class TTS(Protocol):
-    async def speak(self, text: str) -> bool:
-        """Speak `text`; True if it was spoken to the end, False if interrupted."""
+    async def speak(self, text: str) -> bool | Spoken:
+        """Speak `text`; say how much was heard: a `Spoken` (what was spoken goes into the
+        LLM's context, as in Pipecat), or True if it was spoken to the end and False if it was
+        interrupted (then the whole text goes in: what was heard is not known)."""
         ...
+
+
+def heard(text: str, said: bool | Spoken) -> Spoken:
+    """What `TTS.speak(text)`, which returned `said`, was heard to say."""
+    return said if isinstance(said, Spoken) else Spoken(text, interrupted=not said)
 
 
 #: The node `FlowManager` asks the LLM to reply in, while it waits for the reply: for stand-ins
@@ -81,7 +95,8 @@ class ScriptedLLM:
 class SimulatedTTS:
     """Speaks one text at a time, in order, for `seconds_per_char` per character.
 
-    `interrupt()` cuts the phrase being spoken short, as a caller talking over the bot would.
+    `interrupt()` cuts the phrase being spoken short, as a caller talking over the bot would:
+    the words whose last character was spoken by then were heard.
     `observer("tts.started" | "tts.finished" | "tts.interrupted", text)` is awaited around each.
     """
 
@@ -92,17 +107,21 @@ class SimulatedTTS:
         self._turn = anyio.Lock()
         self._current: anyio.CancelScope | None = None
 
-    async def speak(self, text: str) -> bool:
+    async def speak(self, text: str) -> Spoken:
         async with self._turn:
             scope = self._current = anyio.CancelScope()  # interruptible from the first moment
             await self.observer("tts.started", text)
+            started = anyio.current_time()
             with scope:
                 await anyio.sleep(len(text) * self.seconds_per_char)
             self._current, interrupted = None, scope.cancel_called
             await self.observer("tts.interrupted" if interrupted else "tts.finished", text)
             if not interrupted:
                 self.spoken.append(text)
-            return not interrupted
+                return Spoken(text)
+            elapsed = anyio.current_time() - started
+            chars = int(elapsed / self.seconds_per_char) if self.seconds_per_char else 0
+            return Spoken(_words_within(text, chars), interrupted=True)
 
     def interrupt(self) -> bool:
         """Stop the phrase being spoken; False if nothing was being spoken."""
@@ -110,3 +129,10 @@ class SimulatedTTS:
             return False
         self._current.cancel()
         return True
+
+
+def _words_within(text: str, chars: int) -> str:
+    """The words of `text` that end within its first `chars` characters."""
+    if chars >= len(text) or text[chars].isspace():
+        return text[:chars].rstrip()
+    return text[:chars].rpartition(" ")[0].rstrip()

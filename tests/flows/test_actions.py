@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -27,9 +28,11 @@ from flows import (
     LLMResponse,
     ScriptedLLM,
     SimulatedTTS,
+    Spoken,
     load_flow,
 )
 from flows.protocol import NodeEntered
+from flows.speech import _words_within
 from tests.flows.test_config import YAML_FLOW
 from tests.flows.test_events import ready
 from tests.support import WorkerProcesses, raw, wait_for
@@ -325,6 +328,62 @@ async def test_an_interrupted_tts_say_does_not_hang_the_flow(actions: Bus) -> No
         )
     events = await timeline(bus, "call-1")
     assert before(events, "tts.interrupted:A long phrase the caller talks over", "action.started:X")
+    assert "assistant" not in [m["role"] for m in fm.messages]  # cut before its first word
+
+
+class Overheard:
+    """A TTS the caller talks over after the first `words` words of every phrase; one that does
+    not `tell` says only that the phrase was cut short (as `TTS.speak` may)."""
+
+    def __init__(self, words: int, *, tells: bool = True) -> None:
+        self.words, self.tells = words, tells
+
+    async def speak(self, text: str) -> Spoken | bool:
+        heard = " ".join(text.split()[: self.words])
+        return Spoken(heard, interrupted=True) if self.tells else False
+
+
+@pytest.mark.parametrize(
+    ("tells", "kept"), [(True, "Welcome to"), (False, "Welcome to Pizza Palace.")]
+)
+async def test_an_interrupted_tts_say_puts_what_was_heard_into_the_context(
+    actions: Bus, tells: bool, kept: str
+) -> None:
+    """As Pipecat's assistant aggregator keeps what was spoken; from a TTS that does not say
+    what was heard, the whole text."""
+    tts = Overheard(2, tells=tells)
+    async with FlowManager.open(actions, "call-1", llm=ScriptedLLM({}), tts=tts) as fm:
+        entered = node("n", pre=[say("Welcome to Pizza Palace.")], respond_immediately=False)
+        await fm.initialize(entered)
+    assert [m["content"] for m in fm.messages if m["role"] == "assistant"] == [kept]
+
+
+@pytest.mark.parametrize(("words", "kept"), [(3, ["Your pizza ships"]), (0, [])])
+async def test_an_interrupted_reply_leaves_what_was_heard_of_it_in_the_context(
+    bus: Bus, words: int, kept: list[str]
+) -> None:
+    llm = ScriptedLLM({"n": [LLMResponse(text="Your pizza ships on Monday.")]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=Overheard(words)) as fm:
+        await fm.initialize(node("n"))
+    assert [m["content"] for m in fm.messages if m["role"] == "assistant"] == kept
+    [finished] = [e for e in await bus.history("call-1") if e.type == "tts.finished"]
+    assert msgspec.json.decode(finished.data)["interrupted"] is True
+
+
+@pytest.mark.parametrize(
+    ("chars", "heard"),
+    [
+        (0, ""),
+        (2, ""),
+        (3, "One"),
+        (4, "One"),
+        (7, "One two"),
+        (13, "One two three"),
+        (99, "One two three"),
+    ],
+)
+def test_the_simulated_tts_was_heard_to_the_last_word_it_finished(chars: int, heard: str) -> None:
+    assert _words_within("One two three", chars) == heard
 
 
 async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_node(
