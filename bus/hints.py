@@ -31,6 +31,9 @@ from .settings import Settings
 HINT_READ_SECONDS = 10.0
 #: How often a worker on a cluster compares the slot map with its subscriptions.
 LAYOUT_CHECK_SECONDS = 1.0
+#: The longest pause of a worker on a cluster before it subscribes anew (the pauses grow while
+#: its rounds of subscriptions end quickly, and start short again after one that held longer).
+RESUBSCRIBE_PAUSE_CAP = 1.0
 
 Part = TypeVar("Part")
 Node = tuple[str, int] | None  # a cluster node's address; None: the one server
@@ -72,6 +75,7 @@ class Hints(Generic[Part]):
         failures = 0
         while True:
             primaries = [(str(n.host), int(n.port)) for n in self.cluster.get_primaries()]
+            began = anyio.current_time()
             async with anyio.create_task_group() as tg:
                 self._topology = tg.cancel_scope
                 for node in primaries:
@@ -81,9 +85,11 @@ class Hints(Generic[Part]):
             # failover leaves a subscription on the old primary that hears nothing more). The
             # cluster client reads the map again by itself when its commands are redirected
             # or lose their node (the worker's heartbeats and renewals touch every slot;
-            # reading it from here too raced with them): start over on it after a pause.
-            failures += 1
-            await anyio.sleep(backoff(failures, cap=1.0))
+            # reading it from here too raced with them): start over on it after a pause, a
+            # short one again once a round held for longer than the longest pause.
+            held = anyio.current_time() - began > RESUBSCRIBE_PAUSE_CAP
+            failures = 1 if held else failures + 1
+            await anyio.sleep(backoff(failures, cap=RESUBSCRIBE_PAUSE_CAP))
 
     async def _watch_layout(self, topology: anyio.CancelScope) -> None:
         """Start over once the cluster client's slot map puts some partition's channel on

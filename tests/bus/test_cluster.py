@@ -14,6 +14,8 @@ from redis.crc import key_slot
 
 from bus import Bus, Codec, Delivery, Service, Settings
 from bus import connection as bus_connection
+from bus import hints as hints_module
+from bus.hints import RESUBSCRIBE_PAUSE_CAP, Hints
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
 from tests.bus.test_scenarios import (
@@ -126,6 +128,56 @@ async def test_the_command_line_reads_a_cluster(
         dead = flowbus("dead", "list", *base)
         assert dead.returncode == 0, dead.stderr
         assert sum("always fails" in line for line in dead.stdout.splitlines()) == 12
+
+
+async def test_the_pause_before_subscribing_anew_is_short_again_after_a_round_that_held(
+    cluster_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wake-up subscriptions start over after a failover or a slot move; the pauses before
+    that grow while rounds end at once, and start short again after a round that held. (They
+    only grew: after a few start-overs in a worker's life, every later one paused a second.)"""
+    attempts: list[int] = []
+
+    def pause(attempt: int, base: float = 0.05, cap: float = 5.0) -> float:
+        attempts.append(attempt)  # which pause of a row it is
+        return 0.0
+
+    monkeypatch.setattr(hints_module, "backoff", pause)
+    confirmed: list[tuple[Any, int]] = []  # (the round, the partition)
+    async with Bus.connect(cluster_settings) as bus:
+        hints: Hints[int] = Hints(
+            bus.settings,
+            bus.keys,
+            wanted=lambda: {p: p for p in range(8)},
+            on_hint=lambda part, session: None,
+            on_subscribed=lambda part, _: confirmed.append((hints._topology, part)),
+            cluster=raw(bus),
+        )
+
+        async def next_round(last: anyio.CancelScope | None) -> anyio.CancelScope:
+            await wait_for(lambda: hints._topology is not last, what="a round of subscriptions")
+            assert hints._topology is not None
+            return hints._topology
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hints.run)
+            round_ = await next_round(None)
+            for _ in range(6):  # rounds that end at once, as in a failover
+                hints.topology_changed()
+                round_ = await next_round(round_)
+            assert attempts == [1, 2, 3, 4, 5, 6]
+            began = anyio.current_time()
+            await wait_for(
+                lambda: {p for r, p in confirmed if r is round_} == set(range(8)),
+                what="every channel subscribed",
+            )
+            await wait_for(
+                lambda: anyio.current_time() - began > RESUBSCRIBE_PAUSE_CAP, what="a round held"
+            )
+            hints.topology_changed()  # a failover later in the worker's life
+            await next_round(round_)
+            assert attempts[-1] == 1
+            tg.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("how", ["handshake", "kill"])
