@@ -607,6 +607,7 @@ class Consumer:
                     await run.call("")
                 return
             run.entries, run.deliveries, run.done = reply[3:], int(reply[2]), 0
+            run.resumed = reply[1] == 2
             run.started = -1
             full = len(run.entries) == self.settings.read_batch  # more are likely waiting
             run.read = "p" if reply[1] else "+" if full else ">"
@@ -619,7 +620,7 @@ class Consumer:
                 if settle is not _ACK:
                     run.then(settle)
                     break
-                run.done, run.deliveries = run.done + 1, 1
+                run.done, run.deliveries, run.resumed = run.done + 1, 1, False
                 if run.done == len(run.entries) or not ack_each:  # acknowledged with the next
                     run.acks.append(raw_id)  # step: the last of a batch, or any by `ack_mode`
                     continue
@@ -661,6 +662,7 @@ class Consumer:
             deliveries,
             entry.extra,
             run.context,
+            resumed=run.resumed,
         )
         _TYPE.set(entry.type)  # in the logs next to the session, with its trace if it has one
         _SEQ.set(entry.seq)
@@ -774,6 +776,7 @@ class _Run:
         self.done = 0
         self.started = -1  # the index in `entries` of the last entry whose handler started
         self.deliveries = 0  # of the next entry to handle
+        self.resumed = False  # ...and whether `Bus.resume` retried it (its count started over)
         self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
         self.overran = False  # ...and returned all the same
         self.trace: Any = ...  # the traceparent in its log context (`...`: none)

@@ -170,8 +170,10 @@ class Delivery(msgspec.Struct):
     """What a handler receives: one decoded event of one session, and how often it was sent.
 
     `deliveries` is 1 on the first delivery; a handler that must not repeat side effects
-    deduplicates on (`session`, `seq`). (A struct, not a dataclass: one is made per event, and
-    a dataclass's Python `__init__` cost the consumer a few percent of its CPU.)
+    deduplicates on (`session`, `seq`). `resumed` is True for an entry that `Bus.resume`
+    retried after its session paused on it: its count started over, though it was delivered
+    before. (A struct, not a dataclass: one is made per event, and a dataclass's Python
+    `__init__` cost the consumer a few percent of its CPU.)
     """
 
     session: str
@@ -188,6 +190,7 @@ class Delivery(msgspec.Struct):
     #: When the consumer cuts this handling short as timed out (`time.monotonic()`; infinite
     #: outside a consumer), for a handler that splits its time among parts of its work.
     deadline: float = math.inf
+    resumed: bool = False
 
     def __repr__(self) -> str:
         shown = (f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__ if f[0] != "_")

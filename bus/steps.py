@@ -12,9 +12,10 @@ A read is a plain ``XREADGROUP`` (`Step.reader`) that names the lease's fence st
 session's: it fails if the lease is no longer ours, and it runs right after the script that
 settled the session and said whether it may read (``lua/step.lua``). The two replies become
 one, in the shapes the script used to return when it read itself: ``[b"entries", replayed,
-deliveries, entry...]``, ``[b"idle"]``, ``[b"paused"]``, ``[b"gone"]``. Entries read that are
-not to be handled now (the session turned out paused, or its pending head comes first) are
-left in `Step.strays` for the caller to give back.
+deliveries, entry...]`` (`replayed`: 0 for new entries; 1 when the first is our pending head,
+2 when that head is the entry `Bus.resume` retried last), ``[b"idle"]``, ``[b"paused"]``,
+``[b"gone"]``. Entries read that are not to be handled now (the session turned out paused, or
+its pending head comes first) are left in `Step.strays` for the caller to give back.
 """
 
 from __future__ import annotations
@@ -83,10 +84,10 @@ class Step:
                 return read
             return [b"entries", 0, 1, *entries] if entries else [b"idle"]
         if kind == b"head" and result[2] == 1:  # our only pending entry, then the new ones
-            return [b"entries", 1, result[1], result[3], *entries]
+            return [b"entries", 1 + result[4], result[1], result[3], *entries]
         self.strays = [e[0] for e in entries]
         if kind == b"head":
-            return [b"entries", 1, result[1], result[3]]
+            return [b"entries", 1 + result[4], result[1], result[3]]
         return result
 
 

@@ -4,9 +4,9 @@
 Per event (measured around the service's handler): ``flowbus_events_handled_total`` by
 service, type and outcome (``ok`` or ``error``), ``flowbus_handler_seconds`` (a histogram by
 service and type) and ``flowbus_publish_to_handler_seconds`` (from the entry's ``ts`` to the
-start of its first delivery's handling: not of a retry or a replayed dead letter; an entry
-`Bus.resume` retries in place comes with a fresh delivery count and is measured again, its
-delay the whole pause). From the consumer, refreshed every few seconds: ``flowbus_retries_total``,
+start of its first delivery's handling: not of a retry, of a replayed dead letter, or of an
+entry `Bus.resume` retried in place, which comes with a fresh delivery count but was measured
+at its first delivery). From the consumer, refreshed every few seconds: ``flowbus_retries_total``,
 ``flowbus_dead_letters_total``, ``flowbus_events_skipped_total``,
 ``flowbus_partitions_lost_total``, ``flowbus_step_failures_total`` (acks and reads that
 failed and were sent again: the server out of reach, or refusing them),
@@ -91,8 +91,10 @@ class Metrics:
         """Count one handling of `delivery` that started at `started` (epoch seconds)."""
         self.handled.labels(self.service, delivery.type, outcome).inc()
         self.seconds.labels(self.service, delivery.type).observe(seconds)
-        # A replayed dead letter carries its original event's ts: no delay to measure.
-        if delivery.deliveries == 1 and "replay_of" not in delivery.extra:
+        # A replayed dead letter carries its original event's ts: no delay to measure. A
+        # resumed entry's delay was measured at its first delivery, before its session paused.
+        first = delivery.deliveries == 1 and not delivery.resumed
+        if first and "replay_of" not in delivery.extra:
             self.delay.labels(self.service).observe(max(0.0, started - delivery.ts / 1000))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

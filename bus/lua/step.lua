@@ -23,7 +23,8 @@
 --   so whoever reads them next counts a first delivery
 --   verdict: 'skip' (dead-letter and ack) or 'pause' (dead-letter, keep pending, pause)
 -- Returns one reply per step: {'read'} (read the new entries now) | {'head', deliveries,
--- pending, {id, fields}} (our pending head, and how many entries we have pending) | {'idle'} |
+-- pending, {id, fields}, resumed} (our pending head, how many entries we have pending, and 1 if
+-- the head is the entry `Bus.resume` retried last, else 0) | {'idle'} |
 -- {'paused'} | {'gone'} | 0 (an 'a' step done) | {'error', message} (that step failed; the
 -- others stand); or, when every step was an 'a' step done, 0 alone (a list of zeros costs the
 -- server a tenth more per call).
@@ -108,7 +109,11 @@ local function step(k_stream, at)
                            'STREAMS', k_stream, 0)
       local head = r[1][2][1]
       local p = redis.call('XPENDING', k_stream, group, head[1], head[1], 1, consumer)
-      return {'head', p[1][4], pending, head}
+      -- Is it the entry a resume retried last (resume.lua: '<request> <entry>')? Its count
+      -- started over then, though it was handled before.
+      local last = redis.call('HGET', k_stream .. ':meta', 'resume:' .. group)
+      local resumed = last and string.match(last, ' (%S+)$') == head[1] and 1 or 0
+      return {'head', p[1][4], pending, head, resumed}
     end
     return {'read'}
   end

@@ -124,6 +124,42 @@ async def test_a_handling_cut_short_at_its_timeout_is_measured_as_an_error(
     assert sample("flowbus_publish_to_handler_seconds_count") == 2
 
 
+async def test_an_entry_resumed_after_its_pause_is_measured_from_its_publish_once(
+    settings: Settings,
+) -> None:
+    """`Bus.resume` retries an entry with a fresh delivery count; it was measured at its first
+    delivery, and is not again (it was, with the whole pause as its delay)."""
+    settings = make_settings(settings.url, max_deliveries=1, dead_letter_policy="pause")
+    seen: list[tuple[int, int, bool]] = []
+    failing = [True]
+
+    async def handle(d: Delivery) -> None:
+        seen.append((d.seq, d.deliveries, d.resumed))
+        if failing[0]:
+            raise RuntimeError("down")
+
+    metrics = Metrics("svc")
+    async with Bus.connect(settings) as bus:
+        paused = bus.keys.paused(bus.keys.partition("call-1"), "svc")
+        async with running(bus, instrument(Service("svc", handle, Codec([Step])), metrics)):
+            await bus.publish("call-1", Step(n=1))
+
+            async def pausing() -> bool:
+                return bool(await raw(bus).hexists(paused, "call-1"))
+
+            await wait_for(pausing, what="the session to pause")
+            failing[0] = False
+            assert await bus.resume("call-1", "svc") is not None
+            await bus.publish("call-1", Step(n=2))
+            await wait_for(lambda: len(seen) == 3, what="the resumed entry and the next")
+
+    assert seen == [(1, 1, False), (1, 1, True), (2, 1, False)]
+    delays = metrics.registry.get_sample_value(
+        "flowbus_publish_to_handler_seconds_count", {"service": "svc"}
+    )
+    assert delays == 2  # one per event
+
+
 async def start_done(bus: Bus) -> None:
     async def owned() -> bool:
         return all([await raw(bus).get(bus.keys.lease(p, "steps")) for p in range(64)])
