@@ -2,8 +2,9 @@
 -- drop it (ack) and go on; then wake the owner. KEYS: paused stream meta dead
 -- ARGV: sid group consumer drop wake_channel request dead_letter.  Returns the entry id, or nil
 -- if not paused. `dead_letter` ('' if none) is the id in `dead` of the dead letter the session
--- paused on; without it, the one the step script noted in the meta's ``paused_letter:<group>``.
--- It is removed with the resume, so that it is neither listed nor replayed afterwards.
+-- paused on; without it, the one the step script noted in the meta's ``paused_letter:<group>``,
+-- or, noted nowhere, the letters of pauses on this entry found near it in `dead`. It is
+-- removed with the resume, so that it is neither listed nor replayed afterwards.
 -- The meta's ``resume:<group>`` keeps the last request and its entry: the same request sent
 -- again (its reply was lost) gets that entry again and resumes nothing more, even if the
 -- session paused on the entry again since.
@@ -23,7 +24,20 @@ else
 end
 local letter = ARGV[7]
 if letter == '' then letter = redis.call('HGET', KEYS[3], 'paused_letter:' .. ARGV[2]) end
-if letter then redis.call('XDEL', KEYS[4], letter) end  -- after: a failure keeps it
+if letter then
+  redis.call('XDEL', KEYS[4], letter)  -- after: a failure keeps it
+else
+  -- A pause noted nowhere (made before the step noted its letter, or of a session without a
+  -- meta): its letter is among those written since its entry, the first 100 of them at most
+  -- looked at (step.lua writes session, group, entry, deliveries, error, policy first). Every
+  -- pause letter of this entry is settled now, an earlier pause's too.
+  for _, dead in ipairs(redis.call('XRANGE', KEYS[4], entry, '+', 'COUNT', 100)) do
+    local f = dead[2]
+    if f[2] == ARGV[1] and f[4] == ARGV[2] and f[6] == entry and f[12] == 'pause' then
+      redis.call('XDEL', KEYS[4], dead[1])
+    end
+  end
+end
 redis.call('HDEL', KEYS[3], 'paused_letter:' .. ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then  -- never a meta for a session that has none
   redis.call('HSET', KEYS[3], field, ARGV[6] .. ' ' .. entry)

@@ -300,6 +300,37 @@ async def paused_by_hand(bus: Bus, session: str, group: str) -> str:
     return str(entry_id.decode())
 
 
+async def test_a_resume_removes_a_pause_letter_that_no_meta_notes(bus: Bus) -> None:
+    """A pause from before the step noted its letter in the meta (`paused_letter:<group>`):
+    the resume finds the letters of pauses on its entry among those written since, and removes
+    them (they stayed listed); the partition's other letters stay."""
+    entry = await paused_by_hand(bus, "call-1", "svc")
+    p = bus.keys.partition("call-1")
+    neighbour = next(
+        s for s in (f"call-{i}" for i in range(2, 10_000)) if bus.keys.partition(s) == p
+    )
+    other = await paused_by_hand(bus, neighbour, "svc")  # a later entry, of the same partition
+    dead = bus.keys.dead(p)
+
+    async def letter(session: str, group: str, of: str, policy: str) -> bytes:
+        fields = {"session": session, "group": group, "entry": of, "deliveries": 5}
+        fields |= {"error": "RuntimeError: down", "policy": policy, "type": "tick", "seq": 1}
+        return bytes(await raw(bus).xadd(dead, fields))
+
+    kept = [
+        await letter(neighbour, "svc", other, "pause"),
+        await letter("call-1", "crm", entry, "pause"),  # another group's
+        await letter("call-1", "svc", other, "skip"),
+    ]
+    earlier = await letter("call-1", "svc", entry, "pause")  # a pause resumed before
+    kept.append(await letter("call-1", "svc", other, "pause"))
+    paused_on = await letter("call-1", "svc", entry, "pause")
+    assert not await raw(bus).hexists(bus.keys.meta("call-1"), "paused_letter:svc")
+    assert await bus.resume("call-1", "svc") == entry
+    left = [letter_id for letter_id, _ in await raw(bus).xrange(dead)]
+    assert left == kept and earlier not in left and paused_on not in left
+
+
 async def test_a_resume_retried_after_a_lost_reply_reports_the_entry_it_resumed(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -465,11 +465,17 @@ async def test_a_dead_letter_replayed_by_another_meanwhile_is_not_replayed_again
 async def test_a_dead_letter_its_session_was_resumed_on_is_not_handed_over_again(
     bus: Bus, settings: Settings
 ) -> None:
-    """A letter its pause did not note (from before flowbus noted them; made by hand here)
-    stays after `Bus.resume`: its entry was retried in place, so a replay would make the
-    group handle the event twice."""
+    """A letter its pause did not note (from before flowbus noted them; made by hand here),
+    past the letters `Bus.resume` looks for it among, stays: its entry was retried in place,
+    so a replay would make the group handle the event twice."""
     await a_dead_letter(bus, "call-1", paused=True)
+    dead = bus.keys.dead(bus.keys.partition("call-1"))
+    [(first, fields)] = await raw(bus).xrange(dead)
+    await raw(bus).xdel(dead, first)  # written again after 100 others (then gone):
+    others = [await raw(bus).xadd(dead, {"session": "call-0"}) for _ in range(100)]
+    await raw(bus).xadd(dead, fields)
     assert await bus.resume("call-1", "steps") is not None
+    await raw(bus).xdel(dead, *others)
     [letter] = await as_json(settings, "dead", "list")
     assert (letter["paused"], letter["policy"]) == (False, "pause")
     status, out, err = await flowbus(settings, "dead", "replay", "--all", check=False)
