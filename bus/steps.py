@@ -221,7 +221,10 @@ class StepBatcher:
         for step in batch:
             assert step.future is not None
             if step.future.cancelled():  # its session's run was cut short and starts over:
-                step.reader = ()  # settle what it says, but read nothing nobody would handle
+                # settle what it says, but read nothing nobody would handle: neither new
+                # entries nor a pending head (the script's read of it counts a delivery). A
+                # step held for a busy node (`_send_by_node`) comes through here again.
+                step.read = ""
             by_lease.setdefault((step.lease, step.token), []).append(step)
         if self._routes is not None:
             self._send_by_node(by_lease, acks)

@@ -12,10 +12,12 @@ import anyio
 import pytest
 from redis.crc import key_slot
 
-from bus import Bus, Codec, Delivery, Service, Settings
+from bus import Bus, Codec, Delivery, Service, ServiceInfo, Settings
 from bus import connection as bus_connection
 from bus import hints as hints_module
 from bus.hints import RESUBSCRIBE_PAUSE_CAP, Hints
+from bus.ownership import Leases
+from bus.steps import StepBatcher
 from tests.apps.recorder import Tick
 from tests.bus.test_inbox import Say
 from tests.bus.test_scenarios import (
@@ -26,7 +28,15 @@ from tests.bus.test_scenarios import (
     settled,
 )
 from tests.conftest import KIND, make_settings
-from tests.support import WorkerProcesses, assert_in_order, handled, raw, running, wait_for
+from tests.support import (
+    Stepper,
+    WorkerProcesses,
+    assert_in_order,
+    handled,
+    raw,
+    running,
+    wait_for,
+)
 from tests.workers.test_cli import flowbus
 from workers.observe import dead_letter_count
 from workers.server import LocalCluster
@@ -178,6 +188,55 @@ async def test_the_pause_before_subscribing_anew_is_short_again_after_a_round_th
             await next_round(round_)
             assert attempts[-1] == 1
             tg.cancel_scope.cancel()
+
+
+async def test_a_closed_runs_step_held_for_a_busy_node_counts_no_delivery(
+    cluster_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step waits while its node's last batch is out; if its run is closed meanwhile (a
+    drain out of time), it goes out settling what it says and reads nothing: neither new
+    entries (its read is dropped) nor its pending head (the script's own read of it counted
+    a delivery that no handler saw)."""
+    async with Bus.connect(cluster_settings) as bus:
+        p = bus.keys.partition("call-1")
+        other = next(
+            s for s in (f"call-{i}" for i in range(2, 10_000)) if bus.keys.partition(s) == p
+        )
+        [token] = (await Leases(bus.redis, bus.keys, "g", "w", ttl_ms=60_000).acquire([p])).values()
+        await bus.register_service(ServiceInfo("g"))
+        for n in (1, 2):
+            await bus.publish("call-1", Tick(n=n))
+        batcher = StepBatcher(cluster_settings, group="g", retention_ms=1000, cluster=raw(bus))
+        step = Stepper(bus, batcher)
+        exchange, out, gate = batcher._exchange, anyio.Event(), anyio.Event()
+
+        async def held_up(connection: Any, calls: Any) -> Any:
+            if not gate.is_set():  # the node's batch is out until the gate opens
+                out.set()
+                await gate.wait()
+            return await exchange(connection, calls)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            read = await step("call-1", token, "p")
+            assert read[:3] == [b"entries", 0, 1] and len(read) == 5  # pending, delivered once
+            monkeypatch.setattr(batcher, "_exchange", held_up)
+            busy = batcher.submit(step.make(other, token, ""))  # a session of the same node
+            await out.wait()
+            closed = step.make("call-1", token, "p")
+            future = batcher.submit(closed)
+            await wait_for(lambda: any(closed in s for s, _ in batcher._held.values()))
+            await bus.publish("call-1", Tick(n=3))  # new: a read would take it
+            future.cancel()  # its run was closed
+            gate.set()
+            await busy
+            await step(other, token, "")  # sent after the held one
+            tg.cancel_scope.cancel()
+        pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
+        assert [(x["message_id"], x["times_delivered"]) for x in pending] == [
+            (read[3][0], 1),
+            (read[4][0], 1),
+        ]
 
 
 @pytest.mark.parametrize("how", ["handshake", "kill"])

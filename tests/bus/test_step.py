@@ -253,3 +253,26 @@ async def test_only_a_read_on_step_whose_last_read_was_not_full_retires_a_sessio
         assert await step("call-1", token, ">") == [b"idle"]  # ...the next one retires it
     assert not await raw(bus).sismember(bus.keys.live(p), "call-1")
     assert 0 < await raw(bus).ttl(stream) <= settings.retention_seconds
+
+
+async def test_a_step_whose_run_was_closed_before_it_went_out_reads_nothing(
+    bus: Bus, settings: Settings
+) -> None:
+    """It settles what it says; its pending head is not read (which counted a delivery that
+    no handler saw), nor are new entries."""
+    p = bus.keys.partition("call-1")
+    [token] = (await Leases(bus.redis, bus.keys, "g", "w", ttl_ms=60_000).acquire([p])).values()
+    await bus.register_service(ServiceInfo("g"))
+    for n in (1, 2):
+        await bus.publish("call-1", Tick(n=n))
+    async with Stepper.open(bus, settings) as step:
+        read = await step("call-1", token, "p")
+        assert read[:3] == [b"entries", 0, 1] and len(read) == 5  # pending, delivered once
+        await bus.publish("call-1", Tick(n=3))
+        step.batcher.submit(step.make("call-1", token, "p")).cancel()  # before the batch left
+        await step("call-1", token, "")  # sent with it, or after it
+    pending = await raw(bus).xpending_range(bus.keys.session("call-1"), "g", "-", "+", 10)
+    assert [(x["message_id"], x["times_delivered"]) for x in pending] == [
+        (read[3][0], 1),
+        (read[4][0], 1),
+    ]
