@@ -78,7 +78,8 @@ class Events:
         """Publish event `name` from `emitter` with the handler arguments `args`/`kwargs`.
 
         Returns None for a default event, a `SyncOutcome` for a sync one (sync from this
-        emitter's kind: Daily's own ``on_error`` is not, a frame processor's is). Raises
+        emitter's kind: Daily's own ``on_error`` is not, a frame processor's is; Vonage's
+        ``on_client_connected`` is, the other transports' is not). Raises
         `UnknownEventError`, or `EventError` for a name that is not a string or arguments that
         do not fit the event.
         """

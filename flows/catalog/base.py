@@ -44,11 +44,14 @@ class EventSpec:
     #: Emitter kinds whose event of this name is not sync although the event is (Daily's own
     #: ``on_error``, where every frame processor's is).
     async_for: frozenset[str] = frozenset()
+    #: Emitter kinds whose event of this name is sync although the event is not (Vonage's
+    #: ``on_client_connected``, where the other transports' is not).
+    sync_kinds: frozenset[str] = frozenset()
 
     def sync_for(self, kind: str) -> bool:
         """Whether this event from an emitter of `kind` is sync: the bot waits for its
         handlers."""
-        return self.sync and kind not in self.async_for
+        return kind in self.sync_kinds or (self.sync and kind not in self.async_for)
 
     def emitted_by(self, kind: str) -> bool:
         """Whether an emitter of `kind` may emit this event (any kind, for custom events
@@ -67,9 +70,17 @@ def spec(
     *,
     sync: bool = False,
     async_for: Iterable[str] = (),
+    sync_kinds: Iterable[str] = (),
 ) -> EventSpec:
     """The spec of `payload`'s event, named by its wire type (the payload's tag)."""
-    return EventSpec(type_name(payload), payload, frozenset(emitters), sync, frozenset(async_for))
+    return EventSpec(
+        type_name(payload),
+        payload,
+        frozenset(emitters),
+        sync,
+        frozenset(async_for),
+        frozenset(sync_kinds),
+    )
 
 
 # Emitter kinds, from Pipecat's event reference.
@@ -104,6 +115,14 @@ SERVICE_METRICS_OBSERVER = "observer.service_metrics"
 SPEAKING_OBSERVER = "observer.speaking"
 FUNCTION_CALL_OBSERVER = "observer.function_call"
 STARTUP_TIMING_OBSERVER = "observer.startup_timing"
+# ... and of emitters the reference leaves out, whose own events and some of the reference's
+# Pipecat 1.14 registers.
+ERROR_OBSERVER = "observer.error"
+VONAGE = "transport.vonage"
+LEMONSLICE = "transport.lemonslice"
+MOQ = "transport.moq"
+RTVI_CLIENT = "transport.rtvi_client"
+GENESYS = "serializer.genesys"
 
 KINDS = frozenset(
     {
@@ -137,5 +156,11 @@ KINDS = frozenset(
         SPEAKING_OBSERVER,
         FUNCTION_CALL_OBSERVER,
         STARTUP_TIMING_OBSERVER,
+        ERROR_OBSERVER,
+        VONAGE,
+        LEMONSLICE,
+        MOQ,
+        RTVI_CLIENT,
+        GENESYS,
     }
 )

@@ -1,5 +1,5 @@
-"""Daily transport events no other transport emits: the call, participants, transcription,
-the network connection, recording, dial-in and dial-out.
+"""Daily transport events no other transport emits: leaving the call, participants,
+transcription, the network connection, recording, dial-in and dial-out.
 
 Daily hands handlers plain dicts (participants, join data, dial-in/out data), carried as
 `Info` unchanged. Events Daily shares with other transports are in `transports`.
@@ -11,30 +11,14 @@ import msgspec
 
 from .base import AUDIO_BUFFER, DAILY, Event, EventSpec, Info, spec
 
-# The call.
-
-
-class OnJoined(Event, tag="on_joined"):
-    """The bot joined the Daily room; `data` is Daily's join result."""
-
-    data: Info = msgspec.field(default_factory=dict)
-
-
-class OnLeft(Event, tag="on_left"):
-    """The bot left the Daily room."""
+# The call (on_joined and on_left, which Vonage emits too, are in `transports`).
 
 
 class OnBeforeLeave(Event, tag="on_before_leave"):
     """The bot is about to leave the Daily room; sync: it waits for the handlers."""
 
 
-# Participants.
-
-
-class OnParticipantJoined(Event, tag="on_participant_joined"):
-    """A participant joined the Daily room."""
-
-    participant: Info = msgspec.field(default_factory=dict)
+# Participants (on_participant_joined, which Vonage emits too, is in `transports`).
 
 
 class OnParticipantUpdated(Event, tag="on_participant_updated"):
@@ -159,10 +143,7 @@ class OnDialoutWarning(Event, tag="on_dialout_warning"):
 
 
 SPECS: tuple[EventSpec, ...] = (
-    spec(OnJoined, {DAILY}),
-    spec(OnLeft, {DAILY}),
     spec(OnBeforeLeave, {DAILY}, sync=True),
-    spec(OnParticipantJoined, {DAILY}),
     spec(OnParticipantUpdated, {DAILY}),
     spec(OnTranscriptionMessage, {DAILY}),
     # Not in the reference but registered by Daily's transport in 1.14: these three.

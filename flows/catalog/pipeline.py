@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import msgspec
 
-from .base import DAILY, KINDS, LLM, PIPELINE_TASK, Event, EventSpec, Info, spec
+from .base import (
+    DAILY,
+    ERROR_OBSERVER,
+    GENESYS,
+    KINDS,
+    LLM,
+    MOQ,
+    PIPELINE_TASK,
+    VONAGE,
+    Event,
+    EventSpec,
+    Info,
+    spec,
+)
 
 # Pipeline task: `PipelineTask` (a `PipelineWorker` in 1.14).
 
@@ -72,16 +85,41 @@ class OnSetupTimeout(Event, tag="on_setup_timeout"):
 
 
 class OnError(Event, tag="on_error"):
-    """A frame processor pushed an error, or a Daily transport reported one."""
+    """A frame processor pushed an error, or a transport or an ErrorObserver reported one."""
 
     # A frame processor passes its ErrorFrame, described as {"error": message, "fatal": bool,
-    # "processor": name, "category": ...}; Daily passes a message string, carried as
-    # {"error": message}. One shape for both, so a handler reads error["error"] either way.
+    # "processor": name, "category": ...}. Daily, Vonage and MOQ pass a message string,
+    # carried as {"error": message}. An ErrorObserver passes its ErrorEvent, as JSON
+    # ({"message", "category", "exception_type", "processor", "processor_usable",
+    # "timestamp"}), and Genesys's serializer the AudioHook error message ({"type": "error",
+    # "parameters": {"code", "message"}, ...}); both get an "error" key, their message. So a
+    # handler reads error["error"] whoever emitted it.
     error: Info = msgspec.field(default_factory=dict)
+    # MOQ passes the exception behind its message too, carried as {"type": its class name,
+    # "message": str(exception)}.
+    exception: Info = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.error, str):  # emitted as Daily does: its message
+        if isinstance(self.error, str):  # emitted as Daily, Vonage and MOQ do: the message
             self.error = {"error": self.error}
+        elif "error" not in self.error:
+            message = _message_of(self.error)
+            if message is not None:
+                self.error = {**self.error, "error": message}
+        if isinstance(self.exception, BaseException):  # emitted as MOQ does
+            self.exception = {"type": type(self.exception).__name__, "message": str(self.exception)}
+
+
+def _message_of(error: Info) -> str | None:
+    """The message of an ErrorObserver's ErrorEvent or a Genesys AudioHook error, if `error`
+    is one."""
+    message = error.get("message")
+    if isinstance(message, str):
+        return message
+    parameters = error.get("parameters")
+    if isinstance(parameters, dict) and isinstance(parameters.get("message"), str):
+        return str(parameters["message"])
+    return None
 
 
 class OnBeforeProcessFrame(Event, tag="on_before_process_frame"):
@@ -117,8 +155,9 @@ class OnUsableChanged(Event, tag="on_usable_changed"):
 
 # Any kind may be a frame processor (services, aggregators, transports' input and output...).
 # Sync as in Pipecat, where a processor waits for these handlers before going on; but the
-# Daily transport's own on_error is not sync there, nor here. on_usable_changed (beyond the
-# reference) is not sync in Pipecat either.
+# on_error of the Daily, Vonage and MOQ transports, of the ErrorObserver and of Genesys's
+# serializer is not sync there, nor here. on_usable_changed (beyond the reference) is not
+# sync in Pipecat either.
 SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineStarted, {PIPELINE_TASK}),
     spec(OnPipelineFinished, {PIPELINE_TASK}),
@@ -130,7 +169,7 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineTimeout, {PIPELINE_TASK}),
     spec(OnHeartbeatTimeout, {PIPELINE_TASK}),
     spec(OnSetupTimeout, {PIPELINE_TASK}),
-    spec(OnError, KINDS, sync=True, async_for={DAILY}),
+    spec(OnError, KINDS, sync=True, async_for={DAILY, VONAGE, MOQ, ERROR_OBSERVER, GENESYS}),
     spec(OnBeforeProcessFrame, KINDS, sync=True),
     spec(OnAfterProcessFrame, KINDS, sync=True),
     spec(OnBeforePushFrame, KINDS, sync=True),

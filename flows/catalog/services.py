@@ -9,6 +9,8 @@ from .base import (
     HEYGEN,
     LIVEKIT,
     LLM,
+    MOQ,
+    RTVI_CLIENT,
     STT,
     TAVUS,
     TTS,
@@ -25,15 +27,17 @@ from .base import (
 class OnConnected(Event, tag="on_connected"):
     """The emitter connected: a service to its provider, a transport to its room or server."""
 
-    # Services, LiveKit and HeyGen pass nothing; Daily and Tavus pass the call's join data;
-    # the WebSocket client transport passes its websocket, described here.
+    # Services, LiveKit, HeyGen and MOQ pass nothing; Daily and Tavus pass the call's join
+    # data; the WebSocket client transport (and the RTVI client, one of them) passes its
+    # websocket, described here.
     data: Info = msgspec.field(default_factory=dict)
 
 
 class OnDisconnected(Event, tag="on_disconnected"):
     """The emitter lost or closed its connection."""
 
-    # The WebSocket client transport passes its websocket; the others pass nothing.
+    # The WebSocket client transport (and the RTVI client) passes its websocket; the others
+    # pass nothing.
     data: Info = msgspec.field(default_factory=dict)
 
 
@@ -220,9 +224,11 @@ class OnDelegationCreated(Event, tag="on_delegation_created"):
 
 SPECS: tuple[EventSpec, ...] = (
     # Not in the reference but registered in 1.14: Daily, Tavus and HeyGen emit on_connected;
-    # WebSocket LLM services emit on_connection_error.
-    spec(OnConnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, DAILY, TAVUS, HEYGEN}),
-    spec(OnDisconnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT}),
+    # MOQ and the RTVI client both; WebSocket LLM services emit on_connection_error.
+    spec(
+        OnConnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, DAILY, TAVUS, HEYGEN, MOQ, RTVI_CLIENT}
+    ),
+    spec(OnDisconnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, MOQ, RTVI_CLIENT}),
     spec(OnConnectionError, {STT, TTS, LLM}),
     spec(OnSpeechStarted, {STT}),
     spec(OnSpeechStopped, {STT}),

@@ -64,6 +64,8 @@ on_function_calls_cancelled on_conversation_item_deleted on_conversation_item_tr
 on_dtmf_received on_mcp_event on_session_started on_delegation_created
 on_completion on_service_latency on_service_usage on_speech_event on_function_call_event
 on_startup_timing_report on_transport_timing_report
+on_avatar_connected on_avatar_disconnected on_track_subscribed on_bot_ready
+on_open on_close on_pause on_dtmf
 """.split()
 
 # Those whose emitter waits for the handlers: Daily's and LiveKit's last moment in the room,
@@ -78,9 +80,35 @@ SYNC = {
     "on_after_push_frame",
 }
 
+# Where the sync-ness of an event depends on its emitter's kind, Pipecat 1.14's: the kinds it is
+# sync for, of those that emit it. Vonage registers three of its events with sync=True, which
+# the other transports do not; the on_error of transports, of the ErrorObserver and of
+# Genesys's serializer is not sync, where a frame processor's is.
+NOT_SYNC_ON_ERROR = {
+    "transport.daily",
+    "transport.vonage",
+    "transport.moq",
+    "observer.error",
+    "serializer.genesys",
+}
+SYNC_BY_KIND = {
+    "on_client_connected": {"transport.vonage"},
+    "on_first_participant_joined": {"transport.vonage"},
+    "on_participant_joined": {"transport.vonage"},
+    "on_error": KINDS - NOT_SYNC_ON_ERROR,
+}
+
 # Emitters each shared event must list (PIPECAT.md), beyond which the source adds some.
 SHARED = {
-    "on_connected": {"stt", "tts", "transport.livekit", "transport.websocket_client"},
+    "on_connected": {
+        "stt",
+        "tts",
+        "transport.livekit",
+        "transport.websocket_client",
+        "transport.moq",
+        "transport.rtvi_client",
+    },
+    "on_disconnected": {"transport.moq", "transport.rtvi_client"},
     "on_client_connected": {
         "transport.daily",
         "transport.websocket_server",
@@ -88,12 +116,20 @@ SHARED = {
         "transport.small_webrtc",
         "transport.heygen",
         "transport.tavus",
+        "transport.vonage",
+        "transport.lemonslice",
+        "transport.moq",
     },
+    "on_client_disconnected": {"transport.vonage", "transport.lemonslice", "transport.moq"},
+    "on_joined": {"transport.daily", "transport.vonage"},
+    "on_left": {"transport.daily", "transport.vonage"},
+    "on_participant_joined": {"transport.daily", "transport.vonage"},
+    "on_participant_left": {"transport.daily", "transport.livekit", "transport.vonage"},
     "on_error": KINDS,
     "on_speech_started": {"stt"},
     "on_conversation_detected": {"extension.voicemail_detector", "extension.ivr_navigator"},
     "on_app_message": {"transport.daily", "transport.small_webrtc"},
-    "on_first_participant_joined": {"transport.daily", "transport.livekit"},
+    "on_first_participant_joined": {"transport.daily", "transport.livekit", "transport.vonage"},
     "on_call_state_updated": {"transport.daily", "transport.livekit"},
     "on_session_timeout": {"transport.websocket_server", "transport.fastapi_websocket"},
     "on_dtmf_event": {"transport.daily", "transport.livekit"},
@@ -153,7 +189,7 @@ def full(spec: EventSpec) -> Event:
 
 def test_every_reference_event_is_in_the_catalog_and_nothing_else() -> None:
     assert len(REFERENCE) == len(set(REFERENCE)) == 88
-    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 39
+    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 47
     assert not set(REFERENCE) & set(BEYOND_REFERENCE)
     assert sorted(CATALOG) == sorted(REFERENCE + BEYOND_REFERENCE)
     assert len(payload_types()) == len(set(payload_types())) == len(CATALOG)
@@ -246,6 +282,16 @@ def test_handler_arguments_follow_pipecats_order() -> None:
     assert lookup("on_speech_event").args == lookup("on_function_call_event").args == ("event",)
     assert lookup("on_startup_timing_report").args == ("report",)
     assert lookup("on_transport_timing_report").args == ("report",)
+    # (emitters the reference leaves out: their own events, and those they share with others)
+    assert lookup("on_avatar_connected").args == ("participant",)
+    assert lookup("on_avatar_disconnected").args == ("participant", "reason")
+    assert lookup("on_track_subscribed").args == ("track",)
+    assert lookup("on_bot_ready").args == ()
+    for name in ["on_open", "on_close", "on_pause", "on_dtmf"]:
+        assert lookup(name).args == ("message",)
+    assert lookup("on_error").args == ("error", "exception")  # MOQ passes both
+    assert lookup("on_joined").args == lookup("on_left").args == ("data",)  # Daily's on_left: none
+    assert lookup("on_participant_joined").args == ("participant",)
 
 
 def test_a_decoded_event_is_validated() -> None:
@@ -256,6 +302,25 @@ def test_a_decoded_event_is_validated() -> None:
 
 def test_sync_flags_are_exactly_the_expected_ones() -> None:
     assert {name for name, spec in CATALOG.items() if spec.sync} == SYNC
+
+
+@pytest.mark.parametrize(("name", "sync_kinds"), sorted(SYNC_BY_KIND.items()))
+def test_a_per_kind_sync_event_is_sync_from_exactly_those_kinds(
+    name: str, sync_kinds: set[str]
+) -> None:
+    spec = lookup(name)
+    assert {kind for kind in spec.emitters if spec.sync_for(kind)} == sync_kinds
+
+
+def test_other_events_are_sync_from_every_emitter_or_none() -> None:
+    for name, spec in CATALOG.items():
+        if name not in SYNC_BY_KIND:
+            assert {spec.sync_for(kind) for kind in spec.emitters} == {spec.sync}, name
+
+
+def test_per_kind_sync_rules_name_only_kinds_that_emit_the_event() -> None:
+    for name, spec in CATALOG.items():
+        assert spec.async_for <= spec.emitters and spec.sync_kinds <= spec.emitters, name
 
 
 def test_every_emitter_kind_is_known() -> None:
@@ -287,6 +352,23 @@ def test_building_a_catalog_refuses_two_specs_of_one_name() -> None:
         build_catalog([spec, EventSpec("on_left", lookup("on_joined").payload, frozenset())])
 
 
+def test_the_new_emitter_kinds_are_known_and_alone_emit_their_own_events() -> None:
+    assert {
+        "observer.error",
+        "transport.vonage",
+        "transport.lemonslice",
+        "transport.moq",
+        "transport.rtvi_client",
+        "serializer.genesys",
+    } <= KINDS
+    for name in ["on_avatar_connected", "on_avatar_disconnected"]:
+        assert lookup(name).emitters == {"transport.lemonslice"}
+    assert lookup("on_track_subscribed").emitters == {"transport.moq"}
+    assert lookup("on_bot_ready").emitters == {"transport.rtvi_client"}
+    for name in ["on_open", "on_close", "on_pause", "on_dtmf"]:
+        assert lookup(name).emitters == {"serializer.genesys"}
+
+
 def test_dailys_on_error_message_is_carried_as_the_shape_of_an_error_frame() -> None:
     """Daily calls ``on_error(transport, message)`` with a string; a frame processor passes an
     ErrorFrame, described as a dict. Handlers read ``error["error"]`` either way."""
@@ -296,3 +378,51 @@ def test_dailys_on_error_message_is_carried_as_the_shape_of_an_error_frame() -> 
     assert codec.decode("on_error", encode(event)) == OnError(
         emitter=daily, error={"error": "full"}
     )
+
+
+@pytest.mark.parametrize("kind", ["transport.vonage", "transport.moq"])
+def test_a_transports_on_error_message_is_carried_as_dailys_is(kind: str) -> None:
+    """Vonage calls ``on_error(transport, description)``, MOQ ``on_error(transport, message,
+    exception)``: a string first, as Daily's."""
+    emitter = Emitter(kind)
+    args: list[Any] = ["gone"]  # as they pass it
+    if kind == "transport.moq":
+        args.append(ConnectionResetError("reset by peer"))
+    event = OnError(emitter, *args)
+    exception = {"type": "ConnectionResetError", "message": "reset by peer"} if args[1:] else {}
+    assert CODEC.decode("on_error", encode(event)) == OnError(
+        emitter=emitter, error={"error": "gone"}, exception=exception
+    )
+
+
+def test_an_error_observers_event_gets_its_message_as_error() -> None:
+    """ErrorObserver calls ``on_error(observer, event)`` with its ErrorEvent, as JSON."""
+    emitter = Emitter("observer.error", "ErrorObserver#0")
+    event = {
+        "message": "401 Unauthorized",
+        "category": "authentication",
+        "exception_type": "HTTPError",
+        "processor": "DeepgramSTTService#0",
+        "processor_usable": False,
+        "timestamp": 1765000000.5,
+    }
+    decoded = CODEC.decode("on_error", encode(OnError(emitter, event)))
+    assert isinstance(decoded, OnError)
+    assert decoded.error == {**event, "error": "401 Unauthorized"}
+    assert not lookup("on_error").sync_for("observer.error")
+
+
+def test_a_genesys_error_message_gets_its_message_as_error() -> None:
+    """Genesys's serializer calls ``on_error(serializer, message)`` with the AudioHook error."""
+    emitter = Emitter("serializer.genesys")
+    message = {"type": "error", "seq": 4, "parameters": {"code": 429, "message": "Too many"}}
+    decoded = CODEC.decode("on_error", encode(OnError(emitter, message)))
+    assert isinstance(decoded, OnError)
+    assert decoded.error == {**message, "error": "Too many"}
+
+
+def test_an_error_with_its_own_error_key_or_no_message_is_carried_unchanged() -> None:
+    emitter = Emitter("stt")
+    frame = {"error": "boom", "fatal": False, "processor": "stt#0", "message": "other"}
+    assert OnError(emitter, frame).error == frame
+    assert OnError(emitter, {"code": 1}).error == {"code": 1}

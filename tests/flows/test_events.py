@@ -194,6 +194,21 @@ async def test_dailys_own_on_error_is_not_sync_where_a_frame_processors_is(bus: 
     assert [e.type for e in await bus.history("call-1")] == ["on_error", "on_error"]
 
 
+async def test_vonages_on_client_connected_is_sync_where_dailys_is_not(bus: Bus) -> None:
+    """As in Pipecat 1.14: Vonage registers on_client_connected (and on_participant_joined,
+    on_first_participant_joined) with sync=True, the other transports without."""
+    await bus.register_service(ServiceInfo("crm", ["on_client_connected"]))  # no worker runs
+    vonage = Emitter("transport.vonage", "vonage")
+    client = {"subscriberId": "s-1", "streamId": "s-1", "connectionData": ""}
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot, sync_timeout=0.2)
+        assert await events.emit(DAILY, "on_client_connected", {"id": "p-1"}) is None
+        outcome = await events.emit(vonage, "on_client_connected", client)  # waited for
+    assert outcome is not None and outcome.timed_out == ["crm"]
+    history = await bus.history("call-1")
+    assert [e.type for e in history] == ["on_client_connected"] * 2
+
+
 async def test_a_sync_event_whose_publish_did_not_go_through_in_time_is_not_reported_ok(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -365,8 +365,8 @@ def test_a_handler_that_cannot_take_the_events_arguments_is_refused_at_registrat
         assert re.search(why, str(caught.value)), (name, str(caught.value))
     assert not service.subscribes
     with pytest.raises(InvalidHandlerError, match=r"cannot be called as handler\(emitter\) nor"):
-        service.add_event_handler("on_left", lambda emitter, extra: None)
-    service.add_event_handler("on_left", max)  # no signature to read (ValueError): taken
+        service.add_event_handler("on_before_leave", lambda emitter, extra: None)
+    service.add_event_handler("on_before_leave", max)  # no signature to read (ValueError): taken
 
 
 def test_a_registration_is_removed_first_in_first_out_and_bad_ones_are_refused() -> None:
