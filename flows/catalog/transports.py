@@ -240,6 +240,13 @@ class OnDtmf(Event, tag="on_dtmf"):
     message: Info = msgspec.field(default_factory=dict)
 
 
+#: The transports that tell of their clients' connecting and disconnecting (the reference's
+#: seven, and Vonage, LemonSlice and MOQ).
+CLIENT_TRANSPORTS = frozenset(
+    {DAILY, LIVEKIT, WEBSOCKET_SERVER, FASTAPI_WEBSOCKET, SMALL_WEBRTC, HEYGEN, TAVUS}
+    | {VONAGE, LEMONSLICE, MOQ}
+)
+
 SPECS: tuple[EventSpec, ...] = (
     # Vonage, LemonSlice and MOQ, which the reference leaves out, emit some of its events.
     spec(OnJoined, {DAILY, VONAGE}),
@@ -248,37 +255,8 @@ SPECS: tuple[EventSpec, ...] = (
     # on_active_speaker_changed and on_app_message in 1.14; the reference omits it there.
     # Vonage registers on_client_connected, on_first_participant_joined and
     # on_participant_joined with sync=True: from it they are sync, as in Pipecat.
-    spec(
-        OnClientConnected,
-        {
-            DAILY,
-            LIVEKIT,
-            WEBSOCKET_SERVER,
-            FASTAPI_WEBSOCKET,
-            SMALL_WEBRTC,
-            HEYGEN,
-            TAVUS,
-            VONAGE,
-            LEMONSLICE,
-            MOQ,
-        },
-        sync_kinds={VONAGE},
-    ),
-    spec(
-        OnClientDisconnected,
-        {
-            DAILY,
-            LIVEKIT,
-            WEBSOCKET_SERVER,
-            FASTAPI_WEBSOCKET,
-            SMALL_WEBRTC,
-            HEYGEN,
-            TAVUS,
-            VONAGE,
-            LEMONSLICE,
-            MOQ,
-        },
-    ),
+    spec(OnClientConnected, CLIENT_TRANSPORTS, sync_kinds={VONAGE}),
+    spec(OnClientDisconnected, CLIENT_TRANSPORTS),
     spec(OnFirstParticipantJoined, {DAILY, LIVEKIT, VONAGE}, sync_kinds={VONAGE}),
     spec(OnParticipantJoined, {DAILY, VONAGE}, sync_kinds={VONAGE}),
     spec(OnParticipantLeft, {DAILY, LIVEKIT, VONAGE}),
