@@ -164,3 +164,23 @@ KINDS = frozenset(
         GENESYS,
     }
 )
+
+#: The kinds that are no frame processor in Pipecat, so emit none of every processor's events:
+#: the pipeline task, the observers, a turn strategy, a serializer.
+NOT_PROCESSORS = frozenset(
+    {
+        PIPELINE_TASK,
+        TURN_TRACKING_OBSERVER,
+        USER_BOT_LATENCY_OBSERVER,
+        SERVICE_METRICS_OBSERVER,
+        SPEAKING_OBSERVER,
+        FUNCTION_CALL_OBSERVER,
+        STARTUP_TIMING_OBSERVER,
+        ERROR_OBSERVER,
+        WAKE_PHRASE_STRATEGY,
+        GENESYS,
+    }
+)
+#: The kinds that may be a frame processor (services, aggregators, a transport's input and
+#: output, extensions...).
+PROCESSORS = KINDS - NOT_PROCESSORS

@@ -12,10 +12,10 @@ from .base import (
     DAILY,
     ERROR_OBSERVER,
     GENESYS,
-    KINDS,
     LLM,
     MOQ,
     PIPELINE_TASK,
+    PROCESSORS,
     VONAGE,
     Event,
     EventSpec,
@@ -153,11 +153,11 @@ class OnUsableChanged(Event, tag="on_usable_changed"):
     is_usable: bool
 
 
-# Any kind may be a frame processor (services, aggregators, transports' input and output...).
-# Sync as in Pipecat, where a processor waits for these handlers before going on; but the
-# on_error of the Daily, Vonage and MOQ transports, of the ErrorObserver and of Genesys's
-# serializer is not sync there, nor here. on_usable_changed (beyond the reference) is not
-# sync in Pipecat either.
+# Every processor's events, from the kinds that may be one (`PROCESSORS`); on_error from the
+# ErrorObserver and Genesys's serializer too. Sync as in Pipecat, where a processor waits for
+# these handlers before going on; but the on_error of the Daily, Vonage and MOQ transports, of
+# the ErrorObserver and of Genesys's serializer is not sync there, nor here. on_usable_changed
+# (beyond the reference) is not sync in Pipecat either.
 SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineStarted, {PIPELINE_TASK}),
     spec(OnPipelineFinished, {PIPELINE_TASK}),
@@ -169,10 +169,15 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnPipelineTimeout, {PIPELINE_TASK}),
     spec(OnHeartbeatTimeout, {PIPELINE_TASK}),
     spec(OnSetupTimeout, {PIPELINE_TASK}),
-    spec(OnError, KINDS, sync=True, async_for={DAILY, VONAGE, MOQ, ERROR_OBSERVER, GENESYS}),
-    spec(OnBeforeProcessFrame, KINDS, sync=True),
-    spec(OnAfterProcessFrame, KINDS, sync=True),
-    spec(OnBeforePushFrame, KINDS, sync=True),
-    spec(OnAfterPushFrame, KINDS, sync=True),
-    spec(OnUsableChanged, KINDS),
+    spec(
+        OnError,
+        PROCESSORS | {ERROR_OBSERVER, GENESYS},
+        sync=True,
+        async_for={DAILY, VONAGE, MOQ, ERROR_OBSERVER, GENESYS},
+    ),
+    spec(OnBeforeProcessFrame, PROCESSORS, sync=True),
+    spec(OnAfterProcessFrame, PROCESSORS, sync=True),
+    spec(OnBeforePushFrame, PROCESSORS, sync=True),
+    spec(OnAfterPushFrame, PROCESSORS, sync=True),
+    spec(OnUsableChanged, PROCESSORS),
 )

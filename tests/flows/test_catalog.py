@@ -19,6 +19,21 @@ from flows.catalog import (
 )
 from flows.catalog.pipeline import OnError
 
+# The kinds that are no frame processor in Pipecat 1.14 (BaseObjects: the pipeline task, the
+# observers, a turn start strategy, a serializer).
+NOT_PROCESSORS = {
+    "pipeline_task",
+    "observer.turn_tracking",
+    "observer.user_bot_latency",
+    "observer.service_metrics",
+    "observer.speaking",
+    "observer.function_call",
+    "observer.startup_timing",
+    "observer.error",
+    "strategy.wake_phrase",
+    "serializer.genesys",
+}
+
 # Pipecat's event reference (PIPECAT.md, "The event reference"), one name per event.
 REFERENCE = """
 on_pipeline_started on_pipeline_finished on_pipeline_error on_frame_reached_upstream
@@ -95,7 +110,7 @@ SYNC_BY_KIND = {
     "on_client_connected": {"transport.vonage"},
     "on_first_participant_joined": {"transport.vonage"},
     "on_participant_joined": {"transport.vonage"},
-    "on_error": KINDS - NOT_SYNC_ON_ERROR,
+    "on_error": KINDS - NOT_PROCESSORS - NOT_SYNC_ON_ERROR,
 }
 
 # Emitters each shared event must list (PIPECAT.md), beyond which the source adds some.
@@ -125,7 +140,7 @@ SHARED = {
     "on_left": {"transport.daily", "transport.vonage"},
     "on_participant_joined": {"transport.daily", "transport.vonage"},
     "on_participant_left": {"transport.daily", "transport.livekit", "transport.vonage"},
-    "on_error": KINDS,
+    "on_error": KINDS - NOT_PROCESSORS | {"observer.error", "serializer.genesys"},
     "on_speech_started": {"stt"},
     "on_conversation_detected": {"extension.voicemail_detector", "extension.ivr_navigator"},
     "on_app_message": {"transport.daily", "transport.small_webrtc"},
@@ -137,7 +152,7 @@ SHARED = {
     "on_user_turn_stopped": {"user_aggregator", "user_turn_processor"},
     "on_user_turn_inference_triggered": {"user_aggregator", "user_turn_processor"},
     "on_turn_start": {"stt"},
-    "on_usable_changed": KINDS,
+    "on_usable_changed": KINDS - NOT_PROCESSORS,
 }
 
 CODEC = Codec(payload_types())
@@ -333,9 +348,14 @@ def test_a_shared_event_lists_every_emitter(name: str, emitters: set[str]) -> No
     assert emitters <= lookup(name).emitters
 
 
-def test_frame_processor_events_may_come_from_any_kind() -> None:
-    for name in ["on_before_process_frame", "on_after_push_frame", "on_error", "on_usable_changed"]:
-        assert lookup(name).emitters == KINDS
+def test_frame_processor_events_come_from_every_kind_that_may_be_a_processor() -> None:
+    for name in ["on_before_process_frame", "on_after_push_frame", "on_usable_changed"]:
+        assert lookup(name).emitters == KINDS - NOT_PROCESSORS
+    # ... and on_error from the ErrorObserver and Genesys's serializer too: their own.
+    assert lookup("on_error").emitters == KINDS - NOT_PROCESSORS | {
+        "observer.error",
+        "serializer.genesys",
+    }
 
 
 def test_lookup_of_an_unknown_name_suggests_the_closest() -> None:
