@@ -645,7 +645,8 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
     from .inspection import duration, end_states, idle_sessions
 
     if bool(args.sessions) == (args.idle_for is not None):
-        raise UsageError("end: name sessions or give --idle-for SECONDS, not both")
+        both = ", not both" if args.sessions else ""
+        raise UsageError(f"end: name sessions or give --idle-for SECONDS{both}")
     if args.idle_for is not None and not 0 <= args.idle_for < float("inf"):
         raise UsageError(f"--idle-for must be 0 or more seconds, not {args.idle_for}")
     for session in args.sessions:

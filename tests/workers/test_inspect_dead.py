@@ -583,7 +583,9 @@ async def test_end_ends_named_sessions_and_those_idle_for_long(
         ("call-old", "ended"),
     ]
     code, _, err = await flowbus(settings, "end", check=False)
-    assert code == 2 and "name sessions or give --idle-for" in err
+    assert code == 2 and "name sessions or give --idle-for SECONDS\n" in err  # not "not both"
+    code, _, err = await flowbus(settings, "end", "call-new", "--idle-for", "1", check=False)
+    assert code == 2 and "name sessions or give --idle-for SECONDS, not both" in err
 
 
 async def test_end_dry_run_says_of_an_unknown_or_ended_session_what_the_run_would(
