@@ -610,11 +610,7 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         result = detail = await i.session_detail(bus, args.session, inbox=args.inbox)
         if not detail.events and not detail.meta:
-            print(
-                f"flowbus: no session {args.session!r} (never started, or its keys expired; "
-                "flowbus inspect sessions lists them)",
-                file=sys.stderr,
-            )
+            print(f"flowbus: no session {args.session!r} ({NO_SESSION_HINT})", file=sys.stderr)
             return 1
         text = i.render_session(detail, now)
     elif args.what == "groups":
@@ -670,7 +666,7 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
         outcome = states[i] if args.dry_run else await bus.end_session(session, reason=args.reason)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "unknown":
-            print(f"flowbus: no session {session!r}", file=sys.stderr)
+            print(f"flowbus: no session {session!r} ({NO_SESSION_HINT})", file=sys.stderr)
         else:
             print(f"{session}: {END_OUTCOMES[outcome]}{idle}")
     if not targets:
@@ -679,6 +675,9 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
         print(f"{ended} ended ({outcomes.get('retired', 0)} retired at once)", file=sys.stderr)
     return 1 if outcomes.get("unknown") else 0
 
+
+#: Why a session named on the command line may not be there, and where to look.
+NO_SESSION_HINT = "never started, or its keys expired; flowbus inspect sessions lists them"
 
 #: What `Bus.end_session`'s outcomes mean, for `flowbus end`.
 END_OUTCOMES = {
