@@ -125,6 +125,8 @@ OPTIONS = {
 }
 
 
+#: What to check when the server cannot be reached, said after the error by every command.
+UNREACHABLE_HINT = "is the server running, and --redis-url (or FLOWBUS_REDIS_URL) right?"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 #: What the command line reads from the environment besides the `Settings` fields.
@@ -489,7 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _not_permitted(exc.reason)
         if isinstance(exc, NotPermittedError):
             return _not_permitted(exc.reason)
-        print(f"flowbus: {exc}", file=sys.stderr)
+        unreachable = isinstance(exc, ConnectionFailedError) and str(exc).startswith(
+            "cannot reach the server"
+        )
+        print(f"flowbus: {exc}" + (f"; {UNREACHABLE_HINT}" if unreachable else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         return getattr(exc, "status", 130)
@@ -554,8 +559,7 @@ def _worker(args: argparse.Namespace) -> int:
     except (ConnectionFailedError, OSError, BaseExceptionGroup) as exc:
         error = first_error(exc)  # the consumer's own task group wraps what it raises
         if isinstance(error, ConnectionFailedError) and not isinstance(error, NotPermittedError):
-            hint = "is the server running and FLOWBUS_REDIS_URL right?"
-            print(f"flowbus: {error}; {hint}", file=sys.stderr)
+            print(f"flowbus: {error}; {UNREACHABLE_HINT}", file=sys.stderr)
         elif isinstance(exc, OSError):  # binding the metrics port, before anything runs
             where = f"{args.metrics_host}:{port}"
             print(f"flowbus: cannot serve metrics on {where}: {error}", file=sys.stderr)

@@ -76,6 +76,17 @@ def test_a_worker_given_an_unreachable_server_retries_then_says_so(settings: Set
     )
     assert_fails_clearly(done, 1, "cannot reach the server after 2 attempt(s)", url)
     assert "connect_retried" in done.stderr  # the retry was logged, with its backoff
+    assert "is the server running, and --redis-url (or FLOWBUS_REDIS_URL) right?" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["inspect", "sessions"], ["end", "call-1"], ["dead", "list"], ["simulate"]]
+)
+def test_a_command_given_an_unreachable_server_says_what_to_check(args: list[str]) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    done = flowbus(*args, "--redis-url", url)
+    assert_fails_clearly(done, 1, "cannot reach the server after 3 attempt(s)", url)
+    assert "is the server running, and --redis-url (or FLOWBUS_REDIS_URL) right?" in done.stderr
 
 
 def test_a_worker_told_of_a_cluster_retries_one_unreachable_and_refuses_a_single_server(
