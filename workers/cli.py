@@ -373,7 +373,9 @@ def parser() -> argparse.ArgumentParser:
                 "how many more there are (default 50)",
             )
         if name == "session":
-            p.add_argument("session", metavar="SESSION")
+            p.add_argument(
+                "session", metavar="SESSION", help="the session id, as inspect sessions shows it"
+            )
             p.add_argument("--inbox", action="store_true", help="also show the bot's inbox")
         if name == "owners":
             p.add_argument("--group", help="only this group")

@@ -69,6 +69,23 @@ def test_every_command_has_help_with_an_example() -> None:
         assert f"\n  {command}" in text or command == "flowbus", command  # the example runs it
 
 
+def test_every_argument_of_every_command_says_what_it_is() -> None:
+    def commands(p: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+        for action in p._actions:  # argparse keeps its arguments nowhere public
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from commands(child, f"{path} {name}")
+            else:
+                yield path, action
+
+    unexplained = [
+        f"{path} {action.metavar or action.dest}"
+        for path, action in commands(parser(), "flowbus")
+        if not action.help
+    ]
+    assert unexplained == []
+
+
 def test_a_worker_given_an_unreachable_server_retries_then_says_so(settings: Settings) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     done = flowbus(
