@@ -143,10 +143,15 @@ class UsageError(Exception):
     """A command line that cannot run as given; the message says what to change."""
 
 
-def _connection_options(parser: argparse.ArgumentParser, *, log_level: str = "warning") -> None:
+def _connection_options(
+    parser: argparse.ArgumentParser,
+    *,
+    log_level: str = "warning",
+    prefix_help: str = "key prefix (default flowbus)",
+) -> None:
     g = parser.add_argument_group("deployment (defaults from FLOWBUS_* environment variables)")
     g.add_argument("--redis-url", help="server URL; redis://, rediss:// (TLS) or unix://")
-    g.add_argument("--prefix", help="key prefix (default flowbus)")
+    g.add_argument("--prefix", help=prefix_help)
     g.add_argument("--partitions", type=int, help="partitions per deployment (default 64)")
     g.add_argument(
         "--cluster",
@@ -311,7 +316,11 @@ def parser() -> argparse.ArgumentParser:
         help="leave the embedded server running, and say how to connect",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    _connection_options(demo)
+    _connection_options(
+        demo,
+        prefix_help="key prefix (default flowbus on the embedded server, a fresh "
+        "demo-<random> one, printed, on a server given by --redis-url)",
+    )
 
     simulate = _subparser(
         sub,

@@ -86,6 +86,12 @@ def test_every_argument_of_every_command_says_what_it_is() -> None:
     assert unexplained == []
 
 
+def test_the_demos_help_gives_the_prefix_it_takes_on_a_server_of_yours() -> None:
+    text = " ".join(dict(subparsers(parser()))["flowbus demo"].split())
+    assert "--prefix PREFIX key prefix (default flowbus on the embedded server" in text
+    assert "a fresh demo-<random> one, printed, on a server given by --redis-url)" in text
+
+
 def test_a_worker_given_an_unreachable_server_retries_then_says_so(settings: Settings) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     done = flowbus(
