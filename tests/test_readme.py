@@ -12,7 +12,7 @@ import pytest
 
 from bus import Bus, Settings
 from tests.flows.test_events import ready
-from tests.support import ROOT, WorkerProcesses, settings_env
+from tests.support import ROOT, WorkerProcesses, settings_env, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -63,6 +63,27 @@ async def test_the_readme_flow_runs_its_actions_where_pipecat_flows_puts_them(
     expected = "session.started > node.entered > tts.spoken > llm.completed > tts.finished"
     assert stream == expected + " > session.ended"
     assert f"# {stream}" in (ROOT / "README.md").read_text()
+
+
+async def test_the_readmes_examples_run_in_its_order_on_one_deployment_without_dead_letters(
+    tmp_path: Path, settings: Settings, workers: WorkerProcesses
+) -> None:
+    """As a reader runs them: the greeter's worker is still up when the flow's call runs."""
+    greeted = await run_example(tmp_path, settings, workers, "greeter:service", "greeter", "bot.py")
+    assert greeted == "Hello Ada (event 1 of call-42)\n"
+    printed = await run_example(
+        tmp_path, settings, workers, "support_actions:actions", "actions", "call.py"
+    )
+    assert printed.splitlines()[-1].endswith("> session.ended")
+    async with Bus.connect(settings) as bus:
+        ended = bus.keys.ended(bus.keys.partition("call-7"))
+
+        async def retired() -> bool:  # every group, the greeter's too, is done with the call
+            return await bus.redis.zscore(ended, "call-7") is not None
+
+        await wait_for(retired, what="call-7 to retire")
+        letters = [await bus.redis.xlen(bus.keys.dead(p)) for p in range(settings.partitions)]
+    assert sum(letters) == 0  # the greeter acknowledged the flow's events, unseen
 
 
 def test_the_readme_names_the_session_key_of_its_example() -> None:
