@@ -20,6 +20,7 @@ from .errors import (
     NoSuchSessionError,
     NotPermittedError,
     PayloadTooLargeError,
+    ServerUnreachableError,
     SessionEndedError,
 )
 from .keys import Keys, check_session_id, check_worker_id
@@ -50,6 +51,7 @@ __all__ = [
     "Payload",
     "PayloadTooLargeError",
     "Published",
+    "ServerUnreachableError",
     "Service",
     "ServiceInfo",
     "SessionEndedError",

@@ -40,7 +40,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
-from .errors import CommandRefusedError, ConfigError, ConnectionFailedError, NotPermittedError
+from .errors import (
+    CommandRefusedError,
+    ConfigError,
+    ConnectionFailedError,
+    NotPermittedError,
+    ServerUnreachableError,
+)
 from .settings import Settings
 
 log = structlog.get_logger("flowbus.bus")
@@ -303,7 +309,7 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             raise NotPermittedError(str(exc), url=url) from None
         except RedisClusterUnreachableError as exc:  # not a `RedisError`: no node answered
             if attempt == attempts:
-                raise ConnectionFailedError(
+                raise ServerUnreachableError(
                     f"cannot reach the server after {attempts} attempt(s): {exc}", url=url
                 ) from None
             await _before_retry(url, attempt)
@@ -327,7 +333,7 @@ async def ensure_ready(client: Redis, settings: Settings, *, attempts: int = 1) 
             ) from None
         except TRANSIENT as exc:  # a cluster still forming (CLUSTERDOWN) too
             if attempt == attempts:
-                raise ConnectionFailedError(
+                raise ServerUnreachableError(
                     f"cannot reach the server after {attempts} attempt(s): {exc}", url=url
                 ) from None
             await _before_retry(url, attempt)

@@ -44,6 +44,10 @@ class ConnectionFailedError(BusError):
         self.url = url
 
 
+class ServerUnreachableError(ConnectionFailedError):
+    """No server answered at the address, after every attempt."""
+
+
 class NotPermittedError(ConnectionFailedError):
     """The server refused our user a command the bus needs; `reason` is its message."""
 

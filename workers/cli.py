@@ -28,6 +28,7 @@ from bus import (
     ConnectionFailedError,
     InvalidSessionIdError,
     NotPermittedError,
+    ServerUnreachableError,
     Settings,
     check_session_id,
     check_worker_id,
@@ -125,8 +126,6 @@ OPTIONS = {
 }
 
 
-#: What to check when the server cannot be reached, said after the error by every command.
-UNREACHABLE_HINT = "is the server running, and --redis-url (or FLOWBUS_REDIS_URL) right?"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 #: What the command line reads from the environment besides the `Settings` fields.
@@ -137,6 +136,13 @@ ENVIRONMENT = (
     "FLOWBUS_LOG_FORMAT",
     "FLOWBUS_EVENT_LOOP",
 )
+
+
+def _hint(error: BaseException) -> str:
+    """What to check, said after `error` by every command: where no server answered."""
+    if isinstance(error, ServerUnreachableError):
+        return "; is the server running, and --redis-url (or FLOWBUS_REDIS_URL) right?"
+    return ""
 
 
 class UsageError(Exception):
@@ -502,10 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _not_permitted(exc.reason)
         if isinstance(exc, NotPermittedError):
             return _not_permitted(exc.reason)
-        unreachable = isinstance(exc, ConnectionFailedError) and str(exc).startswith(
-            "cannot reach the server"
-        )
-        print(f"flowbus: {exc}" + (f"; {UNREACHABLE_HINT}" if unreachable else ""), file=sys.stderr)
+        print(f"flowbus: {exc}{_hint(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         return getattr(exc, "status", 130)
@@ -570,7 +573,7 @@ def _worker(args: argparse.Namespace) -> int:
     except (ConnectionFailedError, OSError, BaseExceptionGroup) as exc:
         error = first_error(exc)  # the consumer's own task group wraps what it raises
         if isinstance(error, ConnectionFailedError) and not isinstance(error, NotPermittedError):
-            print(f"flowbus: {error}; {UNREACHABLE_HINT}", file=sys.stderr)
+            print(f"flowbus: {error}{_hint(error)}", file=sys.stderr)
         elif isinstance(exc, OSError):  # binding the metrics port, before anything runs
             where = f"{args.metrics_host}:{port}"
             print(f"flowbus: cannot serve metrics on {where}: {error}", file=sys.stderr)

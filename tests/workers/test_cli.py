@@ -309,6 +309,7 @@ def test_a_wrong_password_and_a_user_without_permission_are_refused_clearly(
         done = flowbus("worker", "tests.workers.apps:steps", "--redis-url", wrong, env=env)
         assert_fails_clearly(done, 1, "authentication failed", f"{user}:***@")
         assert "wrong@" not in done.stderr  # the password is never shown
+        assert "is the server running" not in done.stderr  # it is: it refused us
         weak = f"redis://{user}:right@127.0.0.1:{server.port}/0"
         done = flowbus("worker", "tests.workers.apps:steps", "--redis-url", weak, env=env)
         assert_fails_clearly(done, 1, "not permitted")
