@@ -621,6 +621,8 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
         result, text = rows, i.render_sessions(rows, now)
         if total > len(rows):
             more = f"{total - len(rows)} more sessions not shown (--limit N shows more)"
+        elif not rows:  # the wrong server or prefix, often
+            more = f"none {_where(bus)}"
     elif args.what == "session":
         try:
             check_session_id(args.session)
@@ -628,12 +630,17 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         result = detail = await i.session_detail(bus, args.session, inbox=args.inbox)
         if not detail.events and not detail.meta:
-            print(f"flowbus: no session {args.session!r} ({NO_SESSION_HINT})", file=sys.stderr)
+            print(
+                f"flowbus: no session {args.session!r} {_where(bus)} ({NO_SESSION_HINT})",
+                file=sys.stderr,
+            )
             return 1
         text = i.render_session(detail, now)
     elif args.what == "groups":
         result = groups = await i.groups(bus)
         text = i.render_groups(groups)
+        if not groups:
+            more = f"none {_where(bus)}"
     elif args.what == "owners":
         if args.group and args.group not in {s.name for s in await bus.services(fresh=True)}:
             print(
@@ -684,7 +691,10 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
         outcome = states[i] if args.dry_run else await bus.end_session(session, reason=args.reason)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "unknown":
-            print(f"flowbus: no session {session!r} ({NO_SESSION_HINT})", file=sys.stderr)
+            print(
+                f"flowbus: no session {session!r} {_where(bus)} ({NO_SESSION_HINT})",
+                file=sys.stderr,
+            )
         else:
             print(f"{session}: {END_OUTCOMES[outcome]}{idle}")
     if not targets:
@@ -692,6 +702,11 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
     elif not args.dry_run and (ended := outcomes.get("retired", 0) + outcomes.get("ending", 0)):
         print(f"{ended} ended ({outcomes.get('retired', 0)} retired at once)", file=sys.stderr)
     return 1 if outcomes.get("unknown") else 0
+
+
+def _where(bus: Bus) -> str:
+    """Where a command looked, said with what it did not find there."""
+    return f"on {bus.settings.redacted_url} under the prefix {bus.settings.prefix!r}"
 
 
 #: Why a session named on the command line may not be there, and where to look.

@@ -230,11 +230,20 @@ async def test_owners_and_workers_show_who_holds_what(
     assert "steps: 64 of 64 partitions owned" in text and worker in text
 
 
+async def test_inspect_that_finds_nothing_says_where_it_looked(settings: Settings) -> None:
+    """An empty listing is often the wrong server or prefix (a URL not exported)."""
+    where = f"flowbus: none on {settings.redacted_url} under the prefix {settings.prefix!r}\n"
+    for what, says in [("sessions", "no sessions\n"), ("groups", "no services registered\n")]:
+        _, out, err = await flowbus(settings, "inspect", what)
+        assert (out, err) == (says, where)
+
+
 async def test_inspect_refuses_an_unknown_session_and_dead_an_unknown_letter(
     settings: Settings,
 ) -> None:
     status, _, err = await flowbus(settings, "inspect", "session", "call-0", check=False)
-    assert status == 1 and "no session 'call-0'" in err
+    where = f"on {settings.redacted_url} under the prefix {settings.prefix!r}"
+    assert status == 1 and f"no session 'call-0' {where} (never started" in err
     status, _, err = await flowbus(settings, "dead", "show", "3/1-0", check=False)
     assert status == 1 and "no dead letter 3/1-0" in err
     status, _, err = await flowbus(settings, "dead", "replay", check=False)
@@ -596,7 +605,8 @@ async def test_end_dry_run_says_of_an_unknown_or_ended_session_what_the_run_woul
     code, out, err = await flowbus(
         settings, "end", "call-live", "call-done", "call-gone", "--dry-run", check=False
     )
-    assert code == 1 and "no session 'call-gone' (never started, or its keys expired;" in err
+    where = f"on {settings.redacted_url} under the prefix {settings.prefix!r}"
+    assert code == 1 and f"no session 'call-gone' {where} (never started, or its keys" in err
     assert "flowbus inspect sessions lists them" in err  # where to look for the right id
     assert out.splitlines() == [
         "call-live: would end",
