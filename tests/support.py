@@ -59,14 +59,20 @@ class WorkerProcesses:
         self._logs: dict[int, Path] = {}
 
     def start(
-        self, target: str, settings: Settings, env: Mapping[str, str] | None = None
+        self,
+        target: str,
+        settings: Settings,
+        env: Mapping[str, str] | None = None,
+        *,
+        cwd: Path = ROOT,
     ) -> subprocess.Popen[bytes]:
+        """Start a worker of `target` in `cwd`, the first place its modules are looked for."""
         full_env = {**os.environ, **settings_env(settings), **(env or {})}
         log = Path(self._dir.name) / f"worker-{len(self.procs)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "workers", "worker", target, "--log-format", "json"],
-                cwd=ROOT,
+                cwd=cwd,
                 env=full_env,
                 stdout=subprocess.DEVNULL,
                 stderr=out,

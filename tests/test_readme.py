@@ -35,7 +35,8 @@ async def run_example(
     `group`), wait until it holds every partition, run the `bot` file; return its output."""
     for name, code in readme_files().items():
         (tmp_path / name).write_text(code)
-    workers.start(service, settings, {"PYTHONPATH": str(tmp_path)})
+    # From there, not the repository: copies a reader made there by the README must not count.
+    workers.start(service, settings, cwd=tmp_path)
     env = {**os.environ, **settings_env(settings)}
     async with Bus.connect(settings) as bus:
         await ready(bus, group)
