@@ -103,6 +103,12 @@ class _State(msgspec.Struct):
     #: The node the bot entered last (its pre-actions were done): `current_node` while the
     #: next node's pre-actions run. (A node whose pre-actions failed or timed out is not.)
     entered: str | None = None
+    #: The seq of the last event applied to this state (0: none, or a state saved before
+    #: it was kept): one at or below it is a replay (a redelivery, or with ``ack_mode``
+    #: 'batch' the rest of a read batch the next owner reads again), which resumes the run
+    #: but changes nothing, so that a replayed ``session.started`` does not abandon the node
+    #: entered after it, nor an old node's ``llm.completed`` count for a restarted bot's.
+    seq: int = 0
 
 
 _decode_state = msgspec.json.Decoder(_State).decode
@@ -222,7 +228,10 @@ class ActionService:
         state = _decode_state(raw) if raw else _State()
         run = state.run
         latest = state.next or run  # the last node entry seen
-        match delivery.payload:
+        replay = delivery.seq <= state.seq  # applied already: the run only goes on
+        if not replay:
+            state.seq = delivery.seq
+        match None if replay else delivery.payload:
             case NodeEntered() as entered if _newer(latest, entered, delivery.seq):
                 deadline = delivery.ts + entered.wait_ms if entered.wait_ms else 0
                 new = _Run(
@@ -284,6 +293,7 @@ class ActionService:
                 | ActionDone()
                 | WaitTimedOut()
                 | SessionEnded()
+                | None
             ):
                 pass  # a replay, or an event of an earlier node
         await self._save(delivery, state)
