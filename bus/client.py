@@ -244,15 +244,35 @@ class Bus:
         `publish`; a retry whose first try was written returns that write. Raises
         `NoSuchSessionError`, `ConnectionFailedError`.
         """
+        return await self._send(session, payload, dedupe, extra)
+
+    async def _send(
+        self,
+        session: str,
+        payload: Payload,
+        dedupe: str | None,
+        extra: Mapping[str, str] | None,
+        lease: tuple[str, str] | None = None,
+    ) -> Published | None:
+        """`send`; with `lease` (its key and the token a handler's consumer holds), written
+        only while that token holds the lease: else ``ResponseError('FENCED …')``."""
         check_session_id(session)
         name, data = self._encode(session, payload)
         keys = [self.keys.inbox(session), self.keys.meta(session), self.keys.sent(session)]
+        token = ""
+        if lease is not None:
+            keys.append(lease[0])
+            token = lease[1]
         call_id = secrets.token_hex(8)  # the same in every retry of this call
-        args: list[scripts.Arg] = [name, data, dedupe or f"send/{call_id}", call_id, *_flat(extra)]
+        dedupe = dedupe or f"send/{call_id}"
+        args: list[scripts.Arg] = [name, data, dedupe, call_id, token, *_flat(extra)]
         write = self._script(scripts.SEND, keys, args)
+        expected = ("NOSESSION", "FENCED")
         try:
-            result = await call("send", write, self.settings, session, expected=("NOSESSION",))
-        except ResponseError:
+            result = await call("send", write, self.settings, session, expected=expected)
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise
             raise NoSuchSessionError(session) from None
         return None if result is None else Published(int(result[0]), result[1].decode())
 

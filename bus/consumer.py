@@ -851,7 +851,15 @@ class _Context:
     session: str
 
     async def send(self, payload: Payload, dedupe: str, extra: Mapping[str, str] | None) -> object:
-        return await self.consumer.bus.send(self.session, payload, dedupe=dedupe, extra=extra)
+        """As `Bus.send`, but fenced: a stale owner's command is refused (`FencedError`), so
+        that one whose action ended after its partition moved tells the bot nothing the new
+        owner does not."""
+        bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
+        lease = (bus.keys.lease(p, group), self.part.token)
+        try:
+            return await bus._send(self.session, payload, dedupe, extra, lease)
+        except ResponseError:  # FENCED (`_send` raises any other as its own error)
+            raise FencedError(group, p, bus.keys.inbox(self.session)) from None
 
     async def load_state(self) -> bytes | None:
         bus, field = self.consumer.bus, f"group:{self.consumer.service.name}"

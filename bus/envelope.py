@@ -216,7 +216,8 @@ class Delivery(msgspec.Struct):
 
         The default key is (group, entry, n) for the n-th send of this handling, so a handler
         that runs again after a redelivery does not deliver its commands twice. Returns False
-        for a repeat.
+        for a repeat. Refused with `FencedError` if this worker no longer owns the session's
+        partition (a stale owner's command would reach the bot beside the new owner's).
         """
         self._sent += 1
         key = dedupe or f"{self.group}/{self.entry_id}/{self._sent}"

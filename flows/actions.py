@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import structlog
 
-from bus import Delivery, Payload, Service
+from bus import Delivery, FencedError, Payload, Service
 
 from .calling import invoke_action
 from .errors import FlowTransitionError
@@ -385,6 +385,8 @@ class ActionService:
                 manager = WorkerFlowManager(delivery, node, state, key)
                 try:
                     await invoke_action(handler, dict(action), manager)
+                except FencedError:  # its send, from a stale owner: not the action's failure
+                    raise
                 except Exception as exc:
                     await self._fail(delivery, run, kind, f"{type(exc).__name__}: {exc}")
                     return

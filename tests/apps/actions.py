@@ -7,6 +7,7 @@ happens once per action key, so a re-run after a crash shows as a second start o
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import anyio
@@ -73,3 +74,19 @@ async def lookup(action: dict[str, Any], flow_manager: WorkerFlowManager) -> Non
 @app.function("explode")
 async def explode(action: dict[str, Any], flow_manager: WorkerFlowManager) -> None:
     raise ValueError("lookup failed")
+
+
+@app.action("stall_once")
+async def stall_once(action: dict[str, Any], flow_manager: WorkerFlowManager) -> None:
+    """On its first run, hold this worker's event loop (as a blocking call in an ``async
+    def`` does) until another worker owns the session's partition, then fail; run again (by
+    that worker), succeed."""
+    guard = f"{SETTINGS.prefix}:test:stalled:{flow_manager.action_key}"
+    if not await redis.set(guard, os.getpid(), nx=True):
+        return
+    sync = SyncRedis.from_url(SETTINGS.url)
+    lease = action["lease"]
+    mine = sync.get(lease)
+    while sync.get(lease) in (mine, None):  # the loop is held: no renewal, no cancellation
+        time.sleep(0.02)  # noqa: ASYNC251 (the point: a blocking call holds the loop)
+    raise TimeoutError("the CRM did not answer")
