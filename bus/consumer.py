@@ -694,8 +694,8 @@ class Consumer:
         except anyio.get_cancelled_exc_class():
             run.timed_out = run.scope is not None and run.scope.cancel_called and not run.closing
             raise
-        except _Overran:
-            raise
+        except (_Overran, FencedError):  # a write of the handler's refused: the partition,
+            raise  # and this event, are another worker's now; not a failure to retry
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         finally:

@@ -27,7 +27,7 @@ import anyio
 import msgspec
 import structlog
 
-from bus import Codec, Delivery, Payload, Service
+from bus import Codec, Delivery, FencedError, Payload, Service
 
 from .calling import invoke, is_seconds
 from .catalog import CATALOG, Event, EventSpec, Info
@@ -403,6 +403,8 @@ class EventService:
                     if not scope.cancel_called:  # (a thread returns late, not cancelled)
                         return ""
                     error = f"timed out after {budget:.3g}s"
+                except FencedError:  # its partition is another worker's now, and so is the
+                    raise  # event: not a failure of the handler's
                 except Exception as exc:
                     error, failure = f"{type(exc).__name__}: {exc}", exc
                 delay = retry.backoff * 2 ** (attempt - 1)

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from bus import Bus, Consumer, Delivery, Payload
 from flows import (
@@ -615,3 +616,32 @@ def test_a_retry_that_is_not_a_retry_is_refused() -> None:
         with pytest.raises(InvalidHandlerError, match=r"is a Retry, e\.g\. retry=Retry\("):
             service.add_event_handler("on_connected", lambda emitter: None, retry=bad)  # type: ignore[arg-type]
     assert "on_connected" not in service.subscribes
+
+
+async def test_a_handler_whose_send_is_fenced_ends_the_events_handling_here(bus: Bus) -> None:
+    """A stale owner (its partition's lease moved while the handler ran): the event, and the
+    handlers after this one, are the new owner's, not failures to log or retry here."""
+    ran: list[str] = []
+    service = EventService("svc")
+
+    @service.event_handler("on_connected", retry=Retry(attempts=3))
+    async def first(emitter: EmitterRef, data: Any) -> None:
+        ran.append("first")
+        lease = bus.keys.lease(bus.keys.partition(emitter.session), "svc")
+        await bus.redis.set(lease, "999:another-worker")  # it moved while this ran
+        await emitter.send(Say(text="hi"))
+
+    @service.event_handler("on_connected")
+    async def second(emitter: EmitterRef, data: Any) -> None:
+        ran.append("second")
+
+    consumer = Consumer(bus, service.as_service())
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run)
+            await emit_all(bus, (STT, "on_connected", ()))
+            await wait_for(lambda: consumer.stats.partitions_lost == 1, what="the partition lost")
+            consumer.stop()
+    assert ran == ["first"]
+    failed = {"event_handler_retried", "event_handler_failed", "handler_failed"}
+    assert [x["event"] for x in logs if x["event"] in failed] == []
