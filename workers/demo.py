@@ -83,7 +83,9 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             "--keep leaves the embedded server running; with --redis-url (or FLOWBUS_REDIS_URL) "
             "the demo uses that server, whose data stays anyway"
         )
-    previous = signal.signal(signal.SIGTERM, _terminated)  # cleaned up as after Ctrl-C
+    # Cleaned up as after Ctrl-C: a SIGHUP (the terminal closed) too, which would otherwise
+    # end the demo at once and leave its directory (logs, the server's files) behind.
+    previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server = None if url else LocalServer("valkey", directory=work / "server", outlive=args.keep)
     fleets: list[Fleet] = []
@@ -120,18 +122,26 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             print(f"flowbus demo: worker and server logs are kept in {work}", file=sys.stderr)
         elif not options.keep:
             shutil.rmtree(work, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if ok else 1
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is (everything started is stopped), exit status 143."""
+#: Signals that stop the demo as Ctrl-C does, everything it started stopped first.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-    status = 128 + signal.SIGTERM
+
+class Terminated(KeyboardInterrupt):
+    """A signal of `STOP_SIGNALS`, handled as Ctrl-C is (everything started is stopped); exit
+    status 128 + its number (143 for SIGTERM, 129 for SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 async def _run(

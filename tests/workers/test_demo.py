@@ -183,9 +183,18 @@ async def test_the_demo_counts_the_dead_letters_of_its_own_calls_only(settings: 
     assert "dead letters 0" in done.stderr.decode()  # the live view's last line too
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+    ids=["sigterm", "sighup", "sigkill"],
+)
+async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    """SIGHUP is the terminal closing. Its files (the logs, the server's) go too, except after
+    a SIGKILL, which leaves nothing a chance to remove them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
+    env["TMPDIR"] = str(tmp_path)  # where the demo makes its directory
     proc = await anyio.open_process(
         [sys.executable, "-m", "workers", "demo", "--calls", "200"], cwd=ROOT, env=env
     )
@@ -206,7 +215,8 @@ async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(sig: signa
         proc.send_signal(sig)
         with anyio.fail_after(60):
             status = await proc.wait()
-    assert status == (128 + sig if sig == signal.SIGTERM else -sig), output.decode()
+    assert status == (-sig if sig == signal.SIGKILL else 128 + sig), output.decode()
+    assert b"Traceback" not in output, output.decode()
 
     async def all_gone() -> bool:  # at once after a SIGTERM; a SIGKILL leaves them to end
         workers = [pid for pid in _pids_with(b"FLOWBUS_REDIS_URL=" + url) if pid != os.getpid()]
@@ -216,8 +226,9 @@ async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(sig: signa
             return not workers
         return False
 
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:
         assert await all_gone(), output.decode()
+        assert os.listdir(tmp_path) == [], output.decode()
     else:
         await wait_for(all_gone, limit=30, what="the workers and the server to end")
 
