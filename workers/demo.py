@@ -83,8 +83,10 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             "--keep leaves the embedded server running; with --redis-url (or FLOWBUS_REDIS_URL) "
             "the demo uses that server, whose data stays anyway"
         )
-    # Cleaned up as after Ctrl-C: a SIGHUP (the terminal closed) too, which would otherwise
-    # end the demo at once and leave its directory (logs, the server's files) behind.
+    # Each raises where the demo is, and the `finally` below stops what it started. Not
+    # asyncio's Ctrl-C (one cancellation of the main task), which Python 3.11's `wait_for`,
+    # the Redis client's, swallows when what it waits for completes meanwhile: the demo ran
+    # on. SIGHUP (the terminal closed) would end it at once, its directory left behind.
     previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server = None if url else LocalServer("valkey", directory=work / "server", outlive=args.keep)
@@ -127,13 +129,13 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     return 0 if ok else 1
 
 
-#: Signals that stop the demo as Ctrl-C does, everything it started stopped first.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+#: Signals that stop the demo, everything it started stopped first.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Terminated(KeyboardInterrupt):
-    """A signal of `STOP_SIGNALS`, handled as Ctrl-C is (everything started is stopped); exit
-    status 128 + its number (143 for SIGTERM, 129 for SIGHUP)."""
+    """A signal of `STOP_SIGNALS` (everything started is stopped); exit status 128 + its
+    number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,29 @@ def _pids_with(marker: bytes) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_demo_interrupted_while_it_runs_python_code_stops(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Ctrl-C landing between two awaits (here right after the workers start) stops the demo.
+    asyncio's own SIGINT handling cancels the main task once, and Python 3.11's `wait_for`
+    (the Redis client's, around a write) swallows a cancellation that comes as what it waits
+    for completes: the demo ran on to its verdict and exited 0."""
+    from workers import cli, fleet
+
+    start = fleet.Fleet.start
+
+    def start_then_interrupt(self: fleet.Fleet, count: int, **kwargs: Any) -> Any:
+        started = start(self, count, **kwargs)
+        if self.group == "crm":  # the last fleet: the demo goes on to wait for the split
+            os.kill(os.getpid(), signal.SIGINT)
+        return started
+
+    monkeypatch.setattr(fleet.Fleet, "start", start_then_interrupt)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in [n for n in os.environ if n.startswith("FLOWBUS_")]:
+        monkeypatch.delenv(name)
+    assert cli.main(["demo", "--calls", "1", "--json"]) == 130
+    assert os.listdir(tmp_path) == []  # the demo's directory removed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
