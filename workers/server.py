@@ -173,12 +173,23 @@ class LocalServer:
         raise ServerError(f"{self.binary} did not answer on port {self.port} within {timeout}s")
 
     def _answers(self) -> bool:
+        """This server answers: not another on its port (a port it picked that another
+        server took meanwhile), whose answer would pass for its own while it exits with
+        "Address already in use"."""
+        assert self.process is not None
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"\r\nprocess_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = s.recv(65_536)
+                    if not chunk:
+                        return False
+                    reply += chunk
         except OSError:
             return False
+        pid = reply.split(b"\r\nprocess_id:", 1)[1].split(b"\r\n", 1)[0]
+        return pid == str(self.process.pid).encode()
 
     def log_tail(self, lines: int = 20) -> str:
         log = self.directory / "server.log"
