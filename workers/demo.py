@@ -89,14 +89,15 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     # on. SIGHUP (the terminal closed) would end it at once, its directory left behind.
     previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
-    server = None if url else LocalServer("valkey", directory=work / "server", outlive=args.keep)
+    server: LocalServer | None = None
     fleets: list[Fleet] = []
     settings: Settings | None = None
     prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
-    prefix = prefix or ("flowbus" if server else f"demo-{secrets.token_hex(4)}")
+    prefix = prefix or ("flowbus" if not url else f"demo-{secrets.token_hex(4)}")
     ok, failed = False, False
     try:
-        if server is not None:
+        if not url:
+            server = LocalServer("valkey", directory=work / "server", outlive=args.keep)
             (work / "server").mkdir()
             server.start()
             _say(f"started the embedded server: {server.binary.name} on {server.url}")
@@ -115,14 +116,21 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     finally:
         for fleet in fleets:
             fleet.kill_all()  # only after an error or an interrupt is anything still running
-        if server is not None and server.process is not None:
-            if options.keep:
+        process = server.process if server is not None else None
+        kept = options.keep and process is not None and process.poll() is None
+        if server is not None and process is not None:
+            if kept:
                 _print_kept(server, options, prefix, settings)
             else:
+                if options.keep:  # gone: the terminal's Ctrl-C reached it too, say
+                    print(
+                        "flowbus demo: the embedded server stopped too; nothing is kept",
+                        file=sys.stderr,
+                    )
                 server.stop()
-        if failed:
+        if failed and any(work.iterdir()):
             print(f"flowbus demo: worker and server logs are kept in {work}", file=sys.stderr)
-        elif not options.keep:
+        elif not kept:
             shutil.rmtree(work, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

