@@ -19,6 +19,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,9 +111,14 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
         summary = run(_run, settings, options, fleets, server, started)
         ok, failed = summary.ok, not summary.ok
         _print_summary(summary, options, settings)
-    except (DemoError, FleetError, ServerError) as exc:
+    except Exception as exc:
+        # The embedded server's death is the cause of whatever failed after it (a refused
+        # connection, a worker that lost it): say so, with its log, not the consequence.
+        died = _server_death(server)
+        if died is None and not isinstance(exc, (DemoError, FleetError, ServerError)):
+            raise
         failed = True
-        print(f"flowbus demo: {exc}", file=sys.stderr)
+        print(f"flowbus demo: {died or exc}", file=sys.stderr)
     finally:
         for fleet in fleets:
             fleet.kill_all()  # only after an error or an interrupt is anything still running
@@ -122,7 +128,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             if kept:
                 _print_kept(server, options, prefix, settings)
             else:
-                if options.keep:  # gone: the terminal's Ctrl-C reached it too, say
+                if options.keep and not failed:  # gone: the terminal's Ctrl-C reached it too
                     print(
                         "flowbus demo: the embedded server stopped too; nothing is kept",
                         file=sys.stderr,
@@ -135,6 +141,27 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if ok else 1
+
+
+#: How long a server whose client lost it gets to be seen exited: its sockets close a moment
+#: before its parent can reap it.
+SERVER_EXIT_SECONDS = 1.0
+
+
+def _server_death(server: LocalServer | None) -> str | None:
+    """What to say if the embedded server has exited under the demo; None while it runs."""
+    process = server.process if server is not None else None
+    if server is None or process is None:
+        return None
+    try:
+        code = process.wait(SERVER_EXIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        return None
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    return (
+        f"the embedded server (pid {process.pid}) died ({how}); its log "
+        f"({server.directory / 'server.log'}) ends with:\n{server.log_tail()}"
+    )
 
 
 #: Signals that stop the demo, everything it started stopped first.

@@ -331,3 +331,47 @@ def test_a_kept_server_stopped_by_the_same_ctrl_c_is_not_said_to_keep_running(
     assert "keeps running" not in out + err
     assert "flowbus demo: the embedded server stopped too; nothing is kept" in err
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_demo_whose_server_dies_says_so_and_keeps_its_logs(tmp_path: Path) -> None:
+    """The embedded server killed while the calls run: the demo names that as the cause, with
+    the server log's tail, stops its workers and keeps its directory (it said only "Error 111
+    connecting ... Connection refused", and removed the logs)."""
+    import redis.asyncio
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
+    env["TMPDIR"] = str(tmp_path)
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "workers", "demo", "--calls", "200"], cwd=ROOT, env=env
+    )
+    output = bytearray()
+
+    async def read(stream: ByteReceiveStream) -> None:
+        async for chunk in stream:
+            output.extend(chunk)
+
+    async with proc, anyio.create_task_group() as tg:
+        assert proc.stderr is not None and proc.stdout is not None
+        tg.start_soon(read, proc.stderr)
+        tg.start_soon(read, proc.stdout)
+        await wait_for(lambda: b"running 200 calls" in output, limit=60, what="the calls")
+        found = re.search(rb"on (redis://127.0.0.1:\d+\S*)", output)
+        assert found is not None, output
+        client = redis.asyncio.Redis.from_url(found[1].decode())
+        try:
+            pid = int((await client.info("server"))["process_id"])
+        finally:
+            await client.aclose()
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(60):
+            status = await proc.wait()
+    text = output.decode()
+    assert status == 1, text
+    assert "Traceback" not in text, text
+    assert f"the embedded server (pid {pid}) died (killed by SIGKILL)" in text, text
+    assert "Ready to accept connections" in text, text  # the tail of its log
+    [work] = os.listdir(tmp_path)
+    assert f"worker and server logs are kept in {tmp_path / work}" in text, text
+    assert "actions-1.log" in os.listdir(tmp_path / work / "logs")
+    assert "server.log" in os.listdir(tmp_path / work / "server")
+    assert _pids_with(b"TMPDIR=" + str(tmp_path).encode()) == []  # every worker stopped
