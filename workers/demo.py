@@ -88,7 +88,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     # asyncio's Ctrl-C (one cancellation of the main task), which Python 3.11's `wait_for`,
     # the Redis client's, swallows when what it waits for completes meanwhile: the demo ran
     # on. SIGHUP (the terminal closed) would end it at once, its directory left behind.
-    previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
+    stops = _Stops()
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server: LocalServer | None = None
     fleets: list[Fleet] = []
@@ -120,6 +120,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
         failed = True
         print(f"flowbus demo: {died or exc}", file=sys.stderr)
     finally:
+        stops.hold()  # a second Ctrl-C (or any stop signal) lets this cleanup finish
         for fleet in fleets:
             fleet.kill_all()  # only after an error or an interrupt is anything still running
         process = server.process if server is not None else None
@@ -138,8 +139,9 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             print(f"flowbus demo: worker and server logs are kept in {work}", file=sys.stderr)
         elif not kept:
             shutil.rmtree(work, ignore_errors=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stops.restore()
+    if stops.received:  # during the cleanup of a run that ended otherwise: it ends so
+        raise Terminated(stops.received[0])
     return 0 if ok else 1
 
 
@@ -177,8 +179,33 @@ class Terminated(KeyboardInterrupt):
         self.status = 128 + signum
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
+class _Stops:
+    """The demo's handling of `STOP_SIGNALS`: the first raises `Terminated` where the demo is;
+    from then on, and while it cleans up, they are noted in `received`, not raised. Raised
+    again, one stopped the cleanup half way (the workers, the server or the directory left),
+    or, inside the event loop's callbacks as it closed its connections, was logged with a
+    traceback ("Fatal error on transport")."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous = {sig: signal.signal(sig, self._raise) for sig in STOP_SIGNALS}
+
+    def _raise(self, signum: int, frame: object) -> None:
+        self.hold()
+        raise Terminated(signum)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def hold(self) -> None:
+        """Note stop signals from now on, not raise them."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._note)
+
+    def restore(self) -> None:
+        """The handlers from before the demo, back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 async def _run(

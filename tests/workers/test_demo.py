@@ -375,3 +375,61 @@ async def test_a_demo_whose_server_dies_says_so_and_keeps_its_logs(tmp_path: Pat
     assert "actions-1.log" in os.listdir(tmp_path / work / "logs")
     assert "server.log" in os.listdir(tmp_path / work / "server")
     assert _pids_with(b"TMPDIR=" + str(tmp_path).encode()) == []  # every worker stopped
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)],
+    ids=["sigint-twice", "sigterm-then-sigint"],
+)
+def test_a_second_signal_while_the_demo_cleans_up_lets_the_cleanup_finish(
+    first: signal.Signals,
+    second: signal.Signals,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C pressed again while the demo stops its workers: it raised there too, and the
+    workers, the server and the directory were left."""
+    from workers import cli, fleet
+    from workers.server import LocalServer
+
+    servers: list[LocalServer] = []
+    processes: list[Any] = []
+    start_server, start_fleet, kill_all = LocalServer.start, fleet.Fleet.start, fleet.Fleet.kill_all
+
+    def note_server(self: LocalServer, *args: Any, **kwargs: Any) -> Any:
+        servers.append(self)
+        return start_server(self, *args, **kwargs)
+
+    def start_then_stop(self: fleet.Fleet, count: int, **kwargs: Any) -> Any:
+        started = start_fleet(self, count, **kwargs)
+        processes.extend(w.popen for w in started)
+        if self.group == "crm":
+            os.kill(os.getpid(), first)
+        return started
+
+    def signalled_kill_all(self: fleet.Fleet) -> None:
+        os.kill(os.getpid(), second)  # its handler runs before this returns
+        kill_all(self)
+
+    monkeypatch.setattr(LocalServer, "start", note_server)
+    monkeypatch.setattr(fleet.Fleet, "start", start_then_stop)
+    monkeypatch.setattr(fleet.Fleet, "kill_all", signalled_kill_all)
+    _demo_in_a_folder(monkeypatch, tmp_path)
+    server_process: Any = None
+    try:
+        status = cli.main(["demo", "--calls", "1"])
+        [server] = servers
+        server_process = server.process
+        assert status == 128 + first
+        assert [p.poll() is None for p in processes] == [False, False, False]
+        assert server_process is None  # stopped
+        assert os.listdir(tmp_path) == []
+        assert "Traceback" not in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:  # what a failed cleanup left
+        for process in [*processes, server_process]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
