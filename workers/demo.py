@@ -14,6 +14,7 @@ Every wait has a deadline; a stall is an error that names what did not happen.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import shlex
@@ -215,10 +216,18 @@ async def _run(
     server: LocalServer | None,
     started: float,
 ) -> report.Summary:
+    # A stop signal's `Terminated` raised inside one of the loop's own callbacks (a socket's)
+    # reaches the code waiting on it all the same; the loop's log of it is noise.
+    asyncio.get_running_loop().set_exception_handler(_quiet_about_stops)
     try:
         return await _run_and_check(settings, options, fleets, server, started)
     except BaseExceptionGroup as group:  # a task group's error: show the error itself
         raise first_error(group) from None
+
+
+def _quiet_about_stops(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if not isinstance(context.get("exception"), Terminated):
+        loop.default_exception_handler(context)
 
 
 async def _run_and_check(

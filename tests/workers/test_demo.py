@@ -3,7 +3,9 @@ simulated calls, and a summary whose figures the streams it leaves behind bear o
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
 import shlex
@@ -433,3 +435,25 @@ def test_a_second_signal_while_the_demo_cleans_up_lets_the_cleanup_finish(
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_stop_signal_raised_in_a_loop_callback_is_not_logged_as_a_fatal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvloop logs an exception raised in its socket callbacks ("Fatal error on transport",
+    with a traceback) before passing it on: a SIGTERM landing there printed one."""
+    from workers import demo
+
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            stop = demo.Terminated(signal.SIGTERM)
+            demo._quiet_about_stops(
+                loop, {"message": "Fatal error on transport", "exception": stop}
+            )
+            assert caplog.records == []
+            other = {"message": "Fatal error on transport", "exception": OSError("reset")}
+            demo._quiet_about_stops(loop, other)
+        assert [r.getMessage() for r in caplog.records] == ["Fatal error on transport"]
+    finally:
+        loop.close()
