@@ -7,6 +7,7 @@ observer, which the tests and the demo use to check timing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -135,4 +136,7 @@ def _words_within(text: str, chars: int) -> str:
     """The words of `text` that end within its first `chars` characters."""
     if chars >= len(text) or text[chars].isspace():
         return text[:chars].rstrip()
-    return text[:chars].rpartition(" ")[0].rstrip()
+    return _PART_WORD.sub("", text[:chars]).rstrip()  # a word cut short: up to any whitespace
+
+
+_PART_WORD = re.compile(r"\S*\Z")

@@ -386,6 +386,15 @@ def test_the_simulated_tts_was_heard_to_the_last_word_it_finished(chars: int, he
     assert _words_within("One two three", chars) == heard
 
 
+@pytest.mark.parametrize(
+    ("chars", "heard"),
+    [(12, "One two."), (13, "One two."), (15, "One two.\nThree"), (17, "One two.\nThree")],
+)
+def test_words_end_at_any_whitespace_not_only_a_space(chars: int, heard: str) -> None:
+    """A reply of two lines cut in the second: the first line's last word was heard too."""
+    assert _words_within("One two.\nThree\tfour", chars) == heard
+
+
 async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_node(
     actions: Bus,
 ) -> None:
