@@ -96,12 +96,13 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     settings: Settings | None = None
     prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
     prefix = prefix or ("flowbus" if not url else f"demo-{secrets.token_hex(4)}")
-    ok, failed = False, False
+    ok, failed, served = False, False, False
     try:
         if not url:
             server = LocalServer("valkey", directory=work / "server", outlive=args.keep)
             (work / "server").mkdir()
             server.start()
+            served = True  # from here on, its exit is a death (before, `start` says why)
             _say(f"started the embedded server: {server.binary.name} on {server.url}")
         overrides = {"redis_url": server.url if server else url, "prefix": prefix}
         settings = settings_factory(argparse.Namespace(**{**vars(args), **overrides}))
@@ -115,7 +116,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     except Exception as exc:
         # The embedded server's death is the cause of whatever failed after it (a refused
         # connection, a worker that lost it): say so, with its log, not the consequence.
-        died = _server_death(server)
+        died = _server_death(server) if served else None
         if died is None and not isinstance(exc, (DemoError, FleetError, ServerError)):
             raise
         failed = True

@@ -301,6 +301,24 @@ def test_a_demo_without_a_server_binary_says_so_and_leaves_nothing(
     assert os.listdir(tmp_path) == []
 
 
+def test_a_server_that_fails_to_start_is_not_said_to_have_died(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that exits at its start (a refused option, say, on its stderr) is reported
+    with its own error, not as a server that died while the demo ran (its log empty)."""
+    from workers import cli, server
+
+    binary = tmp_path.parent / f"{tmp_path.name}-server"
+    binary.write_text("#!/bin/sh\necho '*** FATAL CONFIG FILE ERROR: bad option' >&2\nexit 1\n")
+    binary.chmod(0o755)
+    monkeypatch.setattr(server, "server_binary", lambda kind="auto": binary)
+    _demo_in_a_folder(monkeypatch, tmp_path)
+    assert cli.main(["demo", "--calls", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "exited at start: *** FATAL CONFIG FILE ERROR: bad option" in err
+    assert "died" not in err
+
+
 def test_a_kept_server_stopped_by_the_same_ctrl_c_is_not_said_to_keep_running(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
