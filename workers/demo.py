@@ -85,11 +85,6 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             "--keep leaves the embedded server running; with --redis-url (or FLOWBUS_REDIS_URL) "
             "the demo uses that server, whose data stays anyway"
         )
-    # Each raises where the demo is, and the `finally` below stops what it started. Not
-    # asyncio's Ctrl-C (one cancellation of the main task), which Python 3.11's `wait_for`,
-    # the Redis client's, swallows when what it waits for completes meanwhile: the demo ran
-    # on. SIGHUP (the terminal closed) would end it at once, its directory left behind.
-    stops = _Stops()
     work = Path(tempfile.mkdtemp(prefix="flowbus-demo-"))
     server: LocalServer | None = None
     fleets: list[Fleet] = []
@@ -97,6 +92,11 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
     prefix = prefix or ("flowbus" if not url else f"demo-{secrets.token_hex(4)}")
     ok, failed, served = False, False, False
+    # Stop signals: each raises where the demo is, and the `finally` below stops what it
+    # started. Not asyncio's Ctrl-C (one cancellation of the main task), which Python 3.11's
+    # `wait_for`, the Redis client's, swallows when what it waits for completes meanwhile: the
+    # demo ran on. SIGHUP (the terminal closed) would end it at once, its directory left.
+    stops = _Stops()  # (restored in the `finally` right below)
     try:
         if not url:
             server = LocalServer("valkey", directory=work / "server", outlive=args.keep)
