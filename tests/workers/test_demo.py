@@ -13,12 +13,14 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import ByteReceiveStream
+from anyio.abc import ByteReceiveStream, Process
 
 from bus import Bus, ServiceInfo, Settings
 from tests.support import ROOT, raw, wait_for
@@ -186,16 +188,11 @@ async def test_the_demo_counts_the_dead_letters_of_its_own_calls_only(settings: 
     assert "dead letters 0" in done.stderr.decode()  # the live view's last line too
 
 
-@pytest.mark.parametrize(
-    "sig",
-    [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
-    ids=["sigterm", "sighup", "sigkill"],
-)
-async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
-    sig: signal.Signals, tmp_path: Path
-) -> None:
-    """SIGHUP is the terminal closing. Its files (the logs, the server's) go too, except after
-    a SIGKILL, which leaves nothing a chance to remove them."""
+@asynccontextmanager
+async def demo_running(tmp_path: Path) -> AsyncIterator[tuple[Process, bytearray, str]]:
+    """``flowbus demo --calls 200`` in a process of its own on its embedded server, its
+    directory in `tmp_path`, once its calls run: the process, its output so far (stdout and
+    stderr, read on meanwhile) and its server's URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
     env["TMPDIR"] = str(tmp_path)  # where the demo makes its directory
     proc = await anyio.open_process(
@@ -212,12 +209,26 @@ async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
         tg.start_soon(read, proc.stderr)
         tg.start_soon(read, proc.stdout)
         await wait_for(lambda: b"running 200 calls" in output, limit=60, what="the calls")
-        found = re.search(rb"on (redis://127.0.0.1:(\d+)\S*)", output)
+        found = re.search(rb"on (redis://127.0.0.1:\d+\S*)", output)
         assert found is not None, output
-        url, port = found[1], int(found[2])
+        yield proc, output, found[1].decode()
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL],
+    ids=["sigterm", "sighup", "sigkill"],
+)
+async def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    """SIGHUP is the terminal closing. Its files (the logs, the server's) go too, except after
+    a SIGKILL, which leaves nothing a chance to remove them."""
+    async with demo_running(tmp_path) as (proc, output, address):
         proc.send_signal(sig)
         with anyio.fail_after(60):
             status = await proc.wait()
+    url, port = address.encode(), int(address.rsplit(":", 1)[1].split("/")[0])
     assert status == (-sig if sig == signal.SIGKILL else 128 + sig), output.decode()
     assert b"Traceback" not in output, output.decode()
 
@@ -359,25 +370,8 @@ async def test_a_demo_whose_server_dies_says_so_and_keeps_its_logs(tmp_path: Pat
     connecting ... Connection refused", and removed the logs)."""
     import redis.asyncio
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}  # no server
-    env["TMPDIR"] = str(tmp_path)
-    proc = await anyio.open_process(
-        [sys.executable, "-m", "workers", "demo", "--calls", "200"], cwd=ROOT, env=env
-    )
-    output = bytearray()
-
-    async def read(stream: ByteReceiveStream) -> None:
-        async for chunk in stream:
-            output.extend(chunk)
-
-    async with proc, anyio.create_task_group() as tg:
-        assert proc.stderr is not None and proc.stdout is not None
-        tg.start_soon(read, proc.stderr)
-        tg.start_soon(read, proc.stdout)
-        await wait_for(lambda: b"running 200 calls" in output, limit=60, what="the calls")
-        found = re.search(rb"on (redis://127.0.0.1:\d+\S*)", output)
-        assert found is not None, output
-        client = redis.asyncio.Redis.from_url(found[1].decode())
+    async with demo_running(tmp_path) as (proc, output, address):
+        client = redis.asyncio.Redis.from_url(address)
         try:
             pid = int((await client.info("server"))["process_id"])
         finally:
