@@ -350,10 +350,10 @@ class FlowManager:
         completed = LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
         if not await self._publish(completed):
             return None, False
-        spoken = await self._say(reply.text) if reply.text else Spoken("")
-        if not await self._publish(
-            TTSFinished(node=node.name, gen=gen, interrupted=spoken.interrupted)
-        ):
+        # Nothing to say is nothing heard: known without asking the TTS.
+        interrupted, heard_text = await self._say(reply.text) if reply.text else (False, "")
+        finished = TTSFinished(node=node.name, gen=gen, interrupted=interrupted, heard=heard_text)
+        if not await self._publish(finished):
             return None, False
         next_node: NodeLike | None = None
         again = False
@@ -605,9 +605,11 @@ class FlowManager:
                 if self._ending:  # the call is over: nothing more is said, nor confirmed
                     log.info("say_dropped", session=self.session_id, reason="the session ended")
                     return
-                spoken = await self._say(text, append)
+                interrupted, heard_text = await self._say(text, append)
                 if corr:
-                    await self._publish(TTSSpoken(corr=corr, interrupted=spoken.interrupted))
+                    await self._publish(
+                        TTSSpoken(corr=corr, interrupted=interrupted, heard=heard_text)
+                    )
             case EndConversation(text=text, append_to_context=append, corr=corr):
                 self._ending = True  # no transition or LLM turn may follow it
                 self._ended_by_pre_action = "/pre/" in corr  # (its key: entry/phase/index)
@@ -632,13 +634,16 @@ class FlowManager:
                 # failure then was the caller's `ActionError` already).
                 pass
 
-    async def _say(self, text: str, append: bool = True) -> Spoken:
-        """Speak `text`; with `append`, what the caller heard of it goes into the LLM's context
-        (as in Pipecat, whose context keeps what was spoken of an interrupted reply)."""
-        spoken = heard(text, await self.tts.speak(text))
+    async def _say(self, text: str, append: bool = True) -> tuple[bool, str | None]:
+        """Speak `text`: whether it was interrupted, and what the caller heard of it if the TTS
+        said (a `Spoken`; None if it returned a bool, which says only whether it was cut short).
+        With `append`, what was heard goes into the LLM's context (as in Pipecat, whose context
+        keeps what was spoken of an interrupted reply; for a bool, the whole text)."""
+        said = await self.tts.speak(text)
+        spoken = heard(text, said)
         if append and spoken.text:
             self.messages.append({"role": "assistant", "content": spoken.text})
-        return spoken
+        return spoken.interrupted, said.text if isinstance(said, Spoken) else None
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
         # Each is asked for once (a worker that runs the action again does not send it

@@ -52,18 +52,31 @@ class LLMCompleted(Payload, tag="llm.completed"):
 
 
 class TTSFinished(Payload, tag="tts.finished"):
-    """The bot stopped speaking the LLM's reply in node `gen` (or had nothing to say)."""
+    """The bot stopped speaking the LLM's reply in node `gen` (or had nothing to say).
+
+    `heard`: what the caller heard of the reply, as the TTS reported it (a `Spoken`): all of
+    it, or its start up to an interruption ("" if cut before its first word, or if there was
+    nothing to say). None if the TTS said only whether it was interrupted (a bool), and in an
+    event of a bot from before the field.
+    """
 
     node: str
     gen: int
     interrupted: bool = False
+    heard: str | None = None
 
 
 class TTSSpoken(Payload, tag="tts.spoken"):
-    """The bot spoke (or was interrupted speaking) the `Say` with `corr`."""
+    """The bot spoke (or was interrupted speaking) the `Say` with `corr`.
+
+    `heard`: what the caller heard of its text, as the TTS reported it (a `Spoken`), as in
+    `TTSFinished`; None if the TTS said only whether it was interrupted (a bool), and in an
+    event of a bot from before the field.
+    """
 
     corr: str
     interrupted: bool = False
+    heard: str | None = None
 
 
 class ActionDone(Payload, tag="action.done"):

@@ -14,9 +14,10 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from bus import Bus, Consumer, Settings
+from bus import Bus, Codec, Consumer, Payload, Settings, encode
 from flows import (
     COMMANDS,
+    FLOW_EVENTS,
     NO_RESPONSE,
     ActionError,
     ActionsCompleted,
@@ -31,7 +32,7 @@ from flows import (
     Spoken,
     load_flow,
 )
-from flows.protocol import NodeEntered
+from flows.protocol import NodeEntered, TTSFinished, TTSSpoken
 from flows.speech import _words_within
 from tests.flows.test_config import YAML_FLOW
 from tests.flows.test_events import ready
@@ -366,8 +367,100 @@ async def test_an_interrupted_reply_leaves_what_was_heard_of_it_in_the_context(
     async with FlowManager.open(bus, "call-1", llm=llm, tts=Overheard(words)) as fm:
         await fm.initialize(node("n"))
     assert [m["content"] for m in fm.messages if m["role"] == "assistant"] == kept
-    [finished] = [e for e in await bus.history("call-1") if e.type == "tts.finished"]
-    assert msgspec.json.decode(finished.data)["interrupted"] is True
+    [finished] = await published(bus, "call-1", "tts.finished")
+    assert finished["interrupted"] is True
+    assert finished["heard"] == "".join(kept)  # "": cut before its first word
+
+
+async def published(bus: Bus, session: str, type_: str) -> list[dict[str, Any]]:
+    """The data of the session's events of `type_`, as a service reading the stream gets it."""
+    return [msgspec.json.decode(e.data) for e in await bus.history(session) if e.type == type_]
+
+
+async def test_tts_finished_tells_what_was_heard_of_a_reply_the_caller_talked_over(
+    bus: Bus,
+) -> None:
+    """A service reading the stream (a call recorder, say) learns what the caller heard: the
+    words SimulatedTTS finished before it was interrupted, as went into the LLM's context."""
+    reply = "Your pizza ships on Monday."
+    speaking = anyio.Event()
+
+    async def observe(kind: str, detail: str) -> None:
+        if kind == "tts.started":
+            speaking.set()
+
+    tts = SimulatedTTS(0.05, observer=observe)  # the reply takes 1.35 s: cut well before its end
+    llm = ScriptedLLM({"n": [LLMResponse(text=reply)]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fm.initialize, node("n"))
+            await speaking.wait()
+            await anyio.sleep(0.3)  # about 6 characters: "Your"
+            assert tts.interrupt()
+    [kept] = [m["content"] for m in fm.messages if m["role"] == "assistant"]
+    assert kept and kept != reply and reply.startswith(kept)
+    [finished] = await published(bus, "call-1", "tts.finished")
+    assert finished["interrupted"] is True
+    assert finished["heard"] == kept
+
+
+class Finishes:
+    """A TTS that says only that it spoke each phrase to the end (True), not what was heard."""
+
+    async def speak(self, text: str) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("says", [True, False], ids=["spoken", "true"])
+async def test_tts_spoken_and_finished_tell_what_was_heard_only_if_the_tts_said(
+    actions: Bus, says: bool
+) -> None:
+    """A `Spoken` to the end: the whole text was heard. True says no more than that it was not
+    interrupted: `heard` is None, not the text (the caller may have heard none of it)."""
+    welcome, reply = "Welcome to Pizza Palace.", "Your pizza ships on Monday."
+    llm = ScriptedLLM({"n": [LLMResponse(text=reply)]})
+    tts = SimulatedTTS(0) if says else Finishes()
+    async with FlowManager.open(actions, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("n", pre=[say(welcome)]))
+    [spoken] = await published(actions, "call-1", "tts.spoken")
+    [finished] = await published(actions, "call-1", "tts.finished")
+    assert spoken["interrupted"] is finished["interrupted"] is False
+    assert spoken["heard"] == (welcome if says else None)
+    assert finished["heard"] == (reply if says else None)
+
+
+async def test_a_reply_with_nothing_to_say_was_heard_as_nothing(bus: Bus) -> None:
+    """Not asked to speak, the TTS said nothing: "" is known, whatever it returns."""
+    async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=Finishes()) as fm:
+        await fm.initialize(node("n"))  # ScriptedLLM's reply in a node it has no script for: ""
+    [finished] = await published(bus, "call-1", "tts.finished")
+    assert finished["heard"] == ""
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        {"type": "tts.finished", "node": "n", "gen": 1, "interrupted": True},
+        {"type": "tts.spoken", "corr": "1/pre/0", "interrupted": True},
+    ],
+)
+def test_an_event_of_a_bot_from_before_heard_decodes_with_heard_none(old: dict[str, Any]) -> None:
+    payload = FLOW_EVENTS.decode(old["type"], msgspec.json.encode(old))
+    assert isinstance(payload, TTSFinished | TTSSpoken)
+    assert payload.interrupted is True and payload.heard is None
+
+
+def test_a_reader_from_before_heard_decodes_an_event_that_has_it() -> None:
+    """msgspec ignores the field it does not know: a service not yet upgraded reads on."""
+
+    class OldTTSFinished(Payload, tag="tts.finished"):
+        node: str
+        gen: int
+        interrupted: bool = False
+
+    new = TTSFinished(node="n", gen=1, interrupted=True, heard="Your pizza")
+    old = Codec([OldTTSFinished]).decode("tts.finished", encode(new))
+    assert old == OldTTSFinished(node="n", gen=1, interrupted=True)
 
 
 @pytest.mark.parametrize(
