@@ -240,6 +240,12 @@ class OnDtmf(Event, tag="on_dtmf"):
     message: Info = msgspec.field(default_factory=dict)
 
 
+class OnPing(Event, tag="on_ping"):
+    """Genesys pinged the AudioHook session (the serializer answers it with a pong)."""
+
+    message: Info = msgspec.field(default_factory=dict)
+
+
 #: The transports that tell of their clients' connecting and disconnecting (the reference's
 #: seven, and Vonage, LemonSlice and MOQ).
 CLIENT_TRANSPORTS = frozenset(
@@ -284,4 +290,5 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnClose, {GENESYS}),
     spec(OnPause, {GENESYS}),
     spec(OnDtmf, {GENESYS}),
+    spec(OnPing, {GENESYS}),
 )

@@ -80,7 +80,7 @@ on_dtmf_received on_mcp_event on_session_started on_delegation_created
 on_completion on_service_latency on_service_usage on_speech_event on_function_call_event
 on_startup_timing_report on_transport_timing_report
 on_avatar_connected on_avatar_disconnected on_track_subscribed on_bot_ready
-on_open on_close on_pause on_dtmf
+on_open on_close on_pause on_dtmf on_ping
 """.split()
 
 # Those whose emitter waits for the handlers: Daily's and LiveKit's last moment in the room,
@@ -204,7 +204,7 @@ def full(spec: EventSpec) -> Event:
 
 def test_every_reference_event_is_in_the_catalog_and_nothing_else() -> None:
     assert len(REFERENCE) == len(set(REFERENCE)) == 88
-    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 47
+    assert len(BEYOND_REFERENCE) == len(set(BEYOND_REFERENCE)) == 48
     assert not set(REFERENCE) & set(BEYOND_REFERENCE)
     assert sorted(CATALOG) == sorted(REFERENCE + BEYOND_REFERENCE)
     assert len(payload_types()) == len(set(payload_types())) == len(CATALOG)
@@ -302,7 +302,7 @@ def test_handler_arguments_follow_pipecats_order() -> None:
     assert lookup("on_avatar_disconnected").args == ("participant", "reason")
     assert lookup("on_track_subscribed").args == ("track",)
     assert lookup("on_bot_ready").args == ()
-    for name in ["on_open", "on_close", "on_pause", "on_dtmf"]:
+    for name in ["on_open", "on_close", "on_pause", "on_dtmf", "on_ping"]:
         assert lookup(name).args == ("message",)
     assert lookup("on_error").args == ("error", "exception")  # MOQ passes both
     assert lookup("on_joined").args == lookup("on_left").args == ("data",)  # Daily's on_left: none
@@ -385,7 +385,7 @@ def test_the_new_emitter_kinds_are_known_and_alone_emit_their_own_events() -> No
         assert lookup(name).emitters == {"transport.lemonslice"}
     assert lookup("on_track_subscribed").emitters == {"transport.moq"}
     assert lookup("on_bot_ready").emitters == {"transport.rtvi_client"}
-    for name in ["on_open", "on_close", "on_pause", "on_dtmf"]:
+    for name in ["on_open", "on_close", "on_pause", "on_dtmf", "on_ping"]:
         assert lookup(name).emitters == {"serializer.genesys"}
 
 
