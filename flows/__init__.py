@@ -1,12 +1,13 @@
 """flowbus.flows: the conversation domain.
 
 Pipecat-Flows nodes and actions (`FlowManager` in the bot, `ActionService` in workers), event
-handlers as services (`EventService`, `Events`), the event catalog, the messages between bots
-and services, and the errors users see.
+handlers as services (`EventService`, `Events`, and `forward_events` for a Pipecat object's
+events), the event catalog, the messages between bots and services, and the errors users see.
 """
 
 from .actions import ActionService, WorkerFlowManager
 from .bot import BotSession
+from .bridge import PER_FRAME_EVENTS, PIPECAT_KINDS, forward_events
 from .catalog import CATALOG, Emitter, Event, EventSpec, Info
 from .config import (
     TRANSITION_IN_YAML,
@@ -52,6 +53,8 @@ __all__ = [
     "FLOW_EVENTS",
     "LLM",
     "NO_RESPONSE",
+    "PER_FRAME_EVENTS",
+    "PIPECAT_KINDS",
     "TRANSITION_IN_YAML",
     "TTS",
     "ActionError",
@@ -92,6 +95,7 @@ __all__ = [
     "UnknownEventError",
     "WorkerFlowManager",
     "declare",
+    "forward_events",
     "load_flow",
     "parse_node",
 ]
