@@ -235,14 +235,20 @@ def describe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [describe(v, depth + 1) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: describe(getattr(value, f.name, None), depth + 1)
-            for f in dataclasses.fields(value)
-        }
+        return {k: describe(v, depth + 1) for k, v in _fields_of(value).items()}
     if isinstance(value, BaseException):
         return {"type": type(value).__name__, "message": str(value)}
     dumped = _model_dump(value)
     return dumped if dumped is not None else _short(value)
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    """A dataclass's fields, read from its __dict__ where it has one: Pipecat's StartFrame
+    warns on each read of its deprecated fields through getattr."""
+    stored = getattr(value, "__dict__", None)
+    if isinstance(stored, dict):
+        return {f.name: stored.get(f.name) for f in dataclasses.fields(value)}
+    return {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
 
 
 def _model_dump(value: Any) -> dict[str, Any] | None:

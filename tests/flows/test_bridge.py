@@ -1,0 +1,242 @@
+"""forward_events: a real Pipecat 1.14 pipeline's events, run offline, reach an EventService."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+import anyio
+import pytest
+from pipecat.frames.frames import EndFrame, Frame, OutputAudioRawFrame, StartFrame, TextFrame
+from pipecat.observers.turn_tracking_observer import TurnTrackingObserver
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+from pydantic import BaseModel
+from structlog.testing import capture_logs
+
+from bus import Bus, Settings
+from flows import CATALOG, BotSession, Events, forward_events
+from flows.bridge import convert_args, describe, kind_of
+from tests.flows.test_events import ready, records, start
+from tests.support import WorkerProcesses, raw, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+class Relay(FrameProcessor):
+    """Passes every frame on; notes each one it processed, and what `check` said then."""
+
+    def __init__(self, check: Any = None) -> None:
+        super().__init__()
+        self.check = check
+        self.processed: list[tuple[str, Any]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        seen = await self.check() if self.check else None
+        self.processed.append((type(frame).__name__, seen))
+        await self.push_frame(frame, direction)
+
+
+def worker(*processors: FrameProcessor) -> PipelineWorker:
+    # No idle timeout: a pipeline waiting on a gated service is not idle.
+    return PipelineWorker(Pipeline(list(processors)), cancel_on_idle_timeout=False)
+
+
+async def run(pipeline: PipelineWorker, *frames: Frame) -> None:
+    """Run `pipeline` until `frames` (the last an EndFrame) went through it."""
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(pipeline)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.run)
+        for frame in frames:
+            await pipeline.queue_frame(frame)
+
+
+# Unit: kinds, the events chosen, conversions (no server).
+
+#: For the tests that forward events no one emits: forward_events only keeps its `events`.
+NOT_EMITTING = Events(cast(BotSession, None))
+
+
+def test_the_kind_comes_from_the_pipecat_class_the_most_specific_first() -> None:
+    assert kind_of(worker()) == "pipeline_task"
+    assert kind_of(TurnTrackingObserver()) == "observer.turn_tracking"
+    assert kind_of(AudioBufferProcessor()) == "audio_buffer"  # a FrameProcessor too
+    assert kind_of(Relay()) == "frame_processor"
+
+
+def test_an_object_of_no_known_class_needs_a_kind_and_an_unknown_kind_is_refused() -> None:
+    class Custom:
+        name = "custom"
+
+    events = NOT_EMITTING
+    with pytest.raises(TypeError, match=r"Custom.*kind="):
+        forward_events(Custom(), events)
+    with pytest.raises(ValueError, match=r"'transport\.dialy' is no emitter kind"):
+        forward_events(Relay(), events, kind="transport.dialy")
+
+
+def test_the_catalog_events_an_object_registers_are_forwarded_but_the_per_frame_ones() -> None:
+    events = NOT_EMITTING
+    pipeline = worker()
+    # not on_activated, on_bus_message... that PipelineWorker registers beyond the catalog
+    assert forward_events(pipeline, events) == sorted(
+        n for n, s in CATALOG.items() if s.emitted_by("pipeline_task")
+    )
+    assert forward_events(Relay(), events) == ["on_error", "on_usable_changed"]
+    assert forward_events(Relay(), events, only=["on_after_push_frame"]) == ["on_after_push_frame"]
+    assert forward_events(Relay(), events, exclude=["on_error"]) == [
+        "on_after_process_frame",
+        "on_after_push_frame",
+        "on_before_process_frame",
+        "on_before_push_frame",
+        "on_usable_changed",
+    ]
+    with pytest.raises(ValueError, match="emits no catalog event on_client_connected"):
+        forward_events(Relay(), events, only=["on_client_connected"])
+    handler = pipeline._event_handlers["on_pipeline_started"].handlers[-1]  # after Pipecat's own
+    assert handler.__qualname__ == "forward_on_pipeline_started"
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Model(BaseModel):
+    when: float
+    tags: tuple[str, ...]
+
+
+@dataclass
+class Turn:
+    turn_number: int
+    audio: bytes
+
+
+def test_live_arguments_are_described_as_json() -> None:
+    text = TextFrame("hello")
+    described = describe(text)
+    assert (described["name"], described["id"], described["text"]) == (text.name, text.id, "hello")
+    audio = describe(OutputAudioRawFrame(b"\x01\x02", 16000, 1))
+    assert base64.b64decode(audio["audio"]) == b"\x01\x02" and audio["sample_rate"] == 16000
+    relay = Relay()
+    odd = {
+        "color": Color.RED,
+        "model": Model(when=1.5, tags=("a",)),
+        "turn": Turn(3, b"\x00"),
+        "error": ValueError("bad"),
+        "thing": object(),
+        "processor": relay,
+        1: {2},
+    }
+    assert describe(odd) == {
+        "color": "red",
+        "model": {"when": 1.5, "tags": ["a"]},
+        "turn": {"turn_number": 3, "audio": "AA=="},
+        "error": {"type": "ValueError", "message": "bad"},
+        "thing": {"type": "builtins.object"},
+        "processor": {
+            "type": f"{__name__}.Relay",
+            "name": relay.name,
+            "id": relay.id,
+        },
+        "1": [2],
+    }
+    json.dumps(describe(odd))
+
+
+def test_arguments_fit_their_fields_bytes_as_base64_objects_by_name() -> None:
+    assert convert_args(CATALOG["on_audio_data"], (b"\x00\x01", 16000, 1), {}) == (
+        ["AAE=", 16000, 1],
+        {},
+    )
+    relay = Relay()
+    assert convert_args(CATALOG["on_service_switched"], (relay,), {}) == ([relay.name], {})
+    # Daily's on_error passes a message, which the payload carries as {"error": message}
+    assert convert_args(CATALOG["on_error"], ("boom",), {}) == (["boom"], {})
+    assert convert_args(CATALOG["on_usable_changed"], (), {"is_usable": True}) == (
+        [],
+        {"is_usable": True},
+    )
+
+
+# Real: a Pipecat pipeline run offline against the test server and a worker process.
+
+
+async def test_a_pipelines_events_reach_the_service_in_order_with_their_payloads(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", "on_pipeline_started,on_pipeline_finished,on_error")
+    await ready(bus, "crm")
+    relay = Relay()
+    pipeline = worker(relay)
+    end = EndFrame()
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot)
+        forward_events(pipeline, events, name="task")
+        forward_events(relay, events)
+        await run(pipeline, TextFrame("hi"), end)
+        await wait_for(lambda: _count(bus, "crm", 2), what="the pipeline's two events")
+    got = await records(bus, "crm")
+    assert [(r["seq"], r["event"], r["kind"]) for r in got] == [
+        (1, "on_pipeline_started", "pipeline_task"),
+        (2, "on_pipeline_finished", "pipeline_task"),
+    ]
+    started, finished = got[0]["args"][0], got[1]["args"][0]
+    assert started["name"].startswith("StartFrame#") and isinstance(started["id"], int)
+    assert (finished["name"], finished["id"]) == (end.name, end.id)
+    assert [e.type for e in await bus.history("call-1")] == [r["event"] for r in got]
+
+
+async def test_a_sync_event_holds_the_pipeline_until_the_services_handler_finished(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "audit", "on_before_process_frame", mode="gated")
+    await ready(bus, "audit")
+
+    async def handled() -> int:
+        return len(await records(bus, "audit"))
+
+    relay = Relay(check=handled)
+    pipeline = worker(relay)
+    async with BotSession.open(bus, "call-1") as bot:
+        forward_events(relay, Events(bot, sync_timeout=60), only=["on_before_process_frame"])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, pipeline, EndFrame())
+
+            async def published() -> bool:
+                return len(await bus.history("call-1")) == 1
+
+            await wait_for(published, what="the StartFrame's on_before_process_frame")
+            assert relay.processed == []  # Pipecat waits in the handler, the service at the gate
+            for _ in ("StartFrame", "EndFrame"):
+                await raw(bus).rpush(f"{settings.prefix}:test:gate", "go")
+    # Each frame was processed only once the service had recorded its event.
+    assert relay.processed == [("StartFrame", 1), ("EndFrame", 2)]
+    got = await records(bus, "audit")
+    assert [r["args"][0]["name"].split("#")[0] for r in got] == ["StartFrame", "EndFrame"]
+
+
+async def test_an_event_that_cannot_be_emitted_is_logged_and_pipecat_goes_on(bus: Bus) -> None:
+    relay = Relay()
+    async with BotSession.open(bus, "call-1") as bot:
+        forward_events(relay, Events(bot))
+        with capture_logs() as logs:
+            # As Pipecat calls a sync event's handlers (FrameProcessor.push_error does), with
+            # an argument more than on_error takes.
+            await relay._call_event_handler("on_error", StartFrame(), {}, "one too many")
+    [entry] = [e for e in logs if e["event"] == "event_not_forwarded"]
+    assert entry["event_name"] == "on_error" and entry["session"] == "call-1"
+    assert entry["kind"] == "frame_processor" and "takes 2 arguments" in entry["error"]
+    assert await bus.history("call-1") == []
+
+
+async def _count(bus: Bus, service: str, n: int) -> bool:
+    return len(await records(bus, service)) >= n
