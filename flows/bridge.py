@@ -101,7 +101,8 @@ def forward_events(
 
     Forwarded are the catalog events of that kind that `obj` registers, but `exclude`
     (default: `PER_FRAME_EVENTS`); or, with `only`, just those (per-frame ones included), each
-    of which must be one of them, else `ValueError`. A sync event's handler waits for the
+    of which must be one of them, else `ValueError` (as for both given; a name of `exclude`
+    that is no event is an `UnknownEventError`). A sync event's handler waits for the
     services' handlers, so Pipecat waits for it as for a sync handler of its own; a default
     event's handler publishes and returns. A handler that cannot emit logs why
     (``event_not_forwarded``) and returns: Pipecat goes on.
