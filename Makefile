@@ -9,7 +9,11 @@ STAMP  := $(VENV)/.installed
 # flowbus needs Python 3.11 or later (pip on an older one back-tracks for minutes, then fails).
 NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
 
-$(STAMP): pyproject.toml
+# Two stamps: the demo needs flowbus alone; the tests, lint and benchmarks its test extras too
+# (pytest, mypy, and Pipecat, about half a gigabyte, for the bridge's tests).
+RUN_STAMP := $(VENV)/.installed-run
+
+define make_venv
 	@test -x $(BIN)/python || $(PYTHON) -c '$(NEW_ENOUGH)' 2>/dev/null || { \
 	  echo "flowbus needs Python 3.11 or later ($(PYTHON) -V: $$($(PYTHON) -V 2>&1))." \
 	    "Name another: make $(or $(MAKECMDGOALS),demo) PYTHON=python3.12" >&2; exit 1; }
@@ -17,11 +21,21 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c '$(NEW_ENOUGH)' || { \
 	  echo "flowbus needs Python 3.11 or later, and $(VENV) has $$($(BIN)/python -V 2>&1):" \
 	    "make clean, then make $(or $(MAKECMDGOALS),demo) PYTHON=python3.12" >&2; exit 1; }
+endef
+
+$(STAMP): pyproject.toml
+	$(make_venv)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# (a venv installed for the tests has all the demo needs)
+$(RUN_STAMP): pyproject.toml
+	$(make_venv)
+	test $(STAMP) -nt pyproject.toml || $(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
 ## Run the demo on the embedded server (no Redis needed).
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/flowbus demo
 
 ## The whole test suite, against redis-server if on the PATH, else the embedded Valkey.
