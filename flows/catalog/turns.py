@@ -3,8 +3,8 @@
 a context) and of the wake phrase turn start strategy.
 
 Pipecat passes the turn strategy object that decided a user turn; the payloads carry its
-class name. Transcripts come as Pipecat's message dataclasses, carried as `Info` with the
-same keys.
+name (its class's and a number, as every Pipecat object's: ``VADUserTurnStartStrategy#0``).
+Transcripts come as Pipecat's message dataclasses, carried as `Info` with the same keys.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from .base import (
 class OnUserTurnStarted(Event, tag="on_user_turn_started"):
     """The user started a turn (a start strategy decided so)."""
 
-    strategy: str = ""  # e.g. "VADUserTurnStartStrategy"
+    strategy: str = ""  # e.g. "VADUserTurnStartStrategy#0"
 
 
 class OnUserTurnStopped(Event, tag="on_user_turn_stopped"):
     """The user ended a turn; `message` holds the turn's transcript."""
 
-    strategy: str = ""  # e.g. "TurnAnalyzerUserTurnStopStrategy"; empty when none decided
+    strategy: str = ""  # e.g. "TurnAnalyzerUserTurnStopStrategy#0"; empty when none decided
     # Pipecat's UserTurnStoppedMessage: {"content": transcript, "timestamp": when the turn
     # started, "user_id": ...}. content is None in realtime mode, where the transcript is only
     # final once the assistant answers.
@@ -46,7 +46,7 @@ class OnUserTurnInferenceTriggered(Event, tag="on_user_turn_inference_triggered"
 
     # Usually with on_user_turn_stopped; alone when a later strategy waits for the LLM's verdict
     # before ending the turn, or (speculatively) before the turn has ended.
-    strategy: str = ""  # e.g. "TurnAnalyzerUserTurnStopStrategy"
+    strategy: str = ""  # e.g. "TurnAnalyzerUserTurnStopStrategy#0"
 
 
 class OnUserTurnMessageAdded(Event, tag="on_user_turn_message_added"):
