@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from redis.exceptions import NoPermissionError, RedisError
@@ -36,6 +36,9 @@ from bus import (
 from bus.settings import VARIABLES
 
 from . import logs
+
+if TYPE_CHECKING:
+    from .inspection import SessionDetail
 
 EPILOG_WORKER = """\
 examples:
@@ -370,7 +373,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help, epilog in (
         ("sessions", "live and ended sessions", "example:\n  flowbus inspect sessions --live"),
         ("session", "one session's events, decoded, with each group's progress",
-         "example:\n  flowbus inspect session call-42 --inbox"),
+         "examples:\n  flowbus inspect session call-42 --inbox\n"
+         "  flowbus inspect session call-42 --follow   # then each new event, until it ends"),
         ("groups", "services: workers, partitions, lag, pending, paused, dead letters",
          "example:\n  flowbus inspect groups --json"),
         ("owners", "the owner of every partition's lease, per group",
@@ -392,6 +396,14 @@ def parser() -> argparse.ArgumentParser:
                 "session", metavar="SESSION", help="the session id, as inspect sessions shows it"
             )
             p.add_argument("--inbox", action="store_true", help="also show the bot's inbox")
+            p.add_argument(
+                "-f",
+                "--follow",
+                action="store_true",
+                help="then print each new event (and inbox entry, with --inbox) as it comes, "
+                "until the session ends (Ctrl-C stops sooner); with --json, one JSON object a "
+                'line: {"stream": "session" or "inbox", "entry": {...}}',
+            )
         if name == "owners":
             p.add_argument("--group", help="only this group")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -659,7 +671,26 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
         print(text)
     if more:
         print(f"flowbus: {more}", file=sys.stderr)
+    if args.what == "session" and args.follow:
+        await _follow(bus, detail, args)
     return 0
+
+
+async def _follow(bus: Bus, detail: SessionDetail, args: argparse.Namespace) -> None:
+    from . import inspection as i
+
+    started = int(detail.meta.get("started", 0))
+    if not args.json:
+        print(f"\nfollowing {detail.session} (Ctrl-C stops):")
+    sys.stdout.flush()  # what is there, before waiting for more
+    async for stream, row in i.follow(bus, detail, inbox=args.inbox):
+        if args.json:
+            _print_json({"stream": stream, "entry": row})
+        else:
+            print(i.render_followed(stream, row, started))
+        sys.stdout.flush()  # a pipe (| grep) sees each event when it comes
+    if not args.json:
+        print(f"session {detail.session} ended")
 
 
 async def _end(bus: Bus, args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 - `sessions`: live and ended sessions, each with its current node, last seq and how far
   behind each service is;
 - `session_detail`: one session's events, decoded, with each group's progress on each event,
-  its pending entries, its paused entry and dead letters;
+  its pending entries, its paused entry and dead letters; `follow`: its new entries as they
+  come, until it ends;
 - `groups`: each service with its workers, owned partitions, lag, pending and paused sessions;
 - `owners`: who holds each partition's lease, per group;
 - `members`: the workers of each group and when their heartbeat lapses.
@@ -13,7 +14,7 @@ Everything is read in pipelines, one round trip per kind of key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -28,6 +29,9 @@ NODE_LOOKBACK = 200
 #: Entries read from a stream per command: a huge session read in one would hold the server
 #: up (about a second per million entries), every worker's commands waiting behind it.
 PAGE = 1000
+#: How long `follow` blocks in one read for a new entry (then it looks whether the session
+#: ended).
+FOLLOW_BLOCK_MS = 1000
 
 
 class SessionRow(msgspec.Struct, frozen=True):
@@ -365,6 +369,40 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
         _rows(await _read_stream(bus, keys.inbox(session)), max_data) if inbox else [],
         dead,
     )
+
+
+async def follow(
+    bus: Bus, detail: SessionDetail, *, inbox: bool = False, block_ms: int = FOLLOW_BLOCK_MS
+) -> AsyncIterator[tuple[str, EventRow]]:
+    """The session's entries after those of `detail` (and, with `inbox`, its inbox's after
+    those of `detail`), as ``("session" | "inbox", row)`` when they come, until the session has
+    ended and the streams are read to their end. Waiting is a blocking read, not polling."""
+    keys, session = bus.keys, detail.session
+    after: dict[Any, Any] = {
+        keys.session(session): detail.events[-1].id if detail.events else "0-0"
+    }
+    if inbox:
+        after[keys.inbox(session)] = detail.inbox[-1].id if detail.inbox else "0-0"
+    while True:
+        # The final publish marks the meta in the script that appends its entry: once marked,
+        # what is in the streams is all there will be, so the read after it need not block.
+        ended = await bus.redis.hexists(keys.meta(session), "ended")
+        reply: Any = await bus.redis.xread(after, count=PAGE, block=None if ended else block_ms)
+        if not reply and ended:
+            return
+        for raw_stream, entries in reply or []:
+            stream = _text(raw_stream)
+            after[stream] = _text(entries[-1][0])
+            name = "session" if stream == keys.session(session) else "inbox"
+            for row in _rows(entries, 1 << 62):
+                yield name, row
+
+
+def render_followed(stream: str, e: EventRow, started_ms: int, *, width: int = 70) -> str:
+    """One followed entry as a line: seq, ms since the session started, type, data."""
+    since = "-" if e.type == MALFORMED else e.ts - started_ms if started_ms else e.ts
+    kind = f"inbox:{e.type}" if stream == "inbox" else e.type
+    return f"{e.seq:>5}  {since:>8}  {kind:<24}  {_event_data(e, width)}"
 
 
 def _with_progress(
