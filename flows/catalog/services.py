@@ -6,6 +6,7 @@ import msgspec
 
 from .base import (
     DAILY,
+    GENESYS,
     HEYGEN,
     LIVEKIT,
     LLM,
@@ -90,9 +91,11 @@ class OnEagerEndOfTurn(Event, tag="on_eager_end_of_turn"):
 
 
 class OnUpdate(Event, tag="on_update"):
-    """Deepgram Flux updated the interim transcript of the current turn."""
+    """Deepgram Flux updated the turn's interim transcript, or Genesys sent an AudioHook update."""
 
-    transcript: str
+    # Pipecat passes Genesys's update message (a dict) where Flux passes the transcript: a
+    # handler's argument is the one or the other, as in Pipecat.
+    transcript: str | Info
 
 
 class OnSpeakersResult(Event, tag="on_speakers_result"):
@@ -237,7 +240,7 @@ SPECS: tuple[EventSpec, ...] = (
     spec(OnTurnResumed, {STT}),
     spec(OnEndOfTurn, {STT}),
     spec(OnEagerEndOfTurn, {STT}),
-    spec(OnUpdate, {STT}),
+    spec(OnUpdate, {STT, GENESYS}),
     spec(OnSpeakersResult, {STT}),
     spec(OnTtsRequest, {TTS}),
     spec(OnFunctionCallsStarted, {LLM}),

@@ -18,6 +18,7 @@ from flows.catalog import (
     payload_types,
 )
 from flows.catalog.pipeline import OnError
+from flows.catalog.services import OnUpdate
 
 # The kinds that are no frame processor in Pipecat 1.14 (BaseObjects: the pipeline task, the
 # observers, a turn start strategy, a serializer).
@@ -439,6 +440,21 @@ def test_a_genesys_error_message_gets_its_message_as_error() -> None:
     decoded = CODEC.decode("on_error", encode(OnError(emitter, message)))
     assert isinstance(decoded, OnError)
     assert decoded.error == {**message, "error": "Too many"}
+
+
+def test_on_update_carries_fluxs_transcript_or_genesyss_update_message() -> None:
+    """Deepgram Flux calls ``on_update(stt, transcript)``, Genesys's serializer
+    ``on_update(serializer, message)``: one event name, its one argument either."""
+    assert lookup("on_update").emitters == {"stt", "serializer.genesys"}
+    message = {"type": "update", "seq": 7, "parameters": {"inputVariables": {"lang": "en"}}}
+    updates: list[tuple[str, str | dict[str, Any]]] = [
+        ("stt", "I would like"),
+        ("serializer.genesys", message),
+    ]
+    for kind, update in updates:
+        event = OnUpdate(emitter=Emitter(kind), transcript=update)
+        decoded = CODEC.decode("on_update", encode(event))
+        assert isinstance(decoded, OnUpdate) and decoded.transcript == update
 
 
 def test_an_error_with_its_own_error_key_or_no_message_is_carried_unchanged() -> None:
