@@ -45,6 +45,7 @@ PIPECAT_KINDS: dict[str, str] = {
     "LemonSliceTransport": base.LEMONSLICE,
     "MOQTransport": base.MOQ,
     "GenesysAudioHookSerializer": base.GENESYS,
+    "OpenClawGatewayClient": base.OPENCLAW,
     "STTService": base.STT,
     "TTSService": base.TTS,
     "LLMService": base.LLM,

@@ -123,6 +123,7 @@ LEMONSLICE = "transport.lemonslice"
 MOQ = "transport.moq"
 RTVI_CLIENT = "transport.rtvi_client"
 GENESYS = "serializer.genesys"
+OPENCLAW = "openclaw.gateway_client"
 
 KINDS = frozenset(
     {
@@ -162,11 +163,12 @@ KINDS = frozenset(
         MOQ,
         RTVI_CLIENT,
         GENESYS,
+        OPENCLAW,
     }
 )
 
 #: The kinds that are no frame processor in Pipecat, so emit none of every processor's events:
-#: the pipeline task, the observers, a turn strategy, a serializer.
+#: the pipeline task, the observers, a turn strategy, a serializer, OpenClaw's gateway client.
 NOT_PROCESSORS = frozenset(
     {
         PIPELINE_TASK,
@@ -179,6 +181,7 @@ NOT_PROCESSORS = frozenset(
         ERROR_OBSERVER,
         WAKE_PHRASE_STRATEGY,
         GENESYS,
+        OPENCLAW,
     }
 )
 #: The kinds that may be a frame processor (services, aggregators, a transport's input and

@@ -11,6 +11,7 @@ from .base import (
     LIVEKIT,
     LLM,
     MOQ,
+    OPENCLAW,
     RTVI_CLIENT,
     STT,
     TAVUS,
@@ -46,6 +47,8 @@ class OnConnectionError(Event, tag="on_connection_error"):
     """A service failed to connect, or its connection failed."""
 
     error: str
+    # OpenClaw's gateway client says whether the failure will recur (the others pass no more).
+    permanent: bool = False
 
 
 # STT services.
@@ -227,12 +230,14 @@ class OnDelegationCreated(Event, tag="on_delegation_created"):
 
 SPECS: tuple[EventSpec, ...] = (
     # Not in the reference but registered in 1.14: Daily, Tavus and HeyGen emit on_connected;
-    # MOQ and the RTVI client both; WebSocket LLM services emit on_connection_error.
+    # MOQ, the RTVI client and OpenClaw's gateway client all three; WebSocket LLM services emit
+    # on_connection_error.
     spec(
-        OnConnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, DAILY, TAVUS, HEYGEN, MOQ, RTVI_CLIENT}
+        OnConnected,
+        {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, DAILY, TAVUS, HEYGEN, MOQ, RTVI_CLIENT, OPENCLAW},
     ),
-    spec(OnDisconnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, MOQ, RTVI_CLIENT}),
-    spec(OnConnectionError, {STT, TTS, LLM}),
+    spec(OnDisconnected, {STT, TTS, LIVEKIT, WEBSOCKET_CLIENT, MOQ, RTVI_CLIENT, OPENCLAW}),
+    spec(OnConnectionError, {STT, TTS, LLM, OPENCLAW}),
     spec(OnSpeechStarted, {STT}),
     spec(OnSpeechStopped, {STT}),
     spec(OnUtteranceEnd, {STT}),

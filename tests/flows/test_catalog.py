@@ -33,6 +33,7 @@ NOT_PROCESSORS = {
     "observer.error",
     "strategy.wake_phrase",
     "serializer.genesys",
+    "openclaw.gateway_client",
 }
 
 # Pipecat's event reference (PIPECAT.md, "The event reference"), one name per event.
@@ -123,8 +124,10 @@ SHARED = {
         "transport.websocket_client",
         "transport.moq",
         "transport.rtvi_client",
+        "openclaw.gateway_client",
     },
-    "on_disconnected": {"transport.moq", "transport.rtvi_client"},
+    "on_disconnected": {"transport.moq", "transport.rtvi_client", "openclaw.gateway_client"},
+    "on_connection_error": {"stt", "tts", "llm", "openclaw.gateway_client"},
     "on_client_connected": {
         "transport.daily",
         "transport.websocket_server",
@@ -455,6 +458,18 @@ def test_on_update_carries_fluxs_transcript_or_genesyss_update_message() -> None
         event = OnUpdate(emitter=Emitter(kind), transcript=update)
         decoded = CODEC.decode("on_update", encode(event))
         assert isinstance(decoded, OnUpdate) and decoded.transcript == update
+
+
+def test_openclaws_gateway_client_says_whether_its_connection_error_will_recur() -> None:
+    """OpenClaw's client calls ``on_connection_error(client, error, force_treat_as_permanent)``;
+    the services pass the error alone (a handler of theirs with one argument still fits)."""
+    assert lookup("on_connection_error").args == ("error", "permanent")
+    client = Emitter("openclaw.gateway_client")
+    event = lookup("on_connection_error").payload(client, "refused", True)  # type: ignore[call-arg]
+    assert CODEC.decode("on_connection_error", encode(event)) == event
+    assert not lookup("on_connection_error").sync_for("openclaw.gateway_client")
+    for name in ["on_connected", "on_disconnected"]:
+        assert lookup(name).emitted_by("openclaw.gateway_client") and lookup(name).args == ("data",)
 
 
 def test_an_error_with_its_own_error_key_or_no_message_is_carried_unchanged() -> None:
