@@ -384,8 +384,9 @@ async def follow(
     if inbox:
         after[keys.inbox(session)] = detail.inbox[-1].id if detail.inbox else "0-0"
     while True:
-        # The final publish marks the meta in the script that appends its entry: once marked,
-        # what is in the streams is all there will be, so the read after it need not block.
+        # The final publish marks the meta in the script that appends its entry (as `flowbus
+        # end` does): once marked, the session's stream takes no more, so the read after it
+        # need not block. (An inbox entry a service writes later is not waited for.)
         ended = await bus.redis.hexists(keys.meta(session), "ended")
         reply: Any = await bus.redis.xread(after, count=PAGE, block=None if ended else block_ms)
         if not reply and ended:
