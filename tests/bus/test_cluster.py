@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from redis.crc import key_slot
 
 from bus import Bus, Codec, Delivery, Service, ServiceInfo, Settings
@@ -38,6 +39,7 @@ from tests.support import (
     wait_for,
 )
 from tests.workers.test_cli import flowbus
+from tests.workers.test_inspect_follow import follow, next_line
 from workers.observe import dead_letter_count
 from workers.server import LocalCluster
 
@@ -138,6 +140,27 @@ async def test_the_command_line_reads_a_cluster(
         dead = flowbus("dead", "list", *base)
         assert dead.returncode == 0, dead.stderr
         assert sum("always fails" in line for line in dead.stdout.splitlines()) == 12
+        # (a read of the session's stream and its inbox together: two keys of one slot)
+        followed = flowbus("inspect", "session", "call-0", "--follow", "--inbox", *base)
+        assert followed.returncode == 0, followed.stderr
+        assert followed.stdout.endswith("session call-0 ended\n"), followed.stdout
+
+
+async def test_following_a_session_reads_its_stream_and_inbox_on_their_node(
+    cluster_settings: Settings,
+) -> None:
+    async with Bus.connect(cluster_settings) as bus:
+        await bus.publish("call-f", Tick(n=1))
+        async with follow(cluster_settings, "call-f", "--inbox", "--json") as process:
+            assert process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
+            assert [e["seq"] for e in (await next_line(lines))["events"]] == [1]
+            await bus.send("call-f", Say(text="hello"))
+            assert (await next_line(lines))["stream"] == "inbox"
+            await bus.publish("call-f", Tick(n=2), final=True)
+            assert (await next_line(lines))["entry"]["seq"] == 2
+            with anyio.fail_after(10):
+                assert await process.wait() == 0
 
 
 async def test_the_pause_before_subscribing_anew_is_short_again_after_a_round_that_held(
