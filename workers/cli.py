@@ -401,8 +401,9 @@ def parser() -> argparse.ArgumentParser:
                 "--follow",
                 action="store_true",
                 help="then print each new event (and inbox entry, with --inbox) as it comes, "
-                "until the session ends (Ctrl-C stops sooner); with --json, one JSON object a "
-                'line: {"stream": "session" or "inbox", "entry": {...}}',
+                "until the session ends (Ctrl-C stops sooner); a session not started yet is "
+                "waited for; with --json, one JSON object a line: "
+                '{"stream": "session" or "inbox", "entry": {...}}',
             )
         if name == "owners":
             p.add_argument("--group", help="only this group")
@@ -641,13 +642,16 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
         except InvalidSessionIdError as exc:
             raise UsageError(str(exc)) from None
         result = detail = await i.session_detail(bus, args.session, inbox=args.inbox)
-        if not detail.events and not detail.meta:
+        unknown = not detail.events and not detail.meta
+        if unknown and not args.follow:
             print(
                 f"flowbus: no session {args.session!r} {_where(bus)} ({NO_SESSION_HINT})",
                 file=sys.stderr,
             )
             return 1
-        text = i.render_session(detail, now)
+        if unknown:  # a call about to start is followed from its first event
+            more = f"no session {args.session!r} yet {_where(bus)}: waiting for it"
+        text = "" if unknown else i.render_session(detail, now)
     elif args.what == "groups":
         result = groups = await i.groups(bus)
         text = i.render_groups(groups)
@@ -667,7 +671,7 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
         text = i.render_members(members)
     if args.json:
         _print_json(result)
-    else:
+    elif text:
         print(text)
     if more:
         print(f"flowbus: {more}", file=sys.stderr)
@@ -681,9 +685,12 @@ async def _follow(bus: Bus, detail: SessionDetail, args: argparse.Namespace) -> 
 
     started = int(detail.meta.get("started", 0))
     if not args.json:
-        print(f"\nfollowing {detail.session} (Ctrl-C stops):")
+        if detail.events or detail.meta:  # a line between it and the table above
+            print()
+        print(f"following {detail.session} (Ctrl-C stops):")
     sys.stdout.flush()  # what is there, before waiting for more
     async for stream, row in i.follow(bus, detail, inbox=args.inbox):
+        started = started or row.ts  # a session that had not started: from its first event
         if args.json:
             _print_json({"stream": stream, "entry": row})
         else:

@@ -85,3 +85,20 @@ async def test_following_an_ended_session_prints_it_and_ends_at_once(
         text = await read_all(process.stdout)
     assert "following call-2" in text and text.endswith("session call-2 ended\n"), text
     assert text.count("step") == 2  # the two events, in the table; none followed twice
+
+
+async def test_following_a_session_not_started_yet_waits_for_its_first_event(
+    bus: Bus, settings: Settings
+) -> None:
+    async with follow(settings, "call-3", "--json") as process:
+        assert process.stdout is not None and process.stderr is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+        assert (await next_line(lines))["events"] == []  # nothing yet, and no error
+        await bus.publish("call-3", Step(n=1))
+        followed = await next_line(lines)
+        assert (followed["entry"]["seq"], followed["entry"]["data"]["n"]) == (1, 1)
+        await bus.publish("call-3", Step(n=2), final=True)
+        assert (await next_line(lines))["entry"]["seq"] == 2
+        with anyio.fail_after(10):
+            assert await process.wait() == 0
+        assert "no session 'call-3' yet on " in await read_all(process.stderr)
