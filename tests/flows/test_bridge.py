@@ -7,16 +7,37 @@ import enum
 import json
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 import anyio
 import pytest
-from pipecat.frames.frames import EndFrame, Frame, OutputAudioRawFrame, StartFrame, TextFrame
+from pipecat.frames.frames import (
+    EndFrame,
+    Frame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    TextFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
 from pipecat.observers.turn_tracking_observer import TurnTrackingObserver
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.turns.user_start import VADUserTurnStartStrategy
+from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.utils import deprecation
 from pipecat.workers.runner import WorkerRunner
 from pydantic import BaseModel
@@ -233,6 +254,100 @@ async def test_a_sync_event_holds_the_pipeline_until_the_services_handler_finish
     assert relay.processed == [("StartFrame", 1), ("EndFrame", 2)]
     got = await records(bus, "audit")
     assert [r["args"][0]["name"].split("#")[0] for r in got] == ["StartFrame", "EndFrame"]
+
+
+TURN_EVENTS = (
+    "on_user_turn_started",
+    "on_user_turn_stopped",
+    "on_assistant_turn_started",
+    "on_assistant_turn_stopped",
+)
+
+
+async def test_the_context_aggregators_turn_events_reach_the_service_with_their_messages(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", ",".join(TURN_EVENTS))
+    await ready(bus, "crm")
+    # The user's turn starts on VAD and stops once VAD stopped and a transcript came (the
+    # speech timeout short, and no STT latency announced, so no STT wait): no model to load.
+    on_vad = VADUserTurnStartStrategy()
+    on_timeout = SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=0.05)
+    strategies = UserTurnStrategies(start=[on_vad], stop=[on_timeout])
+    pair = LLMContextAggregatorPair(
+        LLMContext(), user_params=LLMUserAggregatorParams(user_turn_strategies=strategies)
+    )
+    user, assistant = pair.user(), pair.assistant()
+    pipeline = worker(user, assistant)
+    said = "I'd like to book a table for Friday"
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot)
+        assert {"on_user_turn_started", "on_user_turn_stopped"} <= set(forward_events(user, events))
+        assert "on_assistant_turn_stopped" in forward_events(assistant, events)
+
+        async def published(name: str) -> bool:
+            return name in [e.type for e in await bus.history("call-1")]
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(pipeline)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run)
+            # As a call's transport and STT push them: VAD hears the user, then the
+            # transcript comes and VAD hears silence.
+            await pipeline.queue_frame(VADUserStartedSpeakingFrame(start_secs=0.2))
+            await wait_for(lambda: published("on_user_turn_started"), what="the turn's start")
+            await pipeline.queue_frames(
+                [
+                    TranscriptionFrame(said, "caller-7", "2026-01-01T10:00:00Z", finalized=True),
+                    VADUserStoppedSpeakingFrame(stop_secs=0.2),
+                ]
+            )
+            await wait_for(lambda: published("on_user_turn_stopped"), what="the turn's end")
+            # As the LLM answers the context frame the user's turn pushed.
+            await pipeline.queue_frames(
+                [
+                    LLMFullResponseStartFrame(),
+                    LLMTextFrame("Sure, "),
+                    LLMTextFrame("for how many?"),
+                    LLMFullResponseEndFrame(),
+                    EndFrame(),
+                ]
+            )
+        await wait_for(lambda: _count(bus, "crm", 4), what="the four turn events handled")
+    got = await records(bus, "crm")
+    assert [(r["event"], r["kind"]) for r in got] == [
+        ("on_user_turn_started", "user_aggregator"),
+        ("on_user_turn_stopped", "user_aggregator"),
+        ("on_assistant_turn_started", "assistant_aggregator"),
+        ("on_assistant_turn_stopped", "assistant_aggregator"),
+    ]
+    assert [r["seq"] for r in got] == sorted(r["seq"] for r in got)
+    started, stopped, assistant_started, assistant_stopped = (r["args"] for r in got)
+    # The deciding strategies, by their Pipecat names.
+    assert started == [on_vad.name] and on_vad.name.startswith("VADUserTurnStartStrategy#")
+    strategy, message = stopped
+    assert strategy == on_timeout.name
+    assert strategy.startswith("SpeechTimeoutUserTurnStopStrategy#")
+    # UserTurnStoppedMessage: the transcript, when the turn started. Pipecat 1.14 builds it
+    # without the TranscriptionFrame's user_id (llm_response_universal.py:1563), so it is None.
+    assert message == {"content": said, "timestamp": message["timestamp"], "user_id": None}
+    datetime.fromisoformat(message["timestamp"])
+    assert assistant_started == []
+    # AssistantTurnStoppedMessage: the LLM's text frames joined, not interrupted.
+    [answer] = assistant_stopped
+    assert answer == {
+        "content": "Sure, for how many?",
+        "interrupted": False,
+        "timestamp": answer["timestamp"],
+    }
+    assert datetime.fromisoformat(answer["timestamp"]) >= datetime.fromisoformat(
+        message["timestamp"]
+    )
+    # What the services got is what the aggregators wrote to the LLM context.
+    assert user.context.get_messages() == [
+        {"role": "user", "content": said},
+        {"role": "assistant", "content": "Sure, for how many?"},
+    ]
 
 
 async def test_an_event_that_cannot_be_emitted_is_logged_and_pipecat_goes_on(bus: Bus) -> None:
