@@ -178,12 +178,30 @@ def convert_args(
     spec: EventSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[list[Any], dict[str, Any]]:
     """Pipecat's live handler arguments of event `spec` made fit for its payload, field by
-    field (`convert`); those beyond its fields stay as they are, for `Events.emit` to refuse."""
-    field_types = {f.name: f.type for f in msgspec.structs.fields(spec.payload)}
-    fitted = [convert(field_types[f], v) for f, v in zip(spec.args, args, strict=False)]
+    field (`convert`); those beyond its fields stay as they are, for `Events.emit` to refuse.
+
+    A None for a field that takes no None but has a default is that default: Pipecat passes
+    None where the catalog documents an empty value (the user aggregator's on_user_turn_stopped
+    at the session's end, which no strategy decided, has strategy ``""``)."""
+    fields = {f.name: f for f in msgspec.structs.fields(spec.payload)}
+
+    def fit(name: str, value: Any) -> Any:
+        field = fields[name]
+        has_default = field.default is not msgspec.NODEFAULT
+        if value is None and has_default and not _admits_none(field.type):
+            return field.default
+        return convert(field.type, value)
+
+    fitted = [fit(f, v) for f, v in zip(spec.args, args, strict=False)]
     positional = [*fitted, *args[len(fitted) :]]
-    named = {k: convert(field_types[k], v) if k in field_types else v for k, v in kwargs.items()}
+    named = {k: fit(k, v) if k in fields else v for k, v in kwargs.items()}
     return positional, named
+
+
+def _admits_none(field_type: Any) -> bool:
+    """Whether a payload field of `field_type` takes None (an Optional one, or `Any`)."""
+    members = typing.get_args(field_type) if _is_union(field_type) else (field_type,)
+    return any(m is Any or m is None or m is type(None) for m in members)
 
 
 def convert(field_type: Any, value: Any) -> Any:

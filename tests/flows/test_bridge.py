@@ -197,6 +197,9 @@ def test_arguments_fit_their_fields_bytes_as_base64_objects_by_name() -> None:
         [],
         {"is_usable": True},
     )
+    # A None where the field takes none is its default: no strategy decided the turn
+    message = {"content": "bye"}
+    assert convert_args(CATALOG["on_user_turn_stopped"], (None, message), {}) == (["", message], {})
 
 
 # Real: a Pipecat pipeline run offline against the test server and a worker process.
@@ -348,6 +351,43 @@ async def test_the_context_aggregators_turn_events_reach_the_service_with_their_
         {"role": "user", "content": said},
         {"role": "assistant", "content": "Sure, for how many?"},
     ]
+
+
+async def test_a_user_turn_the_call_ends_stops_with_no_strategy_and_its_transcript(
+    bus: Bus, settings: Settings, workers: WorkerProcesses
+) -> None:
+    start(workers, settings, "crm", "on_user_turn_started,on_user_turn_stopped")
+    await ready(bus, "crm")
+    strategies = UserTurnStrategies(
+        start=[VADUserTurnStartStrategy()], stop=[SpeechTimeoutUserTurnStopStrategy()]
+    )
+    user = LLMContextAggregatorPair(
+        LLMContext(), user_params=LLMUserAggregatorParams(user_turn_strategies=strategies)
+    ).user()
+    pipeline = worker(user)
+    said = "and one more thing"
+    async with BotSession.open(bus, "call-1") as bot:
+        forward_events(user, Events(bot), only=["on_user_turn_started", "on_user_turn_stopped"])
+
+        async def published() -> bool:
+            return len(await bus.history("call-1")) == 1
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(pipeline)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run)
+            await pipeline.queue_frame(VADUserStartedSpeakingFrame(start_secs=0.2))
+            await wait_for(published, what="the turn's start")
+            # The call ends while the user still speaks: no stop strategy decides the turn,
+            # Pipecat ends it at the EndFrame with its strategy None.
+            transcript = TranscriptionFrame(said, "caller-7", "2026-01-01T10:00:00Z")
+            await pipeline.queue_frames([transcript, EndFrame()])
+        await wait_for(lambda: _count(bus, "crm", 2), what="the turn's two events handled")
+    got = await records(bus, "crm")
+    assert [r["event"] for r in got] == ["on_user_turn_started", "on_user_turn_stopped"]
+    strategy, message = got[1]["args"]
+    assert strategy == ""  # the catalog's "empty when none decided"
+    assert (message["content"], message["user_id"]) == (said, None)
 
 
 async def test_an_event_that_cannot_be_emitted_is_logged_and_pipecat_goes_on(bus: Bus) -> None:
