@@ -187,9 +187,11 @@ def convert_args(
 
     def fit(name: str, value: Any) -> Any:
         field = fields[name]
-        has_default = field.default is not msgspec.NODEFAULT
-        if value is None and has_default and not _admits_none(field.type):
-            return field.default
+        if value is None and not _admits_none(field.type):
+            if field.default is not msgspec.NODEFAULT:
+                return field.default
+            if field.default_factory is not msgspec.NODEFAULT:  # an Info's empty dict
+                return field.default_factory()
         return convert(field.type, value)
 
     fitted = [fit(f, v) for f, v in zip(spec.args, args, strict=False)]

@@ -200,6 +200,8 @@ def test_arguments_fit_their_fields_bytes_as_base64_objects_by_name() -> None:
     # A None where the field takes none is its default: no strategy decided the turn
     message = {"content": "bye"}
     assert convert_args(CATALOG["on_user_turn_stopped"], (None, message), {}) == (["", message], {})
+    # ... or the empty dict of an Info's default: no message
+    assert convert_args(CATALOG["on_user_turn_stopped"], (None, None), {}) == (["", {}], {})
 
 
 # Real: a Pipecat pipeline run offline against the test server and a worker process.
