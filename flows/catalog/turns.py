@@ -37,7 +37,8 @@ class OnUserTurnStopped(Event, tag="on_user_turn_stopped"):
     strategy: str = ""  # e.g. "TurnAnalyzerUserTurnStopStrategy#0"; empty when none decided
     # Pipecat's UserTurnStoppedMessage: {"content": transcript, "timestamp": when the turn
     # started, "user_id": ...}. content is None in realtime mode, where the transcript is only
-    # final once the assistant answers.
+    # final once the assistant answers; user_id is None from 1.14's context aggregator, which
+    # keeps only the transcription frames' text.
     message: Info = msgspec.field(default_factory=dict)
 
 
@@ -53,7 +54,8 @@ class OnUserTurnMessageAdded(Event, tag="on_user_turn_message_added"):
     """The user's turn was written to the LLM context (in realtime mode, when the bot answers)."""
 
     # Pipecat's UserTurnMessageAddedMessage: {"content": transcript, "timestamp": when the turn
-    # started, "user_id": ...}; content is always set, unlike on_user_turn_stopped's.
+    # started, "user_id": None from 1.14's aggregator}; content is always set, unlike
+    # on_user_turn_stopped's.
     message: Info = msgspec.field(default_factory=dict)
 
 
