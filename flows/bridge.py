@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import types
 import typing
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
@@ -80,6 +81,9 @@ PER_FRAME_EVENTS = frozenset(
     }
 )
 
+#: The events forwarded from each object so far: forwarded again, each would be published twice.
+_FORWARDED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
 #: How deep `describe` follows nested objects: a frame's context holds messages holding parts.
 MAX_DEPTH = 6
 
@@ -106,7 +110,8 @@ def forward_events(
     that is no event is an `UnknownEventError`). A sync event's handler waits for the
     services' handlers, so Pipecat waits for it as for a sync handler of its own; a default
     event's handler publishes and returns. A handler that cannot emit logs why
-    (``event_not_forwarded``) and returns: Pipecat goes on.
+    (``event_not_forwarded``) and returns: Pipecat goes on. An event of `obj` forwarded already
+    is a `ValueError`: it would be published twice.
     """
     if only is not None and exclude is not None:
         raise ValueError("forward_events takes `only` or `exclude`, not both")
@@ -125,9 +130,20 @@ def forward_events(
     else:
         left_out = PER_FRAME_EVENTS if exclude is None else {find_spec(n, {}).name for n in exclude}
         wanted = available - left_out
+    try:
+        forwarded = _FORWARDED.setdefault(obj, set())
+    except TypeError:  # an object that takes no weak reference is not tracked
+        forwarded = set()
+    twice = sorted(wanted & forwarded)
+    if twice:
+        raise ValueError(
+            f"{type(obj).__name__}'s {', '.join(twice)} forwarded already: forwarded again, "
+            "each would be published twice"
+        )
     emitter = Emitter(kind, name or str(getattr(obj, "name", "")) or type(obj).__name__)
     for event in sorted(wanted):
         obj.add_event_handler(event, _forwarder(events, emitter, CATALOG[event]))
+    forwarded |= wanted
     return sorted(wanted)
 
 

@@ -128,6 +128,18 @@ def test_the_catalog_events_an_object_registers_are_forwarded_but_the_per_frame_
     assert handler.__qualname__ == "forward_on_pipeline_started"
 
 
+def test_an_event_forwarded_already_is_refused_not_published_twice() -> None:
+    relay = Relay()
+    assert forward_events(relay, NOT_EMITTING) == ["on_error", "on_usable_changed"]
+    with pytest.raises(ValueError, match="on_error, on_usable_changed forwarded already"):
+        forward_events(relay, NOT_EMITTING)
+    # ... but others of its events may be added later
+    assert forward_events(relay, NOT_EMITTING, only=["on_after_push_frame"]) == [
+        "on_after_push_frame"
+    ]
+    assert len(relay._event_handlers["on_error"].handlers) == 1
+
+
 class Color(enum.Enum):
     RED = "red"
 
