@@ -1,0 +1,198 @@
+"""PipelineSpeech: flowbus's TTS spoken through a real Pipecat 1.14 pipeline, run offline.
+
+The pipeline is a TTS service that "synthesizes" silence with word timestamps, an output
+transport that plays audio to no device (but at its pace, as a device would), then
+PipelineSpeech. The output transport emits BotStarted/StoppedSpeakingFrame and the words
+(TTSTextFrame) as they are played, as with any Pipecat TTS service and transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from pipecat.frames.frames import (
+    BotStoppedSpeakingFrame,
+    Frame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    TTSTextFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
+from pipecat.workers.runner import WorkerRunner
+from structlog.testing import capture_logs
+
+from bus import Bus
+from flows import FlowManager, LLMResponse, ScriptedLLM, Spoken
+from flows.pipecat_speech import PipelineSpeech
+from tests.flows.test_actions import actions as actions  # the fixture: an actions worker
+from tests.flows.test_actions import node, say
+from tests.support import ROOT, wait_for
+
+pytestmark = pytest.mark.anyio
+
+RATE = 16000
+
+
+class SilentTTS(TTSService):
+    """Speaks each word as `seconds_per_word` of silence, with its word timestamp."""
+
+    def __init__(self, seconds_per_word: float) -> None:
+        super().__init__(
+            push_text_frames=False,  # the words come with timestamps, as they are played
+            push_stop_frames=True,
+            stop_frame_timeout_s=0.5,
+            sample_rate=RATE,
+            settings=TTSSettings(model=None, voice=None, language=None),
+        )
+        self.seconds_per_word = seconds_per_word
+
+    def can_generate_metrics(self) -> bool:
+        return False
+
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        for i, word in enumerate(text.split()):
+            silence = b"\x00\x00" * int(RATE * self.seconds_per_word)
+            yield TTSAudioRawFrame(silence, RATE, 1, context_id=context_id)
+            await self.add_word_timestamps([(word, i * self.seconds_per_word)], context_id)
+
+
+class SilentOutput(BaseOutputTransport):
+    """Plays audio to no device, taking as long as the audio lasts."""
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        await asyncio.sleep(len(frame.audio) / (frame.sample_rate * 2 * frame.num_channels))
+        return True
+
+
+class Seen(FrameProcessor):
+    """Notes the words and the bot-stopped frames going downstream to PipelineSpeech."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words: list[str] = []
+        self.stopped = 0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM:
+            if isinstance(frame, TTSTextFrame):
+                self.words.append(frame.text)
+            elif isinstance(frame, BotStoppedSpeakingFrame):
+                self.stopped += 1
+        await self.push_frame(frame, direction)
+
+
+@asynccontextmanager
+async def playing(
+    seconds_per_word: float = 0.05,
+) -> AsyncIterator[tuple[PipelineSpeech, Seen, PipelineWorker]]:
+    """A running pipeline: SilentTTS, SilentOutput, Seen, PipelineSpeech (cancelled after)."""
+    seen, speech = Seen(), PipelineSpeech(timeout=20)
+    output = SilentOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
+    pipeline = Pipeline([SilentTTS(seconds_per_word), output, seen, speech])
+    worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
+    speech.worker = worker  # set after construction: the worker needs the pipeline first
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.run)
+        yield speech, seen, worker
+        await worker.cancel()
+
+
+async def test_speak_returns_the_words_played_once_the_bot_stopped_speaking() -> None:
+    async with playing() as (speech, seen, _):
+        spoken = await speech.speak("Hello there, welcome")
+        assert seen.stopped == 1  # it returned only after the bot stopped speaking
+        assert seen.words == ["Hello", "there,", "welcome"]
+        assert spoken == Spoken("Hello there, welcome", interrupted=False)
+        # and the next text is its own
+        assert await speech.speak("Goodbye now") == Spoken("Goodbye now")
+
+
+async def test_an_interruption_mid_phrase_returns_only_the_words_heard() -> None:
+    text = "one two three four five six seven eight nine ten"
+    async with playing(seconds_per_word=0.2) as (speech, seen, worker):
+        async with anyio.create_task_group() as tg:
+            result: list[Spoken] = []
+
+            async def speak() -> None:
+                result.append(await speech.speak(text))
+
+            tg.start_soon(speak)
+            await wait_for(lambda: bool(seen.words), what="the first word")
+            await worker.queue_frame(InterruptionFrame())
+        [spoken] = result
+    assert spoken.interrupted is True
+    assert spoken.text == " ".join(seen.words)
+    assert spoken.text and spoken.text != text and text.startswith(spoken.text)
+
+
+async def test_speak_gives_up_at_the_timeout_with_what_was_heard_and_says_why() -> None:
+    class Nowhere:  # a pipeline that never plays anything
+        async def queue_frame(self, frame: Frame) -> None:
+            pass
+
+    speech = PipelineSpeech(Nowhere(), timeout=0.05)
+    with capture_logs() as logs:
+        assert await speech.speak("Hello") == Spoken("", interrupted=True)
+    [entry] = [e for e in logs if e["event"] == "speech.timeout"]
+    assert entry["text"] == "Hello" and entry["started"] is False
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan")])
+def test_the_timeout_must_be_finite_and_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        PipelineSpeech(timeout=timeout)
+
+
+async def test_speaking_without_a_pipeline_to_queue_into_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="no worker"):
+        await PipelineSpeech().speak("Hello")
+
+
+def test_flows_imports_without_pipecat_and_does_not_import_pipeline_speech() -> None:
+    code = (
+        "import sys; sys.modules['pipecat'] = None; import flows; "
+        "assert 'flows.pipecat_speech' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+async def published(bus: Bus, session: str, type_: str) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(e.data) for e in await bus.history(session) if e.type == type_]
+
+
+async def test_a_flow_speaks_its_tts_say_and_reply_through_the_pipeline(actions: Bus) -> None:
+    welcome, reply = "Welcome to Pizza Palace.", "Your pizza ships on Monday."
+    llm = ScriptedLLM({"n": [LLMResponse(text=reply)]})
+    async with playing() as (speech, seen, _):
+        async with FlowManager.open(actions, "call-1", llm=llm, tts=speech) as fm:
+            await fm.initialize(node("n", pre=[say(welcome)]))
+        assert seen.stopped == 2
+    [spoken] = await published(actions, "call-1", "tts.spoken")
+    [finished] = await published(actions, "call-1", "tts.finished")
+    assert spoken["interrupted"] is finished["interrupted"] is False
+    assert spoken["heard"] == welcome
+    assert finished["heard"] == reply
+    assert [m["content"] for m in fm.messages if m["role"] == "assistant"][-1] == reply
