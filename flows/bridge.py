@@ -218,8 +218,7 @@ def convert_args(
 
 def _admits_none(field_type: Any) -> bool:
     """Whether a payload field of `field_type` takes None (an Optional one, or `Any`)."""
-    members = typing.get_args(field_type) if _is_union(field_type) else (field_type,)
-    return any(m is Any or m is None or m is type(None) for m in members)
+    return any(m is Any or m is None or m is type(None) for m in _members(field_type))
 
 
 def convert(field_type: Any, value: Any) -> Any:
@@ -228,7 +227,7 @@ def convert(field_type: Any, value: Any) -> Any:
     statuses); in a `str` field base64 for bytes (the catalog's audio and data) and the str of
     another object (a Pipecat object's is its name); anything else as it is, for the
     payload's validation to judge."""
-    members = typing.get_args(field_type) if _is_union(field_type) else (field_type,)
+    members = _members(field_type)
     if any(m is Any or _is_info(m) for m in members):
         return describe(value)
     if isinstance(value, enum.Enum):
@@ -240,8 +239,11 @@ def convert(field_type: Any, value: Any) -> Any:
     return value
 
 
-def _is_union(field_type: Any) -> bool:
-    return typing.get_origin(field_type) in (typing.Union, types.UnionType)
+def _members(field_type: Any) -> tuple[Any, ...]:
+    """The types a field of `field_type` takes: a union's members, else the type itself."""
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        return typing.get_args(field_type)
+    return (field_type,)
 
 
 def _is_info(field_type: Any) -> bool:
