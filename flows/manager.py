@@ -160,6 +160,7 @@ class FlowManager:
         self._bot_actions: dict[str, tuple[int, Handler]] = {}
         self._registered: dict[str, Handler] = {}
         self._pre_wait: anyio.CancelScope | None = None
+        self._generating: set[anyio.CancelScope] = set()  # LLM replies `interrupt` drops
 
     @classmethod
     @asynccontextmanager
@@ -317,7 +318,8 @@ class FlowManager:
         """One LLM turn in the current node: the reply is published, spoken, and its function
         calls run. As in Pipecat, a transition happens after all of them, to the last node
         requested; a call that stays in the node gives the LLM its result and another turn
-        (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row."""
+        (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row.
+        `interrupt` ends it while the LLM generates."""
         node = self._require_node()
         gen = self._entered_gen  # (a newer node may be being entered: this is still the node)
         if user_text is not None:
@@ -338,14 +340,32 @@ class FlowManager:
                 return
         log.warning("llm_turns_limited", session=self.session_id, node=node.name, turns=MAX_TURNS)
 
+    def interrupt(self) -> None:
+        """The caller spoke up: a reply the LLM is still generating is dropped, and the
+        `respond` waiting for it returns with nothing published or spoken, as Pipecat cancels
+        the LLM's response on an interruption. The user's words stay in the context. A reply
+        being spoken is the TTS's to cut (`PipelineSpeech` is, by the pipeline's
+        interruption): it reports what was heard."""
+        for generating in self._generating:
+            generating.cancel()
+
     async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
         """Ask the LLM, publish and speak its reply, run its function calls; the node they
         ask for (the last one), and whether the LLM is to see their results."""
         asked = CURRENT_NODE.set(node.name)
+        reply = None
         try:
-            reply = await self.llm.generate(self._context(), [f.schema() for f in node.functions])
+            with anyio.CancelScope() as generating:
+                self._generating.add(generating)
+                reply = await self.llm.generate(
+                    self._context(), [f.schema() for f in node.functions]
+                )
         finally:
+            self._generating.discard(generating)
             CURRENT_NODE.reset(asked)
+        if reply is None:
+            log.info("llm_reply_dropped", session=self.session_id, node=node.name, why="interrupt")
+            return None, False
         calls = [c.name for c in reply.function_calls]
         completed = LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
         if not await self._publish(completed):

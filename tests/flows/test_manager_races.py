@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import anyio
+import msgspec
 import pytest
 
 from bus import Bus
@@ -275,3 +276,35 @@ async def test_a_key_set_and_flushed_while_the_state_is_read_stays() -> None:
 
 async def _copy(stored: dict[str, bytes]) -> dict[str, bytes]:
     return dict(stored)
+
+
+async def test_an_interrupt_drops_the_reply_being_generated_and_keeps_the_users_words(
+    bus: Bus,
+) -> None:
+    asked = anyio.Event()
+
+    class Gated(ScriptedLLM):
+        async def generate(self, messages: Any, tools: Any) -> LLMResponse:
+            if not asked.is_set():  # the first reply never comes: the caller speaks up
+                asked.set()
+                await anyio.sleep_forever()
+            return await super().generate(messages, tools)
+
+    llm = Gated({"a": [LLMResponse(text="Friday it is.")]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        fm.interrupt()  # nothing being generated: nothing to drop, nothing left to drop later
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.respond, "Book a table")
+                await asked.wait()
+                fm.interrupt()  # the respond returns: the task group exits
+        assert "llm.completed" not in [e.type for e in await bus.history("call-1")]
+        await fm.respond("for Friday")
+    completed = [e for e in await bus.history("call-1") if e.type == "llm.completed"]
+    assert [msgspec.json.decode(e.data)["text"] for e in completed] == ["Friday it is."]
+    assert [(m["role"], m["content"]) for m in fm.messages if m["role"] != "system"] == [
+        ("user", "Book a table"),
+        ("user", "for Friday"),
+        ("assistant", "Friday it is."),
+    ]
