@@ -15,6 +15,8 @@ waits — always for a bounded time — for the pre-actions to finish before the
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -138,7 +140,9 @@ class FlowManager:
         self.session_id = bot.session
         self.state = SharedState()
         self.current_node: str | None = None
-        #: The LLM context, and the role message given before it (`role_message` of the last
+        #: The LLM context, in OpenAI's chat form as Pipecat's context holds it (a function
+        #: call is the assistant's ``tool_calls`` message, then the ``tool`` message with its
+        #: result as JSON), and the role message given before it (`role_message` of the last
         #: node that set one).
         self.messages: list[dict[str, Any]] = []
         self.role_message: str | None = None
@@ -609,7 +613,7 @@ class FlowManager:
             result = {"status": "error", "error": str(exc)}  # as Pipecat gives it; it stays
             next_node = None
             log.error("function_call_failed", function=call.name, error=str(exc))
-        self.messages.append({"role": "tool", "name": call.name, "content": result})
+        self.messages.extend(_function_call_messages(call, result))
         if next_node is NO_RESPONSE:
             return None, False
         return (next_node or None), not next_node
@@ -686,3 +690,17 @@ class FlowManager:
                 "action_failed", session=self.session_id, action=action.get("type"), error=error
             )
         await self._publish(ActionDone(corr=corr, error=error))
+
+
+def _function_call_messages(call: FunctionCall, result: Any) -> list[dict[str, Any]]:
+    """A function call and its result as Pipecat's context holds them, in OpenAI's form: the
+    assistant's call, then the tool's message with the result as JSON ("COMPLETED" for a falsy
+    one; an object JSON has no form for, as its `str`)."""
+    call_id = call.id or f"call_{secrets.token_hex(12)}"  # (an LLM that gave the call none)
+    arguments = json.dumps(call.arguments, ensure_ascii=False, default=str)
+    asked = {"id": call_id, "function": {"name": call.name, "arguments": arguments}}
+    content = json.dumps(result, ensure_ascii=False, default=str) if result else "COMPLETED"
+    return [
+        {"role": "assistant", "tool_calls": [asked | {"type": "function"}]},
+        {"role": "tool", "content": content, "tool_call_id": call_id},
+    ]

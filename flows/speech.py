@@ -19,10 +19,12 @@ Observer = Callable[[str, str], Awaitable[None]]
 
 
 class FunctionCall(msgspec.Struct, frozen=True):
-    """A function the LLM asked to call, with its arguments."""
+    """A function the LLM asked to call, with its arguments, and the id the LLM gave the call
+    (its result in the context names it; `FlowManager` makes one if it is empty)."""
 
     name: str
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    id: str = ""
 
 
 class LLMResponse(msgspec.Struct, frozen=True):

@@ -4,6 +4,7 @@ bot's LLM and TTS and by the worker's actions, so "before" means causally before
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -827,7 +828,7 @@ async def test_function_results_are_given_and_answered_as_pipecat_does(bus: Bus)
         assert llm.calls == ["a", "a"]  # stay, then a turn that called quiet: no third
         await fm.respond("and?")
         assert llm.calls == ["a", "a", "a", "a"] and fm.current_node == "b"
-    results = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    results = [json.loads(m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert results == [
         {"eta": "5 min"},
         {"noted": True},

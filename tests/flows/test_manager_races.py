@@ -4,6 +4,7 @@ written while it is read; and Pipecat 1.14's function forms in detail."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -102,7 +103,7 @@ async def test_a_plain_function_past_its_timeout_gives_the_llm_an_error(bus: Bus
         bus, "call-1", llm=ScriptedLLM(script), tts=SimulatedTTS(0), function_timeout=0.2
     ) as fm:
         await fm.initialize(node("a", functions=[{"name": "slow", "handler": slow}]))
-    results = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    results = [json.loads(m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert results == [{"status": "error", "error": "timed out after 0.2s"}]
 
 
@@ -228,7 +229,9 @@ async def test_a_functions_own_timeout_is_its_handlers_limit(bus: Bus) -> None:
         bus, "call-1", llm=ScriptedLLM(script), tts=SimulatedTTS(0), function_timeout=0.2
     ) as fm:
         await fm.initialize(node("a", functions=[schema]))
-    assert [m["content"] for m in fm.messages if m["role"] == "tool"] == [{"found": True}]
+    assert [json.loads(m["content"]) for m in fm.messages if m["role"] == "tool"] == [
+        {"found": True}
+    ]
 
 
 async def test_a_failed_node_entry_does_not_stop_later_transitions(bus: Bus) -> None:

@@ -3,8 +3,10 @@ handlers, ``transition_only``, branches, global functions), deprecated role mess
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from flows import (
     load_flow,
     parse_node,
 )
+from tests.flows.test_actions import node
 from tests.support import running
 
 pytestmark = pytest.mark.anyio
@@ -227,7 +230,7 @@ async def test_a_branch_chooses_the_node_by_the_result(
     async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
         await fm.initialize()
         assert fm.current_node == goes_to
-        said = [m["content"] for m in fm.messages if m["role"] == "tool"]
+        said = [json.loads(m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert said[0] == {"status": "acknowledged"}  # choose_pizza: no code, a transition
     if size == "huge":
         assert "branches on its result's 'status'" in said[1]["error"]
@@ -563,7 +566,7 @@ async def test_a_handlers_next_node_that_is_no_node_is_an_error_the_llm_gets(
         with capture_logs() as logs:
             await fm.initialize(entered)
         assert fm.current_node == "order"
-    [said] = [m["content"] for m in fm.messages if m["role"] == "tool"]
+    [said] = [json.loads(m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert said["status"] == "error"
     assert "function 'confirm'" in said["error"] and says in said["error"]
     assert fm.messages[-1] == {"role": "assistant", "content": "Sorry."}
@@ -591,5 +594,54 @@ async def test_a_flow_files_function_without_transition_to_stays_on_transition_i
     async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0), flow=flow) as fm:
         await fm.initialize()
         assert fm.current_node == "greet"
-    assert [m["content"] for m in fm.messages if m["role"] == "tool"] == [{"minutes": 30}]
+    assert [json.loads(m["content"]) for m in fm.messages if m["role"] == "tool"] == [
+        {"minutes": 30}
+    ]
     assert fm.messages[-1] == {"role": "assistant", "content": "Thirty minutes."}
+
+
+async def test_a_function_call_and_its_result_are_in_the_context_as_pipecat_keeps_them(
+    bus: Bus,
+) -> None:
+    """As Pipecat 1.14's assistant aggregator writes them, in OpenAI's form, so that a real
+    LLM takes the context: the assistant's call (the id the LLM gave it, else one made), then
+    the tool's message naming it, the result as JSON ("COMPLETED" for a falsy one)."""
+
+    async def lookup(args: dict[str, Any]) -> Any:
+        return {"eta": "5 min", "at": datetime(2026, 1, 1, 10)}  # no JSON form: its str
+
+    async def note(args: dict[str, Any]) -> Any:
+        return {}
+
+    functions = [{"name": f.__name__, "handler": f} for f in (lookup, note)]
+    calls = [FunctionCall("lookup", {"order": "A1"}, id="call_7"), FunctionCall("note")]
+    llm = ScriptedLLM({"a": [LLMResponse(function_calls=calls), LLMResponse(text="Soon.")]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", functions=functions))
+    made = fm.messages[-2]["tool_call_id"]
+    assert re.fullmatch(r"call_[0-9a-f]{24}", made)
+    assert [m for m in fm.messages if m["role"] != "system"] == [
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": "call_7",
+                    "function": {"name": "lookup", "arguments": '{"order": "A1"}'},
+                    "type": "function",
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "content": '{"eta": "5 min", "at": "2026-01-01 10:00:00"}',
+            "tool_call_id": "call_7",
+        },
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": made, "function": {"name": "note", "arguments": "{}"}, "type": "function"}
+            ],
+        },
+        {"role": "tool", "content": "COMPLETED", "tool_call_id": made},
+        {"role": "assistant", "content": "Soon."},
+    ]
