@@ -1,0 +1,82 @@
+"""`OpenAILLM`: a `flows.LLM` on OpenAI's Chat Completions API, or any server that speaks it
+(``base_url`` of the client: vLLM, Ollama, a gateway).
+
+The `openai` package is optional (``pip install 'flowbus[openai]'``; Pipecat brings it too):
+this module imports it, so `flows` does not import this module; use
+``from flows.openai_llm import OpenAILLM``.
+
+``FlowManager.messages`` is in the API's form already (a function call is the assistant's
+``tool_calls`` message, then the ``tool`` message naming its id), and the node's functions are
+its tools, so they are sent as they are. The reply comes whole, not streamed: `FlowManager`
+speaks a complete reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+from openai import AsyncOpenAI
+
+from .speech import FunctionCall, LLMResponse
+
+
+class OpenAILLM:
+    """Asks `model` through `client` (an ``openai.AsyncOpenAI``; one made from the
+    environment's ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` if none). `params` go into every
+    request as they are (``temperature=0.2``, ``max_completion_tokens=200``...). `timeout`
+    bounds each reply, the client's retries included, in seconds: a caller waits for it, so
+    it is short by default (the client's own is ten minutes a try)."""
+
+    def __init__(
+        self,
+        model: str,
+        client: AsyncOpenAI | None = None,
+        *,
+        timeout: float = 30.0,
+        **params: Any,
+    ) -> None:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+        self.model, self.timeout, self.params = model, timeout, params
+        self.client = client if client is not None else AsyncOpenAI()
+
+    async def generate(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> LLMResponse:
+        """The complete reply to `messages`, with `tools` offered (none sent if there are
+        none: the API refuses an empty list). A function call whose arguments are not a JSON
+        object is a `ValueError` that names the function; no reply within `timeout`, a
+        `TimeoutError`; the API's errors are the client's (``openai.APIError``)."""
+        request = {**self.params, "model": self.model, "messages": list(messages)}
+        if tools:
+            request["tools"] = list(tools)
+        chat: Any = self.client.chat  # (its `create` overloads do not type a built request)
+        try:
+            with anyio.fail_after(self.timeout):
+                completion = await chat.completions.create(**request)
+        except TimeoutError:
+            raise TimeoutError(f"{self.model} gave no reply in {self.timeout} s") from None
+        message = completion.choices[0].message
+        calls = [
+            FunctionCall(call.function.name, _arguments(call.function), id=call.id)
+            for call in message.tool_calls or ()
+            if call.type == "function"
+        ]
+        return LLMResponse(text=message.content or "", function_calls=calls)
+
+
+def _arguments(function: Any) -> dict[str, Any]:
+    try:
+        arguments = json.loads(function.arguments or "{}")
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(
+            f"the LLM called {function.name!r} with arguments that are not a JSON object: "
+            f"{function.arguments!r}"
+        )
+    return arguments

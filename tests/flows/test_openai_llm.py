@@ -1,0 +1,155 @@
+"""OpenAILLM: the real `openai` client, its HTTP answered here as OpenAI's Chat Completions
+API answers (no account and no network in the tests), checked as that API checks a request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from openai import AsyncOpenAI
+
+from bus import Bus
+from flows import FlowManager, FunctionCall, LLMResponse, SimulatedTTS
+from flows.openai_llm import OpenAILLM
+from tests.flows.test_actions import node
+from tests.support import ROOT
+
+pytestmark = pytest.mark.anyio
+
+Model = Callable[[dict[str, Any]], dict[str, Any]]  # a request's body -> the reply's message
+
+
+def served_by(model: Model, asked: list[dict[str, Any]] | None = None) -> AsyncOpenAI:
+    """A client whose requests `model` answers; each request's body goes into `asked`."""
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        assert request.url.path == "/v1/chat/completions"
+        body = json.loads(request.content)
+        check_context(body["messages"])
+        (asked if asked is not None else []).append(body)
+        reply = {"role": "assistant", "content": None} | model(body)
+        choice = {"index": 0, "finish_reason": "stop", "message": reply}
+        completion = {"id": "c-1", "object": "chat.completion", "created": 0, "model": "m"}
+        return httpx2.Response(200, json=completion | {"choices": [choice]})
+
+    transport = httpx2.MockTransport(answer)
+    http = httpx2.AsyncClient(transport=transport)
+    return AsyncOpenAI(api_key="sk-test", base_url="http://llm.test/v1", http_client=http)
+
+
+def check_context(messages: Sequence[Mapping[str, Any]]) -> None:
+    """What the API refuses: a tool message that answers no call of the assistant message
+    before it, a call left unanswered, a tool result that is not a string."""
+    unanswered: set[str] = set()
+    for message in messages:
+        if message["role"] == "tool":
+            assert message["tool_call_id"] in unanswered, f"answers no call: {message}"
+            assert isinstance(message["content"], str)
+            unanswered.remove(message["tool_call_id"])
+            continue
+        assert not unanswered, f"calls {unanswered} unanswered before {message}"
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            unanswered = {call["id"] for call in message["tool_calls"]}
+    assert not unanswered, f"calls {unanswered} unanswered"
+
+
+def says(text: str) -> Model:
+    return lambda body: {"content": text}
+
+
+def calls(*calls: tuple[str, str, str]) -> Model:
+    """A reply that calls functions: (id, name, arguments as sent)."""
+    made = [
+        {"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in calls
+    ]
+    return lambda body: {"tool_calls": made}
+
+
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+async def test_a_text_reply_with_no_tools_offered_sends_none_and_the_params() -> None:
+    asked: list[dict[str, Any]] = []
+    llm = OpenAILLM("gpt-test", served_by(says("Hello!"), asked), temperature=0.2)
+    messages = [{"role": "system", "content": "Greet."}, {"role": "user", "content": "Hi"}]
+    assert await llm.generate(messages, []) == LLMResponse(text="Hello!")
+    assert asked == [{"model": "gpt-test", "messages": messages, "temperature": 0.2}]
+
+
+async def test_function_calls_come_with_their_ids_and_arguments() -> None:
+    asked: list[dict[str, Any]] = []
+    model = calls(("call_1", "lookup", '{"order": "A1"}'), ("call_2", "lookup", ""))
+    reply = await OpenAILLM("gpt-test", served_by(model, asked)).generate([], [TOOL])
+    assert asked[0]["tools"] == [TOOL]
+    assert reply == LLMResponse(
+        function_calls=[
+            FunctionCall("lookup", {"order": "A1"}, id="call_1"),
+            FunctionCall("lookup", {}, id="call_2"),
+        ]
+    )
+
+
+@pytest.mark.parametrize("arguments", ['{"order": ', '["A1"]'])
+async def test_arguments_that_are_no_json_object_are_an_error_naming_the_function(
+    arguments: str,
+) -> None:
+    llm = OpenAILLM("gpt-test", served_by(calls(("call_1", "lookup", arguments))))
+    with pytest.raises(ValueError, match="'lookup' with arguments that are not a JSON object"):
+        await llm.generate([], [TOOL])
+
+
+async def test_no_reply_within_the_timeout_is_an_error_naming_the_model() -> None:
+    async def never(request: httpx2.Request) -> httpx2.Response:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(never))
+    client = AsyncOpenAI(api_key="sk-test", base_url="http://llm.test/v1", http_client=http)
+    with pytest.raises(TimeoutError, match=r"gpt-test gave no reply in 0\.05 s"):
+        await OpenAILLM("gpt-test", client, timeout=0.05).generate([], [])
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan")])
+def test_the_timeout_must_be_finite_and_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        OpenAILLM("gpt-test", served_by(says("")), timeout=timeout)
+
+
+def test_flows_imports_without_openai_and_does_not_import_openai_llm() -> None:
+    code = (
+        "import sys; sys.modules['openai'] = None; import flows; "
+        "assert 'flows.openai_llm' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+async def test_a_flow_calls_a_function_and_answers_with_its_result_through_the_api(
+    bus: Bus,
+) -> None:
+    """The context FlowManager sends after a function call is one the API takes (checked as
+    it checks it), and the LLM is given the result under the call's id."""
+
+    def model(body: dict[str, Any]) -> dict[str, Any]:
+        last = body["messages"][-1]
+        if last["role"] != "tool":
+            return calls(("call_9", "lookup", '{"order": "A1"}'))(body)
+        assert last["tool_call_id"] == "call_9"
+        return {"content": f"It arrives in {json.loads(last['content'])['eta']}."}
+
+    async def lookup(args: dict[str, Any]) -> dict[str, Any]:
+        return {"eta": "5 min", "order": args["order"]}
+
+    asked: list[dict[str, Any]] = []
+    llm = OpenAILLM("gpt-test", served_by(model, asked))
+    functions = [{"name": "lookup", "handler": lookup, "description": "An order's arrival"}]
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("track", functions=functions))
+    assert [m.get("content") for m in fm.messages][-1] == "It arrives in 5 min."
+    assert [t["function"]["name"] for t in asked[0]["tools"]] == ["lookup"]
+    assert len(asked) == 2
