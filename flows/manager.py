@@ -158,6 +158,7 @@ class FlowManager:
         self._entered_gen = 0  # the gen of the node entered last (`current_node`)
         self._entering = 0  # the gen of a node entry under way (0: none)
         self._initialized = False
+        self._initialize_returned = anyio.Event()  # (a `respond` meanwhile waits for it)
         self._started = False  # session.started published
         #: The bot's own actions of node entries, by the key their actions name: (gen,
         #: handler). Dropped once run, or once the actions service will not run them.
@@ -223,6 +224,8 @@ class FlowManager:
         except BaseException:
             self._initialized = False
             raise
+        finally:
+            self._initialize_returned.set()
 
     async def set_node_from_config(self, node: NodeLike) -> None:
         """Enter `node`: publish it, wait for its pre-actions, then (by default) respond.
@@ -323,7 +326,11 @@ class FlowManager:
         calls run. As in Pipecat, a transition happens after all of them, to the last node
         requested; a call that stays in the node gives the LLM its result and another turn
         (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row.
-        `interrupt` ends it while the LLM generates."""
+        `interrupt` ends it while the LLM generates. Called while `initialize` enters the first
+        node (the caller spoke during its welcome), it waits for `initialize` to return, and
+        the words are answered in that node."""
+        if self._initialized and self._node is None:
+            await self._initialize_returned.wait()
         node = self._require_node()
         gen = self._entered_gen  # (a newer node may be being entered: this is still the node)
         if user_text is not None:

@@ -311,3 +311,31 @@ async def test_an_interrupt_drops_the_reply_being_generated_and_keeps_the_users_
         ("user", "for Friday"),
         ("assistant", "Friday it is."),
     ]
+
+
+async def test_words_said_while_the_first_node_is_entered_are_answered_in_it(
+    actions: Bus,  # noqa: F811
+) -> None:
+    """The caller speaks during the first node's pre-actions (its welcome): no node is
+    entered yet, so the respond waits for the entry, then answers in that node."""
+    holding, release = anyio.Event(), anyio.Event()
+
+    async def hold(action: dict[str, Any]) -> None:
+        holding.set()
+        await release.wait()
+
+    llm = ScriptedLLM({"a": [LLMResponse(text="Sure, which size?")]})
+    async with FlowManager.open(actions, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        fm.register_action("hold", hold)
+        first = node("a", pre=[{"type": "hold"}], respond_immediately=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fm.initialize, first)
+            await holding.wait()
+            tg.start_soon(fm.respond, "A pizza, please")
+            await anyio.wait_all_tasks_blocked()  # the respond is waiting, not failed
+            release.set()
+    assert llm.calls == ["a"]
+    assert [(m["role"], m["content"]) for m in fm.messages if m["role"] != "system"] == [
+        ("user", "A pizza, please"),
+        ("assistant", "Sure, which size?"),
+    ]
