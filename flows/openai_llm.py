@@ -29,7 +29,9 @@ class OpenAILLM:
     environment's ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` if none). `params` go into every
     request as they are (``temperature=0.2``, ``max_completion_tokens=200``...). `timeout`
     bounds each reply, the client's retries included, in seconds: a caller waits for it, so
-    it is short by default (the client's own is ten minutes a try)."""
+    it is short by default (the client's own is ten minutes a try). Without
+    `developer_role` (a server that has none, as Ollama, Mistral, Together), a ``developer``
+    message is sent as the user's, as Pipecat sends it to such servers."""
 
     def __init__(
         self,
@@ -37,11 +39,13 @@ class OpenAILLM:
         client: AsyncOpenAI | None = None,
         *,
         timeout: float = 30.0,
+        developer_role: bool = True,
         **params: Any,
     ) -> None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
         self.model, self.timeout, self.params = model, timeout, params
+        self.developer_role = developer_role
         self.client = client if client is not None else AsyncOpenAI()
 
     async def generate(
@@ -51,6 +55,10 @@ class OpenAILLM:
         none: the API refuses an empty list). A function call whose arguments are not a JSON
         object is a `ValueError` that names the function; no reply within `timeout`, a
         `TimeoutError`; the API's errors are the client's (``openai.APIError``)."""
+        if not self.developer_role:
+            messages = [
+                {**m, "role": "user"} if m.get("role") == "developer" else m for m in messages
+            ]
         request = {**self.params, "model": self.model, "messages": list(messages)}
         if tools:
             request["tools"] = list(tools)

@@ -95,6 +95,20 @@ async def test_function_calls_come_with_their_ids_and_arguments() -> None:
     )
 
 
+@pytest.mark.parametrize("developer_role", [True, False])
+async def test_a_developer_message_goes_as_the_users_to_a_server_without_the_role(
+    developer_role: bool,
+) -> None:
+    asked: list[dict[str, Any]] = []
+    client = served_by(says("Noted."), asked)
+    summary = {"role": "developer", "content": "Here's a summary of the conversation: ..."}
+    messages = [{"role": "system", "content": "Help."}, summary]
+    await OpenAILLM("m", client, developer_role=developer_role).generate(messages, [])
+    sent = [m["role"] for m in asked[0]["messages"]]
+    assert sent == ["system", "developer" if developer_role else "user"]
+    assert messages[1] is summary and summary["role"] == "developer"  # not changed
+
+
 @pytest.mark.parametrize("arguments", ['{"order": ', '["A1"]'])
 async def test_arguments_that_are_no_json_object_are_an_error_naming_the_function(
     arguments: str,
