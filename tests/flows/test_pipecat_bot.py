@@ -7,6 +7,7 @@ flow's end ends the pipeline."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -27,8 +28,9 @@ from flows.pipecat_speech import PipelineSpeech
 from flows.pipecat_turns import answer_user_turns
 from tests.flows.test_actions import actions as actions  # the fixture: an actions worker
 from tests.flows.test_openai_llm import calls, served_by
-from tests.flows.test_pipecat_speech import RATE, SilentOutput, SilentTTS
+from tests.flows.test_pipecat_speech import RATE, Seen, SilentOutput, SilentTTS
 from tests.flows.test_pipecat_turns import params, say
+from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -37,10 +39,11 @@ async def order_pizza(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return {"ordered": args["size"]}, GOODBYE
 
 
+WELCOME = "Welcome to Pizza Palace, home of the finest pizza in town."
 GREET = {
     "name": "greet",
     "task_messages": [{"role": "system", "content": "Take the caller's pizza order."}],
-    "pre_actions": [{"type": "tts_say", "text": "Welcome to Pizza Palace."}],
+    "pre_actions": [{"type": "tts_say", "text": WELCOME}],
     "respond_immediately": False,  # the caller speaks first, after the welcome
     "functions": [{"name": "order_pizza", "handler": order_pizza, "description": "Order it"}],
 }
@@ -60,11 +63,18 @@ def model(body: dict[str, Any]) -> dict[str, Any]:
     return {"content": f"Your {json.loads(result['content'])['ordered']} pizza is on its way."}
 
 
-async def test_a_call_through_a_pipecat_pipeline_from_welcome_to_goodbye(actions: Bus) -> None:
+Caller = Callable[[FlowManager, PipelineWorker, Seen], Awaitable[None]]
+
+
+async def call(
+    bus: Bus, caller: Caller, seconds_per_word: float = 0.02
+) -> tuple[FlowManager, list[tuple[str, Any]]]:
+    """Run a call until the flow ended it; `caller` initializes the flow and speaks. The flow,
+    and the call's events (type, data)."""
     user = LLMContextAggregatorPair(LLMContext(), user_params=params()).user()
-    speech = PipelineSpeech(timeout=20)
+    speech, seen = PipelineSpeech(timeout=20), Seen()
     output = SilentOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
-    pipeline = Pipeline([user, SilentTTS(seconds_per_word=0.02), output, speech])
+    pipeline = Pipeline([user, SilentTTS(seconds_per_word), output, seen, speech])
     worker = speech.worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
     asked: list[dict[str, Any]] = []
     llm = OpenAILLM("gpt-test", served_by(model, asked))
@@ -73,20 +83,55 @@ async def test_a_call_through_a_pipecat_pipeline_from_welcome_to_goodbye(actions
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             tg.start_soon(runner.run)  # returns once the pipeline ended
-            async with FlowManager.open(actions, "call-1", llm=llm, tts=speech) as flow:
+            async with FlowManager.open(bus, "call-1", llm=llm, tts=speech) as flow:
                 answer_user_turns(user, flow)
-                await flow.initialize(GREET)  # returns once the welcome was spoken
-                await say(worker, "A large pizza, please")
+                await caller(flow, worker, seen)
                 await flow.ended.wait()
             await worker.queue_frame(EndFrame())
-    history = [(e.type, msgspec.json.decode(e.data)) for e in await actions.history("call-1")]
-    heard = [(t, d["heard"]) for t, d in history if t in ("tts.spoken", "tts.finished")]
-    assert heard == [
-        ("tts.spoken", "Welcome to Pizza Palace."),
-        ("tts.finished", ""),  # the turn that called order_pizza said nothing
-        ("tts.finished", "Your large pizza is on its way."),
-    ]
+    assert len(asked) == 2  # each request's context checked as the API checks it
     assert flow.messages[-1] == {"role": "assistant", "content": "Goodbye!"}  # spoken, then ended
+    history = [(e.type, msgspec.json.decode(e.data)) for e in await bus.history("call-1")]
     entered = [d["node"] for t, d in history if t == "node.entered"]
     assert entered == ["greet", "goodbye"] and history[-1][0] == "session.ended"
-    assert len(asked) == 2  # each request's context checked as the API checks it
+    return flow, history
+
+
+def heard(history: list[tuple[str, Any]]) -> list[tuple[str, str, bool]]:
+    spoken = ("tts.spoken", "tts.finished")
+    return [(t, d["heard"], d["interrupted"]) for t, d in history if t in spoken]
+
+
+async def test_a_call_through_a_pipecat_pipeline_from_welcome_to_goodbye(actions: Bus) -> None:
+    async def caller(flow: FlowManager, worker: PipelineWorker, seen: Seen) -> None:
+        await flow.initialize(GREET)  # returns once the welcome was spoken
+        await say(worker, "A large pizza, please")
+
+    _, history = await call(actions, caller)
+    assert heard(history) == [
+        ("tts.spoken", WELCOME, False),
+        ("tts.finished", "", False),  # the turn that called order_pizza said nothing
+        ("tts.finished", "Your large pizza is on its way.", False),
+    ]
+
+
+async def test_a_caller_who_talks_over_the_welcome_cuts_it_and_is_answered(
+    actions: Bus,
+) -> None:
+    """The interruption of a pre-action's tts_say: the flow goes on (Pipecat's own flows hang
+    there, pipecat-flows#231), the context keeps what was heard of the welcome."""
+
+    async def caller(flow: FlowManager, worker: PipelineWorker, seen: Seen) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flow.initialize, GREET)
+            await wait_for(lambda: bool(seen.words), what="the welcome's first word played")
+            await say(worker, "A large pizza, please")
+
+    flow, history = await call(actions, caller, seconds_per_word=0.2)
+    [(_, cut, interrupted), *rest] = heard(history)
+    assert interrupted and cut and WELCOME.startswith(cut) and cut != WELCOME
+    assert rest == [
+        ("tts.finished", "", False),
+        ("tts.finished", "Your large pizza is on its way.", False),
+    ]
+    said = [(m["role"], m.get("content")) for m in flow.messages if m["role"] != "system"]
+    assert said[:2] == [("assistant", cut), ("user", "A large pizza, please")]
