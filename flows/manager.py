@@ -209,6 +209,7 @@ class FlowManager:
             log.warning("flow_already_initialized", session=self.session_id)
             return
         self._initialized = True
+        self._initialize_returned = anyio.Event()  # (set already if an earlier call failed)
         try:
             if not self._started:
                 flow = self.flow.initial_node if self.flow else ""
