@@ -28,10 +28,12 @@ if letter then
   redis.call('XDEL', KEYS[4], letter)  -- after: a failure keeps it
 else
   -- A pause noted nowhere (made before the step noted its letter, or of a session without a
-  -- meta): its letter is among those written since its entry, the first 100 of them at most
-  -- looked at (step.lua writes session, group, entry, deliveries, error, policy first). Every
-  -- pause letter of this entry is settled now, an earlier pause's too.
-  for _, dead in ipairs(redis.call('XRANGE', KEYS[4], entry, '+', 'COUNT', 100)) do
+  -- meta): its letter is among those written since its entry's millisecond (ids are per
+  -- stream: a letter of that ms may have a lower sequence number), the first 100 of them at
+  -- most looked at (step.lua writes session, group, entry, deliveries, error, policy first).
+  -- Every pause letter of this entry is settled now, an earlier pause's too.
+  local since = string.match(entry, '^(%d+)') .. '-0'
+  for _, dead in ipairs(redis.call('XRANGE', KEYS[4], since, '+', 'COUNT', 100)) do
     local f = dead[2]
     if f[2] == ARGV[1] and f[4] == ARGV[2] and f[6] == entry and f[12] == 'pause' then
       redis.call('XDEL', KEYS[4], dead[1])

@@ -333,6 +333,21 @@ async def test_a_resume_removes_a_pause_letter_that_no_meta_notes(bus: Bus) -> N
     assert left == kept and earlier not in left and paused_on not in left
 
 
+async def test_a_resume_finds_a_letter_of_its_entrys_millisecond_with_a_lower_sequence(
+    bus: Bus,
+) -> None:
+    """Ids are per stream: the letter of entry T-5 may be T-3 of the dead stream."""
+    first = await paused_by_hand(bus, "call-1", "svc")
+    ms = first.split("-")[0]
+    entry, p = f"{ms}-5", bus.keys.partition("call-1")  # as if the 6th entry of that ms
+    await raw(bus).hset(bus.keys.paused(p, "svc"), "call-1", entry)
+    fields = {"session": "call-1", "group": "svc", "entry": entry, "deliveries": 1}
+    fields |= {"error": "DecodeError: bad", "policy": "pause", "type": "tick", "seq": 6}
+    await raw(bus).xadd(bus.keys.dead(p), fields, id=f"{ms}-3")
+    assert await bus.resume("call-1", "svc", drop=True) == entry
+    assert await raw(bus).xlen(bus.keys.dead(p)) == 0
+
+
 async def test_a_resume_retried_after_a_lost_reply_reports_the_entry_it_resumed(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
