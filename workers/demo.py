@@ -253,7 +253,7 @@ async def _run_and_check(
 
         # On a server of its own the calls are call-01...; elsewhere a run id keeps them apart
         # from an earlier run's (an ended session takes no new event).
-        run = "" if server else f"{secrets.token_hex(2)}-"
+        run = "" if server else f"{secrets.token_hex(4)}-"
         width = max(2, len(str(options.calls)))
         sessions = [f"call-{run}{i:0{width}d}" for i in range(1, options.calls + 1)]
         board = Board(dict.fromkeys(sessions, "waiting"))
