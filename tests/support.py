@@ -190,7 +190,8 @@ class Stepper:
     @classmethod
     @asynccontextmanager
     async def open(cls, bus: Bus, settings: Settings) -> AsyncIterator[Stepper]:
-        batcher = StepBatcher(settings, group="g", retention_ms=1000)
+        retention_ms = int(settings.retention_seconds * 1000)  # (not 1 s: a TTL read may be late)
+        batcher = StepBatcher(settings, group="g", retention_ms=retention_ms)
         async with anyio.create_task_group() as tg:
             tg.start_soon(batcher.run)
             yield cls(bus, batcher)

@@ -5,7 +5,9 @@ the token, random per handling, tells a handling twice from one record written t
 resends a write whose reply a failover cut off).
 An event whose payload has ``fail`` set raises every time (each attempt is recorded under
 ``<prefix>:test:attempts:<group>``). Settings come from the FLOWBUS_* environment;
-``RECORDER_GROUP`` names the group and ``RECORDER_MAX_DELAY_MS`` bounds the delay.
+``RECORDER_GROUP`` names the group and ``RECORDER_MAX_DELAY_MS`` bounds the delay; with
+``RECORDER_HOLD_AT_SEQ`` set, the handler of that seq of every session never returns (a worker
+to kill in the middle of its sessions' read batches).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Tick(Payload, tag="tick"):
 
 GROUP = os.environ.get("RECORDER_GROUP", "recorder")
 MAX_DELAY = float(os.environ.get("RECORDER_MAX_DELAY_MS", "2")) / 1000
+HOLD_AT = int(os.environ.get("RECORDER_HOLD_AT_SEQ", "0"))
 SETTINGS = Settings.from_env()
 _redis: Redis | None = None
 
@@ -35,6 +38,8 @@ async def handle(delivery: Delivery) -> None:
     global _redis
     if _redis is None:
         _redis = make_client(SETTINGS)  # a cluster client when FLOWBUS_CLUSTER is set
+    if delivery.seq == HOLD_AT:
+        await anyio.sleep_forever()
     await anyio.sleep(random.uniform(0, MAX_DELAY))
     record = "|".join(
         map(str, (delivery.session, delivery.seq, os.getpid(), delivery.deliveries, token_hex(4)))
