@@ -144,6 +144,8 @@ class FunctionConfig:
     transition_to: str | Branch | None = None
     #: Seconds its handler may take (Pipecat's ``timeout_secs``); None: the manager's.
     timeout: float | None = None
+    #: `FlowManager.interrupt` (the caller spoke up) cancels its handler, as Pipecat's option.
+    cancel_on_interruption: bool = False
     #: Read by `load_flow`: without a `transition_to`, a handler's ``TRANSITION_IN_YAML``
     #: stays in the node (the file gave it none); elsewhere, as in Pipecat, that is an error.
     from_file: bool = False
@@ -546,6 +548,7 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
             "required": spec.required,
             "handler": spec.handler,
             "timeout_secs": getattr(spec, "timeout_secs", None),
+            "cancel_on_interruption": getattr(spec, "cancel_on_interruption", False),
         }
     if not isinstance(spec, Mapping):
         raise InvalidNodeFunctionError(
@@ -584,6 +587,7 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
     timeout = body.get("timeout_secs", spec.get("timeout_secs"))
     if timeout is not None and not is_seconds(timeout):
         raise InvalidNodeFunctionError(node, f"{key}.{name}", "timeout_secs is seconds, above 0")
+    cancellable = body.get("cancel_on_interruption", spec.get("cancel_on_interruption", False))
     return FunctionConfig(
         name=name,
         description=str(body.get("description", "")),
@@ -592,6 +596,7 @@ def parse_function(node: str, spec: Any, handlers: Mapping[str, Handler]) -> Fun
         handler=handler,
         transition_to=transition_to,
         timeout=timeout,
+        cancel_on_interruption=_flag(node, f"{key}.{name}.cancel_on_interruption", cancellable),
     )
 
 
@@ -681,8 +686,18 @@ def _direct_function(node: str, fn: Callable[..., Any]) -> FunctionConfig:
             )
         return returned
 
-    timeout = getattr(fn, "_pipecat_timeout_secs", None)  # from Pipecat's @flows_tool_options
-    return FunctionConfig(fn.__name__, description, properties, required, call, timeout=timeout)
+    # From Pipecat's @flows_tool_options:
+    timeout = getattr(fn, "_pipecat_timeout_secs", None)
+    cancellable = bool(getattr(fn, "_pipecat_cancel_on_interruption", False))
+    return FunctionConfig(
+        fn.__name__,
+        description,
+        properties,
+        required,
+        call,
+        timeout=timeout,
+        cancel_on_interruption=cancellable,
+    )
 
 
 def _docstring(doc: str) -> tuple[str, dict[str, str]]:

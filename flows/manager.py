@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -165,7 +165,9 @@ class FlowManager:
         self._bot_actions: dict[str, tuple[int, Handler]] = {}
         self._registered: dict[str, Handler] = {}
         self._pre_wait: anyio.CancelScope | None = None
-        self._generating: set[anyio.CancelScope] = set()  # LLM replies `interrupt` drops
+        #: What `interrupt` cancels: LLM replies being generated, and the handlers of
+        #: functions that are ``cancel_on_interruption``.
+        self._interruptible: set[anyio.CancelScope] = set()
 
     @classmethod
     @asynccontextmanager
@@ -357,9 +359,22 @@ class FlowManager:
         `respond` waiting for it returns with nothing published or spoken, as Pipecat cancels
         the LLM's response on an interruption. The user's words stay in the context. A reply
         being spoken is the TTS's to cut (`PipelineSpeech` is, by the pipeline's
-        interruption): it reports what was heard."""
-        for generating in self._generating:
-            generating.cancel()
+        interruption): it reports what was heard. A function call running with
+        ``cancel_on_interruption`` is cancelled, as in Pipecat: the LLM gets "CANCELLED" as
+        its result, and it transitions nowhere."""
+        for scope in self._interruptible:
+            scope.cancel()
+
+    @contextmanager
+    def _interruptible_scope(self, interruptible: bool = True) -> Iterator[anyio.CancelScope]:
+        """A scope that `interrupt` cancels, if `interruptible`."""
+        with anyio.CancelScope() as scope:
+            if interruptible:
+                self._interruptible.add(scope)
+            try:
+                yield scope
+            finally:
+                self._interruptible.discard(scope)
 
     async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
         """Ask the LLM, publish and speak its reply, run its function calls; the node they
@@ -367,13 +382,11 @@ class FlowManager:
         asked = CURRENT_NODE.set(node.name)
         reply = None
         try:
-            with anyio.CancelScope() as generating:
-                self._generating.add(generating)
+            with self._interruptible_scope():
                 reply = await self.llm.generate(
                     self._context(), [f.schema() for f in node.functions]
                 )
         finally:
-            self._generating.discard(generating)
             CURRENT_NODE.reset(asked)
         if reply is None:
             log.info("llm_reply_dropped", session=self.session_id, node=node.name, why="interrupt")
@@ -586,9 +599,13 @@ class FlowManager:
                 )
             if function.handler is not None:
                 timeout = function.timeout or self.function_timeout
-                with anyio.move_on_after(timeout) as scope:
+                interruptible = self._interruptible_scope(function.cancel_on_interruption)
+                with anyio.move_on_after(timeout) as scope, interruptible as interrupted:
                     returned = await invoke_function(function.handler, call.arguments, self)
-                if scope.cancel_called:  # (a plain handler's thread returns late, not cancelled)
+                # (a plain handler's thread returns late, not cancelled)
+                if interrupted.cancel_called:
+                    raise _Interrupted
+                if scope.cancel_called:
                     raise TimeoutError(f"timed out after {timeout}s")
                 if isinstance(returned, tuple):
                     result, next_node = returned
@@ -617,11 +634,15 @@ class FlowManager:
                     problem = f"function {call.name!r} returned a node that cannot be entered"
                     raise InvalidFunctionError(f"{problem}: {exc}") from None
             result = ACKNOWLEDGED if result is None else result
+        except _Interrupted:
+            log.info("function_call_cancelled", function=call.name, why="interrupt")
+            self.messages.extend(_function_call_messages(call, CANCELLED))
+            return None, False  # nowhere, and no LLM turn for it: the caller's turn comes
         except Exception as exc:
             result = {"status": "error", "error": str(exc)}  # as Pipecat gives it; it stays
             next_node = None
             log.error("function_call_failed", function=call.name, error=str(exc))
-        self.messages.extend(_function_call_messages(call, result))
+        self.messages.extend(_function_call_messages(call, _content(result)))
         if next_node is NO_RESPONSE:
             return None, False
         return (next_node or None), not next_node
@@ -700,14 +721,26 @@ class FlowManager:
         await self._publish(ActionDone(corr=corr, error=error))
 
 
-def _function_call_messages(call: FunctionCall, result: Any) -> list[dict[str, Any]]:
-    """A function call and its result as Pipecat's context holds them, in OpenAI's form: the
-    assistant's call, then the tool's message with the result as JSON ("COMPLETED" for a falsy
-    one; an object JSON has no form for, as its `str`)."""
+class _Interrupted(Exception):
+    """A ``cancel_on_interruption`` function's handler was cancelled by `interrupt`."""
+
+
+#: What the LLM gets from a function call `interrupt` cancelled (Pipecat's words).
+CANCELLED = "CANCELLED"
+
+
+def _content(result: Any) -> str:
+    """A function's result as the tool message holds it, as Pipecat writes it: JSON, or
+    "COMPLETED" for a falsy one (an object JSON has no form for: its `str`)."""
+    return json.dumps(result, ensure_ascii=False, default=str) if result else "COMPLETED"
+
+
+def _function_call_messages(call: FunctionCall, content: str) -> list[dict[str, Any]]:
+    """A function call and what it gave as Pipecat's context holds them, in OpenAI's form: the
+    assistant's call, then the tool's message with `content`."""
     call_id = call.id or f"call_{secrets.token_hex(12)}"  # (an LLM that gave the call none)
     arguments = json.dumps(call.arguments, ensure_ascii=False, default=str)
     asked = {"id": call_id, "function": {"name": call.name, "arguments": arguments}}
-    content = json.dumps(result, ensure_ascii=False, default=str) if result else "COMPLETED"
     return [
         {"role": "assistant", "tool_calls": [asked | {"type": "function"}]},
         {"role": "tool", "content": content, "tool_call_id": call_id},

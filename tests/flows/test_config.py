@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pipecat.flows.types import FlowsFunctionSchema, flows_tool_options
 
 from flows import FlowError, InvalidFunctionError, InvalidNodeError
 from flows.config import ContextStrategy, load_flow, parse_node
@@ -242,3 +243,27 @@ def test_a_direct_functions_docstring_is_read_in_the_styles_pipecat_reads(fn: An
         "order_id": {"type": "string", "description": "The order's number, as the caller says it."},
         "rush": {"type": "boolean", "description": "Whether to hurry."},
     }
+
+
+def test_cancel_on_interruption_is_read_from_each_of_pipecats_forms() -> None:
+    async def lookup(args: dict[str, Any]) -> Any:
+        return None, None
+
+    @flows_tool_options(cancel_on_interruption=True)
+    async def direct(flow_manager: Any) -> tuple[Any, Any]:
+        """A direct function."""
+        return None, None
+
+    schema = FlowsFunctionSchema("schema", "", {}, [], lookup, cancel_on_interruption=True)
+    as_dict = {"name": "as_dict", "handler": lookup, "cancel_on_interruption": "yes"}
+    plain = {"name": "plain", "handler": lookup}
+    functions = parse_node(node() | {"functions": [schema, direct, as_dict, plain]}).functions
+    assert [(f.name, f.cancel_on_interruption) for f in functions] == [
+        ("schema", True),
+        ("direct", True),
+        ("as_dict", True),
+        ("plain", False),
+    ]
+    bad = {"name": "bad", "handler": lookup, "cancel_on_interruption": "maybe"}
+    with pytest.raises(InvalidNodeError, match="cancel_on_interruption': must be true or false"):
+        parse_node(node() | {"functions": [bad]})

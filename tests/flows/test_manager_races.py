@@ -339,3 +339,43 @@ async def test_words_said_while_the_first_node_is_entered_are_answered_in_it(
         ("user", "A pizza, please"),
         ("assistant", "Sure, which size?"),
     ]
+
+
+async def test_an_interrupt_cancels_a_function_call_that_is_cancel_on_interruption(
+    bus: Bus,
+) -> None:
+    """As Pipecat: its handler is cancelled, the LLM gets "CANCELLED", no transition, no LLM
+    turn for it. A function without the option runs to its end."""
+    running, finish = anyio.Event(), anyio.Event()
+
+    async def lookup(args: dict[str, Any]) -> Any:
+        running.set()
+        await anyio.sleep_forever()
+
+    async def book(args: dict[str, Any]) -> Any:
+        running.set()
+        await finish.wait()
+        return {"booked": True}, node("b", respond_immediately=False)
+
+    functions = [
+        {"name": "lookup", "handler": lookup, "cancel_on_interruption": True},
+        {"name": "book", "handler": book},
+    ]
+    calls = [LLMResponse(function_calls=[FunctionCall("lookup", id="c1")])]
+    calls.append(LLMResponse(function_calls=[FunctionCall("book", id="c2")]))
+    llm = ScriptedLLM({"a": calls})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", functions=functions, respond_immediately=False))
+        with anyio.fail_after(10):
+            for first_call in (True, False):
+                running = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(fm.respond, "Hello")
+                    await running.wait()
+                    fm.interrupt()
+                    if not first_call:  # book is not cancelled: it finishes, and transitions
+                        finish.set()
+    assert llm.calls == ["a", "a"]  # no turn for the cancelled call's result
+    tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
+    assert tool == [("c1", "CANCELLED"), ("c2", '{"booked": true}')]
+    assert fm.current_node == "b"
