@@ -389,7 +389,8 @@ class FlowManager:
         finally:
             CURRENT_NODE.reset(asked)
         if reply is None:
-            log.info("llm_reply_dropped", session=self.session_id, node=node.name, why="interrupt")
+            why = "the session ended" if self._ending else "interrupt"
+            log.info("llm_reply_dropped", session=self.session_id, node=node.name, why=why)
             return None, False
         calls = [c.name for c in reply.function_calls]
         completed = LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
@@ -412,11 +413,13 @@ class FlowManager:
 
     async def end(self, reason: str = "ended") -> None:
         """End the session: publish ``session.ended``, the stream's last event. A node entry
-        waiting for its pre-actions returns at once, the node not entered. A cancellation
+        waiting for its pre-actions returns at once, the node not entered, and a `respond`
+        waiting for the LLM at once, its reply dropped (as `interrupt`). A cancellation
         waits for the publish (its retries are bounded); one that failed may be made again."""
         self._ending = True
         if self._pre_wait is not None:  # a node entry waiting for its pre-actions is moot now
             self._pre_wait.cancel()
+        self.interrupt()  # a reply being generated, too: it would not be published
         self._bot_actions.clear()  # no action runs after the end
         if self._end_sent:
             return

@@ -7,7 +7,9 @@ Place it at the end of the pipeline, after ``transport.output()``. `speak(text)`
 ``TTSSpeakFrame(text)`` into the pipeline, then follows the downstream frames the output
 transport pushes as the audio is played: ``BotStartedSpeakingFrame``, the words as spoken
 (``TTSTextFrame``), then ``BotStoppedSpeakingFrame`` (spoken to the end) or an
-``InterruptionFrame`` (cut short). It returns `Spoken(words heard, interrupted)`.
+``InterruptionFrame`` (cut short). It returns `Spoken(words heard, interrupted)`. Once the
+pipeline ends (``EndFrame``, or ``CancelFrame``: the caller hung up), a `speak` waiting returns
+what was heard, and a later one nothing, at once: no wait for a bot that will not speak.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import structlog
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    CancelFrame,
+    EndFrame,
     Frame,
     InterruptionFrame,
     TTSSpeakFrame,
@@ -69,11 +73,14 @@ class PipelineSpeech(FrameProcessor):
         self.timeout = timeout
         self._turn_lock = anyio.Lock()
         self._turn: _Turn | None = None
+        self._ended = False  # the pipeline ended: nothing more is spoken
 
     async def speak(self, text: str) -> Spoken:
         if self.worker is None:
             raise RuntimeError("PipelineSpeech has no worker to queue its text into: set .worker")
         async with self._turn_lock:
+            if self._ended:
+                return Spoken("", interrupted=True)
             turn = self._turn = _Turn()
             try:
                 await self.worker.queue_frame(TTSSpeakFrame(text))
@@ -104,7 +111,9 @@ class PipelineSpeech(FrameProcessor):
                 turn.words.append(space + frame.text)
             elif isinstance(frame, BotStoppedSpeakingFrame) and turn.started:
                 turn.done.set()
-            elif isinstance(frame, InterruptionFrame):
+            elif isinstance(frame, InterruptionFrame | EndFrame | CancelFrame):
                 turn.interrupted = True
                 turn.done.set()
+        if isinstance(frame, EndFrame | CancelFrame) and direction == FrameDirection.DOWNSTREAM:
+            self._ended = True
         await self.push_frame(frame, direction)

@@ -379,3 +379,24 @@ async def test_an_interrupt_cancels_a_function_call_that_is_cancel_on_interrupti
     tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert tool == [("c1", "CANCELLED"), ("c2", '{"booked": true}')]
     assert fm.current_node == "b"
+
+
+async def test_an_end_while_the_llm_generates_returns_the_respond_at_once(bus: Bus) -> None:
+    """The caller hung up: the reply would not be published, so it is not waited for (a
+    Pipecat pipeline's shutdown waits for the turn's handler)."""
+    asked = anyio.Event()
+
+    class Never(ScriptedLLM):
+        async def generate(self, messages: Any, tools: Any) -> LLMResponse:
+            asked.set()
+            await anyio.sleep_forever()
+            raise AssertionError
+
+    async with FlowManager.open(bus, "call-1", llm=Never({}), tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.respond, "Hello?")
+                await asked.wait()
+                await fm.end("the caller hung up")
+    assert [e.type for e in await bus.history("call-1")][-2:] == ["node.entered", "session.ended"]
