@@ -49,7 +49,9 @@ async def run_example(
 async def test_the_readme_example_greets_the_caller(
     tmp_path: Path, settings: Settings, workers: WorkerProcesses
 ) -> None:
-    assert set(readme_files()) == {"greeter.py", "bot.py", "support_actions.py", "call.py"}
+    # (pipecat_call.py is run by tests/flows/test_pipecat_bot.py)
+    files = {"greeter.py", "bot.py", "support_actions.py", "call.py", "pipecat_call.py"}
+    assert set(readme_files()) == files
     printed = await run_example(tmp_path, settings, workers, "greeter:service", "greeter", "bot.py")
     assert printed == "Hello Ada (event 1 of call-42)\n"
 

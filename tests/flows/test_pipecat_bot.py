@@ -6,19 +6,23 @@ flow's end ends the pipeline."""
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, cast
 
 import anyio
 import msgspec
 import pytest
-from pipecat.frames.frames import EndFrame
+from pipecat.frames.frames import EndFrame, Frame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
-from pipecat.transports.base_transport import TransportParams
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.workers.runner import WorkerRunner
 
 from bus import Bus
@@ -27,10 +31,11 @@ from flows.openai_llm import OpenAILLM
 from flows.pipecat_speech import PipelineSpeech
 from flows.pipecat_turns import answer_user_turns
 from tests.flows.test_actions import actions as actions  # the fixture: an actions worker
-from tests.flows.test_openai_llm import calls, served_by
+from tests.flows.test_openai_llm import calls, says, served_by
 from tests.flows.test_pipecat_speech import RATE, Seen, SilentOutput, SilentTTS
 from tests.flows.test_pipecat_turns import params, say
 from tests.support import wait_for
+from tests.test_readme import readme_files
 
 pytestmark = pytest.mark.anyio
 
@@ -135,3 +140,82 @@ async def test_a_caller_who_talks_over_the_welcome_cuts_it_and_is_answered(
     ]
     said = [(m["role"], m.get("content")) for m in flow.messages if m["role"] != "system"]
     assert said[:2] == [("assistant", cut), ("user", "A large pizza, please")]
+
+
+# The README's pipecat_call.py, run as written.
+
+
+class Through(FrameProcessor):
+    """Passes every frame on (a stand-in transport input, and STT)."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+
+
+class StandInTransport(BaseTransport):
+    """No client: nothing comes in; the output plays silence at its pace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_event_handler("on_client_disconnected")
+        self._input = Through()
+        self._output = SilentOutput(
+            TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE)
+        )
+
+    def input(self) -> FrameProcessor:
+        return self._input
+
+    def output(self) -> FrameProcessor:
+        return self._output
+
+
+RunCall = Callable[..., Coroutine[Any, Any, None]]
+
+
+@pytest.fixture
+def pipecat_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunCall:
+    """The README's `run_call`, its OpenAILLM's requests answered by `says_hello`."""
+    (tmp_path / "pipecat_call.py").write_text(readme_files()["pipecat_call.py"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("flows.openai_llm.AsyncOpenAI", lambda: served_by(says(HELLO)))
+    module = importlib.import_module("pipecat_call")
+    monkeypatch.delitem(sys.modules, "pipecat_call")
+    return cast(RunCall, module.run_call)
+
+
+HELLO = "Hello! We are closed today."
+
+
+async def test_the_readmes_call_runs_to_its_end_conversation(
+    actions: Bus, pipecat_call: RunCall
+) -> None:
+    first = {
+        "name": "closed",
+        "task_messages": [{"role": "system", "content": "Say that we are closed."}],
+        "post_actions": [{"type": "end_conversation", "text": "Goodbye!"}],
+    }
+    with anyio.fail_after(60):  # it returns: the flow ended, then the pipeline
+        await pipecat_call(actions, "call-1", StandInTransport(), Through(), SilentTTS(0.02), first)
+    history = [(e.type, msgspec.json.decode(e.data)) for e in await actions.history("call-1")]
+    assert [d["heard"] for t, d in history if t == "tts.finished"] == [HELLO]
+    assert history[-1][0] == "session.ended"
+
+
+async def test_the_readmes_call_ends_when_the_caller_hangs_up(
+    bus: Bus, pipecat_call: RunCall
+) -> None:
+    transport = StandInTransport()
+    first = {"name": "listen", "task_messages": [], "respond_immediately": False}
+
+    async def entered() -> bool:
+        return "node.entered" in [e.type for e in await bus.history("call-1")]
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipecat_call, bus, "call-1", transport, Through(), SilentTTS(0.02), first)
+            await wait_for(entered, what="the call's first node")
+            await transport._call_event_handler("on_client_disconnected", "client-1")
+    [ended] = [e for e in await bus.history("call-1") if e.type == "session.ended"]
+    assert msgspec.json.decode(ended.data)["reason"] == "the caller hung up"
