@@ -2,7 +2,7 @@
 turns pushed as VAD and STT would push them, a silent TTS service and output transport), the
 flow answering its turns (`answer_user_turns`) with `OpenAILLM` (its HTTP answered in the
 test), speaking through `PipelineSpeech`, its actions run by an actions worker process; the
-flow's end ends the pipeline."""
+flow's end ends the pipeline. And the README's `pipecat_call.py`, run as written."""
 
 from __future__ import annotations
 
