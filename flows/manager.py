@@ -73,6 +73,8 @@ log = structlog.get_logger("flowbus.flow")
 
 #: What the LLM gets back from a function that returned no result (``(None, next_node)``).
 ACKNOWLEDGED = {"status": "acknowledged"}
+#: What the LLM gets from a function call `interrupt` cancelled (Pipecat's words).
+CANCELLED = "CANCELLED"
 #: How long a RESET_WITH_SUMMARY waits for the LLM's summary (Pipecat's 5 s).
 SUMMARY_SECONDS = 5.0
 #: LLM turns in a row that one `respond` makes while function calls stay in the node.
@@ -726,10 +728,6 @@ class FlowManager:
 
 class _Interrupted(Exception):
     """A ``cancel_on_interruption`` function's handler was cancelled by `interrupt`."""
-
-
-#: What the LLM gets from a function call `interrupt` cancelled (Pipecat's words).
-CANCELLED = "CANCELLED"
 
 
 def _content(result: Any) -> str:
