@@ -16,15 +16,17 @@ waits — always for a bounded time — for the pre-actions to finish before the
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from typing import Any, Literal
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from bus import Bus, Message, Payload, SessionEndedError
 
@@ -66,7 +68,7 @@ from .protocol import (
     TTSSpoken,
     WaitTimedOut,
 )
-from .speech import CURRENT_NODE, LLM, TTS, FunctionCall, Spoken, heard
+from .speech import CURRENT_NODE, LLM, TTS, FunctionCall, LLMResponse, Spoken, heard, streams
 from .state import SharedState
 
 log = structlog.get_logger("flowbus.flow")
@@ -382,24 +384,17 @@ class FlowManager:
         """Ask the LLM, publish and speak its reply, run its function calls; the node they
         ask for (the last one), and whether the LLM is to see their results."""
         asked = CURRENT_NODE.set(node.name)
-        reply = None
+        tools = [f.schema() for f in node.functions]
         try:
-            with self._interruptible_scope():
-                reply = await self.llm.generate(
-                    self._context(), [f.schema() for f in node.functions]
-                )
+            if streams(self.llm, self.tts):
+                reply, spoken = await self._stream_reply(node, gen, tools)
+            else:
+                reply, spoken = await self._generate_reply(node, gen, tools)
         finally:
             CURRENT_NODE.reset(asked)
         if reply is None:
-            why = "the session ended" if self._ending else "interrupt"
-            log.info("llm_reply_dropped", session=self.session_id, node=node.name, why=why)
             return None, False
-        calls = [c.name for c in reply.function_calls]
-        completed = LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
-        if not await self._publish(completed):
-            return None, False
-        # Nothing to say is nothing heard: known without asking the TTS.
-        interrupted, heard_text = await self._say(reply.text) if reply.text else (False, "")
+        interrupted, heard_text = spoken
         finished = TTSFinished(node=node.name, gen=gen, interrupted=interrupted, heard=heard_text)
         if not await self._publish(finished):
             return None, False
@@ -412,6 +407,74 @@ class FlowManager:
                 next_node, again = asks or next_node, again or responds
             await self.state.flush(self._write_state)
         return next_node, again and next_node is None
+
+    async def _generate_reply(
+        self, node: NodeConfig, gen: int, tools: list[dict[str, Any]]
+    ) -> tuple[LLMResponse | None, tuple[bool, str | None]]:
+        """The LLM's whole reply, published, then spoken: the reply (None if it was dropped,
+        or not published), and whether its speech was interrupted and what was heard."""
+        reply = None
+        with self._interruptible_scope():
+            reply = await self.llm.generate(self._context(), tools)
+        if reply is None:
+            self._log_dropped(node)
+            return None, (False, None)
+        if not await self._publish(_completed(node, gen, reply)):
+            return None, (False, None)
+        # Nothing to say is nothing heard: known without asking the TTS.
+        return reply, (await self._say(reply.text) if reply.text else (False, ""))
+
+    async def _stream_reply(
+        self, node: NodeConfig, gen: int, tools: list[dict[str, Any]]
+    ) -> tuple[LLMResponse | None, tuple[bool, str | None]]:
+        """The LLM's reply, spoken as it is written (its first sentence while the LLM writes
+        the rest), published once complete, as `_generate_reply` returns it once spoken. What
+        was heard goes into the context, an interrupted reply's too (as Pipecat keeps what
+        was spoken of a reply whose generation an interruption cancelled)."""
+        reply: LLMResponse | None = None
+        spoken = Spoken("")
+        sending, texts = anyio.create_memory_object_stream[str](math.inf)  # (never blocks)
+
+        async def speak() -> None:
+            nonlocal spoken
+            with texts:
+                spoken = await self.tts.speak_stream(texts)  # type: ignore[attr-defined]
+
+        with unwrapped():  # (an error of the TTS's or the LLM's as itself)
+            async with anyio.create_task_group() as speaking:
+                speaking.start_soon(speak)
+                with sending:
+                    reply = await self._written(tools, sending)
+                if reply is None:
+                    self._log_dropped(node)
+                elif not await self._publish(_completed(node, gen, reply)):
+                    reply = None
+        if spoken.text:
+            self.messages.append({"role": "assistant", "content": spoken.text})
+        return reply, (spoken.interrupted, spoken.text)
+
+    async def _written(
+        self, tools: list[dict[str, Any]], texts: MemoryObjectSendStream[str]
+    ) -> LLMResponse | None:
+        """The LLM's reply, streamed, its text sent on to `texts` as it comes; None if
+        `interrupt` cut it short."""
+        text: list[str] = []
+        calls: list[FunctionCall] = []
+        with self._interruptible_scope() as generating:
+            # (cut short, an async generator is closed where it waits: its response too)
+            async for part in self.llm.stream(self._context(), tools):  # type: ignore[attr-defined]
+                if part.text:
+                    text.append(part.text)
+                    with suppress(anyio.BrokenResourceError):  # (its speech was cut)
+                        texts.send_nowait(part.text)
+                calls.extend(part.function_calls)
+        if generating.cancel_called:
+            return None
+        return LLMResponse(text="".join(text), function_calls=calls)
+
+    def _log_dropped(self, node: NodeConfig) -> None:
+        why = "the session ended" if self._ending else "interrupt"
+        log.info("llm_reply_dropped", session=self.session_id, node=node.name, why=why)
 
     async def end(self, reason: str = "ended") -> None:
         """End the session: publish ``session.ended``, the stream's last event. A node entry
@@ -724,6 +787,11 @@ class FlowManager:
                 "action_failed", session=self.session_id, action=action.get("type"), error=error
             )
         await self._publish(ActionDone(corr=corr, error=error))
+
+
+def _completed(node: NodeConfig, gen: int, reply: LLMResponse) -> LLMCompleted:
+    calls = [c.name for c in reply.function_calls]
+    return LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
 
 
 class _Interrupted(Exception):

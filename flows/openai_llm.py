@@ -7,15 +7,17 @@ this module imports it, so `flows` does not import this module; use
 
 ``FlowManager.messages`` is in the API's form already (a function call is the assistant's
 ``tool_calls`` message, then the ``tool`` message naming its id), and the node's functions are
-its tools, so they are sent as they are. The reply comes whole, not streamed: `FlowManager`
-speaks a complete reply.
+its tools, so they are sent as they are. `stream` gives the reply as the API writes it, so
+`FlowManager` speaks its first sentence while the rest is written (with a TTS that speaks a
+stream: `PipelineSpeech`, `SimulatedTTS`); `generate` gives it whole.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -55,19 +57,8 @@ class OpenAILLM:
         none: the API refuses an empty list). A function call whose arguments are not a JSON
         object is a `ValueError` that names the function; no reply within `timeout`, a
         `TimeoutError`; the API's errors are the client's (``openai.APIError``)."""
-        if not self.developer_role:
-            messages = [
-                {**m, "role": "user"} if m.get("role") == "developer" else m for m in messages
-            ]
-        request = {**self.params, "model": self.model, "messages": list(messages)}
-        if tools:
-            request["tools"] = list(tools)
-        chat: Any = self.client.chat  # (its `create` overloads do not type a built request)
-        try:
-            with anyio.fail_after(self.timeout):
-                completion = await chat.completions.create(**request)
-        except TimeoutError:
-            raise TimeoutError(f"{self.model} gave no reply in {self.timeout} s") from None
+        with self._within(anyio.current_time() + self.timeout):
+            completion = await self._chat().completions.create(**self._request(messages, tools))
         message = completion.choices[0].message
         calls = [
             FunctionCall(call.function.name, _arguments(call.function), id=call.id)
@@ -75,6 +66,75 @@ class OpenAILLM:
             if call.type == "function"
         ]
         return LLMResponse(text=message.content or "", function_calls=calls)
+
+    async def stream(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> AsyncIterator[LLMResponse]:
+        """The reply, as `generate` gives it, in parts as the API writes it: each piece of its
+        text as it comes, then its function calls (whose arguments come in pieces too), in
+        one part. `timeout` bounds the whole reply; the response is closed if it is cut
+        short (an interruption)."""
+        deadline = anyio.current_time() + self.timeout
+        request = self._request(messages, tools) | {"stream": True}
+        with self._within(deadline):
+            chunks = await self._chat().completions.create(**request)
+        calls: dict[int, _Call] = {}
+        async with chunks:
+            while True:
+                with self._within(deadline):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+                for choice in chunk.choices:  # (one, as no `n` is asked for)
+                    if choice.delta.content:
+                        yield LLMResponse(text=choice.delta.content)
+                    for piece in choice.delta.tool_calls or ():
+                        calls.setdefault(piece.index, _Call()).add(piece)
+        if calls:
+            made = [c.function_call() for _, c in sorted(calls.items()) if c.type == "function"]
+            yield LLMResponse(function_calls=made)
+
+    def _request(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        if not self.developer_role:
+            messages = [
+                {**m, "role": "user"} if m.get("role") == "developer" else m for m in messages
+            ]
+        request = {**self.params, "model": self.model, "messages": list(messages)}
+        if tools:
+            request["tools"] = list(tools)
+        return request
+
+    def _chat(self) -> Any:
+        return self.client.chat  # (its `create` overloads do not type a built request)
+
+    @contextmanager
+    def _within(self, deadline: float) -> Iterator[None]:
+        try:
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                yield
+        except TimeoutError:
+            raise TimeoutError(f"{self.model} gave no reply in {self.timeout} s") from None
+
+
+class _Call:
+    """A function call whose pieces come in a stream: its id, name and type in the first,
+    its arguments in pieces."""
+
+    def __init__(self) -> None:
+        self.id = self.name = self.arguments = ""
+        self.type = "function"
+
+    def add(self, piece: Any) -> None:
+        self.id = piece.id or self.id
+        self.type = piece.type or self.type
+        if piece.function is not None:
+            self.name = piece.function.name or self.name
+            self.arguments += piece.function.arguments or ""
+
+    def function_call(self) -> FunctionCall:
+        return FunctionCall(self.name, _arguments(self), id=self.id)
 
 
 def _arguments(function: Any) -> dict[str, Any]:

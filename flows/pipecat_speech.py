@@ -7,14 +7,23 @@ Place it at the end of the pipeline, after ``transport.output()``. `speak(text)`
 ``TTSSpeakFrame(text)`` into the pipeline, then follows the downstream frames the output
 transport pushes as the audio is played: ``BotStartedSpeakingFrame``, the words as spoken
 (``TTSTextFrame``), then ``BotStoppedSpeakingFrame`` (spoken to the end) or an
-``InterruptionFrame`` (cut short). It returns `Spoken(words heard, interrupted)`. Once the
-pipeline ends (``EndFrame``, or ``CancelFrame``: the caller hung up), a `speak` waiting returns
-what was heard, and a later one nothing, at once: no wait for a bot that will not speak.
+``InterruptionFrame`` (cut short). It returns `Spoken(words heard, interrupted)`.
+
+`speak_stream(texts)` speaks a reply as the LLM writes it, as Pipecat speaks an LLM's: the
+texts go in as an LLM response (``LLMFullResponseStartFrame``, an ``LLMTextFrame`` each,
+``LLMFullResponseEndFrame``), the TTS service speaks each sentence as soon as it is complete,
+and the reply was spoken once its end frame came out of the transport after its audio and the
+bot stopped speaking. An interruption ends either at once.
+
+Once the pipeline ends (``EndFrame``, or ``CancelFrame``: the caller hung up), a `speak`
+waiting returns what was heard, and a later one nothing, at once: no wait for a bot that will
+not speak.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterable
 from typing import Any, Protocol
 
 import anyio
@@ -26,6 +35,9 @@ from pipecat.frames.frames import (
     EndFrame,
     Frame,
     InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
     TTSSpeakFrame,
     TTSTextFrame,
 )
@@ -45,8 +57,13 @@ class Worker(Protocol):
 class _Turn:
     """What was seen of the text being spoken."""
 
-    def __init__(self) -> None:
-        self.started = False
+    def __init__(self, *, streamed: bool = False) -> None:
+        self.started = False  # the bot started speaking it
+        self.speaking = False
+        #: Its text is all through the transport: a TTSSpeakFrame's at once; a streamed one's
+        #: when the end frame it was given (`end_id`) comes out of the transport.
+        self.said = not streamed
+        self.end_id: int | None = None
         self.words: list[str] = []
         self.interrupted = False
         self.done = anyio.Event()
@@ -76,44 +93,98 @@ class PipelineSpeech(FrameProcessor):
         self._ended = False  # the pipeline ended: nothing more is spoken
 
     async def speak(self, text: str) -> Spoken:
-        if self.worker is None:
-            raise RuntimeError("PipelineSpeech has no worker to queue its text into: set .worker")
+        worker = self._worker()
         async with self._turn_lock:
             if self._ended:
                 return Spoken("", interrupted=True)
             turn = self._turn = _Turn()
             try:
-                await self.worker.queue_frame(TTSSpeakFrame(text))
+                await worker.queue_frame(TTSSpeakFrame(text))
                 with anyio.move_on_after(self.timeout):
                     await turn.done.wait()
             finally:
                 self._turn = None
-            if not turn.done.is_set():
-                log.warning(
-                    "speech.timeout",
-                    text=text,
-                    timeout=self.timeout,
-                    started=turn.started,
-                    heard=turn.heard(),
-                    why="the bot did not stop speaking, nor was it interrupted, in time",
-                )
-                return Spoken(turn.heard(), interrupted=True)
-            return Spoken(turn.heard(), interrupted=turn.interrupted)
+            return self._spoken(turn, text)
+
+    async def speak_stream(self, texts: AsyncIterable[str]) -> Spoken:
+        """Speak the `texts` of one reply as they come; `timeout` bounds the wait after the
+        last. An interruption ends it at once: the texts after it are not spoken."""
+        worker = self._worker()
+        async with self._turn_lock:
+            if self._ended:
+                return Spoken("", interrupted=True)
+            turn = self._turn = _Turn(streamed=True)
+            text: list[str] = []
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_cancel_when_set, turn.done, tg.cancel_scope)
+                    await self._feed(worker, texts, turn, text)
+                    with anyio.move_on_after(self.timeout):
+                        await turn.done.wait()
+                    tg.cancel_scope.cancel()
+            finally:
+                self._turn = None
+            return self._spoken(turn, "".join(text))
+
+    async def _feed(
+        self, worker: Worker, texts: AsyncIterable[str], turn: _Turn, fed: list[str]
+    ) -> None:
+        """Queue `texts` as one LLM response, noting them in `fed`; nothing for no text."""
+        async for text in texts:
+            if not fed:
+                await worker.queue_frame(LLMFullResponseStartFrame())
+            fed.append(text)
+            await worker.queue_frame(LLMTextFrame(text))
+        if not fed:
+            turn.done.set()  # nothing to say: nothing heard
+            return
+        end = LLMFullResponseEndFrame()
+        turn.end_id = end.id
+        await worker.queue_frame(end)
+
+    def _worker(self) -> Worker:
+        if self.worker is None:
+            raise RuntimeError("PipelineSpeech has no worker to queue its text into: set .worker")
+        return self.worker
+
+    def _spoken(self, turn: _Turn, text: str) -> Spoken:
+        if not turn.done.is_set():
+            log.warning(
+                "speech.timeout",
+                text=text,
+                timeout=self.timeout,
+                started=turn.started,
+                heard=turn.heard(),
+                why="the bot did not stop speaking, nor was it interrupted, in time",
+            )
+            return Spoken(turn.heard(), interrupted=True)
+        return Spoken(turn.heard(), interrupted=turn.interrupted)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         turn = self._turn
         if turn is not None and direction == FrameDirection.DOWNSTREAM and not turn.done.is_set():
             if isinstance(frame, BotStartedSpeakingFrame):
-                turn.started = True
+                turn.started = turn.speaking = True
             elif isinstance(frame, TTSTextFrame):
                 space = "" if frame.includes_inter_frame_spaces else " "
                 turn.words.append(space + frame.text)
-            elif isinstance(frame, BotStoppedSpeakingFrame) and turn.started:
-                turn.done.set()
+            elif isinstance(frame, BotStoppedSpeakingFrame):
+                turn.speaking = False
+                if turn.started and turn.said:
+                    turn.done.set()
+            elif isinstance(frame, LLMFullResponseEndFrame) and frame.id == turn.end_id:
+                turn.said = True
+                if not turn.speaking:  # (stopped already; or the TTS made no sound of it)
+                    turn.done.set()
             elif isinstance(frame, InterruptionFrame | EndFrame | CancelFrame):
                 turn.interrupted = True
                 turn.done.set()
         if isinstance(frame, EndFrame | CancelFrame) and direction == FrameDirection.DOWNSTREAM:
             self._ended = True
         await self.push_frame(frame, direction)
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -1,14 +1,17 @@
 """The LLM and TTS a bot's `FlowManager` drives, and stand-ins that run offline.
 
-`ScriptedLLM` answers from a script per node; `SimulatedTTS` "speaks" for a time proportional
-to the text and can be interrupted, as a caller would. Both report what they do to an optional
-observer, which the tests and the demo use to check timing.
+An LLM that can `stream` its reply and a TTS that can `speak_stream` one (both optional)
+let `FlowManager` speak a reply's first sentence while the LLM still writes the rest, as
+Pipecat does. `ScriptedLLM` answers from a script per node, whole or word by word;
+`SimulatedTTS` "speaks" for a time proportional to the text, sentence by sentence, and can be
+interrupted, as a caller would. Both report what they do to an optional observer, which the
+tests and the demo use to check timing.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -42,6 +45,15 @@ class LLM(Protocol):
         ...
 
 
+class StreamingLLM(LLM, Protocol):
+    def stream(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> AsyncIterator[LLMResponse]:
+        """The reply to `messages` in parts, as the LLM writes them: each a piece of its text
+        and/or function calls; the reply is their sum."""
+        ...
+
+
 class Spoken(msgspec.Struct, frozen=True):
     """What a caller heard of a text: all of it, or its start, `text`, up to an interruption."""
 
@@ -55,6 +67,36 @@ class TTS(Protocol):
         LLM's context, as in Pipecat), or True if it was spoken to the end and False if it was
         interrupted (then the whole text goes in: what was heard is not known)."""
         ...
+
+
+class StreamingTTS(TTS, Protocol):
+    async def speak_stream(self, texts: AsyncIterable[str]) -> Spoken:
+        """Speak one reply whose `texts` come as the LLM writes them (pieces of any size:
+        the TTS makes its sentences), beginning before the last has come; return once the
+        last was spoken, or the speech cut short, with what the caller heard of it all."""
+        ...
+
+
+def streams(llm: LLM, tts: TTS) -> bool:
+    """Whether a reply of `llm` can be spoken by `tts` as it is written."""
+    return callable(getattr(llm, "stream", None)) and callable(getattr(tts, "speak_stream", None))
+
+
+async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
+    """The sentences of the text that comes in `texts`, each as soon as it is complete (its
+    end mark followed by a space), and the rest at the end; stripped, none empty."""
+    pending = ""
+    async for text in texts:
+        pending += text
+        *complete, pending = _SENTENCE_END.split(pending)
+        for sentence in complete:
+            if sentence.strip():
+                yield sentence.strip()
+    if pending.strip():
+        yield pending.strip()
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
 
 
 def heard(text: str, said: bool | Spoken) -> Spoken:
@@ -75,14 +117,20 @@ class ScriptedLLM:
     """Replies from `script`: node name -> replies, used in turn (the last one repeats).
 
     The node is the one `FlowManager` asks for a reply in (`CURRENT_NODE`), so a script follows
-    the flow. `observer("llm.started", node)` is awaited before each reply.
+    the flow. `observer("llm.started", node)` is awaited before each reply. `stream` writes a
+    reply word by word, `seconds_per_word` apart, then its function calls.
     """
 
     def __init__(
-        self, script: Mapping[str, Sequence[LLMResponse]], *, observer: Observer = _ignore
+        self,
+        script: Mapping[str, Sequence[LLMResponse]],
+        *,
+        observer: Observer = _ignore,
+        seconds_per_word: float = 0.0,
     ) -> None:
         self.script = {node: list(replies) for node, replies in script.items()}
         self.observer = observer
+        self.seconds_per_word = seconds_per_word
         self.calls: list[str] = []
 
     async def generate(
@@ -93,6 +141,16 @@ class ScriptedLLM:
         self.calls.append(node)
         replies = self.script.get(node) or [LLMResponse()]
         return replies.pop(0) if len(replies) > 1 else replies[0]
+
+    async def stream(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> AsyncIterator[LLMResponse]:
+        reply = await self.generate(messages, tools)
+        for word in re.findall(r"\S+\s*", reply.text):
+            await anyio.sleep(self.seconds_per_word)
+            yield LLMResponse(text=word)
+        if reply.function_calls:
+            yield LLMResponse(function_calls=reply.function_calls)
 
 
 class SimulatedTTS:
@@ -125,6 +183,17 @@ class SimulatedTTS:
             elapsed = anyio.current_time() - started
             chars = int(elapsed / self.seconds_per_char) if self.seconds_per_char else 0
             return Spoken(_words_within(text, chars), interrupted=True)
+
+    async def speak_stream(self, texts: AsyncIterable[str]) -> Spoken:
+        """Speak the sentences of `texts` as each is complete, one after another; an
+        interruption stops the speech there, the rest is not spoken."""
+        said: list[str] = []
+        async for sentence in sentences(texts):
+            spoken = await self.speak(sentence)
+            said.append(spoken.text)
+            if spoken.interrupted:
+                return Spoken(" ".join(filter(None, said)), interrupted=True)
+        return Spoken(" ".join(said))
 
     def interrupt(self) -> bool:
         """Stop the phrase being spoken; False if nothing was being spoken."""

@@ -4,9 +4,11 @@ API answers (no account and no network in the tests), checked as that API checks
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -18,7 +20,7 @@ from bus import Bus
 from flows import FlowManager, FunctionCall, LLMResponse, SimulatedTTS
 from flows.openai_llm import OpenAILLM
 from tests.flows.test_actions import node
-from tests.support import ROOT
+from tests.support import ROOT, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +28,8 @@ Model = Callable[[dict[str, Any]], dict[str, Any]]  # a request's body -> the re
 
 
 def served_by(model: Model, asked: list[dict[str, Any]] | None = None) -> AsyncOpenAI:
-    """A client whose requests `model` answers; each request's body goes into `asked`."""
+    """A client whose requests `model` answers (streamed, as the API streams, if asked);
+    each request's body goes into `asked`."""
 
     async def answer(request: httpx2.Request) -> httpx2.Response:
         assert request.url.path == "/v1/chat/completions"
@@ -34,6 +37,8 @@ def served_by(model: Model, asked: list[dict[str, Any]] | None = None) -> AsyncO
         check_context(body["messages"])
         (asked if asked is not None else []).append(body)
         reply = {"role": "assistant", "content": None} | model(body)
+        if body.get("stream"):
+            return httpx2.Response(200, text=streamed(reply), headers=SSE)
         choice = {"index": 0, "finish_reason": "stop", "message": reply}
         completion = {"id": "c-1", "object": "chat.completion", "created": 0, "model": "m"}
         return httpx2.Response(200, json=completion | {"choices": [choice]})
@@ -41,6 +46,32 @@ def served_by(model: Model, asked: list[dict[str, Any]] | None = None) -> AsyncO
     transport = httpx2.MockTransport(answer)
     http = httpx2.AsyncClient(transport=transport)
     return AsyncOpenAI(api_key="sk-test", base_url="http://llm.test/v1", http_client=http)
+
+
+SSE = {"content-type": "text/event-stream"}
+
+
+def streamed(reply: dict[str, Any]) -> str:
+    """`reply` as the API streams it: server-sent chunks, its text a word each, each function
+    call's id and name first, then its arguments in two pieces; a last chunk with no choice
+    (the usage), then ``[DONE]``."""
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    deltas += [{"content": word} for word in re.findall(r"\S+\s*", reply["content"] or "")]
+    for i, call in enumerate(reply.get("tool_calls") or ()):
+        named = {"name": call["function"]["name"], "arguments": ""}
+        deltas.append(
+            {"tool_calls": [{"index": i, "id": call["id"], "type": "function", "function": named}]}
+        )
+        arguments = call["function"]["arguments"]
+        for piece in (arguments[:3], arguments[3:]):
+            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+    chunk = {"id": "c-1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    events = [chunk | {"choices": [{"index": 0, "delta": d}]} for d in deltas]
+    events.append(
+        chunk
+        | {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    )
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
 
 
 def check_context(messages: Sequence[Mapping[str, Any]]) -> None:
@@ -95,6 +126,86 @@ async def test_function_calls_come_with_their_ids_and_arguments() -> None:
     )
 
 
+async def test_a_streamed_reply_comes_in_its_pieces_then_its_calls_whole() -> None:
+    asked: list[dict[str, Any]] = []
+
+    def model(body: dict[str, Any]) -> dict[str, Any]:
+        made = calls(("call_1", "lookup", '{"order": "A1"}'), ("call_2", "lookup", ""))(body)
+        return made | {"content": "Let me look. One moment."}
+
+    llm = OpenAILLM("gpt-test", served_by(model, asked), temperature=0.2)
+    parts = [part async for part in llm.stream([{"role": "user", "content": "Hi"}], [TOOL])]
+    assert asked[0]["stream"] is True and asked[0]["temperature"] == 0.2
+    assert [p.text for p in parts] == ["Let ", "me ", "look. ", "One ", "moment.", ""]
+    assert parts[-1].function_calls == [
+        FunctionCall("lookup", {"order": "A1"}, id="call_1"),
+        FunctionCall("lookup", {}, id="call_2"),
+    ]
+    assert sum(bool(p.function_calls) for p in parts) == 1
+
+
+async def test_a_streamed_calls_arguments_that_are_no_json_object_are_an_error() -> None:
+    llm = OpenAILLM("gpt-test", served_by(calls(("call_1", "lookup", '{"order": '))))
+    with pytest.raises(ValueError, match="'lookup' with arguments that are not a JSON object"):
+        [part async for part in llm.stream([], [TOOL])]
+
+
+def stalling(first: str, closed: anyio.Event) -> AsyncOpenAI:
+    """A client whose streamed reply sends `first` and then nothing more; `closed` is set
+    when the client closes the response."""
+
+    class Body(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield streamed({"content": first}).split("data: [DONE]")[0].encode()
+            await anyio.sleep_forever()
+
+        async def aclose(self) -> None:
+            closed.set()
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers=SSE, stream=Body())
+
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(answer))
+    return AsyncOpenAI(api_key="sk-test", base_url="http://llm.test/v1", http_client=http)
+
+
+async def test_a_stream_that_stalls_is_an_error_at_the_timeout_naming_the_model() -> None:
+    closed = anyio.Event()
+    llm = OpenAILLM("gpt-test", stalling("Hello", closed), timeout=0.2)
+    parts = llm.stream([], [])
+    assert (await anext(parts)).text == "Hello"  # what came in time came
+    with pytest.raises(TimeoutError, match=r"gpt-test gave no reply in 0\.2 s"):
+        await anext(parts)
+    assert closed.is_set()
+
+
+async def test_a_stream_cut_short_closes_its_response() -> None:
+    """As `FlowManager` cuts it when the caller speaks up: the response is not left open."""
+    closed = anyio.Event()
+    parts = OpenAILLM("gpt-test", stalling("Hello", closed)).stream([], [])
+    async with aclosing(parts):  # type: ignore[type-var]  # (an async generator's)
+        async for part in parts:
+            if part.text:
+                break
+    with anyio.fail_after(10):
+        await closed.wait()
+
+
+async def test_an_interrupt_closes_the_response_of_the_reply_being_streamed(bus: Bus) -> None:
+    closed = anyio.Event()
+    llm = OpenAILLM("gpt-test", stalling("Hello. ", closed))
+    tts = SimulatedTTS(0)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.respond, "Hi")
+                await wait_for(lambda: tts.spoken == ["Hello."], what="the first sentence")
+                fm.interrupt()
+            await closed.wait()
+    assert fm.messages[-1] == {"role": "assistant", "content": "Hello."}
+
+
 @pytest.mark.parametrize("developer_role", [True, False])
 async def test_a_developer_message_goes_as_the_users_to_a_server_without_the_role(
     developer_role: bool,
@@ -143,11 +254,13 @@ def test_flows_imports_without_openai_and_does_not_import_openai_llm() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+@pytest.mark.parametrize("streamed", [True, False])
 async def test_a_flow_calls_a_function_and_answers_with_its_result_through_the_api(
-    bus: Bus,
+    bus: Bus, streamed: bool
 ) -> None:
     """The context FlowManager sends after a function call is one the API takes (checked as
-    it checks it), and the LLM is given the result under the call's id."""
+    it checks it), and the LLM is given the result under the call's id; with the reply
+    streamed, or whole (a TTS that cannot speak a stream)."""
 
     def model(body: dict[str, Any]) -> dict[str, Any]:
         last = body["messages"][-1]
@@ -162,8 +275,12 @@ async def test_a_flow_calls_a_function_and_answers_with_its_result_through_the_a
     asked: list[dict[str, Any]] = []
     llm = OpenAILLM("gpt-test", served_by(model, asked))
     functions = [{"name": "lookup", "handler": lookup, "description": "An order's arrival"}]
-    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+    tts = SimulatedTTS(0)
+    if not streamed:
+        tts.speak_stream = None  # type: ignore[assignment,method-assign]
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
         await fm.initialize(node("track", functions=functions))
     assert [m.get("content") for m in fm.messages][-1] == "It arrives in 5 min."
+    assert [b.get("stream", False) for b in asked] == [streamed, streamed]
     assert [t["function"]["name"] for t in asked[0]["tools"]] == ["lookup"]
     assert len(asked) == 2

@@ -102,14 +102,22 @@ class Seen(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
+class MuteTTS(SilentTTS):
+    """Makes no sound at all (a TTS that failed, or had nothing it could say)."""
+
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        return
+        yield
+
+
 @asynccontextmanager
 async def playing(
-    seconds_per_word: float = 0.05,
+    seconds_per_word: float = 0.05, tts: type[SilentTTS] = SilentTTS
 ) -> AsyncIterator[tuple[PipelineSpeech, Seen, PipelineWorker]]:
     """A running pipeline: SilentTTS, SilentOutput, Seen, PipelineSpeech (cancelled after)."""
     seen, speech = Seen(), PipelineSpeech(timeout=20)
     output = SilentOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
-    pipeline = Pipeline([SilentTTS(seconds_per_word), output, seen, speech])
+    pipeline = Pipeline([tts(seconds_per_word), output, seen, speech])
     worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
     speech.worker = worker  # set after construction: the worker needs the pipeline first
     runner = WorkerRunner(handle_sigint=False)
@@ -160,6 +168,78 @@ async def test_speak_gives_up_at_the_timeout_with_what_was_heard_and_says_why() 
     assert entry["text"] == "Hello" and entry["started"] is False
 
 
+async def test_a_streamed_reply_is_heard_from_its_first_sentence_while_the_rest_is_written() -> (
+    None
+):
+    async with playing() as (speech, seen, _):
+
+        async def written() -> AsyncIterator[str]:
+            yield "Hello "
+            yield "there. How"  # (the TTS takes a sentence as ended once the next begins)
+            await wait_for(lambda: "there." in seen.words, what="the first sentence heard")
+            yield " are "
+            yield "you today?"
+
+        with anyio.fail_after(20):
+            spoken = await speech.speak_stream(written())
+        assert spoken == Spoken("Hello there. How are you today?", interrupted=False)
+        assert seen.words == ["Hello", "there.", "How", "are", "you", "today?"]
+        assert await speech.speak_stream(written()) == spoken  # and the next reply is its own
+
+
+async def test_an_interruption_ends_a_streamed_reply_without_waiting_for_the_rest() -> None:
+    async with playing(seconds_per_word=0.2) as (speech, seen, worker):
+
+        async def reply() -> AsyncIterator[str]:
+            yield "one two three four five six seven eight. Nine"
+            await wait_for(lambda: bool(seen.words), what="the first word")
+            await worker.queue_frame(InterruptionFrame())  # the caller speaks up
+            await anyio.sleep_forever()  # while the LLM still writes
+
+        with anyio.fail_after(20):
+            spoken = await speech.speak_stream(reply())
+        assert spoken.interrupted is True
+        assert spoken.text == " ".join(seen.words)
+        assert spoken.text and "one two three four five six seven eight.".startswith(spoken.text)
+        assert await speech.speak("Goodbye") == Spoken("Goodbye")  # and the next is its own
+
+
+async def test_a_streamed_reply_the_tts_makes_no_sound_of_returns_once_it_came_through() -> None:
+    async with playing(tts=MuteTTS) as (speech, _, _):
+        with capture_logs() as logs, anyio.fail_after(60):
+            assert await speech.speak_stream(pieces("Hello there.")) == Spoken("")
+    assert [e for e in logs if e["event"] == "speech.timeout"] == []  # (not its 20 s timeout)
+
+
+async def test_a_streamed_reply_with_nothing_to_say_returns_at_once_nothing_queued() -> None:
+    queued: list[Frame] = []
+
+    class Nowhere:
+        async def queue_frame(self, frame: Frame) -> None:
+            queued.append(frame)
+
+    with anyio.fail_after(10):
+        assert await PipelineSpeech(Nowhere()).speak_stream(pieces()) == Spoken("")
+    assert queued == []
+
+
+async def test_a_streamed_reply_gives_up_at_the_timeout_after_its_last_text() -> None:
+    class Nowhere:
+        async def queue_frame(self, frame: Frame) -> None:
+            pass
+
+    speech = PipelineSpeech(Nowhere(), timeout=0.05)
+    with capture_logs() as logs:
+        assert await speech.speak_stream(pieces("Hel", "lo")) == Spoken("", interrupted=True)
+    [entry] = [e for e in logs if e["event"] == "speech.timeout"]
+    assert entry["text"] == "Hello" and entry["started"] is False
+
+
+async def pieces(*texts: str) -> AsyncIterator[str]:
+    for text in texts:
+        yield text
+
+
 @pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan")])
 def test_the_timeout_must_be_finite_and_positive(timeout: float) -> None:
     with pytest.raises(ValueError, match="finite number of seconds > 0"):
@@ -169,6 +249,8 @@ def test_the_timeout_must_be_finite_and_positive(timeout: float) -> None:
 async def test_speaking_without_a_pipeline_to_queue_into_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="no worker"):
         await PipelineSpeech().speak("Hello")
+    with pytest.raises(RuntimeError, match="no worker"):
+        await PipelineSpeech().speak_stream(pieces("Hello"))
 
 
 def test_flows_imports_without_pipecat_and_does_not_import_pipeline_speech() -> None:

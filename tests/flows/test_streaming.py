@@ -1,0 +1,222 @@
+"""Streamed replies: an LLM that writes its reply in parts and a TTS that speaks them as they
+come, so the caller hears the first sentence while the LLM still writes the rest."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from bus import Bus
+from flows import FlowManager, FunctionCall, LLMResponse, ScriptedLLM, SimulatedTTS, Spoken
+from flows.speech import sentences
+from tests.flows.test_actions import node
+
+pytestmark = pytest.mark.anyio
+
+
+class Writer:
+    """Writes "Sure. " at once, then the rest of its reply once `go` is set (or raises
+    `failure` instead); the rests in turn, the last one repeating."""
+
+    def __init__(self, *rests: LLMResponse, failure: Exception | None = None) -> None:
+        self.rests, self.failure = list(rests), failure
+        self.go = anyio.Event()
+        self.generated = 0
+
+    def _rest(self) -> LLMResponse:
+        return self.rests.pop(0) if len(self.rests) > 1 else self.rests[0]
+
+    async def generate(self, messages: Any, tools: Any) -> LLMResponse:
+        self.generated += 1
+        rest = self._rest()
+        return LLMResponse("Sure. " + rest.text, rest.function_calls)
+
+    async def stream(self, messages: Any, tools: Any) -> AsyncIterator[LLMResponse]:
+        yield LLMResponse(text="Sure. ")
+        await self.go.wait()
+        if self.failure is not None:
+            raise self.failure
+        yield self._rest()
+
+
+class Observed(SimulatedTTS):
+    """A SimulatedTTS that notes what it finished speaking, with what the bus held then."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, observer=self._observe)
+        self.finished = anyio.Event()
+
+    async def _observe(self, kind: str, text: str) -> None:
+        if kind == "tts.finished":
+            self.finished.set()
+
+
+def fields(entries: list[Any], kind: str) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(e.data) for e in entries if e.type == kind]
+
+
+async def test_the_first_sentence_is_spoken_while_the_llm_still_writes(bus: Bus) -> None:
+    llm, tts = Writer(LLMResponse(text="Friday works.")), Observed()
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.respond, "Book a table")
+                await tts.finished.wait()  # "Sure." was spoken, the LLM still writing
+                assert tts.spoken == ["Sure."]
+                assert "llm.completed" not in [e.type for e in await bus.history("call-1")]
+                llm.go.set()
+    history = await bus.history("call-1")
+    assert [e.type for e in history][-2:] == ["llm.completed", "tts.finished"]
+    assert fields(history, "llm.completed")[0]["text"] == "Sure. Friday works."
+    assert fields(history, "tts.finished")[0]["heard"] == "Sure. Friday works."
+    assert tts.spoken == ["Sure.", "Friday works."]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Sure. Friday works."}
+    assert llm.generated == 0
+
+
+async def test_an_interrupt_while_the_llm_writes_keeps_what_was_heard_and_publishes_nothing(
+    bus: Bus,
+) -> None:
+    llm, tts = Writer(LLMResponse(text="Friday works.")), Observed()
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.respond, "Book a table")
+                await tts.finished.wait()
+                fm.interrupt()  # the respond returns: the task group exits
+    kinds = [e.type for e in await bus.history("call-1")]
+    assert "llm.completed" not in kinds and "tts.finished" not in kinds
+    assert fm.messages[-2:] == [
+        {"role": "user", "content": "Book a table"},
+        {"role": "assistant", "content": "Sure."},
+    ]
+
+
+async def test_a_streamed_replys_function_calls_run_once_it_was_spoken(bus: Bus) -> None:
+    spoken_when_called: list[list[str]] = []
+    tts = Observed()
+
+    async def book(args: dict[str, Any]) -> Any:
+        spoken_when_called.append(list(tts.spoken))
+        return {"booked": args["day"]}
+
+    call = FunctionCall("book", {"day": "Friday"}, id="c1")
+    then = LLMResponse(text="Booked.")  # its turn after the call's result
+    llm = Writer(LLMResponse(text="Booking now.", function_calls=[call]), then)
+    llm.go.set()
+    functions = [{"name": "book", "handler": book}]
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", functions=functions, respond_immediately=False))
+        with anyio.fail_after(10):
+            await fm.respond("Book Friday")
+    assert spoken_when_called == [["Sure.", "Booking now."]]
+    completed = fields(await bus.history("call-1"), "llm.completed")
+    assert [(c["text"], c["function_calls"]) for c in completed] == [
+        ("Sure. Booking now.", ["book"]),
+        ("Sure. Booked.", []),
+    ]
+    roles = [m["role"] for m in fm.messages if m["role"] != "system"]
+    assert roles == ["user", "assistant", "assistant", "tool", "assistant"]
+
+
+async def test_speech_cut_short_while_the_llm_writes_leaves_the_reply_to_be_published(
+    bus: Bus,
+) -> None:
+    """The TTS reports the interruption (as `PipelineSpeech` does from the pipeline's) before
+    the LLM is done: the reply is still complete, and published as such, as a reply cut while
+    it was spoken whole is."""
+    llm = Writer(LLMResponse(text="Friday works."))
+
+    async def cut_the_first(kind: str, text: str) -> None:
+        if kind == "tts.started":
+            tts.interrupt()
+
+    class CutShort(SimulatedTTS):
+        async def speak_stream(self, texts: AsyncIterable[str]) -> Spoken:
+            spoken = await super().speak_stream(texts)
+            llm.go.set()  # the LLM writes on once the speech ended
+            return spoken
+
+    tts = CutShort(0.001, observer=cut_the_first)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10):
+            await fm.respond("Book a table")
+    history = await bus.history("call-1")
+    assert fields(history, "llm.completed")[0]["text"] == "Sure. Friday works."
+    finished = fields(history, "tts.finished")[0]
+    assert (finished["interrupted"], finished["heard"]) == (True, "")
+    assert fm.messages[-1] == {"role": "user", "content": "Book a table"}
+
+
+async def test_an_error_of_the_llm_while_it_writes_reaches_respond_as_itself(bus: Bus) -> None:
+    llm = Writer(LLMResponse(), failure=RuntimeError("the model is overloaded"))
+    llm.go.set()
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=Observed()) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10), pytest.raises(RuntimeError, match="overloaded"):
+            await fm.respond("Hello")
+    assert "llm.completed" not in [e.type for e in await bus.history("call-1")]
+
+
+async def test_a_tts_that_cannot_speak_a_stream_gets_the_whole_reply(bus: Bus) -> None:
+    said: list[str] = []
+
+    class Whole:
+        async def speak(self, text: str) -> Spoken:
+            said.append(text)
+            return Spoken(text)
+
+    llm = Writer(LLMResponse(text="Friday works."))
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=Whole()) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        with anyio.fail_after(10):
+            await fm.respond("Book a table")
+    assert said == ["Sure. Friday works."] and llm.generated == 1
+
+
+async def test_simulated_speech_of_a_stream_stops_where_it_was_interrupted() -> None:
+    async def cut_the_second(kind: str, text: str) -> None:
+        if (kind, text) == ("tts.started", "Second one."):
+            tts.interrupt()  # the caller speaks up as it begins
+
+    tts = SimulatedTTS(0.001, observer=cut_the_second)
+    with anyio.fail_after(10):
+        spoken = await tts.speak_stream(pieces("Hello ", "there. Second ", "one. Not heard."))
+    assert spoken == Spoken("Hello there.", interrupted=True)
+    assert tts.spoken == ["Hello there."]
+
+
+async def pieces(*texts: str) -> AsyncIterable[str]:
+    for text in texts:
+        yield text
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["Hel", "lo there. How ", "are you?", "  Fine"], ["Hello there.", "How are you?", "Fine"]),
+        (["It costs 3.5 euros. ", "Yes!"], ["It costs 3.5 euros.", "Yes!"]),
+        (["", "  ", "Wait", "…  ", "ok"], ["Wait…", "ok"]),
+        ([], []),
+    ],
+)
+async def test_sentences_come_as_each_is_complete(texts: list[str], expected: list[str]) -> None:
+    assert [s async for s in sentences(pieces(*texts))] == expected
+
+
+async def test_scripted_llm_streams_its_reply_word_by_word_then_its_calls() -> None:
+    call = FunctionCall("book", id="c1")
+    llm = ScriptedLLM({"": [LLMResponse(text="Sure, Friday.", function_calls=[call])]})
+    parts = [p async for p in llm.stream([], [])]
+    assert parts == [
+        LLMResponse(text="Sure, "),
+        LLMResponse(text="Friday."),
+        LLMResponse(function_calls=[call]),
+    ]
