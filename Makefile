@@ -55,6 +55,7 @@ lint: $(STAMP)
 ## Benchmarks (not part of the tests).
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.first_words
 
 ## Memory over five minutes of rolling calls (not part of `make bench`).
 soak: $(STAMP)

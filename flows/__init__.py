@@ -43,6 +43,8 @@ from .speech import (
     ScriptedLLM,
     SimulatedTTS,
     Spoken,
+    StreamingLLM,
+    StreamingTTS,
 )
 from .state import SharedState
 
@@ -91,6 +93,8 @@ __all__ = [
     "SharedState",
     "SimulatedTTS",
     "Spoken",
+    "StreamingLLM",
+    "StreamingTTS",
     "SyncOutcome",
     "UnknownEventError",
     "WorkerFlowManager",

@@ -94,6 +94,7 @@ async def call(
                 await flow.ended.wait()
             await worker.queue_frame(EndFrame())
     assert len(asked) == 2  # each request's context checked as the API checks it
+    assert all(body["stream"] for body in asked)  # each reply spoken as it was written
     assert flow.messages[-1] == {"role": "assistant", "content": "Goodbye!"}  # spoken, then ended
     history = [(e.type, msgspec.json.decode(e.data)) for e in await bus.history("call-1")]
     entered = [d["node"] for t, d in history if t == "node.entered"]

@@ -267,3 +267,40 @@ async def test_the_caller_speaking_while_the_reply_is_spoken_cuts_it_where_they_
         ("user", "eight, please"),
         ("assistant", "Eight it is."),
     ]
+
+
+async def test_the_caller_speaking_while_a_streamed_reply_is_heard_and_written_drops_it(
+    bus: Bus,
+) -> None:
+    """The first sentence is played while the LLM still writes: the caller's turn stops the
+    writing and the speech, nothing is published of that reply, the context keeps what was
+    heard of it, and the next turn is answered."""
+    writing = anyio.Event()
+
+    class Writing(ScriptedLLM):
+        async def stream(self, messages: Any, tools: Any) -> AsyncIterator[LLMResponse]:
+            if writing.is_set():
+                async for part in super().stream(messages, tools):
+                    yield part
+                return
+            writing.set()
+            yield LLMResponse(text="We have tables at seven, at eight, and at nine. Inside")
+            await anyio.sleep_forever()  # ...still writing when the caller speaks up
+
+    llm = Writing({"booking": [LLMResponse(text="Eight it is.")]})
+    async with voice_bot(bus, llm, seconds_per_word=0.2) as (flow, worker, seen):
+        await say(worker, "Any tables on Friday?")
+        await wait_for(lambda: bool(seen.words), what="the first sentence's first word played")
+        await say(worker, "eight, please")
+        await wait_for(lambda: spoken(bus), what="the second reply spoken")
+    [finished] = await events(bus, "tts.finished")
+    assert [e["text"] for e in await events(bus, "llm.completed")] == ["Eight it is."]
+    assert (finished["interrupted"], finished["heard"]) == (False, "Eight it is.")
+    [cut] = [m["content"] for m in flow.messages if m["role"] == "assistant"][:-1]
+    assert cut and "We have tables at seven, at eight, and at nine.".startswith(cut)
+    assert [m["role"] for m in flow.messages if m["role"] != "system"] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]

@@ -1,0 +1,117 @@
+"""``python -m bench.first_words``: how soon the caller hears a reply, streamed or whole.
+
+A bot's `FlowManager` on a private server answers the same turns twice: once with the reply
+spoken whole (the TTS given it once the LLM wrote all of it) and once streamed (its first
+sentence spoken while the LLM writes the rest). The LLM is a `ScriptedLLM` that takes
+`--first-token` seconds before its first word and then writes `--words-per-second`; the TTS a
+`SimulatedTTS` speaking `--chars-per-second`. Reported: from `respond` to the first word
+spoken, and to the end of the reply, p50 and max over `--turns` turns each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from bus import Bus, Settings
+from flows import FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
+from workers import logs
+from workers.runtime import run
+from workers.server import LocalServer
+
+REPLY = (
+    "Sure, I can help with that. Your two pizzas left our kitchen ten minutes ago and the "
+    "driver should reach you in about fifteen minutes."
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.first_words", description=__doc__)
+    p.add_argument("--turns", type=int, default=5, help="turns per mode (default 5)")
+    p.add_argument(
+        "--first-token", type=float, default=0.4, help="seconds to the LLM's first word (0.4)"
+    )
+    p.add_argument(
+        "--words-per-second", type=float, default=50.0, help="the LLM's writing speed (50)"
+    )
+    p.add_argument(
+        "--chars-per-second", type=float, default=15.0, help="the TTS's speaking speed (15)"
+    )
+    p.add_argument("--server", choices=["redis", "valkey"], default="redis")
+    return p
+
+
+class Whole:
+    """`llm`'s reply whole: once all of its stream was written, as an LLM asked for a
+    complete reply gives it."""
+
+    def __init__(self, llm: ScriptedLLM) -> None:
+        self.llm = llm
+
+    async def generate(self, messages: Any, tools: Any) -> LLMResponse:
+        text = [part.text async for part in self.llm.stream(messages, tools)]
+        return LLMResponse(text="".join(text))
+
+
+async def measure(url: str, args: argparse.Namespace, streamed: bool) -> list[tuple[float, float]]:
+    """(seconds to the first word, seconds to the end) of each turn."""
+    first_word: list[float] = []
+
+    async def thinking(kind: str, node: str) -> None:
+        await anyio.sleep(args.first_token)
+
+    async def speaking(kind: str, text: str) -> None:
+        if kind == "tts.started" and not first_word:
+            first_word.append(time.perf_counter())
+
+    llm = ScriptedLLM(
+        {"a": [LLMResponse(text=REPLY)]},
+        observer=thinking,
+        seconds_per_word=1 / args.words_per_second,
+    )
+    tts = SimulatedTTS(1 / args.chars_per_second, observer=speaking)
+    node: dict[str, Any] = {"name": "a", "task_messages": [], "respond_immediately": False}
+    times = []
+    async with Bus.connect(Settings(url=url, prefix="firstwords")) as bus:
+        for turn in range(args.turns):
+            session = f"{'streamed' if streamed else 'whole'}-{turn}"
+            asked = llm if streamed else Whole(llm)
+            async with FlowManager.open(bus, session, llm=asked, tts=tts) as flow:
+                await flow.initialize(node)
+                first_word.clear()
+                began = time.perf_counter()
+                await flow.respond("Where is my order?")
+                ended = time.perf_counter()
+                await flow.end()
+            times.append((first_word[0] - began, ended - began))
+    return times
+
+
+async def main(url: str, args: argparse.Namespace) -> None:
+    print(
+        f"LLM: first word after {args.first_token} s, {args.words_per_second:g} words/s; "
+        f"TTS: {args.chars_per_second:g} chars/s; a reply of {len(REPLY.split())} words, "
+        f"{args.turns} turns each"
+    )
+    print(f"{'reply':<10} {'first word p50':>15} {'max':>7} {'end p50':>9} {'max':>7}")
+    for streamed in (False, True):
+        times = await measure(url, args, streamed)
+        first, end = [t[0] for t in times], [t[1] for t in times]
+        print(
+            f"{'streamed' if streamed else 'whole':<10} {statistics.median(first):>13.3f} s "
+            f"{max(first):>5.3f} s {statistics.median(end):>7.3f} s {max(end):>5.3f} s"
+        )
+
+
+if __name__ == "__main__":
+    arguments = parser().parse_args()
+    if arguments.turns < 1:
+        sys.exit("--turns must be at least 1")
+    logs.configure("warning")
+    with LocalServer(arguments.server) as server:
+        run(main, server.url, arguments)
