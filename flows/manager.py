@@ -172,6 +172,7 @@ class FlowManager:
         #: What `interrupt` cancels: LLM replies being generated, and the handlers of
         #: functions that are ``cancel_on_interruption``.
         self._interruptible: set[anyio.CancelScope] = set()
+        self._interrupts = 0  # `interrupt` calls so far
 
     @classmethod
     @asynccontextmanager
@@ -333,7 +334,8 @@ class FlowManager:
         calls run. As in Pipecat, a transition happens after all of them, to the last node
         requested; a call that stays in the node gives the LLM its result and another turn
         (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row.
-        `interrupt` ends it while the LLM generates. Called while `initialize` enters the first
+        With an LLM that streams and a TTS that speaks a stream, the reply is spoken as it is
+        written. `interrupt` ends it while the LLM generates. Called while `initialize` enters the first
         node (the caller spoke during its welcome), it waits for `initialize` to return, and
         the words are answered in that node."""
         if self._initialized and self._node is None:
@@ -360,12 +362,15 @@ class FlowManager:
 
     def interrupt(self) -> None:
         """The caller spoke up: a reply the LLM is still generating is dropped, and the
-        `respond` waiting for it returns with nothing published or spoken, as Pipecat cancels
-        the LLM's response on an interruption. The user's words stay in the context. A reply
+        `respond` waiting for it returns with nothing published, as Pipecat cancels the LLM's
+        response on an interruption (of a streamed reply, what the caller heard stays in the
+        context, and its speech ends with the text written). The user's words stay too. A reply
         being spoken is the TTS's to cut (`PipelineSpeech` is, by the pipeline's
         interruption): it reports what was heard. A function call running with
         ``cancel_on_interruption`` is cancelled, as in Pipecat: the LLM gets "CANCELLED" as
-        its result, and it transitions nowhere."""
+        its result, and it transitions nowhere; so is such a call of the same reply that has
+        not run yet (Pipecat would have started it with the others, as the reply came)."""
+        self._interrupts += 1
         for scope in self._interruptible:
             scope.cancel()
 
@@ -385,6 +390,7 @@ class FlowManager:
         ask for (the last one), and whether the LLM is to see their results."""
         asked = CURRENT_NODE.set(node.name)
         tools = [f.schema() for f in node.functions]
+        interrupts = self._interrupts
         try:
             if streams(self.llm, self.tts):
                 reply, spoken = await self._stream_reply(node, gen, tools)
@@ -403,7 +409,8 @@ class FlowManager:
         if reply.function_calls:  # they see what actions wrote meanwhile, and share theirs
             await self.state.load(self._read_state)
             for call in reply.function_calls:
-                asks, responds = await self._call_function(node, call)
+                interrupted = self._interrupts != interrupts  # (one before the reply dropped it)
+                asks, responds = await self._call_function(node, call, interrupted)
                 next_node, again = asks or next_node, again or responds
             await self.state.flush(self._write_state)
         return next_node, again and next_node is None
@@ -646,12 +653,13 @@ class FlowManager:
         return [*role, *self.messages]
 
     async def _call_function(
-        self, node: NodeConfig, call: FunctionCall
+        self, node: NodeConfig, call: FunctionCall, interrupted: bool = False
     ) -> tuple[NodeLike | None, bool]:
-        """Run the function the LLM called, and put what the LLM gets back into the context;
-        the node it asks for (its handler's, else its `transition_to`), if any, and whether the
-        LLM is to see its result (as Pipecat: a function that stays in the node, unless its
-        handler returned ``(result, NO_RESPONSE)``)."""
+        """Run the function the LLM called (not one ``cancel_on_interruption`` if the caller
+        `interrupted` already), and put what the LLM gets back into the context; the node it
+        asks for (its handler's, else its `transition_to`), if any, and whether the LLM is to
+        see its result (as Pipecat: a function that stays in the node, unless its handler
+        returned ``(result, NO_RESPONSE)``)."""
         function = next((f for f in node.functions if f.name == call.name), None)
         next_node: Any = None
         result: Any = ACKNOWLEDGED  # a function with only a transition_to
@@ -665,6 +673,8 @@ class FlowManager:
                 raise FlowTransitionError(
                     f"function {call.name!r} goes to {target!r}, no node of the flow"
                 )
+            if interrupted and function.cancel_on_interruption:
+                raise _Interrupted
             if function.handler is not None:
                 timeout = function.timeout or self.function_timeout
                 interruptible = self._interruptible_scope(function.cancel_on_interruption)

@@ -411,3 +411,75 @@ async def test_an_end_while_the_llm_generates_returns_the_respond_at_once(bus: B
                 await asked.wait()
                 await fm.end("the caller hung up")
     assert [e.type for e in await bus.history("call-1")][-2:] == ["node.entered", "session.ended"]
+
+
+async def test_an_interrupt_cancels_the_replys_later_calls_that_are_cancel_on_interruption(
+    bus: Bus,
+) -> None:
+    """Pipecat starts a reply's calls together, so an interruption cancels every cancellable
+    one; flowbus runs them one after another, and one not begun yet is cancelled too: not
+    run, "CANCELLED" for the LLM. One without the option runs, and the LLM gets its turn."""
+    ran: list[str] = []
+    running, finish = anyio.Event(), anyio.Event()
+
+    async def book(args: dict[str, Any]) -> Any:
+        ran.append("book")
+        running.set()
+        await finish.wait()
+        return {"booked": True}
+
+    async def lookup(args: dict[str, Any]) -> Any:
+        ran.append("lookup")
+
+    async def remember(args: dict[str, Any]) -> Any:
+        ran.append("remember")
+
+    functions = [
+        {"name": "book", "handler": book},
+        {"name": "lookup", "handler": lookup, "cancel_on_interruption": True},
+        {"name": "remember", "handler": remember},
+    ]
+    made = [FunctionCall(f["name"], id=f"c{i}") for i, f in enumerate(functions)]
+    llm = ScriptedLLM({"a": [LLMResponse(function_calls=made), LLMResponse(text="Booked.")]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", functions=functions, respond_immediately=False))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fm.respond, "Book it")
+                await running.wait()
+                fm.interrupt()
+                finish.set()
+    assert ran == ["book", "remember"]
+    tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
+    assert tool == [
+        ("c0", '{"booked": true}'),
+        ("c1", "CANCELLED"),
+        ("c2", '{"status": "acknowledged"}'),
+    ]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Booked."}
+
+
+async def test_an_interrupt_while_a_reply_is_spoken_cancels_its_cancellable_calls(
+    bus: Bus,
+) -> None:
+    ran: list[str] = []
+
+    async def lookup(args: dict[str, Any]) -> Any:
+        ran.append("lookup")
+
+    async def caller_speaks_up(kind: str, text: str) -> None:
+        if kind == "tts.started":
+            fm.interrupt()
+
+    functions = [{"name": "lookup", "handler": lookup, "cancel_on_interruption": True}]
+    reply = LLMResponse(text="One moment.", function_calls=[FunctionCall("lookup", id="c1")])
+    llm = ScriptedLLM({"a": [reply]})
+    tts = SimulatedTTS(0, observer=caller_speaks_up)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", functions=functions, respond_immediately=False))
+        with anyio.fail_after(10):
+            await fm.respond("Where is it?")
+    assert ran == []
+    tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
+    assert tool == [("c1", "CANCELLED")]
+    assert llm.calls == ["a"]  # no turn for the cancelled call
