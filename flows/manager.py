@@ -335,9 +335,9 @@ class FlowManager:
         requested; a call that stays in the node gives the LLM its result and another turn
         (unless its handler returned ``(result, NO_RESPONSE)``), up to `MAX_TURNS` in a row.
         With an LLM that streams and a TTS that speaks a stream, the reply is spoken as it is
-        written. `interrupt` ends it while the LLM generates. Called while `initialize` enters the first
-        node (the caller spoke during its welcome), it waits for `initialize` to return, and
-        the words are answered in that node."""
+        written. `interrupt` ends it while the LLM generates. Called while `initialize` enters
+        the first node (the caller spoke during its welcome), it waits for `initialize` to
+        return, and the words are answered in that node."""
         if self._initialized and self._node is None:
             await self._initialize_returned.wait()
         node = self._require_node()
