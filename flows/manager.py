@@ -409,8 +409,8 @@ class FlowManager:
         if reply.function_calls:  # they see what actions wrote meanwhile, and share theirs
             await self.state.load(self._read_state)
             for call in reply.function_calls:
-                interrupted = self._interrupts != interrupts  # (one before the reply dropped it)
-                asks, responds = await self._call_function(node, call, interrupted)
+                after_interrupt = self._interrupts != interrupts  # (one before dropped the reply)
+                asks, responds = await self._call_function(node, call, after_interrupt)
                 next_node, again = asks or next_node, again or responds
             await self.state.flush(self._write_state)
         return next_node, again and next_node is None
@@ -653,10 +653,10 @@ class FlowManager:
         return [*role, *self.messages]
 
     async def _call_function(
-        self, node: NodeConfig, call: FunctionCall, interrupted: bool = False
+        self, node: NodeConfig, call: FunctionCall, after_interrupt: bool = False
     ) -> tuple[NodeLike | None, bool]:
         """Run the function the LLM called (not one ``cancel_on_interruption`` if the caller
-        `interrupted` already), and put what the LLM gets back into the context; the node it
+        interrupted already: `after_interrupt`), and put what the LLM gets back into the context; the node it
         asks for (its handler's, else its `transition_to`), if any, and whether the LLM is to
         see its result (as Pipecat: a function that stays in the node, unless its handler
         returned ``(result, NO_RESPONSE)``)."""
@@ -673,7 +673,7 @@ class FlowManager:
                 raise FlowTransitionError(
                     f"function {call.name!r} goes to {target!r}, no node of the flow"
                 )
-            if interrupted and function.cancel_on_interruption:
+            if after_interrupt and function.cancel_on_interruption:
                 raise _Interrupted
             if function.handler is not None:
                 timeout = function.timeout or self.function_timeout

@@ -439,7 +439,7 @@ async def test_an_interrupt_cancels_the_replys_later_calls_that_are_cancel_on_in
         {"name": "lookup", "handler": lookup, "cancel_on_interruption": True},
         {"name": "remember", "handler": remember},
     ]
-    made = [FunctionCall(f["name"], id=f"c{i}") for i, f in enumerate(functions)]
+    made = [FunctionCall(name, id=f"c{i}") for i, name in enumerate(["book", "lookup", "remember"])]
     llm = ScriptedLLM({"a": [LLMResponse(function_calls=made), LLMResponse(text="Booked.")]})
     async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
         await fm.initialize(node("a", functions=functions, respond_immediately=False))
