@@ -656,10 +656,10 @@ class FlowManager:
         self, node: NodeConfig, call: FunctionCall, after_interrupt: bool = False
     ) -> tuple[NodeLike | None, bool]:
         """Run the function the LLM called (not one ``cancel_on_interruption`` if the caller
-        interrupted already: `after_interrupt`), and put what the LLM gets back into the context; the node it
-        asks for (its handler's, else its `transition_to`), if any, and whether the LLM is to
-        see its result (as Pipecat: a function that stays in the node, unless its handler
-        returned ``(result, NO_RESPONSE)``)."""
+        interrupted already: `after_interrupt`), and put what the LLM gets back into the
+        context; the node it asks for (its handler's, else its `transition_to`), if any, and
+        whether the LLM is to see its result (as Pipecat: a function that stays in the node,
+        unless its handler returned ``(result, NO_RESPONSE)``)."""
         function = next((f for f in node.functions if f.name == call.name), None)
         next_node: Any = None
         result: Any = ACKNOWLEDGED  # a function with only a transition_to
