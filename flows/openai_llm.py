@@ -89,7 +89,7 @@ class OpenAILLM:
                     if choice.delta.content:
                         yield LLMResponse(text=choice.delta.content)
                     for piece in choice.delta.tool_calls or ():
-                        calls.setdefault(piece.index, _Call()).add(piece)
+                        calls.setdefault(_call_index(piece, calls), _Call()).add(piece)
         if calls:
             made = [c.function_call() for _, c in sorted(calls.items()) if c.type == "function"]
             yield LLMResponse(function_calls=made)
@@ -116,6 +116,14 @@ class OpenAILLM:
                 yield
         except TimeoutError:
             raise TimeoutError(f"{self.model} gave no reply in {self.timeout} s") from None
+
+
+def _call_index(piece: Any, calls: dict[int, _Call]) -> int:
+    """Which call a streamed piece of a function call belongs to: its `index`; from a server
+    that gives none, a new call for a piece with an id, else the last call."""
+    if piece.index is not None:
+        return int(piece.index)
+    return len(calls) if piece.id or not calls else len(calls) - 1
 
 
 class _Call:

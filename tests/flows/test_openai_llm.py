@@ -144,6 +144,31 @@ async def test_a_streamed_reply_comes_in_its_pieces_then_its_calls_whole() -> No
     assert sum(bool(p.function_calls) for p in parts) == 1
 
 
+async def test_streamed_calls_without_an_index_are_told_apart_by_their_ids() -> None:
+    """As some servers that speak the API stream them: no `index` in a call's pieces."""
+    made = calls(("call_1", "lookup", '{"order": "A1"}'), ("call_2", "lookup", "{}"))({})
+    events = [
+        json.loads(event.removeprefix("data: "))
+        for event in streamed({"content": None} | made).split("\n\n")
+        if event.startswith("data: {")
+    ]
+    for choice in (c for e in events for c in e["choices"]):
+        for piece in choice["delta"].get("tool_calls", []):
+            del piece["index"]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, text=body, headers=SSE)
+
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(answer))
+    client = AsyncOpenAI(api_key="sk-test", base_url="http://llm.test/v1", http_client=http)
+    [part] = [p async for p in OpenAILLM("m", client).stream([], [TOOL])]
+    assert part.function_calls == [
+        FunctionCall("lookup", {"order": "A1"}, id="call_1"),
+        FunctionCall("lookup", {}, id="call_2"),
+    ]
+
+
 async def test_a_streamed_calls_arguments_that_are_no_json_object_are_an_error() -> None:
     llm = OpenAILLM("gpt-test", served_by(calls(("call_1", "lookup", '{"order": '))))
     with pytest.raises(ValueError, match="'lookup' with arguments that are not a JSON object"):
