@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from typing import Any, Literal
@@ -386,40 +386,56 @@ class FlowManager:
                 self._interruptible.discard(scope)
 
     async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
-        """Ask the LLM, publish and speak its reply, run its function calls; the node they
-        ask for (the last one), and whether the LLM is to see their results."""
+        """Ask the LLM, publish and speak its reply, run its function calls (from the moment
+        the reply is complete, while it is spoken, as Pipecat does); the node they ask for
+        (the last one), and whether the LLM is to see their results. Their results go into
+        the context after what was heard of the reply, and their node is entered once the
+        reply was spoken."""
+        calls = _Calls(self._interrupts)
         asked = CURRENT_NODE.set(node.name)
-        tools = [f.schema() for f in node.functions]
-        interrupts = self._interrupts
         try:
-            if streams(self.llm, self.tts):
-                reply, spoken = await self._stream_reply(node, gen, tools)
-            else:
-                reply, spoken = await self._generate_reply(node, gen, tools)
+            with unwrapped():  # (an error of the LLM's, the TTS's or a call's as itself)
+                async with anyio.create_task_group() as calling:
+
+                    def start_calls(reply: LLMResponse) -> None:
+                        if reply.function_calls:
+                            calling.start_soon(self._run_calls, node, reply, calls)
+
+                    reply = await self._reply(node, gen, start_calls)
         finally:
             CURRENT_NODE.reset(asked)
+        self.messages.extend(calls.messages)
         if reply is None:
             return None, False
-        interrupted, heard_text = spoken
+        return calls.next_node, calls.again and calls.next_node is None
+
+    async def _reply(self, node: NodeConfig, gen: int, complete: _OnReply) -> LLMResponse | None:
+        """The LLM's reply, published and spoken (streamed, if the LLM and the TTS can), given
+        to `complete` once it is; None if it was dropped, or the session ended."""
+        tools = [f.schema() for f in node.functions]
+        answer = self._stream_reply if streams(self.llm, self.tts) else self._generate_reply
+        reply, (interrupted, heard_text) = await answer(node, gen, tools, complete)
+        if reply is None:
+            return None
         finished = TTSFinished(node=node.name, gen=gen, interrupted=interrupted, heard=heard_text)
-        if not await self._publish(finished):
-            return None, False
-        next_node: NodeLike | None = None
-        again = False
-        if reply.function_calls:  # they see what actions wrote meanwhile, and share theirs
-            await self.state.load(self._read_state)
-            for call in reply.function_calls:
-                after_interrupt = self._interrupts != interrupts  # (one before dropped the reply)
-                asks, responds = await self._call_function(node, call, after_interrupt)
-                next_node, again = asks or next_node, again or responds
-            await self.state.flush(self._write_state)
-        return next_node, again and next_node is None
+        return reply if await self._publish(finished) else None
+
+    async def _run_calls(self, node: NodeConfig, reply: LLMResponse, calls: _Calls) -> None:
+        """Run the reply's function calls one after another, noting what they give in
+        `calls`. They see what actions wrote meanwhile, and share what they write."""
+        await self.state.load(self._read_state)
+        for call in reply.function_calls:
+            after_interrupt = self._interrupts != calls.interrupts
+            asks, responds = await self._call_function(node, call, calls.messages, after_interrupt)
+            calls.next_node, calls.again = asks or calls.next_node, calls.again or responds
+        await self.state.flush(self._write_state)
 
     async def _generate_reply(
-        self, node: NodeConfig, gen: int, tools: list[dict[str, Any]]
+        self, node: NodeConfig, gen: int, tools: list[dict[str, Any]], complete: _OnReply
     ) -> tuple[LLMResponse | None, tuple[bool, str | None]]:
-        """The LLM's whole reply, published, then spoken: the reply (None if it was dropped,
-        or not published), and whether its speech was interrupted and what was heard."""
+        """The LLM's whole reply, published (then given to `complete`), then spoken: the reply
+        (None if it was dropped, or not published), and whether its speech was interrupted
+        and what was heard."""
         reply = None
         with self._interruptible_scope():
             reply = await self.llm.generate(self._context(), tools)
@@ -428,14 +444,16 @@ class FlowManager:
             return None, (False, None)
         if not await self._publish(_completed(node, gen, reply)):
             return None, (False, None)
+        complete(reply)
         # Nothing to say is nothing heard: known without asking the TTS.
         return reply, (await self._say(reply.text) if reply.text else (False, ""))
 
     async def _stream_reply(
-        self, node: NodeConfig, gen: int, tools: list[dict[str, Any]]
+        self, node: NodeConfig, gen: int, tools: list[dict[str, Any]], complete: _OnReply
     ) -> tuple[LLMResponse | None, tuple[bool, str | None]]:
         """The LLM's reply, spoken as it is written (its first sentence while the LLM writes
-        the rest), published once complete, as `_generate_reply` returns it once spoken. What
+        the rest), published once complete (then given to `complete`), as `_generate_reply`
+        returns it once spoken. What
         was heard goes into the context, an interrupted reply's too (as Pipecat keeps what
         was spoken of a reply whose generation an interruption cancelled)."""
         reply: LLMResponse | None = None
@@ -456,6 +474,8 @@ class FlowManager:
                     self._log_dropped(node)
                 elif not await self._publish(_completed(node, gen, reply)):
                     reply = None
+                else:
+                    complete(reply)
         if spoken.text:
             self.messages.append({"role": "assistant", "content": spoken.text})
         return reply, (spoken.interrupted, spoken.text)
@@ -653,11 +673,15 @@ class FlowManager:
         return [*role, *self.messages]
 
     async def _call_function(
-        self, node: NodeConfig, call: FunctionCall, after_interrupt: bool = False
+        self,
+        node: NodeConfig,
+        call: FunctionCall,
+        context: list[dict[str, Any]],
+        after_interrupt: bool = False,
     ) -> tuple[NodeLike | None, bool]:
         """Run the function the LLM called (not one ``cancel_on_interruption`` if the caller
-        interrupted already: `after_interrupt`), and put what the LLM gets back into the
-        context; the node it asks for (its handler's, else its `transition_to`), if any, and
+        interrupted already: `after_interrupt`), and put what the LLM gets back into
+        `context`; the node it asks for (its handler's, else its `transition_to`), if any, and
         whether the LLM is to see its result (as Pipecat: a function that stays in the node,
         unless its handler returned ``(result, NO_RESPONSE)``)."""
         function = next((f for f in node.functions if f.name == call.name), None)
@@ -714,13 +738,13 @@ class FlowManager:
             result = ACKNOWLEDGED if result is None else result
         except _Interrupted:
             log.info("function_call_cancelled", function=call.name, why="interrupt")
-            self.messages.extend(_function_call_messages(call, CANCELLED))
+            context.extend(_function_call_messages(call, CANCELLED))
             return None, False  # nowhere, and no LLM turn for it: the caller's turn comes
         except Exception as exc:
             result = {"status": "error", "error": str(exc)}  # as Pipecat gives it; it stays
             next_node = None
             log.error("function_call_failed", function=call.name, error=str(exc))
-        self.messages.extend(_function_call_messages(call, _content(result)))
+        context.extend(_function_call_messages(call, _content(result)))
         if next_node is NO_RESPONSE:
             return None, False
         return (next_node or None), not next_node
@@ -797,6 +821,21 @@ class FlowManager:
                 "action_failed", session=self.session_id, action=action.get("type"), error=error
             )
         await self._publish(ActionDone(corr=corr, error=error))
+
+
+_OnReply = Callable[[LLMResponse], None]
+
+
+class _Calls:
+    """What a reply's function calls gave: the node they ask for, whether the LLM is to see
+    their results, the messages for the context; `interrupts` is the manager's count of
+    `interrupt` calls when the LLM was asked."""
+
+    def __init__(self, interrupts: int) -> None:
+        self.interrupts = interrupts
+        self.next_node: NodeLike | None = None
+        self.again = False
+        self.messages: list[dict[str, Any]] = []
 
 
 def _completed(node: NodeConfig, gen: int, reply: LLMResponse) -> LLMCompleted:

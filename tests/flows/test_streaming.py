@@ -98,31 +98,41 @@ async def test_an_interrupt_while_the_llm_writes_keeps_what_was_heard_and_publis
     ]
 
 
-async def test_a_streamed_replys_function_calls_run_once_it_was_spoken(bus: Bus) -> None:
-    spoken_when_called: list[list[str]] = []
-    tts = Observed()
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_a_replys_function_calls_run_while_it_is_spoken_its_node_entered_after(
+    bus: Bus, streamed: bool
+) -> None:
+    """As Pipecat runs them once the reply is complete: here the speech cannot go on until the
+    call ran. The transition still waits for the speech (`tts.finished` before the next
+    `node.entered`), and the context has the reply before the call."""
+    booked = anyio.Event()
 
     async def book(args: dict[str, Any]) -> Any:
-        spoken_when_called.append(list(tts.spoken))
-        return {"booked": args["day"]}
+        booked.set()
+        return {"booked": args["day"]}, node("done", respond_immediately=False)
+
+    async def waits_for_the_call(kind: str, text: str) -> None:
+        if kind == "tts.started":
+            await booked.wait()
 
     call = FunctionCall("book", {"day": "Friday"}, id="c1")
-    then = LLMResponse(text="Booked.")  # its turn after the call's result
-    llm = Writer(LLMResponse(text="Booking now.", function_calls=[call]), then)
+    llm = Writer(LLMResponse(text="Booking now.", function_calls=[call]))
     llm.go.set()
+    tts = SimulatedTTS(0.001, observer=waits_for_the_call)
+    if not streamed:
+        tts.speak_stream = None  # type: ignore[assignment,method-assign]  # whole replies
     functions = [{"name": "book", "handler": book}]
     async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
         await fm.initialize(node("a", functions=functions, respond_immediately=False))
         with anyio.fail_after(10):
             await fm.respond("Book Friday")
-    assert spoken_when_called == [["Sure.", "Booking now."]]
-    completed = fields(await bus.history("call-1"), "llm.completed")
-    assert [(c["text"], c["function_calls"]) for c in completed] == [
-        ("Sure. Booking now.", ["book"]),
-        ("Sure. Booked.", []),
-    ]
-    roles = [m["role"] for m in fm.messages if m["role"] != "system"]
-    assert roles == ["user", "assistant", "assistant", "tool", "assistant"]
+    kinds = [e.type for e in await bus.history("call-1")]
+    assert kinds[-3:] == ["llm.completed", "tts.finished", "node.entered"]
+    assert fm.current_node == "done"
+    said = [m["content"] for m in fm.messages if m["role"] == "assistant" and "content" in m]
+    assert said == ["Sure. Booking now."]
+    roles = [m["role"] for m in fm.messages if m["role"] not in ("system", "developer")]
+    assert roles == ["user", "assistant", "assistant", "tool"]
 
 
 async def test_speech_cut_short_while_the_llm_writes_leaves_the_reply_to_be_published(
