@@ -4,6 +4,7 @@ come, so the caller hears the first sentence while the LLM still writes the rest
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -59,17 +60,25 @@ def fields(entries: list[Any], kind: str) -> list[dict[str, Any]]:
     return [msgspec.json.decode(e.data) for e in entries if e.type == kind]
 
 
-async def test_the_first_sentence_is_spoken_while_the_llm_still_writes(bus: Bus) -> None:
+@asynccontextmanager
+async def sure_heard(bus: Bus) -> AsyncIterator[tuple[FlowManager, Writer, Observed]]:
+    """A flow answering "Book a table", from the moment "Sure." was spoken while the LLM
+    still writes "Friday works."; the block ends once the `respond` returned."""
     llm, tts = Writer(LLMResponse(text="Friday works.")), Observed()
     async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
         await fm.initialize(node("a", respond_immediately=False))
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fm.respond, "Book a table")
-                await tts.finished.wait()  # "Sure." was spoken, the LLM still writing
-                assert tts.spoken == ["Sure."]
-                assert "llm.completed" not in [e.type for e in await bus.history("call-1")]
-                llm.go.set()
+                await tts.finished.wait()
+                yield fm, llm, tts
+
+
+async def test_the_first_sentence_is_spoken_while_the_llm_still_writes(bus: Bus) -> None:
+    async with sure_heard(bus) as (fm, llm, tts):
+        assert tts.spoken == ["Sure."]
+        assert "llm.completed" not in [e.type for e in await bus.history("call-1")]
+        llm.go.set()
     history = await bus.history("call-1")
     assert [e.type for e in history][-2:] == ["llm.completed", "tts.finished"]
     assert fields(history, "llm.completed")[0]["text"] == "Sure. Friday works."
@@ -82,14 +91,8 @@ async def test_the_first_sentence_is_spoken_while_the_llm_still_writes(bus: Bus)
 async def test_an_interrupt_while_the_llm_writes_keeps_what_was_heard_and_publishes_nothing(
     bus: Bus,
 ) -> None:
-    llm, tts = Writer(LLMResponse(text="Friday works.")), Observed()
-    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
-        await fm.initialize(node("a", respond_immediately=False))
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(fm.respond, "Book a table")
-                await tts.finished.wait()
-                fm.interrupt()  # the respond returns: the task group exits
+    async with sure_heard(bus) as (fm, _, _):
+        fm.interrupt()  # the respond returns
     kinds = [e.type for e in await bus.history("call-1")]
     assert "llm.completed" not in kinds and "tts.finished" not in kinds
     assert fm.messages[-2:] == [
