@@ -105,6 +105,9 @@ class FlowManager:
     error result). A plain `def` handler runs in a thread, which cannot be stopped: it counts
     as timed out once it returns. Nothing waits for ever: each is a finite number of seconds
     above 0, else `ValueError`.
+
+    A reply's function calls run together (`run_in_parallel`, as Pipecat's LLM services by
+    default), or one after another.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class FlowManager:
         function_timeout: float = 30.0,
         context_strategy: Any = ContextStrategy.APPEND,
         global_functions: Sequence[Any] = (),
+        run_in_parallel: bool = True,
     ) -> None:
         for option, seconds in (
             ("actions_timeout", actions_timeout),
@@ -138,6 +142,7 @@ class FlowManager:
         )
         self.actions_service, self.actions_timeout = actions_service, actions_timeout
         self.function_timeout = function_timeout
+        self.run_in_parallel = run_in_parallel
         #: For nodes that set none (any of Pipecat's forms, as a node's `context_strategy`).
         self.context_strategy = context_strategy_of(context_strategy)
         self._summary_prompt = summary_prompt_of(context_strategy)
@@ -421,13 +426,26 @@ class FlowManager:
         return reply if await self._publish(finished) else None
 
     async def _run_calls(self, node: NodeConfig, reply: LLMResponse, calls: _Calls) -> None:
-        """Run the reply's function calls one after another, noting what they give in
-        `calls`. They see what actions wrote meanwhile, and share what they write."""
-        await self.state.load(self._read_state)
-        for call in reply.function_calls:
+        """Run the reply's function calls, together or one after another (`run_in_parallel`),
+        noting what they give in `calls`: their messages in the order of the calls, the node
+        asked for by the last to finish that asks for one (as in Pipecat). They see what
+        actions wrote meanwhile, and share what they write."""
+        given: list[list[dict[str, Any]]] = [[] for _ in reply.function_calls]
+
+        async def run(call: FunctionCall, messages: list[dict[str, Any]]) -> None:
             after_interrupt = self._interrupts != calls.interrupts
-            asks, responds = await self._call_function(node, call, calls.messages, after_interrupt)
+            asks, responds = await self._call_function(node, call, messages, after_interrupt)
             calls.next_node, calls.again = asks or calls.next_node, calls.again or responds
+
+        await self.state.load(self._read_state)
+        if self.run_in_parallel:
+            async with anyio.create_task_group() as together:
+                for call, messages in zip(reply.function_calls, given, strict=True):
+                    together.start_soon(run, call, messages)
+        else:
+            for call, messages in zip(reply.function_calls, given, strict=True):
+                await run(call, messages)
+        calls.messages.extend(message for messages in given for message in messages)
         await self.state.flush(self._write_state)
 
     async def _generate_reply(

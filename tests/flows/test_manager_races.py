@@ -416,9 +416,9 @@ async def test_an_end_while_the_llm_generates_returns_the_respond_at_once(bus: B
 async def test_an_interrupt_cancels_the_replys_later_calls_that_are_cancel_on_interruption(
     bus: Bus,
 ) -> None:
-    """Pipecat starts a reply's calls together, so an interruption cancels every cancellable
-    one; flowbus runs them one after another, and one not begun yet is cancelled too: not
-    run, "CANCELLED" for the LLM. One without the option runs, and the LLM gets its turn."""
+    """Run one after another (`run_in_parallel=False`), a cancellable call not begun when the
+    caller spoke up is cancelled too, as it would have been running together with the others:
+    not run, "CANCELLED" for the LLM. One without the option runs, and the LLM gets its turn."""
     ran: list[str] = []
     running, finish = anyio.Event(), anyio.Event()
 
@@ -441,7 +441,8 @@ async def test_an_interrupt_cancels_the_replys_later_calls_that_are_cancel_on_in
     ]
     made = [FunctionCall(name, id=f"c{i}") for i, name in enumerate(["book", "lookup", "remember"])]
     llm = ScriptedLLM({"a": [LLMResponse(function_calls=made), LLMResponse(text="Booked.")]})
-    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+    tts = SimulatedTTS(0)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts, run_in_parallel=False) as fm:
         await fm.initialize(node("a", functions=functions, respond_immediately=False))
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
@@ -483,3 +484,31 @@ async def test_an_interrupt_while_a_reply_is_spoken_cancels_its_cancellable_call
     tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert tool == [("c1", "CANCELLED")]
     assert llm.calls == ["a"]  # no turn for the cancelled call
+
+
+async def test_a_replys_calls_run_together_and_the_last_to_finish_chooses_the_node(
+    bus: Bus,
+) -> None:
+    """As Pipecat runs them (`run_in_parallel`, its default): the first call waits for the
+    second to finish, which only calls run together allow. Their results go into the context
+    in the order of the calls; the node entered is the last finisher's request."""
+    second_done = anyio.Event()
+
+    async def first(args: dict[str, Any]) -> Any:
+        await second_done.wait()
+        return {"first": True}, node("by_first", respond_immediately=False)
+
+    async def second(args: dict[str, Any]) -> Any:
+        second_done.set()
+        return {"second": True}, node("by_second", respond_immediately=False)
+
+    functions = [{"name": "first", "handler": first}, {"name": "second", "handler": second}]
+    made = [FunctionCall("first", id="c1"), FunctionCall("second", id="c2")]
+    llm = ScriptedLLM({"a": [LLMResponse(function_calls=made)]})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", functions=functions, respond_immediately=False))
+        with anyio.fail_after(10):
+            await fm.respond("Do both")
+    tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
+    assert tool == [("c1", '{"first": true}'), ("c2", '{"second": true}')]
+    assert fm.current_node == "by_first"
