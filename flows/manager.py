@@ -373,8 +373,8 @@ class FlowManager:
         being spoken is the TTS's to cut (`PipelineSpeech` is, by the pipeline's
         interruption): it reports what was heard. A function call running with
         ``cancel_on_interruption`` is cancelled, as in Pipecat: the LLM gets "CANCELLED" as
-        its result, and it transitions nowhere; so is such a call of the same reply that has
-        not run yet (Pipecat would have started it with the others, as the reply came)."""
+        its result, and it transitions nowhere; so is such a call of the same reply not begun
+        yet, run one after another (`run_in_parallel` False: it would have been running)."""
         self._interrupts += 1
         for scope in self._interruptible:
             scope.cancel()
