@@ -92,7 +92,7 @@ async def measure(url: str, args: argparse.Namespace, streamed: bool) -> list[tu
     return times
 
 
-async def main(url: str, args: argparse.Namespace) -> None:
+async def report(url: str, args: argparse.Namespace) -> None:
     print(
         f"LLM: first word after {args.first_token} s, {args.words_per_second:g} words/s; "
         f"TTS: {args.chars_per_second:g} chars/s; a reply of {len(REPLY.split())} words, "
@@ -108,10 +108,16 @@ async def main(url: str, args: argparse.Namespace) -> None:
         )
 
 
-if __name__ == "__main__":
-    arguments = parser().parse_args()
-    if arguments.turns < 1:
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.turns < 1:
         sys.exit("--turns must be at least 1")
+    if min(args.words_per_second, args.chars_per_second) <= 0 or args.first_token < 0:
+        sys.exit("the speeds must be above 0, the first token's seconds 0 or more")
     logs.configure("warning")
-    with LocalServer(arguments.server) as server:
-        run(main, server.url, arguments)
+    with LocalServer(args.server) as server:
+        run(report, server.url, args)
+
+
+if __name__ == "__main__":
+    main()
