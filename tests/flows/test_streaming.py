@@ -45,7 +45,7 @@ class Writer:
 
 
 class Observed(SimulatedTTS):
-    """A SimulatedTTS that notes what it finished speaking, with what the bus held then."""
+    """A SimulatedTTS whose `finished` is set once it finished speaking a sentence."""
 
     def __init__(self) -> None:
         super().__init__(0.0, observer=self._observe)
