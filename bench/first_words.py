@@ -1,11 +1,14 @@
 """``python -m bench.first_words``: how soon the caller hears a reply, streamed or whole.
 
-A bot's `FlowManager` on a private server answers the same turns twice: once with the reply
-spoken whole (the TTS given it once the LLM wrote all of it) and once streamed (its first
-sentence spoken while the LLM writes the rest). The LLM is a `ScriptedLLM` that takes
-`--first-token` seconds before its first word and then writes `--words-per-second`; the TTS a
-`SimulatedTTS` speaking `--chars-per-second`. Reported: from `respond` to the first word
-spoken, and to the end of the reply, p50 and max over `--turns` turns each.
+A bot's `FlowManager` on a private server answers the same turns with the reply spoken whole
+(the TTS given it once the LLM wrote all of it) and streamed (its first sentence spoken while
+the LLM writes the rest), each with two TTSs: a `SimulatedTTS`, and a Pipecat 1.14 pipeline
+(`PipelineSpeech` after a TTS service and an output transport that speak silence at the pace
+of speech, `flows.pipecat_offline`), where the first word counts once the transport starts
+playing it. The LLM is a `ScriptedLLM` that takes `--first-token` seconds before its first
+word and then writes `--words-per-second`; the TTSs speak `--chars-per-second`. Reported: from
+`respond` to the first word spoken, and to the end of the reply, p50 and max over `--turns`
+turns each.
 """
 
 from __future__ import annotations
@@ -14,12 +17,22 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
 
 import anyio
+from loguru import logger
+from pipecat.frames.frames import BotStartedSpeakingFrame, Frame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
 
 from bus import Bus, Settings
-from flows import FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
+from flows import TTS, FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
+from flows.pipecat_offline import SilentOutput, SilentTTS
+from flows.pipecat_speech import PipelineSpeech
 from workers import logs
 from workers.runtime import run
 from workers.server import LocalServer
@@ -58,28 +71,68 @@ class Whole:
         return LLMResponse(text="".join(text))
 
 
-async def measure(url: str, args: argparse.Namespace, streamed: bool) -> list[tuple[float, float]]:
+Speaker = Literal["simulated", "pipecat"]
+
+
+class FirstWord(FrameProcessor):
+    """Notes when the output transport starts playing, in `heard` (if it is empty)."""
+
+    def __init__(self, heard: list[float]) -> None:
+        super().__init__()
+        self.heard = heard
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, BotStartedSpeakingFrame) and not self.heard:
+            self.heard.append(time.perf_counter())
+        await self.push_frame(frame, direction)
+
+
+@asynccontextmanager
+async def speaker(
+    kind: Speaker, args: argparse.Namespace, heard: list[float]
+) -> AsyncIterator[TTS]:
+    """The TTS, which notes when it starts speaking in `heard` (if it is empty)."""
+
+    async def speaking(event: str, text: str) -> None:
+        if event == "tts.started" and not heard:
+            heard.append(time.perf_counter())
+
+    if kind == "simulated":
+        yield SimulatedTTS(1 / args.chars_per_second, observer=speaking)
+        return
+    seconds_per_word = len(REPLY) / len(REPLY.split()) / args.chars_per_second
+    speech = PipelineSpeech()
+    pipeline = Pipeline([SilentTTS(seconds_per_word), SilentOutput(), FirstWord(heard), speech])
+    worker = speech.worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.run)
+        yield speech
+        await worker.cancel()
+
+
+async def measure(
+    url: str, args: argparse.Namespace, streamed: bool, kind: Speaker = "simulated"
+) -> list[tuple[float, float]]:
     """(seconds to the first word, seconds to the end) of each turn."""
     first_word: list[float] = []
 
-    async def thinking(kind: str, node: str) -> None:
+    async def thinking(event: str, node: str) -> None:
         await anyio.sleep(args.first_token)
-
-    async def speaking(kind: str, text: str) -> None:
-        if kind == "tts.started" and not first_word:
-            first_word.append(time.perf_counter())
 
     llm = ScriptedLLM(
         {"a": [LLMResponse(text=REPLY)]},
         observer=thinking,
         seconds_per_word=1 / args.words_per_second,
     )
-    tts = SimulatedTTS(1 / args.chars_per_second, observer=speaking)
     node: dict[str, Any] = {"name": "a", "task_messages": [], "respond_immediately": False}
     times = []
-    async with Bus.connect(Settings(url=url, prefix="firstwords")) as bus:
+    settings = Settings(url=url, prefix="firstwords")
+    async with Bus.connect(settings) as bus, speaker(kind, args, first_word) as tts:
         for turn in range(args.turns):
-            session = f"{'streamed' if streamed else 'whole'}-{turn}"
+            session = f"{kind}-{'streamed' if streamed else 'whole'}-{turn}"
             asked = llm if streamed else Whole(llm)
             async with FlowManager.open(bus, session, llm=asked, tts=tts) as flow:
                 await flow.initialize(node)
@@ -88,6 +141,8 @@ async def measure(url: str, args: argparse.Namespace, streamed: bool) -> list[tu
                 await flow.respond("Where is my order?")
                 ended = time.perf_counter()
                 await flow.end()
+            if not first_word:
+                sys.exit(f"{session}: nothing was heard (a TTS too fast to make a sound?)")
             times.append((first_word[0] - began, ended - began))
     return times
 
@@ -98,14 +153,17 @@ async def report(url: str, args: argparse.Namespace) -> None:
         f"TTS: {args.chars_per_second:g} chars/s; a reply of {len(REPLY.split())} words, "
         f"{args.turns} turns each"
     )
-    print(f"{'reply':<10} {'first word p50':>15} {'max':>7} {'end p50':>9} {'max':>7}")
-    for streamed in (False, True):
-        times = await measure(url, args, streamed)
-        first, end = [t[0] for t in times], [t[1] for t in times]
-        print(
-            f"{'streamed' if streamed else 'whole':<10} {statistics.median(first):>13.3f} s "
-            f"{max(first):>5.3f} s {statistics.median(end):>7.3f} s {max(end):>5.3f} s"
-        )
+    print(f"{'TTS':<10} {'reply':<10} {'first word p50':>15} {'max':>7} {'end p50':>9} {'max':>7}")
+    kinds: tuple[Speaker, ...] = ("simulated", "pipecat")
+    for kind in kinds:
+        for streamed in (False, True):
+            times = await measure(url, args, streamed, kind)
+            first, end = [t[0] for t in times], [t[1] for t in times]
+            print(
+                f"{kind:<10} {'streamed' if streamed else 'whole':<10} "
+                f"{statistics.median(first):>13.3f} s {max(first):>5.3f} s "
+                f"{statistics.median(end):>7.3f} s {max(end):>5.3f} s"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.words_per_second, args.chars_per_second) <= 0 or args.first_token < 0:
         sys.exit("the speeds must be above 0, the first token's seconds 0 or more")
     logs.configure("warning")
+    logger.remove()  # (Pipecat's own debug lines)
     with LocalServer(args.server) as server:
         run(report, server.url, args)
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from bench.first_words import main, measure, parser
+from bench.first_words import Speaker, main, measure, parser
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.parametrize("kind", ["simulated", "pipecat"])
 @pytest.mark.parametrize("streamed", [True, False])
 async def test_each_turn_is_measured_from_respond_to_its_first_word_and_its_end(
-    server: LocalServer, streamed: bool
+    server: LocalServer, streamed: bool, kind: Speaker
 ) -> None:
-    fast = ["--first-token", "0", "--words-per-second", "1000", "--chars-per-second", "1e5"]
+    fast = ["--first-token", "0", "--words-per-second", "1000", "--chars-per-second", "1000"]
     args = parser().parse_args(["--turns", "2", *fast])
-    times = await measure(server.url, args, streamed)
+    times = await measure(server.url, args, streamed, kind)
     assert len(times) == 2
     assert all(0 < first <= end for first, end in times)
 

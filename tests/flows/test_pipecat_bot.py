@@ -22,17 +22,18 @@ from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.transports.base_transport import BaseTransport, TransportParams
+from pipecat.transports.base_transport import BaseTransport
 from pipecat.workers.runner import WorkerRunner
 
 from bus import Bus
 from flows import FlowManager
 from flows.openai_llm import OpenAILLM
+from flows.pipecat_offline import SilentOutput, SilentTTS
 from flows.pipecat_speech import PipelineSpeech
 from flows.pipecat_turns import answer_user_turns
 from tests.flows.test_actions import actions as actions  # the fixture: an actions worker
 from tests.flows.test_openai_llm import calls, says, served_by
-from tests.flows.test_pipecat_speech import RATE, Seen, SilentOutput, SilentTTS
+from tests.flows.test_pipecat_speech import Seen
 from tests.flows.test_pipecat_turns import params, say
 from tests.support import wait_for
 from tests.test_readme import readme_files
@@ -78,8 +79,7 @@ async def call(
     and the call's events (type, data)."""
     user = LLMContextAggregatorPair(LLMContext(), user_params=params()).user()
     speech, seen = PipelineSpeech(timeout=20), Seen()
-    output = SilentOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
-    pipeline = Pipeline([user, SilentTTS(seconds_per_word), output, seen, speech])
+    pipeline = Pipeline([user, SilentTTS(seconds_per_word), SilentOutput(), seen, speech])
     worker = speech.worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
     asked: list[dict[str, Any]] = []
     llm = OpenAILLM("gpt-test", served_by(model, asked))
@@ -161,9 +161,7 @@ class StandInTransport(BaseTransport):
         super().__init__()
         self._register_event_handler("on_client_disconnected")
         self._input = Through()
-        self._output = SilentOutput(
-            TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE)
-        )
+        self._output = SilentOutput()
 
     def input(self) -> FrameProcessor:
         return self._input

@@ -1,14 +1,14 @@
 """PipelineSpeech: flowbus's TTS spoken through a real Pipecat 1.14 pipeline, run offline.
 
 The pipeline is a TTS service that "synthesizes" silence with word timestamps, an output
-transport that plays audio to no device (but at its pace, as a device would), then
-PipelineSpeech. The output transport emits BotStarted/StoppedSpeakingFrame and the words
-(TTSTextFrame) as they are played, as with any Pipecat TTS service and transport.
+transport that plays audio to no device (but at its pace, as a device would; both from
+`flows.pipecat_offline`), then PipelineSpeech. The output transport emits
+BotStarted/StoppedSpeakingFrame and the words (TTSTextFrame) as they are played, as with any
+Pipecat TTS service and transport.
 """
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -22,66 +22,23 @@ from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     Frame,
     InterruptionFrame,
-    OutputAudioRawFrame,
-    StartFrame,
-    TTSAudioRawFrame,
     TTSTextFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.services.settings import TTSSettings
-from pipecat.services.tts_service import TTSService
-from pipecat.transports.base_output import BaseOutputTransport
-from pipecat.transports.base_transport import TransportParams
 from pipecat.workers.runner import WorkerRunner
 from structlog.testing import capture_logs
 
 from bus import Bus
 from flows import FlowManager, LLMResponse, ScriptedLLM, Spoken
+from flows.pipecat_offline import SilentOutput, SilentTTS
 from flows.pipecat_speech import PipelineSpeech
 from tests.flows.test_actions import actions as actions  # the fixture: an actions worker
 from tests.flows.test_actions import node, say
 from tests.support import ROOT, wait_for
 
 pytestmark = pytest.mark.anyio
-
-RATE = 16000
-
-
-class SilentTTS(TTSService):
-    """Speaks each word as `seconds_per_word` of silence, with its word timestamp."""
-
-    def __init__(self, seconds_per_word: float) -> None:
-        super().__init__(
-            push_text_frames=False,  # the words come with timestamps, as they are played
-            push_stop_frames=True,
-            stop_frame_timeout_s=0.5,
-            sample_rate=RATE,
-            settings=TTSSettings(model=None, voice=None, language=None),
-        )
-        self.seconds_per_word = seconds_per_word
-
-    def can_generate_metrics(self) -> bool:
-        return False
-
-    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
-        for i, word in enumerate(text.split()):
-            silence = b"\x00\x00" * int(RATE * self.seconds_per_word)
-            yield TTSAudioRawFrame(silence, RATE, 1, context_id=context_id)
-            await self.add_word_timestamps([(word, i * self.seconds_per_word)], context_id)
-
-
-class SilentOutput(BaseOutputTransport):
-    """Plays audio to no device, taking as long as the audio lasts."""
-
-    async def start(self, frame: StartFrame) -> None:
-        await super().start(frame)
-        await self.set_transport_ready(frame)
-
-    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
-        await asyncio.sleep(len(frame.audio) / (frame.sample_rate * 2 * frame.num_channels))
-        return True
 
 
 class Seen(FrameProcessor):
@@ -116,8 +73,7 @@ async def playing(
 ) -> AsyncIterator[tuple[PipelineSpeech, Seen, PipelineWorker]]:
     """A running pipeline: SilentTTS, SilentOutput, Seen, PipelineSpeech (cancelled after)."""
     seen, speech = Seen(), PipelineSpeech(timeout=20)
-    output = SilentOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
-    pipeline = Pipeline([tts(seconds_per_word), output, seen, speech])
+    pipeline = Pipeline([tts(seconds_per_word), SilentOutput(), seen, speech])
     worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
     speech.worker = worker  # set after construction: the worker needs the pipeline first
     runner = WorkerRunner(handle_sigint=False)
@@ -256,7 +212,8 @@ async def test_speaking_without_a_pipeline_to_queue_into_is_a_clear_error() -> N
 def test_flows_imports_without_pipecat_and_does_not_import_pipeline_speech() -> None:
     code = (
         "import sys; sys.modules['pipecat'] = None; import flows; "
-        "assert 'flows.pipecat_speech' not in sys.modules"
+        "assert 'flows.pipecat_speech' not in sys.modules; "
+        "assert 'flows.pipecat_offline' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

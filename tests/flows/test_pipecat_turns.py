@@ -24,7 +24,6 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMUserAggregatorParams,
     UserTurnStoppedMessage,
 )
-from pipecat.transports.base_transport import TransportParams
 from pipecat.turns.user_start import VADUserTurnStartStrategy
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
@@ -33,10 +32,11 @@ from structlog.testing import capture_logs
 
 from bus import Bus
 from flows import FlowManager, LLMResponse, ScriptedLLM
+from flows.pipecat_offline import SilentOutput, SilentTTS
 from flows.pipecat_speech import PipelineSpeech
 from flows.pipecat_turns import answer_user_turns
 from tests.flows.test_actions import node
-from tests.flows.test_pipecat_speech import RATE, Seen, SilentOutput, SilentTTS
+from tests.flows.test_pipecat_speech import Seen
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -173,8 +173,7 @@ async def voice_bot(
     """A running pipeline whose user turns the flow answers through it (cancelled after)."""
     user = LLMContextAggregatorPair(LLMContext(), user_params=params()).user()
     speech, seen = PipelineSpeech(timeout=20), Seen()
-    output = SilentOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
-    pipeline = Pipeline([user, SilentTTS(seconds_per_word), output, seen, speech])
+    pipeline = Pipeline([user, SilentTTS(seconds_per_word), SilentOutput(), seen, speech])
     worker = speech.worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
