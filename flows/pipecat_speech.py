@@ -4,10 +4,11 @@ Pipecat is optional: this module imports it, so `flows` does not import this mod
 ``from flows.pipecat_speech import PipelineSpeech``.
 
 Place it at the end of the pipeline, after ``transport.output()``. `speak(text)` queues a
-``TTSSpeakFrame(text)`` into the pipeline, then follows the downstream frames the output
-transport pushes as the audio is played: ``BotStartedSpeakingFrame``, the words as spoken
-(``TTSTextFrame``), then ``BotStoppedSpeakingFrame`` (spoken to the end) or an
-``InterruptionFrame`` (cut short). It returns `Spoken(words heard, interrupted)`.
+``TTSSpeakFrame(text)`` into the pipeline, and a frame of its own after it, then follows the
+downstream frames the output transport pushes as the audio is played: ``BotStartedSpeakingFrame``,
+the words as spoken (``TTSTextFrame``), then its own frame, which the TTS service and the
+transport keep behind the text's audio, and ``BotStoppedSpeakingFrame`` (spoken to the end);
+or an ``InterruptionFrame`` (cut short). It returns `Spoken(words heard, interrupted)`.
 
 `speak_stream(texts)` speaks a reply as the LLM writes it, as Pipecat speaks an LLM's: the
 texts go in as an LLM response (``LLMFullResponseStartFrame``, an ``LLMTextFrame`` each,
@@ -32,6 +33,7 @@ from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     CancelFrame,
+    DataFrame,
     EndFrame,
     Frame,
     InterruptionFrame,
@@ -54,15 +56,20 @@ class Worker(Protocol):
     async def queue_frame(self, frame: Frame) -> Any: ...
 
 
+class _Said(DataFrame):
+    """Follows a `speak`'s text into the pipeline: the TTS service and the output transport
+    keep it behind the text's audio, so it comes out once that was played."""
+
+
 class _Turn:
     """What was seen of the text being spoken."""
 
-    def __init__(self, *, streamed: bool = False) -> None:
+    def __init__(self) -> None:
         self.started = False  # the bot started speaking it
         self.speaking = False
-        #: Its text is all through the transport: a TTSSpeakFrame's at once; a streamed one's
-        #: when the end frame it was given (`end_id`) comes out of the transport.
-        self.said = not streamed
+        #: Its text is all through the transport: the frame that followed it (`end_id`: a
+        #: `_Said`, or a streamed reply's end) came out of the transport.
+        self.said = False
         self.end_id: int | None = None
         self.words: list[str] = []
         self.interrupted = False
@@ -99,7 +106,10 @@ class PipelineSpeech(FrameProcessor):
                 return Spoken("", interrupted=True)
             turn = self._turn = _Turn()
             try:
+                said = _Said()
+                turn.end_id = said.id
                 await worker.queue_frame(TTSSpeakFrame(text))
+                await worker.queue_frame(said)
                 with anyio.move_on_after(self.timeout):
                     await turn.done.wait()
             finally:
@@ -113,7 +123,7 @@ class PipelineSpeech(FrameProcessor):
         async with self._turn_lock:
             if self._ended:
                 return Spoken("", interrupted=True)
-            turn = self._turn = _Turn(streamed=True)
+            turn = self._turn = _Turn()
             text: list[str] = []
             try:
                 async with anyio.create_task_group() as tg:
@@ -173,7 +183,7 @@ class PipelineSpeech(FrameProcessor):
                 turn.speaking = False
                 if turn.started and turn.said:
                     turn.done.set()
-            elif isinstance(frame, LLMFullResponseEndFrame) and frame.id == turn.end_id:
+            elif isinstance(frame, _Said | LLMFullResponseEndFrame) and frame.id == turn.end_id:
                 turn.said = True
                 if not turn.speaking:  # (stopped already; or the TTS made no sound of it)
                     turn.done.set()

@@ -160,10 +160,17 @@ async def test_an_interruption_ends_a_streamed_reply_without_waiting_for_the_res
         assert await speech.speak("Goodbye") == Spoken("Goodbye")  # and the next is its own
 
 
-async def test_a_streamed_reply_the_tts_makes_no_sound_of_returns_once_it_came_through() -> None:
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_a_text_the_tts_makes_no_sound_of_returns_once_it_came_through(
+    streamed: bool,
+) -> None:
     async with playing(tts=MuteTTS) as (speech, _, _):
         with capture_logs() as logs, anyio.fail_after(60):
-            assert await speech.speak_stream(pieces("Hello there.")) == Spoken("")
+            if streamed:
+                spoken = await speech.speak_stream(pieces("Hello there."))
+            else:
+                spoken = await speech.speak("Hello there.")
+            assert spoken == Spoken("")
     assert [e for e in logs if e["event"] == "speech.timeout"] == []  # (not its 20 s timeout)
 
 
