@@ -471,9 +471,9 @@ class FlowManager:
     ) -> tuple[LLMResponse | None, tuple[bool, str | None]]:
         """The LLM's reply, spoken as it is written (its first sentence while the LLM writes
         the rest), published once complete (then given to `complete`), as `_generate_reply`
-        returns it once spoken. What
-        was heard goes into the context, an interrupted reply's too (as Pipecat keeps what
-        was spoken of a reply whose generation an interruption cancelled)."""
+        returns it once spoken. What was heard goes into the context, an interrupted reply's
+        too (as Pipecat keeps what was spoken of a reply whose generation an interruption
+        cancelled)."""
         reply: LLMResponse | None = None
         spoken = Spoken("")
         sending, texts = anyio.create_memory_object_stream[str](math.inf)  # (never blocks)
