@@ -45,7 +45,7 @@ REPLY = (
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.first_words", description=__doc__)
-    p.add_argument("--turns", type=int, default=5, help="turns per mode (default 5)")
+    p.add_argument("--turns", type=int, default=5, help="turns per row (default 5)")
     p.add_argument(
         "--first-token", type=float, default=0.4, help="seconds to the LLM's first word (0.4)"
     )
@@ -55,7 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chars-per-second", type=float, default=15.0, help="the TTS's speaking speed (15)"
     )
-    p.add_argument("--server", choices=["redis", "valkey"], default="redis")
+    p.add_argument(
+        "--server",
+        choices=["redis", "valkey"],
+        default="redis",
+        help="redis-server from the PATH (default) or the embedded Valkey",
+    )
     return p
 
 
@@ -132,7 +137,11 @@ async def measure(
     settings = Settings(url=url, prefix="firstwords")
     async with Bus.connect(settings) as bus, speaker(kind, args, first_word) as tts:
         for turn in range(args.turns):
-            session = f"{kind}-{'streamed' if streamed else 'whole'}-{turn}"
+            mode = "streamed" if streamed else "whole"
+            session = f"{kind}-{mode}-{turn}"
+            if sys.stderr.isatty():  # (a turn lasts as long as its speech: some seconds)
+                doing = f"  {kind}, {mode}: turn {turn + 1} of {args.turns}"
+                print(doing, end="\r", file=sys.stderr, flush=True)
             asked = llm if streamed else Whole(llm)
             async with FlowManager.open(bus, session, llm=asked, tts=tts) as flow:
                 await flow.initialize(node)
