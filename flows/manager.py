@@ -473,8 +473,9 @@ class FlowManager:
         the rest), published once complete (then given to `complete`), as `_generate_reply`
         returns it once spoken. What was heard goes into the context, an interrupted reply's
         too (as Pipecat keeps what was spoken of a reply whose generation an interruption
-        cancelled)."""
+        cancelled). An error of the LLM's is raised once what it wrote was spoken."""
         reply: LLMResponse | None = None
+        failure: Exception | None = None
         spoken = Spoken("")
         sending, texts = anyio.create_memory_object_stream[str](math.inf)  # (never blocks)
 
@@ -487,15 +488,21 @@ class FlowManager:
             async with anyio.create_task_group() as speaking:
                 speaking.start_soon(speak)
                 with sending:
-                    reply = await self._written(tools, sending)
-                if reply is None:
+                    try:
+                        reply = await self._written(tools, sending)
+                    except Exception as exc:  # (what it wrote is still spoken)
+                        failure = exc
+                if reply is not None:
+                    if await self._publish(_completed(node, gen, reply)):
+                        complete(reply)
+                    else:
+                        reply = None
+                elif failure is None:
                     self._log_dropped(node)
-                elif not await self._publish(_completed(node, gen, reply)):
-                    reply = None
-                else:
-                    complete(reply)
         if spoken.text:
             self.messages.append({"role": "assistant", "content": spoken.text})
+        if failure is not None:
+            raise failure
         return reply, (spoken.interrupted, spoken.text)
 
     async def _written(

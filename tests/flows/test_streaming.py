@@ -168,14 +168,22 @@ async def test_speech_cut_short_while_the_llm_writes_leaves_the_reply_to_be_publ
     assert fm.messages[-1] == {"role": "user", "content": "Book a table"}
 
 
-async def test_an_error_of_the_llm_while_it_writes_reaches_respond_as_itself(bus: Bus) -> None:
+async def test_an_error_of_the_llm_while_it_writes_reaches_respond_once_that_was_spoken(
+    bus: Bus,
+) -> None:
+    """As Pipecat ends an LLM response that failed: what was written is spoken to its end
+    and kept in the context; the error reaches `respond` as itself; nothing is published."""
     llm = Writer(LLMResponse(), failure=RuntimeError("the model is overloaded"))
     llm.go.set()
-    async with FlowManager.open(bus, "call-1", llm=llm, tts=Observed()) as fm:
+    tts = SimulatedTTS(0.001)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
         await fm.initialize(node("a", respond_immediately=False))
         with anyio.fail_after(10), pytest.raises(RuntimeError, match="overloaded"):
             await fm.respond("Hello")
-    assert "llm.completed" not in [e.type for e in await bus.history("call-1")]
+    assert tts.spoken == ["Sure."]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Sure."}
+    kinds = [e.type for e in await bus.history("call-1")]
+    assert "llm.completed" not in kinds and "tts.finished" not in kinds
 
 
 async def test_a_tts_that_cannot_speak_a_stream_gets_the_whole_reply(bus: Bus) -> None:
