@@ -2,7 +2,14 @@
 
 Pipecat-Flows nodes and actions (`FlowManager` in the bot, `ActionService` in workers), event
 handlers as services (`EventService`, `Events`, and `forward_events` for a Pipecat object's
-events), the event catalog, the messages between bots and services, and the errors users see.
+events), the event catalog, the messages between bots and services, and the errors users see;
+the LLM and TTS a `FlowManager` drives (`LLM`, `TTS`, their streaming forms) and stand-ins for
+them (`ScriptedLLM`, `SimulatedTTS`).
+
+Modules that import optional packages, so `flows` does not import them: `flows.openai_llm`
+(an LLM on OpenAI's API), `flows.pipecat_speech` (a TTS spoken through a Pipecat pipeline),
+`flows.pipecat_turns` (the caller's turns answered by the flow), `flows.pipecat_offline` (a
+Pipecat pipeline that speaks offline).
 """
 
 from .actions import ActionService, WorkerFlowManager
