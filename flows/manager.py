@@ -499,8 +499,7 @@ class FlowManager:
                         reply = None
                 elif failure is None:
                     self._log_dropped(node)
-        if spoken.text:
-            self.messages.append({"role": "assistant", "content": spoken.text})
+        self._keep_heard(spoken.text)
         if failure is not None:
             raise failure
         return reply, (spoken.interrupted, spoken.text)
@@ -821,9 +820,14 @@ class FlowManager:
         keeps what was spoken of an interrupted reply; for a bool, the whole text)."""
         said = await self.tts.speak(text)
         spoken = heard(text, said)
-        if append and spoken.text:
-            self.messages.append({"role": "assistant", "content": spoken.text})
+        if append:
+            self._keep_heard(spoken.text)
         return spoken.interrupted, said.text if isinstance(said, Spoken) else None
+
+    def _keep_heard(self, text: str) -> None:
+        """What the caller heard the bot say goes into the LLM's context (if it heard any)."""
+        if text:
+            self.messages.append({"role": "assistant", "content": text})
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
         # Each is asked for once (a worker that runs the action again does not send it

@@ -181,7 +181,7 @@ class PipelineSpeech(FrameProcessor):
                 turn.words.append(space + frame.text)
             elif isinstance(frame, BotStoppedSpeakingFrame):
                 turn.speaking = False
-                if turn.started and turn.said:
+                if turn.said:  # (it was speaking: the end came out before)
                     turn.done.set()
             elif isinstance(frame, _Said | LLMFullResponseEndFrame) and frame.id == turn.end_id:
                 turn.said = True

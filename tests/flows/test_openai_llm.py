@@ -51,20 +51,21 @@ def served_by(model: Model, asked: list[dict[str, Any]] | None = None) -> AsyncO
 SSE = {"content-type": "text/event-stream"}
 
 
-def streamed(reply: dict[str, Any]) -> str:
+def streamed(reply: dict[str, Any], *, indexed: bool = True) -> str:
     """`reply` as the API streams it: server-sent chunks, its text a word each, each function
-    call's id and name first, then its arguments in two pieces; a last chunk with no choice
+    call's id and name first, then its arguments in two pieces (each piece with the call's
+    `index`, unless not `indexed`, as some servers send them); a last chunk with no choice
     (the usage), then ``[DONE]``."""
     deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
     deltas += [{"content": word} for word in re.findall(r"\S+\s*", reply["content"] or "")]
     for i, call in enumerate(reply.get("tool_calls") or ()):
         named = {"name": call["function"]["name"], "arguments": ""}
-        deltas.append(
-            {"tool_calls": [{"index": i, "id": call["id"], "type": "function", "function": named}]}
-        )
+        index = {"index": i} if indexed else {}
+        first = {"id": call["id"], "type": "function", "function": named}
+        deltas.append({"tool_calls": [index | first]})
         arguments = call["function"]["arguments"]
         for piece in (arguments[:3], arguments[3:]):
-            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+            deltas.append({"tool_calls": [index | {"function": {"arguments": piece}}]})
     chunk = {"id": "c-1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     events = [chunk | {"choices": [{"index": 0, "delta": d}]} for d in deltas]
     events.append(
@@ -147,15 +148,7 @@ async def test_a_streamed_reply_comes_in_its_pieces_then_its_calls_whole() -> No
 async def test_streamed_calls_without_an_index_are_told_apart_by_their_ids() -> None:
     """As some servers that speak the API stream them: no `index` in a call's pieces."""
     made = calls(("call_1", "lookup", '{"order": "A1"}'), ("call_2", "lookup", "{}"))({})
-    events = [
-        json.loads(event.removeprefix("data: "))
-        for event in streamed({"content": None} | made).split("\n\n")
-        if event.startswith("data: {")
-    ]
-    for choice in (c for e in events for c in e["choices"]):
-        for piece in choice["delta"].get("tool_calls", []):
-            del piece["index"]
-    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    body = streamed({"content": None} | made, indexed=False)
 
     async def answer(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, text=body, headers=SSE)
