@@ -174,10 +174,11 @@ class FlowManager:
         self._bot_actions: dict[str, tuple[int, Handler]] = {}
         self._registered: dict[str, Handler] = {}
         self._pre_wait: anyio.CancelScope | None = None
-        #: What `interrupt` cancels: LLM replies being generated, and the handlers of
-        #: functions that are ``cancel_on_interruption``.
-        self._interruptible: set[anyio.CancelScope] = set()
-        self._interrupts = 0  # `interrupt` calls so far
+        #: What `interrupt` cancels: LLM replies being generated (`_generating`), and the
+        #: handlers of functions that are ``cancel_on_interruption`` (`_cancellable`).
+        self._generating: set[anyio.CancelScope] = set()
+        self._cancellable: set[anyio.CancelScope] = set()
+        self._interrupts = 0  # interruptions so far: `interrupt` calls, speech cut short
 
     @classmethod
     @asynccontextmanager
@@ -374,21 +375,33 @@ class FlowManager:
         interruption): it reports what was heard. A function call running with
         ``cancel_on_interruption`` is cancelled, as in Pipecat: the LLM gets "CANCELLED" as
         its result, and it transitions nowhere; so is such a call of the same reply not begun
-        yet, run one after another (`run_in_parallel` False: it would have been running)."""
+        yet, run one after another (`run_in_parallel` False: it would have been running).
+        Speech the TTS reports cut short cancels such calls too, without this call."""
+        for scope in self._generating:
+            scope.cancel()
+        self._cancel_calls()
+
+    def _cancel_calls(self) -> None:
+        """The caller spoke up: cancel the ``cancel_on_interruption`` calls running, and
+        those of the same reply not begun yet."""
         self._interrupts += 1
-        for scope in self._interruptible:
+        for scope in self._cancellable:
             scope.cancel()
 
     @contextmanager
-    def _interruptible_scope(self, interruptible: bool = True) -> Iterator[anyio.CancelScope]:
-        """A scope that `interrupt` cancels, if `interruptible`."""
+    def _interruptible_scope(
+        self, scopes: set[anyio.CancelScope] | None
+    ) -> Iterator[anyio.CancelScope]:
+        """A scope that `interrupt` cancels, kept in `scopes` while it is open (None: a scope
+        nothing cancels)."""
         with anyio.CancelScope() as scope:
-            if interruptible:
-                self._interruptible.add(scope)
+            if scopes is not None:
+                scopes.add(scope)
             try:
                 yield scope
             finally:
-                self._interruptible.discard(scope)
+                if scopes is not None:
+                    scopes.discard(scope)
 
     async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
         """Ask the LLM, publish and speak its reply, run its function calls (from the moment
@@ -455,7 +468,7 @@ class FlowManager:
         (None if it was dropped, or not published), and whether its speech was interrupted
         and what was heard."""
         reply = None
-        with self._interruptible_scope():
+        with self._interruptible_scope(self._generating):
             reply = await self.llm.generate(self._context(), tools)
         if reply is None:
             self._log_dropped(node)
@@ -483,6 +496,8 @@ class FlowManager:
             nonlocal spoken
             with texts:
                 spoken = await self.tts.speak_stream(texts)  # type: ignore[attr-defined]
+            if spoken.interrupted:
+                self._cancel_calls()
 
         with unwrapped():  # (an error of the TTS's or the LLM's as itself)
             async with anyio.create_task_group() as speaking:
@@ -511,7 +526,7 @@ class FlowManager:
         `interrupt` cut it short."""
         text: list[str] = []
         calls: list[FunctionCall] = []
-        with self._interruptible_scope() as generating:
+        with self._interruptible_scope(self._generating) as generating:
             # (cut short, an async generator is closed where it waits: its response too)
             async for part in self.llm.stream(self._context(), tools):  # type: ignore[attr-defined]
                 if part.text:
@@ -725,7 +740,8 @@ class FlowManager:
                 raise _Interrupted
             if function.handler is not None:
                 timeout = function.timeout or self.function_timeout
-                interruptible = self._interruptible_scope(function.cancel_on_interruption)
+                cancellable = self._cancellable if function.cancel_on_interruption else None
+                interruptible = self._interruptible_scope(cancellable)
                 with anyio.move_on_after(timeout) as scope, interruptible as interrupted:
                     returned = await invoke_function(function.handler, call.arguments, self)
                 # (a plain handler's thread returns late, not cancelled)
@@ -817,9 +833,12 @@ class FlowManager:
         """Speak `text`: whether it was interrupted, and what the caller heard of it if the TTS
         said (a `Spoken`; None if it returned a bool, which says only whether it was cut short).
         With `append`, what was heard goes into the LLM's context (as in Pipecat, whose context
-        keeps what was spoken of an interrupted reply; for a bool, the whole text)."""
+        keeps what was spoken of an interrupted reply; for a bool, the whole text). Speech cut
+        short is the caller speaking up: it cancels ``cancel_on_interruption`` calls."""
         said = await self.tts.speak(text)
         spoken = heard(text, said)
+        if spoken.interrupted:
+            self._cancel_calls()
         if append:
             self._keep_heard(spoken.text)
         return spoken.interrupted, said.text if isinstance(said, Spoken) else None
@@ -858,7 +877,7 @@ _OnReply = Callable[[LLMResponse], None]
 class _Calls:
     """What a reply's function calls gave: the node they ask for, whether the LLM is to see
     their results, the messages for the context; `interrupts` is the manager's count of
-    `interrupt` calls when the LLM was asked."""
+    interruptions when the LLM was asked."""
 
     def __init__(self, interrupts: int) -> None:
         self.interrupts = interrupts

@@ -84,7 +84,8 @@ def streams(llm: LLM, tts: TTS) -> bool:
 
 async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
     """The sentences of the text that comes in `texts`, each as soon as it is complete (its
-    end mark followed by a space), and the rest at the end; stripped, none empty."""
+    end mark followed by a space; not the period of a title such as "Dr." or of an initial),
+    and the rest at the end; stripped, none empty."""
     pending = ""
     async for text in texts:
         pending += text
@@ -96,7 +97,12 @@ async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
         yield pending.strip()
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+#: Words whose period ends no sentence: titles, "e.g.", an initial (not "I.").
+_ABBREVIATIONS = r"Mr Mrs Ms Dr Prof St Jr Sr vs e\.g i\.e [A-HJ-Z]".split()
+_SENTENCE_END = re.compile(
+    # (a lookbehind for each: they differ in length)
+    "".join(rf"(?<!\b{word}\.)" for word in _ABBREVIATIONS) + r"(?<=[.!?…])\s+"
+)
 
 
 def heard(text: str, said: bool | Spoken) -> Spoken:

@@ -512,3 +512,46 @@ async def test_a_replys_calls_run_together_and_the_last_to_finish_chooses_the_no
     tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert tool == [("c1", '{"first": true}'), ("c2", '{"second": true}')]
     assert fm.current_node == "by_first"
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_speech_the_tts_cut_short_cancels_the_replys_cancellable_calls(
+    bus: Bus, streamed: bool
+) -> None:
+    """The pipeline's own interruption, which the TTS reports (the bot never calls
+    `interrupt`): the caller spoke up, so a ``cancel_on_interruption`` call is cancelled, as
+    in Pipecat. One without the option runs to its end."""
+    finish = anyio.Event()
+
+    async def lookup(args: dict[str, Any]) -> Any:
+        await anyio.sleep_forever()
+
+    async def book(args: dict[str, Any]) -> Any:
+        await finish.wait()
+        return {"booked": True}
+
+    async def caller_speaks_up(kind: str, text: str) -> None:
+        if kind == "tts.started" and text == "One moment.":
+            tts.interrupt()
+        elif kind == "tts.interrupted":
+            finish.set()
+
+    functions = [
+        {"name": "lookup", "handler": lookup, "cancel_on_interruption": True},
+        {"name": "book", "handler": book},
+    ]
+    made = [FunctionCall("lookup", id="c1"), FunctionCall("book", id="c2")]
+    replies = [LLMResponse(text="One moment.", function_calls=made), LLMResponse(text="Booked.")]
+    llm = ScriptedLLM({"a": replies})
+    if not streamed:
+        llm.stream = None  # type: ignore[assignment,method-assign]  # whole replies
+    tts = SimulatedTTS(0.01, observer=caller_speaks_up)
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
+        await fm.initialize(node("a", functions=functions, respond_immediately=False))
+        with anyio.fail_after(10):
+            await fm.respond("Where is it?")
+    tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
+    assert tool == [("c1", "CANCELLED"), ("c2", '{"booked": true}')]
+    finished = [e for e in await bus.history("call-1") if e.type == "tts.finished"]
+    assert [msgspec.json.decode(e.data)["interrupted"] for e in finished] == [True, False]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Booked."}

@@ -225,7 +225,12 @@ async def pieces(*texts: str) -> AsyncIterable[str]:
         (["Hel", "lo there. How ", "are you?", "  Fine"], ["Hello there.", "How are you?", "Fine"]),
         (["It costs 3.5 euros. ", "Yes!"], ["It costs 3.5 euros.", "Yes!"]),
         (["", "  ", "Wait", "…  ", "ok"], ["Wait…", "ok"]),
+        (["Neither do I. Sorry."], ["Neither do I.", "Sorry."]),
         ([], []),
+        (
+            ["Ask Dr. ", "Smith, e.g. ", "today. J. R. R. Tolkien wrote it. ", "Mrs. Dalloway"],
+            ["Ask Dr. Smith, e.g. today.", "J. R. R. Tolkien wrote it.", "Mrs. Dalloway"],
+        ),
     ],
 )
 async def test_sentences_come_as_each_is_complete(texts: list[str], expected: list[str]) -> None:
