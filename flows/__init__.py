@@ -14,7 +14,7 @@ Pipecat pipeline that speaks offline).
 
 from .actions import ActionService, WorkerFlowManager
 from .bot import BotSession
-from .bridge import PER_FRAME_EVENTS, PIPECAT_KINDS, forward_events
+from .bridge import PER_FRAME_EVENTS, PIPECAT_KINDS, forward_events, stop_forwarding
 from .catalog import CATALOG, Emitter, Event, EventSpec, Info
 from .config import (
     TRANSITION_IN_YAML,
@@ -109,4 +109,5 @@ __all__ = [
     "forward_events",
     "load_flow",
     "parse_node",
+    "stop_forwarding",
 ]

@@ -81,8 +81,11 @@ PER_FRAME_EVENTS = frozenset(
     }
 )
 
-#: The events forwarded from each object so far: forwarded again, each would be published twice.
-_FORWARDED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+Handler = Callable[..., Coroutine[Any, Any, None]]
+
+#: The events forwarded from each object so far, with their handlers: forwarded again, each
+#: would be published twice.
+_FORWARDED: weakref.WeakKeyDictionary[Any, dict[str, Handler]] = weakref.WeakKeyDictionary()
 
 #: How deep `describe` follows nested objects: a frame's context holds messages holding parts.
 MAX_DEPTH = 6
@@ -111,7 +114,8 @@ def forward_events(
     services' handlers, so Pipecat waits for it as for a sync handler of its own; a default
     event's handler publishes and returns. A handler that cannot emit logs why
     (``event_not_forwarded``) and returns: Pipecat goes on. An event of `obj` forwarded already
-    is a `ValueError`: it would be published twice.
+    is a `ValueError`: it would be published twice (`stop_forwarding` first, to forward it
+    through other `events`).
     """
     if only is not None and exclude is not None:
         raise ValueError("forward_events takes `only` or `exclude`, not both")
@@ -131,10 +135,10 @@ def forward_events(
         left_out = PER_FRAME_EVENTS if exclude is None else {find_spec(n, {}).name for n in exclude}
         wanted = available - left_out
     try:
-        forwarded = _FORWARDED.setdefault(obj, set())
+        forwarded = _FORWARDED.setdefault(obj, {})
     except TypeError:  # an object that takes no weak reference is not tracked
-        forwarded = set()
-    twice = sorted(wanted & forwarded)
+        forwarded = {}
+    twice = sorted(wanted & forwarded.keys())
     if twice:
         raise ValueError(
             f"{type(obj).__name__}'s {', '.join(twice)} forwarded already: forwarded again, "
@@ -142,9 +146,31 @@ def forward_events(
         )
     emitter = Emitter(kind, name or str(getattr(obj, "name", "")) or type(obj).__name__)
     for event in sorted(wanted):
-        obj.add_event_handler(event, _forwarder(events, emitter, CATALOG[event]))
-    forwarded |= wanted
+        forwarded[event] = _forwarder(events, emitter, CATALOG[event])
+        obj.add_event_handler(event, forwarded[event])
     return sorted(wanted)
+
+
+def stop_forwarding(obj: Any, only: Iterable[str] | None = None) -> list[str]:
+    """Stop forwarding the events of `obj` that `forward_events` forwards (those of `only`,
+    else all); return their names, sorted. For an object that outlives its session (a service
+    kept for the next call, say), whose events may then be forwarded anew. Its other handlers
+    stay. A name of `only` not forwarded is a `ValueError`. An object that takes no weak
+    reference is not tracked: nothing of it is stopped."""
+    try:
+        forwarded = _FORWARDED.get(obj, {})
+    except TypeError:
+        forwarded = {}
+    stopping = sorted(forwarded if only is None else set(only))
+    missing = [event for event in stopping if event not in forwarded]
+    if missing:
+        raise ValueError(
+            f"{type(obj).__name__}'s {', '.join(missing)} not forwarded; forwarded: "
+            f"{', '.join(sorted(forwarded)) or 'none'}"
+        )
+    for event in stopping:
+        obj.remove_event_handler(event, forwarded.pop(event))
+    return stopping
 
 
 def kind_of(obj: Any) -> str:
@@ -166,9 +192,6 @@ def _forwardable(obj: Any, kind: str) -> set[str]:
     # logs a warning, so without the dict every catalog event of the kind is assumed.
     registered = getattr(obj, "_event_handlers", None)
     return of_kind & set(registered) if isinstance(registered, Mapping) else of_kind
-
-
-Handler = Callable[..., Coroutine[Any, Any, None]]
 
 
 def _forwarder(events: Events, emitter: Emitter, spec: EventSpec) -> Handler:

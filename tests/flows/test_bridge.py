@@ -14,6 +14,7 @@ import anyio
 import pytest
 from pipecat.frames.frames import (
     EndFrame,
+    ErrorFrame,
     Frame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
@@ -44,7 +45,7 @@ from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 from bus import Bus, Settings
-from flows import CATALOG, BotSession, Events, forward_events
+from flows import CATALOG, BotSession, Events, forward_events, stop_forwarding
 from flows.bridge import convert_args, describe, kind_of
 from tests.flows.test_events import ready, records, start
 from tests.support import WorkerProcesses, raw, wait_for
@@ -138,6 +139,32 @@ def test_an_event_forwarded_already_is_refused_not_published_twice() -> None:
         "on_after_push_frame"
     ]
     assert len(relay._event_handlers["on_error"].handlers) == 1
+
+
+async def test_an_objects_events_stopped_then_forwarded_again_go_only_to_the_next_session(
+    bus: Bus,
+) -> None:
+    """An object kept for the next call: its events stop going to the first session, and
+    may then be forwarded to the next one; its other handlers stay."""
+    relay, own = Relay(), []
+
+    @relay.event_handler("on_error")
+    async def on_error(processor: Any, error: Any) -> None:
+        own.append(error.error)
+
+    async with BotSession.open(bus, "call-1") as first, BotSession.open(bus, "call-2") as second:
+        forward_events(relay, Events(first))
+        assert stop_forwarding(relay, only=["on_error"]) == ["on_error"]
+        with pytest.raises(ValueError, match="on_error not forwarded; forwarded: on_usable"):
+            stop_forwarding(relay, only=["on_error"])
+        assert stop_forwarding(relay) == ["on_usable_changed"]
+        assert stop_forwarding(relay) == []
+        forward_events(relay, Events(second), only=["on_error"])
+        await relay._call_event_handler("on_error", ErrorFrame("lost"))
+        await relay.cleanup()  # (waits for the handlers' tasks)
+    assert own == ["lost"]
+    assert await bus.history("call-1") == []
+    assert [e.type for e in await bus.history("call-2")] == ["on_error"]
 
 
 class Color(enum.Enum):
