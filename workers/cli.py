@@ -401,7 +401,9 @@ def parser() -> argparse.ArgumentParser:
                 "--follow",
                 action="store_true",
                 help="then print each new event (and inbox entry, with --inbox) as it comes, "
-                "until the session ends (Ctrl-C stops sooner); a session not started yet is "
+                "until the session ends (with --inbox, until every service is done with it, "
+                "which may write to the inbox meanwhile; Ctrl-C stops sooner); a session not "
+                "started yet is "
                 "waited for; with --json, one JSON object a line: "
                 '{"stream": "session" or "inbox", "entry": {...}}',
             )

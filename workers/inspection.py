@@ -376,8 +376,11 @@ async def follow(
 ) -> AsyncIterator[tuple[str, EventRow]]:
     """The session's entries after those of `detail` (and, with `inbox`, its inbox's after
     those of `detail`), as ``("session" | "inbox", row)`` when they come, until the session has
-    ended and the streams are read to their end. Waiting is a blocking read, not polling."""
+    ended (with `inbox`: and every service is done with it, since a handler of its last events
+    may still write to the inbox) and the streams are read to their end. Waiting is a
+    blocking read, not polling."""
     keys, session = bus.keys, detail.session
+    live = keys.live(keys.partition(session))
     after: dict[Any, Any] = {
         keys.session(session): detail.events[-1].id if detail.events else "0-0"
     }
@@ -386,10 +389,12 @@ async def follow(
     while True:
         # The final publish marks the meta in the script that appends its entry (as `flowbus
         # end` does): once marked, the session's stream takes no more, so the read after it
-        # need not block. (An inbox entry a service writes later is not waited for.)
-        ended = await bus.redis.hexists(keys.meta(session), "ended")
-        reply: Any = await bus.redis.xread(after, count=PAGE, block=None if ended else block_ms)
-        if not reply and ended:
+        # need not block. Its inbox takes no more once the session retired: every group done.
+        done = bool(await bus.redis.hexists(keys.meta(session), "ended"))
+        if done and inbox:
+            done = not await bus.redis.sismember(live, session)
+        reply: Any = await bus.redis.xread(after, count=PAGE, block=None if done else block_ms)
+        if not reply and done:
             return
         for raw_stream, entries in reply or []:
             stream = _text(raw_stream)

@@ -15,8 +15,8 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from bus import Bus, Settings
-from tests.support import ROOT, settings_env
+from bus import Bus, Codec, Delivery, Service, Settings
+from tests.support import ROOT, running, settings_env
 from tests.workers.apps import Step
 
 pytestmark = pytest.mark.anyio
@@ -102,3 +102,32 @@ async def test_following_a_session_not_started_yet_waits_for_its_first_event(
         with anyio.fail_after(10):
             assert await process.wait() == 0
         assert "no session 'call-3' yet on " in await read_all(process.stderr)
+
+
+async def test_following_the_inbox_waits_for_what_services_write_after_the_end(
+    bus: Bus, settings: Settings
+) -> None:
+    """A handler of the session's last event writes to the inbox after the end: followed
+    too, and the command ends once every service is done with the session."""
+    writing = anyio.Event()
+
+    async def handle(delivery: Delivery) -> None:
+        assert isinstance(delivery.payload, Step)
+        if delivery.payload.n == 2:
+            await writing.wait()
+            await bus.send(delivery.session, Step(n=20))
+
+    async with running(bus, Service("svc", handle, Codec([Step]))):
+        await bus.publish("call-4", Step(n=1))
+        async with follow(settings, "call-4", "--inbox", "--json") as process:
+            assert process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
+            await next_line(lines)  # what is there first
+            await bus.publish("call-4", Step(n=2), final=True)
+            followed = await next_line(lines)
+            assert (followed["stream"], followed["entry"]["seq"]) == ("session", 2)
+            writing.set()
+            followed = await next_line(lines)
+            assert followed["stream"] == "inbox" and followed["entry"]["data"]["n"] == 20
+            with anyio.fail_after(10):  # the service is done: so is the command
+                assert await process.wait() == 0
