@@ -403,8 +403,7 @@ def parser() -> argparse.ArgumentParser:
                 help="then print each new event (and inbox entry, with --inbox) as it comes, "
                 "until the session ends (with --inbox, until every service is done with it, "
                 "which may write to the inbox meanwhile; Ctrl-C stops sooner); a session not "
-                "started yet is "
-                "waited for; with --json, one JSON object a line: "
+                "started yet is waited for; with --json, one JSON object a line: "
                 '{"stream": "session" or "inbox", "entry": {...}}',
             )
         if name == "owners":
