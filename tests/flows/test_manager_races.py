@@ -460,32 +460,6 @@ async def test_an_interrupt_cancels_the_replys_later_calls_that_are_cancel_on_in
     assert fm.messages[-1] == {"role": "assistant", "content": "Booked."}
 
 
-async def test_an_interrupt_while_a_reply_is_spoken_cancels_its_cancellable_calls(
-    bus: Bus,
-) -> None:
-    """Run while the reply is spoken, or not yet begun when the caller speaks up: it is
-    cancelled either way."""
-
-    async def lookup(args: dict[str, Any]) -> Any:
-        await anyio.sleep_forever()
-
-    async def caller_speaks_up(kind: str, text: str) -> None:
-        if kind == "tts.started":
-            fm.interrupt()
-
-    functions = [{"name": "lookup", "handler": lookup, "cancel_on_interruption": True}]
-    reply = LLMResponse(text="One moment.", function_calls=[FunctionCall("lookup", id="c1")])
-    llm = ScriptedLLM({"a": [reply]})
-    tts = SimulatedTTS(0, observer=caller_speaks_up)
-    async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
-        await fm.initialize(node("a", functions=functions, respond_immediately=False))
-        with anyio.fail_after(10):
-            await fm.respond("Where is it?")
-    tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
-    assert tool == [("c1", "CANCELLED")]
-    assert llm.calls == ["a"]  # no turn for the cancelled call
-
-
 async def test_a_replys_calls_run_together_and_the_last_to_finish_chooses_the_node(
     bus: Bus,
 ) -> None:
@@ -514,13 +488,14 @@ async def test_a_replys_calls_run_together_and_the_last_to_finish_chooses_the_no
     assert fm.current_node == "by_first"
 
 
-@pytest.mark.parametrize("streamed", [True, False])
-async def test_speech_the_tts_cut_short_cancels_the_replys_cancellable_calls(
-    bus: Bus, streamed: bool
+@pytest.mark.parametrize(("by", "streamed"), [("flow", True), ("tts", True), ("tts", False)])
+async def test_the_caller_speaking_up_while_a_reply_is_spoken_cancels_its_cancellable_calls(
+    bus: Bus, by: str, streamed: bool
 ) -> None:
-    """The pipeline's own interruption, which the TTS reports (the bot never calls
-    `interrupt`): the caller spoke up, so a ``cancel_on_interruption`` call is cancelled, as
-    in Pipecat. One without the option runs to its end."""
+    """By `interrupt`, or by the pipeline's own interruption, which the TTS reports (a bot
+    that never calls `interrupt`): a ``cancel_on_interruption`` call of the reply is
+    cancelled, as in Pipecat, run while the reply is spoken or not begun yet. One without the
+    option runs to its end, and the LLM gets its turn."""
     finish = anyio.Event()
 
     async def lookup(args: dict[str, Any]) -> Any:
@@ -531,9 +506,11 @@ async def test_speech_the_tts_cut_short_cancels_the_replys_cancellable_calls(
         return {"booked": True}
 
     async def caller_speaks_up(kind: str, text: str) -> None:
-        if kind == "tts.started" and text == "One moment.":
-            tts.interrupt()
-        elif kind == "tts.interrupted":
+        if text != "One moment.":
+            return
+        if kind == "tts.started":
+            fm.interrupt() if by == "flow" else tts.interrupt()
+        else:  # its speech is over
             finish.set()
 
     functions = [
@@ -553,5 +530,6 @@ async def test_speech_the_tts_cut_short_cancels_the_replys_cancellable_calls(
     tool = [(m["tool_call_id"], m["content"]) for m in fm.messages if m["role"] == "tool"]
     assert tool == [("c1", "CANCELLED"), ("c2", '{"booked": true}')]
     finished = [e for e in await bus.history("call-1") if e.type == "tts.finished"]
-    assert [msgspec.json.decode(e.data)["interrupted"] for e in finished] == [True, False]
+    interrupted = [msgspec.json.decode(e.data)["interrupted"] for e in finished]
+    assert interrupted == [by == "tts", False]
     assert fm.messages[-1] == {"role": "assistant", "content": "Booked."}
