@@ -690,7 +690,15 @@ async def _follow(bus: Bus, detail: SessionDetail, args: argparse.Namespace) -> 
             print()
         print(f"following {detail.session} (Ctrl-C stops):")
     sys.stdout.flush()  # what is there, before waiting for more
-    async for stream, row in i.follow(bus, detail, inbox=args.inbox):
+
+    def on_services() -> None:
+        print(
+            f"flowbus: {detail.session} ended; its inbox is followed until every service is "
+            "done with it (Ctrl-C stops)",
+            file=sys.stderr,
+        )
+
+    async for stream, row in i.follow(bus, detail, inbox=args.inbox, on_services=on_services):
         started = started or row.ts  # a session that had not started: from its first event
         if args.json:
             _print_json({"stream": stream, "entry": row})

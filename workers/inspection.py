@@ -14,7 +14,7 @@ Everything is read in pipelines, one round trip per kind of key.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -372,13 +372,19 @@ async def session_detail(bus: Bus, session: str, *, inbox: bool = False) -> Sess
 
 
 async def follow(
-    bus: Bus, detail: SessionDetail, *, inbox: bool = False, block_ms: int = FOLLOW_BLOCK_MS
+    bus: Bus,
+    detail: SessionDetail,
+    *,
+    inbox: bool = False,
+    block_ms: int = FOLLOW_BLOCK_MS,
+    on_services: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[tuple[str, EventRow]]:
     """The session's entries after those of `detail` (and, with `inbox`, its inbox's after
     those of `detail`), as ``("session" | "inbox", row)`` when they come, until the session has
     ended (with `inbox`: and every service is done with it, since a handler of its last events
-    may still write to the inbox) and the streams are read to their end. Waiting is a
-    blocking read, not polling."""
+    may still write to the inbox: `on_services` is called once if it waited a read's block
+    for them in vain) and the streams are read to their end. Waiting is a blocking read, not
+    polling."""
     keys, session = bus.keys, detail.session
     live = keys.live(keys.partition(session))
     after: dict[Any, Any] = {
@@ -386,16 +392,20 @@ async def follow(
     }
     if inbox:
         after[keys.inbox(session)] = detail.inbox[-1].id if detail.inbox else "0-0"
+    told = False
     while True:
         # The final publish marks the meta in the script that appends its entry (as `flowbus
         # end` does): once marked, the session's stream takes no more, so the read after it
         # need not block. Its inbox takes no more once the session retired: every group done.
-        done = bool(await bus.redis.hexists(keys.meta(session), "ended"))
-        if done and inbox:
+        ended = done = bool(await bus.redis.hexists(keys.meta(session), "ended"))
+        if ended and inbox:
             done = not await bus.redis.sismember(live, session)
         reply: Any = await bus.redis.xread(after, count=PAGE, block=None if done else block_ms)
         if not reply and done:
             return
+        if not reply and ended and not told:
+            told = True
+            on_services()
         for raw_stream, entries in reply or []:
             stream = _text(raw_stream)
             after[stream] = _text(entries[-1][0])

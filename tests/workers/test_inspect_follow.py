@@ -108,7 +108,8 @@ async def test_following_the_inbox_waits_for_what_services_write_after_the_end(
     bus: Bus, settings: Settings
 ) -> None:
     """A handler of the session's last event writes to the inbox after the end: followed
-    too, and the command ends once every service is done with the session."""
+    too, and the command ends once every service is done with the session. Waited for, it
+    says so."""
     writing = anyio.Event()
 
     async def handle(delivery: Delivery) -> None:
@@ -126,6 +127,13 @@ async def test_following_the_inbox_waits_for_what_services_write_after_the_end(
             await bus.publish("call-4", Step(n=2), final=True)
             followed = await next_line(lines)
             assert (followed["stream"], followed["entry"]["seq"]) == ("session", 2)
+            assert process.stderr is not None
+            with anyio.fail_after(10):
+                note = await BufferedByteReceiveStream(process.stderr).receive_until(b"\n", 1000)
+            assert note.decode() == (
+                "flowbus: call-4 ended; its inbox is followed until every service is done with "
+                "it (Ctrl-C stops)"
+            )
             writing.set()
             followed = await next_line(lines)
             assert followed["stream"] == "inbox" and followed["entry"]["data"]["n"] == 20
