@@ -8,6 +8,11 @@ own session, with a W3C traceparent of its own. A call goes::
                              post: log_turn                     (bot side: on_before_leave,
                   pre: function lookup_order, post: log_turn     sync), end_conversation
 
+In every `BARGE_IN_EVERY`-th call the caller speaks over the bot's answer in ``order``, as
+callers do: its speech is cut halfway through its first sentence, the flow is told
+(`FlowManager.interrupt`), and what the caller heard of it is what the context and
+``tts.finished`` keep; the caller's next turn goes on from there.
+
 ``flowbus demo`` runs them beside its workers; ``flowbus simulate`` runs them alone, against
 any deployment running `workers.sample`.
 """
@@ -42,6 +47,10 @@ CALLER = "+15550100"
 SERVICES = ("actions", "crm")
 #: Nodes in the order a call visits them (for the live view).
 NODES = ("greeting", "order", "goodbye")
+#: Every this-many-th call's caller speaks over the bot's `ANSWER` (a barge-in).
+BARGE_IN_EVERY = 4
+#: The bot's answer in ``order``.
+ANSWER = "Order A1234 has shipped and arrives tomorrow. Anything else?"
 
 
 def new_traceparent() -> str:
@@ -109,7 +118,7 @@ def sample_script() -> dict[str, list[LLMResponse]]:
             ),
         ],
         "order": [
-            LLMResponse(text="Order A1234 has shipped and arrives tomorrow. Anything else?"),
+            LLMResponse(text=ANSWER),
             LLMResponse(function_calls=[FunctionCall("finish")]),
         ],
         "goodbye": [LLMResponse(text="Thank you for flying with Acme Air.")],
@@ -139,24 +148,38 @@ async def run_call(
     board: Board | None = None,
     seconds_per_char: float = 0.004,
     wait: float = 20.0,
+    barge_in: bool = False,
 ) -> None:
-    """One call through the sample flow, from connect to the end of the session.
+    """One call through the sample flow, from connect to the end of the session; with
+    `barge_in`, the caller speaks over the bot's `ANSWER`.
 
     Raises `CallFailedError` if a step fails or the call does not end within `wait` seconds
     of its last step."""
     board = board if board is not None else Board()
     board.calls[session] = "connecting"
     nodes = sample_flow()
+
+    async def caller_hears(kind: str, text: str) -> None:
+        if barge_in and kind == "tts.started" and ANSWER.startswith(text):
+            callers.start_soon(speak_up, len(text) / 2 * seconds_per_char)
+
+    async def speak_up(after: float) -> None:
+        await anyio.sleep(after)  # (the caller's timing: halfway through the sentence)
+        await events.emit(USER, "on_user_turn_started", "VADUserTurnStartStrategy#0")
+        tts.interrupt()  # as the pipeline's interruption cuts the bot's audio
+        flow.interrupt()
+
+    tts = SimulatedTTS(seconds_per_char, observer=caller_hears)
     opened = FlowManager.open(
         bus,
         session,
         llm=ScriptedLLM(sample_script()),
-        tts=SimulatedTTS(seconds_per_char),
+        tts=tts,
         traceparent=new_traceparent(),
         actions_timeout=wait,
     )
     try:
-        async with opened as flow:
+        async with opened as flow, anyio.create_task_group() as callers:
             events = Events(flow.bot, sync_timeout=wait)
 
             async def leave_room(action: dict[str, Any], flow_manager: FlowManager) -> None:
@@ -230,19 +253,26 @@ async def run_calls(
     stagger: float = 0.05,
     seconds_per_char: float = 0.004,
 ) -> None:
-    """Run the calls concurrently, each starting `stagger` seconds after the one before.
-    A failed call is recorded on the board; the others go on."""
+    """Run the calls concurrently, each starting `stagger` seconds after the one before
+    (every `BARGE_IN_EVERY`-th with a barge-in). A failed call is recorded on the board; the
+    others go on."""
 
-    async def one(session: str, delay: float) -> None:
-        await anyio.sleep(delay)
+    async def one(n: int, session: str) -> None:
+        await anyio.sleep((n - 1) * stagger)
         try:
-            await run_call(bus, session, board=board, seconds_per_char=seconds_per_char)
+            await run_call(
+                bus,
+                session,
+                board=board,
+                seconds_per_char=seconds_per_char,
+                barge_in=n % BARGE_IN_EVERY == 0,
+            )
         except CallFailedError:
             pass  # on the board, with its reason
 
     async with anyio.create_task_group() as tg:
-        for i, session in enumerate(sessions):
-            tg.start_soon(one, session, i * stagger)
+        for n, session in enumerate(sessions, start=1):
+            tg.start_soon(one, n, session)
 
 
 @dataclass
@@ -273,10 +303,10 @@ async def simulate(
     done = Simulated()
     running: set[str] = set()
 
-    async def one(session: str) -> None:
+    async def one(n: int, session: str) -> None:
         running.add(session)
         try:
-            await run_call(bus, session, board=board)
+            await run_call(bus, session, board=board, barge_in=n % BARGE_IN_EVERY == 0)
             done.ended += 1
             log.info("call_ended", session=session)
         except CallFailedError as exc:
@@ -310,7 +340,7 @@ async def simulate(
                 while calls == 0 or n < calls:
                     await slots.acquire()  # backpressure: no more than `concurrency` at once
                     n += 1
-                    calls_tg.start_soon(one, f"sim-{run}-{n:05d}")
+                    calls_tg.start_soon(one, n, f"sim-{run}-{n:05d}")
                     if n != calls:
                         await anyio.sleep(1 / rate)
         watch.cancel_scope.cancel()

@@ -315,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
         "run the whole system on one machine and show it",
         "Start the embedded server (unless --redis-url), two workers of the sample actions "
         "service and one of its crm event handlers, drive simulated calls through the sample "
-        "flow with a live view, then check every call's order and print a summary.",
+        "flow (every fourth caller speaks over the bot) with a live view, then check every "
+        "call's order and print a summary.",
         EPILOG_DEMO,
     )
     demo.add_argument("--calls", type=int, default=20, help="simulated calls (default 20)")
@@ -336,7 +337,8 @@ def parser() -> argparse.ArgumentParser:
         "simulate",
         "drive simulated calls through the sample flow",
         "Run simulated bots (a FlowManager with a scripted LLM and a simulated TTS, emitting "
-        "Pipecat events) against a deployment running workers.sample.",
+        "Pipecat events; every fourth caller speaks over the bot) against a deployment running "
+        "workers.sample.",
         EPILOG_SIMULATE,
     )
     simulate.add_argument(

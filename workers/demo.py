@@ -339,6 +339,7 @@ async def _run_and_check(
         calls_in_order=in_order,
         events=events,
         actions_run=sum(c.actions for c in checks),
+        replies_cut=sum(c.replies_cut for c in checks),
         handled=dict(handled),
         latency_ms=report.latency_summary(latencies),
         dead_letters=dead,

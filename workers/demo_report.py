@@ -56,6 +56,8 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     actions_run: int
     #: Events each handler service handled (journal records).
     handled: dict[str, int]
+    #: Replies whose speech was cut short: the caller spoke over the bot (a barge-in).
+    replies_cut: int
     #: Publish-to-handler latency of the handler services' events: p50, p99, max (ms).
     latency_ms: dict[str, float]
     dead_letters: int
@@ -118,6 +120,11 @@ def render(summary: Summary) -> str:
             ", ".join(f"{n:,} by {service}" for service, n in sorted(s.handled.items())) or "-",
         ),
         _row("per-call order", in_order),
+        _row(
+            "replies cut",
+            f"{s.replies_cut:,} by a caller speaking over the bot (what was heard kept, "
+            "post-actions after)",
+        ),
     ]
     for i, w in enumerate(s.workers):
         exit_note = "" if w.exit_status in (0, None) else f", exited with {w.exit_status}"

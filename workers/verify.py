@@ -11,7 +11,9 @@ For every call it checks that:
   ``function`` actions are placed by their journal records (the stream's last seq when they
   started and ended); ``tts_say`` by its ``tts.spoken`` confirmation, bot-side actions by their
   ``action.done``, ``end_conversation`` by ``session.ended``;
-- each handler service saw exactly the events it subscribes to, each once, in seq order.
+- each handler service saw exactly the events it subscribes to, each once, in seq order;
+- what the caller heard of a reply cut short (``tts.finished`` ``heard``) is the start of the
+  reply the LLM wrote (its ``llm.completed``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class CallCheck(msgspec.Struct, frozen=True):
     actions: int
     handled: dict[str, int]
     problems: list[str]
+    #: Replies whose speech was cut short (the caller spoke over the bot).
+    replies_cut: int = 0
 
     @property
     def ok(self) -> bool:
@@ -75,6 +79,8 @@ def check_call(
         problems.append("the stream does not end with session.ended")
     actions = [r for r in records if isinstance(r, ActionRecord)]
     problems += _check_actions(stream, actions, ended)
+    cut, heard_problems = _check_heard(stream)
+    problems += heard_problems
     handled: dict[str, int] = {}
     for service, events in sorted(subscriptions.items()):
         seen = [r.seq for r in records if isinstance(r, EventRecord) and r.service == service]
@@ -84,7 +90,31 @@ def check_call(
             problems.append(
                 f"{service} saw seqs {seen}, expected {expected} (its events, in order)"
             )
-    return CallCheck(session, len(stream), ended, len(actions), handled, problems)
+    return CallCheck(session, len(stream), ended, len(actions), handled, problems, cut)
+
+
+def _check_heard(stream: Sequence[Entry]) -> tuple[int, list[str]]:
+    """The replies cut short, and the problems of what was heard of them."""
+    cut, problems, written = 0, [], ""
+    for entry in stream:
+        if entry.type == "llm.completed":
+            written = msgspec.json.decode(entry.data).get("text", "")
+        elif entry.type == "tts.finished":
+            finished = msgspec.json.decode(entry.data)
+            heard = finished.get("heard")
+            if not finished.get("interrupted"):
+                continue
+            cut += 1
+            if heard is not None and not _words(written).startswith(_words(heard)):
+                problems.append(
+                    f"seq {entry.seq}: the caller heard {heard!r}, not the start of the reply "
+                    f"{written!r}"
+                )
+    return cut, problems
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _check_actions(stream: Sequence[Entry], records: list[ActionRecord], ended: bool) -> list[str]:

@@ -58,7 +58,7 @@ async def test_the_demo_runs_every_call_in_order_and_its_summary_matches_the_str
 async def check_against_the_streams(summary: dict[str, Any]) -> None:
     settings = Settings(url=summary["server"]["url"], prefix=summary["prefix"])
     async with Bus.connect(settings) as bus:
-        events, actions, handled, latencies = 0, 0, 0, []
+        events, actions, handled, latencies, cut = 0, 0, 0, [], []
         records_by_pid: dict[int, int] = {}
         for session in CALLS:
             stream = await bus.history(session)
@@ -78,6 +78,11 @@ async def check_against_the_streams(summary: dict[str, Any]) -> None:
                 if isinstance(r, EventRecord) and r.deliveries == 1
             ]
             events += len(stream)
+            cut += [
+                session
+                for e in stream
+                if e.type == "tts.finished" and b'"interrupted":true' in e.data
+            ]
             actions += sum(isinstance(r, ActionRecord) for r in journal)
             handled += len(seen)
             for r in journal:
@@ -85,6 +90,7 @@ async def check_against_the_streams(summary: dict[str, Any]) -> None:
         dead = sum([int(await raw(bus).xlen(bus.keys.dead(p))) for p in range(64)])
 
     assert summary["events"] == events
+    assert summary["replies_cut"] == len(cut) and cut == ["call-04"]  # every fourth caller
     assert summary["actions_run"] == actions == 5 * 5  # load_customer, lookup_order, 3 log_turn
     assert summary["handled"] == {"crm": handled} and handled == 5 * 4
     assert summary["dead_letters"] == dead == 0

@@ -58,25 +58,32 @@ async def test_the_walk_through_runs_a_service_of_your_own(
     await ready(bus, "actions", "crm", "audit")
     with anyio.fail_after(120):
         done = await anyio.run_process(
-            [sys.executable, "-m", "workers", "simulate", "--calls", "3", "--rate", "10"],
+            [sys.executable, "-m", "workers", "simulate", "--calls", "4", "--rate", "10"],
             cwd=ROOT,
             env={**os.environ, **settings_env(settings)},
             check=False,
         )
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
-    assert "3 calls ended, 0 failed" in stderr
+    assert "4 calls ended, 0 failed" in stderr
     actions_log = workers.terminate(workers.procs[0])
     turns = [json.loads(x) for x in actions_log.splitlines() if '"turn_logged"' in x]
-    assert len(turns) == 3 * 3  # a post-action in each of the three nodes of each call
+    assert len(turns) == 4 * 3  # a post-action in each of the three nodes of each call
     assert {x["node"] for x in turns} == {"greeting", "order", "goodbye"}
     assert all({"session", "seq", "type", "traceparent"} <= x.keys() for x in turns)
     log = workers.terminate(workers.procs[-1])
     lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
     connected = [x for x in lines if x["event"] == "caller_connected"]
     over = [x for x in lines if x["event"] == "call_over"]
-    assert len(connected) == len(over) == 3
-    assert len({x["session"] for x in connected}) == 3
+    assert len(connected) == len(over) == 4
+    assert len({x["session"] for x in connected}) == 4
+    cut = {  # the fourth caller spoke over the bot
+        x["session"]: [
+            e.seq for e in await bus.history(x["session"]) if b'"interrupted":true' in e.data
+        ]
+        for x in connected
+    }
+    assert [s[-5:] for s, seqs in sorted(cut.items()) if seqs] == ["00004"], cut
     for x in connected:
         assert (x["caller"], x["seq"], x["type"], x["group"]) == (
             "+15550100",

@@ -21,22 +21,27 @@ def stream(*events: tuple[str, dict[str, Any]]) -> list[Entry]:
     ]
 
 
-CALL = stream(
-    ("on_client_connected", {"emitter": {"kind": "transport.daily"}}),
-    (
-        "node.entered",
-        {
-            "node": "greeting",
-            "gen": 1,
-            "pre_actions": [{"type": "tts_say", "text": "Hi"}, {"type": "load_customer"}],
-            "post_actions": [{"type": "log_turn"}, {"type": "end_conversation"}],
-        },
-    ),
-    ("tts.spoken", {"corr": "2/pre/0"}),
-    ("llm.completed", {"node": "greeting", "gen": 1}),
-    ("tts.finished", {"node": "greeting", "gen": 1}),
-    ("session.ended", {}),
-)
+def call(reply: str = "", **finished: Any) -> list[Entry]:
+    """A call of one node: its reply's text, and the fields of its ``tts.finished``."""
+    return stream(
+        ("on_client_connected", {"emitter": {"kind": "transport.daily"}}),
+        (
+            "node.entered",
+            {
+                "node": "greeting",
+                "gen": 1,
+                "pre_actions": [{"type": "tts_say", "text": "Hi"}, {"type": "load_customer"}],
+                "post_actions": [{"type": "log_turn"}, {"type": "end_conversation"}],
+            },
+        ),
+        ("tts.spoken", {"corr": "2/pre/0"}),
+        ("llm.completed", {"node": "greeting", "gen": 1, "text": reply}),
+        ("tts.finished", {"node": "greeting", "gen": 1, **finished}),
+        ("session.ended", {}),
+    )
+
+
+CALL = call()
 
 
 def action(key: str, first: int, last: int, name: str = "x") -> ActionRecord:
@@ -99,3 +104,21 @@ def test_a_call_that_did_not_end_or_lost_a_seq_is_found() -> None:
     )
     gap = [CALL[0], *CALL[2:]]
     assert "the stream's seqs are not 1..5 in order" in check_call("c", gap, IN_ORDER, CRM).problems
+
+
+@pytest.mark.parametrize(
+    ("heard", "problem"),
+    [
+        ("Order A1234", None),
+        ("", None),
+        (None, None),  # a TTS that said only that it was cut short
+        ("Anything else?", "seq 5: the caller heard 'Anything else?', not the start of the reply"),
+    ],
+)
+def test_a_reply_cut_short_is_counted_and_what_was_heard_must_be_its_start(
+    heard: str | None, problem: str | None
+) -> None:
+    cut = call("Order A1234 has shipped.  Anything else?", interrupted=True, heard=heard)
+    check = check_call("call-1", cut, IN_ORDER, CRM)
+    assert check.replies_cut == 1 and check_call("call-1", CALL, IN_ORDER, CRM).replies_cut == 0
+    assert [p[: len(problem or "")] for p in check.problems] == ([problem] if problem else [])
