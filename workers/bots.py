@@ -165,9 +165,12 @@ async def run_call(
 
     async def speak_up(after: float) -> None:
         await anyio.sleep(after)  # (the caller's timing: halfway through the sentence)
-        await events.emit(USER, "on_user_turn_started", "VADUserTurnStartStrategy#0")
-        tts.interrupt()  # as the pipeline's interruption cuts the bot's audio
+        # The user's turn starts: the bot's audio is cut, as the pipeline's interruption cuts
+        # it, and the flow told. (Its event is published after, lest a slow publish let the
+        # sentence end first.)
+        tts.interrupt()
         flow.interrupt()
+        await events.emit(USER, "on_user_turn_started", "VADUserTurnStartStrategy#0")
 
     tts = SimulatedTTS(seconds_per_char, observer=caller_hears)
     opened = FlowManager.open(
