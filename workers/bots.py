@@ -160,7 +160,7 @@ async def run_call(
     nodes = sample_flow()
 
     async def caller_hears(kind: str, text: str) -> None:
-        if barge_in and kind == "tts.started" and ANSWER.startswith(text):
+        if barge_in and kind == "tts.started" and text and ANSWER.startswith(text):
             callers.start_soon(speak_up, len(text) / 2 * seconds_per_char)
 
     async def speak_up(after: float) -> None:
