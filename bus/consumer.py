@@ -272,8 +272,11 @@ class Consumer:
         return None if self._tg is None else time.monotonic() - self._renewed_at
 
     def stop(self) -> None:
-        """Begin a graceful stop; `run()` returns once drained."""
+        """Begin a graceful stop: from now on no handling starts (each partition's drain
+        begins at once, not when `run()` next looks); `run()` returns once drained."""
         self._stop.set()
+        for part in self._parts.values():
+            self._begin_drain(part)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Join the group and handle events until `stop()`; then drain and leave."""
