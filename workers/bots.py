@@ -8,9 +8,9 @@ own session, with a W3C traceparent of its own. A call goes::
                              post: log_turn                     (bot side: on_before_leave,
                   pre: function lookup_order, post: log_turn     sync), end_conversation
 
-In every `BARGE_IN_EVERY`-th call the caller speaks over the bot's answer in ``order``, as
-callers do: its speech is cut halfway through its first sentence, the flow is told
-(`FlowManager.interrupt`), and what the caller heard of it is what the context and
+In every `BARGE_IN_EVERY`-th call (by default) the caller speaks over the bot's answer in
+``order``, as callers do: its speech is cut halfway through its first sentence, the flow is
+told (`FlowManager.interrupt`), and what the caller heard of it is what the context and
 ``tts.finished`` keep; the caller's next turn goes on from there.
 
 ``flowbus demo`` runs them beside its workers; ``flowbus simulate`` runs them alone, against
@@ -47,7 +47,7 @@ CALLER = "+15550100"
 SERVICES = ("actions", "crm")
 #: Nodes in the order a call visits them (for the live view).
 NODES = ("greeting", "order", "goodbye")
-#: Every this-many-th call's caller speaks over the bot's `ANSWER` (a barge-in).
+#: Every this-many-th call's caller speaks over the bot's `ANSWER` (a barge-in), by default.
 BARGE_IN_EVERY = 4
 #: The bot's answer in ``order``.
 ANSWER = "Order A1234 has shipped and arrives tomorrow. Anything else?"
@@ -123,6 +123,11 @@ def sample_script() -> dict[str, list[LLMResponse]]:
         ],
         "goodbye": [LLMResponse(text="Thank you for flying with Acme Air.")],
     }
+
+
+def barges_in(n: int, every: int) -> bool:
+    """Whether the `n`-th call (from 1) has a barge-in, one in `every` (0: none)."""
+    return every > 0 and n % every == 0
 
 
 class CallFailedError(RuntimeError):
@@ -255,10 +260,11 @@ async def run_calls(
     board: Board,
     stagger: float = 0.05,
     seconds_per_char: float = 0.004,
+    barge_in_every: int = BARGE_IN_EVERY,
 ) -> None:
     """Run the calls concurrently, each starting `stagger` seconds after the one before
-    (every `BARGE_IN_EVERY`-th with a barge-in). A failed call is recorded on the board; the
-    others go on."""
+    (every `barge_in_every`-th with a barge-in; 0: none). A failed call is recorded on the
+    board; the others go on."""
 
     async def one(n: int, session: str) -> None:
         await anyio.sleep((n - 1) * stagger)
@@ -268,7 +274,7 @@ async def run_calls(
                 session,
                 board=board,
                 seconds_per_char=seconds_per_char,
-                barge_in=n % BARGE_IN_EVERY == 0,
+                barge_in=barges_in(n, barge_in_every),
             )
         except CallFailedError:
             pass  # on the board, with its reason
@@ -291,10 +297,17 @@ class Simulated:
 
 
 async def simulate(
-    bus: Bus, *, calls: int, rate: float, concurrency: int, wait: float = 60.0
+    bus: Bus,
+    *,
+    calls: int,
+    rate: float,
+    concurrency: int,
+    wait: float = 60.0,
+    barge_in_every: int = BARGE_IN_EVERY,
 ) -> Simulated:
     """Once the sample services run, start a call every 1/`rate` seconds, at most
-    `concurrency` at once, `calls` in all (0: until stopped); log each call's end. SIGTERM or
+    `concurrency` at once, `calls` in all (0: until stopped), every `barge_in_every`-th with a
+    barge-in (0: none); log each call's end. SIGTERM or
     SIGINT stops starting calls and lets those running end; a second one cuts them short and
     ends their sessions. Raises `ServicesMissingError` if the services do not run within
     `wait` seconds."""
@@ -309,7 +322,7 @@ async def simulate(
     async def one(n: int, session: str) -> None:
         running.add(session)
         try:
-            await run_call(bus, session, board=board, barge_in=n % BARGE_IN_EVERY == 0)
+            await run_call(bus, session, board=board, barge_in=barges_in(n, barge_in_every))
             done.ended += 1
             log.info("call_ended", session=session)
         except CallFailedError as exc:

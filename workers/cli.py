@@ -152,6 +152,27 @@ class UsageError(Exception):
     """A command line that cannot run as given; the message says what to change."""
 
 
+def _barge_in_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--barge-in-every",
+        type=_at_least_zero,
+        default=4,
+        metavar="N",
+        help="every N-th caller speaks over the bot's answer, cutting it short (default 4; "
+        "0: none)",
+    )
+
+
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number is needed, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"0 or more is needed, not {value}")
+    return value
+
+
 def _connection_options(
     parser: argparse.ArgumentParser,
     *,
@@ -326,6 +347,7 @@ def parser() -> argparse.ArgumentParser:
         help="leave the embedded server running, and say how to connect",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    _barge_in_option(demo)
     _connection_options(
         demo,
         prefix_help="key prefix (default flowbus on the embedded server, a fresh "
@@ -362,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the sample services' workers (default 60)",
     )
+    _barge_in_option(simulate)
     _connection_options(simulate, log_level="info")
 
     inspect = _subparser(
@@ -608,7 +631,12 @@ async def _simulate(bus: Bus, args: argparse.Namespace) -> int:
         )
     try:
         done = await simulate(
-            bus, calls=args.calls, rate=args.rate, concurrency=args.calls_at_once, wait=args.wait
+            bus,
+            calls=args.calls,
+            rate=args.rate,
+            concurrency=args.calls_at_once,
+            wait=args.wait,
+            barge_in_every=args.barge_in_every,
         )
     except ServicesMissingError as exc:
         print(f"flowbus: {exc}", file=sys.stderr)

@@ -70,13 +70,14 @@ class _Options:
     calls: int
     keep: bool
     json: bool
+    barge_in_every: int
 
 
 def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int:
     """Run the demo for the parsed ``flowbus demo`` arguments; return the exit status: 0 only
     if every call completed, in order, with no dead letter."""
     started = time.monotonic()
-    options = _Options(args.calls, args.keep, args.json)
+    options = _Options(args.calls, args.keep, args.json, args.barge_in_every)
     if options.calls < 1:
         raise ConfigError("--calls must be at least 1")
     url = args.redis_url or os.environ.get("FLOWBUS_REDIS_URL")
@@ -271,6 +272,7 @@ async def _run_and_check(
                     board=board,
                     stagger=STAGGER_SECONDS,
                     seconds_per_char=SECONDS_PER_CHAR,
+                    barge_in_every=options.barge_in_every,
                 )
                 await _wait_settled(bus, sessions)
             tg.cancel_scope.cancel()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import re
 import secrets
 import signal
 import socket
@@ -22,6 +23,7 @@ import redis
 from bus import Settings
 from tests.conftest import KIND
 from tests.support import ROOT, settings_env
+from workers.bots import BARGE_IN_EVERY
 from workers.cli import _settings, parser
 from workers.server import LocalServer, free_port
 
@@ -44,7 +46,7 @@ def assert_fails_clearly(done: subprocess.CompletedProcess[str], status: int, *s
     assert done.returncode == status, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith(("flowbus: ", "usage: ", "flowbus worker: error")), message
+    assert re.match(r"flowbus( [a-z]+: error)?: |usage: ", message), message
     for text in says:
         assert text in done.stderr, (text, done.stderr)
 
@@ -337,6 +339,8 @@ def test_simulate_without_the_sample_services_says_which_to_start(settings: Sett
         (["simulate", "--wait", "-5"], "least 1, --wait 0 or more"),
         (["simulate", "--rate", "1e-320"], "--rate at least 1e-300"),
         (["demo", "--keep"], "--keep leaves the embedded server running; with --redis-url"),
+        (["simulate", "--barge-in-every", "-1"], "--barge-in-every: 0 or more is needed, not -1"),
+        (["demo", "--barge-in-every", "one"], "a whole number is needed, not 'one'"),
     ],
     ids=[
         "session-id",
@@ -345,6 +349,8 @@ def test_simulate_without_the_sample_services_says_which_to_start(settings: Sett
         "simulate-wait",
         "simulate-rate",
         "demo-keep",
+        "simulate-barge-in",
+        "demo-barge-in",
     ],
 )
 def test_a_command_given_a_bad_value_says_which(
@@ -476,3 +482,8 @@ def test_a_worker_still_connecting_stops_at_a_signal_with_its_status(tmp_path: P
         proc.kill()
         proc.wait()
     assert b"worker_stopped_connecting" in log.read_bytes()
+
+
+def test_the_barge_in_options_default_is_the_simulated_calls_own() -> None:
+    for command in ("demo", "simulate"):
+        assert parser().parse_args([command]).barge_in_every == BARGE_IN_EVERY

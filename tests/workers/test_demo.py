@@ -109,6 +109,7 @@ async def check_against_the_streams(summary: dict[str, Any]) -> None:
 async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Settings) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWBUS_")}
     args = ["--redis-url", settings.url, "--prefix", settings.prefix, "--calls", "2", "--json"]
+    args += ["--barge-in-every", "1"]  # every caller speaks over the bot
     with anyio.fail_after(120):
         done = await anyio.run_process(
             [sys.executable, "-m", "workers", "demo", *args], cwd=ROOT, env=env, check=False
@@ -117,6 +118,7 @@ async def test_the_demo_runs_on_an_existing_server_given_its_url(settings: Setti
     summary = json.loads(done.stdout)
     assert summary["ok"] and summary["server"]["embedded"] is False
     assert summary["prefix"] == settings.prefix and summary["calls_completed"] == 2
+    assert summary["replies_cut"] == 2
     async with Bus.connect(settings) as bus:
         live = [await raw(bus).scard(bus.keys.live(p)) for p in range(64)]
         ended = [await raw(bus).zrange(bus.keys.ended(p), 0, -1) for p in range(64)]
