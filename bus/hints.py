@@ -74,13 +74,18 @@ class Hints(Generic[Part]):
             return
         failures = 0
         while True:
-            primaries = [(str(n.host), int(n.port)) for n in self.cluster.get_primaries()]
+            # The nodes followed are those of the slot map watched, read at once: read apart,
+            # the map could change in between (a failover), leaving the new primary's channels
+            # to no follower while the map watched stayed as it was, and their partitions,
+            # which wait for a subscription before they look for work, waiting for good.
+            layout = self._layout()
+            nodes = sorted({node for node in layout if node is not None})
             began = anyio.current_time()
             async with anyio.create_task_group() as tg:
                 self._topology = tg.cancel_scope
-                for node in primaries:
+                for node in nodes:
                     tg.start_soon(self._follow, node, tg.cancel_scope)
-                tg.start_soon(self._watch_layout, tg.cancel_scope)
+                tg.start_soon(self._watch_layout, layout, tg.cancel_scope)
             # A follower lost its node, a slot moved away from it, or the slot map changed (a
             # failover leaves a subscription on the old primary that hears nothing more). The
             # cluster client reads the map again by itself when its commands are redirected
@@ -91,11 +96,11 @@ class Hints(Generic[Part]):
             failures = 1 if held else failures + 1
             await anyio.sleep(backoff(failures, cap=RESUBSCRIBE_PAUSE_CAP))
 
-    async def _watch_layout(self, topology: anyio.CancelScope) -> None:
+    async def _watch_layout(self, layout: list[Node], topology: anyio.CancelScope) -> None:
         """Start over once the cluster client's slot map puts some partition's channel on
-        another node: it learns of a failover from the redirections of the worker's own
-        heartbeats and renewals, while a subscription on the old primary just hears nothing."""
-        layout = self._layout()
+        another node than in `layout`: it learns of a failover from the redirections of the
+        worker's own heartbeats and renewals, while a subscription on the old primary just
+        hears nothing. (A channel on no known node yet is followed once the map says where.)"""
         while True:
             await anyio.sleep(LAYOUT_CHECK_SECONDS)
             if self._layout() != layout:

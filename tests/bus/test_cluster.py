@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -17,6 +18,7 @@ from bus import Bus, Codec, Delivery, Service, ServiceInfo, Settings
 from bus import connection as bus_connection
 from bus import hints as hints_module
 from bus.hints import RESUBSCRIBE_PAUSE_CAP, Hints
+from bus.keys import Keys
 from bus.ownership import Leases
 from bus.steps import StepBatcher
 from tests.apps.recorder import Tick
@@ -211,6 +213,43 @@ async def test_the_pause_before_subscribing_anew_is_short_again_after_a_round_th
             await next_round(round_)
             assert attempts[-1] == 1
             tg.cancel_scope.cancel()
+
+
+async def test_a_round_of_subscriptions_follows_the_nodes_of_the_slot_map_it_watches(
+    settings: Settings,
+) -> None:
+    """After a failover the client's list of primaries and its slot map may disagree for a
+    moment (the old primary still listed, the slots already the new one's): the nodes
+    followed are the slot map's, the one watched for changes, so no channel is left to no
+    follower while the map stays as it is."""
+    old, new = SimpleNamespace(host="10.0.0.1", port=1), SimpleNamespace(host="10.0.0.2", port=2)
+
+    class Cluster:  # the moment in between: listed primaries stale, the slot map current
+        nodes_manager = SimpleNamespace(get_node_from_slot=lambda slot: new)
+
+        def get_primaries(self) -> list[Any]:
+            return [old]
+
+    followed: list[Any] = []
+    hints: Hints[int] = Hints(
+        settings,
+        Keys(settings.prefix, settings.partitions),
+        wanted=lambda: {},
+        on_hint=lambda part, session: None,
+        on_subscribed=lambda part, confirmed: None,
+        cluster=cast(Any, Cluster()),
+    )
+
+    async def follow(node: Any, topology: Any) -> None:
+        followed.append(node)
+        await anyio.sleep_forever()
+
+    hints._follow = follow  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hints.run)
+        await wait_for(lambda: bool(followed), what="a round of subscriptions")
+        tg.cancel_scope.cancel()
+    assert followed == [("10.0.0.2", 2)]
 
 
 async def test_a_closed_runs_step_held_for_a_busy_node_counts_no_delivery(
