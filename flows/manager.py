@@ -389,19 +389,14 @@ class FlowManager:
             scope.cancel()
 
     @contextmanager
-    def _interruptible_scope(
-        self, scopes: set[anyio.CancelScope] | None
-    ) -> Iterator[anyio.CancelScope]:
-        """A scope that `interrupt` cancels, kept in `scopes` while it is open (None: a scope
-        nothing cancels)."""
+    def _interruptible_scope(self, scopes: set[anyio.CancelScope]) -> Iterator[anyio.CancelScope]:
+        """A scope that `interrupt` cancels, kept in `scopes` while it is open."""
         with anyio.CancelScope() as scope:
-            if scopes is not None:
-                scopes.add(scope)
+            scopes.add(scope)
             try:
                 yield scope
             finally:
-                if scopes is not None:
-                    scopes.discard(scope)
+                scopes.discard(scope)
 
     async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
         """Ask the LLM, publish and speak its reply, run its function calls (from the moment
@@ -740,7 +735,8 @@ class FlowManager:
                 raise _Interrupted
             if function.handler is not None:
                 timeout = function.timeout or self.function_timeout
-                cancellable = self._cancellable if function.cancel_on_interruption else None
+                # (a set of its own for one that nothing is to cancel)
+                cancellable = self._cancellable if function.cancel_on_interruption else set()
                 interruptible = self._interruptible_scope(cancellable)
                 with anyio.move_on_after(timeout) as scope, interruptible as interrupted:
                     returned = await invoke_function(function.handler, call.arguments, self)

@@ -508,8 +508,10 @@ async def test_the_caller_speaking_up_while_a_reply_is_spoken_cancels_its_cancel
     async def caller_speaks_up(kind: str, text: str) -> None:
         if text != "One moment.":
             return
-        if kind == "tts.started":
-            fm.interrupt() if by == "flow" else tts.interrupt()
+        if kind == "tts.started" and by == "flow":
+            fm.interrupt()
+        elif kind == "tts.started":
+            tts.interrupt()
         else:  # its speech is over
             finish.set()
 
