@@ -197,18 +197,25 @@ async def _read_stream(bus: Bus, stream: str, after: str = "-") -> list[Any]:
 
 
 async def counted_lag(bus: Bus, streams: Sequence[str], infos: Sequence[Any]) -> list[Any]:
-    """Each stream's XINFO GROUPS reply (an error: no groups), with each group's ``lag``
-    counted where the server gives none: entries deleted by hand (or a group's id set) leave
-    it unknown to the server, and taken for 0 it would show the group caught up."""
+    """Each stream's XINFO GROUPS reply (an error: no groups), with each group's ``lag`` 0
+    where it read up to the stream's last entry, and counted where the server gives none.
+    The server's own figure is not trusted for either: entries deleted by hand (or a group's
+    id set) leave it unknown, and taken for 0 it would show the group caught up; Redis 7.0
+    keeps a stale read counter after a restart from a rewritten AOF and on a replica, and
+    shows a lag for good for a group that read everything."""
     groups = [info if isinstance(info, list) else [] for info in infos]
-    unknown = [
-        (stream, g)
-        for stream, gs in zip(streams, groups, strict=True)
-        for g in gs
-        if g.get("lag") is None
-    ]
-    for stream, g in unknown:  # the entries after its position: not delivered to it yet
-        g["lag"] = len(await _read_stream(bus, stream, _text(g["last-delivered-id"])))
+    unsure = [i for i, gs in enumerate(groups) if any(g.get("lag") != 0 for g in gs)]
+    pipe = bus.redis.pipeline(transaction=False)
+    for i in unsure:
+        pipe.xrevrange(streams[i], count=1)
+    lasts: list[Any] = await pipe.execute() if unsure else []
+    for i, last in zip(unsure, lasts, strict=True):
+        last_id = _id_key(_text(last[0][0])) if last else (0, 0)
+        for g in groups[i]:
+            if _id_key(_text(g["last-delivered-id"])) >= last_id:
+                g["lag"] = 0
+            elif g.get("lag") is None:  # the entries after its position: not delivered yet
+                g["lag"] = len(await _read_stream(bus, streams[i], _text(g["last-delivered-id"])))
     return groups
 
 

@@ -17,6 +17,7 @@ import anyio
 from bus import Bus
 
 from .bots import NODES, Board
+from .inspection import counted_lag
 from .observe import dead_letter_count
 
 
@@ -49,11 +50,10 @@ class LiveView:
             pipe.hget(self.bus.keys.meta(session), "seq")
             pipe.xinfo_groups(self.bus.keys.session(session))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        published, lag = 0, 0
-        for seq, groups in zip(replies[::2], replies[1::2], strict=True):
-            published += int(seq or 0)
-            if isinstance(groups, list):
-                lag += sum(int(g.get("lag") or 0) + int(g["pending"]) for g in groups)
+        streams = [self.bus.keys.session(session) for session in sessions]
+        infos = await counted_lag(self.bus, streams, replies[1::2])
+        published = sum(int(seq or 0) for seq in replies[::2])
+        lag = sum(int(g["lag"]) + int(g["pending"]) for groups in infos for g in groups)
         now = time.monotonic()
         self._rates.append((now, published))
         t0, p0 = self._rates[0]

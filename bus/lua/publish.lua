@@ -15,14 +15,6 @@ local k_stream = KEYS[1]
 local k_meta = k_stream .. ':meta'
 local tag, sid, final, retention, publish_id = ARGV[1], ARGV[2], ARGV[5], ARGV[6], ARGV[7]
 
--- True when stream id a is at or after b.
-local function at_or_after(a, b)
-  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
-  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
-  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
-  return a_ms > b_ms or (a_ms == b_ms and tonumber(a_seq) >= tonumber(b_seq))
-end
-
 -- True when some group of the stream may be idle on it, or a known service has none (which
 -- it then gets, from the session's start: registered since the session began, it would
 -- otherwise find the session retired under it). A group is idle when it has
