@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-valkey lint bench soak instructions clean
+.PHONY: demo test test-valkey lint bench soak chaos instructions clean
 
 # flowbus needs Python 3.11 or later (pip on an older one back-tracks for minutes, then fails).
 NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
@@ -60,6 +60,11 @@ bench: $(STAMP)
 ## Memory over five minutes of rolling calls (not part of `make bench`).
 soak: $(STAMP)
 	$(BIN)/python -m bench --only soak --output bench/soak.json
+
+## Two minutes of calls while workers and the server are killed, stopped, frozen, added
+## (not part of `make bench`; `python -m bench.chaos --help` for longer runs).
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos
 
 ## Instructions per event of the consumers, counted by valgrind (not part of `make bench`).
 instructions: $(STAMP)

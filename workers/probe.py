@@ -7,7 +7,9 @@ event is acknowledged, so a handling the list does not show was not acknowledged
 takeover benchmark counts on it). ``workers.probe:holding`` keeps its records in memory until a
 `ProbeFlush` event reaches it, then appends them all at once, so its handler is next to a
 no-op while it is measured, as the latency benchmark asks (no round trip of its own per event;
-the records of a worker that dies before the flush are lost). The publisher puts
+the records of a worker that dies before the flush are lost). With ``PROBE_MAX_DELAY_MS`` in its
+environment, a handler waits a random time up to that after it started, as a handler that calls
+a service would (the chaos run: more events in flight at a disruption). The publisher puts
 ``time.time_ns()`` in the payload right before publishing; the difference with the time the
 handler started is the publish-to-handler latency. A paced publisher also puts the time its
 schedule gave the event, for the latency from there.
@@ -18,11 +20,13 @@ schedule gave the event, for the latency from there.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 
+import anyio
 import msgspec
 from redis.asyncio import Redis
 
@@ -151,6 +155,7 @@ class Recorder:
         self._pid = os.getpid()
         self._hold = hold
         self._held: list[bytes] = []
+        self._max_delay = float(os.environ.get("PROBE_MAX_DELAY_MS", "0")) / 1000
 
     async def __call__(self, delivery: Delivery) -> None:
         handled_ns = time.time_ns()
@@ -164,6 +169,8 @@ class Recorder:
             case ProbeTick(sent_ns=sent_ns, due_ns=due_ns):
                 session, seq, deliveries = delivery.session, delivery.seq, delivery.deliveries
                 record = Handling(session, seq, self._pid, deliveries, sent_ns, handled_ns, due_ns)
+                if self._max_delay:
+                    await anyio.sleep(random.uniform(0, self._max_delay))
                 if self._hold:
                     self._held.append(msgspec.json.encode(record))
                 else:

@@ -77,7 +77,7 @@ async def test_a_session_retires_although_the_server_reports_a_lag_its_group_doe
 
         async def all_acknowledged() -> bool:
             [group] = await raw(bus).xinfo_groups(stream)
-            return group["pending"] == 0 and group["lag"] == 0
+            return bool(group["pending"] == 0 and group["lag"] == 0)
 
         await wait_for(all_acknowledged, what="the three events handled")
         consumer.stop()

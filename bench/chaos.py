@@ -1,0 +1,468 @@
+"""``python -m bench.chaos`` (``make chaos``): the ordering contract under every disruption at
+once, for as long as asked.
+
+Worker processes of the probe service (each handling pauses a random time up to
+`HANDLER_MAX_DELAY_MS`, then is written to Redis before it is acknowledged) run against a
+private server with an AOF, with a lease TTL of 2 s, while a publisher keeps calls going at a
+steady rate: rolling sessions of `EVENTS_PER_CALL` events, the last one final, each replaced by
+a new call as it ends. Every few seconds (a seeded random pause) one disruption, every kind once
+in each round of them, in a random order:
+
+- ``kill``: SIGKILL a worker (a crash), and start another;
+- ``term``: SIGTERM a worker (it drains), and start another;
+- ``freeze``: SIGSTOP a worker for a lease and a half, then SIGCONT (it wakes up fenced);
+- ``scale``: start one more worker, or stop one gracefully, between 2 and workers + 2;
+- ``server``: SIGKILL the server and start it again (only its AOF survives);
+- ``rewrite``: the server rewrites its AOF (``BGREWRITEAOF``), as it does by itself each time
+  the file doubled: a later restart reads the rewritten file, then what came after.
+
+When the time is up the calls still going are ended; every session must then be done (every
+group acknowledged all of it, so that it retires). The check reads every handling:
+each call's events all handled, in `seq` order by the time their handling started; a repeat is
+allowed only right after the handling it repeats (an event in flight at a disruption). A worker
+that exits without being told to fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from bus import Bus
+from bus.connection import call
+from workers import logs
+from workers.fleet import Fleet, FleetError, WorkerProcess
+from workers.observe import dead_letter_count, live_session_count
+from workers.probe import GROUP, Handling, ProbeTick, handled_key, read_handlings
+from workers.server import LocalServer
+
+from .workload import ROOT, BenchError, fresh_settings, wait_until
+
+log = structlog.get_logger("flowbus.bench")
+
+RESULTS = Path(__file__).resolve().parent / "chaos.json"
+DISRUPTIONS = ("kill", "term", "freeze", "scale", "server", "rewrite")
+EVENTS_PER_CALL = 20
+LEASE_TTL_SECONDS = 2.0
+#: A handler takes a random time up to this (ms), as one that calls a service would.
+HANDLER_MAX_DELAY_MS = 20
+#: Sessions listed in a failed check, at most.
+LISTED = 10
+
+
+class Disruption(msgspec.Struct, frozen=True):
+    """One disruption: when (seconds into the run), what, to whom."""
+
+    at_s: float
+    kind: str
+    detail: str
+
+
+class ChaosCheck(msgspec.Struct, frozen=True):
+    """What the handlings show against what was published."""
+
+    sessions: int
+    handlings: int
+    #: Handlings of an event handled before, right after that handling (in flight at a
+    #: disruption, handled again by the next owner).
+    repeats: int
+    #: Sessions with an event never handled.
+    incomplete: list[str]
+    #: Sessions with an event handled after a later one, or repeated after a later one.
+    out_of_order: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.incomplete or self.out_of_order)
+
+
+class ChaosResult(msgspec.Struct, frozen=True):
+    """A chaos run: its load, its disruptions and the check."""
+
+    server: str
+    seed: int
+    seconds: float
+    rate: float
+    workers: int
+    events: int
+    calls: int
+    disruptions: list[Disruption]
+    check: ChaosCheck
+    dead_letters: int
+    #: From the last publish until every group acknowledged every session to its end.
+    settle_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok and self.dead_letters == 0
+
+
+def check(handlings: Iterable[Handling], published: Mapping[str, int]) -> ChaosCheck:
+    """Each session of `published` (session -> events) handled seq 1..N, in order of the
+    handlings' start, a repeat only right after what it repeats."""
+    started: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    count = 0
+    for h in handlings:
+        started[h.session].append((h.handled_ns, h.seq))
+        count += 1
+    repeats = 0
+    incomplete, out_of_order = [], []
+    for session, n in published.items():
+        seqs = [seq for _, seq in sorted(started.get(session, []))]
+        repeats += len(seqs) - len(set(seqs))
+        if set(seqs) != set(range(1, n + 1)):
+            incomplete.append(session)
+        elif seqs != sorted(seqs):
+            out_of_order.append(session)
+    return ChaosCheck(len(published), count, repeats, incomplete[:LISTED], out_of_order[:LISTED])
+
+
+class Chaos:
+    """The disruptions of one run, on `fleet` and `server` (which `bus` is connected to),
+    logged as they happen."""
+
+    def __init__(
+        self, bus: Bus, fleet: Fleet, server: LocalServer, workers: int, rng: random.Random
+    ) -> None:
+        self.bus, self.fleet, self.server, self.rng = bus, fleet, server, rng
+        self.low, self.high = 2, workers + 2
+        self.frozen: set[str] = set()
+        self.done: list[Disruption] = []
+        self._started = anyio.current_time()
+
+    def _pick(self) -> WorkerProcess:
+        return self.rng.choice([w for w in self.fleet.alive if w.worker_id not in self.frozen])
+
+    def _note(self, kind: str, detail: str) -> None:
+        at = round(anyio.current_time() - self._started, 1)
+        self.done.append(Disruption(at, kind, detail))
+        log.info("chaos_disruption", at_s=at, kind=kind, detail=detail)
+
+    async def one(self, kind: str) -> None:
+        if kind == "server":
+            self.server.kill()
+            await anyio.to_thread.run_sync(self.server.start)  # the publisher meanwhile retries
+            self._note(kind, "killed and started again")
+        elif kind == "rewrite":
+            await call("rewrite the AOF", self.bus.redis.bgrewriteaof, self.bus.settings)
+            self._note(kind, "the AOF rewritten")
+        elif kind == "kill":
+            victim = self._pick()
+            self.fleet.kill(victim)
+            new = self.fleet.start(1, id_prefix="chaos")[0]
+            self._note(kind, f"{victim.worker_id} killed, {new.worker_id} started")
+        elif kind == "term":
+            victim = self._pick()
+            await self._stop(victim)
+            new = self.fleet.start(1, id_prefix="chaos")[0]
+            self._note(kind, f"{victim.worker_id} stopped, {new.worker_id} started")
+        elif kind == "scale":
+            live = len(self.fleet.alive)
+            if live < self.high and (live == self.low or self.rng.random() < 0.5):
+                new = self.fleet.start(1, id_prefix="chaos")[0]
+                self._note(kind, f"{new.worker_id} started ({live + 1} workers)")
+            else:
+                victim = self._pick()
+                await self._stop(victim)
+                self._note(kind, f"{victim.worker_id} stopped ({live - 1} workers)")
+        elif kind == "freeze":
+            victim = self._pick()
+            self.frozen.add(victim.worker_id)
+            os.kill(victim.pid, signal.SIGSTOP)
+            self._note(kind, f"{victim.worker_id} frozen")
+            await anyio.sleep(LEASE_TTL_SECONDS * 1.5)  # the time it stays frozen
+            os.kill(victim.pid, signal.SIGCONT)
+            self.frozen.discard(victim.worker_id)
+        else:
+            raise ValueError(f"no disruption {kind!r}; there are {', '.join(DISRUPTIONS)}")
+
+    async def _stop(self, worker: WorkerProcess) -> None:
+        self.fleet.stopped.add(worker.worker_id)
+        worker.popen.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):  # its drain is bounded by the settings' 30 s
+            while worker.alive:  # noqa: ASYNC110  # a process's exit is not awaitable; polled
+                await anyio.sleep(0.05)
+
+
+async def run(
+    server: LocalServer,
+    *,
+    seconds: float,
+    rate: float = 200.0,
+    calls: int = 100,
+    workers: int = 4,
+    seed: int | None = None,
+    kinds: Iterable[str] = DISRUPTIONS,
+    every: tuple[float, float] = (2.0, 6.0),
+    min_rounds: int = 0,
+) -> ChaosResult:
+    """Run `calls` calls at a time, `rate` events/s in all, for `seconds` and at least
+    `min_rounds` rounds of disruptions, with a disruption of `kinds` every `every` (lowest,
+    highest) seconds; see the module docstring. Raises
+    `FleetError` if a worker exits unasked, `BenchError` if the sessions do not retire."""
+    seed = random.randrange(2**32) if seed is None else seed
+    rng, kinds = random.Random(seed), list(kinds)
+    settings = fresh_settings(
+        server.url, "chaos", lease_ttl_seconds=LEASE_TTL_SECONDS, retention_seconds=5.0
+    )
+    published: dict[str, int] = {}
+    async with Bus.connect(settings) as bus:
+        with tempfile.TemporaryDirectory(prefix="flowbus-chaos-") as log_dir:
+            fleet = Fleet(
+                settings,
+                "workers.probe:service",
+                GROUP,
+                Path(log_dir),
+                cwd=ROOT,
+                extra_env={"PROBE_MAX_DELAY_MS": str(HANDLER_MAX_DELAY_MS)},
+            )
+            try:
+                fleet.start(workers, id_prefix="chaos")
+                await fleet.wait_split(bus, within=30)
+                chaos = Chaos(bus, fleet, server, workers, rng)
+                rounds = 0
+
+                async def disrupt() -> None:
+                    nonlocal rounds
+                    while True:  # every kind once in each round, in a random order
+                        for kind in rng.sample(kinds, len(kinds)):
+                            await anyio.sleep(rng.uniform(*every))
+                            await chaos.one(kind)
+                        rounds += 1
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(disrupt)
+                    took = await _publish(
+                        bus,
+                        fleet,
+                        published,
+                        lambda elapsed: elapsed < seconds or rounds < min_rounds,
+                        rate,
+                        calls,
+                    )
+                    tg.cancel_scope.cancel()
+                for w in fleet.workers:  # a disruption cut short leaves none frozen
+                    if w.alive:
+                        os.kill(w.pid, signal.SIGCONT)
+                ended = anyio.current_time()
+
+                async def retired() -> bool:
+                    fleet.check_alive()
+                    return await live_session_count(bus) == 0
+
+                try:
+                    await wait_until(retired, within=120, what="every session to be done")
+                except BenchError as exc:
+                    raise BenchError(f"{exc}; {await stuck(bus)}") from None
+                settle = anyio.current_time() - ended
+                await fleet.stop(within=30)
+            finally:
+                fleet.kill_all()
+        result = ChaosResult(
+            server.name,
+            seed,
+            round(took, 1),
+            rate,
+            workers,
+            sum(published.values()),
+            len(published),
+            chaos.done,
+            check(await read_handlings(bus.redis, settings.prefix), published),
+            await dead_letter_count(bus),
+            round(settle, 2),
+        )
+        await bus.redis.delete(handled_key(settings.prefix))
+    return result
+
+
+async def stuck(bus: Bus, listed: int = 3) -> str:
+    """How many sessions are not done, and where each group of the first `listed` stands."""
+    pipe = bus.redis.pipeline(transaction=False)
+    for p in range(bus.settings.partitions):
+        pipe.smembers(bus.keys.live(p))
+    live = sorted(s.decode() for members in await pipe.execute() for s in members)
+    described = []
+    for session in live[:listed]:
+        stream = bus.keys.session(session)
+        last: Any = await bus.redis.xrevrange(stream, count=1)
+        groups = ", ".join(
+            f"{g['name'].decode()}: delivered up to {g['last-delivered-id'].decode()}, "
+            f"pending {g['pending']}, lag {g['lag']}"
+            for g in await bus.redis.xinfo_groups(stream)
+        )
+        described.append(
+            f"{session} (last entry {last[0][0].decode() if last else 'none'}; {groups})"
+        )
+    plural = "" if len(live) == 1 else "s"
+    return f"{len(live)} session{plural} not done, e.g. " + "; ".join(described)
+
+
+async def _publish(
+    bus: Bus,
+    fleet: Fleet,
+    published: dict[str, int],
+    going_on: Callable[[float], bool],
+    rate: float,
+    calls: int,
+) -> float:
+    """Keep `calls` calls going at `rate` events/s while `going_on` (seconds since the start),
+    then end them; `published` (session -> events) is filled as it goes. Logs progress every
+    10 s. Returns the seconds it went on."""
+    names = [f"call-{i}" for i in range(calls)]
+    started_calls, events = calls, 0
+    started = next_report = anyio.current_time()
+    while going_on((now := anyio.current_time()) - started):
+        i = events % calls
+        seq = published.get(names[i], 0) + 1
+        final = seq == EVENTS_PER_CALL
+        await bus.publish(names[i], ProbeTick(sent_ns=time.time_ns()), final=final)
+        published[names[i]] = seq
+        if final:
+            names[i] = f"call-{started_calls}"
+            started_calls += 1
+        events += 1
+        if now >= next_report:
+            next_report += 10
+            fleet.check_alive()
+            key = handled_key(bus.settings.prefix)
+            handled = await call("chaos progress", partial(bus.redis.llen, key), bus.settings)
+            log.info(
+                "chaos_progress",
+                at_s=round(now - started),
+                published=events,
+                handled=handled,
+                workers=len(fleet.alive),
+            )
+        delay = started + events / rate - anyio.current_time()
+        if delay > 0:
+            await anyio.sleep(delay)
+    for name in names:  # end the calls still going
+        if name in published:
+            await bus.publish(name, ProbeTick(sent_ns=time.time_ns()), final=True)
+            published[name] += 1
+    return now - started
+
+
+def render(result: ChaosResult) -> str:
+    """The run in a few lines, for a person."""
+    kinds = Counter(d.kind for d in result.disruptions)
+    c = result.check
+    lines = [
+        f"chaos on {result.server}, seed {result.seed}: {result.seconds:g} s of "
+        f"{EVENTS_PER_CALL}-event calls at {result.rate:,.0f} events/s, {result.workers} workers "
+        f"to start with",
+        f"  published     {result.events:,} events in {result.calls:,} calls",
+        f"  disruptions   {len(result.disruptions)} ("
+        + (", ".join(f"{kinds[k]} {k}" for k in DISRUPTIONS if kinds[k]) or "none")
+        + ")",
+        f"  handled       {c.handlings:,} handlings, {c.repeats} of them repeats of an event in "
+        "flight at a disruption",
+        f"  settled       every session done {result.settle_s:g} s after the last publish",
+        f"  dead letters  {result.dead_letters}",
+        f"  incomplete    {len(c.incomplete)} {' '.join(c.incomplete)}".rstrip(),
+        f"  out of order  {len(c.out_of_order)} {' '.join(c.out_of_order)}".rstrip(),
+        "verdict: " + ("OK" if result.ok else "FAILED"),
+    ]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.chaos",
+        description="The ordering contract under disruptions: worker processes of a probe "
+        "service are killed, stopped, frozen, added and removed, and the server rewrites its "
+        "AOF and is killed and started again, while calls go on; then every call's events "
+        "must have been handled, in order, and every session be done.",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=120.0, help="how long the calls go on (default 120)"
+    )
+    p.add_argument(
+        "--server",
+        choices=["redis", "valkey"],
+        default="redis",
+        help="redis-server from the PATH (default) or the embedded Valkey",
+    )
+    p.add_argument(
+        "--rate", type=float, default=200.0, help="events/s over all the calls (default 200)"
+    )
+    p.add_argument("--calls", type=int, default=100, help="calls going at once (default 100)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="worker processes to start with (default 4; scaling keeps 2 to workers + 2)",
+    )
+    p.add_argument(
+        "--disruption",
+        choices=DISRUPTIONS,
+        action="append",
+        dest="kinds",
+        help="only this kind of disruption (repeatable; default all)",
+    )
+    p.add_argument(
+        "--every",
+        type=float,
+        nargs=2,
+        default=[2.0, 6.0],
+        metavar=("LOW", "HIGH"),
+        help="seconds between disruptions, drawn between these (default 2 6)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="the random choices' seed (default: a new one, printed)"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="where the JSON result goes (default bench/chaos.json)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.seconds <= 0 or args.rate <= 0 or args.calls < 1 or args.workers < 2:
+        sys.exit("--seconds and --rate must be above 0, --calls at least 1, --workers at least 2")
+    if not 0 < args.every[0] <= args.every[1]:
+        sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
+    logs.configure("info")
+    with LocalServer(args.server, appendonly=True) as server:
+        try:
+            result = anyio.run(
+                partial(
+                    run,
+                    server,
+                    seconds=args.seconds,
+                    rate=args.rate,
+                    calls=args.calls,
+                    workers=args.workers,
+                    seed=args.seed,
+                    kinds=args.kinds or DISRUPTIONS,
+                    every=tuple(args.every),
+                )
+            )
+        except (BenchError, FleetError) as exc:
+            sys.exit(f"chaos run failed: {exc}")
+    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    print(render(result))
+    if not result.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The chaos run: its check, and a short run of every disruption on a server of its own."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import chaos
+from bus import Bus, ServiceInfo
+from tests.apps.recorder import Tick
+from tests.conftest import KIND
+from workers.probe import Handling
+from workers.server import LocalServer
+
+
+def handling(session: str, seq: int, started_ns: int) -> Handling:
+    return Handling(session, seq, pid=1, deliveries=1, sent_ns=0, handled_ns=started_ns)
+
+
+def test_the_check_orders_handlings_by_their_start_and_allows_a_repeat_only_right_after() -> None:
+    recorded = [  # in the order written: a frozen worker's record of seq 2 comes last
+        handling("a", 1, 10),
+        handling("a", 2, 30),
+        handling("a", 3, 40),
+        handling("a", 2, 20),
+        handling("b", 1, 10),
+        handling("b", 2, 20),
+        handling("b", 1, 30),  # repeated after a later one
+        handling("c", 1, 10),  # its seq 2 never handled
+    ]
+    result = chaos.check(recorded, {"a": 3, "b": 2, "c": 2})
+    assert (result.handlings, result.repeats) == (8, 2)
+    assert (result.incomplete, result.out_of_order) == (["c"], ["b"])
+    assert not result.ok
+    assert chaos.check(recorded[:4], {"a": 3}).ok
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--seconds", "0"], ["--workers", "1"], ["--calls", "0"], ["--every", "3", "2"]],
+)
+def test_bad_options_are_refused_before_anything_starts(argv: list[str]) -> None:
+    with pytest.raises(SystemExit, match="must be"):
+        chaos.main(argv)
+
+
+@pytest.mark.anyio
+async def test_a_short_run_of_every_disruption_loses_nothing_and_keeps_every_call_in_order() -> (
+    None
+):
+    with LocalServer(KIND, appendonly=True) as server:
+        result = await chaos.run(
+            server, seconds=5, min_rounds=1, rate=100, calls=20, seed=37, every=(0.5, 1)
+        )
+    assert {d.kind for d in result.disruptions} == set(chaos.DISRUPTIONS), result.disruptions
+    assert result.events >= 500 and result.check.handlings >= result.events
+    assert result.ok, chaos.render(result)
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_sessions_are_not_done_says_where_their_groups_stand(bus: Bus) -> None:
+    await bus.register_service(ServiceInfo("svc"))
+    published = await bus.publish("call-1", Tick(n=1), final=True)
+    assert await chaos.stuck(bus) == (
+        f"1 session not done, e.g. call-1 (last entry {published.entry_id}; "
+        "svc: delivered up to 0-0, pending 0, lag 1)"
+    )
