@@ -23,7 +23,7 @@ from . import baseline, latency, soak, takeover, throughput
 from .machine import cpu_probe_ms, describe
 from .report import Results, judge, render
 from .throughput import ThroughputResult
-from .workload import BenchError, output_for
+from .workload import BenchError, add_server_option, output_for
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 SECTIONS = ("baseline", "floor", "throughput", "batch", "latency", "takeover")
@@ -39,12 +39,7 @@ def parser() -> argparse.ArgumentParser:
         "with batched acks, latency, takeover after kill -9; on request a soak (memory over a "
         "long run).",
     )
-    p.add_argument(
-        "--server",
-        choices=["redis", "valkey"],
-        default="redis",
-        help="redis-server from the PATH (default) or the embedded Valkey",
-    )
+    add_server_option(p)
     p.add_argument(
         "--only",
         choices=[*SECTIONS, "soak"],

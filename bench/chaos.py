@@ -50,7 +50,7 @@ from workers.observe import dead_letter_count, live_session_count
 from workers.probe import GROUP, Handling, ProbeTick, handled_key, read_handlings
 from workers.server import LocalServer
 
-from .workload import ROOT, BenchError, fresh_settings, wait_until
+from .workload import ROOT, BenchError, add_server_option, fresh_settings, wait_until
 
 log = structlog.get_logger("flowbus.bench")
 
@@ -391,12 +391,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seconds", type=float, default=120.0, help="how long the calls go on (default 120)"
     )
-    p.add_argument(
-        "--server",
-        choices=["redis", "valkey"],
-        default="redis",
-        help="redis-server from the PATH (default) or the embedded Valkey",
-    )
+    add_server_option(p)
     p.add_argument(
         "--rate", type=float, default=200.0, help="events/s over all the calls (default 200)"
     )

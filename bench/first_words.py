@@ -37,6 +37,8 @@ from workers import logs
 from workers.runtime import run
 from workers.server import LocalServer
 
+from .workload import add_server_option
+
 REPLY = (
     "Sure, I can help with that. Your two pizzas left our kitchen ten minutes ago and the "
     "driver should reach you in about fifteen minutes."
@@ -55,12 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chars-per-second", type=float, default=15.0, help="the TTS's speaking speed (15)"
     )
-    p.add_argument(
-        "--server",
-        choices=["redis", "valkey"],
-        default="redis",
-        help="redis-server from the PATH (default) or the embedded Valkey",
-    )
+    add_server_option(p)
     return p
 
 

@@ -3,6 +3,7 @@ streams, reading a group's state, bounded waits, and where results go."""
 
 from __future__ import annotations
 
+import argparse
 import secrets
 import tempfile
 import time
@@ -30,6 +31,16 @@ def output_for(full: Path, only: Sequence[str] | None) -> Path:
     if not only:
         return full
     return full.with_name(f"{full.stem}-{'-'.join(sorted(set(only)))}.json")
+
+
+def add_server_option(p: argparse.ArgumentParser) -> None:
+    """``--server redis|valkey``: the server a benchmark starts for itself."""
+    p.add_argument(
+        "--server",
+        choices=["redis", "valkey"],
+        default="redis",
+        help="redis-server from the PATH (default) or the embedded Valkey",
+    )
 
 
 def session_ids(count: int) -> list[str]:
