@@ -19,7 +19,8 @@ in each round of them, in a random order:
 When the time is up the calls still going are ended; every session must then be done (every
 group acknowledged all of it, so that it retires). The check reads every handling:
 each call's events all handled, in `seq` order by the time their handling started; a repeat is
-allowed only right after the handling it repeats (an event in flight at a disruption). A worker
+allowed only right after the handling it repeats (an event in flight at a disruption), or with
+``--ack-mode batch`` as a replay, in order, of the events of a read batch. A worker
 that exits without being told to fails the run.
 """
 
@@ -36,7 +37,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 import msgspec
@@ -44,6 +45,7 @@ import structlog
 
 from bus import Bus
 from bus.connection import call
+from bus.settings import AckMode
 from workers import logs
 from workers.fleet import Fleet, FleetError, WorkerProcess
 from workers.observe import dead_letter_count, live_session_count
@@ -77,12 +79,12 @@ class ChaosCheck(msgspec.Struct, frozen=True):
 
     sessions: int
     handlings: int
-    #: Handlings of an event handled before, right after that handling (in flight at a
-    #: disruption, handled again by the next owner).
+    #: Handlings of an event handled before (in flight at a disruption, or with
+    #: ``ack_mode="batch"`` handled but not yet acknowledged, handled again by the next owner).
     repeats: int
     #: Sessions with an event never handled.
     incomplete: list[str]
-    #: Sessions with an event handled after a later one, or repeated after a later one.
+    #: Sessions with an event handled before an earlier one, or one handled again out of turn.
     out_of_order: list[str]
 
     @property
@@ -94,6 +96,7 @@ class ChaosResult(msgspec.Struct, frozen=True):
     """A chaos run: its load, its disruptions and the check."""
 
     server: str
+    ack_mode: AckMode
     seed: int
     seconds: float
     rate: float
@@ -111,9 +114,14 @@ class ChaosResult(msgspec.Struct, frozen=True):
         return self.check.ok and self.dead_letters == 0
 
 
-def check(handlings: Iterable[Handling], published: Mapping[str, int]) -> ChaosCheck:
+def check(
+    handlings: Iterable[Handling], published: Mapping[str, int], *, window: int = 1
+) -> ChaosCheck:
     """Each session of `published` (session -> events) handled seq 1..N, in order of the
-    handlings' start, a repeat only right after what it repeats."""
+    handlings' start: each handling is of the event after the one handled before it (the
+    session's next, or the next of a replay), or goes back to replay from an event no further
+    back than it and than the last `window` events handled (`ack_mode="each"`: 1, the event in
+    flight at a disruption; "batch": a read batch)."""
     started: dict[str, list[tuple[int, int]]] = defaultdict(list)
     count = 0
     for h in handlings:
@@ -126,9 +134,18 @@ def check(handlings: Iterable[Handling], published: Mapping[str, int]) -> ChaosC
         repeats += len(seqs) - len(set(seqs))
         if set(seqs) != set(range(1, n + 1)):
             incomplete.append(session)
-        elif seqs != sorted(seqs):
+        elif not _in_order(seqs, window):
             out_of_order.append(session)
     return ChaosCheck(len(published), count, repeats, incomplete[:LISTED], out_of_order[:LISTED])
+
+
+def _in_order(seqs: Iterable[int], window: int) -> bool:
+    top = previous = 0  # the latest event handled, the one handled last
+    for seq in seqs:
+        if seq != previous + 1 and not top - window < seq <= previous:
+            return False
+        top, previous = max(top, seq), seq
+    return True
 
 
 class Chaos:
@@ -209,6 +226,7 @@ async def run(
     kinds: Iterable[str] = DISRUPTIONS,
     every: tuple[float, float] = (2.0, 6.0),
     min_rounds: int = 0,
+    ack_mode: AckMode = "each",
 ) -> ChaosResult:
     """Run `calls` calls at a time, `rate` events/s in all, for `seconds` and at least
     `min_rounds` rounds of disruptions, with a disruption of `kinds` every `every` (lowest,
@@ -217,7 +235,11 @@ async def run(
     seed = random.randrange(2**32) if seed is None else seed
     rng, kinds = random.Random(seed), list(kinds)
     settings = fresh_settings(
-        server.url, "chaos", lease_ttl_seconds=LEASE_TTL_SECONDS, retention_seconds=5.0
+        server.url,
+        "chaos",
+        lease_ttl_seconds=LEASE_TTL_SECONDS,
+        retention_seconds=5.0,
+        ack_mode=ack_mode,
     )
     published: dict[str, int] = {}
     async with Bus.connect(settings) as bus:
@@ -272,8 +294,10 @@ async def run(
                 await fleet.stop(within=30)
             finally:
                 fleet.kill_all()
+        window = settings.read_batch if ack_mode == "batch" else 1
         result = ChaosResult(
             server.name,
+            ack_mode,
             seed,
             round(took, 1),
             rate,
@@ -281,7 +305,7 @@ async def run(
             sum(published.values()),
             len(published),
             chaos.done,
-            check(await read_handlings(bus.redis, settings.prefix), published),
+            check(await read_handlings(bus.redis, settings.prefix), published, window=window),
             await dead_letter_count(bus),
             round(settle, 2),
         )
@@ -362,15 +386,16 @@ def render(result: ChaosResult) -> str:
     kinds = Counter(d.kind for d in result.disruptions)
     c = result.check
     lines = [
-        f"chaos on {result.server}, seed {result.seed}: {result.seconds:g} s of "
+        f"chaos on {result.server} (ack_mode {result.ack_mode}), seed {result.seed}: "
+        f"{result.seconds:g} s of "
         f"{EVENTS_PER_CALL}-event calls at {result.rate:,.0f} events/s, {result.workers} workers "
         f"to start with",
         f"  published     {result.events:,} events in {result.calls:,} calls",
         f"  disruptions   {len(result.disruptions)} ("
         + (", ".join(f"{kinds[k]} {k}" for k in DISRUPTIONS if kinds[k]) or "none")
         + ")",
-        f"  handled       {c.handlings:,} handlings, {c.repeats} of them repeats of an event in "
-        "flight at a disruption",
+        f"  handled       {c.handlings:,} handlings, {c.repeats} of them repeats after a "
+        "disruption",
         f"  settled       every session done {result.settle_s:g} s after the last publish",
         f"  dead letters  {result.dead_letters}",
         f"  incomplete    {len(c.incomplete)} {' '.join(c.incomplete)}".rstrip(),
@@ -418,6 +443,13 @@ def parser() -> argparse.ArgumentParser:
         help="seconds between disruptions, drawn between these (default 2 6)",
     )
     p.add_argument(
+        "--ack-mode",
+        choices=get_args(AckMode),
+        default="each",
+        help="the workers' ack mode (default each, the contract's; with batch an event may be "
+        "handled again after a later one of its read batch)",
+    )
+    p.add_argument(
         "--seed", type=int, help="the random choices' seed (default: a new one, printed)"
     )
     p.add_argument(
@@ -449,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
                     seed=args.seed,
                     kinds=args.kinds or DISRUPTIONS,
                     every=tuple(args.every),
+                    ack_mode=args.ack_mode,
                 )
             )
         except (BenchError, FleetError) as exc:
