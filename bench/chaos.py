@@ -16,6 +16,10 @@ in each round of them, in a random order:
 - ``rewrite``: the server rewrites its AOF (``BGREWRITEAOF``), as it does by itself each time
   the file doubled: a later restart reads the rewritten file, then what came after.
 
+With ``--cluster`` the server is a local cluster of three primaries, the first with a replica,
+and the server's disruptions are one: ``failover``, the replica of the first shard takes over
+from its primary (``CLUSTER FAILOVER``, which loses no write), the next time the other way.
+
 When the time is up the calls still going are ended; every session must then be done (every
 group acknowledged all of it, so that it retires). The check reads every handling:
 each call's events all handled, in `seq` order by the time their handling started; a repeat is
@@ -50,14 +54,17 @@ from workers import logs
 from workers.fleet import Fleet, FleetError, WorkerProcess
 from workers.observe import dead_letter_count, live_session_count
 from workers.probe import GROUP, Handling, ProbeTick, handled_key, read_handlings
-from workers.server import LocalServer
+from workers.server import LocalCluster, LocalServer
 
 from .workload import ROOT, BenchError, add_server_option, fresh_settings, wait_until
 
 log = structlog.get_logger("flowbus.bench")
 
 RESULTS = Path(__file__).resolve().parent / "chaos.json"
-DISRUPTIONS = ("kill", "term", "freeze", "scale", "server", "rewrite")
+WORKER_DISRUPTIONS = ("kill", "term", "freeze", "scale")
+#: The disruptions of one server, and of a cluster.
+DISRUPTIONS = (*WORKER_DISRUPTIONS, "server", "rewrite")
+CLUSTER_DISRUPTIONS = (*WORKER_DISRUPTIONS, "failover")
 EVENTS_PER_CALL = 20
 LEASE_TTL_SECONDS = 2.0
 #: A handler takes a random time up to this (ms), as one that calls a service would.
@@ -153,7 +160,12 @@ class Chaos:
     logged as they happen."""
 
     def __init__(
-        self, bus: Bus, fleet: Fleet, server: LocalServer, workers: int, rng: random.Random
+        self,
+        bus: Bus,
+        fleet: Fleet,
+        server: LocalServer | LocalCluster,
+        workers: int,
+        rng: random.Random,
     ) -> None:
         self.bus, self.fleet, self.server, self.rng = bus, fleet, server, rng
         self.low, self.high = 2, workers + 2
@@ -170,7 +182,12 @@ class Chaos:
         log.info("chaos_disruption", at_s=at, kind=kind, detail=detail)
 
     async def one(self, kind: str) -> None:
-        if kind == "server":
+        if kind == "failover":
+            assert isinstance(self.server, LocalCluster)
+            await anyio.to_thread.run_sync(_fail_over, self.server)
+            self._note(kind, "the first shard's replica took over")
+        elif kind == "server":
+            assert isinstance(self.server, LocalServer)
             self.server.kill()
             await anyio.to_thread.run_sync(self.server.start)  # the publisher meanwhile retries
             self._note(kind, "killed and started again")
@@ -205,7 +222,7 @@ class Chaos:
             os.kill(victim.pid, signal.SIGCONT)
             self.frozen.discard(victim.worker_id)
         else:
-            raise ValueError(f"no disruption {kind!r}; there are {', '.join(DISRUPTIONS)}")
+            raise ValueError(f"no disruption {kind!r}")
 
     async def _stop(self, worker: WorkerProcess) -> None:
         self.fleet.stopped.add(worker.worker_id)
@@ -215,28 +232,71 @@ class Chaos:
                 await anyio.sleep(0.05)
 
 
+def wrong_kinds(kinds: Iterable[str], *, cluster: bool) -> str:
+    """What is wrong with `kinds` for a cluster (or one server); '' if nothing."""
+    allowed = CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS
+    if wrong := sorted(set(kinds) - set(allowed)):
+        where = "a cluster (only of one server)" if cluster else "one server (only of a cluster)"
+        return f"{', '.join(wrong)}: not a disruption of {where}"
+    return ""
+
+
+def _fail_over(cluster: LocalCluster) -> None:
+    """The replica of the first shard takes over from its primary, which becomes its replica
+    (`LocalCluster` gives the first shard a replica)."""
+    import redis  # the sync client, to steer the cluster
+
+    clients: list[Any] = [redis.Redis(port=node.port) for node in cluster.nodes]  # untyped
+    try:
+        [replica] = [c for c in clients if c.info("replication")["role"] == "slave"]
+        deadline = time.monotonic() + 60
+        while (info := replica.info("replication"))["role"] != "master":
+            if time.monotonic() > deadline:
+                raise BenchError("the replica did not take over within 60s")
+            # A manual failover the primary does not answer within 5 s is given up: asked
+            # again, once the replica is in sync (it may still be after the last failover).
+            if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"):
+                replica.execute_command("CLUSTER", "FAILOVER")
+                asked = time.monotonic()
+                while replica.info("replication")["role"] != "master":
+                    if time.monotonic() - asked > 6:
+                        break
+                    time.sleep(0.05)
+            else:
+                time.sleep(0.05)
+    finally:
+        for c in clients:
+            c.close()
+
+
 async def run(
-    server: LocalServer,
+    server: LocalServer | LocalCluster,
     *,
     seconds: float,
     rate: float = 200.0,
     calls: int = 100,
     workers: int = 4,
     seed: int | None = None,
-    kinds: Iterable[str] = DISRUPTIONS,
+    kinds: Iterable[str] | None = None,
     every: tuple[float, float] = (2.0, 6.0),
     min_rounds: int = 0,
     ack_mode: AckMode = "each",
 ) -> ChaosResult:
     """Run `calls` calls at a time, `rate` events/s in all, for `seconds` and at least
-    `min_rounds` rounds of disruptions, with a disruption of `kinds` every `every` (lowest,
-    highest) seconds; see the module docstring. Raises
-    `FleetError` if a worker exits unasked, `BenchError` if the sessions do not retire."""
+    `min_rounds` rounds of disruptions, with a disruption of `kinds` (default: every kind
+    for `server`, a server or a cluster) every `every` (lowest, highest) seconds; see the module
+    docstring. Raises `FleetError` if a worker exits unasked, `BenchError` if the sessions do
+    not retire, `ValueError` for a kind `server` cannot have."""
+    cluster = isinstance(server, LocalCluster)
+    kinds = list((CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS) if kinds is None else kinds)
+    if wrong := wrong_kinds(kinds, cluster=cluster):
+        raise ValueError(wrong)
     seed = random.randrange(2**32) if seed is None else seed
-    rng, kinds = random.Random(seed), list(kinds)
+    rng = random.Random(seed)
     settings = fresh_settings(
         server.url,
         "chaos",
+        cluster=cluster,
         lease_ttl_seconds=LEASE_TTL_SECONDS,
         retention_seconds=5.0,
         ack_mode=ack_mode,
@@ -295,8 +355,11 @@ async def run(
             finally:
                 fleet.kill_all()
         window = settings.read_batch if ack_mode == "batch" else 1
+        name = (
+            f"{server.nodes[0].name} cluster" if isinstance(server, LocalCluster) else server.name
+        )
         result = ChaosResult(
-            server.name,
+            name,
             ack_mode,
             seed,
             round(took, 1),
@@ -392,7 +455,7 @@ def render(result: ChaosResult) -> str:
         f"to start with",
         f"  published     {result.events:,} events in {result.calls:,} calls",
         f"  disruptions   {len(result.disruptions)} ("
-        + (", ".join(f"{kinds[k]} {k}" for k in DISRUPTIONS if kinds[k]) or "none")
+        + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none")
         + ")",
         f"  handled       {c.handlings:,} handlings, {c.repeats} of them repeats after a "
         "disruption",
@@ -429,10 +492,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--disruption",
-        choices=DISRUPTIONS,
+        choices=sorted({*DISRUPTIONS, *CLUSTER_DISRUPTIONS}),
         action="append",
         dest="kinds",
-        help="only this kind of disruption (repeatable; default all)",
+        help="only this kind of disruption (repeatable; default all of the server's: with "
+        "--cluster, failover and the workers')",
     )
     p.add_argument(
         "--every",
@@ -441,6 +505,12 @@ def parser() -> argparse.ArgumentParser:
         default=[2.0, 6.0],
         metavar=("LOW", "HIGH"),
         help="seconds between disruptions, drawn between these (default 2 6)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a local cluster of three primaries, the first with a replica (its "
+        "disruptions: failover instead of server and rewrite)",
     )
     p.add_argument(
         "--ack-mode",
@@ -467,8 +537,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--seconds and --rate must be above 0, --calls at least 1, --workers at least 2")
     if not 0 < args.every[0] <= args.every[1]:
         sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
+    if wrong := wrong_kinds(args.kinds or (), cluster=args.cluster):
+        sys.exit(f"--disruption {wrong}")
     logs.configure("info")
-    with LocalServer(args.server, appendonly=True) as server:
+    server: LocalServer | LocalCluster = (
+        LocalCluster(kind=args.server, replicas=1)
+        if args.cluster
+        else LocalServer(args.server, appendonly=True)
+    )
+    with server:
         try:
             result = anyio.run(
                 partial(
@@ -479,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
                     calls=args.calls,
                     workers=args.workers,
                     seed=args.seed,
-                    kinds=args.kinds or DISRUPTIONS,
+                    kinds=args.kinds,
                     every=tuple(args.every),
                     ack_mode=args.ack_mode,
                 )

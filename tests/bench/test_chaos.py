@@ -10,7 +10,7 @@ from bus.settings import AckMode
 from tests.apps.recorder import Tick
 from tests.conftest import KIND
 from workers.probe import Handling
-from workers.server import LocalServer
+from workers.server import LocalCluster, LocalServer
 
 
 def handling(session: str, seq: int, started_ns: int) -> Handling:
@@ -84,3 +84,21 @@ async def test_a_run_whose_sessions_are_not_done_says_where_their_groups_stand(b
         f"1 session not done, e.g. call-1 (last entry {published.entry_id}; "
         "svc: delivered up to 0-0, pending 0, lag 1)"
     )
+
+
+@pytest.mark.anyio
+async def test_a_short_run_on_a_cluster_fails_over_and_keeps_every_call_in_order() -> None:
+    with LocalCluster(kind=KIND, replicas=1) as cluster:
+        result = await chaos.run(
+            cluster, seconds=5, min_rounds=1, rate=100, calls=20, seed=3, every=(0.5, 1)
+        )
+    kinds = [d.kind for d in result.disruptions]
+    assert set(kinds) == set(chaos.CLUSTER_DISRUPTIONS), kinds
+    assert result.server.endswith("cluster") and result.ok, chaos.render(result)
+
+
+def test_a_disruption_of_the_other_kind_of_server_is_refused_before_anything_starts() -> None:
+    with pytest.raises(SystemExit, match="failover: not a disruption of one server"):
+        chaos.main(["--disruption", "failover"])
+    with pytest.raises(SystemExit, match="rewrite: not a disruption of a cluster"):
+        chaos.main(["--cluster", "--disruption", "rewrite"])
