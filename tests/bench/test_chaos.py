@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import random
+from types import SimpleNamespace
+from unittest.mock import Mock
+
 import pytest
+from redis.exceptions import ResponseError
 
 from bench import chaos
-from bus import Bus, ServiceInfo
+from bus import Bus, ServiceInfo, Settings
 from bus.settings import AckMode
 from tests.apps.recorder import Tick
 from tests.conftest import KIND
@@ -102,3 +107,14 @@ def test_a_disruption_of_the_other_kind_of_server_is_refused_before_anything_sta
         chaos.main(["--disruption", "failover"])
     with pytest.raises(SystemExit, match="rewrite: not a disruption of a cluster"):
         chaos.main(["--cluster", "--disruption", "rewrite"])
+
+
+@pytest.mark.anyio
+async def test_a_rewrite_asked_for_while_the_server_rewrites_by_itself_is_noted_not_fatal() -> None:
+    async def rewriting() -> None:
+        raise ResponseError("Background append only file rewriting already in progress")
+
+    bus = SimpleNamespace(redis=SimpleNamespace(bgrewriteaof=rewriting), settings=Settings())
+    disruptions = chaos.Chaos(bus, Mock(), Mock(), workers=4, rng=random.Random(0))  # type: ignore[arg-type]  # a stand-in bus
+    await disruptions.one("rewrite")
+    assert [d.detail for d in disruptions.done] == ["the AOF being rewritten already"]
