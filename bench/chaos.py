@@ -129,11 +129,10 @@ def check(
     session's next, or the next of a replay), or goes back to replay from an event no further
     back than it and than the last `window` events handled (`ack_mode="each"`: 1, the event in
     flight at a disruption; "batch": a read batch)."""
+    handlings = list(handlings)
     started: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    count = 0
     for h in handlings:
         started[h.session].append((h.handled_ns, h.seq))
-        count += 1
     repeats = 0
     incomplete, out_of_order = [], []
     for session, n in published.items():
@@ -143,7 +142,9 @@ def check(
             incomplete.append(session)
         elif not _in_order(seqs, window):
             out_of_order.append(session)
-    return ChaosCheck(len(published), count, repeats, incomplete[:LISTED], out_of_order[:LISTED])
+    return ChaosCheck(
+        len(published), len(handlings), repeats, incomplete[:LISTED], out_of_order[:LISTED]
+    )
 
 
 def _in_order(seqs: Iterable[int], window: int) -> bool:
@@ -230,11 +231,13 @@ class Chaos:
             raise ValueError(f"no disruption {kind!r}")
 
     async def _stop(self, worker: WorkerProcess) -> None:
-        self.fleet.stopped.add(worker.worker_id)
-        worker.popen.send_signal(signal.SIGTERM)
-        with anyio.fail_after(60):  # its drain is bounded by the settings' 30 s
-            while worker.alive:  # noqa: ASYNC110  # a process's exit is not awaitable; polled
-                await anyio.sleep(0.05)
+        """A graceful stop that does not end in a clean exit is a fault of the run."""
+        status = await self.fleet.terminate(worker, within=60)  # its drain is bounded at 30 s
+        if status != 0:
+            raise BenchError(
+                f"{worker.worker_id} did not stop cleanly on SIGTERM (exit status {status}); "
+                f"its log ends with:\n{worker.log_tail()}"
+            )
 
 
 def wrong_kinds(kinds: Iterable[str], *, cluster: bool) -> str:

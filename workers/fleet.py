@@ -162,6 +162,18 @@ class Fleet:
             w.popen.wait()
         return {w.worker_id: w.popen.returncode for w in self.workers}
 
+    async def terminate(self, worker: WorkerProcess, *, within: float) -> int:
+        """SIGTERM one worker (it drains), SIGKILL it if it still runs after `within` seconds;
+        return its exit status (0: it drained and stopped)."""
+        self.stopped.add(worker.worker_id)
+        worker.popen.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(within):
+            while worker.alive:  # noqa: ASYNC110  # a process's exit is not awaitable; polled
+                await anyio.sleep(0.05)
+        if worker.alive:
+            worker.popen.kill()
+        return worker.popen.wait()
+
     def kill(self, worker: WorkerProcess) -> None:
         """SIGKILL one worker, as a crash would; its leases lapse after their TTL."""
         self.stopped.add(worker.worker_id)
