@@ -61,10 +61,12 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m bench --only soak --output bench/soak.json
 
-## Two minutes of calls while workers and the server are killed, stopped, frozen, added
-## (not part of `make bench`; `python -m bench.chaos --help` for longer runs).
+## Two minutes of calls on the bus, then two minutes of the demo's calls through its flow,
+## while workers and the server are killed, stopped, frozen, added (not part of `make bench`;
+## `python -m bench.chaos --help` and `python -m bench.flows_chaos --help` for longer runs).
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
+	$(BIN)/python -m bench.flows_chaos
 
 ## Instructions per event of the consumers, counted by valgrind (not part of `make bench`).
 instructions: $(STAMP)

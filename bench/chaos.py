@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, get_args
@@ -55,6 +55,7 @@ from workers.fleet import Fleet, FleetError, WorkerProcess
 from workers.observe import dead_letter_count, live_session_count
 from workers.probe import GROUP, Handling, ProbeTick, handled_key, read_handlings
 from workers.server import LocalCluster, LocalServer
+from workers.verify import in_order
 
 from .workload import ROOT, BenchError, add_server_option, fresh_settings, wait_until
 
@@ -140,42 +141,59 @@ def check(
         repeats += len(seqs) - len(set(seqs))
         if set(seqs) != set(range(1, n + 1)):
             incomplete.append(session)
-        elif not _in_order(seqs, window):
+        elif not in_order(seqs, window):
             out_of_order.append(session)
     return ChaosCheck(
         len(published), len(handlings), repeats, incomplete[:LISTED], out_of_order[:LISTED]
     )
 
 
-def _in_order(seqs: Iterable[int], window: int) -> bool:
-    top = previous = 0  # the latest event handled, the one handled last
-    for seq in seqs:
-        if seq != previous + 1 and not top - window < seq <= previous:
-            return False
-        top, previous = max(top, seq), seq
-    return True
-
-
 class Chaos:
-    """The disruptions of one run, on `fleet` and `server` (which `bus` is connected to),
-    logged as they happen."""
+    """The disruptions of one run, on the workers of `fleets` (a worker's disruption picks
+    one of them) and `server` (which `bus` is connected to), logged as they happen."""
 
     def __init__(
         self,
         bus: Bus,
-        fleet: Fleet,
+        fleets: Sequence[Fleet],
         server: LocalServer | LocalCluster,
         workers: int,
         rng: random.Random,
     ) -> None:
-        self.bus, self.fleet, self.server, self.rng = bus, fleet, server, rng
-        self.low, self.high = 2, workers + 2
-        self.frozen: set[str] = set()
+        self.bus, self.fleets, self.server, self.rng = bus, fleets, server, rng
+        self.low, self.high = 2, workers + 2  # of each fleet
+        self.frozen: set[int] = set()  # pids
         self.done: list[Disruption] = []
+        self.rounds = 0
         self._started = anyio.current_time()
 
-    def _pick(self) -> WorkerProcess:
-        return self.rng.choice([w for w in self.fleet.alive if w.worker_id not in self.frozen])
+    async def go_on(self, kinds: Sequence[str], every: tuple[float, float]) -> None:
+        """Disrupt until cancelled, every `every` (lowest, highest) seconds: every kind once in
+        each round, in a random order."""
+        while True:
+            for kind in self.rng.sample(kinds, len(kinds)):
+                await anyio.sleep(self.rng.uniform(*every))
+                await self.one(kind)
+            self.rounds += 1
+
+    def resume_frozen(self) -> None:
+        """SIGCONT every worker a disruption cut short left frozen."""
+        for fleet in self.fleets:
+            for w in fleet.workers:
+                if w.alive and w.pid in self.frozen:
+                    os.kill(w.pid, signal.SIGCONT)
+
+    def _fleet(self) -> Fleet:
+        return self.fleets[0] if len(self.fleets) == 1 else self.rng.choice(self.fleets)
+
+    def _pick(self, fleet: Fleet) -> WorkerProcess:
+        return self.rng.choice([w for w in fleet.alive if w.pid not in self.frozen])
+
+    def _start(self, fleet: Fleet) -> WorkerProcess:
+        return fleet.start(1, id_prefix="chaos")[0]
+
+    def _name(self, fleet: Fleet, worker: WorkerProcess) -> str:
+        return worker.worker_id if len(self.fleets) == 1 else f"{fleet.group} {worker.worker_id}"
 
     def _note(self, kind: str, detail: str) -> None:
         at = round(anyio.current_time() - self._started, 1)
@@ -200,39 +218,43 @@ class Chaos:
                 if "already in progress" not in exc.reason:
                     raise
                 self._note(kind, "the AOF being rewritten already")
-        elif kind == "kill":
-            victim = self._pick()
-            self.fleet.kill(victim)
-            new = self.fleet.start(1, id_prefix="chaos")[0]
-            self._note(kind, f"{victim.worker_id} killed, {new.worker_id} started")
-        elif kind == "term":
-            victim = self._pick()
-            await self._stop(victim)
-            new = self.fleet.start(1, id_prefix="chaos")[0]
-            self._note(kind, f"{victim.worker_id} stopped, {new.worker_id} started")
-        elif kind == "scale":
-            live = len(self.fleet.alive)
-            if live < self.high and (live == self.low or self.rng.random() < 0.5):
-                new = self.fleet.start(1, id_prefix="chaos")[0]
-                self._note(kind, f"{new.worker_id} started ({live + 1} workers)")
-            else:
-                victim = self._pick()
-                await self._stop(victim)
-                self._note(kind, f"{victim.worker_id} stopped ({live - 1} workers)")
-        elif kind == "freeze":
-            victim = self._pick()
-            self.frozen.add(victim.worker_id)
-            os.kill(victim.pid, signal.SIGSTOP)
-            self._note(kind, f"{victim.worker_id} frozen")
-            await anyio.sleep(LEASE_TTL_SECONDS * 1.5)  # the time it stays frozen
-            os.kill(victim.pid, signal.SIGCONT)
-            self.frozen.discard(victim.worker_id)
+        elif kind in WORKER_DISRUPTIONS:
+            await self._disrupt_worker(kind, self._fleet())
         else:
             raise ValueError(f"no disruption {kind!r}")
 
-    async def _stop(self, worker: WorkerProcess) -> None:
+    async def _disrupt_worker(self, kind: str, fleet: Fleet) -> None:
+        if kind == "kill":
+            victim = self._pick(fleet)
+            fleet.kill(victim)
+            new = self._start(fleet)
+            self._note(kind, f"{self._name(fleet, victim)} killed, {new.worker_id} started")
+        elif kind == "term":
+            victim = self._pick(fleet)
+            await self._stop(fleet, victim)
+            new = self._start(fleet)
+            self._note(kind, f"{self._name(fleet, victim)} stopped, {new.worker_id} started")
+        elif kind == "scale":
+            live = len(fleet.alive)
+            if live < self.high and (live == self.low or self.rng.random() < 0.5):
+                new = self._start(fleet)
+                self._note(kind, f"{self._name(fleet, new)} started ({live + 1} workers)")
+            else:
+                victim = self._pick(fleet)
+                await self._stop(fleet, victim)
+                self._note(kind, f"{self._name(fleet, victim)} stopped ({live - 1} workers)")
+        else:  # freeze
+            victim = self._pick(fleet)
+            self.frozen.add(victim.pid)
+            os.kill(victim.pid, signal.SIGSTOP)
+            self._note(kind, f"{self._name(fleet, victim)} frozen")
+            await anyio.sleep(LEASE_TTL_SECONDS * 1.5)  # the time it stays frozen
+            os.kill(victim.pid, signal.SIGCONT)
+            self.frozen.discard(victim.pid)
+
+    async def _stop(self, fleet: Fleet, worker: WorkerProcess) -> None:
         """A graceful stop that does not end in a clean exit is a fault of the run."""
-        status = await self.fleet.terminate(worker, within=60)  # its drain is bounded at 30 s
+        status = await fleet.terminate(worker, within=60)  # its drain is bounded at 30 s
         if status != 0:
             raise BenchError(
                 f"{worker.worker_id} did not stop cleanly on SIGTERM (exit status {status}); "
@@ -323,31 +345,19 @@ async def run(
             try:
                 fleet.start(workers, id_prefix="chaos")
                 await fleet.wait_split(bus, within=30)
-                chaos = Chaos(bus, fleet, server, workers, rng)
-                rounds = 0
-
-                async def disrupt() -> None:
-                    nonlocal rounds
-                    while True:  # every kind once in each round, in a random order
-                        for kind in rng.sample(kinds, len(kinds)):
-                            await anyio.sleep(rng.uniform(*every))
-                            await chaos.one(kind)
-                        rounds += 1
-
+                chaos = Chaos(bus, [fleet], server, workers, rng)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(disrupt)
+                    tg.start_soon(chaos.go_on, kinds, every)
                     took = await _publish(
                         bus,
                         fleet,
                         published,
-                        lambda elapsed: elapsed < seconds or rounds < min_rounds,
+                        lambda elapsed: elapsed < seconds or chaos.rounds < min_rounds,
                         rate,
                         calls,
                     )
                     tg.cancel_scope.cancel()
-                for w in fleet.workers:  # a disruption cut short leaves none frozen
-                    if w.alive:
-                        os.kill(w.pid, signal.SIGCONT)
+                chaos.resume_frozen()
                 ended = anyio.current_time()
 
                 async def retired() -> bool:

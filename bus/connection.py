@@ -435,7 +435,8 @@ async def call(
         except ResponseError as exc:
             if str(exc).startswith(expected):
                 raise
-            if MIGRATING in str(exc).lower() and time.monotonic() <= deadline:
+            passing = MIGRATING in str(exc).lower() or str(exc).startswith(UNBLOCKED)
+            if passing and time.monotonic() <= deadline:
                 await anyio.sleep(min(0.05 * 2**attempt, 1.0))  # as a TRYAGAIN
                 continue
             raise CommandRefusedError(what, _reason(exc), session=session) from None
@@ -460,6 +461,10 @@ def refused(
 #: that key; every script of the bus can be sent again (a publish's retry is known as one).
 #: (Redis says "Script attempted to access …", Valkey "Attempted to access …".)
 MIGRATING = "attempted to access a non local key in a cluster node"
+#: A blocking read's answer when its node stopped being a primary (a failover): ``UNBLOCKED
+#: force unblock from blocking operation, instance state changed (master -> replica?)``. Read
+#: again, it goes to the new primary (the old one redirects).
+UNBLOCKED = "UNBLOCKED"
 
 
 #: The server's error codes that redis-py takes off the message when it picks a class for them.

@@ -15,12 +15,14 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
 
 from bus import Keys, Settings, make_client
+from bus.connection import call
 from flows import EmitterRef, WorkerFlowManager
 
 
@@ -65,35 +67,42 @@ async def read_journal(redis: Redis, prefix: str, session: str) -> list[Record]:
 
 class Journal:
     """The writer the sample services use; settings come from the ``FLOWBUS_*`` environment
-    of the worker process, the connection is made on first use."""
+    of the worker process, the connection is made on first use. Like the bus, it tries again
+    through a lost connection (a server restarting) for up to 15 s: a journal write that fails
+    would fail the action it records."""
 
     def __init__(self) -> None:
         self._redis: Redis | None = None
+        self._settings = Settings()
         self._keys = Keys()
         self._pid = os.getpid()
-        self._retention_ms = 0
 
     def _client(self) -> Redis:
         if self._redis is None:
-            settings = Settings.from_env()
-            self._redis = make_client(settings, max_connections=16)
-            self._keys = Keys(settings.prefix, settings.partitions)
-            self._retention_ms = int(settings.retention_seconds * 1000)
+            self._settings = Settings.from_env()
+            self._redis = make_client(self._settings, max_connections=16)
+            self._keys = Keys(self._settings.prefix, self._settings.partitions)
         return self._redis
 
     async def _last_seq(self, session: str) -> int:
-        seq: Any = await self._client().hget(self._keys.meta(session), "seq")
+        read = partial(self._client().hget, self._keys.meta(session), "seq")
+        seq: Any = await call("journal read", read, self._settings, session)
         return int(seq or 0)
 
     async def _write(self, session: str, record: Record) -> None:
         """Append `record`; the journal lives as long as the session's keys would after its
-        end (from its last record), so a deployment that runs on leaks none."""
+        end (from its last record), so a deployment that runs on leaks none. (A write retried
+        after a lost reply may be there twice: a check reads it as a repeat.)"""
         redis = self._client()
         key = journal_key(self._keys.prefix, session)
-        pipe = redis.pipeline(transaction=False)
-        pipe.rpush(key, msgspec.json.encode(record))
-        pipe.pexpire(key, self._retention_ms)
-        await pipe.execute()
+
+        async def append() -> None:  # a pipeline is empty after its execute, even a failed one
+            pipe = redis.pipeline(transaction=False)
+            pipe.rpush(key, msgspec.json.encode(record))
+            pipe.pexpire(key, int(self._settings.retention_seconds * 1000))
+            await pipe.execute()
+
+        await call("journal write", append, self._settings, session)
 
     @asynccontextmanager
     async def action(

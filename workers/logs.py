@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Literal, TextIO, cast
+from collections.abc import Collection
+from typing import Any, Literal, TextIO, cast
 
 import structlog
+from structlog.typing import EventDict
 
 LogFormat = Literal["auto", "console", "json"]
 
 
-def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
-    """Configure structlog for a process; call once at start."""
+def configure(level: str = "info", fmt: LogFormat = "auto", quiet: Collection[str] = ()) -> None:
+    """Configure structlog for a process; call once at start. The loggers named in `quiet`
+    (``structlog.get_logger(name)``) log warnings and errors only."""
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.typing.Processor = (
@@ -21,6 +24,7 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
     )
     structlog.configure(
         processors=[
+            _Quiet(frozenset(quiet)),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -30,9 +34,34 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr())),
+        logger_factory=_NamedLoggerFactory(),
         cache_logger_on_first_use=True,
     )
+
+
+class _NamedLogger(structlog.PrintLogger):
+    """A print logger that knows the name it was got by, for `_Quiet`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(cast(TextIO, _Stderr()))
+        self.name = name
+
+
+class _NamedLoggerFactory:
+    def __call__(self, *args: Any) -> _NamedLogger:
+        return _NamedLogger(str(args[0]) if args else "")
+
+
+class _Quiet:
+    """Drops what the loggers named in `names` log below warning."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+
+    def __call__(self, logger: Any, method: str, event: EventDict) -> EventDict:
+        if method in {"debug", "info"} and getattr(logger, "name", "") in self.names:
+            raise structlog.DropEvent
+        return event
 
 
 class _Stderr:

@@ -115,6 +115,6 @@ async def test_a_rewrite_asked_for_while_the_server_rewrites_by_itself_is_noted_
         raise ResponseError("Background append only file rewriting already in progress")
 
     bus = SimpleNamespace(redis=SimpleNamespace(bgrewriteaof=rewriting), settings=Settings())
-    disruptions = chaos.Chaos(bus, Mock(), Mock(), workers=4, rng=random.Random(0))  # type: ignore[arg-type]  # a stand-in bus
+    disruptions = chaos.Chaos(bus, [Mock()], Mock(), workers=4, rng=random.Random(0))  # type: ignore[arg-type]  # a stand-in bus
     await disruptions.one("rewrite")
     assert [d.detail for d in disruptions.done] == ["the AOF being rewritten already"]

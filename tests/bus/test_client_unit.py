@@ -178,8 +178,13 @@ async def test_a_batch_without_replies_fails_as_lost_and_a_cancelled_one_is_canc
         # for a moment (they reached the caller raw)
         SlotNotCoveredError('Slot "7" is not covered by the cluster.'),
         RedisClusterUnreachableError("Redis Cluster cannot be connected."),
+        # a blocking read (the bot's inbox) on a primary that became a replica
+        ResponseError(
+            "UNBLOCKED force unblock from blocking operation, instance state changed "
+            "(master -> replica?)"
+        ),
     ],
-    ids=["ttl", "tryagain", "clusterdown", "slot-not-covered", "unreachable"],
+    ids=["ttl", "tryagain", "clusterdown", "slot-not-covered", "unreachable", "unblocked"],
 )
 async def test_a_cluster_busy_moving_slots_is_retried(error: Exception) -> None:
     failures = [error, error]

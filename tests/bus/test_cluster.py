@@ -122,6 +122,50 @@ async def test_a_bot_inbox_works_across_slots(cluster_settings: Settings) -> Non
                 assert [m.payload for m in await inbox.read(1)] == [Say(text=f"hello {session}")]
 
 
+async def test_a_bot_inbox_reads_on_through_a_failover_of_its_node() -> None:
+    """A blocked inbox read on a primary that becomes a replica is answered ``UNBLOCKED``:
+    read again, it goes to the new primary (a call failed on it, found by the flows chaos
+    run)."""
+    import redis  # the sync client, to steer the cluster
+
+    with LocalCluster(kind=KIND, replicas=1) as cluster:
+        clients: list[Any] = [redis.Redis(port=n.port) for n in cluster.nodes]  # untyped
+        primary, replica = clients[0], clients[-1]
+        settings = make_settings(cluster.url, cluster=True)
+        async with Bus.connect(settings) as bus:
+            served = cluster.nodes[0].port  # the shard with the replica
+            nodes = bus.redis.nodes_manager  # type: ignore[attr-defined]  # a cluster client
+            session = next(
+                s
+                for s in (f"call-{i}" for i in range(1000))
+                if nodes.get_node_from_slot(key_slot(bus.keys.inbox(s).encode())).port == served
+            )
+            await bus.publish(session, Tick(n=1))
+            async with bus.inbox(session, Codec([Say])) as inbox:
+                read: list[Any] = []
+
+                async def first_message() -> None:
+                    async for message in inbox:
+                        read.append(message.payload)
+                        return
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(first_message)
+                    await wait_for(
+                        lambda: primary.info("clients")["blocked_clients"] == 1,
+                        what="the inbox read to block",
+                    )
+                    replica.execute_command("CLUSTER", "FAILOVER")
+                    await wait_for(
+                        lambda: replica.info("replication")["role"] == "master",
+                        what="the replica to take over",
+                    )
+                    await bus.send(session, Say(text="after the failover"))
+            assert read == [Say(text="after the failover")]
+        primary.close()
+        replica.close()
+
+
 async def test_the_command_line_reads_a_cluster(
     cluster_settings: Settings, workers: WorkerProcesses
 ) -> None:

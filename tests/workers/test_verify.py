@@ -122,3 +122,78 @@ def test_a_reply_cut_short_is_counted_and_what_was_heard_must_be_its_start(
     check = check_call("call-1", cut, IN_ORDER, CRM)
     assert check.replies_cut == 1 and check_call("call-1", CALL, IN_ORDER, CRM).replies_cut == 0
     assert [p[: len(problem or "")] for p in check.problems] == ([problem] if problem else [])
+
+
+# -- at least once: a call through crashes and takeovers (the flows chaos run) -----------------
+CRM_TWO = {"crm": frozenset({"on_client_connected", "tts.spoken"})}  # seqs 1 and 3 of CALL
+
+
+def at(seq: int, handled_us: int) -> EventRecord:
+    return EventRecord("crm", "on_client_connected", seq, 1, handled_us, 2)
+
+
+@pytest.mark.parametrize(
+    "journal",
+    [
+        [*IN_ORDER, action("2/pre/1", 3, 3)],  # run again: killed before its state was saved
+        [seen(1), action("2/pre/1", 3, 5), action("2/pre/1", 3, 3), action("2/post/0", 5, 5)],
+        [seen(1), *IN_ORDER],  # handled again right after
+    ],
+    ids=["again", "frozen-run-ends-late", "event-again"],
+)
+def test_at_least_once_allows_a_repeat_in_its_place(journal: list[Record]) -> None:
+    assert check_call("call-1", CALL, journal, CRM).problems
+    check = check_call("call-1", CALL, journal, CRM, at_least_once=True)
+    assert check.ok and check.repeats == 1, check.problems
+
+
+@pytest.mark.parametrize(
+    ("journal", "problem"),
+    [
+        (
+            [*IN_ORDER, action("2/pre/1", 4, 4)],
+            "greeting pre-action 1 (load_customer) ran again after the LLM replied",
+        ),
+        (
+            [seen(1), action("2/pre/1", 3, 4), action("2/pre/1", 3, 5), action("2/post/0", 5, 5)],
+            "greeting pre-action 1 (load_customer) was still running when the LLM replied",
+        ),
+        (
+            [*IN_ORDER, action("2/post/0", 4, 5)],
+            "greeting post-action 0 (log_turn) ran before the reply was complete and spoken",
+        ),
+        ([seen(1)], "greeting pre-action 1 (load_customer) did not run"),
+    ],
+    ids=["again-after-llm", "no-run-finished-in-place", "again-too-early", "missing"],
+)
+def test_at_least_once_finds_a_run_out_of_place(journal: list[Record], problem: str) -> None:
+    problems = check_call("call-1", CALL, journal, CRM, at_least_once=True).problems
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("handlings", "ok"),
+    [
+        ([at(1, 10), at(3, 20)], True),
+        ([at(3, 20), at(1, 10)], True),  # its record written late: ordered by start
+        ([at(1, 10), at(3, 20), at(3, 30)], True),
+        ([at(1, 10), at(1, 15), at(3, 20)], True),
+        ([at(3, 10), at(1, 20)], False),  # started before the event before it
+        ([at(1, 10), at(3, 20), at(1, 30)], False),  # again, but not right after
+        ([at(1, 10)], False),  # one missed
+    ],
+)
+def test_at_least_once_orders_handlings_by_their_start(
+    handlings: list[EventRecord], ok: bool
+) -> None:
+    journal: list[Record] = [*handlings, action("2/pre/1", 3, 3), action("2/post/0", 5, 5)]
+    check = check_call("call-1", CALL, journal, CRM_TWO, at_least_once=True)
+    assert check.ok is ok, check.problems
+    assert check.handled == {"crm": len(handlings)}
+
+
+def test_a_phrase_the_bot_spoke_twice_is_found_in_either_mode() -> None:
+    twice = [*CALL[:3], CALL[2], *CALL[3:]]
+    for at_least_once in (False, True):
+        problems = check_call("c", twice, IN_ORDER, CRM, at_least_once=at_least_once).problems
+        assert "the bot confirmed 2/pre/0 2 times (spoke it, or ran it, again)" in problems

@@ -1,0 +1,418 @@
+"""``python -m bench.flows_chaos`` (``make chaos``, after the bus's): the flows layer under
+every disruption at once — the demo's calls go on while the workers of its services are
+killed, stopped, frozen, added and removed, and the server is killed and started again.
+
+Simulated bots (`workers.bots`, in this process) run calls through the sample flow, `--calls`
+at a time, a new one started `--rate` times a second; worker processes of its two services
+(`workers.sample`: ``actions``, which runs the flow's pre- and post-actions, and ``crm``,
+event handlers, one of them a sync event the bot waits for; each action and handler takes a
+random time up to `HANDLER_MAX_DELAY_MS`, as one that calls a service would) run against a
+private server with an AOF and a lease TTL of 2 s. The disruptions are those of `bench.chaos`,
+on a worker of either service. When the time is up the calls going run to their end; every
+session must then be done, and every call pass the demo's check (`workers.verify.check_call`)
+with repeats allowed, as the contract allows them after a crash: every action ran, in its place
+(its first run to finish finished there; any run again started there), the bot spoke each
+phrase once, each handler service saw its events in order (by when each handling started), a
+repeat only right after the handling it repeats. A call that fails (a step that did not finish
+within `CALL_SECONDS`), a dead letter, or a worker that exits unasked fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+
+from bus import Bus
+from workers import logs, sample
+from workers.bots import Board, CallFailedError, barges_in, run_call
+from workers.fleet import Fleet, FleetError
+from workers.journal import read_journal
+from workers.observe import dead_letter_count, live_session_count
+from workers.server import LocalCluster, LocalServer
+from workers.verify import check_call
+
+from .chaos import (
+    CLUSTER_DISRUPTIONS,
+    DISRUPTIONS,
+    HANDLER_MAX_DELAY_MS,
+    LEASE_TTL_SECONDS,
+    LISTED,
+    Chaos,
+    Disruption,
+    stuck,
+    wrong_kinds,
+)
+from .workload import ROOT, BenchError, add_server_option, fresh_settings, wait_until
+
+log = structlog.get_logger("flowbus.bench")
+
+RESULTS = Path(__file__).resolve().parent / "flows_chaos.json"
+#: How long a call's every step may take (the bot's waits for the services): a takeover
+#: takes up to two lease TTLs, a server restart a few seconds.
+CALL_SECONDS = 30.0
+#: The simulated TTS speaks this long per character.
+SECONDS_PER_CHAR = 0.004
+#: The bots' loggers, which log every node entered and call ended: warnings only.
+QUIET = ("flowbus.flow", "flowbus.bot", "flowbus.bots", "flowbus.events", "flowbus.bus")
+#: Every this-many-th call's caller speaks over the bot (see `workers.bots`).
+BARGE_IN_EVERY = 4
+
+
+class CallsCheck(msgspec.Struct, frozen=True):
+    """What the calls' streams and the services' journal show."""
+
+    calls: int
+    events: int
+    actions_run: int
+    handlings: int
+    #: Runs of an action, handlings of an event, after their first (after a disruption).
+    repeats: int
+    #: Calls that did not reach their end: session -> why (at most `LISTED`).
+    failed: dict[str, str]
+    failed_count: int
+    #: Calls whose check found a problem: session -> the problems (at most `LISTED`).
+    problems: dict[str, list[str]]
+    problem_count: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed_count or self.problem_count)
+
+
+class FlowsChaosResult(msgspec.Struct, frozen=True):
+    """A flows chaos run: its load, its disruptions and the check of its calls."""
+
+    server: str
+    seed: int
+    seconds: float
+    rate: float
+    concurrency: int
+    workers: int
+    disruptions: list[Disruption]
+    check: CallsCheck
+    dead_letters: int
+    #: From the end of the last call until every group acknowledged every session.
+    settle_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok and self.dead_letters == 0
+
+
+async def run(
+    server: LocalServer | LocalCluster,
+    *,
+    seconds: float,
+    rate: float = 4.0,
+    concurrency: int = 20,
+    workers: int = 2,
+    seed: int | None = None,
+    kinds: list[str] | None = None,
+    every: tuple[float, float] = (2.0, 6.0),
+    min_rounds: int = 0,
+) -> FlowsChaosResult:
+    """Start `rate` calls a second, at most `concurrency` at once, for `seconds` and at least
+    `min_rounds` rounds of disruptions of `kinds` (default: every kind for `server`) every
+    `every` (lowest, highest) seconds, `workers` processes of each service to start with; see
+    the module docstring. Raises `FleetError` if a worker exits unasked, `BenchError` if the
+    sessions do not retire, `ValueError` for a kind `server` cannot have."""
+    cluster = isinstance(server, LocalCluster)
+    kinds = list((CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS) if kinds is None else kinds)
+    if wrong := wrong_kinds(kinds, cluster=cluster):
+        raise ValueError(wrong)
+    seed = random.randrange(2**32) if seed is None else seed
+    # Kept an hour: the check reads every call's stream and journal once all are done.
+    settings = fresh_settings(
+        server.url,
+        "flows-chaos",
+        cluster=cluster,
+        lease_ttl_seconds=LEASE_TTL_SECONDS,
+        retention_seconds=3600.0,
+    )
+    board = Board()
+    async with Bus.connect(settings) as bus:
+        with tempfile.TemporaryDirectory(prefix="flowbus-flows-chaos-") as log_dir:
+            fleets = [
+                Fleet(
+                    settings,
+                    target,
+                    group,
+                    Path(log_dir),
+                    cwd=ROOT,
+                    extra_env={"SAMPLE_MAX_DELAY_MS": str(HANDLER_MAX_DELAY_MS)},
+                    log_level="warning",
+                )
+                for group, target in (
+                    ("actions", "workers.sample:actions"),
+                    ("crm", "workers.sample:crm"),
+                )
+            ]
+            try:
+                for fleet in fleets:
+                    fleet.start(workers, id_prefix="chaos")
+                for fleet in fleets:
+                    await fleet.wait_split(bus, within=30)
+                chaos = Chaos(bus, fleets, server, workers, random.Random(seed))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(chaos.go_on, kinds, every)
+                    took = await _calls(
+                        bus,
+                        board,
+                        fleets,
+                        lambda elapsed: elapsed < seconds or chaos.rounds < min_rounds,
+                        rate,
+                        concurrency,
+                    )
+                    tg.cancel_scope.cancel()
+                chaos.resume_frozen()
+                ended = anyio.current_time()
+
+                async def retired() -> bool:
+                    for fleet in fleets:
+                        fleet.check_alive()
+                    return await live_session_count(bus) == 0
+
+                try:
+                    await wait_until(retired, within=120, what="every session to be done")
+                except BenchError as exc:
+                    raise BenchError(f"{exc}; {await stuck(bus)}") from None
+                settle = anyio.current_time() - ended
+                for fleet in fleets:
+                    await fleet.stop(within=30)
+            finally:
+                for fleet in fleets:
+                    fleet.kill_all()
+        name = (
+            f"{server.nodes[0].name} cluster" if isinstance(server, LocalCluster) else server.name
+        )
+        return FlowsChaosResult(
+            name,
+            seed,
+            round(took, 1),
+            rate,
+            concurrency,
+            workers,
+            chaos.done,
+            await check_calls(bus, board),
+            await dead_letter_count(bus),
+            round(settle, 2),
+        )
+
+
+async def _calls(
+    bus: Bus,
+    board: Board,
+    fleets: list[Fleet],
+    going_on: Callable[[float], bool],
+    rate: float,
+    concurrency: int,
+) -> float:
+    """Start `rate` calls a second, at most `concurrency` at once, while `going_on` (seconds
+    since the start); then let those going end. `board` keeps every call's state. Logs progress
+    every 10 s. Returns the seconds calls were started."""
+    slots = anyio.Semaphore(concurrency)
+
+    async def one(n: int, session: str) -> None:
+        try:
+            await run_call(
+                bus,
+                session,
+                board=board,
+                seconds_per_char=SECONDS_PER_CHAR,
+                wait=CALL_SECONDS,
+                barge_in=barges_in(n, BARGE_IN_EVERY),
+            )
+        except CallFailedError:  # on the board, with its reason; its session ends here
+            with anyio.move_on_after(CALL_SECONDS, shield=True):
+                await bus.end_session(session, reason="the call failed")
+        finally:
+            slots.release()
+
+    started = next_report = anyio.current_time()
+    n = 0
+    async with anyio.create_task_group() as tg:
+        while going_on((now := anyio.current_time()) - started):
+            if now >= next_report:
+                next_report += 10
+                for fleet in fleets:
+                    fleet.check_alive()
+                log.info(
+                    "chaos_progress",
+                    at_s=round(now - started),
+                    calls=n,
+                    ended=board.count("ended"),
+                    failed=board.count("failed"),
+                    workers={f.group: len(f.alive) for f in fleets},
+                )
+            await slots.acquire()
+            n += 1
+            tg.start_soon(one, n, f"call-{n:05d}")
+            delay = started + n / rate - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+        took = anyio.current_time() - started
+    return took
+
+
+async def check_calls(bus: Bus, board: Board) -> CallsCheck:
+    """Check every call of `board` (see the module docstring)."""
+    subscriptions = {sample.crm.name: sample.crm.subscribes}
+    problems: dict[str, list[str]] = {}
+    events = actions = handlings = repeats = 0
+    for session in sorted(board.calls):
+        stream = await bus.history(session)
+        journal = await read_journal(bus.redis, bus.settings.prefix, session)
+        checked = check_call(session, stream, journal, subscriptions, over=True, at_least_once=True)
+        events += checked.events
+        actions += checked.actions
+        handlings += sum(checked.handled.values())
+        repeats += checked.repeats
+        if checked.problems and session not in board.failures:
+            problems[session] = checked.problems
+    return CallsCheck(
+        len(board.calls),
+        events,
+        actions,
+        handlings,
+        repeats,
+        dict(sorted(board.failures.items())[:LISTED]),
+        len(board.failures),
+        dict(sorted(problems.items())[:LISTED]),
+        len(problems),
+    )
+
+
+def render(result: FlowsChaosResult) -> str:
+    """The run in a few lines, for a person."""
+    kinds = Counter(d.kind for d in result.disruptions)
+    c = result.check
+    lines = [
+        f"flows chaos on {result.server}, seed {result.seed}: {result.seconds:g} s of calls "
+        f"through the sample flow, {result.rate:g} a second (at most {result.concurrency} at "
+        f"once), {result.workers} workers of each service to start with",
+        f"  calls         {c.calls:,}: {c.events:,} events, {c.actions_run:,} actions run, "
+        f"{c.handlings:,} handlings",
+        f"  disruptions   {len(result.disruptions)} ("
+        + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none")
+        + ")",
+        f"  repeats       {c.repeats} (an action run, an event handled, again after a disruption)",
+        f"  settled       every session done {result.settle_s:g} s after the last call ended",
+        f"  dead letters  {result.dead_letters}",
+        f"  failed calls  {c.failed_count}",
+        *(f"    {session}: {why}" for session, why in c.failed.items()),
+        f"  out of place  {c.problem_count}",
+        *(f"    {session}: {'; '.join(found)}" for session, found in c.problems.items()),
+        "verdict: " + ("OK" if result.ok else "FAILED"),
+    ]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.flows_chaos",
+        description="The flows layer under disruptions: simulated calls go through the demo's "
+        "flow while the workers of its services (actions, crm) are killed, stopped, frozen, "
+        "added and removed, and the server rewrites its AOF and is killed and started again; "
+        "then every call must have ended, every action have run in its place and every "
+        "handler have seen its events in order.",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=120.0, help="how long calls are started (default 120)"
+    )
+    add_server_option(p)
+    p.add_argument("--rate", type=float, default=4.0, help="calls started a second (default 4)")
+    p.add_argument(
+        "--concurrency", type=int, default=20, help="calls going at once, at most (default 20)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="worker processes of each service to start with (default 2; scaling keeps 2 to "
+        "workers + 2)",
+    )
+    p.add_argument(
+        "--disruption",
+        choices=sorted({*DISRUPTIONS, *CLUSTER_DISRUPTIONS}),
+        action="append",
+        dest="kinds",
+        help="only this kind of disruption (repeatable; default all of the server's, as in "
+        "python -m bench.chaos)",
+    )
+    p.add_argument(
+        "--every",
+        type=float,
+        nargs=2,
+        default=[2.0, 6.0],
+        metavar=("LOW", "HIGH"),
+        help="seconds between disruptions, drawn between these (default 2 6)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a local cluster of three primaries, the first with a replica (its "
+        "disruptions: failover instead of server and rewrite)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="the random choices' seed (default: a new one, printed)"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="where the JSON result goes (default bench/flows_chaos.json)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.seconds <= 0 or args.rate <= 0 or args.concurrency < 1 or args.workers < 2:
+        sys.exit(
+            "--seconds and --rate must be above 0, --concurrency at least 1, --workers at least 2"
+        )
+    if not 0 < args.every[0] <= args.every[1]:
+        sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
+    if wrong := wrong_kinds(args.kinds or (), cluster=args.cluster):
+        sys.exit(f"--disruption {wrong}")
+    logs.configure("info", quiet=QUIET)
+    server: LocalServer | LocalCluster = (
+        LocalCluster(kind=args.server, replicas=1)
+        if args.cluster
+        else LocalServer(args.server, appendonly=True)
+    )
+    with server:
+        try:
+            result = anyio.run(
+                partial(
+                    run,
+                    server,
+                    seconds=args.seconds,
+                    rate=args.rate,
+                    concurrency=args.concurrency,
+                    workers=args.workers,
+                    seed=args.seed,
+                    kinds=args.kinds,
+                    every=tuple(args.every),
+                )
+            )
+        except (BenchError, FleetError) as exc:
+            sys.exit(f"flows chaos run failed: {exc}")
+    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    print(render(result))
+    if not result.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

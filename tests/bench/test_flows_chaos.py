@@ -1,0 +1,50 @@
+"""The flows chaos run: a short run of every disruption, on a server and on a cluster of its
+own (the check of each call is `workers.verify`'s, tested in tests/workers/test_verify.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import chaos, flows_chaos
+from tests.conftest import KIND
+from workers.server import LocalCluster, LocalServer
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--seconds", "0"], ["--workers", "1"], ["--concurrency", "0"], ["--every", "3", "2"]],
+)
+def test_bad_options_are_refused_before_anything_starts(argv: list[str]) -> None:
+    with pytest.raises(SystemExit, match="must be"):
+        flows_chaos.main(argv)
+
+
+def test_a_disruption_of_the_other_kind_of_server_is_refused_before_anything_starts() -> None:
+    with pytest.raises(SystemExit, match="failover: not a disruption of one server"):
+        flows_chaos.main(["--disruption", "failover"])
+
+
+@pytest.mark.anyio
+async def test_a_short_run_of_every_disruption_ends_every_call_with_its_actions_in_place() -> None:
+    with LocalServer(KIND, appendonly=True) as server:
+        result = await flows_chaos.run(
+            server, seconds=5, min_rounds=1, rate=4, concurrency=20, seed=5, every=(0.5, 1)
+        )
+    assert {d.kind for d in result.disruptions} == set(chaos.DISRUPTIONS), result.disruptions
+    assert result.check.calls >= 20 and result.check.actions_run >= 5 * result.check.calls
+    assert {d.detail.split()[0] for d in result.disruptions if d.kind == "kill"} <= {
+        "actions",
+        "crm",
+    }
+    assert result.ok, flows_chaos.render(result)
+
+
+@pytest.mark.anyio
+async def test_a_short_run_on_a_cluster_fails_over_and_ends_every_call_in_order() -> None:
+    with LocalCluster(kind=KIND, replicas=1) as cluster:
+        result = await flows_chaos.run(
+            cluster, seconds=5, min_rounds=1, rate=4, concurrency=20, seed=5, every=(0.5, 1)
+        )
+    kinds = [d.kind for d in result.disruptions]
+    assert set(kinds) == set(chaos.CLUSTER_DISRUPTIONS), kinds
+    assert result.server.endswith("cluster") and result.ok, flows_chaos.render(result)
