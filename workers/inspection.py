@@ -14,12 +14,14 @@ Everything is read in pipelines, one round trip per kind of key.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
 
 from bus import Bus, Entry
+from bus.connection import call
 
 from .deadletters import DeadLetter, count_dead, list_dead
 from .observe import lease_owners
@@ -394,6 +396,11 @@ async def follow(
     polling."""
     keys, session = bus.keys, detail.session
     live = keys.live(keys.partition(session))
+
+    async def read(operation: Callable[[], Awaitable[Any]]) -> Any:
+        # Through a server restarting, or a blocking read a cluster failover cut short.
+        return await call("following the session", operation, bus.settings, session)
+
     after: dict[Any, Any] = {
         keys.session(session): detail.events[-1].id if detail.events else "0-0"
     }
@@ -404,10 +411,11 @@ async def follow(
         # The final publish marks the meta in the script that appends its entry (as `flowbus
         # end` does): once marked, the session's stream takes no more, so the read after it
         # need not block. Its inbox takes no more once the session retired: every group done.
-        ended = done = bool(await bus.redis.hexists(keys.meta(session), "ended"))
+        ended = done = bool(await read(partial(bus.redis.hexists, keys.meta(session), "ended")))
         if ended and inbox:
-            done = not await bus.redis.sismember(live, session)
-        reply: Any = await bus.redis.xread(after, count=PAGE, block=None if done else block_ms)
+            done = not await read(partial(bus.redis.sismember, live, session))
+        block = None if done else block_ms
+        reply: Any = await read(partial(bus.redis.xread, after, count=PAGE, block=block))
         if not reply and done:
             return
         if not reply and ended and not told:

@@ -51,7 +51,8 @@ class CallCheck(msgspec.Struct, frozen=True):
     problems: list[str]
     #: Replies whose speech was cut short (the caller spoke over the bot).
     replies_cut: int = 0
-    #: Runs of an action, and handlings of an event, after its first (`at_least_once`).
+    #: Runs of an action, and handlings of an event, after its first (a problem unless
+    #: `at_least_once`).
     repeats: int = 0
 
     @property
@@ -104,8 +105,8 @@ def check_call(
         seen = [r.seq for r in handlings]
         handled[service] = len(seen)
         expected = [e.seq for e in stream if e.type in events]
+        repeats += len(seen) - len(set(seen))
         if at_least_once:
-            repeats += len(seen) - len(set(seen))
             place = {seq: n for n, seq in enumerate(expected, start=1)}
             ok = set(seen) == set(expected) and in_order(place[seq] for seq in seen)
         else:

@@ -42,6 +42,7 @@ from tests.support import (
 )
 from tests.workers.test_cli import flowbus
 from tests.workers.test_inspect_follow import follow, next_line
+from workers import inspection
 from workers.observe import dead_letter_count
 from workers.server import LocalCluster
 
@@ -122,10 +123,10 @@ async def test_a_bot_inbox_works_across_slots(cluster_settings: Settings) -> Non
                 assert [m.payload for m in await inbox.read(1)] == [Say(text=f"hello {session}")]
 
 
-async def test_a_bot_inbox_reads_on_through_a_failover_of_its_node() -> None:
-    """A blocked inbox read on a primary that becomes a replica is answered ``UNBLOCKED``:
-    read again, it goes to the new primary (a call failed on it, found by the flows chaos
-    run)."""
+async def test_a_bot_inbox_and_a_follower_read_on_through_a_failover_of_their_node() -> None:
+    """A blocked read on a primary that becomes a replica is answered ``UNBLOCKED``: read
+    again, it goes to the new primary (a call failed on it, found by the flows chaos run; and
+    `flowbus inspect session --follow` ended)."""
     import redis  # the sync client, to steer the cluster
 
     with LocalCluster(kind=KIND, replicas=1) as cluster:
@@ -141,19 +142,27 @@ async def test_a_bot_inbox_reads_on_through_a_failover_of_its_node() -> None:
                 if nodes.get_node_from_slot(key_slot(bus.keys.inbox(s).encode())).port == served
             )
             await bus.publish(session, Tick(n=1))
+            detail = await inspection.session_detail(bus, session)
             async with bus.inbox(session, Codec([Say])) as inbox:
                 read: list[Any] = []
+                followed: list[int] = []
 
                 async def first_message() -> None:
                     async for message in inbox:
                         read.append(message.payload)
                         return
 
+                async def first_event() -> None:
+                    async for _stream, row in inspection.follow(bus, detail):
+                        followed.append(row.seq)
+                        return
+
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(first_message)
+                    tg.start_soon(first_event)
                     await wait_for(
-                        lambda: primary.info("clients")["blocked_clients"] == 1,
-                        what="the inbox read to block",
+                        lambda: primary.info("clients")["blocked_clients"] == 2,
+                        what="the inbox read and the follower to block",
                     )
                     replica.execute_command("CLUSTER", "FAILOVER")
                     await wait_for(
@@ -161,7 +170,8 @@ async def test_a_bot_inbox_reads_on_through_a_failover_of_its_node() -> None:
                         what="the replica to take over",
                     )
                     await bus.send(session, Say(text="after the failover"))
-            assert read == [Say(text="after the failover")]
+                    await bus.publish(session, Tick(n=2))
+            assert read == [Say(text="after the failover")] and followed == [2]
         primary.close()
         replica.close()
 
