@@ -25,7 +25,8 @@ group acknowledged all of it, so that it retires). The check reads every handlin
 each call's events all handled, in `seq` order by the time their handling started; a repeat is
 allowed only right after the handling it repeats (an event in flight at a disruption), or with
 ``--ack-mode batch`` as a replay, in order, of the events of a read batch. A worker
-that exits without being told to fails the run.
+that exits without being told to fails the run. (`bench.flows_chaos` puts the demo's calls
+through the same disruptions.)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from workers import logs
 from workers.fleet import Fleet, FleetError, WorkerProcess
 from workers.observe import dead_letter_count, live_session_count
 from workers.probe import GROUP, Handling, ProbeTick, handled_key, read_handlings
+from workers.runtime import first_error
 from workers.server import LocalCluster, LocalServer
 from workers.verify import in_order
 
@@ -257,8 +259,8 @@ class Chaos:
         status = await fleet.terminate(worker, within=60)  # its drain is bounded at 30 s
         if status != 0:
             raise BenchError(
-                f"{worker.worker_id} did not stop cleanly on SIGTERM (exit status {status}); "
-                f"its log ends with:\n{worker.log_tail()}"
+                f"{self._name(fleet, worker)} did not stop cleanly on SIGTERM (exit status "
+                f"{status}); its log ends with:\n{worker.log_tail()}"
             )
 
 
@@ -579,8 +581,11 @@ def main(argv: list[str] | None = None) -> None:
                     ack_mode=args.ack_mode,
                 )
             )
-        except (BenchError, FleetError) as exc:
-            sys.exit(f"chaos run failed: {exc}")
+        except (BenchError, FleetError, BaseExceptionGroup) as exc:
+            error = first_error(exc)  # a worker's exit, a disruption's: out of a task group
+            if not isinstance(error, BenchError | FleetError):
+                raise
+            sys.exit(f"chaos run failed: {error}")
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
     print(render(result))
     if not result.ok:

@@ -13,8 +13,8 @@ session must then be done, and every call pass the demo's check (`workers.verify
 with repeats allowed, as the contract allows them after a crash: every action ran, in its place
 (its first run to finish finished there; any run again started there), the bot spoke each
 phrase once, each handler service saw its events in order (by when each handling started), a
-repeat only right after the handling it repeats. A call that fails (a step that did not finish
-within `CALL_SECONDS`), a dead letter, or a worker that exits unasked fails the run.
+repeat only right after the handling it repeats. A call that fails (a step failed, or it was not
+over within `CALL_SECONDS`), a dead letter, or a worker that exits unasked fails the run.
 """
 
 from __future__ import annotations
@@ -27,17 +27,20 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import get_args
 
 import anyio
 import msgspec
 import structlog
 
 from bus import Bus
+from bus.settings import AckMode
 from workers import logs, sample
 from workers.bots import Board, CallFailedError, barges_in, run_call
 from workers.fleet import Fleet, FleetError
 from workers.journal import read_journal
 from workers.observe import dead_letter_count, live_session_count
+from workers.runtime import first_error
 from workers.server import LocalCluster, LocalServer
 from workers.verify import check_call
 
@@ -57,8 +60,8 @@ from .workload import ROOT, BenchError, add_server_option, fresh_settings, wait_
 log = structlog.get_logger("flowbus.bench")
 
 RESULTS = Path(__file__).resolve().parent / "flows_chaos.json"
-#: How long a call's every step may take (the bot's waits for the services): a takeover
-#: takes up to two lease TTLs, a server restart a few seconds.
+#: How long a call may take (about a second when nothing goes wrong): a takeover takes up to
+#: two lease TTLs, a server restart a few seconds, and a call may meet several.
 CALL_SECONDS = 30.0
 #: The simulated TTS speaks this long per character.
 SECONDS_PER_CHAR = 0.004
@@ -93,6 +96,7 @@ class FlowsChaosResult(msgspec.Struct, frozen=True):
     """A flows chaos run: its load, its disruptions and the check of its calls."""
 
     server: str
+    ack_mode: AckMode
     seed: int
     seconds: float
     rate: float
@@ -120,6 +124,7 @@ async def run(
     kinds: list[str] | None = None,
     every: tuple[float, float] = (2.0, 6.0),
     min_rounds: int = 0,
+    ack_mode: AckMode = "each",
 ) -> FlowsChaosResult:
     """Start `rate` calls a second, at most `concurrency` at once, for `seconds` and at least
     `min_rounds` rounds of disruptions of `kinds` (default: every kind for `server`) every
@@ -138,6 +143,7 @@ async def run(
         cluster=cluster,
         lease_ttl_seconds=LEASE_TTL_SECONDS,
         retention_seconds=3600.0,
+        ack_mode=ack_mode,
     )
     board = Board()
     async with Bus.connect(settings) as bus:
@@ -197,13 +203,14 @@ async def run(
         )
         return FlowsChaosResult(
             name,
+            ack_mode,
             seed,
             round(took, 1),
             rate,
             concurrency,
             workers,
             chaos.done,
-            await check_calls(bus, board),
+            await check_calls(bus, board, settings.read_batch if ack_mode == "batch" else 1),
             await dead_letter_count(bus),
             round(settle, 2),
         )
@@ -264,15 +271,18 @@ async def _calls(
     return took
 
 
-async def check_calls(bus: Bus, board: Board) -> CallsCheck:
-    """Check every call of `board` (see the module docstring)."""
+async def check_calls(bus: Bus, board: Board, window: int) -> CallsCheck:
+    """Check every call of `board` (see the module docstring), a handler's replay of up to
+    `window` events allowed."""
     subscriptions = {sample.crm.name: sample.crm.subscribes}
     problems: dict[str, list[str]] = {}
     events = actions = handlings = repeats = 0
     for session in sorted(board.calls):
         stream = await bus.history(session)
         journal = await read_journal(bus.redis, bus.settings.prefix, session)
-        checked = check_call(session, stream, journal, subscriptions, over=True, at_least_once=True)
+        checked = check_call(
+            session, stream, journal, subscriptions, at_least_once=True, window=window
+        )
         events += checked.events
         actions += checked.actions
         handlings += sum(checked.handled.values())
@@ -297,7 +307,8 @@ def render(result: FlowsChaosResult) -> str:
     kinds = Counter(d.kind for d in result.disruptions)
     c = result.check
     lines = [
-        f"flows chaos on {result.server}, seed {result.seed}: {result.seconds:g} s of calls "
+        f"flows chaos on {result.server} (ack_mode {result.ack_mode}), seed {result.seed}: "
+        f"{result.seconds:g} s of calls "
         f"through the sample flow, {result.rate:g} a second (at most {result.concurrency} at "
         f"once), {result.workers} workers of each service to start with",
         f"  calls         {c.calls:,}: {c.events:,} events, {c.actions_run:,} actions run, "
@@ -364,6 +375,13 @@ def parser() -> argparse.ArgumentParser:
         "disruptions: failover instead of server and rewrite)",
     )
     p.add_argument(
+        "--ack-mode",
+        choices=get_args(AckMode),
+        default="each",
+        help="the workers' ack mode (default each, the contract's; with batch a handler may see "
+        "an event again after a later one of its read batch)",
+    )
+    p.add_argument(
         "--seed", type=int, help="the random choices' seed (default: a new one, printed)"
     )
     p.add_argument(
@@ -404,10 +422,14 @@ def main(argv: list[str] | None = None) -> None:
                     seed=args.seed,
                     kinds=args.kinds,
                     every=tuple(args.every),
+                    ack_mode=args.ack_mode,
                 )
             )
-        except (BenchError, FleetError) as exc:
-            sys.exit(f"flows chaos run failed: {exc}")
+        except (BenchError, FleetError, BaseExceptionGroup) as exc:
+            error = first_error(exc)  # a worker's exit, a disruption's: out of a task group
+            if not isinstance(error, BenchError | FleetError):
+                raise
+            sys.exit(f"flows chaos run failed: {error}")
     args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
     print(render(result))
     if not result.ok:

@@ -158,8 +158,7 @@ async def run_call(
     """One call through the sample flow, from connect to the end of the session; with
     `barge_in`, the caller speaks over the bot's `ANSWER`.
 
-    Raises `CallFailedError` if a step fails or the call does not end within `wait` seconds
-    of its last step."""
+    Raises `CallFailedError` if a step fails or the call is not over within `wait` seconds."""
     board = board if board is not None else Board()
     board.calls[session] = "connecting"
     nodes = sample_flow()

@@ -3,9 +3,14 @@ own (the check of each call is `workers.verify`'s, tested in tests/workers/test_
 
 from __future__ import annotations
 
+from typing import Any
+
+import anyio
 import pytest
 
 from bench import chaos, flows_chaos
+from bus.settings import AckMode
+from workers.fleet import FleetError
 from tests.conftest import KIND
 from workers.server import LocalCluster, LocalServer
 
@@ -19,16 +24,41 @@ def test_bad_options_are_refused_before_anything_starts(argv: list[str]) -> None
         flows_chaos.main(argv)
 
 
+@pytest.mark.parametrize("module", [chaos, flows_chaos], ids=["bus", "flows"])
+def test_a_worker_that_exits_unasked_ends_either_run_saying_so(
+    module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing(*args: object, **kwargs: object) -> None:
+        async with anyio.create_task_group() as tg:  # as the run's, which wraps what it raises
+            tg.start_soon(anyio.sleep_forever)
+            raise FleetError("worker chaos-1 (pid 7) exited with status 1; its log ends with: …")
+
+    monkeypatch.setattr(module, "run", failing)
+    monkeypatch.setattr(module.logs, "configure", lambda *args, **kwargs: None)
+    with pytest.raises(SystemExit, match=r"run failed: worker chaos-1 \(pid 7\) exited"):
+        module.main(["--seconds", "1"])
+
+
 def test_a_disruption_of_the_other_kind_of_server_is_refused_before_anything_starts() -> None:
     with pytest.raises(SystemExit, match="failover: not a disruption of one server"):
         flows_chaos.main(["--disruption", "failover"])
 
 
 @pytest.mark.anyio
-async def test_a_short_run_of_every_disruption_ends_every_call_with_its_actions_in_place() -> None:
+@pytest.mark.parametrize("ack_mode", ["each", "batch"])
+async def test_a_short_run_of_every_disruption_ends_every_call_with_its_actions_in_place(
+    ack_mode: AckMode,
+) -> None:
     with LocalServer(KIND, appendonly=True) as server:
         result = await flows_chaos.run(
-            server, seconds=5, min_rounds=1, rate=4, concurrency=20, seed=5, every=(0.5, 1)
+            server,
+            seconds=5,
+            min_rounds=1,
+            rate=4,
+            concurrency=20,
+            seed=5,
+            every=(0.5, 1),
+            ack_mode=ack_mode,
         )
     assert {d.kind for d in result.disruptions} == set(chaos.DISRUPTIONS), result.disruptions
     assert result.check.calls >= 20 and result.check.actions_run >= 5 * result.check.calls

@@ -192,6 +192,17 @@ def test_at_least_once_orders_handlings_by_their_start(
     assert check.handled == {"crm": len(handlings)}
 
 
+def test_a_window_allows_a_replay_of_that_many_events_in_order() -> None:
+    replayed: list[Record] = [  # 1 and 3 handled, then again: a read batch's replay
+        *(at(seq, us) for seq, us in ((1, 10), (3, 20), (1, 30), (3, 40))),
+        action("2/pre/1", 3, 3),
+        action("2/post/0", 5, 5),
+    ]
+    assert not check_call("c", CALL, replayed, CRM_TWO, at_least_once=True).ok
+    check = check_call("c", CALL, replayed, CRM_TWO, at_least_once=True, window=2)
+    assert check.ok and check.repeats == 2, check.problems
+
+
 def test_a_phrase_the_bot_spoke_twice_is_found_in_either_mode() -> None:
     twice = [*CALL[:3], CALL[2], *CALL[3:]]
     for at_least_once in (False, True):
