@@ -10,8 +10,8 @@ import pytest
 
 from bench import chaos, flows_chaos
 from bus.settings import AckMode
-from workers.fleet import FleetError
 from tests.conftest import KIND
+from workers.fleet import FleetError
 from workers.server import LocalCluster, LocalServer
 
 
