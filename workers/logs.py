@@ -43,7 +43,7 @@ class _NamedLogger(structlog.PrintLogger):
     """A print logger that knows the name it was got by, for `_Quiet`."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(cast(TextIO, _Stderr()))
+        super().__init__(_STDERR)  # one file for all: structlog locks writes per file
         self.name = name
 
 
@@ -88,3 +88,6 @@ class _Stderr:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stderr.fileno())
         os.close(devnull)
+
+
+_STDERR = cast(TextIO, _Stderr())
