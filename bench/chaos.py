@@ -39,10 +39,10 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Protocol, TypeVar, get_args
 
 import anyio
 import msgspec
@@ -499,7 +499,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seconds", type=float, default=120.0, help="how long the calls go on (default 120)"
     )
-    add_server_option(p)
     p.add_argument(
         "--rate", type=float, default=200.0, help="events/s over all the calls (default 200)"
     )
@@ -510,6 +509,13 @@ def parser() -> argparse.ArgumentParser:
         default=4,
         help="worker processes to start with (default 4; scaling keeps 2 to workers + 2)",
     )
+    add_run_options(p, RESULTS)
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser, results: Path) -> None:
+    """The options of a chaos run beside its load: the disruptions, their pace, the server,
+    the ack mode, the seed, where the result goes (by default `results`)."""
     p.add_argument(
         "--disruption",
         choices=sorted({*DISRUPTIONS, *CLUSTER_DISRUPTIONS}),
@@ -526,6 +532,7 @@ def parser() -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="seconds between disruptions, drawn between these (default 2 6)",
     )
+    add_server_option(p)
     p.add_argument(
         "--cluster",
         action="store_true",
@@ -545,51 +552,60 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output",
         type=Path,
-        default=RESULTS,
-        help="where the JSON result goes (default bench/chaos.json)",
+        default=results,
+        help=f"where the JSON result goes (default bench/{results.name})",
     )
-    return p
+
+
+class _Result(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+
+R = TypeVar("R", bound=_Result)
+
+
+def run_main(
+    args: argparse.Namespace,
+    run: Callable[..., Awaitable[R]],
+    render: Callable[[R], str],
+    what: str,
+    quiet: Iterable[str] = (),
+) -> None:
+    """What a chaos run's `main` does once its own options were checked: check those of
+    `add_run_options`, start the server, ``run(server, kinds=, every=, seed=, ack_mode=)``,
+    write the result and show it (`what` names the run in an error); exit 1 unless it is OK."""
+    if not 0 < args.every[0] <= args.every[1]:
+        sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
+    if wrong := wrong_kinds(args.kinds or (), cluster=args.cluster):
+        sys.exit(f"--disruption {wrong}")
+    logs.configure("info", quiet=frozenset(quiet))
+    server: LocalServer | LocalCluster = (
+        LocalCluster(kind=args.server, replicas=1)
+        if args.cluster
+        else LocalServer(args.server, appendonly=True)
+    )
+    options = {"kinds": args.kinds, "every": tuple(args.every), "seed": args.seed}
+    with server:
+        try:
+            result = anyio.run(partial(run, server, **options, ack_mode=args.ack_mode))
+        except (BenchError, FleetError, BaseExceptionGroup) as exc:
+            error = first_error(exc)  # a worker's exit, a disruption's: out of a task group
+            if not isinstance(error, BenchError | FleetError):
+                raise
+            sys.exit(f"{what} failed: {error}")
+    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    print(render(result))
+    if not result.ok:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.seconds <= 0 or args.rate <= 0 or args.calls < 1 or args.workers < 2:
         sys.exit("--seconds and --rate must be above 0, --calls at least 1, --workers at least 2")
-    if not 0 < args.every[0] <= args.every[1]:
-        sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
-    if wrong := wrong_kinds(args.kinds or (), cluster=args.cluster):
-        sys.exit(f"--disruption {wrong}")
-    logs.configure("info")
-    server: LocalServer | LocalCluster = (
-        LocalCluster(kind=args.server, replicas=1)
-        if args.cluster
-        else LocalServer(args.server, appendonly=True)
-    )
-    with server:
-        try:
-            result = anyio.run(
-                partial(
-                    run,
-                    server,
-                    seconds=args.seconds,
-                    rate=args.rate,
-                    calls=args.calls,
-                    workers=args.workers,
-                    seed=args.seed,
-                    kinds=args.kinds,
-                    every=tuple(args.every),
-                    ack_mode=args.ack_mode,
-                )
-            )
-        except (BenchError, FleetError, BaseExceptionGroup) as exc:
-            error = first_error(exc)  # a worker's exit, a disruption's: out of a task group
-            if not isinstance(error, BenchError | FleetError):
-                raise
-            sys.exit(f"chaos run failed: {error}")
-    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
-    print(render(result))
-    if not result.ok:
-        sys.exit(1)
+    load = {"seconds": args.seconds, "rate": args.rate, "calls": args.calls}
+    run_main(args, partial(run, **load, workers=args.workers), render, "chaos run")
 
 
 if __name__ == "__main__":

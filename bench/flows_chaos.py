@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import get_args
 
 import anyio
 import msgspec
@@ -35,12 +34,11 @@ import structlog
 
 from bus import Bus
 from bus.settings import AckMode
-from workers import logs, sample
+from workers import sample
 from workers.bots import Board, CallFailedError, barges_in, run_call
-from workers.fleet import Fleet, FleetError
+from workers.fleet import Fleet
 from workers.journal import read_journal
 from workers.observe import dead_letter_count, live_session_count
-from workers.runtime import first_error
 from workers.server import LocalCluster, LocalServer
 from workers.verify import check_call
 
@@ -52,10 +50,12 @@ from .chaos import (
     LISTED,
     Chaos,
     Disruption,
+    add_run_options,
+    run_main,
     stuck,
     wrong_kinds,
 )
-from .workload import ROOT, BenchError, add_server_option, fresh_settings, wait_until
+from .workload import ROOT, BenchError, fresh_settings, wait_until
 
 log = structlog.get_logger("flowbus.bench")
 
@@ -340,7 +340,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seconds", type=float, default=120.0, help="how long calls are started (default 120)"
     )
-    add_server_option(p)
     p.add_argument("--rate", type=float, default=4.0, help="calls started a second (default 4)")
     p.add_argument(
         "--concurrency", type=int, default=20, help="calls going at once, at most (default 20)"
@@ -352,44 +351,7 @@ def parser() -> argparse.ArgumentParser:
         help="worker processes of each service to start with (default 2; scaling keeps 2 to "
         "workers + 2)",
     )
-    p.add_argument(
-        "--disruption",
-        choices=sorted({*DISRUPTIONS, *CLUSTER_DISRUPTIONS}),
-        action="append",
-        dest="kinds",
-        help="only this kind of disruption (repeatable; default all of the server's, as in "
-        "python -m bench.chaos)",
-    )
-    p.add_argument(
-        "--every",
-        type=float,
-        nargs=2,
-        default=[2.0, 6.0],
-        metavar=("LOW", "HIGH"),
-        help="seconds between disruptions, drawn between these (default 2 6)",
-    )
-    p.add_argument(
-        "--cluster",
-        action="store_true",
-        help="run on a local cluster of three primaries, the first with a replica (its "
-        "disruptions: failover instead of server and rewrite)",
-    )
-    p.add_argument(
-        "--ack-mode",
-        choices=get_args(AckMode),
-        default="each",
-        help="the workers' ack mode (default each, the contract's; with batch a handler may see "
-        "an event again after a later one of its read batch)",
-    )
-    p.add_argument(
-        "--seed", type=int, help="the random choices' seed (default: a new one, printed)"
-    )
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=RESULTS,
-        help="where the JSON result goes (default bench/flows_chaos.json)",
-    )
+    add_run_options(p, RESULTS)
     return p
 
 
@@ -399,41 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             "--seconds and --rate must be above 0, --concurrency at least 1, --workers at least 2"
         )
-    if not 0 < args.every[0] <= args.every[1]:
-        sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
-    if wrong := wrong_kinds(args.kinds or (), cluster=args.cluster):
-        sys.exit(f"--disruption {wrong}")
-    logs.configure("info", quiet=QUIET)
-    server: LocalServer | LocalCluster = (
-        LocalCluster(kind=args.server, replicas=1)
-        if args.cluster
-        else LocalServer(args.server, appendonly=True)
-    )
-    with server:
-        try:
-            result = anyio.run(
-                partial(
-                    run,
-                    server,
-                    seconds=args.seconds,
-                    rate=args.rate,
-                    concurrency=args.concurrency,
-                    workers=args.workers,
-                    seed=args.seed,
-                    kinds=args.kinds,
-                    every=tuple(args.every),
-                    ack_mode=args.ack_mode,
-                )
-            )
-        except (BenchError, FleetError, BaseExceptionGroup) as exc:
-            error = first_error(exc)  # a worker's exit, a disruption's: out of a task group
-            if not isinstance(error, BenchError | FleetError):
-                raise
-            sys.exit(f"flows chaos run failed: {error}")
-    args.output.write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
-    print(render(result))
-    if not result.ok:
-        sys.exit(1)
+    load = {"seconds": args.seconds, "rate": args.rate, "concurrency": args.concurrency}
+    start = partial(run, **load, workers=args.workers)
+    run_main(args, start, render, "flows chaos run", quiet=QUIET)
 
 
 if __name__ == "__main__":

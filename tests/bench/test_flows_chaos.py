@@ -34,7 +34,7 @@ def test_a_worker_that_exits_unasked_ends_either_run_saying_so(
             raise FleetError("worker chaos-1 (pid 7) exited with status 1; its log ends with: …")
 
     monkeypatch.setattr(module, "run", failing)
-    monkeypatch.setattr(module.logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(chaos.logs, "configure", lambda *args, **kwargs: None)
     with pytest.raises(SystemExit, match=r"run failed: worker chaos-1 \(pid 7\) exited"):
         module.main(["--seconds", "1"])
 
