@@ -169,6 +169,42 @@ class Chaos:
         self.rounds = 0
         self._started = anyio.current_time()
 
+    async def around(
+        self,
+        load: Callable[[Callable[[float], bool]], Awaitable[float]],
+        *,
+        seconds: float,
+        min_rounds: int,
+        kinds: Sequence[str],
+        every: tuple[float, float],
+    ) -> tuple[float, float]:
+        """Disrupt (see `go_on`) while `load(going_on)` runs, which goes on while `going_on`
+        of the seconds since it started: for `seconds` and at least `min_rounds` rounds; then
+        wait until every session is done. Returns the seconds `load` said it went on, and
+        those from its end until every session was done. Raises `FleetError` if a worker
+        exits unasked, `BenchError` if the sessions are not done within 120 s (saying where
+        their groups stand)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.go_on, kinds, every)
+            took = await load(lambda elapsed: elapsed < seconds or self.rounds < min_rounds)
+            tg.cancel_scope.cancel()
+        for fleet in self.fleets:  # a disruption cut short leaves none frozen
+            for w in fleet.workers:
+                if w.alive and w.pid in self.frozen:
+                    os.kill(w.pid, signal.SIGCONT)
+        ended = anyio.current_time()
+
+        async def done() -> bool:
+            for fleet in self.fleets:
+                fleet.check_alive()
+            return await live_session_count(self.bus) == 0
+
+        try:
+            await wait_until(done, within=120, what="every session to be done")
+        except BenchError as exc:
+            raise BenchError(f"{exc}; {await stuck(self.bus)}") from None
+        return took, anyio.current_time() - ended
+
     async def go_on(self, kinds: Sequence[str], every: tuple[float, float]) -> None:
         """Disrupt until cancelled, every `every` (lowest, highest) seconds: every kind once in
         each round, in a random order."""
@@ -177,13 +213,6 @@ class Chaos:
                 await anyio.sleep(self.rng.uniform(*every))
                 await self.one(kind)
             self.rounds += 1
-
-    def resume_frozen(self) -> None:
-        """SIGCONT every worker a disruption cut short left frozen."""
-        for fleet in self.fleets:
-            for w in fleet.workers:
-                if w.alive and w.pid in self.frozen:
-                    os.kill(w.pid, signal.SIGCONT)
 
     def _fleet(self) -> Fleet:
         return self.fleets[0] if len(self.fleets) == 1 else self.rng.choice(self.fleets)
@@ -348,29 +377,13 @@ async def run(
                 fleet.start(workers, id_prefix="chaos")
                 await fleet.wait_split(bus, within=30)
                 chaos = Chaos(bus, [fleet], server, workers, rng)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(chaos.go_on, kinds, every)
-                    took = await _publish(
-                        bus,
-                        fleet,
-                        published,
-                        lambda elapsed: elapsed < seconds or chaos.rounds < min_rounds,
-                        rate,
-                        calls,
-                    )
-                    tg.cancel_scope.cancel()
-                chaos.resume_frozen()
-                ended = anyio.current_time()
-
-                async def retired() -> bool:
-                    fleet.check_alive()
-                    return await live_session_count(bus) == 0
-
-                try:
-                    await wait_until(retired, within=120, what="every session to be done")
-                except BenchError as exc:
-                    raise BenchError(f"{exc}; {await stuck(bus)}") from None
-                settle = anyio.current_time() - ended
+                took, settle = await chaos.around(
+                    partial(_publish, bus, fleet, published, rate=rate, calls=calls),
+                    seconds=seconds,
+                    min_rounds=min_rounds,
+                    kinds=kinds,
+                    every=every,
+                )
                 await fleet.stop(within=30)
             finally:
                 fleet.kill_all()

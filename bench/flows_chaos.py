@@ -38,7 +38,7 @@ from workers import sample
 from workers.bots import Board, CallFailedError, barges_in, run_call
 from workers.fleet import Fleet
 from workers.journal import read_journal
-from workers.observe import dead_letter_count, live_session_count
+from workers.observe import dead_letter_count
 from workers.server import LocalCluster, LocalServer
 from workers.verify import check_call
 
@@ -52,10 +52,9 @@ from .chaos import (
     Disruption,
     add_run_options,
     run_main,
-    stuck,
     wrong_kinds,
 )
-from .workload import ROOT, BenchError, fresh_settings, wait_until
+from .workload import ROOT, fresh_settings
 
 log = structlog.get_logger("flowbus.bench")
 
@@ -169,30 +168,13 @@ async def run(
                 for fleet in fleets:
                     await fleet.wait_split(bus, within=30)
                 chaos = Chaos(bus, fleets, server, workers, random.Random(seed))
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(chaos.go_on, kinds, every)
-                    took = await _calls(
-                        bus,
-                        board,
-                        fleets,
-                        lambda elapsed: elapsed < seconds or chaos.rounds < min_rounds,
-                        rate,
-                        concurrency,
-                    )
-                    tg.cancel_scope.cancel()
-                chaos.resume_frozen()
-                ended = anyio.current_time()
-
-                async def retired() -> bool:
-                    for fleet in fleets:
-                        fleet.check_alive()
-                    return await live_session_count(bus) == 0
-
-                try:
-                    await wait_until(retired, within=120, what="every session to be done")
-                except BenchError as exc:
-                    raise BenchError(f"{exc}; {await stuck(bus)}") from None
-                settle = anyio.current_time() - ended
+                took, settle = await chaos.around(
+                    partial(_calls, bus, board, fleets, rate=rate, concurrency=concurrency),
+                    seconds=seconds,
+                    min_rounds=min_rounds,
+                    kinds=kinds,
+                    every=every,
+                )
                 for fleet in fleets:
                     await fleet.stop(within=30)
             finally:

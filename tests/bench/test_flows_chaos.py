@@ -11,6 +11,7 @@ import pytest
 from bench import chaos, flows_chaos
 from bus.settings import AckMode
 from tests.conftest import KIND
+from workers import logs
 from workers.fleet import FleetError
 from workers.server import LocalCluster, LocalServer
 
@@ -34,7 +35,7 @@ def test_a_worker_that_exits_unasked_ends_either_run_saying_so(
             raise FleetError("worker chaos-1 (pid 7) exited with status 1; its log ends with: …")
 
     monkeypatch.setattr(module, "run", failing)
-    monkeypatch.setattr(chaos.logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
     with pytest.raises(SystemExit, match=r"run failed: worker chaos-1 \(pid 7\) exited"):
         module.main(["--seconds", "1"])
 
