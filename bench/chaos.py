@@ -2,11 +2,11 @@
 once, for as long as asked.
 
 Worker processes of the probe service (each handling pauses a random time up to
-`HANDLER_MAX_DELAY_MS`, then is written to Redis before it is acknowledged) run against a
-private server with an AOF, with a lease TTL of 2 s, while a publisher keeps calls going at a
-steady rate: rolling sessions of `EVENTS_PER_CALL` events, the last one final, each replaced by
-a new call as it ends. Every few seconds (a seeded random pause) one disruption, every kind once
-in each round of them, in a random order:
+`--max-delay-ms`, by default `HANDLER_MAX_DELAY_MS`, then is written to Redis before it is
+acknowledged) run against a private server with an AOF, with a lease TTL of 2 s, while a
+publisher keeps calls going at a steady rate: rolling sessions of `EVENTS_PER_CALL` events,
+the last one final, each replaced by a new call as it ends. Every few seconds (a seeded random
+pause) one disruption, every kind once in each round of them, in a random order:
 
 - ``kill``: SIGKILL a worker (a crash), and start another;
 - ``term``: SIGTERM a worker (it drains), and start another;
@@ -70,7 +70,8 @@ DISRUPTIONS = (*WORKER_DISRUPTIONS, "server", "rewrite")
 CLUSTER_DISRUPTIONS = (*WORKER_DISRUPTIONS, "failover")
 EVENTS_PER_CALL = 20
 LEASE_TTL_SECONDS = 2.0
-#: A handler takes a random time up to this (ms), as one that calls a service would.
+#: A handler takes a random time up to this (ms), as one that calls a service would (by
+#: default: `--max-delay-ms`).
 HANDLER_MAX_DELAY_MS = 20
 #: Sessions listed in a failed check, at most.
 LISTED = 10
@@ -118,6 +119,8 @@ class ChaosResult(msgspec.Struct, frozen=True):
     dead_letters: int
     #: From the last publish until every group acknowledged every session to its end.
     settle_s: float
+    #: A handling took a random time up to this (ms).
+    max_delay_ms: int = HANDLER_MAX_DELAY_MS
 
     @property
     def ok(self) -> bool:
@@ -342,6 +345,7 @@ async def run(
     every: tuple[float, float] = (2.0, 6.0),
     min_rounds: int = 0,
     ack_mode: AckMode = "each",
+    max_delay_ms: int = HANDLER_MAX_DELAY_MS,
 ) -> ChaosResult:
     """Run `calls` calls at a time, `rate` events/s in all, for `seconds` and at least
     `min_rounds` rounds of disruptions, with a disruption of `kinds` (default: every kind
@@ -371,7 +375,7 @@ async def run(
                 GROUP,
                 Path(log_dir),
                 cwd=ROOT,
-                extra_env={"PROBE_MAX_DELAY_MS": str(HANDLER_MAX_DELAY_MS)},
+                extra_env={"PROBE_MAX_DELAY_MS": str(max_delay_ms)},
             )
             try:
                 fleet.start(workers, id_prefix="chaos")
@@ -404,6 +408,7 @@ async def run(
             check(await read_handlings(bus.redis, settings.prefix), published, window=window),
             await dead_letter_count(bus),
             round(settle, 2),
+            max_delay_ms,
         )
         await bus.redis.delete(handled_key(settings.prefix))
     return result
@@ -485,7 +490,7 @@ def render(result: ChaosResult) -> str:
         f"chaos on {result.server} (ack_mode {result.ack_mode}), seed {result.seed}: "
         f"{result.seconds:g} s of "
         f"{EVENTS_PER_CALL}-event calls at {result.rate:,.0f} events/s, {result.workers} workers "
-        f"to start with",
+        f"to start with, handlings of up to {result.max_delay_ms} ms",
         f"  published     {result.events:,} events in {result.calls:,} calls",
         f"  disruptions   {len(result.disruptions)} ("
         + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none")
@@ -560,6 +565,13 @@ def add_run_options(p: argparse.ArgumentParser, results: Path) -> None:
         "handled again after a later one of its read batch)",
     )
     p.add_argument(
+        "--max-delay-ms",
+        type=int,
+        default=HANDLER_MAX_DELAY_MS,
+        help="each handling takes a random time up to this, as one that calls a service "
+        f"would: more of them under way at a disruption (default {HANDLER_MAX_DELAY_MS})",
+    )
+    p.add_argument(
         "--seed", type=int, help="the random choices' seed (default: a new one, printed)"
     )
     p.add_argument(
@@ -586,10 +598,13 @@ def run_main(
     quiet: Iterable[str] = (),
 ) -> None:
     """What a chaos run's `main` does once its own options were checked: check those of
-    `add_run_options`, start the server, ``run(server, kinds=, every=, seed=, ack_mode=)``,
+    `add_run_options`, start the server, ``run(server, kinds=, every=, seed=, ack_mode=,
+    max_delay_ms=)``,
     write the result and show it (`what` names the run in an error); exit 1 unless it is OK."""
     if not 0 < args.every[0] <= args.every[1]:
         sys.exit("--every LOW HIGH must be above 0, LOW at most HIGH")
+    if args.max_delay_ms < 0:
+        sys.exit("--max-delay-ms must be at least 0")
     if wrong := wrong_kinds(args.kinds or (), cluster=args.cluster):
         sys.exit(f"--disruption {wrong}")
     logs.configure("info", quiet=frozenset(quiet))
@@ -599,9 +614,10 @@ def run_main(
         else LocalServer(args.server, appendonly=True)
     )
     options = {"kinds": args.kinds, "every": tuple(args.every), "seed": args.seed}
+    more = {"ack_mode": args.ack_mode, "max_delay_ms": args.max_delay_ms}
     with server:
         try:
-            result = anyio.run(partial(run, server, **options, ack_mode=args.ack_mode))
+            result = anyio.run(partial(run, server, **options, **more))
         except (BenchError, FleetError, BaseExceptionGroup) as exc:
             error = first_error(exc)  # a worker's exit, a disruption's: out of a task group
             if not isinstance(error, BenchError | FleetError):

@@ -6,7 +6,7 @@ Simulated bots (`workers.bots`, in this process) run calls through the sample fl
 at a time, a new one started `--rate` times a second; worker processes of its two services
 (`workers.sample`: ``actions``, which runs the flow's pre- and post-actions, and ``crm``,
 event handlers, one of them a sync event the bot waits for; each action and handler takes a
-random time up to `HANDLER_MAX_DELAY_MS`, as one that calls a service would) run against a
+random time up to `--max-delay-ms`, 20 by default, as one that calls a service would) run against a
 private server with an AOF and a lease TTL of 2 s. The disruptions are those of `bench.chaos`,
 on a worker of either service. When the time is up the calls going run to their end; every
 session must then be done, and every call pass the demo's check (`workers.verify.check_call`)
@@ -106,6 +106,8 @@ class FlowsChaosResult(msgspec.Struct, frozen=True):
     dead_letters: int
     #: From the end of the last call until every group acknowledged every session.
     settle_s: float
+    #: An action or handling took a random time up to this (ms).
+    max_delay_ms: int = HANDLER_MAX_DELAY_MS
 
     @property
     def ok(self) -> bool:
@@ -124,6 +126,7 @@ async def run(
     every: tuple[float, float] = (2.0, 6.0),
     min_rounds: int = 0,
     ack_mode: AckMode = "each",
+    max_delay_ms: int = HANDLER_MAX_DELAY_MS,
 ) -> FlowsChaosResult:
     """Start `rate` calls a second, at most `concurrency` at once, for `seconds` and at least
     `min_rounds` rounds of disruptions of `kinds` (default: every kind for `server`) every
@@ -154,7 +157,7 @@ async def run(
                     group,
                     Path(log_dir),
                     cwd=ROOT,
-                    extra_env={"SAMPLE_MAX_DELAY_MS": str(HANDLER_MAX_DELAY_MS)},
+                    extra_env={"SAMPLE_MAX_DELAY_MS": str(max_delay_ms)},
                     log_level="warning",
                 )
                 for group, target in (
@@ -195,6 +198,7 @@ async def run(
             await check_calls(bus, board, settings.read_batch if ack_mode == "batch" else 1),
             await dead_letter_count(bus),
             round(settle, 2),
+            max_delay_ms,
         )
 
 
@@ -292,7 +296,8 @@ def render(result: FlowsChaosResult) -> str:
         f"flows chaos on {result.server} (ack_mode {result.ack_mode}), seed {result.seed}: "
         f"{result.seconds:g} s of calls "
         f"through the sample flow, {result.rate:g} a second (at most {result.concurrency} at "
-        f"once), {result.workers} workers of each service to start with",
+        f"once), {result.workers} workers of each service to start with, actions and handlings "
+        f"of up to {result.max_delay_ms} ms",
         f"  calls         {c.calls:,}: {c.events:,} events, {c.actions_run:,} actions run, "
         f"{c.handlings:,} handlings",
         f"  disruptions   {len(result.disruptions)} ("
