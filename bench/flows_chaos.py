@@ -1,20 +1,22 @@
 """``python -m bench.flows_chaos`` (``make chaos``, after the bus's): the flows layer under
 every disruption at once — the demo's calls go on while the workers of its services are
-killed, stopped, frozen, added and removed, and the server is killed and started again.
+killed, stopped, frozen, added and removed, and the server rewrites its AOF and is killed and
+started again (or, on a cluster, fails over).
 
-Simulated bots (`workers.bots`, in this process) run calls through the sample flow, `--calls`
-at a time, a new one started `--rate` times a second; worker processes of its two services
-(`workers.sample`: ``actions``, which runs the flow's pre- and post-actions, and ``crm``,
-event handlers, one of them a sync event the bot waits for; each action and handler takes a
-random time up to `--max-delay-ms`, 20 by default, as one that calls a service would) run against a
-private server with an AOF and a lease TTL of 2 s. The disruptions are those of `bench.chaos`,
-on a worker of either service. When the time is up the calls going run to their end; every
-session must then be done, and every call pass the demo's check (`workers.verify.check_call`)
-with repeats allowed, as the contract allows them after a crash: every action ran, in its place
-(its first run to finish finished there; any run again started there), the bot spoke each
-phrase once, each handler service saw its events in order (by when each handling started), a
-repeat only right after the handling it repeats. A call that fails (a step failed, or it was not
-over within `CALL_SECONDS`), a dead letter, or a worker that exits unasked fails the run.
+Simulated bots (`workers.bots`, in this process) run calls through the sample flow, a new one
+started `--rate` times a second, at most `--concurrency` at once; worker processes of its two
+services (`workers.sample`: ``actions``, which runs the flow's pre- and post-actions, and
+``crm``, event handlers, one of them a sync event the bot waits for; each action and handler
+takes a random time up to `--max-delay-ms`, 20 by default, as one that calls a service would)
+run against a private server with an AOF and a lease TTL of 2 s. The disruptions are those
+of `bench.chaos`, on a worker of either service. When the time is up the calls going run to
+their end; every session must then be done, and every call pass the demo's check
+(`workers.verify.check_call`) with the repeats the contract allows after a crash: every
+action ran in its place (its first run to finish finished there; any run again started
+there), the bot spoke each phrase once, each handler service saw its events in order (by when
+each handling started), a repeat only right after the handling it repeats. A call that fails
+(a step failed, or it was not over within `CALL_SECONDS`), a dead letter, or a worker that
+exits unasked fails the run.
 """
 
 from __future__ import annotations
