@@ -172,8 +172,8 @@ async def test_a_bot_inbox_and_a_follower_read_on_through_a_failover_of_their_no
                     await bus.send(session, Say(text="after the failover"))
                     await bus.publish(session, Tick(n=2))
             assert read == [Say(text="after the failover")] and followed == [2]
-        primary.close()
-        replica.close()
+        for client in clients:
+            client.close()
 
 
 async def test_the_command_line_reads_a_cluster(
