@@ -296,6 +296,19 @@ class Chaos:
             )
 
 
+def plan(
+    server: LocalServer | LocalCluster, kinds: Iterable[str] | None, seed: int | None
+) -> tuple[list[str], int]:
+    """The disruptions of a run on `server`: `kinds` (default: every kind it can have) and
+    the seed of their order and pace (default: a new one). `ValueError` for a kind `server`
+    cannot have."""
+    cluster = isinstance(server, LocalCluster)
+    chosen = list((CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS) if kinds is None else kinds)
+    if wrong := wrong_kinds(chosen, cluster=cluster):
+        raise ValueError(wrong)
+    return chosen, random.randrange(2**32) if seed is None else seed
+
+
 def wrong_kinds(kinds: Iterable[str], *, cluster: bool) -> str:
     """What is wrong with `kinds` for a cluster (or one server); '' if nothing."""
     allowed = CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS
@@ -353,11 +366,7 @@ async def run(
     docstring. Raises `FleetError` if a worker exits unasked, `BenchError` if the sessions do
     not retire, `ValueError` for a kind `server` cannot have."""
     cluster = isinstance(server, LocalCluster)
-    kinds = list((CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS) if kinds is None else kinds)
-    if wrong := wrong_kinds(kinds, cluster=cluster):
-        raise ValueError(wrong)
-    seed = random.randrange(2**32) if seed is None else seed
-    rng = random.Random(seed)
+    kinds, seed = plan(server, kinds, seed)
     settings = fresh_settings(
         server.url,
         "chaos",
@@ -380,7 +389,7 @@ async def run(
             try:
                 fleet.start(workers, id_prefix="chaos")
                 await fleet.wait_split(bus, within=30)
-                chaos = Chaos(bus, [fleet], server, workers, rng)
+                chaos = Chaos(bus, [fleet], server, workers, random.Random(seed))
                 took, settle = await chaos.around(
                     partial(_publish, bus, fleet, published, rate=rate, calls=calls),
                     seconds=seconds,

@@ -45,16 +45,14 @@ from workers.server import LocalCluster, LocalServer
 from workers.verify import check_call
 
 from .chaos import (
-    CLUSTER_DISRUPTIONS,
-    DISRUPTIONS,
     HANDLER_MAX_DELAY_MS,
     LEASE_TTL_SECONDS,
     LISTED,
     Chaos,
     Disruption,
     add_run_options,
+    plan,
     run_main,
-    wrong_kinds,
 )
 from .workload import ROOT, fresh_settings
 
@@ -136,10 +134,7 @@ async def run(
     the module docstring. Raises `FleetError` if a worker exits unasked, `BenchError` if the
     sessions do not retire, `ValueError` for a kind `server` cannot have."""
     cluster = isinstance(server, LocalCluster)
-    kinds = list((CLUSTER_DISRUPTIONS if cluster else DISRUPTIONS) if kinds is None else kinds)
-    if wrong := wrong_kinds(kinds, cluster=cluster):
-        raise ValueError(wrong)
-    seed = random.randrange(2**32) if seed is None else seed
+    kinds, seed = plan(server, kinds, seed)
     # Kept an hour: the check reads every call's stream and journal once all are done.
     settings = fresh_settings(
         server.url,
