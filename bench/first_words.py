@@ -23,16 +23,9 @@ from typing import Any, Literal
 
 import anyio
 from loguru import logger
-from pipecat.frames.frames import BotStartedSpeakingFrame, Frame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineWorker
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
 
 from bus import Bus, Settings
 from flows import TTS, FlowManager, LLMResponse, ScriptedLLM, SimulatedTTS
-from flows.pipecat_offline import SilentOutput, SilentTTS
-from flows.pipecat_speech import PipelineSpeech
 from workers import logs
 from workers.runtime import run
 from workers.server import LocalServer
@@ -76,20 +69,6 @@ class Whole:
 Speaker = Literal["simulated", "pipecat"]
 
 
-class FirstWord(FrameProcessor):
-    """Notes when the output transport starts playing, in `heard` (if it is empty)."""
-
-    def __init__(self, heard: list[float]) -> None:
-        super().__init__()
-        self.heard = heard
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if isinstance(frame, BotStartedSpeakingFrame) and not self.heard:
-            self.heard.append(time.perf_counter())
-        await self.push_frame(frame, direction)
-
-
 @asynccontextmanager
 async def speaker(
     kind: Speaker, args: argparse.Namespace, heard: list[float]
@@ -103,16 +82,11 @@ async def speaker(
     if kind == "simulated":
         yield SimulatedTTS(1 / args.chars_per_second, observer=speaking)
         return
+    from .pipecat_speaker import pipeline_speech  # (Pipecat's banner, after `main` quiets it)
+
     seconds_per_word = len(REPLY) / len(REPLY.split()) / args.chars_per_second
-    speech = PipelineSpeech()
-    pipeline = Pipeline([SilentTTS(seconds_per_word), SilentOutput(), FirstWord(heard), speech])
-    worker = speech.worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner.run)
+    async with pipeline_speech(seconds_per_word, heard) as speech:
         yield speech
-        await worker.cancel()
 
 
 async def measure(

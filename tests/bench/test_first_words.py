@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from bench.first_words import Speaker, main, measure, parser
@@ -28,3 +31,13 @@ async def test_each_turn_is_measured_from_respond_to_its_first_word_and_its_end(
 def test_arguments_out_of_range_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit, match="must be"):
         main(argv)
+
+
+def test_help_is_the_help_alone() -> None:
+    """Pipecat prints a banner when it is imported; `--help` does not import it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.first_words", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: python -m bench.first_words")
+    assert done.stderr == ""
