@@ -13,11 +13,15 @@ import argparse
 import difflib
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
+import structlog
 from redis.exceptions import NoPermissionError, RedisError
 
 from bus import (
@@ -33,12 +37,15 @@ from bus import (
     check_session_id,
     check_worker_id,
 )
+from bus.connection import call
 from bus.settings import VARIABLES
 
 from . import logs
 
 if TYPE_CHECKING:
     from .inspection import SessionDetail
+
+log = structlog.get_logger("flowbus.cli")
 
 EPILOG_WORKER = """\
 examples:
@@ -96,7 +103,8 @@ EPILOG_END = """\
 examples:
   flowbus end call-42                       # its bot crashed without ending it
   flowbus end --idle-for 3600 --dry-run     # which live sessions had no event for an hour
-  flowbus end --idle-for 3600               # end them (from cron, say)
+  flowbus end --idle-for 3600               # end them
+  flowbus end --idle-for 3600 --every 60    # and so every minute, until stopped (a service)
 
 A session ends when its bot publishes its last event (final); one whose bot went away first
 stays live, its keys kept for good. An ended session takes no new event, and its keys expire
@@ -451,6 +459,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="every live session whose last event is at least this old",
     )
+    end.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="with --idle-for: end the idle sessions every this many seconds, until SIGTERM or "
+        "SIGINT (exit 0); a round the server does not answer is logged and tried again",
+    )
     end.add_argument("--dry-run", action="store_true", help="say what would end; end nothing")
     end.add_argument(
         "--reason",
@@ -740,24 +755,76 @@ async def _follow(bus: Bus, detail: SessionDetail, args: argparse.Namespace) -> 
 
 
 async def _end(bus: Bus, args: argparse.Namespace) -> int:
-    from .inspection import duration, end_states, idle_sessions
-
     if bool(args.sessions) == (args.idle_for is not None):
         both = ", not both" if args.sessions else ""
         raise UsageError(f"end: name sessions or give --idle-for SECONDS{both}")
     if args.idle_for is not None and not 0 <= args.idle_for < float("inf"):
         raise UsageError(f"--idle-for must be 0 or more seconds, not {args.idle_for}")
+    if args.every is not None:
+        if args.idle_for is None:
+            raise UsageError("--every repeats --idle-for, not the ending of named sessions")
+        if args.dry_run:
+            raise UsageError("--every ends sessions; a --dry-run would say the same each time")
+        if not 0 < args.every < float("inf"):
+            raise UsageError(f"--every must be above 0 seconds, not {args.every}")
+        return await _end_every(bus, args)
     for session in args.sessions:
         try:
             check_session_id(session)
         except InvalidSessionIdError as exc:
             raise UsageError(str(exc)) from None
     if args.idle_for is not None:
-        # At most 2**62 ms: a finite number of seconds can overflow once made milliseconds.
-        found = await idle_sessions(bus, int(min(args.idle_for * 1000, 2**62)))
-        targets = [(s, f" (idle {duration(ms)})") for s, ms in found]
+        targets = await _idle(bus, args.idle_for)
     else:
         targets = [(s, "") for s in dict.fromkeys(args.sessions)]
+    return await _end_each(bus, targets, args)
+
+
+async def _idle(bus: Bus, seconds: float) -> list[tuple[str, str]]:
+    """(session, how long it was idle, said) of every live session idle for `seconds`."""
+    from .inspection import duration, idle_sessions
+
+    # At most 2**62 ms: a finite number of seconds can overflow once made milliseconds.
+    found = await idle_sessions(bus, int(min(seconds * 1000, 2**62)))
+    return [(s, f" (idle {duration(ms)})") for s, ms in found]
+
+
+async def _end_every(bus: Bus, args: argparse.Namespace) -> int:
+    """``end --idle-for S --every E``: end the idle sessions, then again every E seconds,
+    until SIGTERM or SIGINT. A round the server does not answer (for ``call``'s retries) is
+    logged and tried again at the next."""
+    print(
+        f"flowbus: ending every session idle for {args.idle_for:g} s, every {args.every:g} s "
+        "(Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def stop() -> None:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(stop)
+            while True:
+                try:
+                    idle = partial(_idle, bus, args.idle_for)
+                    await _end_each(
+                        bus, await call("finding idle sessions", idle, bus.settings), args
+                    )
+                except ConnectionFailedError as exc:
+                    log.warning("end_round_failed", error=str(exc), next_in_seconds=args.every)
+                sys.stdout.flush()  # each round's lines as they come, through a pipe too
+                await anyio.sleep(args.every)
+    return 0
+
+
+async def _end_each(bus: Bus, targets: list[tuple[str, str]], args: argparse.Namespace) -> int:
+    """End (or with ``--dry-run``, say what would end of) each of `targets` (session, said
+    after it), printing a line for each: 1 if one was unknown, else 0. A round of ``--every``
+    that found none says nothing."""
+    from .inspection import end_states
+
     outcomes: dict[str, int] = {}
     states = await end_states(bus, [s for s, _ in targets]) if args.dry_run else []
     for i, (session, idle) in enumerate(targets):
@@ -774,7 +841,7 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
             )
         else:
             print(f"{session}: {END_OUTCOMES[outcome]}{idle}")
-    if not targets:
+    if not targets and args.every is None:
         print("no session idle that long" if args.idle_for is not None else "no session")
     elif not args.dry_run and (ended := outcomes.get("retired", 0) + outcomes.get("ending", 0)):
         print(f"{ended} ended ({outcomes.get('retired', 0)} retired at once)", file=sys.stderr)

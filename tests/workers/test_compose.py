@@ -34,7 +34,7 @@ def compose_config() -> dict[str, Any]:
 
 def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist() -> None:
     services = compose_config()["services"]
-    assert set(services) == {"redis", "actions", "crm", "bots"}
+    assert set(services) == {"redis", "actions", "crm", "bots", "sweeper"}
 
     redis = services["redis"]
     assert redis["command"][:3] == ["redis-server", "--appendonly", "yes"]  # AOF persistence
@@ -42,7 +42,7 @@ def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist
     assert any(v["target"] == "/data" for v in redis["volumes"])
 
     settings_variables = set(VARIABLES.values())
-    for name in ("actions", "crm", "bots"):
+    for name in ("actions", "crm", "bots", "sweeper"):
         service = services[name]
         assert service["command"][0] == "flowbus", name
         args = parser().parse_args(service["command"][1:])  # exits on an unknown option
@@ -57,6 +57,8 @@ def test_compose_yaml_validates_and_its_services_run_flowbus_commands_that_exist
             assert f"127.0.0.1:{args.metrics_port}/healthz" in probe, name
             assert services["bots"]["depends_on"][name]["condition"] == "service_healthy"
     assert services["bots"]["command"][1] == "simulate"
+    sweeper = parser().parse_args(services["sweeper"]["command"][1:])
+    assert (sweeper.command, sweeper.idle_for, sweeper.every) == ("end", 3600, 60)
 
 
 def test_the_image_installs_the_packages_compose_runs() -> None:

@@ -9,17 +9,22 @@ import re
 import signal
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
-from bus import Bus, ServiceInfo, Settings, scripts
-from tests.conftest import make_settings
+from bus import Bus, ServiceInfo, Settings, connection, scripts
+from tests.conftest import KIND, make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
+from workers.cli import _end_every, parser
 from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
+from workers.inspection import end_states
 from workers.metrics import lag_of
+from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
 APP = "tests.workers.apps:steps"
@@ -595,6 +600,73 @@ async def test_end_ends_named_sessions_and_those_idle_for_long(
     assert code == 2 and "name sessions or give --idle-for SECONDS\n" in err  # not "not both"
     code, _, err = await flowbus(settings, "end", "call-new", "--idle-for", "1", check=False)
     assert code == 2 and "name sessions or give --idle-for SECONDS, not both" in err
+
+
+async def _ended(bus: Bus, session: str) -> bool:
+    return await end_states(bus, [session]) == ["ended"]
+
+
+async def test_end_every_ends_the_sessions_that_go_idle_until_it_is_stopped(
+    bus: Bus, settings: Settings
+) -> None:
+    """``end --idle-for S --every E`` runs as a service: each round ends the sessions idle that
+    long (the second session is published after a round that found nothing), and SIGTERM stops
+    it, status 0."""
+    env = {**os.environ, **settings_env(settings)}
+    command = [sys.executable, "-m", "workers", "end", "--idle-for", "0", "--every", "0.1"]
+    async with await anyio.open_process(command, cwd=ROOT, env=env) as sweeper:
+        for session in ("call-1", "call-2"):
+            await bus.publish(session, Step(n=1))
+            await wait_for(partial(_ended, bus, session), what=f"{session} to end")
+        sweeper.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            code = await sweeper.wait()
+        assert sweeper.stdout is not None and sweeper.stderr is not None
+        out = b"".join([chunk async for chunk in sweeper.stdout]).decode()
+        err = b"".join([chunk async for chunk in sweeper.stderr]).decode()
+    assert code == 0, err
+    assert [line.partition(":")[0] for line in out.splitlines()] == ["call-1", "call-2"]
+    assert "call-2: ended and retired" in out
+    assert err.startswith("flowbus: ending every session idle for 0 s, every 0.1 s")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["call-1", "--every", "5"], "--every repeats --idle-for"),
+        (["--idle-for", "60", "--every", "5", "--dry-run"], "a --dry-run would say the same"),
+        (["--idle-for", "60", "--every", "0"], "--every must be above 0 seconds, not 0.0"),
+        (["--idle-for", "60", "--every", "nan"], "--every must be above 0 seconds, not nan"),
+    ],
+)
+async def test_end_every_refuses_what_it_cannot_repeat(
+    settings: Settings, args: list[str], says: str
+) -> None:
+    code, _, err = await flowbus(settings, "end", *args, check=False)
+    assert code == 2 and says in err
+
+
+async def test_end_every_logs_a_round_the_server_does_not_answer_and_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(connection, "RETRY_SECONDS", 0.2)
+    args = parser().parse_args(["end", "--idle-for", "0", "--every", "0.05"])
+    with LocalServer(KIND) as server, capture_logs() as logs:
+        async with Bus.connect(make_settings(server.url)) as bus, anyio.create_task_group() as tg:
+            tg.start_soon(_end_every, bus, args)
+            server.kill()
+            await wait_for(
+                lambda: any(e["event"] == "end_round_failed" for e in logs),
+                what="a round that failed",
+            )
+            server.start()
+            await bus.publish("call-1", Step(n=1))
+            await wait_for(partial(_ended, bus, "call-1"), what="the session to end")
+            tg.cancel_scope.cancel()
+    [failed, *_] = [e for e in logs if e["event"] == "end_round_failed"]
+    assert failed["error"].startswith("finding idle sessions failed after")
+    assert capsys.readouterr().out.startswith("call-1: ended and retired")
 
 
 async def test_end_dry_run_says_of_an_unknown_or_ended_session_what_the_run_would(
