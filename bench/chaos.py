@@ -12,6 +12,10 @@ pause) one disruption, every kind once in each round of them, in a random order:
 - ``term``: SIGTERM a worker (it drains), and start another;
 - ``freeze``: SIGSTOP a worker for a lease and a half, then SIGCONT (it wakes up fenced);
 - ``scale``: start one more worker, or stop one gracefully, between 2 and workers + 2;
+- ``bot``: a call's bot goes away mid-call, as a crashed bot process does: its events stop,
+  its session is not ended; the sweeper of compose.yaml, ``flowbus end --idle-for S --every 1``
+  (S `ABANDONED_AFTER_S`, longer than a live call is ever idle), runs throughout and must end
+  it;
 - ``server``: SIGKILL the server and start it again (only its AOF survives);
 - ``rewrite``: the server rewrites its AOF (``BGREWRITEAOF``), as it does by itself each time
   the file doubled: a later restart reads the rewritten file, then what came after.
@@ -21,12 +25,13 @@ and the server's disruptions are one: ``failover``, the replica of the first sha
 from its primary (``CLUSTER FAILOVER``, which loses no write), the next time the other way.
 
 When the time is up the calls still going are ended; every session must then be done (every
-group acknowledged all of it, so that it retires). The check reads every handling:
-each call's events all handled, in `seq` order by the time their handling started; a repeat is
-allowed only right after the handling it repeats (an event in flight at a disruption), or with
-``--ack-mode batch`` as a replay, in order, of the events of a read batch. A worker
-that exits without being told to fails the run. (`bench.flows_chaos` puts the demo's calls
-through the same disruptions.)
+group acknowledged all of it, so that it retires; an abandoned one once the sweeper ended it).
+The check reads every handling: each call's events (those published) all handled, in `seq`
+order by the time their handling started; a repeat is allowed only right after the handling it
+repeats (an event in flight at a disruption), or with ``--ack-mode batch`` as a replay, in
+order, of the events of a read batch. A worker, or the sweeper, that exits without being told
+to fails the run, as does a sweeper that does not stop cleanly on SIGTERM.
+(`bench.flows_chaos` puts the demo's calls through the same disruptions.)
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ import argparse
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, get_args
@@ -52,8 +60,9 @@ from bus import Bus, CommandRefusedError
 from bus.connection import call
 from bus.settings import AckMode
 from workers import logs
-from workers.fleet import Fleet, FleetError, WorkerProcess
+from workers.fleet import Fleet, FleetError, WorkerProcess, settings_env
 from workers.observe import dead_letter_count, live_session_count
+from workers.orphans import ending_with_parent
 from workers.probe import GROUP, Handling, ProbeTick, handled_key, read_handlings
 from workers.runtime import first_error
 from workers.server import LocalCluster, LocalServer
@@ -66,8 +75,12 @@ log = structlog.get_logger("flowbus.bench")
 RESULTS = Path(__file__).resolve().parent / "chaos.json"
 WORKER_DISRUPTIONS = ("kill", "term", "freeze", "scale")
 #: The disruptions of one server, and of a cluster.
-DISRUPTIONS = (*WORKER_DISRUPTIONS, "server", "rewrite")
-CLUSTER_DISRUPTIONS = (*WORKER_DISRUPTIONS, "failover")
+DISRUPTIONS = (*WORKER_DISRUPTIONS, "bot", "server", "rewrite")
+CLUSTER_DISRUPTIONS = (*WORKER_DISRUPTIONS, "bot", "failover")
+#: The sweeper ends a session idle this long (s): a call abandoned by a ``bot`` disruption.
+#: A live call is never idle that long: a server restart or a failover holds a publish up for
+#: a few seconds, a takeover a flows call for two lease TTLs, and a flows call has 30 s in all.
+ABANDONED_AFTER_S = 30.0
 EVENTS_PER_CALL = 20
 LEASE_TTL_SECONDS = 2.0
 #: A handler takes a random time up to this (ms), as one that calls a service would (by
@@ -164,8 +177,14 @@ class Chaos:
         server: LocalServer | LocalCluster,
         workers: int,
         rng: random.Random,
+        *,
+        abandon: Callable[[random.Random], str],
+        abandoned_after: float = ABANDONED_AFTER_S,
     ) -> None:
+        """`abandon(rng)` stops a call going without ending its session (a ``bot``
+        disruption) and says which; the sweeper ends a session idle `abandoned_after` s."""
         self.bus, self.fleets, self.server, self.rng = bus, fleets, server, rng
+        self.abandon, self.abandoned_after = abandon, abandoned_after
         self.low, self.high = 2, workers + 2  # of each fleet
         self.frozen: set[int] = set()  # pids
         self.done: list[Disruption] = []
@@ -183,30 +202,35 @@ class Chaos:
     ) -> tuple[float, float]:
         """Disrupt (see `go_on`) while `load(going_on)` runs, which goes on while `going_on`
         of the seconds since it started: for `seconds` and at least `min_rounds` rounds; then
-        wait until every session is done. Returns the seconds `load` said it went on, and
-        those from its end until every session was done. Raises `FleetError` if a worker
-        exits unasked, `BenchError` if the sessions are not done within 120 s (saying where
-        their groups stand)."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.go_on, kinds, every)
-            took = await load(lambda elapsed: elapsed < seconds or self.rounds < min_rounds)
-            tg.cancel_scope.cancel()
-        for fleet in self.fleets:  # a disruption cut short leaves none frozen
-            for w in fleet.workers:
-                if w.alive and w.pid in self.frozen:
-                    os.kill(w.pid, signal.SIGCONT)
-        ended = anyio.current_time()
+        wait until every session is done. The sweeper runs throughout. Returns the seconds
+        `load` said it went on, and those from its end until every session was done. Raises
+        `FleetError` if a worker or the sweeper exits unasked, `BenchError` if the sessions
+        are not done within 120 s (saying where their groups stand) or the sweeper does not
+        stop cleanly."""
+        with Sweeper.running(self.bus, self.fleets[0].log_dir, self.abandoned_after) as sweeper:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.go_on, kinds, every)
+                took = await load(lambda elapsed: elapsed < seconds or self.rounds < min_rounds)
+                tg.cancel_scope.cancel()
+            for fleet in self.fleets:  # a disruption cut short leaves none frozen
+                for w in fleet.workers:
+                    if w.alive and w.pid in self.frozen:
+                        os.kill(w.pid, signal.SIGCONT)
+            ended = anyio.current_time()
 
-        async def done() -> bool:
-            for fleet in self.fleets:
-                fleet.check_alive()
-            return await live_session_count(self.bus) == 0
+            async def done() -> bool:
+                for fleet in self.fleets:
+                    fleet.check_alive()
+                sweeper.check_alive()
+                return await live_session_count(self.bus) == 0
 
-        try:
-            await wait_until(done, within=120, what="every session to be done")
-        except BenchError as exc:
-            raise BenchError(f"{exc}; {await stuck(self.bus)}") from None
-        return took, anyio.current_time() - ended
+            try:
+                await wait_until(done, within=120, what="every session to be done")
+            except BenchError as exc:
+                raise BenchError(f"{exc}; {await stuck(self.bus)}") from None
+            settled = anyio.current_time() - ended
+            await sweeper.stop()
+        return took, settled
 
     async def go_on(self, kinds: Sequence[str], every: tuple[float, float]) -> None:
         """Disrupt until cancelled, every `every` (lowest, highest) seconds: every kind once in
@@ -252,6 +276,8 @@ class Chaos:
                 if "already in progress" not in exc.reason:
                     raise
                 self._note(kind, "the AOF being rewritten already")
+        elif kind == "bot":
+            self._note(kind, self.abandon(self.rng))
         elif kind in WORKER_DISRUPTIONS:
             await self._disrupt_worker(kind, self._fleet())
         else:
@@ -294,6 +320,63 @@ class Chaos:
                 f"{self._name(fleet, worker)} did not stop cleanly on SIGTERM (exit status "
                 f"{status}); its log ends with:\n{worker.log_tail()}"
             )
+
+
+#: The reason the sweeper gives, in an abandoned session's meta (``end_reason``).
+SWEPT = "its bot went away (the chaos run's sweeper)"
+
+
+@dataclass
+class Sweeper:
+    """``flowbus end --idle-for S --every 1``, as compose.yaml runs it: it ends the sessions
+    of calls whose bots went away."""
+
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @classmethod
+    @contextmanager
+    def running(cls, bus: Bus, log_dir: Path, idle: float) -> Iterator[Sweeper]:
+        """The sweeper of `bus`'s deployment, ending sessions idle `idle` s, its output in
+        `log_dir`; killed on the way out if it still runs."""
+        log_path = log_dir / "sweeper.log"
+        command = ["end", "--idle-for", str(idle), "--every", "1", "--reason", SWEPT]
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "workers", *command, "--log-format", "json"],
+                cwd=ROOT,
+                env={**os.environ, **settings_env(bus.settings)},
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=ending_with_parent(),
+            )
+        try:
+            yield cls(popen, log_path)
+        finally:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+
+    def check_alive(self) -> None:
+        """Raise `FleetError` if it exited."""
+        if (code := self.popen.poll()) is not None:
+            raise FleetError(f"the sweeper exited with status {code}; {self._log_tail()}")
+
+    async def stop(self) -> None:
+        """SIGTERM, after which it must exit with status 0 within 10 s (`BenchError`)."""
+        self.check_alive()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = await anyio.to_thread.run_sync(partial(self.popen.wait, 10))
+        except subprocess.TimeoutExpired:
+            code = None
+        if code != 0:
+            raise BenchError(f"the sweeper did not stop cleanly ({code}); {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()[-10:]
+        return f"its log ({self.log_path}) ends with:\n" + "\n".join(lines)
 
 
 def plan(
@@ -359,12 +442,15 @@ async def run(
     min_rounds: int = 0,
     ack_mode: AckMode = "each",
     max_delay_ms: int = HANDLER_MAX_DELAY_MS,
+    abandoned_after: float = ABANDONED_AFTER_S,
 ) -> ChaosResult:
     """Run `calls` calls at a time, `rate` events/s in all, for `seconds` and at least
-    `min_rounds` rounds of disruptions, with a disruption of `kinds` (default: every kind
-    for `server`, a server or a cluster) every `every` (lowest, highest) seconds; see the module
-    docstring. Raises `FleetError` if a worker exits unasked, `BenchError` if the sessions do
-    not retire, `ValueError` for a kind `server` cannot have."""
+    `min_rounds` rounds of disruptions, with a disruption of `kinds` (default: every kind for
+    `server`, a server or a cluster) every `every` (lowest, highest) seconds; see the module
+    docstring. Raises `FleetError` if a worker (or the sweeper) exits unasked, `BenchError` if
+    the sessions do not retire, `ValueError` for a kind `server` cannot have. The sweeper ends a
+    session idle `abandoned_after` seconds (an abandoned call's; shorter only in tests with no
+    other disruption, which keeps no live call idle that long)."""
     cluster = isinstance(server, LocalCluster)
     kinds, seed = plan(server, kinds, seed)
     settings = fresh_settings(
@@ -375,7 +461,7 @@ async def run(
         retention_seconds=5.0,
         ack_mode=ack_mode,
     )
-    published: dict[str, int] = {}
+    going = Calls(calls)
     async with Bus.connect(settings) as bus:
         with tempfile.TemporaryDirectory(prefix="flowbus-chaos-") as log_dir:
             fleet = Fleet(
@@ -389,9 +475,17 @@ async def run(
             try:
                 fleet.start(workers, id_prefix="chaos")
                 await fleet.wait_split(bus, within=30)
-                chaos = Chaos(bus, [fleet], server, workers, random.Random(seed))
+                chaos = Chaos(
+                    bus,
+                    [fleet],
+                    server,
+                    workers,
+                    random.Random(seed),
+                    abandon=going.abandon,
+                    abandoned_after=abandoned_after,
+                )
                 took, settle = await chaos.around(
-                    partial(_publish, bus, fleet, published, rate=rate, calls=calls),
+                    partial(_publish, bus, fleet, going, rate=rate),
                     seconds=seconds,
                     min_rounds=min_rounds,
                     kinds=kinds,
@@ -411,10 +505,10 @@ async def run(
             round(took, 1),
             rate,
             workers,
-            sum(published.values()),
-            len(published),
+            sum(going.published.values()),
+            len(going.published),
             chaos.done,
-            check(await read_handlings(bus.redis, settings.prefix), published, window=window),
+            check(await read_handlings(bus.redis, settings.prefix), going.published, window=window),
             await dead_letter_count(bus),
             round(settle, 2),
             max_delay_ms,
@@ -445,29 +539,49 @@ async def stuck(bus: Bus, listed: int = 3) -> str:
     return f"{len(live)} session{plural} not done, e.g. " + "; ".join(described)
 
 
+@dataclass
+class Calls:
+    """The calls going, one in each of `slots`, and the events published to each session."""
+
+    slots: int
+    going: list[str] = field(init=False)
+    published: dict[str, int] = field(default_factory=dict)
+    started: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.going = [f"call-{i}" for i in range(self.slots)]
+        self.started = self.slots
+
+    def replace(self, slot: int) -> None:
+        """A new call in `slot`."""
+        self.going[slot] = f"call-{self.started}"
+        self.started += 1
+
+    def abandon(self, rng: random.Random) -> str:
+        """A ``bot`` disruption: a call going is replaced without its session ended."""
+        slot = rng.randrange(self.slots)
+        gone = self.going[slot]
+        self.replace(slot)
+        return f"{gone}'s bot went away after {self.published.get(gone, 0)} events"
+
+
 async def _publish(
-    bus: Bus,
-    fleet: Fleet,
-    published: dict[str, int],
-    going_on: Callable[[float], bool],
-    rate: float,
-    calls: int,
+    bus: Bus, fleet: Fleet, calls: Calls, going_on: Callable[[float], bool], rate: float
 ) -> float:
-    """Keep `calls` calls going at `rate` events/s while `going_on` (seconds since the start),
-    then end them; `published` (session -> events) is filled as it goes. Logs progress every
-    10 s. Returns the seconds it went on."""
-    names = [f"call-{i}" for i in range(calls)]
-    started_calls, events = calls, 0
+    """Keep `calls` going at `rate` events/s while `going_on` (seconds since the start), then
+    end them; their `published` is filled as it goes. Logs progress every 10 s. Returns the
+    seconds it went on."""
+    events = 0
     started = next_report = anyio.current_time()
     while going_on((now := anyio.current_time()) - started):
-        i = events % calls
-        seq = published.get(names[i], 0) + 1
+        slot = events % calls.slots
+        session = calls.going[slot]  # (a `bot` disruption may replace it during the publish)
+        seq = calls.published.get(session, 0) + 1
         final = seq == EVENTS_PER_CALL
-        await bus.publish(names[i], ProbeTick(sent_ns=time.time_ns()), final=final)
-        published[names[i]] = seq
-        if final:
-            names[i] = f"call-{started_calls}"
-            started_calls += 1
+        await bus.publish(session, ProbeTick(sent_ns=time.time_ns()), final=final)
+        calls.published[session] = seq
+        if final and calls.going[slot] == session:
+            calls.replace(slot)
         events += 1
         if now >= next_report:
             next_report += 10
@@ -484,10 +598,10 @@ async def _publish(
         delay = started + events / rate - anyio.current_time()
         if delay > 0:
             await anyio.sleep(delay)
-    for name in names:  # end the calls still going
-        if name in published:
-            await bus.publish(name, ProbeTick(sent_ns=time.time_ns()), final=True)
-            published[name] += 1
+    for session in calls.going:  # end the calls still going
+        if session in calls.published:
+            await bus.publish(session, ProbeTick(sent_ns=time.time_ns()), final=True)
+            calls.published[session] += 1
     return now - started
 
 
@@ -519,9 +633,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.chaos",
         description="The ordering contract under disruptions: worker processes of a probe "
-        "service are killed, stopped, frozen, added and removed, and the server rewrites its "
-        "AOF and is killed and started again, while calls go on; then every call's events "
-        "must have been handled, in order, and every session be done.",
+        "service are killed, stopped, frozen, added and removed, bots go away mid-call, and "
+        "the server rewrites its AOF and is killed and started again, while calls go on; then "
+        "every call's events must have been handled, in order, and every session be done (an "
+        "abandoned one ended by the sweeper).",
     )
     p.add_argument(
         "--seconds", type=float, default=120.0, help="how long the calls go on (default 120)"

@@ -1,7 +1,7 @@
 """``python -m bench.flows_chaos`` (``make chaos``, after the bus's): the flows layer under
 every disruption at once — the demo's calls go on while the workers of its services are
-killed, stopped, frozen, added and removed, and the server rewrites its AOF and is killed and
-started again (or, on a cluster, fails over).
+killed, stopped, frozen, added and removed, bots go away mid-call, and the server rewrites its
+AOF and is killed and started again (or, on a cluster, fails over).
 
 Simulated bots (`workers.bots`, in this process) run calls through the sample flow, a new one
 started `--rate` times a second, at most `--concurrency` at once; worker processes of its two
@@ -9,8 +9,11 @@ services (`workers.sample`: ``actions``, which runs the flow's pre- and post-act
 ``crm``, event handlers, one of them a sync event the bot waits for; each action and handler
 takes a random time up to `--max-delay-ms`, 20 by default, as one that calls a service would)
 run against a private server with an AOF and a lease TTL of 2 s. The disruptions are those
-of `bench.chaos`, on a worker of either service. When the time is up the calls going run to
-their end; every session must then be done, and every call pass the demo's check
+of `bench.chaos`, on a worker of either service; a ``bot`` disruption cancels a call going
+(its bot stops where it is, its session not ended, as when a bot process crashes), which the
+sweeper (``flowbus end --idle-for 30 --every 1``) must then end. When the time is up the calls
+going run to their end; every session must then be done, and every call not abandoned pass
+the demo's check
 (`workers.verify.check_call`) with the repeats the contract allows after a crash: every
 action ran in its place (its first run to finish finished there; any run again started
 there), the bot spoke each phrase once, each handler service saw its events in order (by when
@@ -45,6 +48,7 @@ from workers.server import LocalCluster, LocalServer
 from workers.verify import check_call
 
 from .chaos import (
+    ABANDONED_AFTER_S,
     HANDLER_MAX_DELAY_MS,
     LEASE_TTL_SECONDS,
     LISTED,
@@ -79,6 +83,9 @@ class CallsCheck(msgspec.Struct, frozen=True):
     handlings: int
     #: Runs of an action, handlings of an event, after their first (after a disruption).
     repeats: int
+    #: Calls whose bot went away (a ``bot`` disruption): not checked, but their sessions must
+    #: be done, the sweeper having ended them.
+    abandoned: int
     #: Calls that did not reach their end: session -> why (at most `LISTED`).
     failed: dict[str, str]
     failed_count: int
@@ -127,12 +134,15 @@ async def run(
     min_rounds: int = 0,
     ack_mode: AckMode = "each",
     max_delay_ms: int = HANDLER_MAX_DELAY_MS,
+    abandoned_after: float = ABANDONED_AFTER_S,
 ) -> FlowsChaosResult:
     """Start `rate` calls a second, at most `concurrency` at once, for `seconds` and at least
     `min_rounds` rounds of disruptions of `kinds` (default: every kind for `server`) every
     `every` (lowest, highest) seconds, `workers` processes of each service to start with; see
-    the module docstring. Raises `FleetError` if a worker exits unasked, `BenchError` if the
-    sessions do not retire, `ValueError` for a kind `server` cannot have."""
+    the module docstring. Raises `FleetError` if a worker (or the sweeper) exits unasked,
+    `BenchError` if the sessions do not retire, `ValueError` for a kind `server` cannot have.
+    The sweeper ends a session idle `abandoned_after` seconds (an abandoned call's; shorter only
+    in tests with no other disruption, which keeps no live call idle that long)."""
     cluster = isinstance(server, LocalCluster)
     kinds, seed = plan(server, kinds, seed)
     # Kept an hour: the check reads every call's stream and journal once all are done.
@@ -145,6 +155,7 @@ async def run(
         ack_mode=ack_mode,
     )
     board = Board()
+    going: dict[str, anyio.CancelScope] = {}  # the calls going (for a `bot` disruption)
     async with Bus.connect(settings) as bus:
         with tempfile.TemporaryDirectory(prefix="flowbus-flows-chaos-") as log_dir:
             fleets = [
@@ -167,9 +178,18 @@ async def run(
                     fleet.start(workers, id_prefix="chaos")
                 for fleet in fleets:
                     await fleet.wait_split(bus, within=30)
-                chaos = Chaos(bus, fleets, server, workers, random.Random(seed))
+                abandon = partial(_abandon, board, going)
+                chaos = Chaos(
+                    bus,
+                    fleets,
+                    server,
+                    workers,
+                    random.Random(seed),
+                    abandon=abandon,
+                    abandoned_after=abandoned_after,
+                )
                 took, settle = await chaos.around(
-                    partial(_calls, bus, board, fleets, rate=rate, concurrency=concurrency),
+                    partial(_calls, bus, board, going, fleets, rate=rate, concurrency=concurrency),
                     seconds=seconds,
                     min_rounds=min_rounds,
                     kinds=kinds,
@@ -199,33 +219,49 @@ async def run(
         )
 
 
+def _abandon(board: Board, going: dict[str, anyio.CancelScope], rng: random.Random) -> str:
+    """A ``bot`` disruption: a call going stops where it is, its session not ended."""
+    if not going:
+        return "no call going"
+    session = rng.choice(sorted(going))
+    going.pop(session).cancel()
+    return f"{session}'s bot went away ({board.calls[session]})"
+
+
 async def _calls(
     bus: Bus,
     board: Board,
+    going: dict[str, anyio.CancelScope],
     fleets: list[Fleet],
     going_on: Callable[[float], bool],
     rate: float,
     concurrency: int,
 ) -> float:
     """Start `rate` calls a second, at most `concurrency` at once, while `going_on` (seconds
-    since the start); then let those going end. `board` keeps every call's state. Logs progress
-    every 10 s. Returns the seconds calls were started."""
+    since the start); then let those going end. `board` keeps every call's state ("abandoned":
+    its bot went away), `going` the cancel scope of each call going. Logs progress every 10 s.
+    Returns the seconds calls were started."""
     slots = anyio.Semaphore(concurrency)
 
     async def one(n: int, session: str) -> None:
+        going[session] = scope = anyio.CancelScope()
         try:
-            await run_call(
-                bus,
-                session,
-                board=board,
-                seconds_per_char=SECONDS_PER_CHAR,
-                wait=CALL_SECONDS,
-                barge_in=barges_in(n, BARGE_IN_EVERY),
-            )
+            with scope:
+                await run_call(
+                    bus,
+                    session,
+                    board=board,
+                    seconds_per_char=SECONDS_PER_CHAR,
+                    wait=CALL_SECONDS,
+                    barge_in=barges_in(n, BARGE_IN_EVERY),
+                )
+            if scope.cancel_called:
+                board.calls[session] = "abandoned"
         except CallFailedError:  # on the board, with its reason; its session ends here
             with anyio.move_on_after(CALL_SECONDS, shield=True):
                 await bus.end_session(session, reason="the call failed")
         finally:
+            going.pop(session, None)
             slots.release()
 
     started = next_report = anyio.current_time()
@@ -242,6 +278,7 @@ async def _calls(
                     calls=n,
                     ended=board.count("ended"),
                     failed=board.count("failed"),
+                    abandoned=board.count("abandoned"),
                     workers={f.group: len(f.alive) for f in fleets},
                 )
             await slots.acquire()
@@ -260,7 +297,8 @@ async def check_calls(bus: Bus, board: Board, window: int) -> CallsCheck:
     subscriptions = {sample.crm.name: sample.crm.subscribes}
     problems: dict[str, list[str]] = {}
     events = actions = handlings = repeats = 0
-    for session in sorted(board.calls):
+    abandoned = [session for session, state in board.calls.items() if state == "abandoned"]
+    for session in sorted(board.calls.keys() - set(abandoned)):
         stream = await bus.history(session)
         journal = await read_journal(bus.redis, bus.settings.prefix, session)
         checked = check_call(
@@ -278,6 +316,7 @@ async def check_calls(bus: Bus, board: Board, window: int) -> CallsCheck:
         actions,
         handlings,
         repeats,
+        len(abandoned),
         dict(sorted(board.failures.items())[:LISTED]),
         len(board.failures),
         dict(sorted(problems.items())[:LISTED]),
@@ -296,7 +335,8 @@ def render(result: FlowsChaosResult) -> str:
         f"once), {result.workers} workers of each service to start with, actions and handlings "
         f"of up to {result.max_delay_ms} ms",
         f"  calls         {c.calls:,}: {c.events:,} events, {c.actions_run:,} actions run, "
-        f"{c.handlings:,} handlings",
+        f"{c.handlings:,} handlings (of those not abandoned)",
+        f"  abandoned     {c.abandoned} (their bots went away; the sweeper ended them)",
         f"  disruptions   {len(result.disruptions)} ("
         + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none")
         + ")",
@@ -317,9 +357,10 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench.flows_chaos",
         description="The flows layer under disruptions: simulated calls go through the demo's "
         "flow while the workers of its services (actions, crm) are killed, stopped, frozen, "
-        "added and removed, and the server rewrites its AOF and is killed and started again; "
-        "then every call must have ended, every action have run in its place and every "
-        "handler have seen its events in order.",
+        "added and removed, bots go away mid-call, and the server rewrites its AOF and is "
+        "killed and started again; then every call must have ended (an abandoned one by the "
+        "sweeper), every action have run in its place and every handler have seen its events "
+        "in order.",
     )
     p.add_argument(
         "--seconds", type=float, default=120.0, help="how long calls are started (default 120)"

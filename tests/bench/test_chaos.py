@@ -73,11 +73,37 @@ async def test_a_short_run_of_every_disruption_loses_nothing_and_keeps_every_cal
             rate=100,
             calls=20,
             seed=37,  # the AOF rewritten right before the server is killed
+            kinds=BUT_BOTS,
             every=(0.5, 1),
             ack_mode=ack_mode,
         )
-    assert {d.kind for d in result.disruptions} == set(chaos.DISRUPTIONS), result.disruptions
+    assert {d.kind for d in result.disruptions} == set(BUT_BOTS), result.disruptions
     assert result.events >= 500 and result.check.handlings >= result.events
+    assert result.ok, chaos.render(result)
+
+
+#: Every disruption but a bot's, whose session the sweeper ends after `ABANDONED_AFTER_S`
+#: (in a short run, a bot's disruptions run alone: see the next test).
+BUT_BOTS = [k for k in chaos.DISRUPTIONS if k != "bot"]
+
+
+@pytest.mark.anyio
+async def test_calls_whose_bots_went_away_are_ended_by_the_sweeper_and_the_others_go_on() -> None:
+    """With no other disruption no live call is idle for long, and the sweeper can end the
+    abandoned ones after 3 s idle; without it, the run would fail their sessions not done."""
+    with LocalServer(KIND) as server:
+        result = await chaos.run(
+            server,
+            seconds=3,
+            rate=100,
+            calls=20,
+            seed=1,
+            kinds=["bot"],
+            every=(0.5, 1),
+            abandoned_after=3,
+        )
+    assert len(result.disruptions) >= 3, result.disruptions
+    assert all("'s bot went away after" in d.detail for d in result.disruptions)
     assert result.ok, chaos.render(result)
 
 
@@ -95,10 +121,17 @@ async def test_a_run_whose_sessions_are_not_done_says_where_their_groups_stand(b
 async def test_a_short_run_on_a_cluster_fails_over_and_keeps_every_call_in_order() -> None:
     with LocalCluster(kind=KIND, replicas=1) as cluster:
         result = await chaos.run(
-            cluster, seconds=5, min_rounds=1, rate=100, calls=20, seed=3, every=(0.5, 1)
+            cluster,
+            seconds=5,
+            min_rounds=1,
+            rate=100,
+            calls=20,
+            seed=3,
+            kinds=[k for k in chaos.CLUSTER_DISRUPTIONS if k != "bot"],
+            every=(0.5, 1),
         )
     kinds = [d.kind for d in result.disruptions]
-    assert set(kinds) == set(chaos.CLUSTER_DISRUPTIONS), kinds
+    assert set(kinds) == set(chaos.CLUSTER_DISRUPTIONS) - {"bot"}, kinds
     assert result.server.endswith("cluster") and result.ok, chaos.render(result)
 
 
@@ -115,6 +148,6 @@ async def test_a_rewrite_asked_for_while_the_server_rewrites_by_itself_is_noted_
         raise ResponseError("Background append only file rewriting already in progress")
 
     bus = SimpleNamespace(redis=SimpleNamespace(bgrewriteaof=rewriting), settings=Settings())
-    disruptions = chaos.Chaos(bus, [Mock()], Mock(), workers=4, rng=random.Random(0))  # type: ignore[arg-type]  # a stand-in bus
+    disruptions = chaos.Chaos(bus, [Mock()], Mock(), 4, random.Random(0), abandon=Mock())  # type: ignore[arg-type]  # a stand-in bus
     await disruptions.one("rewrite")
     assert [d.detail for d in disruptions.done] == ["the AOF being rewritten already"]
