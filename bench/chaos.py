@@ -664,7 +664,7 @@ def add_run_options(p: argparse.ArgumentParser, results: Path) -> None:
         action="append",
         dest="kinds",
         help="only this kind of disruption (repeatable; default all of the server's: with "
-        "--cluster, failover and the workers')",
+        "--cluster, failover, bot and the workers')",
     )
     p.add_argument(
         "--every",

@@ -806,9 +806,9 @@ async def _end_every(bus: Bus, args: argparse.Namespace) -> int:
                     tg.cancel_scope.cancel()
 
             tg.start_soon(stop)
+            idle = partial(_idle, bus, args.idle_for)
             while True:
                 try:
-                    idle = partial(_idle, bus, args.idle_for)
                     await _end_each(
                         bus, await call("finding idle sessions", idle, bus.settings), args
                     )
