@@ -610,8 +610,8 @@ async def test_end_every_ends_the_sessions_that_go_idle_until_it_is_stopped(
     bus: Bus, settings: Settings
 ) -> None:
     """``end --idle-for S --every E`` runs as a service: each round ends the sessions idle that
-    long (the second session is published after a round that found nothing), and SIGTERM stops
-    it, status 0."""
+    long (the second session is published once the first was ended: a later round ends it),
+    and SIGTERM stops it, status 0."""
     env = {**os.environ, **settings_env(settings)}
     command = [sys.executable, "-m", "workers", "end", "--idle-for", "0", "--every", "0.1"]
     async with await anyio.open_process(command, cwd=ROOT, env=env) as sweeper:
