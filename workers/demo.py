@@ -25,10 +25,11 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -93,10 +94,11 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
     prefix = args.prefix or os.environ.get("FLOWBUS_PREFIX")
     prefix = prefix or ("flowbus" if not url else f"demo-{secrets.token_hex(4)}")
     ok, failed, served = False, False, False
-    # Stop signals: each raises where the demo is, and the `finally` below stops what it
-    # started. Not asyncio's Ctrl-C (one cancellation of the main task), which Python 3.11's
-    # `wait_for`, the Redis client's, swallows when what it waits for completes meanwhile: the
-    # demo ran on. SIGHUP (the terminal closed) would end it at once, its directory left.
+    # Stop signals: the first raises where the demo is (while the calls run on the event loop,
+    # stops them: `_until_stopped`), and the `finally` below stops what it started. Not
+    # asyncio's Ctrl-C (one cancellation of the main task), which Python 3.11's `wait_for`, the
+    # Redis client's, swallows when what it waits for completes meanwhile: the demo ran on.
+    # SIGHUP (the terminal closed) would end it at once, its directory left.
     stops = _Stops()  # (restored in the `finally` right below)
     try:
         if not url:
@@ -111,7 +113,7 @@ def run_demo(args: argparse.Namespace, settings_factory: SettingsFactory) -> int
             Fleet(settings, target, group, work / "logs", cwd=ROOT, log_level="warning")
             for group, target, _ in SERVICES
         ]
-        summary = run(_run, settings, options, fleets, server, started)
+        summary = run(_run, stops, settings, options, fleets, server, started)
         ok, failed = summary.ok, not summary.ok
         _print_summary(summary, options, settings)
     except Exception as exc:
@@ -171,6 +173,7 @@ def _server_death(server: LocalServer | None) -> str | None:
 
 #: Signals that stop the demo, everything it started stopped first.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -183,18 +186,24 @@ class Terminated(KeyboardInterrupt):
 
 
 class _Stops:
-    """The demo's handling of `STOP_SIGNALS`: the first raises `Terminated` where the demo is;
-    from then on, and while it cleans up, they are noted in `received`, not raised. Raised
-    again, one stopped the cleanup half way (the workers, the server or the directory left),
-    or, inside the event loop's callbacks as it closed its connections, was logged with a
-    traceback ("Fatal error on transport")."""
+    """The demo's handling of `STOP_SIGNALS`, each noted in `received`: the first raises
+    `Terminated` where the demo is, or, while `wake` is set (the calls run on the event loop),
+    calls it instead (`_until_stopped`); from then on, and while the demo cleans up, they are
+    only noted. Raised again, one stopped the cleanup half way (the workers, the server or the
+    directory left), or, inside the event loop's callbacks as it closed its connections, was
+    logged with a traceback ("Fatal error on transport")."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.wake: Callable[[], object] | None = None
         self._previous = {sig: signal.signal(sig, self._raise) for sig in STOP_SIGNALS}
 
     def _raise(self, signum: int, frame: object) -> None:
         self.hold()
+        self.received.append(signum)
+        if self.wake is not None:
+            self.wake()
+            return
         raise Terminated(signum)
 
     def _note(self, signum: int, frame: object) -> None:
@@ -212,19 +221,52 @@ class _Stops:
 
 
 async def _run(
+    stops: _Stops,
     settings: Settings,
     options: _Options,
     fleets: list[Fleet],
     server: LocalServer | None,
     started: float,
 ) -> report.Summary:
-    # A stop signal's `Terminated` raised inside one of the loop's own callbacks (a socket's)
-    # reaches the code waiting on it all the same; the loop's log of it is noise.
+    # A stop signal's `Terminated` raised inside one of the loop's own callbacks (a socket's),
+    # before `_until_stopped` took over, reaches the code waiting on it all the same; the
+    # loop's log of it is noise.
     asyncio.get_running_loop().set_exception_handler(_quiet_about_stops)
     try:
-        return await _run_and_check(settings, options, fleets, server, started)
+        return await _until_stopped(
+            stops, partial(_run_and_check, settings, options, fleets, server, started)
+        )
     except BaseExceptionGroup as group:  # a task group's error: show the error itself
         raise first_error(group) from None
+
+
+async def _until_stopped(stops: _Stops, run: Callable[[], Awaitable[T]]) -> T:
+    """`run()`, which a stop signal ends with `Terminated`. While it runs the signal is not
+    raised where the demo is: raised in a weakref callback or a destructor, as the garbage
+    collector runs them, an exception is only printed ("Exception ignored in"), and the demo
+    ran on to its end. It wakes the loop instead, which cancels `run` (at its next step, and
+    again at every later one, so no `wait_for` swallows it); then `Terminated` is raised here,
+    once `run` has unwound. (Not in a task: asyncio lets a `KeyboardInterrupt` raised in one
+    out of the loop at once.)"""
+    stopped = anyio.Event()
+    stops.wake = partial(asyncio.get_running_loop().call_soon_threadsafe, stopped.set)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def on_stop() -> None:
+                await stopped.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_stop)
+            if stops.received:  # one came before the loop ran
+                stopped.set()
+            result = await run()
+            tg.cancel_scope.cancel()
+    finally:
+        stops.wake = None
+    if stopped.is_set():
+        raise Terminated(stops.received[0])
+    return result
 
 
 def _quiet_about_stops(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

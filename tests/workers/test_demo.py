@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from bus import Bus, ServiceInfo, Settings
 from tests.support import ROOT, raw, wait_for
+from workers.demo import Terminated, _Stops, _until_stopped
 from workers.journal import ActionRecord, EventRecord, read_journal
 
 pytestmark = pytest.mark.anyio
@@ -220,6 +222,32 @@ async def demo_running(tmp_path: Path) -> AsyncIterator[tuple[Process, bytearray
         found = re.search(rb"on (redis://127.0.0.1:\d+\S*)", output)
         assert found is not None, output
         yield proc, output, found[1].decode()
+
+
+async def test_a_stop_signal_in_a_callback_that_swallows_exceptions_still_stops_the_run() -> None:
+    """Python runs a signal's handler at the next instruction, which may be in a weakref
+    callback (the garbage collector runs them anywhere), where an exception raised is only
+    printed: a demo stopped so ran on to its end (CI saw it once). While the calls run, the
+    handler wakes the event loop instead, which stops them."""
+
+    class Held:
+        pass
+
+    async def run() -> None:
+        held = Held()
+        # The handler runs in the callback: `os.kill` runs it before returning.
+        watch = weakref.ref(held, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+        del held
+        assert watch() is None  # the callback ran
+        await anyio.sleep_forever()
+
+    stops = _Stops()
+    try:
+        with anyio.fail_after(10), pytest.raises(Terminated, match="SIGTERM"):
+            await _until_stopped(stops, run)
+    finally:
+        stops.restore()
+    assert stops.received == [signal.SIGTERM] and stops.wake is None
 
 
 @pytest.mark.parametrize(
