@@ -15,9 +15,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .inspection import SessionDetail
 
 log = structlog.get_logger("flowbus.cli")
+T = TypeVar("T")
 
 EPILOG_WORKER = """\
 examples:
@@ -670,13 +671,18 @@ def _print_json(value: object) -> None:
 async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
     from . import inspection as i
 
-    now = await i.server_ms(bus)
+    def read(what: Callable[..., Awaitable[T]], *args_: Any, **kwargs: Any) -> Awaitable[T]:
+        # Read again after a lost connection or a failover, as the bus's own calls are: an
+        # operator looks most when the server has trouble.
+        return call(f"inspect {args.what}", partial(what, *args_, **kwargs), bus.settings)
+
+    now = await read(i.server_ms, bus)
     result: object
     more = ""  # what was left out, said on stderr
     if args.what == "sessions":
         if args.limit < 1:
             raise UsageError(f"--limit must be at least 1, not {args.limit}")
-        rows, total = await i.sessions(bus, ended=not args.live, limit=args.limit)
+        rows, total = await read(i.sessions, bus, ended=not args.live, limit=args.limit)
         result, text = rows, i.render_sessions(rows, now)
         if total > len(rows):
             more = f"{total - len(rows)} more sessions not shown (--limit N shows more)"
@@ -687,7 +693,7 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
             check_session_id(args.session)
         except InvalidSessionIdError as exc:
             raise UsageError(str(exc)) from None
-        result = detail = await i.session_detail(bus, args.session, inbox=args.inbox)
+        result = detail = await read(i.session_detail, bus, args.session, inbox=args.inbox)
         unknown = not detail.events and not detail.meta
         if unknown and not args.follow:
             print(
@@ -699,7 +705,7 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
             more = f"no session {args.session!r} yet {_where(bus)}: waiting for it"
         text = "" if unknown else i.render_session(detail, now)
     elif args.what == "groups":
-        result = groups = await i.groups(bus)
+        result = groups = await read(i.groups, bus)
         text = i.render_groups(groups)
         if not groups:
             more = f"none {_where(bus)}"
@@ -710,10 +716,10 @@ async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        result = owners = await i.owners(bus, args.group)
+        result = owners = await read(i.owners, bus, args.group)
         text = i.render_owners(owners, bus.settings.partitions)
     else:
-        result = members = await i.members(bus)
+        result = members = await read(i.members, bus)
         text = i.render_members(members)
     if args.json:
         _print_json(result)
@@ -781,11 +787,13 @@ async def _end(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _idle(bus: Bus, seconds: float) -> list[tuple[str, str]]:
-    """(session, how long it was idle, said) of every live session idle for `seconds`."""
+    """(session, how long it was idle, said) of every live session idle for `seconds`; read
+    again after a lost connection (`call`)."""
     from .inspection import duration, idle_sessions
 
     # At most 2**62 ms: a finite number of seconds can overflow once made milliseconds.
-    found = await idle_sessions(bus, int(min(seconds * 1000, 2**62)))
+    idle = partial(idle_sessions, bus, int(min(seconds * 1000, 2**62)))
+    found = await call("finding idle sessions", idle, bus.settings)
     return [(s, f" (idle {duration(ms)})") for s, ms in found]
 
 
@@ -806,12 +814,9 @@ async def _end_every(bus: Bus, args: argparse.Namespace) -> int:
                     tg.cancel_scope.cancel()
 
             tg.start_soon(stop)
-            idle = partial(_idle, bus, args.idle_for)
             while True:
                 try:
-                    await _end_each(
-                        bus, await call("finding idle sessions", idle, bus.settings), args
-                    )
+                    await _end_each(bus, await _idle(bus, args.idle_for), args)
                 except ConnectionFailedError as exc:
                     log.warning("end_round_failed", error=str(exc), next_in_seconds=args.every)
                 sys.stdout.flush()  # each round's lines as they come, through a pipe too
@@ -826,7 +831,8 @@ async def _end_each(bus: Bus, targets: list[tuple[str, str]], args: argparse.Nam
     from .inspection import end_states
 
     outcomes: dict[str, int] = {}
-    states = await end_states(bus, [s for s, _ in targets]) if args.dry_run else []
+    read = partial(end_states, bus, [s for s, _ in targets])
+    states = await call("reading the sessions", read, bus.settings) if args.dry_run else []
     for i, (session, idle) in enumerate(targets):
         if args.dry_run and states[i] == "live":
             print(f"{session}: would end{idle}")

@@ -14,13 +14,15 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bus import Bus, ServiceInfo, Settings, connection, scripts
 from tests.conftest import KIND, make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
-from workers.cli import _end_every, parser
+from workers import inspection
+from workers.cli import _end_every, _inspect, parser
 from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
 from workers.inspection import end_states
 from workers.metrics import lag_of
@@ -600,6 +602,25 @@ async def test_end_ends_named_sessions_and_those_idle_for_long(
     assert code == 2 and "name sessions or give --idle-for SECONDS\n" in err  # not "not both"
     code, _, err = await flowbus(settings, "end", "call-new", "--idle-for", "1", check=False)
     assert code == 2 and "name sessions or give --idle-for SECONDS, not both" in err
+
+
+async def test_inspect_reads_again_after_a_lost_connection(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connection lost during ``flowbus inspect``'s reads (a restart, a failover: when an
+    operator looks) is read again, as the bus's own calls are, not the command's end."""
+    real, lost = inspection.groups, list[bool]()
+
+    async def losing_one(bus: Bus) -> Any:
+        if not lost:
+            lost.append(True)
+            raise RedisConnectionError("Connection closed by server.")
+        return await real(bus)
+
+    monkeypatch.setattr(inspection, "groups", losing_one)
+    await bus.register_service(ServiceInfo("svc"))
+    assert await _inspect(bus, parser().parse_args(["inspect", "groups", "--json"])) == 0
+    assert [g["name"] for g in json.loads(capsys.readouterr().out)] == ["svc"] and lost
 
 
 async def _ended(bus: Bus, session: str) -> bool:
