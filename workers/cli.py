@@ -671,10 +671,10 @@ def _print_json(value: object) -> None:
 async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
     from . import inspection as i
 
-    def read(what: Callable[..., Awaitable[T]], *args_: Any, **kwargs: Any) -> Awaitable[T]:
+    def read(reader: Callable[..., Awaitable[T]], *more: Any, **named: Any) -> Awaitable[T]:
         # Read again after a lost connection or a failover, as the bus's own calls are: an
         # operator looks most when the server has trouble.
-        return call(f"inspect {args.what}", partial(what, *args_, **kwargs), bus.settings)
+        return call(f"inspect {args.what}", partial(reader, *more, **named), bus.settings)
 
     now = await read(i.server_ms, bus)
     result: object
