@@ -671,11 +671,7 @@ def _print_json(value: object) -> None:
 async def _inspect(bus: Bus, args: argparse.Namespace) -> int:
     from . import inspection as i
 
-    def read(reader: Callable[..., Awaitable[T]], *more: Any, **named: Any) -> Awaitable[T]:
-        # Read again after a lost connection or a failover, as the bus's own calls are: an
-        # operator looks most when the server has trouble.
-        return call(f"inspect {args.what}", partial(reader, *more, **named), bus.settings)
-
+    read = partial(_again, bus, f"inspect {args.what}")
     now = await read(i.server_ms, bus)
     result: object
     more = ""  # what was left out, said on stderr
@@ -870,8 +866,19 @@ END_OUTCOMES = {
 }
 
 
+def _again(
+    bus: Bus, what: str, reader: Callable[..., Awaitable[T]], *more: Any, **named: Any
+) -> Awaitable[T]:
+    """`reader(*more, **named)`, a command's reads, read again after a lost connection or a
+    failover, as the bus's own calls are (`call`): an operator looks most when the server has
+    trouble."""
+    return call(what, partial(reader, *more, **named), bus.settings)
+
+
 async def _dead(bus: Bus, args: argparse.Namespace) -> int:
     from . import deadletters as d
+
+    read = partial(_again, bus, f"dead {args.action}")
 
     if getattr(args, "session", None) is not None:  # "" too: it would match no letter
         try:
@@ -881,7 +888,7 @@ async def _dead(bus: Bus, args: argparse.Namespace) -> int:
 
     async def find(ref: str) -> d.DeadLetter:
         try:
-            return await d.find(bus, ref)
+            return await read(d.find, bus, ref)
         except d.BadReferenceError as exc:
             raise UsageError(str(exc)) from None
 
@@ -889,7 +896,7 @@ async def _dead(bus: Bus, args: argparse.Namespace) -> int:
         limit = args.limit if args.limit is not None else None if args.json else 200
         if limit is not None and limit < 1:
             raise UsageError(f"--limit must be at least 1, not {limit}")
-        letters = await d.list_dead(bus, group=args.group, session=args.session)
+        letters = await read(d.list_dead, bus, group=args.group, session=args.session)
         letters.sort(key=lambda x: (*map(int, x.id.split("-")), x.partition))  # oldest first
         shown = letters[:limit]
         _print_json(shown) if args.json else print(d.render_list(shown))
@@ -907,7 +914,7 @@ async def _dead(bus: Bus, args: argparse.Namespace) -> int:
     if args.refs and (args.group or args.session):
         raise UsageError("--group and --session go with --all")
     if args.all:
-        letters = await d.list_dead(bus, group=args.group, session=args.session)
+        letters = await read(d.list_dead, bus, group=args.group, session=args.session)
     else:
         found = [await find(ref) for ref in args.refs]
         letters = list({letter.ref: letter for letter in found}.values())  # each once

@@ -21,8 +21,8 @@ from bus import Bus, ServiceInfo, Settings, connection, scripts
 from tests.conftest import KIND, make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
-from workers import inspection
-from workers.cli import _end_every, _inspect, parser
+from workers import deadletters, inspection
+from workers.cli import _dead, _end_every, _inspect, parser
 from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
 from workers.inspection import end_states
 from workers.metrics import lag_of
@@ -604,23 +604,33 @@ async def test_end_ends_named_sessions_and_those_idle_for_long(
     assert code == 2 and "name sessions or give --idle-for SECONDS, not both" in err
 
 
-async def test_inspect_reads_again_after_a_lost_connection(
-    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A connection lost during ``flowbus inspect``'s reads (a restart, a failover: when an
-    operator looks) is read again, as the bus's own calls are, not the command's end."""
-    real, lost = inspection.groups, list[bool]()
+def losing_a_connection(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[bool]:
+    """`module.name` (a reader) loses its connection the first time; the list says it did."""
+    real, lost = getattr(module, name), list[bool]()
 
-    async def losing_one(bus: Bus) -> Any:
+    async def losing_one(*args: Any, **kwargs: Any) -> Any:
         if not lost:
             lost.append(True)
             raise RedisConnectionError("Connection closed by server.")
-        return await real(bus)
+        return await real(*args, **kwargs)
 
-    monkeypatch.setattr(inspection, "groups", losing_one)
+    monkeypatch.setattr(module, name, losing_one)
+    return lost
+
+
+async def test_inspect_and_dead_read_again_after_a_lost_connection(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connection lost during ``flowbus inspect``'s or ``dead``'s reads (a restart, a
+    failover: when an operator looks) is read again, as the bus's own calls are, not the
+    command's end."""
     await bus.register_service(ServiceInfo("svc"))
+    lost = losing_a_connection(monkeypatch, inspection, "groups")
     assert await _inspect(bus, parser().parse_args(["inspect", "groups", "--json"])) == 0
     assert [g["name"] for g in json.loads(capsys.readouterr().out)] == ["svc"] and lost
+    lost = losing_a_connection(monkeypatch, deadletters, "list_dead")
+    assert await _dead(bus, parser().parse_args(["dead", "list", "--json"])) == 0
+    assert json.loads(capsys.readouterr().out) == [] and lost
 
 
 async def _ended(bus: Bus, session: str) -> bool:
