@@ -326,13 +326,10 @@ class Chaos:
 SWEPT = "its bot went away (the chaos run's sweeper)"
 
 
-@dataclass
-class Sweeper:
+@dataclass(eq=False)
+class Sweeper(WorkerProcess):
     """``flowbus end --idle-for S --every 1``, as compose.yaml runs it: it ends the sessions
     of calls whose bots went away."""
-
-    popen: subprocess.Popen[bytes]
-    log_path: Path
 
     @classmethod
     @contextmanager
@@ -352,7 +349,7 @@ class Sweeper:
                 preexec_fn=ending_with_parent(),
             )
         try:
-            yield cls(popen, log_path)
+            yield cls("sweeper", log_path, popen)
         finally:
             if popen.poll() is None:
                 popen.kill()
@@ -361,7 +358,7 @@ class Sweeper:
     def check_alive(self) -> None:
         """Raise `FleetError` if it exited."""
         if (code := self.popen.poll()) is not None:
-            raise FleetError(f"the sweeper exited with status {code}; {self._log_tail()}")
+            raise FleetError(f"the sweeper exited with status {code}; {self._tail()}")
 
     async def stop(self) -> None:
         """SIGTERM, after which it must exit with status 0 within 10 s (`BenchError`)."""
@@ -372,11 +369,10 @@ class Sweeper:
         except subprocess.TimeoutExpired:
             code = None
         if code != 0:
-            raise BenchError(f"the sweeper did not stop cleanly ({code}); {self._log_tail()}")
+            raise BenchError(f"the sweeper did not stop cleanly ({code}); {self._tail()}")
 
-    def _log_tail(self) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()[-10:]
-        return f"its log ({self.log_path}) ends with:\n" + "\n".join(lines)
+    def _tail(self) -> str:
+        return f"its log ({self.log_path}) ends with:\n{self.log_tail()}"
 
 
 def plan(

@@ -788,8 +788,9 @@ async def _idle(bus: Bus, seconds: float) -> list[tuple[str, str]]:
     from .inspection import duration, idle_sessions
 
     # At most 2**62 ms: a finite number of seconds can overflow once made milliseconds.
-    idle = partial(idle_sessions, bus, int(min(seconds * 1000, 2**62)))
-    found = await call("finding idle sessions", idle, bus.settings)
+    found = await _again(
+        bus, "finding idle sessions", idle_sessions, bus, int(min(seconds * 1000, 2**62))
+    )
     return [(s, f" (idle {duration(ms)})") for s, ms in found]
 
 
@@ -827,8 +828,10 @@ async def _end_each(bus: Bus, targets: list[tuple[str, str]], args: argparse.Nam
     from .inspection import end_states
 
     outcomes: dict[str, int] = {}
-    read = partial(end_states, bus, [s for s, _ in targets])
-    states = await call("reading the sessions", read, bus.settings) if args.dry_run else []
+    states: list[str] = []
+    if args.dry_run:
+        sessions = [s for s, _ in targets]
+        states = await _again(bus, "reading the sessions", end_states, bus, sessions)
     for i, (session, idle) in enumerate(targets):
         if args.dry_run and states[i] == "live":
             print(f"{session}: would end{idle}")
