@@ -21,18 +21,21 @@ before flowbus noted them stays listed.)
 Either way the dead letter is removed in the same step as the resume or the publish, so a
 replay cut short (Ctrl-C, a lost connection) and run again hands the event back once. Dropping
 removes it; for a paused session it also acknowledges the entry unhandled
-(``Bus.resume(drop=True)``) so the session goes on.
+(``Bus.resume(drop=True)``) so the session goes on. A connection lost meanwhile is tried
+again (`bus.connection.call`): each of these acts once, however often it is sent.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any
 
 import msgspec
 
 from bus import Bus, BusError, DeadLetterGoneError, PayloadTooLargeError, SessionEndedError
+from bus.connection import call
 
 from .replay import REPLAY, Replay
 
@@ -241,8 +244,8 @@ async def replay(bus: Bus, letter: DeadLetter) -> str:
             f"{letter.ref}: holds no event to replay ({letter.error}); drop it "
             f"(flowbus dead drop {letter.ref})"
         )
-    exists = await bus.redis.exists(bus.keys.meta(letter.session))
-    if not exists:
+    exists = partial(bus.redis.exists, bus.keys.meta(letter.session))
+    if not await call("dead replay", exists, bus.settings, letter.session):
         raise DeadLetterError(
             f"{letter.ref}: session {letter.session} no longer exists (its keys expired); "
             "drop the dead letter instead"
@@ -303,7 +306,8 @@ async def drop(bus: Bus, letter: DeadLetter) -> str:
 
 
 async def _remove(bus: Bus, letter: DeadLetter) -> None:
-    await bus.redis.xdel(bus.keys.dead(letter.partition), letter.id)
+    remove = partial(bus.redis.xdel, bus.keys.dead(letter.partition), letter.id)
+    await call("dead drop", remove, bus.settings, letter.session)  # once, however often sent
 
 
 def render_list(letters: list[DeadLetter]) -> str:

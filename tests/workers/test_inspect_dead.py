@@ -633,6 +633,37 @@ async def test_inspect_and_dead_read_again_after_a_lost_connection(
     assert json.loads(capsys.readouterr().out) == [] and lost
 
 
+async def test_dead_replay_and_drop_go_on_through_a_lost_connection_and_act_once(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connection lost during ``dead replay`` (its check that the session is there, then
+    the reply of its publish, which the server ran) or ``dead drop`` is sent again: the event
+    is handed back once, the letters are gone."""
+    for session in ("call-1", "call-2"):
+        await a_dead_letter(bus, session, paused=False)
+    by_session = {letter.session: letter.ref for letter in await list_dead(bus)}
+    checked = losing_a_connection(monkeypatch, bus.redis, "exists")
+    published, real = list[bool](), scripts.PUBLISH
+
+    async def reply_lost(*args: Any) -> Any:
+        reply = await real(*args)
+        if not published:
+            published.append(True)
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    monkeypatch.setattr(scripts, "PUBLISH", reply_lost)
+    replaying = parser().parse_args(["dead", "replay", by_session["call-1"]])
+    assert await _dead(Bus(bus.redis, bus.settings), replaying) == 0  # PUBLISH, as above
+    assert "replayed for steps as seq 2" in capsys.readouterr().out and checked and published
+    removed = losing_a_connection(monkeypatch, bus.redis, "xdel")
+    assert await _dead(bus, parser().parse_args(["dead", "drop", by_session["call-2"]])) == 0
+    assert capsys.readouterr().out == f"{by_session['call-2']}: dropped\n" and removed
+    monkeypatch.undo()
+    assert await list_dead(bus) == []
+    assert [e.type for e in await bus.history("call-1")] == ["step", "flowbus.replay"]
+
+
 async def _ended(bus: Bus, session: str) -> bool:
     return await end_states(bus, [session]) == ["ended"]
 
