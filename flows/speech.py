@@ -83,9 +83,15 @@ def streams(llm: LLM, tts: TTS) -> bool:
 
 
 async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
-    """The sentences of the text that comes in `texts`, each as soon as it is complete (its
-    end mark followed by a space; not the period of a title such as "Dr." or of an initial),
-    and the rest at the end; stripped, none empty."""
+    """The sentences of the text that comes in `texts`, each as soon as it is complete, and the
+    rest at the end; stripped, none empty. A sentence ends at an end mark followed by a space
+    and a word that does not begin in lower case ("at 7 p.m. on Friday", "Hmm... let me see"
+    go on), as Pipecat's sentence splitter (sentencex) ends them; not at the period of a title
+    ("Dr. Smith") or of an initial ("John F. Kennedy"), unless a word that opens sentences
+    follows the initial ("Plan A. Then").
+
+    Pipecat also ends none at "Neither do I. Sorry." and one at "Is that Ms. Lee?"; these
+    differ on purpose."""
     pending = ""
     async for text in texts:
         pending += text
@@ -99,9 +105,33 @@ async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
 
 #: Words whose period ends no sentence: titles, "e.g.", an initial (not "I.").
 _ABBREVIATIONS = r"Mr Mrs Ms Dr Prof St Jr Sr vs e\.g i\.e [A-HJ-Z]".split()
+#: Words that open sentences, but seldom follow an initial in a name: after one, they tell a
+#: sentence that ended with a letter ("Plan B. We go") from a name ("John F. Kennedy").
+_OPENERS = """About After Again Also Although And Another Any Are As At Because Before Both
+    But By Can Could Did Do Does Don't Each Every Finally First For From Great Had Has Have He
+    Her Here His How However If In Is It Its Just Let Maybe My Next No Now Of On Once Only Or
+    Our Please She So Some Still That The Their Then There These They This Those Today
+    Tomorrow Was We Were What When Where Which While Who Why Will With Would Yes You
+    Your""".split()
+#: Closing quotes and brackets, which may follow an end mark.
+_CLOSING = r"\"'\u201d\u2019)\]"
+
+
+def _after(marks: str) -> str:
+    """Right after one of `marks`, or after one and a closing quote or bracket."""
+    return rf"(?:(?<=[{marks}])|(?<=[{marks}][{_CLOSING}]))"
+
+
+#: Where a sentence ends: at the spaces after an end mark; after a period or an ellipsis only
+#: if the next word is not in lower case (a stream's text waits for its first letter, and
+#: after an initial for an opener's end).
 _SENTENCE_END = re.compile(
-    # (a lookbehind for each: they differ in length)
-    "".join(rf"(?<!\b{word}\.)" for word in _ABBREVIATIONS) + r"(?<=[.!?…])\s+"
+    # (a lookbehind for each abbreviation: they differ in length)
+    "".join(rf"(?<!\b{word}\.)" for word in _ABBREVIATIONS)
+    + _after(".…")
+    + r"\s+(?=[^\sa-z])"
+    + rf"|{_after('!?')}\s+"
+    + rf"|(?<=\b[A-HJ-Z]\.)\s+(?=(?:{'|'.join(_OPENERS)})[\s,;:.!?…])"
 )
 
 

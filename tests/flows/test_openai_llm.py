@@ -211,7 +211,7 @@ async def test_a_stream_cut_short_closes_its_response() -> None:
 
 async def test_an_interrupt_closes_the_response_of_the_reply_being_streamed(bus: Bus) -> None:
     closed = anyio.Event()
-    llm = OpenAILLM("gpt-test", stalling("Hello. ", closed))
+    llm = OpenAILLM("gpt-test", stalling("Hello. So, ", closed))  # "Hello." complete
     tts = SimulatedTTS(0)
     async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
         await fm.initialize(node("a", respond_immediately=False))
@@ -221,7 +221,7 @@ async def test_an_interrupt_closes_the_response_of_the_reply_being_streamed(bus:
                 await wait_for(lambda: tts.spoken == ["Hello."], what="the first sentence")
                 fm.interrupt()
             await closed.wait()
-    assert fm.messages[-1] == {"role": "assistant", "content": "Hello."}
+    assert fm.messages[-1] == {"role": "assistant", "content": "Hello. So,"}  # all written
 
 
 @pytest.mark.parametrize("developer_role", [True, False])

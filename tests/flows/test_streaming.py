@@ -20,8 +20,9 @@ pytestmark = pytest.mark.anyio
 
 
 class Writer:
-    """Writes "Sure. " at once, then the rest of its reply once `go` is set (or raises
-    `failure` instead); the rests in turn, the last one repeating."""
+    """Writes "Sure. So, " at once (the first sentence complete: the next word has begun, as
+    Pipecat waits for), then the rest of its reply once `go` is set (or raises `failure`
+    instead); the rests in turn, the last one repeating."""
 
     def __init__(self, *rests: LLMResponse, failure: Exception | None = None) -> None:
         self.rests, self.failure = list(rests), failure
@@ -34,10 +35,10 @@ class Writer:
     async def generate(self, messages: Any, tools: Any) -> LLMResponse:
         self.generated += 1
         rest = self._rest()
-        return LLMResponse("Sure. " + rest.text, rest.function_calls)
+        return LLMResponse("Sure. So, " + rest.text, rest.function_calls)
 
     async def stream(self, messages: Any, tools: Any) -> AsyncIterator[LLMResponse]:
-        yield LLMResponse(text="Sure. ")
+        yield LLMResponse(text="Sure. So, ")
         await self.go.wait()
         if self.failure is not None:
             raise self.failure
@@ -63,7 +64,7 @@ def fields(entries: list[Any], kind: str) -> list[dict[str, Any]]:
 @asynccontextmanager
 async def sure_heard(bus: Bus) -> AsyncIterator[tuple[FlowManager, Writer, Observed]]:
     """A flow answering "Book a table", from the moment "Sure." was spoken while the LLM
-    still writes "Friday works."; the block ends once the `respond` returned."""
+    still writes "So, Friday works."; the block ends once the `respond` returned."""
     llm, tts = Writer(LLMResponse(text="Friday works.")), Observed()
     async with FlowManager.open(bus, "call-1", llm=llm, tts=tts) as fm:
         await fm.initialize(node("a", respond_immediately=False))
@@ -81,10 +82,10 @@ async def test_the_first_sentence_is_spoken_while_the_llm_still_writes(bus: Bus)
         llm.go.set()
     history = await bus.history("call-1")
     assert [e.type for e in history][-2:] == ["llm.completed", "tts.finished"]
-    assert fields(history, "llm.completed")[0]["text"] == "Sure. Friday works."
-    assert fields(history, "tts.finished")[0]["heard"] == "Sure. Friday works."
-    assert tts.spoken == ["Sure.", "Friday works."]
-    assert fm.messages[-1] == {"role": "assistant", "content": "Sure. Friday works."}
+    assert fields(history, "llm.completed")[0]["text"] == "Sure. So, Friday works."
+    assert fields(history, "tts.finished")[0]["heard"] == "Sure. So, Friday works."
+    assert tts.spoken == ["Sure.", "So, Friday works."]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Sure. So, Friday works."}
     assert llm.generated == 0
 
 
@@ -92,12 +93,12 @@ async def test_an_interrupt_while_the_llm_writes_keeps_what_was_heard_and_publis
     bus: Bus,
 ) -> None:
     async with sure_heard(bus) as (fm, _, _):
-        fm.interrupt()  # the respond returns
+        fm.interrupt()  # the respond returns; the speech ends with what was written
     kinds = [e.type for e in await bus.history("call-1")]
     assert "llm.completed" not in kinds and "tts.finished" not in kinds
     assert fm.messages[-2:] == [
         {"role": "user", "content": "Book a table"},
-        {"role": "assistant", "content": "Sure."},
+        {"role": "assistant", "content": "Sure. So,"},
     ]
 
 
@@ -133,7 +134,7 @@ async def test_a_replys_function_calls_run_while_it_is_spoken_its_node_entered_a
     assert kinds[-3:] == ["llm.completed", "tts.finished", "node.entered"]
     assert fm.current_node == "done"
     said = [m["content"] for m in fm.messages if m["role"] == "assistant" and "content" in m]
-    assert said == ["Sure. Booking now."]
+    assert said == ["Sure. So, Booking now."]
     roles = [m["role"] for m in fm.messages if m["role"] not in ("system", "developer")]
     assert roles == ["user", "assistant", "assistant", "tool"]
 
@@ -162,7 +163,7 @@ async def test_speech_cut_short_while_the_llm_writes_leaves_the_reply_to_be_publ
         with anyio.fail_after(10):
             await fm.respond("Book a table")
     history = await bus.history("call-1")
-    assert fields(history, "llm.completed")[0]["text"] == "Sure. Friday works."
+    assert fields(history, "llm.completed")[0]["text"] == "Sure. So, Friday works."
     finished = fields(history, "tts.finished")[0]
     assert (finished["interrupted"], finished["heard"]) == (True, "")
     assert fm.messages[-1] == {"role": "user", "content": "Book a table"}
@@ -180,8 +181,8 @@ async def test_an_error_of_the_llm_while_it_writes_reaches_respond_once_that_was
         await fm.initialize(node("a", respond_immediately=False))
         with anyio.fail_after(10), pytest.raises(RuntimeError, match="overloaded"):
             await fm.respond("Hello")
-    assert tts.spoken == ["Sure."]
-    assert fm.messages[-1] == {"role": "assistant", "content": "Sure."}
+    assert tts.spoken == ["Sure.", "So,"]
+    assert fm.messages[-1] == {"role": "assistant", "content": "Sure. So,"}
     kinds = [e.type for e in await bus.history("call-1")]
     assert "llm.completed" not in kinds and "tts.finished" not in kinds
 
@@ -199,7 +200,7 @@ async def test_a_tts_that_cannot_speak_a_stream_gets_the_whole_reply(bus: Bus) -
         await fm.initialize(node("a", respond_immediately=False))
         with anyio.fail_after(10):
             await fm.respond("Book a table")
-    assert said == ["Sure. Friday works."] and llm.generated == 1
+    assert said == ["Sure. So, Friday works."] and llm.generated == 1
 
 
 async def test_simulated_speech_of_a_stream_stops_where_it_was_interrupted() -> None:
@@ -224,7 +225,13 @@ async def pieces(*texts: str) -> AsyncIterable[str]:
     [
         (["Hel", "lo there. How ", "are you?", "  Fine"], ["Hello there.", "How are you?", "Fine"]),
         (["It costs 3.5 euros. ", "Yes!"], ["It costs 3.5 euros.", "Yes!"]),
-        (["", "  ", "Wait", "…  ", "ok"], ["Wait…", "ok"]),
+        (["", "  ", "Wait", "…  ", "Ok"], ["Wait…", "Ok"]),
+        (["Hmm... let ", "me check. ", "Yes"], ["Hmm... let me check.", "Yes"]),
+        (["At 7 p.m. ", "on Friday. ", "Bye"], ["At 7 p.m. on Friday.", "Bye"]),
+        (["Plan A. ", "The", "resa ", "said so."], ["Plan A. Theresa said so."]),
+        (["Plan A. ", "The", " rest."], ["Plan A.", "The rest."]),
+        (['He said "Go." ', "Then he left."], ['He said "Go."', "Then he left."]),
+        (["Really? no", "! Yes"], ["Really?", "no!", "Yes"]),
         (["Neither do I. Sorry."], ["Neither do I.", "Sorry."]),
         ([], []),
         (
@@ -235,6 +242,57 @@ async def pieces(*texts: str) -> AsyncIterable[str]:
 )
 async def test_sentences_come_as_each_is_complete(texts: list[str], expected: list[str]) -> None:
     assert [s async for s in sentences(pieces(*texts))] == expected
+
+
+def pipecats(text: str) -> list[str]:
+    """`text`'s sentences as Pipecat's TTS aggregation cuts them (`match_endofsentence`)."""
+    from pipecat.utils.string import match_endofsentence
+
+    cut, rest = [], text
+    while 0 < (end := match_endofsentence(rest)) < len(rest.rstrip()):
+        cut.append(rest[:end].strip())
+        rest = rest[end:]
+    return [*cut, rest.strip()] if rest.strip() else cut
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Your table is booked for 7 p.m. on Friday. See you then!",
+        "Great! Your order number is 4521. Anything else?",
+        "Hmm... let me check. Yes, we have a table.",
+        "Wait... what? Okay.",
+        "Our address is 12 St. James St. in London. Please come by.",
+        "We open at 9 a.m. Tomorrow we close early.",
+        "Plan B. We go at noon. John F. Kennedy said so. Call Mr. B. Jones now.",
+        "Section A. Please read it. Vitamin C. It helps.",
+        "The U.K. and the U.S. are allies. Dr. Smith, e.g. today, is in.",
+        'I said no! really? He said "Go." Then he left.',
+        "She asked \u2018why?\u2019 He said \u201cGo.\u201d Then he left.",
+        "It costs 3.5 euros. I paid $5. The rest later.",
+    ],
+)
+async def test_sentences_end_where_pipecat_ends_them(text: str) -> None:
+    """A reply is spoken sentence by sentence where a Pipecat bot's TTS would cut it, whole
+    or streamed word by word."""
+    words = [f"{word} " for word in text.split(" ")]
+    assert [s async for s in sentences(pieces(*words))] == pipecats(text)
+    assert [s async for s in sentences(pieces(text))] == pipecats(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "pipecat", "flowbus"),
+    [
+        ("Neither do I. Sorry.", ["Neither do I. Sorry."], ["Neither do I.", "Sorry."]),
+        ("Is that Ms. Lee? Yes.", ["Is that Ms.", "Lee?", "Yes."], ["Is that Ms. Lee?", "Yes."]),
+        ("That's it… Bye.", ["That's it… Bye."], ["That's it…", "Bye."]),
+    ],
+)
+async def test_sentences_end_better_than_pipecats_in_a_few_places(
+    text: str, pipecat: list[str], flowbus: list[str]
+) -> None:
+    assert pipecats(text) == pipecat
+    assert [s async for s in sentences(pieces(text))] == flowbus
 
 
 async def test_scripted_llm_streams_its_reply_word_by_word_then_its_calls() -> None:
