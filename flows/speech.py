@@ -84,14 +84,14 @@ def streams(llm: LLM, tts: TTS) -> bool:
 
 async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
     """The sentences of the text that comes in `texts`, each as soon as it is complete, and the
-    rest at the end; stripped, none empty. A sentence ends at an end mark followed by a space
-    and a word that does not begin in lower case ("at 7 p.m. on Friday", "Hmm... let me see"
-    go on), as Pipecat's sentence splitter (sentencex) ends them; not at the period of a title
-    ("Dr. Smith") or of an initial ("John F. Kennedy"), unless a word that opens sentences
-    follows the initial ("Plan A. Then").
+    rest at the end; stripped, none empty. They end where Pipecat's aggregator (sentencex)
+    ends them: at the spaces after an end mark (and a closing quote) once the next word has
+    begun; after a period or an ellipsis, not before a word in lower case ("at 7 p.m. on
+    Friday", "Hmm... let me see"), nor after a title ("Dr. Smith") or an initial ("John F.
+    Kennedy") unless a word that opens sentences follows ("Plan A. Then").
 
-    Pipecat also ends none at "Neither do I. Sorry." and one at "Is that Ms. Lee?"; these
-    differ on purpose."""
+    Where Pipecat's are wrong they differ: it ends none in "Neither do I. Sorry." or "That's
+    it… Bye.", and one inside "Is that Ms. Lee?"."""
     pending = ""
     async for text in texts:
         pending += text
@@ -122,15 +122,15 @@ def _after(marks: str) -> str:
     return rf"(?:(?<=[{marks}])|(?<=[{marks}][{_CLOSING}]))"
 
 
-#: Where a sentence ends: at the spaces after an end mark; after a period or an ellipsis only
-#: if the next word is not in lower case (a stream's text waits for its first letter, and
-#: after an initial for an opener's end).
+#: Where a sentence ends: at the spaces after an end mark, once the next word has begun (a
+#: stream's text waits for its first letter, and after an initial for an opener's end); after
+#: a period or an ellipsis only if that word is not in lower case.
 _SENTENCE_END = re.compile(
     # (a lookbehind for each abbreviation: they differ in length)
     "".join(rf"(?<!\b{word}\.)" for word in _ABBREVIATIONS)
     + _after(".…")
     + r"\s+(?=[^\sa-z])"
-    + rf"|{_after('!?')}\s+"
+    + rf"|{_after('!?')}\s+(?=\S)"
     + rf"|(?<=\b[A-HJ-Z]\.)\s+(?=(?:{'|'.join(_OPENERS)})[\s,;:.!?…])"
 )
 

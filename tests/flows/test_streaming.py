@@ -244,6 +244,28 @@ async def test_sentences_come_as_each_is_complete(texts: list[str], expected: li
     assert [s async for s in sentences(pieces(*texts))] == expected
 
 
+@pytest.mark.parametrize("mark", [".", "!", "?", "…"])
+async def test_a_sentence_is_complete_once_the_next_word_has_begun(mark: str) -> None:
+    """As Pipecat's aggregator: the space after an end mark does not end the sentence yet (the
+    next word may be in lower case, "p.m. on"); the next word's first letter does."""
+    log: list[str] = []
+
+    async def written() -> AsyncIterator[str]:
+        for piece in (f"Hello{mark} ", "W", "ho?"):
+            log.append(f"wrote {piece!r}")
+            yield piece
+
+    async for sentence in sentences(written()):
+        log.append(f"spoke {sentence!r}")  # noqa: PERF401 (between the writes, in order)
+    assert log == [
+        f"wrote 'Hello{mark} '",
+        "wrote 'W'",
+        f"spoke 'Hello{mark}'",
+        "wrote 'ho?'",
+        "spoke 'Who?'",
+    ]
+
+
 def pipecats(text: str) -> list[str]:
     """`text`'s sentences as Pipecat's TTS aggregation cuts them (`match_endofsentence`)."""
     from pipecat.utils.string import match_endofsentence
