@@ -10,6 +10,8 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bus import Bus
 from flows import FlowManager, FunctionCall, LLMResponse, ScriptedLLM, SimulatedTTS, Spoken
@@ -264,6 +266,32 @@ async def test_a_sentence_is_complete_once_the_next_word_has_begun(mark: str) ->
         "wrote 'ho?'",
         "spoke 'Who?'",
     ]
+
+
+#: Pieces of replies, with the places where a sentence may or may not end.
+WORDS = ["Plan", "A.", "Then", "Theresa", "the", "Dr.", "Smith", "p.m.", "on", "Hmm...", "Wait…"]
+WORDS += ["Yes!", "no?", '"Go."', "\u201cHi.\u201d", "(ok.)", "I.", "e.g.", "3.5", " ", "\n", "."]
+
+
+@given(
+    st.lists(st.sampled_from(WORDS), max_size=14).map(" ".join),
+    st.lists(st.integers(0, 200), max_size=8),
+)
+def test_a_text_streamed_in_any_pieces_has_the_sentences_it_has_whole(
+    text: str, cuts: list[int]
+) -> None:
+    """A piece may end anywhere: in a word ("The" of "Theresa"), between an end mark and its
+    space, in the spaces after it. No place where a sentence does not end looks like one while
+    the text is cut."""
+    at = sorted({cut % (len(text) + 1) for cut in cuts})
+    cut = [text[start:end] for start, end in zip([0, *at], [*at, len(text)], strict=True)]
+
+    async def spoken(*texts: str) -> list[str]:
+        return [s async for s in sentences(pieces(*texts))]
+
+    whole = anyio.run(spoken, text)
+    assert anyio.run(spoken, *cut) == whole
+    assert anyio.run(spoken, *text) == whole  # a character at a time
 
 
 def pipecats(text: str) -> list[str]:
