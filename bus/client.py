@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from . import scripts
-from .connection import call, connect, make_client
+from .connection import call, close, connect, make_client
 from .envelope import (
     MAX_EXTRA_BYTES,
     OPTIONAL_FIELDS,
@@ -418,7 +418,7 @@ class Bus:
         try:
             yield Inbox(client, session, self.keys.inbox(session), codec, after, self.settings)
         finally:
-            await client.aclose()
+            await close(client)
 
 
 class Inbox:

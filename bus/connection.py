@@ -120,7 +120,7 @@ def make_client(
         retry=Retry(NoBackoff(), 1),
     )
     _reset_aware(pool)
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # closed with the client
 
 
 def _check_options(from_url: Callable[..., Any], settings: Settings, **options: Any) -> Any:
@@ -286,6 +286,14 @@ async def connect(
         await ensure_ready(client, settings, attempts=attempts)
         yield client
     finally:
+        await close(client)
+
+
+async def close(client: Redis) -> None:
+    """Close `client`'s connections, in a cancelled scope too (a bot's call cancelled as its
+    caller hung up), where an await would otherwise end at once and leave them open for the
+    garbage collector; for up to 2 s."""
+    with anyio.move_on_after(2, shield=True):
         await client.aclose()
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import anyio
 import pytest
 
@@ -91,3 +94,41 @@ async def test_a_reader_that_stops_iterating_loses_none_of_the_messages_it_did_n
                 got.append(message)
                 break
     assert [m.payload for m in got] == [Say(text="two")]
+
+
+@pytest.mark.parametrize("how", ["done", "cancelled reading", "cancelled between reads"])
+async def test_a_reader_closes_its_connection_on_the_way_out(bus: Bus, how: str) -> None:
+    """Its connection of its own is closed as the reader is left, also when a bot's call is
+    cancelled (the caller hung up) in a read or between reads: not left open until the
+    garbage collector finds it (a `ResourceWarning`; a cluster's client logs "Unclosed
+    ClusterNode object")."""
+    await bus.publish("call-1", Tick(n=1))
+    await bus.send("call-1", Say(text="hello"))
+    got = anyio.Event()
+
+    async def reading() -> None:
+        async with bus.inbox("call-1", Codec([Say])) as inbox:
+            await inbox.read(wait=1)
+            got.set()
+            if how == "cancelled reading":
+                await inbox.read(wait=60)
+            elif how == "cancelled between reads":
+                await anyio.sleep_forever()
+
+    async def blocked() -> bool:
+        return int((await raw(bus).info("clients"))["blocked_clients"]) == 1
+
+    gc.collect()  # (the garbage of what ran before)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reading)
+            await (
+                wait_for(blocked, what="the reader waiting")
+                if how == "cancelled reading"
+                else got.wait()
+            )
+            if how != "done":
+                tg.cancel_scope.cancel()
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
