@@ -22,7 +22,7 @@ from bus.keys import Keys
 from bus.ownership import Leases
 from bus.steps import StepBatcher
 from tests.apps.recorder import Tick
-from tests.bus.test_inbox import Say
+from tests.bus.test_inbox import Say, left_open
 from tests.bus.test_scenarios import (
     RECORDER,
     all_handled,
@@ -121,6 +121,14 @@ async def test_a_bot_inbox_works_across_slots(cluster_settings: Settings) -> Non
             await bus.send(session, Say(text=f"hello {session}"))
             async with bus.inbox(session, Codec([Say])) as inbox:
                 assert [m.payload for m in await inbox.read(1)] == [Say(text=f"hello {session}")]
+
+
+async def test_a_bot_inbox_reader_cancelled_closes_its_connections(
+    cluster_settings: Settings,
+) -> None:
+    """As a bot's call cancelled between reads: the cluster client's connections closed."""
+    async with Bus.connect(cluster_settings) as bus:
+        assert await left_open(bus, "cancelled between reads") == []
 
 
 async def test_a_bot_inbox_and_a_follower_read_on_through_a_failover_of_their_node() -> None:
