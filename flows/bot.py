@@ -69,7 +69,7 @@ class BotSession:
         send, receive = anyio.create_memory_object_stream[Message](math.inf)
         bot = cls(bus, session, send, traceparent=traceparent)
         bot.commands = receive
-        with unwrapped():
+        with send, receive, unwrapped():
             # Only what is sent from now on: a bot that starts over on its session is not
             # told again what its predecessor was.
             reader = bus.inbox(session, codec, after="$")

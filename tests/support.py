@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import os
@@ -10,8 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,20 @@ async def running(bus: Bus, service: Service) -> AsyncIterator[Consumer]:
         await tg.start(consumer.run)
         yield consumer
         consumer.stop()
+
+
+@contextmanager
+def left_for_the_collector() -> Iterator[list[str]]:
+    """What the block left open for the garbage collector to close (its `ResourceWarning`s:
+    "unclosed Connection", "unclosed file", a cluster client's "Unclosed ClusterNode object"),
+    filled in once the block ends."""
+    gc.collect()  # (the garbage of what ran before)
+    left: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield left
+        gc.collect()
+    left += [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def raw(bus: Bus) -> Any:

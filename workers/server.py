@@ -168,6 +168,7 @@ class LocalServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 error = self.process.stderr.read().decode() if self.process.stderr else ""
+                self._gone()
                 raise ServerError(f"{self.binary} exited at start: {error or self.log_tail()}")
             if self._answers():
                 return
@@ -207,13 +208,18 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.process = None
+        self._gone()
 
     def kill(self) -> None:
         """Stop at once (SIGKILL), as a crash would."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._gone()
+
+    def _gone(self) -> None:
+        if self.process and self.process.stderr:  # (read only if it exits as it starts)
+            self.process.stderr.close()
         self.process = None
 
     def restart(self) -> None:

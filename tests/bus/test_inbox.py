@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import gc
-import warnings
-
 import anyio
 import pytest
 
 from bus import Bus, Codec, Message, NoSuchSessionError, Payload, scripts
 from tests.apps.recorder import Tick
-from tests.support import raw, wait_for
+from tests.support import left_for_the_collector, raw, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -105,8 +102,7 @@ async def test_a_reader_closes_its_connection_on_the_way_out(bus: Bus, how: str)
 
 
 async def left_open(bus: Bus, how: str) -> list[str]:
-    """What the garbage collector found open (its `ResourceWarning`s: "unclosed Connection",
-    or a cluster's "Unclosed ClusterNode object") once an inbox reader was left `how`."""
+    """What an inbox reader left `how` left open for the garbage collector."""
     await bus.publish("call-1", Tick(n=1))
     await bus.send("call-1", Say(text="hello"))
     got = anyio.Event()
@@ -123,9 +119,7 @@ async def left_open(bus: Bus, how: str) -> list[str]:
     async def blocked() -> bool:
         return int((await raw(bus).info("clients"))["blocked_clients"]) == 1
 
-    gc.collect()  # (the garbage of what ran before)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
+    with left_for_the_collector() as left:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reading)
             if how == "cancelled reading":
@@ -134,5 +128,4 @@ async def left_open(bus: Bus, how: str) -> list[str]:
                 await got.wait()
             if how != "done":
                 tg.cancel_scope.cancel()
-        gc.collect()
-    return [str(w.message) for w in caught if w.category is ResourceWarning]
+    return left

@@ -19,7 +19,7 @@ from flows import (
     InvalidHandlerError,
     UnknownEventError,
 )
-from tests.support import WorkerProcesses, lease_owners, raw, wait_for
+from tests.support import WorkerProcesses, lease_owners, left_for_the_collector, raw, wait_for
 
 pytestmark = pytest.mark.anyio
 APP = "tests.apps.handlers:app"
@@ -283,3 +283,16 @@ async def test_a_sync_timeout_that_is_not_a_finite_number_of_seconds_above_0_is_
             with pytest.raises(ValueError, match="sync_timeout is a number of seconds above 0"):
                 Events(bot, sync_timeout=bad)  # type: ignore[arg-type]  # "5" on purpose
         assert Events(bot, sync_timeout=0.5).sync_timeout == 0.5
+
+
+async def test_a_bot_session_left_leaves_nothing_open(bus: Bus) -> None:
+    """Its commands' stream and its inbox reader are closed with it: a bot process that runs
+    call after call leaves nothing for the garbage collector."""
+
+    async def a_call() -> None:  # (its objects are garbage once it returns)
+        async with BotSession.open(bus, "call-1") as bot:
+            await Events(bot).emit(DAILY, "on_client_connected", {"id": "caller"})
+
+    with left_for_the_collector() as left:
+        await a_call()
+    assert left == []

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from tests.conftest import KIND
+from tests.support import left_for_the_collector
 from workers.server import LocalServer, ServerError, _ephemeral_ports_start, free_port
 
 
@@ -49,3 +50,16 @@ def test_a_server_whose_port_another_server_holds_is_not_taken_for_that_one() ->
             assert picked.process.poll() is None  # its own, running
         finally:
             picked.close()
+
+
+def test_a_server_stopped_or_killed_leaves_nothing_open() -> None:
+    """Its pipe is closed with it: the chaos runs stop and kill servers hundreds of times."""
+    with left_for_the_collector() as left:
+        server = LocalServer(KIND)
+        try:
+            server.start()
+            server.kill()
+            server.restart()
+        finally:
+            server.close()
+    assert left == []
