@@ -88,10 +88,11 @@ async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
     ends them: at the spaces after an end mark (and a closing quote) once the next word has
     begun; after a period or an ellipsis, not before a word in lower case ("at 7 p.m. on
     Friday", "Hmm... let me see"), nor after a title ("Dr. Smith") or an initial ("John F.
-    Kennedy") unless a word that opens sentences follows ("Plan A. Then").
+    Kennedy") unless a word that opens sentences follows ("Plan A. Then"), nor before a number
+    that a word such as "No." or "Jan." numbers ("on Jan. 3").
 
     Where Pipecat's are wrong they differ: it ends none in "Neither do I. Sorry." or "That's
-    it… Bye.", and one inside "Is that Ms. Lee?"."""
+    it… Bye.", and one inside "Is that Ms. Lee?" and "approx. 5 km"."""
     pending = ""
     async for text in texts:
         pending += text
@@ -113,6 +114,9 @@ _OPENERS = """About After Again Also Although And Another Any Are As At Because 
     Our Please She So Some Still That The Their Then There These They This Those Today
     Tomorrow Was We Were What When Where Which While Who Why Will With Would Yes You
     Your""".split()
+#: Words whose period ends no sentence before a number: "No. 5", "Jan. 3", "p. 12".
+_BEFORE_NUMBERS = """No Nos Nr Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec Fig Figs p pp
+    ext ca approx Vol Ch Sec Art""".split()
 #: Closing quotes and brackets, which may follow an end mark.
 _CLOSING = r"\"'\u201d\u2019)\]"
 
@@ -129,6 +133,7 @@ _SENTENCE_END = re.compile(
     # (a lookbehind for each abbreviation: they differ in length)
     "".join(rf"(?<!\b{word}\.)" for word in _ABBREVIATIONS)
     + _after(".…")
+    + "".join(rf"(?!(?<=\b{word}\.)\s+\d)" for word in _BEFORE_NUMBERS)
     + r"\s+(?=[^\sa-z])"
     + rf"|{_after('!?')}\s+(?=\S)"
     + rf"|(?<=\b[A-HJ-Z]\.)\s+(?=(?:{'|'.join(_OPENERS)})[\s,;:.!?…])"

@@ -271,6 +271,7 @@ async def test_a_sentence_is_complete_once_the_next_word_has_begun(mark: str) ->
 #: Pieces of replies, with the places where a sentence may or may not end.
 WORDS = ["Plan", "A.", "Then", "Theresa", "the", "Dr.", "Smith", "p.m.", "on", "Hmm...", "Wait…"]
 WORDS += ["Yes!", "no?", '"Go."', "\u201cHi.\u201d", "(ok.)", "I.", "e.g.", "3.5", " ", "\n", "."]
+WORDS += ["No.", "Jan.", "12", "5."]
 
 
 @given(
@@ -320,6 +321,8 @@ def pipecats(text: str) -> list[str]:
         'I said no! really? He said "Go." Then he left.',
         "She asked \u2018why?\u2019 He said \u201cGo.\u201d Then he left.",
         "It costs 3.5 euros. I paid $5. The rest later.",
+        "Your appointment is on Jan. 3 at 5 p.m. in room No. 12. See you then!",
+        "Call ext. 204 or see p. 12 of the guide. Thanks!",
     ],
 )
 async def test_sentences_end_where_pipecat_ends_them(text: str) -> None:
@@ -336,6 +339,7 @@ async def test_sentences_end_where_pipecat_ends_them(text: str) -> None:
         ("Neither do I. Sorry.", ["Neither do I. Sorry."], ["Neither do I.", "Sorry."]),
         ("Is that Ms. Lee? Yes.", ["Is that Ms.", "Lee?", "Yes."], ["Is that Ms. Lee?", "Yes."]),
         ("That's it… Bye.", ["That's it… Bye."], ["That's it…", "Bye."]),
+        ("It is approx. 5 km.", ["It is approx.", "5 km."], ["It is approx. 5 km."]),
     ],
 )
 async def test_sentences_end_better_than_pipecats_in_a_few_places(
