@@ -6,7 +6,7 @@ key layout and the ordering contract.
 
 from .client import Bus, Inbox, Message, Published, ServiceInfo
 from .connection import make_client
-from .consumer import Consumer, Handler, Service, Stats
+from .consumer import Consumer, Handler, Lifespan, Service, Stats
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload, encode, type_name
 from .errors import (
     BusError,
@@ -17,6 +17,7 @@ from .errors import (
     FencedError,
     InvalidExtraError,
     InvalidSessionIdError,
+    LifespanError,
     NoSuchSessionError,
     NotPermittedError,
     PayloadTooLargeError,
@@ -45,6 +46,8 @@ __all__ = [
     "InvalidExtraError",
     "InvalidSessionIdError",
     "Keys",
+    "Lifespan",
+    "LifespanError",
     "Message",
     "NoSuchSessionError",
     "NotPermittedError",

@@ -38,7 +38,7 @@ from . import scripts
 from .client import Bus, ServiceInfo
 from .connection import TRANSIENT, backoff, call
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload
-from .errors import ConfigError, FencedError, NoSuchSessionError
+from .errors import ConfigError, FencedError, LifespanError, NoSuchSessionError
 from .hints import Hints
 from .keys import Keys, check_worker_id
 from .ownership import Leases, assign
@@ -50,6 +50,8 @@ from .steps import Step, StepBatcher, reader
 log = structlog.get_logger("flowbus.consumer")
 
 Handler = Callable[[Delivery], Awaitable[None]]
+#: What a service's handlers use while a consumer runs (`Service.lifespan`).
+Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 #: Step batchers ("lanes") per worker, each with its own connection and a share of the
 #: partitions: while one lane's batch is at the server, the sessions whose replies came on the
@@ -78,6 +80,11 @@ class Service:
     With `subscribes`, other types are acknowledged unseen (other services' business); without
     it, every type is handled and a type the codec does not know is dead-lettered. A type in
     `routes` goes to its handler there, every other one to `handle`.
+
+    `lifespan`, a function of no arguments returning an async context manager (one made with
+    `contextlib.asynccontextmanager`, say), holds what the handlers use for as long as a
+    consumer runs: entered before it joins the group, left once it drained (its handlers done).
+    A database pool opened there is closed when the worker stops, not left to the process's end.
     """
 
     name: str
@@ -85,10 +92,16 @@ class Service:
     codec: Codec
     subscribes: frozenset[str] | None = None
     routes: Mapping[str, Handler] = field(default_factory=dict)
+    lifespan: Lifespan | None = None
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):
             raise ConfigError(f"service name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if self.lifespan is not None and not callable(self.lifespan):
+            raise ConfigError(
+                f"lifespan of service {self.name!r} must be a function returning an async "
+                f"context manager, not {self.lifespan!r}"
+            )
         if self.subscribes is not None:  # any collection of type names, kept as a frozenset
             types = self.subscribes
             if isinstance(types, str) or not all(isinstance(t, str) for t in types):
@@ -279,7 +292,17 @@ class Consumer:
             self._begin_drain(part)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Join the group and handle events until `stop()`; then drain and leave."""
+        """Join the group and handle events until `stop()`; then drain and leave. All of it
+        within the service's `lifespan`."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.service.lifespan is not None:
+                try:
+                    await stack.enter_async_context(self.service.lifespan())
+                except Exception as exc:
+                    raise LifespanError(self.service.name) from exc
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         await self.bus.check_partitions(record=True)
         await self.bus.register_service(self._info)
         tick = self.settings.lease_ttl_seconds / 5

@@ -121,6 +121,15 @@ class FencedError(BusError):
         self.group, self.partition, self.stream = group, partition, stream
 
 
+class LifespanError(BusError):
+    """A service's `lifespan` failed to start (its error is the cause); its consumer did not
+    join the group."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"the lifespan of service {service!r} failed to start")
+        self.service = service
+
+
 class CommandRefusedError(BusError):
     """The server refused a command of the bus: `reason` is its own message (``OOM …`` when
     it is out of memory, ``READONLY …`` from a replica, ``NOPERM …``)."""

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import structlog
 
-from bus import Delivery, FencedError, Payload, Service
+from bus import Delivery, FencedError, Lifespan, Payload, Service
 
 from .calling import invoke_action
 from .errors import FlowTransitionError
@@ -152,10 +152,18 @@ class WorkerFlowManager:
 
 
 class ActionService:
-    """A worker service that runs the pre- and post-actions of every session's nodes."""
+    """A worker service that runs the pre- and post-actions of every session's nodes.
 
-    def __init__(self, name: str = "actions") -> None:
+    `lifespan` holds what the actions use while a worker runs (`bus.Service.lifespan`)."""
+
+    def __init__(
+        self,
+        name: str = "actions",
+        *,
+        lifespan: Lifespan | None = None,
+    ) -> None:
         self.name = name
+        self.lifespan = lifespan
         self._actions: dict[str, ActionHandler] = {}
         self._functions: dict[str, ActionHandler] = {}
 
@@ -194,7 +202,11 @@ class ActionService:
 
     def as_service(self) -> Service:
         return Service(
-            self.name, self._handle, FLOW_EVENTS, subscribes=frozenset(FLOW_EVENTS.types)
+            self.name,
+            self._handle,
+            FLOW_EVENTS,
+            subscribes=frozenset(FLOW_EVENTS.types),
+            lifespan=self.lifespan,
         )
 
     def problem(self, actions: list[Action]) -> tuple[str, str] | None:

@@ -27,7 +27,7 @@ import anyio
 import msgspec
 import structlog
 
-from bus import Codec, Delivery, FencedError, Payload, Service
+from bus import Codec, Delivery, FencedError, Lifespan, Payload, Service
 
 from .calling import invoke, is_seconds
 from .catalog import CATALOG, Event, EventSpec, Info
@@ -216,10 +216,19 @@ class EventService:
     `timeout` of its own is cut short after that long, and the others go on; a retry that
     would end past the event's time is not made. A `def` handler runs in a thread, which
     cannot be stopped: past its time it counts as timed out once it returns.
+
+    `lifespan` holds what the handlers use while a worker runs (`bus.Service.lifespan`).
     """
 
-    def __init__(self, name: str, *, events: Iterable[EventSpec] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        events: Iterable[EventSpec] = (),
+        lifespan: Lifespan | None = None,
+    ) -> None:
         self.name = name
+        self.lifespan = lifespan
         self._custom = {spec.name: spec for spec in events}
         self._handlers: dict[str, list[_Registration]] = {}
         self._started = False  # `as_service()` was called: what it subscribes to is fixed
@@ -349,7 +358,9 @@ class EventService:
         self._started = True
         specs = [*CATALOG.values(), *self._custom.values()]
         codec = Codec(spec.payload for spec in specs)
-        return Service(self.name, self._handle, codec, subscribes=self.subscribes)
+        return Service(
+            self.name, self._handle, codec, subscribes=self.subscribes, lifespan=self.lifespan
+        )
 
     async def _handle(self, delivery: Delivery) -> None:
         event = delivery.payload

@@ -40,7 +40,7 @@ def load_service(target: str) -> Service:
             ) from None
         raise AppLoadError(f"importing {module_name!r} failed: {exc}") from None
     except (Exception, SystemExit) as exc:  # a script's sys.exit() on import is no service
-        raise AppLoadError(f"importing {module_name!r} raised {_where(exc)}") from None
+        raise AppLoadError(f"importing {module_name!r} raised {where(exc)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             known = ", ".join(n for n in dir(obj) if not n.startswith("_"))[:200]
@@ -58,7 +58,7 @@ def load_service(target: str) -> Service:
         if callable(as_service):
             obj = as_service()
     except (Exception, SystemExit) as exc:
-        raise AppLoadError(f"making the service {target} raised {_where(exc)}") from None
+        raise AppLoadError(f"making the service {target} raised {where(exc)}") from None
     if not isinstance(obj, Service):
         raise AppLoadError(
             f"{target} is a {type(obj).__name__}, not a flowbus Service (nor an ActionService, "
@@ -73,7 +73,7 @@ _IMPORTLIB = str(Path(importlib.__file__).parent) + os.sep
 _FLOWBUS = tuple(str(Path(__file__).parents[1] / p) + os.sep for p in ("bus", "flows", "workers"))
 
 
-def _where(exc: BaseException) -> str:
+def where(exc: BaseException) -> str:
     """``Type: message (file, line N)`` of the user's code that raised `exc`: the innermost
     frame that is neither Python's import machinery nor a frozen module (``os.environ``) nor
     flowbus (this loader calling a factory with the wrong arguments, a flowbus call refusing

@@ -31,6 +31,7 @@ from bus import (
     ConfigError,
     ConnectionFailedError,
     InvalidSessionIdError,
+    LifespanError,
     NotPermittedError,
     ServerUnreachableError,
     Settings,
@@ -590,7 +591,7 @@ async def _with_bus(
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .app import AppLoadError, load_service
+    from .app import AppLoadError, load_service, where
     from .runtime import first_error, run, serve, tune_gc
 
     settings = _settings(args)
@@ -625,13 +626,15 @@ def _worker(args: argparse.Namespace) -> int:
                 metrics_host=args.metrics_host,
             )
         )
-    except (ConnectionFailedError, OSError, BaseExceptionGroup) as exc:
+    except (ConnectionFailedError, LifespanError, OSError, BaseExceptionGroup) as exc:
         error = first_error(exc)  # the consumer's own task group wraps what it raises
         if isinstance(error, ConnectionFailedError) and not isinstance(error, NotPermittedError):
             print(f"flowbus: {error}{_hint(error)}", file=sys.stderr)
+        elif isinstance(error, LifespanError) and error.__cause__ is not None:
+            print(f"flowbus: {error}: {where(error.__cause__)}", file=sys.stderr)
         elif isinstance(exc, OSError):  # binding the metrics port, before anything runs
-            where = f"{args.metrics_host}:{port}"
-            print(f"flowbus: cannot serve metrics on {where}: {error}", file=sys.stderr)
+            address = f"{args.metrics_host}:{port}"
+            print(f"flowbus: cannot serve metrics on {address}: {error}", file=sys.stderr)
         else:
             raise error from None  # for `main` to say what it is
         return 1

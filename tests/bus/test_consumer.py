@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
 import anyio
@@ -20,6 +21,7 @@ from bus import (
     Consumer,
     Delivery,
     FencedError,
+    LifespanError,
     NoSuchSessionError,
     Payload,
     Service,
@@ -1204,3 +1206,56 @@ async def test_a_handler_fenced_because_its_lease_moved_loses_the_partition_at_o
     [lost] = [x for x in logs if x["event"] == "partition_lost"]
     assert lost["reason"] == "fenced"
     assert not [x for x in logs if x["event"] == "handler_failed"]
+
+
+async def test_a_services_lifespan_holds_what_its_handlers_use_while_the_consumer_runs(
+    bus: Bus,
+) -> None:
+    """Entered before the consumer joins its group, left once it drained: a handling still
+    running at the stop finishes with what the lifespan holds."""
+    seen: list[str] = []
+    started = anyio.Event()
+    release = anyio.Event()
+
+    @asynccontextmanager
+    async def pool() -> AsyncIterator[None]:
+        seen.append(f"entered, registered: {[s.name for s in await bus.services(fresh=True)]}")
+        yield
+        seen.append("left")
+
+    async def handle(d: Delivery) -> None:
+        started.set()
+        await release.wait()
+        seen.append(f"handled {d.seq}")
+
+    async with running(bus, Service("svc", handle, Codec([Tick]), lifespan=pool)) as consumer:
+        await bus.publish("call-1", Tick(n=1))
+        await started.wait()
+        consumer.stop()  # the drain waits for the handling, the lifespan for the drain
+        release.set()
+    assert seen == ["entered, registered: []", "handled 1", "left"]
+
+
+async def nothing(d: Delivery) -> None:
+    pass  # (a handler that is never called)
+
+
+async def test_a_lifespan_that_fails_to_start_fails_the_consumer_before_it_joins(
+    bus: Bus,
+) -> None:
+    @asynccontextmanager
+    async def unreachable() -> AsyncIterator[None]:
+        raise OSError("the database is out of reach")
+        yield
+
+    consumer = Consumer(bus, Service("svc", nothing, Codec([Tick]), lifespan=unreachable))
+    with pytest.raises(LifespanError, match="'svc' failed to start") as failed:
+        with anyio.fail_after(10):
+            await consumer.run()
+    assert isinstance(failed.value.__cause__, OSError)
+    assert await bus.services(fresh=True) == []
+
+
+def test_a_lifespan_must_be_a_function() -> None:
+    with pytest.raises(ConfigError, match="lifespan of service 'svc' must be a function"):
+        Service("svc", nothing, Codec([Tick]), lifespan=object())  # type: ignore[arg-type]

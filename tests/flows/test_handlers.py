@@ -19,6 +19,7 @@ from bus import Bus, Consumer, Delivery, Payload
 from flows import (
     CATALOG,
     COMMANDS,
+    ActionService,
     BotSession,
     Emitter,
     EmitterRef,
@@ -645,3 +646,18 @@ async def test_a_handler_whose_send_is_fenced_ends_the_events_handling_here(bus:
     assert ran == ["first"]
     failed = {"event_handler_retried", "event_handler_failed", "handler_failed"}
     assert [x["event"] for x in logs if x["event"] in failed] == []
+
+
+def test_an_action_or_event_service_passes_its_lifespan_to_the_workers_service() -> None:
+    @asynccontextmanager
+    async def pool() -> AsyncIterator[None]:
+        yield
+
+    async def connected(emitter: EmitterRef, data: Any) -> None:
+        pass  # (never called)
+
+    crm, plain = EventService("crm", lifespan=pool), EventService("crm")
+    for service in (crm, plain):
+        service.add_event_handler("on_client_connected", connected)
+    assert crm.as_service().lifespan is pool and plain.as_service().lifespan is None
+    assert ActionService(lifespan=pool).as_service().lifespan is pool

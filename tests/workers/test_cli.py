@@ -221,6 +221,25 @@ def test_a_worker_whose_app_fails_to_load_points_at_the_apps_code_not_python_or_
         assert elsewhere not in done.stderr, done.stderr
 
 
+def test_a_worker_whose_services_lifespan_fails_to_start_says_so_in_a_line(
+    tmp_path: Path, settings: Settings
+) -> None:
+    (tmp_path / "user_app.py").write_text(
+        "from contextlib import asynccontextmanager\n"
+        "from flows import ActionService\n\n"
+        "@asynccontextmanager\n"
+        "async def crm():\n"
+        "    raise OSError('the CRM at crm:443 is out of reach')\n"
+        "    yield\n\n"
+        "actions = ActionService(lifespan=crm)\n"
+    )
+    env = {**settings_env(settings), "PYTHONPATH": str(tmp_path)}
+    done = flowbus("worker", "user_app:actions", env=env)
+    where = tmp_path / "user_app.py"
+    says = "the lifespan of service 'actions' failed to start: OSError: the CRM at crm:443 is "
+    assert_fails_clearly(done, 1, f"{says}out of reach ({where}, line 6)\n")
+
+
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
