@@ -22,7 +22,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from bus import Keys, Settings, make_client
-from bus.connection import call
+from bus.connection import call, close
 from flows import EmitterRef, WorkerFlowManager
 
 
@@ -76,6 +76,17 @@ class Journal:
         self._settings = Settings()
         self._keys = Keys()
         self._pid = os.getpid()
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Journal]:
+        """For a service's lifespan: its connection is closed once the worker drained (made
+        again should it be used after)."""
+        try:
+            yield self
+        finally:
+            if self._redis is not None:
+                redis, self._redis = self._redis, None
+                await close(redis)
 
     def _client(self) -> Redis:
         if self._redis is None:

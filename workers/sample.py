@@ -30,8 +30,10 @@ from workers.journal import Journal  # the demo's bookkeeping
 log = structlog.get_logger("sample")
 journal = Journal()
 
-actions = ActionService()  # the consumer group "actions", which the bots' FlowManager expects
-crm = EventService("crm")
+# The consumer group "actions", which the bots' FlowManager expects; the journal's connection
+# is held while a worker runs (`lifespan`), as an app's own database pool would be.
+actions = ActionService(lifespan=journal.open)
+crm = EventService("crm", lifespan=journal.open)
 
 CUSTOMERS = {"+15550100": {"name": "Ada", "tier": "gold"}}
 ORDERS = {"A1234": {"status": "shipped", "eta": "tomorrow"}}
