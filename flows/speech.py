@@ -104,8 +104,10 @@ async def sentences(texts: AsyncIterable[str]) -> AsyncIterator[str]:
         yield pending.strip()
 
 
-#: Words whose period ends no sentence: titles, "e.g.", an initial (not "I.").
-_ABBREVIATIONS = r"Mr Mrs Ms Dr Prof St Jr Sr vs e\.g i\.e [A-HJ-Z]".split()
+#: An initial: a capital letter but "I" ("Neither do I." ends a sentence).
+_INITIAL = "[A-HJ-Z]"
+#: Words whose period ends no sentence: titles, "e.g.", an initial.
+_ABBREVIATIONS = [*r"Mr Mrs Ms Dr Prof St Jr Sr vs e\.g i\.e".split(), _INITIAL]
 #: Words that open sentences, but seldom follow an initial in a name: after one, they tell a
 #: sentence that ended with a letter ("Plan B. We go") from a name ("John F. Kennedy").
 _OPENERS = """About After Again Also Although And Another Any Are As At Because Before Both
@@ -136,7 +138,7 @@ _SENTENCE_END = re.compile(
     + "".join(rf"(?!(?<=\b{word}\.)\s+\d)" for word in _BEFORE_NUMBERS)
     + r"\s+(?=[^\sa-z])"
     + rf"|{_after('!?')}\s+(?=\S)"
-    + rf"|(?<=\b[A-HJ-Z]\.)\s+(?=(?:{'|'.join(_OPENERS)})[\s,;:.!?…])"
+    + rf"|(?<=\b{_INITIAL}\.)\s+(?=(?:{'|'.join(_OPENERS)})[\s,;:.!?…])"
 )
 
 
