@@ -1183,25 +1183,31 @@ async def test_a_worker_records_the_partition_count_again_when_the_server_lost_i
 
 
 async def test_a_handler_fenced_because_its_lease_moved_loses_the_partition_at_once(
-    bus: Bus,
+    server: LocalServer,
 ) -> None:
     """Its command refused (`FencedError` from `Delivery.send`), the handler is not retried
-    here: the partition is another's now, and so is the event."""
+    here: the partition is another's now, and so is the event. (Leases of 30 s: a renewal,
+    every 6 s, does not come between the move and the send, where it would find the lease
+    lost first, as it did once in CI with the tests' 1 s.)"""
     calls: list[int] = []
+    settings = make_settings(server.url, lease_ttl_seconds=30.0)
+    async with Bus.connect(settings) as bus:
 
-    async def handle(d: Delivery) -> None:
-        calls.append(d.deliveries)
-        lease = bus.keys.lease(bus.keys.partition(d.session), "svc")
-        await raw(bus).set(lease, "999:another-worker")  # it moved while this ran
-        await d.send(Tick(n=0))
+        async def handle(d: Delivery) -> None:
+            calls.append(d.deliveries)
+            lease = bus.keys.lease(bus.keys.partition(d.session), "svc")
+            await raw(bus).set(lease, "999:another-worker")  # it moved while this ran
+            await d.send(Tick(n=0))
 
-    consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
-    with capture_logs() as logs:
-        async with anyio.create_task_group() as tg:
-            await tg.start(consumer.run)
-            await bus.publish("call-1", Tick(n=1))
-            await wait_for(lambda: consumer.stats.partitions_lost == 1, what="the partition lost")
-            consumer.stop()
+        consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer.run)
+                await bus.publish("call-1", Tick(n=1))
+                await wait_for(
+                    lambda: consumer.stats.partitions_lost == 1, what="the partition lost"
+                )
+                consumer.stop()
     assert calls == [1] and consumer.stats.retries == 0
     [lost] = [x for x in logs if x["event"] == "partition_lost"]
     assert lost["reason"] == "fenced"
