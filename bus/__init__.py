@@ -6,7 +6,7 @@ key layout and the ordering contract.
 
 from .client import Bus, Inbox, Message, Published, ServiceInfo
 from .connection import make_client
-from .consumer import Consumer, Handler, Lifespan, Service, Stats
+from .consumer import Consumer
 from .envelope import Codec, DecodeError, Delivery, Entry, Payload, encode, type_name
 from .errors import (
     BusError,
@@ -25,6 +25,7 @@ from .errors import (
     SessionEndedError,
 )
 from .keys import Keys, check_session_id, check_worker_id
+from .service import Handler, Lifespan, Service, Stats
 from .settings import DeadLetterPolicy, Settings
 
 __all__ = [

@@ -16,16 +16,12 @@ are written, leases are released so the next owner starts at once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import anyio
@@ -34,24 +30,20 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from . import scripts
 from .client import Bus, ServiceInfo
-from .connection import TRANSIENT, backoff, call
-from .envelope import Codec, DecodeError, Delivery, Entry, Payload
-from .errors import ConfigError, FencedError, LifespanError, NoSuchSessionError
+from .connection import TRANSIENT, backoff
+from .envelope import DecodeError, Delivery, Entry
+from .errors import FencedError, LifespanError
 from .hints import Hints
 from .keys import Keys, check_worker_id
 from .ownership import Leases, assign
-from .scripts import Arg
-from .settings import NAME_PATTERN
+from .runs import ACK, Overran, Partition, Run, Settle, original_fields
+from .service import Service, Stats, vars_of
 from .slots import Slots
-from .steps import Step, StepBatcher, reader
+from .steps import StepBatcher, reader
 
 log = structlog.get_logger("flowbus.consumer")
 
-Handler = Callable[[Delivery], Awaitable[None]]
-#: What a service's handlers use while a consumer runs (`Service.lifespan`).
-Lifespan = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 #: Step batchers ("lanes") per worker, each with its own connection and a share of the
 #: partitions: while one lane's batch is at the server, the sessions whose replies came on the
@@ -73,151 +65,6 @@ _SESSION, _GROUP, _TYPE, _SEQ, _TRACE = _log_context(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Service:
-    """A service: its name (= consumer group), its handler and the payload types it knows.
-
-    With `subscribes`, other types are acknowledged unseen (other services' business); without
-    it, every type is handled and a type the codec does not know is dead-lettered. A type in
-    `routes` goes to its handler there, every other one to `handle`.
-
-    `lifespan`, a function of no arguments returning an async context manager (one made with
-    `contextlib.asynccontextmanager`, say), holds what the handlers use for as long as a
-    consumer runs: entered before it joins the group, left once it drained (its handlers done).
-    A database pool opened there is closed when the worker stops, not left to the process's end.
-    """
-
-    name: str
-    handle: Handler
-    codec: Codec
-    subscribes: frozenset[str] | None = None
-    routes: Mapping[str, Handler] = field(default_factory=dict)
-    lifespan: Lifespan | None = None
-
-    def __post_init__(self) -> None:
-        if not NAME_PATTERN.match(self.name):
-            raise ConfigError(f"service name {self.name!r} must match {NAME_PATTERN.pattern}")
-        if self.lifespan is not None and not callable(self.lifespan):
-            raise ConfigError(
-                f"lifespan of service {self.name!r} must be a function returning an async "
-                f"context manager, not {self.lifespan!r}"
-            )
-        if self.subscribes is not None:  # any collection of type names, kept as a frozenset
-            types = self.subscribes
-            if isinstance(types, str) or not all(isinstance(t, str) for t in types):
-                raise ConfigError(
-                    f"subscribes of service {self.name!r} must be a collection of type names, "
-                    f"not {types!r}"
-                )
-            object.__setattr__(self, "subscribes", frozenset(types))
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters of one consumer, for logs, metrics and the demo."""
-
-    handled: int = 0
-    skipped: int = 0
-    retries: int = 0
-    dead_lettered: int = 0
-    partitions_lost: int = 0
-    #: Steps (acks, reads) that failed and were sent again: the server out of reach, or
-    #: refusing them (a user's permissions changed, say). Their sessions wait meanwhile;
-    #: nothing is lost.
-    step_failures: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Settle:
-    """How to settle an entry that was not simply handled: dead-letter it, then go on ('skip')
-    or pause the session ('pause'); `dead_letter` is (deliveries, error, field, value...)."""
-
-    verdict: str = ""
-    dead_letter: tuple[Arg, ...] = ()
-
-
-_ACK = _Settle()  # handled (or not this service's business): acknowledge it
-
-
-class _Runs:
-    """The session runs of one partition, each in a plain asyncio task: anyio's `start_soon`
-    cost a worker about a tenth of its CPU at 20 events per session (CHANGELOG). They are kept
-    as structured as a task group's: the first error calls `on_error` (which cancels the
-    partition) and is kept in `error` for the partition to raise; `close()` cancels the runs
-    left through their own cancel scopes (`_Run.close`), so shields inside handlers and the
-    bus hold as they would in a task group, and waits for them."""
-
-    def __init__(self, on_error: Callable[[], None]) -> None:
-        self._runs: dict[asyncio.Task[None], _Run] = {}
-        self._on_error = on_error
-        self._closing = False
-        self.error: BaseException | None = None
-
-    def spawn(self, run: _Run, work: Coroutine[Any, Any, None]) -> None:
-        if self._closing:  # a hint that came as the partition closes: the run ends at once
-            run.close()
-        task = asyncio.get_running_loop().create_task(work)
-        self._runs[task] = run
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        del self._runs[task]
-        if not task.cancelled() and task.exception() is not None and self.error is None:
-            self.error = task.exception()
-            self._on_error()
-
-    async def join(self) -> None:
-        """Wait until every run has ended."""
-        while self._runs:
-            await asyncio.wait(list(self._runs))
-
-    async def close(self) -> list[_Run]:
-        """Cancel the runs left, and wait until they have ended; the runs it cancelled."""
-        with anyio.CancelScope(shield=True):
-            self._closing = True
-            closed = list(self._runs.values())
-            for run in closed:
-                run.close()
-            await self.join()
-        return closed
-
-
-@dataclass(slots=True, eq=False)
-class _Partition:
-    number: int
-    token: str
-    steps: StepBatcher  # the lane its sessions' steps go by
-    lease: str  # its lease's key
-    reader: Callable[[str], tuple[Arg, ...]]  # a session stream's fenced read (`steps.reader`)
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    tg: TaskGroup | None = None
-    runs: _Runs = field(init=False)  # its sessions' tasks
-    sessions: dict[str, bool] = field(default_factory=dict)  # session -> new work since read
-    subscribed: anyio.Event = field(default_factory=anyio.Event)  # its hints reach us
-    draining: bool = False
-    lost: bool = False
-    drain: anyio.Event = field(default_factory=anyio.Event)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    #: Until when (`time.monotonic()`) the lease is surely ours: the TTL from just before the
-    #: request that took or last renewed it. No handler starts later than that.
-    vouched_until: float = 0.0
-    renewed: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) by `vouch`
-
-    def __post_init__(self) -> None:
-        self.runs = _Runs(self.scope.cancel)
-
-    def vouch(self, until: float) -> None:
-        """The lease was renewed: it is ours until `until`."""
-        self.vouched_until = until
-        self.renewed.set()
-        self.renewed = anyio.Event()
-
-    async def vouched(self) -> None:
-        """Wait until the lease is vouched for now (a lease found lost cancels the runs)."""
-        while time.monotonic() >= self.vouched_until:
-            await self.renewed.wait()
-
-
 class Consumer:
     """Runs `service` in this process until `stop()`; see the module docstring."""
 
@@ -235,8 +82,8 @@ class Consumer:
         retention_ms = int(self.settings.retention_seconds * 1000)
         cluster = bus.redis if isinstance(bus.redis, RedisCluster) else None
         self._slots = Slots(self.settings.concurrency)
-        self._running: dict[_Run, float] = {}  # sessions in a handler -> its deadline
-        self._parts: dict[int, _Partition] = {}
+        self._running: dict[Run, float] = {}  # sessions in a handler -> its deadline
+        self._parts: dict[int, Partition] = {}
         self._stop = anyio.Event()
         self._renewed_at = 0.0  # `time.monotonic()` of the last renewal (or of the start)
         #: How long a heartbeat, or a node's renewals, may take (a round stays well within a
@@ -244,7 +91,7 @@ class Consumer:
         self._within = self.settings.lease_ttl_seconds / 2
         self._acquiring = False  # an `_acquire` runs
         self._tg: TaskGroup | None = None
-        self._log = log.bind(group=service.name, worker=self.worker_id)
+        self.log = log.bind(group=service.name, worker=self.worker_id)
         self._hints = Hints(
             self.settings,
             self.keys,
@@ -252,7 +99,7 @@ class Consumer:
             on_hint=self._take_hint,
             on_subscribed=self._take_subscription,
             cluster=cluster,
-            log=self._log,
+            log=self.log,
         )
         self._lanes = [
             StepBatcher(
@@ -314,7 +161,7 @@ class Consumer:
             tg.start_soon(self._watch_handlers)
             self._renewed_at = time.monotonic()
             wanting = await self._rebalance(wait=True)
-            self._log.info(
+            self.log.info(
                 "worker_started", partitions=len(self._parts), ack_mode=self.settings.ack_mode
             )
             task_status.started()
@@ -325,7 +172,7 @@ class Consumer:
                     wanting = await self._rebalance()
             await self._drain_all()
             tg.cancel_scope.cancel()
-        self._log.info("worker_stopped", **vars_of(self.stats))
+        self.log.info("worker_stopped", **vars_of(self.stats))
 
     # -- ownership --------------------------------------------------------------------------
     async def _rebalance(self, *, wait: bool = False) -> bool:
@@ -339,7 +186,7 @@ class Consumer:
         desired = assign(members, self.settings.partitions).get(self.worker_id, set())
         for p, part in self._parts.items():
             if p not in desired and not part.draining:
-                self._log.info("partition_handed_over", partition=p)
+                self.log.info("partition_handed_over", partition=p)
                 self._begin_drain(part)
         missing = desired - self._parts.keys()
         if missing and not self._acquiring:
@@ -360,7 +207,7 @@ class Consumer:
             with anyio.CancelScope(shield=True):
                 tokens = await self._leases.acquire(partitions, within=self._within)
         except (*TRANSIENT, ResponseError, TimeoutError) as exc:
-            self._log.warning("acquire_failed", error=str(exc) or type(exc).__name__)
+            self.log.warning("acquire_failed", error=str(exc) or type(exc).__name__)
             return
         finally:
             self._acquiring = False
@@ -374,11 +221,11 @@ class Consumer:
         group, count = self.service.name, self.settings.read_batch
         for p, token in tokens.items():
             lease, read = self.keys.lease(p, group), reader(self.keys, p, group, token, count)
-            self._parts[p] = part = _Partition(p, token, self._quietest_lane(), lease, read)
+            self._parts[p] = part = Partition(p, token, self._quietest_lane(), lease, read)
             part.vouched_until = asked + self.settings.lease_ttl_seconds
             self._tg.start_soon(self._run_partition, part)
         if tokens:
-            self._log.info("partitions_acquired", partitions=sorted(tokens), members=members)
+            self.log.info("partitions_acquired", partitions=sorted(tokens), members=members)
 
     async def _renew(self) -> list[str] | None:
         """Heartbeat (and register the service again if the server lost it) and renew the
@@ -395,11 +242,11 @@ class Consumer:
                 with anyio.fail_after(self._within):
                     found = await self._leases.heartbeat()
                     if await self.bus.register_service(self._info, replace=False, retry=False):
-                        self._log.warning("service_registered_again")  # the server lost its data
+                        self.log.warning("service_registered_again")  # the server lost its data
                         await self.bus.check_partitions(record=True)  # so is it recorded again
                 members = found
             except (*TRANSIENT, ResponseError, TimeoutError) as exc:
-                self._log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
+                self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__)
 
         asked = time.monotonic()
         async with anyio.create_task_group() as tg:
@@ -407,7 +254,7 @@ class Consumer:
             renewal = await self._leases.renew(held, within=self._within)
         if renewal.unanswered:
             error = next(iter(renewal.unanswered.values()))
-            self._log.warning(
+            self.log.warning(
                 "renewal_failed",
                 partitions=sorted(renewal.unanswered),
                 error=str(error) or type(error).__name__,
@@ -433,14 +280,14 @@ class Consumer:
         parts = self._parts.values()
         return min(self._lanes, key=lambda lane: sum(part.steps is lane for part in parts))
 
-    def _lose(self, part: _Partition, reason: str) -> None:
+    def _lose(self, part: Partition, reason: str) -> None:
         if not part.lost:
             part.lost = True
             self.stats.partitions_lost += 1
-            self._log.warning("partition_lost", partition=part.number, reason=reason)
+            self.log.warning("partition_lost", partition=part.number, reason=reason)
             part.scope.cancel()
 
-    def _begin_drain(self, part: _Partition) -> None:
+    def _begin_drain(self, part: Partition) -> None:
         part.draining = True
         part.drain.set()
         part.subscribed.set()  # a draining partition waits for no subscription
@@ -460,9 +307,9 @@ class Consumer:
             try:
                 await self._leases.heartbeat(leave=True)
             except (*TRANSIENT, ResponseError) as exc:
-                self._log.warning("leave_failed", error=str(exc))
+                self.log.warning("leave_failed", error=str(exc))
 
-    async def _settle_closed(self, runs: list[_Run]) -> None:
+    async def _settle_closed(self, runs: list[Run]) -> None:
         """After a drain ran out of time: acknowledge what the cut-short runs handled, and give
         back what they read but never started, so that the next owner neither repeats the one
         nor counts a second delivery of the other. The entry whose handler was cut short
@@ -483,7 +330,7 @@ class Consumer:
             await anyio.sleep(self.settings.lease_ttl_seconds / 5)
             await self._renew()
 
-    async def _run_partition(self, part: _Partition) -> None:
+    async def _run_partition(self, part: Partition) -> None:
         try:
             with part.scope:
                 try:
@@ -503,7 +350,7 @@ class Consumer:
             if part.runs.error is not None:
                 raise part.runs.error
             if part.scope.cancelled_caught and not part.lost:
-                self._log.warning("drain_timed_out", partition=part.number, left=len(closed))
+                self.log.warning("drain_timed_out", partition=part.number, left=len(closed))
                 await self._settle_closed(closed)
         except* FencedError:
             self._lose(part, "fenced")
@@ -519,7 +366,7 @@ class Consumer:
             part.done.set()
 
     # -- finding work -----------------------------------------------------------------------
-    async def _rescan(self, part: _Partition) -> None:
+    async def _rescan(self, part: Partition) -> None:
         """Schedule every live session of the partition (on takeover, or after hints may have
         been missed)."""
         for attempt in range(1, 1_000_000):
@@ -530,7 +377,7 @@ class Consumer:
                     self._schedule(part, session.decode())
                 return
             except (*TRANSIENT, ResponseError) as exc:  # a cluster's redirection among them
-                self._log.warning("rescan_failed", partition=part.number, error=str(exc))
+                self.log.warning("rescan_failed", partition=part.number, error=str(exc))
                 if part.draining:  # a stop waits for no scan
                     return
                 await anyio.sleep(backoff(attempt))
@@ -538,14 +385,14 @@ class Consumer:
     def _notify_hint_follower(self) -> None:
         self._hints.changed()
 
-    def _hinted_partitions(self) -> dict[int, _Partition]:
+    def _hinted_partitions(self) -> dict[int, Partition]:
         return {p: part for p, part in self._parts.items() if not part.draining and not part.lost}
 
-    def _take_hint(self, part: _Partition, session: str) -> None:
+    def _take_hint(self, part: Partition, session: str) -> None:
         if not (part.lost or part.draining):
             self._schedule(part, session)
 
-    def _take_subscription(self, part: _Partition, confirmed: bool) -> None:
+    def _take_subscription(self, part: Partition, confirmed: bool) -> None:
         """The partition's hints reach us; after a reconnect (a confirmed subscription of a
         partition subscribed before, whose first scan may still run) hints may have been
         missed, so it is scanned again."""
@@ -555,30 +402,30 @@ class Consumer:
             self._spawn_rescan(part)
         part.subscribed.set()
 
-    def _spawn_rescan(self, part: _Partition) -> None:
+    def _spawn_rescan(self, part: Partition) -> None:
         if part.tg is not None and not part.draining:
             part.tg.start_soon(self._rescan, part)
 
-    def _schedule(self, part: _Partition, session: str) -> None:
+    def _schedule(self, part: Partition, session: str) -> None:
         if part.draining or part.tg is None:
             return
         if session in part.sessions:
             part.sessions[session] = True
             return
         part.sessions[session] = True
-        run = _Run(self, part, session)
+        run = Run(self, part, session)
         part.runs.spawn(run, self._run_session(run))
 
     # -- one session ------------------------------------------------------------------------
-    async def _run_session(self, run: _Run) -> None:
+    async def _run_session(self, run: Run) -> None:
         """Handle the session until it has nothing new (see `_follow`); a handler out of time
         (see `_watch_handlers`) counts as failed, and the session goes on. A run that is
-        closed (`_Run.close`) ends."""
+        closed (`Run.close`) ends."""
         _SESSION.set(run.session)  # in the logs, as bind_contextvars would
         _GROUP.set(self.service.name)
         try:
             while not run.closing:
-                with contextlib.suppress(_Overran), anyio.CancelScope() as run.scope:
+                with contextlib.suppress(Overran), anyio.CancelScope() as run.scope:
                     if run.timed_out:  # the last handling ran out of time: settle it first
                         run.timed_out = False
                         raw_id, raw_fields = run.entries[run.done]
@@ -589,19 +436,19 @@ class Consumer:
                     elif run.overran:  # the last handler returned late: handled all the same
                         run.overran = False
                         self.stats.handled += 1
-                        self._log.warning("handler_overran", session=run.session)
+                        self.log.warning("handler_overran", session=run.session)
                         run.acks.append(run.entries[run.done][0])
                         run.give += [e[0] for e in run.entries[run.done + 1 :]]
                     await self._follow(run)
                     break
-                # Cut short: a timeout (or a handler that returned past it: `_Overran`), or closed.
+                # Cut short: a timeout (or a handler that returned past it: `Overran`), or closed.
                 run.read = "p"  # a step cut short may have read entries: the pending list has them
         finally:
             hinted = run.part.sessions.pop(run.session, False)
         if hinted and not run.closing:  # work came as it ended (a resume's hint, say)
             self._schedule(run.part, run.session)
 
-    async def _follow(self, run: _Run) -> None:
+    async def _follow(self, run: Run) -> None:
         """Read up to `read_batch` entries per step, handle them one by one, each acknowledged
         before the next one starts (with `ack_mode` 'batch': all of them by the step after the
         last), until a read finds nothing new (or a batch that was not full is done and no
@@ -643,7 +490,7 @@ class Consumer:
                     break
                 entry_id = raw_id.decode()
                 settle = await self._handle(run, entry_id, raw_fields, run.deliveries)
-                if settle is not _ACK:
+                if settle is not ACK:
                     run.then(settle)
                     break
                 run.done, run.deliveries, run.resumed = run.done + 1, 1, False
@@ -660,8 +507,8 @@ class Consumer:
                     raise
 
     async def _handle(
-        self, run: _Run, entry_id: str, raw_fields: list[bytes], deliveries: int
-    ) -> _Settle | None:
+        self, run: Run, entry_id: str, raw_fields: list[bytes], deliveries: int
+    ) -> Settle | None:
         """Run the handler for one entry; say how to settle it (None: retry it, after the
         backoff this waited)."""
         service = self.service
@@ -669,14 +516,12 @@ class Consumer:
             entry = Entry.from_flat(entry_id, raw_fields, max_data=self.settings.max_payload_bytes)
             if service.subscribes is not None and entry.type not in service.subscribes:
                 self.stats.skipped += 1
-                return _ACK
+                return ACK
             payload = service.codec.decode(entry.type, entry.data)
         except DecodeError as exc:
             self.stats.dead_lettered += 1
-            self._log.error(
-                "entry_rejected", session=run.session, entry=entry_id, reason=exc.reason
-            )
-            return _Settle("skip", (deliveries, exc.reason, *_original(raw_fields)))
+            self.log.error("entry_rejected", session=run.session, entry=entry_id, reason=exc.reason)
+            return Settle("skip", (deliveries, exc.reason, *original_fields(raw_fields)))
         delivery = Delivery(
             run.session,
             service.name,
@@ -716,11 +561,11 @@ class Consumer:
                 # It returned past its time (a shielded write, a swallowed cancellation), its
                 # work done; but the run's scope is cancelled, and would cut what comes next.
                 run.overran = True
-                raise _Overran
+                raise Overran
         except anyio.get_cancelled_exc_class():
             run.timed_out = run.scope is not None and run.scope.cancel_called and not run.closing
             raise
-        except (_Overran, FencedError):  # a write of the handler's refused: the partition,
+        except (Overran, FencedError):  # a write of the handler's refused: the partition,
             raise  # and this event, are another worker's now; not a failure to retry
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -730,26 +575,24 @@ class Consumer:
         if error:
             return await self._failed(entry_id, raw_fields, deliveries, error)
         self.stats.handled += 1
-        return _ACK
+        return ACK
 
     async def _failed(
         self, entry_id: str, raw_fields: list[bytes], deliveries: int, error: str
-    ) -> _Settle | None:
+    ) -> Settle | None:
         """A handler failed: dead-letter the entry if it had its deliveries, else wait the
         backoff and say retry (None)."""
         settings = self.settings
         if deliveries >= settings.max_deliveries:
             self.stats.dead_lettered += 1
             policy = settings.dead_letter_policy
-            self._log.error(
-                "event_dead_lettered", error=error, deliveries=deliveries, policy=policy
-            )
-            return _Settle(policy, (deliveries, error, *_original(raw_fields)))
+            self.log.error("event_dead_lettered", error=error, deliveries=deliveries, policy=policy)
+            return Settle(policy, (deliveries, error, *original_fields(raw_fields)))
         self.stats.retries += 1
         delay = backoff(
             deliveries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
         )
-        self._log.warning(
+        self.log.warning(
             "handler_failed", error=error, deliveries=deliveries, retry_in=round(delay, 3)
         )
         await anyio.sleep(delay)
@@ -765,165 +608,3 @@ class Consumer:
             for run, deadline in list(self._running.items()):
                 if deadline <= now and run.scope is not None:
                     run.scope.cancel()
-
-
-#: Fields a dead letter adds to the original entry's; an original field of the same name is
-#: kept as ``orig.<name>``.
-DEAD_LETTER_FIELDS = frozenset({b"session", b"group", b"entry", b"deliveries", b"error", b"policy"})
-
-
-def _original(raw_fields: list[bytes] | None) -> tuple[bytes, ...]:
-    """The original fields for a dead letter (none for an entry deleted from the stream)."""
-    return tuple(
-        b"orig." + f if i % 2 == 0 and f in DEAD_LETTER_FIELDS else f
-        for i, f in enumerate(raw_fields or ())
-    )
-
-
-class _Overran(Exception):
-    """A handler returned after its run was cancelled for its timeout: the run starts over
-    (outside the cancelled scope), acknowledging it first."""
-
-
-class _Run:
-    """One session's handling by this worker: the batch it read, and its steps."""
-
-    def __init__(self, consumer: Consumer, part: _Partition, session: str) -> None:
-        self.consumer, self.part, self.session = consumer, part, session
-        self.stream = consumer.keys.session(session)
-        self.reader = part.reader(self.stream)
-        self.context = _Context(consumer, part, session)
-        self.scope: anyio.CancelScope | None = None  # around the handling, see `_watch_handlers`
-        self.read = "p"  # the next read; the first replays what a previous owner left pending
-        self.acks: list[bytes] = []  # settled by the next step...
-        self.give: list[bytes] = []
-        self.verdict: tuple[Arg, ...] = ()
-        self.entries: list[Any] = []  # the last batch read, `done` of them handled
-        self.done = 0
-        self.started = -1  # the index in `entries` of the last entry whose handler started
-        self.deliveries = 0  # of the next entry to handle
-        self.resumed = False  # ...and whether `Bus.resume` retried it (its count started over)
-        self.timed_out = False  # its handler was cancelled by `Consumer._watch_handlers`
-        self.overran = False  # ...and returned all the same
-        self.trace: Any = ...  # the traceparent in its log context (`...`: none)
-        self.closing = False  # its partition closes: see `close`
-
-    def close(self) -> None:
-        """End this run: its partition is lost, or its drain ran out of time."""
-        self.closing = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    def then(self, settle: _Settle | None) -> None:
-        """After the entry at `done` was not simply handled: give back the rest of the batch,
-        settle it (None: retry it) and go on from the pending list."""
-        self.give += [e[0] for e in self.entries[self.done + 1 :]]
-        self.read = "p"
-        if settle is not None:
-            self.verdict = (settle.verdict, self.entries[self.done][0], *settle.dead_letter)
-
-    async def call(self, read: str, *, reads: bool = True) -> Any:
-        """A step that settles (`acks`, `give`, `verdict`) and reads (`read`, see
-        ``lua/step.lua``); its reply, once it came. Transient errors are retried. Without
-        `reads`, a '>' step reads nothing: its reply is the script's (``[b"read"]`` or
-        ``[b"idle"]``); a retry reads, as any 'p' step does."""
-        part, acks, give, verdict = self.part, self.acks, self.give, self.verdict
-        self.acks, self.give, self.verdict = [], [], ()
-        for attempt in range(1, 1_000_000):
-            reader = self.reader if reads or attempt > 1 else ()
-            step = Step(self.stream, part.lease, part.token, acks, read, give, verdict, reader)
-            try:
-                reply: Any = await part.steps.submit(step)
-                self.give += step.strays
-                return reply
-            except anyio.get_cancelled_exc_class():
-                # Cut short (a drain out of time, say): what it was to settle is the run's
-                # again, for its last step (`Consumer._settle_closed`); sent twice, it is the
-                # same (an ack, a give-back and a dead letter are written once).
-                self.acks, self.give = [*acks, *self.acks], [*give, *step.strays, *self.give]
-                self.verdict = self.verdict or verdict
-                raise
-            except ResponseError as exc:
-                if str(exc).startswith("FENCED"):
-                    group, p = self.consumer.service.name, part.number
-                    raise FencedError(group, p, self.stream) from None
-                error: Exception = exc
-            except TRANSIENT as exc:
-                error = exc
-            # Retrying is safe: an ack is idempotent, and the retry reads our pending head first
-            # ('p'), so entries whose reply was lost are read again rather than skipped; those
-            # read while the step failed go back first.
-            give = [*give, *step.strays]
-            self.consumer.stats.step_failures += 1
-            self.consumer._log.warning(
-                "step_failed", session=self.session, error=str(error), attempt=attempt
-            )
-            try:
-                await anyio.sleep(backoff(attempt))
-            except anyio.get_cancelled_exc_class():  # as above
-                self.acks, self.give = [*acks, *self.acks], [*give, *self.give]
-                self.verdict = self.verdict or verdict
-                raise
-            read = "p" if read else ""
-        raise AssertionError("unreachable")
-
-
-@dataclass(frozen=True, slots=True)
-class _Context:
-    """A delivery's access to its session: inbox writes, and this group's fenced state."""
-
-    consumer: Consumer
-    part: _Partition
-    session: str
-
-    async def send(self, payload: Payload, dedupe: str, extra: Mapping[str, str] | None) -> object:
-        """As `Bus.send`, but fenced: a stale owner's command is refused (`FencedError`), so
-        that one whose action ended after its partition moved tells the bot nothing the new
-        owner does not."""
-        bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
-        lease = (bus.keys.lease(p, group), self.part.token)
-        try:
-            return await bus._send(self.session, payload, dedupe, extra, lease)
-        except ResponseError:  # FENCED (`_send` raises any other as its own error)
-            raise FencedError(group, p, bus.keys.inbox(self.session)) from None
-
-    async def load_state(self) -> bytes | None:
-        bus, field = self.consumer.bus, f"group:{self.consumer.service.name}"
-        read = partial(bus.redis.hget, bus.keys.state(self.session), field)
-        data: Any = await call("load_state", read, bus.settings, self.session)
-        return None if data is None else bytes(data)
-
-    async def read_session_state(self) -> dict[str, bytes]:
-        return await self.consumer.bus.read_state(self.session)
-
-    async def write_session_state(self, fields: Mapping[str, str | bytes]) -> None:
-        """As `Bus.write_state`, but fenced: a stale owner's write is refused (DESIGN)."""
-        for name, value in fields.items():
-            if not isinstance(name, str) or not isinstance(value, str | bytes):
-                raise TypeError(f"state field {name!r}: names are str, values str or bytes")
-        if fields:
-            await self._write_fenced([x for kv in fields.items() for x in kv])
-
-    async def save_state(self, data: bytes) -> None:
-        await self._write_fenced([f"group:{self.consumer.service.name}", data])
-
-    async def server_ms(self) -> int:
-        bus = self.consumer.bus
-        now = partial(scripts.NOW, bus.redis, [bus.keys.meta(self.session)], [])
-        return int(await call("server_ms", now, bus.settings, self.session))
-
-    async def _write_fenced(self, pairs: list[str | bytes]) -> None:
-        bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
-        keys = [bus.keys.lease(p, group), bus.keys.state(self.session), bus.keys.meta(self.session)]
-        write = partial(scripts.SAVE_STATE, bus.redis, keys, [self.part.token, *pairs])
-        expected = ("FENCED", "NOSESSION")
-        try:
-            await call("save_state", write, bus.settings, self.session, expected=expected)
-        except ResponseError as exc:
-            if str(exc).startswith("NOSESSION"):
-                raise NoSuchSessionError(self.session) from None
-            raise FencedError(group, p, keys[1]) from None
-
-
-def vars_of(stats: Stats) -> dict[str, int]:
-    return {f: getattr(stats, f) for f in stats.__dataclass_fields__}

@@ -16,17 +16,7 @@ from .actions import ActionService, WorkerFlowManager
 from .bot import BotSession
 from .bridge import PER_FRAME_EVENTS, PIPECAT_KINDS, forward_events, stop_forwarding
 from .catalog import CATALOG, Emitter, Event, EventSpec, Info
-from .config import (
-    TRANSITION_IN_YAML,
-    Branch,
-    ContextStrategy,
-    FlowConfig,
-    FunctionConfig,
-    InvalidNodeError,
-    NodeConfig,
-    load_flow,
-    parse_node,
-)
+from .config import ContextStrategy, FlowConfig, NodeConfig, load_flow, parse_node
 from .emitting import Events, SyncOutcome
 from .errors import (
     ActionError,
@@ -36,8 +26,10 @@ from .errors import (
     FlowTransitionError,
     InvalidFunctionError,
     InvalidHandlerError,
+    InvalidNodeError,
     UnknownEventError,
 )
+from .functions import TRANSITION_IN_YAML, Branch, FunctionConfig
 from .handlers import EmitterRef, EventService, Retry, declare
 from .manager import NO_RESPONSE, FlowManager
 from .protocol import COMMANDS, FLOW_EVENTS, ActionsCompleted, EndConversation, HandlerOutcome, Say

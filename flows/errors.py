@@ -6,6 +6,8 @@ The names of Pipecat Flows are kept for what Pipecat Flows users already catch::
     ├── FlowInitializationError
     ├── FlowTransitionError
     ├── InvalidFunctionError
+    │   └── InvalidNodeFunctionError  a node's function; an InvalidNodeError too
+    ├── InvalidNodeError            a node's configuration: `node` and `key` say where
     ├── ActionError                 an action failed, is unknown, or is malformed
     └── EventError                  event-handler errors
         ├── UnknownEventError       a name neither in the catalog nor declared
@@ -56,3 +58,16 @@ class UnknownEventError(EventError, KeyError):
 
 class InvalidHandlerError(EventError, ValueError):
     """A handler that is not callable, or filtered on an emitter that never emits its event."""
+
+
+class InvalidNodeError(FlowError, ValueError):
+    """A node configuration that cannot be used; `node` and `key` say where."""
+
+    def __init__(self, node: str, key: str, problem: str) -> None:
+        super().__init__(f"node {node!r}, key {key!r}: {problem}")
+        self.node, self.key = node, key
+
+
+class InvalidNodeFunctionError(InvalidNodeError, InvalidFunctionError):
+    """A node's function that cannot be used: Pipecat's `InvalidFunctionError` and an
+    `InvalidNodeError` both."""

@@ -34,25 +34,22 @@ from .actions import BUILTINS
 from .bot import BotSession, unwrapped
 from .calling import invoke_action, invoke_function, is_seconds
 from .config import (
-    TRANSITION_IN_YAML,
     ContextStrategy,
     FlowConfig,
-    Handler,
-    InvalidNodeError,
-    InvalidNodeFunctionError,
     NodeConfig,
     context_strategy_of,
-    parse_function,
     parse_node,
     summary_prompt_of,
-    unique_functions,
 )
 from .errors import (
     ActionError,
     FlowInitializationError,
     FlowTransitionError,
     InvalidFunctionError,
+    InvalidNodeError,
+    InvalidNodeFunctionError,
 )
+from .functions import TRANSITION_IN_YAML, Handler, parse_function, unique_functions
 from .protocol import (
     ActionDone,
     ActionsCompleted,

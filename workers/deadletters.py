@@ -311,7 +311,7 @@ async def _remove(bus: Bus, letter: DeadLetter) -> None:
 
 
 def render_list(letters: list[DeadLetter]) -> str:
-    from .inspection import table
+    from .views import table
 
     if not letters:
         return "no dead letters"

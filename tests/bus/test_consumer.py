@@ -30,8 +30,9 @@ from bus import (
     hints,
     scripts,
 )
-from bus.consumer import STEP_LANES, _Partition, _Run, _Runs
+from bus.consumer import STEP_LANES
 from bus.ownership import Leases, Renewal
+from bus.runs import Partition, Run, Runs
 from bus.steps import Step, reader
 from tests.apps.recorder import Tick
 from tests.conftest import make_settings
@@ -880,7 +881,7 @@ async def test_a_partition_handed_back_while_leases_are_renewed_is_not_counted_l
 ) -> None:
     consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
     lease, read = bus.keys.lease(7, "svc"), reader(bus.keys, 7, "svc", "3:w", 32)
-    consumer._parts[7] = _Partition(7, "3:w", consumer._lanes[0], lease, read)
+    consumer._parts[7] = Partition(7, "3:w", consumer._lanes[0], lease, read)
 
     async def members(*, leave: bool = False) -> list[str]:
         return ["other"]  # everything is the other worker's now
@@ -903,7 +904,7 @@ async def test_a_server_lost_during_a_heartbeat_round_fails_the_round_not_the_wo
     used to retry for 15 s, then stop the worker with `ConnectionFailedError`.)"""
     consumer = Consumer(bus, Service("svc", _ignore, Codec([Tick])), worker_id="w")
     lease, read = bus.keys.lease(7, "svc"), reader(bus.keys, 7, "svc", "3:w", 32)
-    consumer._parts[7] = part = _Partition(7, "3:w", consumer._lanes[0], lease, read)
+    consumer._parts[7] = part = Partition(7, "3:w", consumer._lanes[0], lease, read)
     gone = RedisConnectionError("Error 111 connecting to the server. Connection refused.")
     renewal = Renewal(set(), {})
 
@@ -927,7 +928,7 @@ async def test_a_server_lost_during_a_heartbeat_round_fails_the_round_not_the_wo
 
     renewal = Renewal(set(), {7: gone})
     lease8, read8 = bus.keys.lease(8, "svc"), reader(bus.keys, 8, "svc", "3:w", 32)
-    consumer._parts[8] = _Partition(8, "3:w", consumer._lanes[0], lease8, read8)
+    consumer._parts[8] = Partition(8, "3:w", consumer._lanes[0], lease8, read8)
     part.vouched_until = time.monotonic() - 0.001  # last renewed a TTL ago
     consumer._renewed_at = 0.0
     with capture_logs() as logs:
@@ -1003,7 +1004,7 @@ async def test_a_drain_out_of_time_cancels_the_handlers_left_even_one_that_resis
 
 
 class _FakeRun:
-    """What `_Runs` needs of a `_Run`: a cancel scope that `close()` cancels."""
+    """What `Runs` needs of a `Run`: a cancel scope that `close()` cancels."""
 
     def __init__(self) -> None:
         self.scope, self.closing = anyio.CancelScope(), False
@@ -1015,7 +1016,7 @@ class _FakeRun:
 
 async def test_a_partitions_runs_are_joined_fail_together_and_close_through_their_scopes() -> None:
     failed: list[str] = []
-    runs = _Runs(lambda: failed.append("partition"))
+    runs = Runs(lambda: failed.append("partition"))
     gate, done = anyio.Event(), []
 
     async def waits() -> None:
@@ -1025,8 +1026,8 @@ async def test_a_partitions_runs_are_joined_fail_together_and_close_through_thei
         await gate.wait()
         raise KeyError("a bug")
 
-    runs.spawn(cast(_Run, _FakeRun()), waits())
-    runs.spawn(cast(_Run, _FakeRun()), fails())
+    runs.spawn(cast(Run, _FakeRun()), waits())
+    runs.spawn(cast(Run, _FakeRun()), fails())
     gate.set()
     with anyio.fail_after(5):
         await runs.join()
@@ -1054,14 +1055,14 @@ async def test_a_partitions_runs_are_joined_fail_together_and_close_through_thei
 
     for session in (shields, resists):
         run = _FakeRun()
-        runs.spawn(cast(_Run, run), session(run))
+        runs.spawn(cast(Run, run), session(run))
     await wait_for(lambda: len(waiting) == 2, what="both sessions waiting")
     with anyio.fail_after(5):
         await runs.close()
     assert done == ["shielded"]
 
     late = _FakeRun()  # spawned after the close began: closed at once
-    runs.spawn(cast(_Run, late), waits())
+    runs.spawn(cast(Run, late), waits())
     assert late.closing
     await runs.join()
 

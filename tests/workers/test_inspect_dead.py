@@ -21,8 +21,8 @@ from bus import Bus, ServiceInfo, Settings, connection, scripts
 from tests.conftest import KIND, make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
-from workers import deadletters, inspection
-from workers.cli import _dead, _end_every, _inspect, parser
+from workers import commands, deadletters, inspection
+from workers.cli import parser
 from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
 from workers.inspection import end_states
 from workers.metrics import lag_of
@@ -626,10 +626,10 @@ async def test_inspect_and_dead_read_again_after_a_lost_connection(
     command's end."""
     await bus.register_service(ServiceInfo("svc"))
     lost = losing_a_connection(monkeypatch, inspection, "groups")
-    assert await _inspect(bus, parser().parse_args(["inspect", "groups", "--json"])) == 0
+    assert await commands.inspect(bus, parser().parse_args(["inspect", "groups", "--json"])) == 0
     assert [g["name"] for g in json.loads(capsys.readouterr().out)] == ["svc"] and lost
     lost = losing_a_connection(monkeypatch, deadletters, "list_dead")
-    assert await _dead(bus, parser().parse_args(["dead", "list", "--json"])) == 0
+    assert await commands.dead(bus, parser().parse_args(["dead", "list", "--json"])) == 0
     assert json.loads(capsys.readouterr().out) == [] and lost
 
 
@@ -654,10 +654,11 @@ async def test_dead_replay_and_drop_go_on_through_a_lost_connection_and_act_once
 
     monkeypatch.setattr(scripts, "PUBLISH", reply_lost)
     replaying = parser().parse_args(["dead", "replay", by_session["call-1"]])
-    assert await _dead(Bus(bus.redis, bus.settings), replaying) == 0  # PUBLISH, as above
+    assert await commands.dead(Bus(bus.redis, bus.settings), replaying) == 0  # PUBLISH, as above
     assert "replayed for steps as seq 2" in capsys.readouterr().out and checked and published
     removed = losing_a_connection(monkeypatch, bus.redis, "xdel")
-    assert await _dead(bus, parser().parse_args(["dead", "drop", by_session["call-2"]])) == 0
+    dropping = parser().parse_args(["dead", "drop", by_session["call-2"]])
+    assert await commands.dead(bus, dropping) == 0
     assert capsys.readouterr().out == f"{by_session['call-2']}: dropped\n" and removed
     monkeypatch.undo()
     assert await list_dead(bus) == []
@@ -716,7 +717,7 @@ async def test_end_every_logs_a_round_the_server_does_not_answer_and_goes_on(
     args = parser().parse_args(["end", "--idle-for", "0", "--every", "0.05"])
     with LocalServer(KIND) as server, capture_logs() as logs:
         async with Bus.connect(make_settings(server.url)) as bus, anyio.create_task_group() as tg:
-            tg.start_soon(_end_every, bus, args)
+            tg.start_soon(commands.end_every, bus, args)
             server.kill()
             await wait_for(
                 lambda: any(e["event"] == "end_round_failed" for e in logs),
