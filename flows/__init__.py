@@ -29,9 +29,10 @@ from .errors import (
     InvalidNodeError,
     UnknownEventError,
 )
+from .function_calls import NO_RESPONSE
 from .functions import TRANSITION_IN_YAML, Branch, FunctionConfig
 from .handlers import EmitterRef, EventService, Retry, declare
-from .manager import NO_RESPONSE, FlowManager
+from .manager import FlowManager
 from .protocol import COMMANDS, FLOW_EVENTS, ActionsCompleted, EndConversation, HandlerOutcome, Say
 from .speech import (
     CURRENT_NODE,

@@ -15,11 +15,9 @@ waits — always for a bounded time — for the pre-actions to finish before the
 
 from __future__ import annotations
 
-import json
 import math
-import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -32,7 +30,7 @@ from bus import Bus, Message, Payload, SessionEndedError
 
 from .actions import BUILTINS
 from .bot import BotSession, unwrapped
-from .calling import invoke_action, invoke_function, is_seconds
+from .calling import invoke_action, is_seconds
 from .config import (
     ContextStrategy,
     FlowConfig,
@@ -41,15 +39,15 @@ from .config import (
     parse_node,
     summary_prompt_of,
 )
+from .context import LLMContext
 from .errors import (
     ActionError,
     FlowInitializationError,
     FlowTransitionError,
-    InvalidFunctionError,
-    InvalidNodeError,
     InvalidNodeFunctionError,
 )
-from .functions import TRANSITION_IN_YAML, Handler, parse_function, unique_functions
+from .function_calls import Calls, NodeLike, call_function, interruptible
+from .functions import Handler, parse_function, unique_functions
 from .protocol import (
     ActionDone,
     ActionsCompleted,
@@ -70,26 +68,8 @@ from .state import SharedState
 
 log = structlog.get_logger("flowbus.flow")
 
-#: What the LLM gets back from a function that returned no result (``(None, next_node)``).
-ACKNOWLEDGED = {"status": "acknowledged"}
-#: What the LLM gets from a function call `interrupt` cancelled (Pipecat's words).
-CANCELLED = "CANCELLED"
-#: How long a RESET_WITH_SUMMARY waits for the LLM's summary (Pipecat's 5 s).
-SUMMARY_SECONDS = 5.0
 #: LLM turns in a row that one `respond` makes while function calls stay in the node.
 MAX_TURNS = 8
-
-
-class _NoResponse:
-    def __repr__(self) -> str:
-        return "NO_RESPONSE"
-
-
-#: Return ``(result, NO_RESPONSE)`` from a node function to stay in the node without another
-#: LLM turn (as Pipecat's ``NO_RESPONSE``).
-NO_RESPONSE: Any = _NoResponse()
-
-NodeLike = NodeConfig | Mapping[str, Any]
 
 
 class FlowManager:
@@ -140,18 +120,14 @@ class FlowManager:
         self.actions_service, self.actions_timeout = actions_service, actions_timeout
         self.function_timeout = function_timeout
         self.run_in_parallel = run_in_parallel
-        #: For nodes that set none (any of Pipecat's forms, as a node's `context_strategy`).
-        self.context_strategy = context_strategy_of(context_strategy)
-        self._summary_prompt = summary_prompt_of(context_strategy)
+        #: The LLM context; `context_strategy` is for the nodes that set none (any of
+        #: Pipecat's forms, as a node's `context_strategy`).
+        self.context = LLMContext(
+            context_strategy_of(context_strategy), summary_prompt_of(context_strategy)
+        )
         self.session_id = bot.session
         self.state = SharedState()
         self.current_node: str | None = None
-        #: The LLM context, in OpenAI's chat form as Pipecat's context holds it (a function
-        #: call is the assistant's ``tool_calls`` message, then the ``tool`` message with its
-        #: result as JSON), and the role message given before it (`role_message` of the last
-        #: node that set one).
-        self.messages: list[dict[str, Any]] = []
-        self.role_message: str | None = None
         #: Post-action failures the actions service reported: (node, action type, error).
         self.action_errors: list[tuple[str, str, str]] = []
         self.ended = anyio.Event()
@@ -202,6 +178,16 @@ class FlowManager:
                     yield manager
                 finally:
                     tg.cancel_scope.cancel()
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The LLM context, in OpenAI's chat form (`LLMContext.messages`)."""
+        return self.context.messages
+
+    @property
+    def role_message(self) -> str | None:
+        """The role message given before the context: the last node's that set one."""
+        return self.context.role_message
 
     # -- Pipecat Flows' API -----------------------------------------------------------------
     def register_action(self, action_type: str, handler: Handler) -> None:
@@ -329,7 +315,7 @@ class FlowManager:
             # earlier one: their actions that did not run never will. (An entry without
             # actions is not waited for: the post-actions before it may still be running.)
             self._bot_actions = {k: a for k, a in self._bot_actions.items() if a[0] >= gen}
-        self._enter_context(config, await self._summary(config))
+        self.context.enter(config, await self.context.summary(config, self.llm, self.session_id))
         return outcome
 
     async def respond(self, user_text: str | None = None) -> None:
@@ -385,23 +371,13 @@ class FlowManager:
         for scope in self._cancellable:
             scope.cancel()
 
-    @contextmanager
-    def _interruptible_scope(self, scopes: set[anyio.CancelScope]) -> Iterator[anyio.CancelScope]:
-        """A scope that `interrupt` cancels, kept in `scopes` while it is open."""
-        with anyio.CancelScope() as scope:
-            scopes.add(scope)
-            try:
-                yield scope
-            finally:
-                scopes.discard(scope)
-
     async def _turn(self, node: NodeConfig, gen: int) -> tuple[NodeLike | None, bool]:
         """Ask the LLM, publish and speak its reply, run its function calls (from the moment
         the reply is complete, while it is spoken, as Pipecat does); the node they ask for
         (the last one), and whether the LLM is to see their results. Their results go into
         the context after what was heard of the reply, and their node is entered once the
         reply was spoken."""
-        calls = _Calls(self._interrupts)
+        calls = Calls(self._interrupts)
         asked = CURRENT_NODE.set(node.name)
         try:
             with unwrapped():  # (an error of the LLM's, the TTS's or a call's as itself)
@@ -430,7 +406,7 @@ class FlowManager:
         finished = TTSFinished(node=node.name, gen=gen, interrupted=interrupted, heard=heard_text)
         return reply if await self._publish(finished) else None
 
-    async def _run_calls(self, node: NodeConfig, reply: LLMResponse, calls: _Calls) -> None:
+    async def _run_calls(self, node: NodeConfig, reply: LLMResponse, calls: Calls) -> None:
         """Run the reply's function calls, together or one after another (`run_in_parallel`),
         noting what they give in `calls`: their messages in the order of the calls, the node
         asked for by the last to finish that asks for one (as in Pipecat). They see what
@@ -439,7 +415,15 @@ class FlowManager:
 
         async def run(call: FunctionCall, messages: list[dict[str, Any]]) -> None:
             after_interrupt = self._interrupts != calls.interrupts
-            asks, responds = await self._call_function(node, call, messages, after_interrupt)
+            asks, responds = await call_function(
+                self,
+                node,
+                call,
+                messages,
+                cancellable=self._cancellable,
+                checked=self._checked,
+                after_interrupt=after_interrupt,
+            )
             calls.next_node, calls.again = asks or calls.next_node, calls.again or responds
 
         await self.state.load(self._read_state)
@@ -460,8 +444,8 @@ class FlowManager:
         (None if it was dropped, or not published), and whether its speech was interrupted
         and what was heard."""
         reply = None
-        with self._interruptible_scope(self._generating):
-            reply = await self.llm.generate(self._context(), tools)
+        with interruptible(self._generating):
+            reply = await self.llm.generate(self.context.for_llm(), tools)
         if reply is None:
             self._log_dropped(node)
             return None, (False, None)
@@ -506,7 +490,7 @@ class FlowManager:
                         reply = None
                 elif failure is None:
                     self._log_dropped(node)
-        self._keep_heard(spoken.text)
+        self.context.keep_heard(spoken.text)
         if failure is not None:
             raise failure
         return reply, (spoken.interrupted, spoken.text)
@@ -518,9 +502,9 @@ class FlowManager:
         `interrupt` cut it short."""
         text: list[str] = []
         calls: list[FunctionCall] = []
-        with self._interruptible_scope(self._generating) as generating:
+        with interruptible(self._generating) as generating:
             # (cut short, an async generator is closed where it waits: its response too)
-            async for part in self.llm.stream(self._context(), tools):  # type: ignore[attr-defined]
+            async for part in self.llm.stream(self.context.for_llm(), tools):  # type: ignore[attr-defined]
                 if part.text:
                     text.append(part.text)
                     with suppress(anyio.BrokenResourceError):  # (its speech was cut)
@@ -657,131 +641,6 @@ class FlowManager:
             )
         return "ended" if result.ended else "done"
 
-    async def _summary(self, node: NodeConfig) -> str | None:
-        """For a node that resets the context with a summary, the LLM's summary of the context
-        so far, asked for as Pipecat asks (its reply in `CURRENT_NODE` ``NODE/summary``, within
-        `SUMMARY_SECONDS`); None otherwise, or if there is none (the context is kept then)."""
-        strategy = node.context_strategy or self.context_strategy
-        if strategy is not ContextStrategy.RESET_WITH_SUMMARY or not self.messages:
-            return None
-        prompt = node.summary_prompt if node.context_strategy else self._summary_prompt
-        asked: list[dict[str, Any]] = [
-            {"role": "system", "content": prompt},
-            {"role": "developer", "content": f"Conversation history: {self.messages}"},
-        ]
-        summary: str | None = None
-        token = CURRENT_NODE.set(f"{node.name}/summary")
-        try:
-            with anyio.move_on_after(SUMMARY_SECONDS):
-                summary = (await self.llm.generate(asked, [])).text
-        except Exception as exc:
-            log.error("summary_failed", session=self.session_id, error=str(exc))
-        finally:
-            CURRENT_NODE.reset(token)
-        if not summary:
-            log.warning("summary_missing", session=self.session_id, node=node.name)
-        return summary or None
-
-    def _enter_context(self, node: NodeConfig, summary: str | None = None) -> None:
-        """The node's messages into the context (after a reset, alone, or after the summary
-        of a RESET_WITH_SUMMARY, which keeps the context if it has none, as Pipecat does); its
-        role message, if it has one, replaces the one before, which is kept across nodes as in
-        Pipecat (an instruction of the LLM's, not a message of the context)."""
-        strategy = node.context_strategy or self.context_strategy
-        if strategy is ContextStrategy.RESET:
-            self.messages = []
-        elif strategy is ContextStrategy.RESET_WITH_SUMMARY and summary is not None:
-            said = f"Here's a summary of the conversation:\n{summary}"
-            self.messages = [{"role": "developer", "content": said}]
-        if node.role_message:
-            self.role_message = node.role_message
-        self.messages.extend(node.role_messages)
-        self.messages.extend(node.task_messages)
-
-    def _context(self) -> list[dict[str, Any]]:
-        """What the LLM is given: the role message first, then the context."""
-        role = [{"role": "system", "content": self.role_message}] if self.role_message else []
-        return [*role, *self.messages]
-
-    async def _call_function(
-        self,
-        node: NodeConfig,
-        call: FunctionCall,
-        context: list[dict[str, Any]],
-        after_interrupt: bool = False,
-    ) -> tuple[NodeLike | None, bool]:
-        """Run the function the LLM called (not one ``cancel_on_interruption`` if the caller
-        interrupted already: `after_interrupt`), and put what the LLM gets back into
-        `context`; the node it asks for (its handler's, else its `transition_to`), if any, and
-        whether the LLM is to see its result (as Pipecat: a function that stays in the node,
-        unless its handler returned ``(result, NO_RESPONSE)``)."""
-        function = next((f for f in node.functions if f.name == call.name), None)
-        next_node: Any = None
-        result: Any = ACKNOWLEDGED  # a function with only a transition_to
-        try:
-            if function is None:
-                raise FlowTransitionError(f"function {call.name!r} is not a function of this node")
-            target = function.transition_to
-            if function.handler is None and target is None:
-                raise FlowTransitionError(f"function {call.name!r} has no handler")
-            if any(self.flow is None or t not in self.flow.nodes for t in function.targets()):
-                raise FlowTransitionError(
-                    f"function {call.name!r} goes to {target!r}, no node of the flow"
-                )
-            if after_interrupt and function.cancel_on_interruption:
-                raise _Interrupted
-            if function.handler is not None:
-                timeout = function.timeout or self.function_timeout
-                # (a set of its own for one that nothing is to cancel)
-                cancellable = self._cancellable if function.cancel_on_interruption else set()
-                interruptible = self._interruptible_scope(cancellable)
-                with anyio.move_on_after(timeout) as scope, interruptible as interrupted:
-                    returned = await invoke_function(function.handler, call.arguments, self)
-                # (a plain handler's thread returns late, not cancelled)
-                if interrupted.cancel_called:
-                    raise _Interrupted
-                if scope.cancel_called:
-                    raise TimeoutError(f"timed out after {timeout}s")
-                if isinstance(returned, tuple):
-                    result, next_node = returned
-                else:
-                    result = returned
-            if next_node is TRANSITION_IN_YAML:
-                if target is None and not function.from_file:  # (as Pipecat: nothing decides)
-                    raise InvalidFunctionError(
-                        f"function {call.name!r} returned TRANSITION_IN_YAML, but it has no "
-                        "transition_to and is not of a flow file: return a node's config, or "
-                        "None to stay"
-                    )
-                next_node = None
-            if next_node is None and target is not None and self.flow is not None:
-                name = target if isinstance(target, str) else target.destination(call.name, result)
-                next_node = self.flow.nodes[name] if name else None
-            if next_node and next_node is not NO_RESPONSE:  # (as Pipecat, a falsy one stays)
-                if isinstance(next_node, str):
-                    raise InvalidFunctionError(
-                        f"function {call.name!r} returned the node name {next_node!r}: return "
-                        "its config, or (result, TRANSITION_IN_YAML) and give it a transition_to"
-                    )
-                try:  # an error of the function's, as in Pipecat, not of the LLM turn
-                    next_node = self._checked(next_node)
-                except InvalidNodeError as exc:
-                    problem = f"function {call.name!r} returned a node that cannot be entered"
-                    raise InvalidFunctionError(f"{problem}: {exc}") from None
-            result = ACKNOWLEDGED if result is None else result
-        except _Interrupted:
-            log.info("function_call_cancelled", function=call.name, why="interrupt")
-            context.extend(_function_call_messages(call, CANCELLED))
-            return None, False  # nowhere, and no LLM turn for it: the caller's turn comes
-        except Exception as exc:
-            result = {"status": "error", "error": str(exc)}  # as Pipecat gives it; it stays
-            next_node = None
-            log.error("function_call_failed", function=call.name, error=str(exc))
-        context.extend(_function_call_messages(call, _content(result)))
-        if next_node is NO_RESPONSE:
-            return None, False
-        return (next_node or None), not next_node
-
     async def _serve_commands(self) -> None:
         async with anyio.create_task_group() as actions:
             async for message in self.bot.commands:
@@ -833,13 +692,8 @@ class FlowManager:
         if spoken.interrupted:
             self._cancel_calls()
         if append:
-            self._keep_heard(spoken.text)
+            self.context.keep_heard(spoken.text)
         return spoken.interrupted, said.text if isinstance(said, Spoken) else None
-
-    def _keep_heard(self, text: str) -> None:
-        """What the caller heard the bot say goes into the LLM's context (if it heard any)."""
-        if text:
-            self.messages.append({"role": "assistant", "content": text})
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
         # Each is asked for once (a worker that runs the action again does not send it
@@ -867,40 +721,6 @@ class FlowManager:
 _OnReply = Callable[[LLMResponse], None]
 
 
-class _Calls:
-    """What a reply's function calls gave: the node they ask for, whether the LLM is to see
-    their results, the messages for the context; `interrupts` is the manager's count of
-    interruptions when the LLM was asked."""
-
-    def __init__(self, interrupts: int) -> None:
-        self.interrupts = interrupts
-        self.next_node: NodeLike | None = None
-        self.again = False
-        self.messages: list[dict[str, Any]] = []
-
-
 def _completed(node: NodeConfig, gen: int, reply: LLMResponse) -> LLMCompleted:
     calls = [c.name for c in reply.function_calls]
     return LLMCompleted(node=node.name, gen=gen, text=reply.text, function_calls=calls)
-
-
-class _Interrupted(Exception):
-    """A ``cancel_on_interruption`` function's handler was cancelled by `interrupt`."""
-
-
-def _content(result: Any) -> str:
-    """A function's result as the tool message holds it, as Pipecat writes it: JSON, or
-    "COMPLETED" for a falsy one (an object JSON has no form for: its `str`)."""
-    return json.dumps(result, ensure_ascii=False, default=str) if result else "COMPLETED"
-
-
-def _function_call_messages(call: FunctionCall, content: str) -> list[dict[str, Any]]:
-    """A function call and what it gave as Pipecat's context holds them, in OpenAI's form: the
-    assistant's call, then the tool's message with `content`."""
-    call_id = call.id or f"call_{secrets.token_hex(12)}"  # (an LLM that gave the call none)
-    arguments = json.dumps(call.arguments, ensure_ascii=False, default=str)
-    asked = {"id": call_id, "function": {"name": call.name, "arguments": arguments}}
-    return [
-        {"role": "assistant", "tool_calls": [asked | {"type": "function"}]},
-        {"role": "tool", "content": content, "tool_call_id": call_id},
-    ]
