@@ -12,7 +12,7 @@ import json
 import re
 import typing
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -402,3 +402,28 @@ def _action(node: str, key: str, action: Any, handlers: Mapping[str, Handler]) -
         problem = f"action {kind!r} has a value that is not JSON: {exc}"
         raise InvalidNodeError(node, key, problem) from None
     return dict(action)
+
+
+def checked_node(
+    node: NodeConfig | Mapping[str, Any],
+    flow: FlowConfig | None,
+    global_functions: Sequence[FunctionConfig] = (),
+) -> NodeConfig:
+    """`node` validated for a manager of `flow` (None: of no flow), with the global functions
+    first; `InvalidNodeError` if it cannot be entered."""
+    config = parse_node(node)
+    if global_functions:  # (a function of the node's own of the same name wins)
+        own = {f.name for f in config.functions}
+        shared = [f for f in global_functions if f.name not in own]
+        config = replace(config, functions=[*shared, *config.functions])
+    for function in config.functions:  # refused now, not when the LLM calls it
+        if function.handler is None and function.transition_to is None:
+            where = f"functions.{function.name}"
+            raise InvalidNodeFunctionError(config.name, where, "no handler and no transition_to")
+        nodes = flow.nodes if flow else {}
+        for target in (t for t in function.targets() if t not in nodes):
+            problem = f"transition_to {target!r} is not a node of the manager's flow"
+            if flow is None:
+                problem = f"transition_to {target!r} needs a FlowManager given a flow"
+            raise InvalidNodeFunctionError(config.name, f"functions.{function.name}", problem)
+    return config

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
 from typing import Any, Literal
 
 import anyio
@@ -28,15 +27,15 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from bus import Bus, Message, Payload, SessionEndedError
 
-from .actions import BUILTINS
 from .bot import BotSession, unwrapped
+from .bot_actions import BotActions
 from .calling import invoke_action, is_seconds
 from .config import (
     ContextStrategy,
     FlowConfig,
     NodeConfig,
+    checked_node,
     context_strategy_of,
-    parse_node,
     summary_prompt_of,
 )
 from .context import LLMContext
@@ -44,7 +43,6 @@ from .errors import (
     ActionError,
     FlowInitializationError,
     FlowTransitionError,
-    InvalidNodeFunctionError,
 )
 from .function_calls import Calls, NodeLike, call_function, interruptible
 from .functions import Handler, parse_function, unique_functions
@@ -142,10 +140,7 @@ class FlowManager:
         self._initialized = False
         self._initialize_returned = anyio.Event()  # (a `respond` meanwhile waits for it)
         self._started = False  # session.started published
-        #: The bot's own actions of node entries, by the key their actions name: (gen,
-        #: handler). Dropped once run, or once the actions service will not run them.
-        self._bot_actions: dict[str, tuple[int, Handler]] = {}
-        self._registered: dict[str, Handler] = {}
+        self._bot_actions = BotActions()
         self._pre_wait: anyio.CancelScope | None = None
         #: What `interrupt` cancels: LLM replies being generated (`_generating`), and the
         #: handlers of functions that are ``cancel_on_interruption`` (`_cancellable`).
@@ -192,9 +187,7 @@ class FlowManager:
     # -- Pipecat Flows' API -----------------------------------------------------------------
     def register_action(self, action_type: str, handler: Handler) -> None:
         """Run actions of `action_type` in this bot process (at their place in the list)."""
-        if not callable(handler):
-            raise ValueError(f"the handler of action {action_type!r} is not callable")
-        self._registered[action_type] = handler
+        self._bot_actions.register(action_type, handler)
 
     async def initialize(self, initial_node: NodeLike | None = None) -> None:
         """Start the session and enter `initial_node` (or the flow's initial node). As in
@@ -235,13 +228,13 @@ class FlowManager:
             raise FlowTransitionError("set a node only after initialize()")
         if self._ending:
             raise FlowTransitionError(f"the session {self.session_id!r} has ended")
-        config = self._checked(node)
+        config = self._check(node)
         self._gen += 1
         gen = self._entering = self._gen
         try:
             outcome = await self._enter(config, gen)
         except Exception:  # not entered: its actions failed, or the bot does not wait for them
-            self._bot_actions = {k: a for k, a in self._bot_actions.items() if a[0] != gen}
+            self._bot_actions.drop(gen)
             raise
         finally:
             if self._entering == gen:
@@ -249,27 +242,8 @@ class FlowManager:
         if config.respond_immediately and outcome == "done":
             await self.respond()
 
-    def _checked(self, node: NodeLike) -> NodeConfig:
-        """`node` validated, with the global functions; `InvalidNodeError` if it cannot be
-        entered."""
-        config = parse_node(node)
-        if self.global_functions:  # (a function of the node's own of the same name wins)
-            own = {f.name for f in config.functions}
-            shared = [f for f in self.global_functions if f.name not in own]
-            config = replace(config, functions=[*shared, *config.functions])
-        for function in config.functions:  # refused now, not when the LLM calls it
-            if function.handler is None and function.transition_to is None:
-                where = f"functions.{function.name}"
-                raise InvalidNodeFunctionError(
-                    config.name, where, "no handler and no transition_to"
-                )
-            nodes = self.flow.nodes if self.flow else {}
-            for target in (t for t in function.targets() if t not in nodes):
-                problem = f"transition_to {target!r} is not a node of the manager's flow"
-                if self.flow is None:
-                    problem = f"transition_to {target!r} needs a FlowManager given a flow"
-                raise InvalidNodeFunctionError(config.name, f"functions.{function.name}", problem)
-        return config
+    def _check(self, node: NodeLike) -> NodeConfig:
+        return checked_node(node, self.flow, self.global_functions)
 
     async def _enter(self, config: NodeConfig, gen: int) -> Literal["done", "ended", "superseded"]:
         """Enter `config` as node entry `gen`: publish it, wait for its pre-actions; whether
@@ -285,8 +259,8 @@ class FlowManager:
             respond_immediately=config.respond_immediately,
             wait_ms=max(1, int(self.actions_timeout * 1000)),  # 0 is no limit
             service=self.actions_service,
-            pre_actions=self._wire_all(config.pre_actions, gen, "pre"),
-            post_actions=self._wire_all(config.post_actions, gen, "post"),
+            pre_actions=self._bot_actions.wire(config.pre_actions, gen, "pre"),
+            post_actions=self._bot_actions.wire(config.post_actions, gen, "post"),
         )
         await self.state.flush(self._write_state)
         with structlog.contextvars.bound_contextvars(session=self.session_id, node=config.name):
@@ -314,7 +288,7 @@ class FlowManager:
             # The actions service ran this entry's pre-actions, so it is done with every
             # earlier one: their actions that did not run never will. (An entry without
             # actions is not waited for: the post-actions before it may still be running.)
-            self._bot_actions = {k: a for k, a in self._bot_actions.items() if a[0] >= gen}
+            self._bot_actions.drop_before(gen)
         self.context.enter(config, await self.context.summary(config, self.llm, self.session_id))
         return outcome
 
@@ -421,7 +395,7 @@ class FlowManager:
                 call,
                 messages,
                 cancellable=self._cancellable,
-                checked=self._checked,
+                checked=self._check,
                 after_interrupt=after_interrupt,
             )
             calls.next_node, calls.again = asks or calls.next_node, calls.again or responds
@@ -566,30 +540,6 @@ class FlowManager:
     async def _write_state(self, fields: Mapping[str, str | bytes]) -> None:
         await self.bot.bus.write_state(self.session_id, fields)
 
-    def _wire_all(
-        self, actions: list[dict[str, Any]], gen: int, phase: Literal["pre", "post"]
-    ) -> list[dict[str, Any]]:
-        """Actions of node entry `gen` as data; a callable handler (inline, or registered in
-        this bot) stays here and its action names it by a key instead."""
-        wired = []
-        for i, action in enumerate(actions):
-            handler, kind = action.get("handler"), action["type"]
-            if kind in BUILTINS and kind != "function":  # as Pipecat: an inline handler of a
-                handler = self._registered.get(kind)  # built-in is ignored (registered ones run)
-            elif callable(handler) and kind not in BUILTINS:  # as Pipecat: registered
-                handler = self._registered.setdefault(kind, handler)  # on first sight only
-            elif not callable(handler):
-                handler = self._registered.get(kind)
-            if callable(action.get("handler")):  # the bot's own: not data
-                action = {k: v for k, v in action.items() if k != "handler"}
-            if handler is None:
-                wired.append(action)
-                continue
-            key = f"{gen}/{phase}/{i}"
-            self._bot_actions[key] = (gen, handler)
-            wired.append(action | {"bot_handler": key})
-        return wired
-
     async def _run_pre_actions(
         self, entered: NodeEntered
     ) -> Literal["done", "ended", "superseded"]:
@@ -696,16 +646,14 @@ class FlowManager:
         return spoken.interrupted, said.text if isinstance(said, Spoken) else None
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
-        # Each is asked for once (a worker that runs the action again does not send it
-        # again): dropped, the table does not grow with every node entry of a long call.
-        wired = self._bot_actions.pop(key, None)
+        handler = self._bot_actions.take(key)
         error = ""
         try:
-            if wired is None:
+            if handler is None:
                 raise ActionError(f"no bot-side handler for action {action.get('type')!r}")
             await self.state.load(self._read_state)  # as a worker's action sees it
             with anyio.move_on_after(self.actions_timeout) as scope:
-                await invoke_action(wired[1], action, self)
+                await invoke_action(handler, action, self)
             if scope.cancel_called:  # (a plain handler's thread returns late, not cancelled)
                 error = f"timed out after {self.actions_timeout}s"
             await self.state.flush(self._write_state)  # for the actions after it

@@ -517,7 +517,7 @@ async def test_bot_side_actions_run_in_the_bot_in_order_even_when_they_set_a_nod
         await wait_for(lambda: fm.current_node == "second", what="the transition")
     events = await timeline(bus, "call-1")
     assert ran == ["tag t1", "jump from None"]  # current_node is the old one during pre-actions
-    assert fm._bot_actions == {}  # each dropped once run: no growth over a long call
+    assert fm._bot_actions.due() == []  # each dropped once run: no growth over a long call
     assert before(events, "action.finished:X", "tts.started:Now in second")
     assert before(events, "tts.finished:Now in second", "action.started:after-say")
 
@@ -536,15 +536,15 @@ async def test_bot_side_actions_that_will_not_run_are_dropped_from_the_bot(actio
         await fm.initialize(node("a", post=[tagged], respond_immediately=False))
         # No reply in "a": its post-actions never run once "b" is entered.
         await fm.set_node_from_config(node("b", pre=[note("B")], respond_immediately=False))
-        assert fm._bot_actions == {}
+        assert fm._bot_actions.due() == []
         broken = node("c", pre=[{"type": "unknown"}], post=[tagged], respond_immediately=False)
         with pytest.raises(ActionError, match="'unknown' is not registered"):
             await fm.set_node_from_config(broken)
-        assert fm._bot_actions == {}
+        assert fm._bot_actions.due() == []
         await fm.set_node_from_config(node("d", post=[tagged], respond_immediately=False))
-        assert list(fm._bot_actions) == ["4/post/0"]  # still due, at the next reply
+        assert fm._bot_actions.due() == ["4/post/0"]  # still due, at the next reply
         await fm.end()
-        assert fm._bot_actions == {}
+        assert fm._bot_actions.due() == []
     assert ran == []
 
 
@@ -576,7 +576,7 @@ async def test_a_bot_side_post_action_still_due_after_the_next_node_was_entered_
         assert fm.current_node == "b"
         release.set()
         await wait_for(lambda: ran == ["after-hold in b"], what="the post-action of a")
-        assert fm._bot_actions == {}
+        assert fm._bot_actions.due() == []
 
 
 async def test_an_inline_handler_registers_its_type_on_first_sight_and_a_later_one_is_ignored(
