@@ -23,7 +23,8 @@ import os
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from itertools import pairwise
 
 import anyio
@@ -31,6 +32,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from bus import Codec, Delivery, Payload, Service, Settings, make_client
+from bus.connection import close
 
 GROUP = "probe"
 #: Session names listed in a failed check, at most.
@@ -146,8 +148,9 @@ def check_order(handlings: Iterable[Handling], expected: Mapping[str, int]) -> O
 
 
 class Recorder:
-    """The handler: one bounded connection pool per worker process, made on first use; with
-    `hold`, records wait in memory for the next `ProbeFlush`."""
+    """The handler: one bounded connection pool per worker process, held while it runs
+    (`opened`, the service's lifespan); with `hold`, records wait in memory for the next
+    `ProbeFlush`."""
 
     def __init__(self, *, hold: bool = False) -> None:
         self._redis: Redis | None = None
@@ -157,14 +160,23 @@ class Recorder:
         self._held: list[bytes] = []
         self._max_delay = float(os.environ.get("PROBE_MAX_DELAY_MS", "0")) / 1000
 
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """Its connection pool, to the deployment of the ``FLOWBUS_*`` environment, closed on
+        the way out."""
+        settings = Settings.from_env()
+        self._key = handled_key(settings.prefix)
+        self._redis = make_client(settings, max_connections=32)
+        try:
+            yield
+        finally:
+            redis, self._redis = self._redis, None
+            await close(redis)
+
     async def __call__(self, delivery: Delivery) -> None:
         handled_ns = time.time_ns()
         if self._redis is None:
-            settings = Settings.from_env()
-            self._redis, self._key = (
-                make_client(settings, max_connections=32),
-                handled_key(settings.prefix),
-            )
+            raise RuntimeError("the probe records within its lifespan (Recorder.opened) only")
         match delivery.payload:
             case ProbeTick(sent_ns=sent_ns, due_ns=due_ns):
                 session, seq, deliveries = delivery.session, delivery.seq, delivery.deliveries
@@ -188,5 +200,6 @@ class Recorder:
 
 
 _CODEC = Codec([ProbeTick, ProbeFlush])
-service = Service(GROUP, Recorder(), _CODEC)
-holding = Service(GROUP, Recorder(hold=True), _CODEC)
+_plain, _holding = Recorder(), Recorder(hold=True)
+service = Service(GROUP, _plain, _CODEC, lifespan=_plain.opened)
+holding = Service(GROUP, _holding, _CODEC, lifespan=_holding.opened)
