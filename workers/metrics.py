@@ -97,10 +97,10 @@ class Metrics:
         if first and "replay_of" not in delivery.extra:
             self.delay.labels(self.service).observe(max(0.0, started - delivery.ts / 1000))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    def serve(self, port: int, host: str = "0.0.0.0") -> MetricsServer:
         """Serve ``/metrics`` and ``/healthz`` on `port` (0: any free one; the server's
         ``server_address`` says which) in a daemon thread; returns the HTTP server (call
-        ``shutdown()`` to stop it). Raises `OSError` if the port cannot be bound."""
+        ``stop()`` to stop it). Raises `OSError` if the port cannot be bound."""
         metrics = self
 
         class Pages(BaseHTTPRequestHandler):
@@ -133,8 +133,8 @@ class Metrics:
                 pass  # no access log on stderr, where the worker's own log goes
 
         family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
-        server_class = type("Server", (_Server,), {"address_family": family})
-        server: ThreadingHTTPServer = server_class((host, port), Pages)
+        server_class = type("Server", (MetricsServer,), {"address_family": family})
+        server: MetricsServer = server_class((host, port), Pages)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 
@@ -156,8 +156,15 @@ class Metrics:
             await anyio.sleep(REFRESH_SECONDS)
 
 
-class _Server(ThreadingHTTPServer):
+class MetricsServer(ThreadingHTTPServer):
+    """The HTTP server of a worker's metrics, serving in a thread of its own."""
+
     daemon_threads = True
+
+    def stop(self) -> None:
+        """Stop serving, and close the port (``shutdown()`` alone leaves it open)."""
+        self.shutdown()
+        self.server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A request that failed (most often its client went away): one log line, rather than

@@ -148,7 +148,7 @@ async def serve(
             tg.cancel_scope.cancel()
     finally:
         if http is not None:
-            http.shutdown()
+            http.stop()
     return 128 + hard_stop[0] if hard_stop else 0
 
 

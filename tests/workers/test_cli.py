@@ -389,23 +389,24 @@ def test_a_port_that_speaks_no_redis_and_a_database_out_of_range_are_said_plainl
         assert_fails_clearly(done, 1, "is not a Redis server", "is the port right?", url)
     finally:
         web.shutdown()
+        web.server_close()
     done = flowbus("inspect", "groups", "--redis-url", f"redis://127.0.0.1:{server.port}/99")
     assert_fails_clearly(done, 1, "the server refused us: DB index is out of range", "/99")
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(settings: Settings) -> None:
     """As ``flowbus dead list | head -1`` does once head has its line."""
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "workers", "inspect", "owners"],
         cwd=ROOT,
         env={**os.environ, **settings_env(settings)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()  # before it writes
-    stderr = proc.stderr.read().decode()
-    assert proc.wait(60) == 0, stderr
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before it writes
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(60) == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 

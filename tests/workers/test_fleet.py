@@ -42,10 +42,10 @@ def standin(handler: str) -> subprocess.Popen[bytes]:
 async def test_terminate_returns_the_exit_status_and_kills_a_worker_that_does_not_stop(
     tmp_path: Path, handler: str, status: int
 ) -> None:
-    popen = standin(handler)
     fleet = Fleet(Settings(), "unused:service", "group", tmp_path)
-    worker = WorkerProcess("w-1", tmp_path / "w-1.log", popen)
-    fleet.workers.append(worker)
-    assert await fleet.terminate(worker, within=0.5) == status
+    with standin(handler) as popen:  # (its pipe closed on the way out)
+        worker = WorkerProcess("w-1", tmp_path / "w-1.log", popen)
+        fleet.workers.append(worker)
+        assert await fleet.terminate(worker, within=0.5) == status
     assert not worker.alive and fleet.stopped == {"w-1"}
     fleet.check_alive()  # stopped on purpose: not an error

@@ -202,7 +202,7 @@ def test_healthz_says_whether_the_loop_refreshes_and_the_leases_are_renewed() ->
         with urllib.request.urlopen(head, timeout=5) as page:  # it was 501
             assert page.status == 200 and page.read() == b""
     finally:
-        server.shutdown()
+        server.stop()
 
 
 async def test_a_lag_that_cannot_be_read_is_said_once_and_the_gauge_keeps_its_value(
@@ -245,7 +245,7 @@ def test_the_metrics_server_closes_a_connection_that_sends_no_request(
             assert idle.recv(1) == b""  # closed by the server (a timeout here: still open)
         assert fetch(port, "/metrics")[0] == 200
     finally:
-        server.shutdown()
+        server.stop()
 
 
 async def test_a_request_its_client_cut_short_is_a_log_line_not_a_traceback(
@@ -265,7 +265,7 @@ async def test_a_request_its_client_cut_short_is_a_log_line_not_a_traceback(
             # closed with a reset: the server's read of the headers fails
             await wait_for(lambda: any(x["event"] == "metrics_request_failed" for x in logs))
     finally:
-        server.shutdown()
+        server.stop()
     [line] = [x for x in logs if x["event"] == "metrics_request_failed"]
     assert line["error"].startswith("ConnectionResetError")
     assert "Traceback" not in capfd.readouterr().err  # socketserver's, amid the JSON lines
