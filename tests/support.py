@@ -249,7 +249,8 @@ class Proxy:
         return f"redis://127.0.0.1:{self._listener.extra(anyio.abc.SocketAttribute.local_port)}/0"
 
     async def serve(self) -> None:
-        await self._listener.serve(self._link)
+        async with self._listener:  # (closed once cancelled)
+            await self._listener.serve(self._link)
 
     def silence(self, command: bytes) -> None:
         """Drop all that goes through the links on which `command` was sent so far."""

@@ -139,6 +139,7 @@ async def test_a_write_on_a_connection_reset_under_it_is_a_lost_connection(clien
     await wait_for(lambda: connection._writer.transport.is_closing(), what="the reset")
     with pytest.raises(RedisConnectionError):
         await connection.send_packed_command(b"PING\r\n", check_health=False)
+    await connection.disconnect()  # (its socket, closed under it: nothing left open)
 
 
 async def _socket_only(connection: Any) -> None:
@@ -166,6 +167,7 @@ async def test_a_batch_without_replies_fails_as_lost_and_a_cancelled_one_is_canc
         with anyio.move_on_after(0.1) as scope:
             await batch(connection, [("PING",)])
         assert scope.cancelled_caught  # the caller's cancellation, not a timeout
+        await connection.disconnect()
 
 
 @pytest.mark.parametrize(

@@ -22,18 +22,20 @@ async def test_a_journal_write_waits_out_a_server_restart(monkeypatch: pytest.Mo
         settings = Settings.from_env({}, url=server.url, prefix="journal")
         for name, value in settings_env(settings).items():
             monkeypatch.setenv(name, value)
-        journal = Journal()
+        async with Journal().open() as journal:
 
-        async def handled(seq: int) -> None:
-            emitter = EmitterRef("transport.daily", "DailyTransport#0", "call-1", seq, 1, Mock())
-            await journal.event(emitter, "on_client_connected", "crm")
+            async def handled(seq: int) -> None:
+                emitter = EmitterRef(
+                    "transport.daily", "DailyTransport#0", "call-1", seq, 1, Mock()
+                )
+                await journal.event(emitter, "on_client_connected", "crm")
 
-        await handled(1)  # connected
-        server.kill()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handled, 2)
-            await anyio.wait_all_tasks_blocked()  # its write found the server gone
-            server.start()
+            await handled(1)  # connected
+            server.kill()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(handled, 2)
+                await anyio.wait_all_tasks_blocked()  # its write found the server gone
+                server.start()
         async with make_client(settings) as client:
             records = await read_journal(client, "journal", "call-1")
     assert [r.seq for r in records if isinstance(r, EventRecord)] == [1, 2]

@@ -248,6 +248,16 @@ def test_the_metrics_server_closes_a_connection_that_sends_no_request(
         server.stop()
 
 
+def test_a_stopped_metrics_server_closes_its_port() -> None:
+    """Not only its loop: a connection to the port is refused, not left in its backlog."""
+    server = Metrics("svc").serve(0, "127.0.0.1")
+    port = server.server_address[1]
+    assert fetch(port, "/metrics")[0] == 200
+    server.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
 async def test_a_request_its_client_cut_short_is_a_log_line_not_a_traceback(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
