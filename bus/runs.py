@@ -82,6 +82,9 @@ class Runs:
 
 @dataclass(slots=True, eq=False)
 class Partition:
+    """A partition this worker holds: its lease, the lane its steps go by, its sessions' runs,
+    and how long the lease is surely still ours."""
+
     number: int
     token: str
     steps: StepBatcher  # the lane its sessions' steps go by
