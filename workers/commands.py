@@ -276,6 +276,7 @@ def _again(
 
 async def dead(bus: Bus, args: argparse.Namespace) -> int:
     from . import deadletters as d
+    from . import views
 
     read = partial(_again, bus, f"dead {args.action}")
 
@@ -298,14 +299,14 @@ async def dead(bus: Bus, args: argparse.Namespace) -> int:
         letters = await read(d.list_dead, bus, group=args.group, session=args.session)
         letters.sort(key=lambda x: (*map(int, x.id.split("-")), x.partition))  # oldest first
         shown = letters[:limit]
-        print_json(shown) if args.json else print(d.render_list(shown))
+        print_json(shown) if args.json else print(views.render_dead_letters(shown))
         if len(letters) > len(shown):
             more = len(letters) - len(shown)
             print(f"flowbus: {more} more dead letters (--limit N shows more)", file=sys.stderr)
         return 0
     if args.action == "show":
         letter = await find(args.ref)
-        print_json(letter) if args.json else print(d.render_one(letter))
+        print_json(letter) if args.json else print(views.render_dead_letter(letter))
         return 0
     if bool(args.refs) == args.all:
         both = ", not both" if args.all else ""

@@ -1,4 +1,5 @@
-"""How ``flowbus inspect`` shows what `inspection` read: tables, and a line per followed entry."""
+"""How ``flowbus inspect`` and ``flowbus dead`` show what they read (`inspection`,
+`deadletters`): tables, a line per followed entry, a dead letter whole."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from .deadletters import DeadLetter
 from .inspection import (
     MALFORMED,
     EventRow,
@@ -201,3 +203,42 @@ def duration(ms: int) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.0f}h"
+
+
+def render_dead_letters(letters: list[DeadLetter]) -> str:
+    if not letters:
+        return "no dead letters"
+    return table(
+        ["DEAD LETTER", "SESSION", "GROUP", "SEQ", "TYPE", "TRIES", "STATE", "ERROR"],
+        (
+            [
+                d.ref,
+                d.session,
+                d.group,
+                d.seq,
+                d.type + (" (replayed)" if d.replay_of else ""),
+                d.deliveries,
+                "paused" if d.paused else d.policy,
+                d.error if len(d.error) <= 60 else d.error[:59] + "…",
+            ]
+            for d in letters
+        ),
+    )
+
+
+def render_dead_letter(d: DeadLetter) -> str:
+    data = msgspec.json.format(msgspec.json.encode(d.data), indent=2).decode()
+    lines = [
+        f"dead letter {d.ref}",
+        f"  session     {d.session} (partition {d.partition})",
+        f"  group       {d.group}",
+        f"  event       seq {d.seq} {d.type}, entry {d.entry}"
+        + (f" (a replay of entry {d.replay_of})" if d.replay_of else ""),
+        f"  deliveries  {d.deliveries}",
+        f"  policy      {d.policy}" + (" (the session is paused on it)" if d.paused else ""),
+        f"  error       {d.error}",
+        *(f"  {k:<11} {v}" for k, v in sorted(d.extra.items())),
+        "  data",
+        *(f"    {line}" for line in data.splitlines()),
+    ]
+    return "\n".join(lines)
