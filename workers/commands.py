@@ -31,7 +31,7 @@ class UsageError(Exception):
 
 
 async def simulate(bus: Bus, args: argparse.Namespace) -> int:
-    from .bots import ServicesMissingError, simulate
+    from . import bots
 
     if args.calls < 0 or not args.rate >= 1e-300 or args.calls_at_once < 1 or not args.wait >= 0:
         raise UsageError(  # (a rate of 1e-320 calls a second is a wait of for ever)
@@ -39,7 +39,7 @@ async def simulate(bus: Bus, args: argparse.Namespace) -> int:
             "--wait 0 or more"
         )
     try:
-        done = await simulate(
+        done = await bots.simulate(
             bus,
             calls=args.calls,
             rate=args.rate,
@@ -47,7 +47,7 @@ async def simulate(bus: Bus, args: argparse.Namespace) -> int:
             wait=args.wait,
             barge_in_every=args.barge_in_every,
         )
-    except ServicesMissingError as exc:
+    except bots.ServicesMissingError as exc:
         print(f"flowbus: {exc}", file=sys.stderr)
         return 1
     cut = f", {done.cut} cut short (their sessions ended)" if done.cut else ""
@@ -57,7 +57,7 @@ async def simulate(bus: Bus, args: argparse.Namespace) -> int:
     return 1 if done.failed else 0
 
 
-def print_json(value: object) -> None:
+def _print_json(value: object) -> None:
     sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
 
 
@@ -112,7 +112,7 @@ async def inspect(bus: Bus, args: argparse.Namespace) -> int:
         result = members = await read(i.members, bus)
         text = views.render_members(members)
     if args.json:
-        print_json(result)
+        _print_json(result)
     elif text:
         print(text)
     if more:
@@ -143,7 +143,7 @@ async def _follow(bus: Bus, detail: SessionDetail, args: argparse.Namespace) -> 
     async for stream, row in i.follow(bus, detail, inbox=args.inbox, on_services=on_services):
         started = started or row.ts  # a session that had not started: from its first event
         if args.json:
-            print_json({"stream": stream, "entry": row})
+            _print_json({"stream": stream, "entry": row})
         else:
             print(views.render_followed(stream, row, started))
         sys.stdout.flush()  # a pipe (| grep) sees each event when it comes
@@ -299,14 +299,14 @@ async def dead(bus: Bus, args: argparse.Namespace) -> int:
         letters = await read(d.list_dead, bus, group=args.group, session=args.session)
         letters.sort(key=lambda x: (*map(int, x.id.split("-")), x.partition))  # oldest first
         shown = letters[:limit]
-        print_json(shown) if args.json else print(views.render_dead_letters(shown))
+        _print_json(shown) if args.json else print(views.render_dead_letters(shown))
         if len(letters) > len(shown):
             more = len(letters) - len(shown)
             print(f"flowbus: {more} more dead letters (--limit N shows more)", file=sys.stderr)
         return 0
     if args.action == "show":
         letter = await find(args.ref)
-        print_json(letter) if args.json else print(views.render_dead_letter(letter))
+        _print_json(letter) if args.json else print(views.render_dead_letter(letter))
         return 0
     if bool(args.refs) == args.all:
         both = ", not both" if args.all else ""
