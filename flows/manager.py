@@ -120,7 +120,7 @@ class FlowManager:
         self.run_in_parallel = run_in_parallel
         #: The LLM context; `context_strategy` is for the nodes that set none (any of
         #: Pipecat's forms, as a node's `context_strategy`).
-        self.context = LLMContext(
+        self._context = LLMContext(
             context_strategy_of(context_strategy), summary_prompt_of(context_strategy)
         )
         self.session_id = bot.session
@@ -177,12 +177,12 @@ class FlowManager:
     @property
     def messages(self) -> list[dict[str, Any]]:
         """The LLM context, in OpenAI's chat form (`LLMContext.messages`)."""
-        return self.context.messages
+        return self._context.messages
 
     @property
     def role_message(self) -> str | None:
         """The role message given before the context: the last node's that set one."""
-        return self.context.role_message
+        return self._context.role_message
 
     # -- Pipecat Flows' API -----------------------------------------------------------------
     def register_action(self, action_type: str, handler: Handler) -> None:
@@ -289,7 +289,7 @@ class FlowManager:
             # earlier one: their actions that did not run never will. (An entry without
             # actions is not waited for: the post-actions before it may still be running.)
             self._bot_actions.drop_before(gen)
-        self.context.enter(config, await self.context.summary(config, self.llm, self.session_id))
+        self._context.enter(config, await self._context.summary(config, self.llm, self.session_id))
         return outcome
 
     async def respond(self, user_text: str | None = None) -> None:
@@ -419,7 +419,7 @@ class FlowManager:
         and what was heard."""
         reply = None
         with interruptible(self._generating):
-            reply = await self.llm.generate(self.context.for_llm(), tools)
+            reply = await self.llm.generate(self._context.for_llm(), tools)
         if reply is None:
             self._log_dropped(node)
             return None, (False, None)
@@ -464,7 +464,7 @@ class FlowManager:
                         reply = None
                 elif failure is None:
                     self._log_dropped(node)
-        self.context.keep_heard(spoken.text)
+        self._context.keep_heard(spoken.text)
         if failure is not None:
             raise failure
         return reply, (spoken.interrupted, spoken.text)
@@ -478,7 +478,7 @@ class FlowManager:
         calls: list[FunctionCall] = []
         with interruptible(self._generating) as generating:
             # (cut short, an async generator is closed where it waits: its response too)
-            async for part in self.llm.stream(self.context.for_llm(), tools):  # type: ignore[attr-defined]
+            async for part in self.llm.stream(self._context.for_llm(), tools):  # type: ignore[attr-defined]
                 if part.text:
                     text.append(part.text)
                     with suppress(anyio.BrokenResourceError):  # (its speech was cut)
@@ -642,7 +642,7 @@ class FlowManager:
         if spoken.interrupted:
             self._cancel_calls()
         if append:
-            self.context.keep_heard(spoken.text)
+            self._context.keep_heard(spoken.text)
         return spoken.interrupted, said.text if isinstance(said, Spoken) else None
 
     async def _run_bot_action(self, corr: str, key: str, action: dict[str, Any]) -> None:
