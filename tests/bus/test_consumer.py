@@ -1209,6 +1209,7 @@ async def test_a_handler_fenced_because_its_lease_moved_loses_the_partition_at_o
                     lambda: consumer.stats.partitions_lost == 1, what="the partition lost"
                 )
                 consumer.stop()
+        assert await raw(bus).xlen(bus.keys.inbox("call-1")) == 0  # its command not written
     assert calls == [1] and consumer.stats.retries == 0
     [lost] = [x for x in logs if x["event"] == "partition_lost"]
     assert lost["reason"] == "fenced"

@@ -38,6 +38,16 @@ async def test_a_send_sent_again_after_its_write_gets_that_write_back(bus: Bus) 
     assert await raw(bus).xlen(keys[0]) == 1
 
 
+async def test_a_command_sent_after_its_session_retired_expires_with_it(bus: Bus) -> None:
+    """A handler that answers after the session's end (its bot gone) leaves nothing for good:
+    the inbox and its dedupe hash, made by that write, take the retired session's expiry."""
+    await bus.publish("call-1", Tick(n=1))
+    assert await bus.end_session("call-1") == "retired"
+    assert await bus.send("call-1", Say(text="too late"), dedupe="actions/1/0") is not None
+    for key in (bus.keys.inbox("call-1"), bus.keys.sent("call-1")):
+        assert await raw(bus).pttl(key) > 0, key
+
+
 async def test_the_reader_waits_for_the_next_command(bus: Bus) -> None:
     await bus.publish("call-2", Tick(n=1))
     read: list[Message] = []
