@@ -57,6 +57,20 @@ async def test_a_session_a_group_still_owes_retires_once_the_group_handled_it(bu
     assert seen == [1, 2, 3]
 
 
+async def test_a_session_whose_last_entry_a_group_read_but_did_not_acknowledge_stays_live(
+    bus: Bus,
+) -> None:
+    """Nothing unacknowledged expires: an entry read and not acknowledged (its handler still
+    running, or its worker gone) keeps the session live, however few such entries there are."""
+    await bus.register_service(ServiceInfo("svc"))
+    await bus.publish("call-1", Tick(n=1))
+    stream = bus.keys.session("call-1")
+    await raw(bus).xreadgroup("svc", "p0", {stream: ">"})  # read by the group, pending
+    assert await bus.end_session("call-1") == "ending"
+    assert not await retired(bus, "call-1")
+    assert await raw(bus).pttl(stream) == -1
+
+
 async def test_a_session_retires_although_the_server_reports_a_lag_its_group_does_not_have(
     bus: Bus,
 ) -> None:
