@@ -29,6 +29,7 @@ from bus import (
     Settings,
     hints,
     scripts,
+    steps,
 )
 from bus.consumer import STEP_LANES
 from bus.ownership import Leases, Renewal
@@ -1181,6 +1182,39 @@ async def test_a_worker_records_the_partition_count_again_when_the_server_lost_i
             return bool(await raw(bus).hget(bus.keys.deployment(), "partitions") == b"64")
 
         await wait_for(recorded, what="the count recorded again")
+
+
+async def test_entries_whose_read_reply_was_lost_are_handled_next_from_the_pending_list(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read the server ran whose reply never came delivered its entries all the same (they
+    are ours, pending): the step's retry reads the pending head, not new entries, so they are
+    handled next, in order, with their count of deliveries, without waiting for another event.
+    (Batches of 2: the lost read is the run's second, a read-on after a full batch.)"""
+    seen: list[tuple[int, int]] = []
+    lose = anyio.Event()
+    real_batch = steps.batch
+
+    async def reply_lost(connection: Any, commands: list[Any], **kwargs: Any) -> list[Any]:
+        replies = await real_batch(connection, commands, **kwargs)
+        if lose.is_set() and any(c[0] == "XREADGROUP" for c in commands):
+            monkeypatch.setattr(steps, "batch", real_batch)
+            return [RedisConnectionError("Connection reset by peer")] * len(commands)
+        return replies
+
+    async def handle(d: Delivery) -> None:
+        seen.append((d.seq, d.deliveries))
+        if d.seq == 2:  # the next read is the one whose reply is lost
+            lose.set()
+
+    monkeypatch.setattr(steps, "batch", reply_lost)
+    async with Bus.connect(make_settings(server.url, read_batch=2)) as bus:
+        await bus.register_service(ServiceInfo("svc"))
+        for n in (1, 2, 3, 4):
+            await bus.publish("call-1", Tick(n=n))
+        async with running(bus, Service("svc", handle, Codec([Tick]))):
+            await wait_for(lambda: len(seen) == 4, what="the entries of the lost reply")
+    assert seen == [(1, 1), (2, 1), (3, 2), (4, 2)]
 
 
 async def test_a_handler_fenced_because_its_lease_moved_loses_the_partition_at_once(
