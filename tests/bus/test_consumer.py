@@ -27,6 +27,7 @@ from bus import (
     Service,
     ServiceInfo,
     Settings,
+    connection,
     hints,
     scripts,
     steps,
@@ -1193,10 +1194,10 @@ async def test_entries_whose_read_reply_was_lost_are_handled_next_from_the_pendi
     (Batches of 2: the lost read is the run's second, a read-on after a full batch.)"""
     seen: list[tuple[int, int]] = []
     lose = anyio.Event()
-    real_batch = steps.batch
+    real_batch = connection.batch
 
-    async def reply_lost(connection: Any, commands: list[Any], **kwargs: Any) -> list[Any]:
-        replies = await real_batch(connection, commands, **kwargs)
+    async def reply_lost(link: Any, commands: list[Any], **kwargs: Any) -> list[Any]:
+        replies = await real_batch(link, commands, **kwargs)
         if lose.is_set() and any(c[0] == "XREADGROUP" for c in commands):
             monkeypatch.setattr(steps, "batch", real_batch)
             return [RedisConnectionError("Connection reset by peer")] * len(commands)
