@@ -71,6 +71,16 @@ async def test_a_session_whose_last_entry_a_group_read_but_did_not_acknowledge_s
     assert await raw(bus).pttl(stream) == -1
 
 
+async def test_a_retirement_forgets_the_sessions_whose_keys_have_expired(bus: Bus) -> None:
+    """The partition's index of ended sessions holds each until its keys expire, no longer:
+    each retirement drops those past their time (here one put there as expired long ago)."""
+    ended = bus.keys.ended(bus.keys.partition("call-1"))
+    await raw(bus).zadd(ended, {"call-0": 1})
+    await bus.publish("call-1", Tick(n=1))
+    assert await bus.end_session("call-1") == "retired"
+    assert await raw(bus).zrange(ended, 0, -1) == [b"call-1"]
+
+
 async def test_a_session_retires_although_the_server_reports_a_lag_its_group_does_not_have(
     bus: Bus,
 ) -> None:
