@@ -559,6 +559,29 @@ async def test_a_pending_entry_deleted_from_the_stream_is_dead_lettered_and_the_
     assert letter[b"error"] == b"the entry was deleted from the stream before it was handled"
 
 
+async def test_a_dead_letter_keeps_an_entry_field_named_as_one_of_its_own_as_orig(
+    bus: Bus,
+) -> None:
+    """A letter's own fields (session, error...) are the letter's; an entry's field of the
+    same name is kept beside them, as ``orig.<name>``, not taken for the letter's."""
+    await bus.register_service(ServiceInfo("svc"))
+    stream, p = bus.keys.session("call-1"), bus.keys.partition("call-1")
+    await bus.publish("call-1", Tick(n=1))
+    fields = {"type": "nobody.knows", "seq": "9", "ts": "1", "data": "{}", "error": "a field"}
+    await raw(bus).xadd(stream, fields)  # appended by hand
+    await bus.publish("call-1", Tick(n=2))
+    seen: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        seen.append(d.seq)
+
+    async with running(bus, Service("svc", handle, Codec([Tick]))):
+        await wait_for(lambda: seen == [1, 2], what="the events around it")
+    [(_, letter)] = await raw(bus).xrange(bus.keys.dead(p))
+    assert letter[b"error"] == b"unknown type 'nobody.knows'"
+    assert letter[b"orig.error"] == b"a field" and letter[b"type"] == b"nobody.knows"
+
+
 class _BusyLaneWakeUp(asyncio.Event):
     """A step lane's wake-up that comes a little late, as when its last batch is still out:
     steps made meanwhile go in one batch."""
