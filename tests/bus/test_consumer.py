@@ -165,17 +165,21 @@ async def test_a_graceful_stop_in_batch_ack_mode_acknowledges_what_was_handled(
     server: LocalServer,
 ) -> None:
     """A worker stopping halfway through a read batch writes the acks of the entries it
-    handled, so the next owner goes on from the first one it did not handle, repeating none."""
+    handled, so the next owner goes on from the first one it did not handle, repeating none;
+    the entries it read and did not handle it gave back: each is a first delivery there."""
     async with Bus.connect(make_settings(server.url, ack_mode="batch")) as bus:
         await bus.register_service(ServiceInfo("svc"))
         for n in range(1, 11):
             await bus.publish("call-g", Tick(n=n), final=n == 10)
         seen: list[tuple[int, int]] = []  # (consumer, seq)
+        counts: set[int] = set()  # the deliveries the second consumer sees
         third, release = anyio.Event(), anyio.Event()
 
         def service(number: int) -> Service:
             async def handle(d: Delivery) -> None:
                 seen.append((number, d.seq))
+                if number == 2:
+                    counts.add(d.deliveries)
                 if d.seq == 3 and number == 1:
                     third.set()
                     await release.wait()
@@ -197,6 +201,7 @@ async def test_a_graceful_stop_in_batch_ack_mode_acknowledges_what_was_handled(
 
             await wait_for(retired, what="call-g to retire")
         assert seen == [(1, 1), (1, 2), (1, 3), *((2, n) for n in range(4, 11))]
+        assert counts == {1}
 
 
 async def test_events_published_while_the_last_of_a_batch_is_handled_are_handled_too(
