@@ -20,7 +20,7 @@ from flows import (
     ScriptedLLM,
     SimulatedTTS,
 )
-from flows.protocol import ActionsCompleted, NodeEntered, Say
+from flows.protocol import ActionsCompleted, LLMCompleted, NodeEntered, Say, TTSFinished
 from tests.support import raw, running, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -105,6 +105,63 @@ async def test_a_failing_bot_side_end_conversation_is_named_in_the_error(bus: Bu
     cause = raised.value.__cause__
     assert isinstance(cause, ActionError)
     assert "'end_conversation'" in str(cause) and "'note'" not in str(cause), str(cause)
+
+
+async def test_a_workers_own_end_conversation_after_tts_say_waits_for_the_phrase(
+    bus: Bus,
+) -> None:
+    """A built-in replaced by the worker's own action is a custom action: as in Pipecat, it
+    starts only once the ``tts_say`` before it was spoken (the built-in would be queued
+    behind the phrase by the bot's TTS instead)."""
+    service = ActionService()
+    order: list[str] = []
+
+    async def observe(kind: str, text: str) -> None:
+        order.append(f"{kind}:{text}")
+
+    @service.action("end_conversation")
+    async def hang_up(action: dict[str, Any], flow_manager: Any) -> None:
+        order.append("hang_up")
+
+    tts = SimulatedTTS(0.01, observer=observe)  # a phrase of half a second
+    async with running(bus, service.as_service()):
+        async with FlowManager.open(
+            bus, "call-1", llm=ScriptedLLM({}), tts=tts, actions_timeout=10
+        ) as fm:
+            pre = [
+                {"type": "tts_say", "text": "One moment, please hold on."},
+                {"type": "end_conversation"},
+            ]
+            await fm.initialize(quiet("a", pre))
+    assert order == [
+        "tts.started:One moment, please hold on.",
+        "tts.finished:One moment, please hold on.",
+        "hang_up",
+    ]
+
+
+async def test_post_actions_wait_for_the_reply_and_its_speech_both(bus: Bus) -> None:
+    """They run once the node's reply is complete and spoken, whichever is reported last (a
+    flowbus bot reports the reply first; a bot of another make may not)."""
+    service = ActionService()
+    ran: list[str] = []
+
+    @service.action("note")
+    async def note(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append(action["label"])
+
+    async def all_handled() -> bool:
+        [group] = await raw(bus).xinfo_groups(bus.keys.session("call-1"))
+        return bool(group["pending"] == 0 and group["lag"] == 0)
+
+    post = [{"type": "note", "label": "after"}]
+    async with running(bus, service.as_service()):
+        await bus.publish("call-1", NodeEntered(node="a", gen=1, post_actions=post))
+        await bus.publish("call-1", TTSFinished(node="a", gen=1))
+        await wait_for(all_handled, what="the speech's end handled")
+        assert ran == []  # the reply is not complete yet
+        await bus.publish("call-1", LLMCompleted(node="a", gen=1))
+        await wait_for(lambda: ran == ["after"], what="the post-action")
 
 
 async def test_pre_actions_run_on_a_worker_whose_clock_is_an_hour_ahead(
