@@ -77,6 +77,34 @@ async def test_an_end_while_a_node_is_being_entered_leaves_the_node_unentered(bu
     assert [e.type for e in await bus.history("call-1")][-1] == "session.ended"
 
 
+async def test_a_node_entry_overtaken_while_it_reads_the_state_publishes_nothing(
+    bus: Bus,
+) -> None:
+    """Of two node entries at once, one that the later one overtook while it read the shared
+    state stops there: its ``node.entered`` is never published (the actions service would run
+    the pre-actions of a node the bot is not in)."""
+    async with FlowManager.open(bus, "call-1", llm=ScriptedLLM({}), tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", respond_immediately=False))
+        read, reading, overtaken = fm._read_state, anyio.Event(), anyio.Event()
+
+        async def slow_read() -> Any:
+            if not reading.is_set():  # the first entry's read answers after the second entry
+                reading.set()
+                await overtaken.wait()
+            return await read()
+
+        fm._read_state = slow_read  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fm.set_node_from_config, node("b", respond_immediately=False))
+            await reading.wait()
+            await fm.set_node_from_config(node("c", respond_immediately=False))
+            overtaken.set()
+    assert fm.current_node == "c"
+    history = await bus.history("call-1")
+    entered = [msgspec.json.decode(e.data)["node"] for e in history if e.type == "node.entered"]
+    assert entered == ["a", "c"]
+
+
 async def test_an_end_conversation_replaced_in_the_bot_still_ends_the_list(
     actions: Bus,  # noqa: F811
 ) -> None:
