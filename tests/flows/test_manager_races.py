@@ -105,6 +105,28 @@ async def test_a_node_entry_overtaken_while_it_reads_the_state_publishes_nothing
     assert entered == ["a", "c"]
 
 
+async def test_a_function_that_enters_a_node_itself_ends_the_turns_of_the_node_it_left(
+    bus: Bus,
+) -> None:
+    """A handler that enters a node itself (as Pipecat's dynamic flows did before handlers
+    returned their next node) and returns no node: the LLM gets no further turn in the node
+    the bot left."""
+
+    async def move(args: dict[str, Any], flow_manager: FlowManager) -> Any:
+        await flow_manager.set_node_from_config(node("b", respond_immediately=False))
+        return {"moved": True}
+
+    turns = [LLMResponse(function_calls=[FunctionCall("move")]), LLMResponse(text="Still in a")]
+    llm = ScriptedLLM({"a": turns})
+    async with FlowManager.open(bus, "call-1", llm=llm, tts=SimulatedTTS(0)) as fm:
+        await fm.initialize(node("a", functions=[{"name": "move", "handler": move}]))
+    assert fm.current_node == "b"
+    history = await bus.history("call-1")
+    assert [msgspec.json.decode(e.data)["node"] for e in history if e.type == "llm.completed"] == [
+        "a"
+    ]
+
+
 async def test_an_end_conversation_replaced_in_the_bot_still_ends_the_list(
     actions: Bus,  # noqa: F811
 ) -> None:
