@@ -165,6 +165,8 @@ class DeliveryContext(Protocol):
 
     async def server_ms(self) -> int: ...
 
+    async def ensure_owned(self) -> None: ...
+
 
 class Delivery(msgspec.Struct):
     """What a handler receives: one decoded event of one session, and how often it was sent.
@@ -247,3 +249,11 @@ class Delivery(msgspec.Struct):
         """The clock of the server that holds the session, in ms: the clock of `ts`, to
         compare with it where this process's clock may differ (one round trip)."""
         return await self._ctx().server_ms()
+
+    async def ensure_owned(self) -> None:
+        """Return once this worker surely still owns the session's partition: at once, unless
+        it stalled (or lost the server) for longer than the lease TTL since the last renewal;
+        then after the next renewal, and a renewal that finds the lease gone cancels this
+        handling. For a handler about to start an effect outside flowbus, whose own writes no
+        fence refuses: the consumer checks it before each handling, not within one."""
+        await self._ctx().ensure_owned()

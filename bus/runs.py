@@ -264,6 +264,9 @@ class Context:
         now = partial(scripts.NOW, bus.redis, [bus.keys.meta(self.session)], [])
         return int(await call("server_ms", now, bus.settings, self.session))
 
+    async def ensure_owned(self) -> None:
+        await self.part.vouched()
+
     async def _write_fenced(self, pairs: list[str | bytes]) -> None:
         bus, group, p = self.consumer.bus, self.consumer.service.name, self.part.number
         keys = [bus.keys.lease(p, group), bus.keys.state(self.session), bus.keys.meta(self.session)]

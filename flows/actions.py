@@ -395,6 +395,10 @@ class ActionService:
                 await state.load(delivery.read_session_state)
                 node = run.previous if run.phase == "pre" else run.node  # as in Pipecat
                 manager = WorkerFlowManager(delivery, node, state, key)
+                # Its effects may be outside flowbus, unfenced: a worker that stalled since
+                # this handling started (a pause, a frozen VM) must not start it once its
+                # partition may be another's, which may have run it already.
+                await delivery.ensure_owned()
                 try:
                     await invoke_action(handler, dict(action), manager)
                 except FencedError:  # its send, from a stale owner: not the action's failure

@@ -408,6 +408,9 @@ class EventService:
                 budget = min(registration.timeout or math.inf, left)
                 failure: Exception | None = None
                 try:
+                    # Not started by a worker that stalled (a pause, a frozen VM) until its
+                    # partition may be another's, which may have run it already.
+                    await ref._delivery.ensure_owned()
                     run = replace(ref, _sends=itertools.count(1))  # its sends, numbered anew
                     with anyio.move_on_after(budget) as scope:
                         await invoke(registration.handler, run, *args[: registration.takes])

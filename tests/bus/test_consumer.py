@@ -1279,6 +1279,29 @@ async def test_a_handler_fenced_because_its_lease_moved_loses_the_partition_at_o
     assert not [x for x in logs if x["event"] == "handler_failed"]
 
 
+async def test_a_handler_that_stalled_past_its_lease_goes_on_once_the_lease_is_renewed(
+    bus: Bus,
+) -> None:
+    """`Delivery.ensure_owned` after a stall of a lease TTL, the lease still ours: it returns
+    after the next renewal (vouched for again), and the handling goes on."""
+    vouched: list[bool] = []
+
+    async def handle(d: Delivery) -> None:
+        await d.ensure_owned()  # vouched for: at once
+        part = consumer._parts[bus.keys.partition(d.session)]
+        part.vouched_until = time.monotonic() - 0.001  # it stalled: renewed a TTL ago
+        await d.ensure_owned()
+        vouched.append(time.monotonic() < part.vouched_until)
+
+    consumer = Consumer(bus, Service("svc", handle, Codec([Tick])))
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await bus.publish("call-1", Tick(n=1))
+        await wait_for(lambda: consumer.stats.handled == 1, what="the event handled")
+        consumer.stop()
+    assert vouched == [True] and consumer.stats.partitions_lost == 0
+
+
 async def test_a_services_lifespan_holds_what_its_handlers_use_while_the_consumer_runs(
     bus: Bus,
 ) -> None:

@@ -408,6 +408,41 @@ async def test_a_bot_that_starts_over_is_in_no_node_for_its_first_pre_actions(
     assert seen == [None, None]
 
 
+async def test_a_worker_that_stalls_before_a_custom_action_past_its_lease_starts_it_not(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker frozen in a node entry's handling, after it saved its progress and before its
+    next custom action, until the partition's lease was another's (whose worker then ran the
+    action): thawed, it does not start the action, whose effects no fence would refuse. (Seen
+    in CI's flows chaos: a function action ran again after the LLM replied.)"""
+    ran: list[str] = []
+    service = ActionService()
+
+    @service.action("first")
+    async def first(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append("first")
+
+    @service.action("second")
+    async def second(action: dict[str, Any], flow_manager: Any) -> None:
+        ran.append("second")
+
+    read_state = bus.read_state
+
+    async def read_then_stall(session: str) -> dict[str, bytes]:
+        if ran:  # the shared state read for the second action: here it stalls
+            p = bus.keys.partition(session)
+            await bus.redis.set(bus.keys.lease(p, service.name), "999:another-worker")
+            consumer._parts[p].vouched_until = time.monotonic() - 0.001  # renewed a TTL ago
+        return await read_state(session)
+
+    monkeypatch.setattr(bus, "read_state", read_then_stall)
+    async with running(bus, service.as_service()) as consumer:
+        pre = [{"type": "first"}, {"type": "second"}]
+        await bus.publish("call-1", NodeEntered(node="a", gen=1, pre_actions=pre))
+        await wait_for(lambda: consumer.stats.partitions_lost == 1, what="the partition lost")
+    assert ran == ["first"]
+
+
 async def test_a_worker_function_action_that_sets_a_node_is_told_where_it_can(bus: Bus) -> None:
     """A Pipecat `function` action that sets a node, registered in the worker: it cannot (the
     bot owns the flow), and the error must say so and where such a handler runs, not be an

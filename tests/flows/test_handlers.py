@@ -111,12 +111,15 @@ async def test_each_handler_numbers_its_own_sends_so_a_rerun_loses_none() -> Non
     counted over the whole event: a send that never went out was dropped as a repeat."""
     sent: dict[str, str] = {}
 
-    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe alone
+    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe, and a lease
         async def send(self, payload: Any, dedupe: str, extra: Any) -> object | None:
             if dedupe in sent:
                 return None
             sent[dedupe] = payload.text
             return object()
+
+        async def ensure_owned(self) -> None:
+            pass
 
     seen: set[int] = set()
     service = EventService("svc")
@@ -552,12 +555,15 @@ async def test_a_sync_events_outcome_is_sent_once_when_the_event_comes_again() -
     again: the bot must get one outcome per service, whatever the handlers sent this time."""
     written: dict[str, Any] = {}
 
-    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe alone
+    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe, and a lease
         async def send(self, payload: Any, dedupe: str, extra: Any) -> object | None:
             if dedupe in written:
                 return None
             written[dedupe] = payload
             return object()
+
+        async def ensure_owned(self) -> None:
+            pass
 
     service = EventService("svc")
 
@@ -646,6 +652,35 @@ async def test_a_handler_whose_send_is_fenced_ends_the_events_handling_here(bus:
     assert ran == ["first"]
     failed = {"event_handler_retried", "event_handler_failed", "handler_failed"}
     assert [x["event"] for x in logs if x["event"] in failed] == []
+
+
+async def test_a_worker_that_stalls_in_a_handler_past_its_lease_starts_no_next_one(
+    bus: Bus,
+) -> None:
+    """A worker frozen in one handler of an event until its partition's lease was another's
+    (whose worker then ran them all): thawed, it starts none of the event's handlers left, whose
+    effects no fence would refuse."""
+    ran: list[str] = []
+    service = EventService("svc")
+
+    @service.event_handler("on_connected")
+    async def first(emitter: EmitterRef, data: Any) -> None:
+        ran.append("first")
+        p = bus.keys.partition(emitter.session)
+        await bus.redis.set(bus.keys.lease(p, "svc"), "999:another-worker")
+        consumer._parts[p].vouched_until = time.monotonic() - 0.001  # renewed a TTL ago
+
+    @service.event_handler("on_connected")
+    async def second(emitter: EmitterRef, data: Any) -> None:
+        ran.append("second")
+
+    consumer = Consumer(bus, service.as_service())
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await emit_all(bus, (STT, "on_connected", ()))
+        await wait_for(lambda: consumer.stats.partitions_lost == 1, what="the partition lost")
+        consumer.stop()
+    assert ran == ["first"]
 
 
 def test_an_action_or_event_service_passes_its_lifespan_to_the_workers_service() -> None:
