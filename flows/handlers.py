@@ -408,8 +408,9 @@ class EventService:
                 budget = min(registration.timeout or math.inf, left)
                 failure: Exception | None = None
                 try:
-                    # Not started by a worker that stalled (a pause, a frozen VM) until its
-                    # partition may be another's, which may have run it already.
+                    # A worker that stalled past its lease (a pause, a frozen VM) starts it
+                    # only once the lease is renewed: the partition may be another's now,
+                    # which may have run it already.
                     await ref._delivery.ensure_owned()
                     run = replace(ref, _sends=itertools.count(1))  # its sends, numbered anew
                     with anyio.move_on_after(budget) as scope:
