@@ -52,6 +52,23 @@ async def serving(bus: Bus, service: EventService) -> AsyncIterator[None]:
         consumer.stop()
 
 
+class Inbox:
+    """The part of a consumer a delivery's handler uses, for handlings run by hand: the bot
+    inbox's dedupe (what it was sent, by key), and a lease never lost."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, Any] = {}
+
+    async def send(self, payload: Payload, dedupe: str, extra: Any) -> object | None:
+        if dedupe in self.sent:
+            return None
+        self.sent[dedupe] = payload
+        return object()
+
+    async def ensure_owned(self) -> None:
+        pass
+
+
 async def emit_all(bus: Bus, *emits: tuple[Emitter, str, tuple[Any, ...]]) -> None:
     async with BotSession.open(bus, "call-1") as bot:
         events = Events(bot)
@@ -109,18 +126,7 @@ async def test_each_handler_numbers_its_own_sends_so_a_rerun_loses_none() -> Non
     """The n-th send of a handler's run goes once. A handler that sends less when the event
     comes again (it deduplicates by seq, say) took the next handler's numbers when they were
     counted over the whole event: a send that never went out was dropped as a repeat."""
-    sent: dict[str, str] = {}
-
-    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe, and a lease
-        async def send(self, payload: Any, dedupe: str, extra: Any) -> object | None:
-            if dedupe in sent:
-                return None
-            sent[dedupe] = payload.text
-            return object()
-
-        async def ensure_owned(self) -> None:
-            pass
-
+    inbox = Inbox()
     seen: set[int] = set()
     service = EventService("svc")
 
@@ -141,9 +147,33 @@ async def test_each_handler_numbers_its_own_sends_so_a_rerun_loses_none() -> Non
     event = event(Emitter("transport.daily"), {"a": 1}, "x")
     for deliveries in (1, 2):  # the event comes again, as after a worker's crash
         delivery = Delivery("call-1", "svc", "1-0", "on_app_message", 7, 0, event, deliveries)
-        delivery._context = Inbox()  # type: ignore[assignment]  # the part a handler uses
+        delivery._context = inbox  # type: ignore[assignment]  # the part a handler uses
         await handle(delivery)
-    assert list(sent.values()) == ["first", "second"]
+    assert [p.text for p in inbox.sent.values()] == ["first", "second"]
+
+
+async def test_a_retried_handler_sends_each_of_its_commands_once() -> None:
+    """A handler's run numbers its sends from 1 each time it is retried, so a command the
+    failed run sent is not sent again by the retry."""
+    inbox = Inbox()
+    runs = 0
+    service = EventService("svc")
+
+    @service.event_handler("on_app_message", retry=Retry(attempts=2, backoff=0))
+    async def flaky(emitter: EmitterRef, message: Any, sender: Any) -> None:
+        nonlocal runs
+        runs += 1
+        await emitter.send(Say(text="on it"))
+        if runs == 1:
+            raise ConnectionError("CRM unreachable")
+
+    event: Any = CATALOG["on_app_message"].payload
+    event = event(Emitter("transport.daily"), {"a": 1}, "x")
+    delivery = Delivery("call-1", "svc", "1-0", "on_app_message", 7, 0, event, 1)
+    delivery._context = inbox  # type: ignore[assignment]  # the part a handler uses
+    await service.as_service().handle(delivery)
+    assert runs == 2
+    assert [p.text for p in inbox.sent.values()] == ["on it"]
 
 
 async def test_an_opted_in_handler_is_retried_the_others_are_not(bus: Bus) -> None:
@@ -396,6 +426,24 @@ def test_a_registration_is_removed_first_in_first_out_and_bad_ones_are_refused()
         Retry(attempts=0)
     with pytest.raises(InvalidHandlerError, match="one of flowbus's own messages"):
         service.declare_event("session.ended")
+    with pytest.raises(InvalidHandlerError, match="is a catalog event; custom events need new"):
+        service.declare_event("on_client_connected")
+    with pytest.raises(InvalidHandlerError, match=r"must have tag='support\.opened'"):
+        service.declare_event("support.opened", Escalated)  # its tag: 'support.escalated'
+
+
+def test_a_bound_method_is_removed_by_another_reference_to_it_as_in_pipecat() -> None:
+    """Pipecat removes a handler equal to the one given: `self.on_connected` twice are two
+    objects, equal."""
+
+    class Bot:
+        def on_connected(self, emitter: EmitterRef) -> None:
+            pass
+
+    bot, service = Bot(), EventService("svc")
+    service.add_event_handler("on_connected", bot.on_connected)
+    service.remove_event_handler("on_connected", bot.on_connected)
+    assert not service.subscribes
 
 
 async def test_an_argument_given_twice_is_refused_and_errors_leave_the_session_as_raised(
@@ -553,18 +601,7 @@ async def test_a_retry_that_would_end_past_the_events_time_is_not_made(
 async def test_a_sync_events_outcome_is_sent_once_when_the_event_comes_again() -> None:
     """A worker that crashed after replying to a sync event (before its ack) handles the event
     again: the bot must get one outcome per service, whatever the handlers sent this time."""
-    written: dict[str, Any] = {}
-
-    class Inbox:  # what the consumer gives a delivery: here, the inbox's dedupe, and a lease
-        async def send(self, payload: Any, dedupe: str, extra: Any) -> object | None:
-            if dedupe in written:
-                return None
-            written[dedupe] = payload
-            return object()
-
-        async def ensure_owned(self) -> None:
-            pass
-
+    inbox = Inbox()
     service = EventService("svc")
 
     @service.event_handler("on_before_leave")
@@ -579,9 +616,9 @@ async def test_a_sync_events_outcome_is_sent_once_when_the_event_comes_again() -
         delivery = Delivery(
             "call-1", "svc", "1-0", "on_before_leave", 7, 0, event, deliveries, {"corr": "c1"}
         )
-        delivery._context = Inbox()  # type: ignore[assignment]  # the part a handler uses
+        delivery._context = inbox  # type: ignore[assignment]  # the part a handler uses
         await handle(delivery)
-    outcomes = [p for p in written.values() if type(p).__name__ == "HandlerOutcome"]
+    outcomes = [p for p in inbox.sent.values() if type(p).__name__ == "HandlerOutcome"]
     assert len(outcomes) == 1, outcomes
 
 
