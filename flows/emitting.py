@@ -73,9 +73,10 @@ class Events:
         return spec
 
     async def emit(
-        self, emitter: Emitter, name: str, *args: Any, **kwargs: Any
+        self, emitter: Emitter, name: str, /, *args: Any, **kwargs: Any
     ) -> SyncOutcome | None:
-        """Publish event `name` from `emitter` with the handler arguments `args`/`kwargs`.
+        """Publish event `name` from `emitter` with the handler arguments `args`/`kwargs`
+        (`emitter` and `name` by position, so that an event's own argument may be called so).
 
         Returns None for a default event, a `SyncOutcome` for a sync one (sync from this
         emitter's kind: Daily's own ``on_error`` is not, a frame processor's is; Vonage's

@@ -153,6 +153,7 @@ async def test_a_stuck_service_ends_the_sync_wait_at_the_timeout_naming_it(
 async def test_a_sync_event_no_service_handles_returns_at_once_with_nothing_missing(
     bus: Bus,
 ) -> None:
+    await bus.register_service(ServiceInfo("crm", ["on_client_connected"]))  # others only
     async with BotSession.open(bus, "call-1") as bot:
         with anyio.fail_after(60):  # the wait below would be 600 s, as it was for every one
             outcome = await Events(bot, sync_timeout=600).emit(DAILY, "on_before_leave")
@@ -179,6 +180,32 @@ async def test_a_sync_event_waits_no_longer_than_its_timeout_for_a_server_that_d
         with anyio.fail_after(60):
             outcome = await events.emit(DAILY, "on_before_leave")
         assert outcome is not None and not outcome.published and not outcome.ok
+
+
+async def test_a_sync_events_look_up_of_its_services_counts_against_its_timeout(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replies are awaited for what is left of `sync_timeout` after the registry's look-up,
+    not for the whole of it again."""
+    await bus.register_service(ServiceInfo("crm", ["on_before_leave"]))
+    services = bus.services
+    waits: list[float] = []
+
+    async def slow_services(**kwargs: Any) -> Any:
+        await anyio.sleep(0.5)  # a server slow to answer
+        return await services(**kwargs)
+
+    async def request(*args: Any, wait: float, **kwargs: Any) -> list[Any]:
+        waits.append(wait)
+        return []
+
+    async with BotSession.open(bus, "call-1") as bot:
+        monkeypatch.setattr(bus, "services", slow_services)
+        monkeypatch.setattr(bot, "request", request)
+        outcome = await Events(bot, sync_timeout=10).emit(DAILY, "on_before_leave")
+    assert outcome is not None and outcome.timed_out == ["crm"]
+    [wait] = waits
+    assert wait <= 9.5
 
 
 async def test_dailys_own_on_error_is_not_sync_where_a_frame_processors_is(bus: Bus) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -456,6 +457,31 @@ async def test_an_argument_given_twice_is_refused_and_errors_leave_the_session_a
 
 
 DAILY = Emitter("transport.daily", "daily")
+
+
+class Renamed(Event, tag="profile.renamed"):
+    name: str
+
+
+async def test_emit_takes_an_argument_called_name_and_refuses_a_second_emitter_or_a_wrong_type(
+    bus: Bus,
+) -> None:
+    """`emit` takes its emitter and event name by position only: an event's argument called
+    `name` is given by keyword (it was taken for emit's own: "got multiple values for argument
+    'name'"), one called `emitter` is refused as given twice. A value of the wrong type is
+    refused where it is emitted, where the caller can fix it (it went out, and failed to
+    decode in every service that handles the event)."""
+    async with BotSession.open(bus, "call-1") as bot:
+        events = Events(bot)
+        events.declare_event("profile.renamed", Renamed)
+        assert await events.emit(Emitter("crm"), "profile.renamed", name="Ann") is None
+        with pytest.raises(EventError, match="more than one value for emitter"):
+            await events.emit(DAILY, "on_participant_left", {"id": 1}, "left", emitter=DAILY)
+        with pytest.raises(EventError, match="bad arguments for 'on_participant_left'"):
+            await events.emit(DAILY, "on_participant_left", {"id": 1}, 3)
+    [entry] = await bus.history("call-1")
+    got = msgspec.json.decode(entry.data, type=Renamed)
+    assert got == Renamed(emitter=Emitter("crm"), name="Ann")
 
 
 async def test_a_handler_past_its_own_timeout_is_cut_short_and_the_next_one_runs(
