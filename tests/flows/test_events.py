@@ -180,6 +180,12 @@ async def test_a_sync_event_waits_no_longer_than_its_timeout_for_a_server_that_d
         with anyio.fail_after(60):
             outcome = await events.emit(DAILY, "on_before_leave")
         assert outcome is not None and not outcome.published and not outcome.ok
+        monkeypatch.undo()  # the publish answers; the look-up alone does not
+        monkeypatch.setattr(bus, "services", no_answer)
+        with anyio.fail_after(60):
+            outcome = await events.emit(DAILY, "on_before_leave")
+        assert outcome is not None and not outcome.published  # nor sent: whom to wait for?
+    assert await bus.history("call-1") == []
 
 
 async def test_a_sync_events_look_up_of_its_services_counts_against_its_timeout(

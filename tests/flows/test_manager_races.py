@@ -307,13 +307,13 @@ async def test_a_failed_node_entry_does_not_stop_later_transitions(bus: Bus) -> 
 
 async def test_a_key_set_and_flushed_while_the_state_is_read_stays() -> None:
     stored: dict[str, bytes] = {"flow.gone": b"1"}
-    state, reading = SharedState(), anyio.Event()
+    state, reading, flushed = SharedState(), anyio.Event(), anyio.Event()
     await state.load(lambda: _copy(stored))
 
     async def read() -> dict[str, bytes]:
         snapshot = dict(stored)  # the read's reply is made now ...
         reading.set()
-        await anyio.sleep(0.1)  # ... and comes after the flush below
+        await flushed.wait()  # ... and comes after the flush below
         return snapshot
 
     async def write(fields: Any) -> None:
@@ -325,6 +325,7 @@ async def test_a_key_set_and_flushed_while_the_state_is_read_stays() -> None:
         state["paid"] = True
         del state["gone"]
         await state.flush(write)
+        flushed.set()
     assert dict(state) == {"paid": True}
 
 

@@ -3,8 +3,9 @@ included."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
+import anyio
 import pytest
 
 from flows import SharedState
@@ -62,3 +63,57 @@ async def test_a_key_that_cannot_be_shared_is_refused_where_it_is_set() -> None:
         state[1] = "one"  # type: ignore[index]
     await state.flush(store.write)
     assert store.writes == []
+
+
+async def test_a_key_deleted_here_stays_deleted_through_a_load_until_it_is_flushed() -> None:
+    store, state = Store(), SharedState()
+    store.fields = {"flow.a": b"1"}
+    await state.load(store.read)
+    del state["a"]
+    await state.load(store.read)  # the store has it still
+    assert "a" not in state
+    await state.flush(store.write)
+    assert store.fields == {"flow.a": b""}
+
+
+async def test_a_key_deleted_then_set_again_to_its_old_value_is_written() -> None:
+    store, state = Store(), SharedState()
+    for change in (lambda: state.update(a=1), lambda: state.pop("a"), lambda: state.update(a=1)):
+        change()
+        await state.flush(store.write)
+    assert store.fields == {"flow.a": b"1"} and len(store.writes) == 3
+
+
+async def test_a_key_flushed_while_two_reads_were_on_their_way_stays_after_both() -> None:
+    """Each read's reply was made before the flush: the second to come back must not undo
+    what the flush wrote, though the first one's load is over by then."""
+    store, state = Store(), SharedState()
+    store.fields = {"flow.size": b'"S"'}
+    await state.load(store.read)
+    made, back = [anyio.Event(), anyio.Event()], [anyio.Event(), anyio.Event()]
+    loaded = anyio.Event()
+
+    def late(i: int) -> Callable[[], Awaitable[dict[str, bytes]]]:
+        async def read() -> dict[str, bytes]:
+            reply = dict(store.fields)  # made now, back once let
+            made[i].set()
+            await back[i].wait()
+            return reply
+
+        return read
+
+    async def first() -> None:
+        await state.load(late(0))
+        loaded.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await made[0].wait()
+        tg.start_soon(state.load, late(1))
+        await made[1].wait()
+        state["size"] = "L"
+        await state.flush(store.write)
+        back[0].set()
+        await loaded.wait()
+        back[1].set()
+    assert state == {"size": "L"}
