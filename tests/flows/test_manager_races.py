@@ -241,11 +241,11 @@ def test_a_direct_functions_description_stops_at_its_first_section() -> None:
 
 async def test_a_change_made_while_the_state_is_read_is_kept() -> None:
     stored: dict[str, bytes] = {}
-    state, reading = SharedState(), anyio.Event()
+    state, reading, changed = SharedState(), anyio.Event(), anyio.Event()
 
     async def read() -> dict[str, bytes]:
         reading.set()
-        await anyio.sleep(0.1)  # the read's round trip
+        await changed.wait()  # the read's round trip
         return dict(stored)
 
     async def write(fields: Any) -> None:
@@ -255,6 +255,7 @@ async def test_a_change_made_while_the_state_is_read_is_kept() -> None:
         tg.start_soon(state.load, read)  # one task of the bot reads the state
         await reading.wait()
         state["paid"] = True  # and meanwhile another sets a key
+        changed.set()
     await state.flush(write)
     assert stored == {"flow.paid": b"true"}
 
