@@ -98,11 +98,7 @@ def _int(value: str | None) -> int:
 def parse(partition: int, entry_id: str, raw: Mapping[bytes, bytes], paused: bool) -> DeadLetter:
     """A dead letter from its raw stream fields."""
     fields = {_text(k): _text(v) for k, v in raw.items()}
-    original = {
-        k.removeprefix("orig."): v
-        for k, v in fields.items()
-        if k not in DEAD_FIELDS or k.startswith("orig.")
-    }
+    original = {k.removeprefix("orig."): v for k, v in fields.items() if k not in DEAD_FIELDS}
     try:
         data: Any = msgspec.json.decode(original.get("data", ""))
     except msgspec.DecodeError:

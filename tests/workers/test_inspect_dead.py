@@ -13,19 +13,21 @@ from functools import partial
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bus import Bus, ServiceInfo, Settings, connection, scripts
+from bus import Bus, ServiceInfo, Settings, connection, encode, scripts
 from tests.conftest import KIND, make_settings
 from tests.support import ROOT, WorkerProcesses, raw, settings_env, wait_for
 from tests.workers.apps import Step, broken_key, records_key
 from workers import commands, deadletters, inspection
 from workers.cli import parser
-from workers.deadletters import DeadLetterError, count_dead, list_dead, replay
+from workers.deadletters import DeadLetterError, count_dead, list_dead, parse, replay
 from workers.inspection import end_states
 from workers.metrics import lag_of
+from workers.replay import REPLAY, Replay
 from workers.server import LocalServer
 
 pytestmark = pytest.mark.anyio
@@ -78,6 +80,35 @@ async def publish_steps(bus: Bus, session: str, failing: int, *, last_final: boo
 
 async def dead_count(bus: Bus) -> int:
     return sum([int(await raw(bus).xlen(bus.keys.dead(p))) for p in range(64)])
+
+
+def test_a_dead_letter_is_read_back_into_its_event_whatever_it_held() -> None:
+    """What `dead list`, `show` and `replay` read: the event inside a dead-lettered replay,
+    with the entry it replays (a second replay hands back that one); an original field named
+    as one of the letter's own, kept as ``orig.<name>``, under its name; data that is not
+    JSON, as it is."""
+
+    def stored(**fields: str | bytes) -> dict[bytes, bytes]:
+        return {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+
+    own = {"session": "call-1", "group": "steps", "entry": "9-0", "deliveries": "3"}
+    own |= {"error": "RuntimeError: again", "policy": "skip"}
+    inner = Replay(
+        group="steps",
+        entry="1-0",
+        seq=2,
+        event="step",
+        ts=5,
+        data=msgspec.Raw(b'{"n":2}'),
+        extra={"traceparent": "00-ab"},
+    )
+    letter = parse(3, "8-0", stored(**own, type=REPLAY, seq="4", ts="6", data=encode(inner)), False)
+    assert (letter.type, letter.seq, letter.ts, letter.data) == ("step", 2, 5, {"n": 2})
+    assert letter.extra == {"traceparent": "00-ab"} and letter.replay_of == "1-0"
+    odd = stored(**own, type="step", seq="2", ts="5", data="{not json", **{"orig.error": "x"})
+    letter = parse(3, "8-1", odd, False)
+    assert letter.error == "RuntimeError: again" and letter.extra == {"error": "x"}
+    assert letter.data == "{not json" and letter.replay_of == ""
 
 
 async def test_a_skipped_dead_letter_is_listed_shown_and_replayed_after_the_session_went_on(
