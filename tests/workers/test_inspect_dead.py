@@ -111,6 +111,41 @@ def test_a_dead_letter_is_read_back_into_its_event_whatever_it_held() -> None:
     assert letter.data == "{not json" and letter.replay_of == ""
 
 
+async def test_a_replay_hands_back_the_first_entry_with_its_envelope_and_trace(bus: Bus) -> None:
+    """Replaying a dead-lettered replay hands back the entry the first one replayed, with the
+    original envelope fields (not every field the entry had) and its trace; a session paused on
+    one letter shows that one paused, not its other letters; a letter found paused and resumed
+    since is dropped all the same."""
+    await bus.publish("call-1", Step(n=1))  # the session exists
+    p, trace = bus.keys.partition("call-1"), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71-01"
+    own = {"session": "call-1", "group": "steps", "deliveries": 3, "error": "E", "policy": "skip"}
+    inner = Replay(
+        group="steps",
+        entry="1-0",
+        seq=2,
+        event="step",
+        ts=5,
+        data=msgspec.Raw(b'{"type":"step","n":2}'),
+        extra={"traceparent": trace, "x-tenant": "a"},
+    )
+    replayed = {"type": REPLAY, "seq": 9, "ts": 6, "data": encode(inner)}
+    await raw(bus).xadd(bus.keys.dead(p), {**own, "entry": "3-0", **replayed}, id="7-0")
+    await raw(bus).xadd(bus.keys.dead(p), {**own, "entry": "4-0", **replayed}, id="8-0")
+    await raw(bus).hset(bus.keys.paused(p, "steps"), "call-1", "4-0")
+    assert [d.paused for d in await list_dead(bus)] == [False, True]
+
+    await replay(bus, await deadletters.find(bus, f"{p}/7-0"))
+    entry = (await bus.history("call-1"))[-1]
+    again = msgspec.json.decode(entry.data, type=Replay)
+    assert (again.entry, again.event, again.seq) == ("1-0", "step", 2)
+    assert again.extra == {"traceparent": trace} and entry.extra == {"traceparent": trace}
+
+    paused = await deadletters.find(bus, f"{p}/8-0")
+    await raw(bus).hdel(bus.keys.paused(p, "steps"), "call-1")  # resumed meanwhile
+    assert await deadletters.drop(bus, paused) == f"{p}/8-0: dropped"
+    assert await raw(bus).xlen(bus.keys.dead(p)) == 0
+
+
 async def test_a_skipped_dead_letter_is_listed_shown_and_replayed_after_the_session_went_on(
     bus: Bus, settings: Settings, workers: WorkerProcesses
 ) -> None:
