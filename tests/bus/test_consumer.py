@@ -1123,6 +1123,46 @@ async def test_a_hint_link_that_goes_silent_is_found_out_and_nothing_is_missed(
     assert seen == ["call-before", "call-after"]
 
 
+async def test_a_partition_taken_again_before_its_channel_was_let_go_is_told_at_once(
+    bus: Bus,
+) -> None:
+    """A partition lost and taken again (a new partition object) before the hint follower saw
+    it go keeps its channel's subscription, so no confirmation will come: it is told at once
+    that its hints reach it, or it would wait for one, handling nothing. A channel no longer
+    wanted is let go."""
+    old, new = object(), object()
+    wanted = {3: old}
+    channel = bus.keys.wake(3)
+
+    async def listeners() -> int:
+        [_, count] = await raw(bus).execute_command("PUBSUB", "SHARDNUMSUB", channel)
+        return int(count)
+
+    told: list[tuple[object, bool]] = []
+    follower: hints.Hints[object] = hints.Hints(
+        bus.settings,
+        bus.keys,
+        wanted=lambda: wanted,
+        on_hint=lambda part, session: None,
+        on_subscribed=lambda part, confirmed: told.append((part, confirmed)),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower.run)
+        await wait_for(lambda: told == [(old, True)], what="the channel subscribed")
+        wanted = {3: new}
+        follower.changed()
+        await wait_for(lambda: told == [(old, True), (new, False)], what="the new one told")
+        assert await listeners() == 1
+        wanted = {}
+        follower.changed()
+
+        async def let_go() -> bool:
+            return await listeners() == 0
+
+        await wait_for(let_go, what="the channel let go")
+        tg.cancel_scope.cancel()
+
+
 async def test_a_stale_owner_cannot_write_the_sessions_shared_state_either(bus: Bus) -> None:
     """DESIGN: a stale owner is fenced, "its acks and state writes are refused". A worker's
     action writes the flow's `state` through `write_session_state`: after its lease is gone,
