@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
+import anyio
 import pytest
 from pipecat.flows.types import FlowsFunctionSchema, flows_tool_options
 
 from flows import FlowError, InvalidFunctionError, InvalidNodeError
 from flows.config import ContextStrategy, load_flow, parse_node
+from flows.functions import case_key
 
 RESET = ContextStrategy.RESET
 
@@ -51,10 +53,32 @@ def test_a_handler_may_be_a_callable_or_for_a_function_action_a_workers_name() -
     assert [a["type"] for a in parsed.pre_actions] == ["greet", "function"]
 
 
+def _branch(**branch: Any) -> dict[str, Any]:
+    return {"name": "pick", "handler": print, "transition_to": branch}
+
+
 @pytest.mark.parametrize(
     "function",
-    [{"name": "pick", "handler": 5}, {"description": "no name"}, "pick"],
-    ids=["handler-not-callable", "no-name", "not-a-mapping"],
+    [
+        {"name": "pick", "handler": 5},
+        {"description": "no name"},
+        "pick",
+        {"name": "pick", "handler": print, "transition_to": ""},
+        _branch(field="size", cases={}),
+        _branch(field="size", cases={"small": "confirm"}, default=3),
+        {"name": "pick", "handler": print, "timeout_secs": 0},
+        {"name": "pick", "handler": print, "cancel_on_interruption": 2},
+    ],
+    ids=[
+        "handler-not-callable",
+        "no-name",
+        "not-a-mapping",
+        "transition-to-nothing",
+        "branch-without-cases",
+        "branch-default-not-a-node",
+        "timeout-not-above-0",
+        "flag-neither-0-nor-1",
+    ],
 )
 def test_an_unusable_function_is_pipecats_invalid_function_error(function: Any) -> None:
     config = node() | {"functions": [function]}
@@ -198,7 +222,8 @@ async def rest_style(flow_manager: Any, order_id: str, rush: bool = False) -> An
     :param order_id: The order's number,
         as the caller says it.
     :param bool rush: Whether to hurry.
-    :returns: The order, and no next node.
+    :returns: The order,
+        and no next node.
     """
     return {}, None
 
@@ -267,3 +292,98 @@ def test_cancel_on_interruption_is_read_from_each_of_pipecats_forms() -> None:
     bad = {"name": "bad", "handler": lookup, "cancel_on_interruption": "maybe"}
     with pytest.raises(InvalidNodeError, match="cancel_on_interruption': must be true or false"):
         parse_node(node() | {"functions": [bad]})
+
+
+class _Street(TypedDict):
+    street: str
+
+
+class Address(_Street, total=False):  # (NotRequired is lost to this module's string annotations)
+    floor: int
+
+
+async def book(
+    flow_manager: Any,
+    kind: Literal["table", "room"],
+    to: Address,
+    seats: dict[str, int],
+    note: str | None,
+    nights: list[int],
+) -> Any:
+    """Book something.
+
+    Parameters
+    ----------
+    kind : str
+        What to book.
+
+    Other Parameters
+    ----------------
+    note : str
+        For the staff: keep it short.
+    """
+    return "booked"  # not (result, next_node)
+
+
+def test_a_direct_functions_types_and_docstring_become_its_schema_as_in_pipecat() -> None:
+    """Literals, TypedDicts (their required keys), dicts' values, optional and list types;
+    NumPy's Other Parameters; a described parameter's line that holds a colon. Called, a
+    direct function that returns no (result, next_node) is an error the LLM is told of."""
+    [parsed] = parse_node(node() | {"functions": [book]}).functions
+    assert parsed.properties == {
+        "kind": {"enum": ["table", "room"], "description": "What to book."},
+        "to": {
+            "type": "object",
+            "properties": {"street": {"type": "string"}, "floor": {"type": "integer"}},
+            "required": ["street"],
+        },
+        "seats": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "note": {
+            "anyOf": [{"type": "string"}, {"type": "null"}],
+            "description": "For the staff: keep it short.",
+        },
+        "nights": {"type": "array", "items": {"type": "integer"}},
+    }
+    assert parsed.handler is not None
+    with pytest.raises(InvalidFunctionError, match=r"must return \(result, next_node\), not str"):
+        args: dict[str, Any] = {
+            "kind": "table",
+            "to": {"street": "Main"},
+            "seats": {},
+            "note": None,
+            "nights": [],
+        }
+        anyio.run(parsed.handler, args, None)
+
+
+async def google_colons(flow_manager: Any, order_id: str) -> Any:
+    """Look an order up.
+
+    Args:
+        order_id: The order's number,
+            format: digits only.
+    """
+    return {}, None
+
+
+def test_a_google_style_description_may_go_on_in_a_line_with_a_colon() -> None:
+    [parsed] = parse_node(node() | {"functions": [google_colons]}).functions
+    assert parsed.properties == {
+        "order_id": {"type": "string", "description": "The order's number, format: digits only."}
+    }
+
+
+def test_a_function_schemas_timeout_and_branch_cases_are_read_as_pipecat_reads_them() -> None:
+    async def lookup(args: dict[str, Any]) -> Any:
+        return None, None
+
+    schema = FlowsFunctionSchema("schema", "", {}, [], lookup, timeout_secs=2.5)
+    [parsed] = parse_node(node() | {"functions": [schema]}).functions
+    assert parsed.timeout == 2.5
+    assert [case_key(v) for v in (True, "TRUE", "False", 1, "Yes")] == [
+        "true",
+        "true",
+        "false",
+        "1",
+        "Yes",
+    ]
