@@ -82,6 +82,12 @@ async def dead_count(bus: Bus) -> int:
     return sum([int(await raw(bus).xlen(bus.keys.dead(p))) for p in range(64)])
 
 
+def replay_of_step_2(extra: dict[str, str]) -> Replay:
+    """A replay, for group ``steps``, of seq 2 of a session (its entry 1-0)."""
+    data = msgspec.Raw(b'{"type":"step","n":2}')
+    return Replay(group="steps", entry="1-0", seq=2, event="step", ts=5, data=data, extra=extra)
+
+
 def test_a_dead_letter_is_read_back_into_its_event_whatever_it_held() -> None:
     """What `dead list`, `show` and `replay` read: the event inside a dead-lettered replay,
     with the entry it replays (a second replay hands back that one); an original field named
@@ -93,17 +99,10 @@ def test_a_dead_letter_is_read_back_into_its_event_whatever_it_held() -> None:
 
     own = {"session": "call-1", "group": "steps", "entry": "9-0", "deliveries": "3"}
     own |= {"error": "RuntimeError: again", "policy": "skip"}
-    inner = Replay(
-        group="steps",
-        entry="1-0",
-        seq=2,
-        event="step",
-        ts=5,
-        data=msgspec.Raw(b'{"n":2}'),
-        extra={"traceparent": "00-ab"},
-    )
+    inner = replay_of_step_2({"traceparent": "00-ab"})
     letter = parse(3, "8-0", stored(**own, type=REPLAY, seq="4", ts="6", data=encode(inner)), False)
-    assert (letter.type, letter.seq, letter.ts, letter.data) == ("step", 2, 5, {"n": 2})
+    assert (letter.type, letter.seq, letter.ts) == ("step", 2, 5)
+    assert letter.data == {"type": "step", "n": 2}
     assert letter.extra == {"traceparent": "00-ab"} and letter.replay_of == "1-0"
     odd = stored(**own, type="step", seq="2", ts="5", data="{not json", **{"orig.error": "x"})
     letter = parse(3, "8-1", odd, False)
@@ -119,15 +118,7 @@ async def test_a_replay_hands_back_the_first_entry_with_its_envelope_and_trace(b
     await bus.publish("call-1", Step(n=1))  # the session exists
     p, trace = bus.keys.partition("call-1"), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71-01"
     own = {"session": "call-1", "group": "steps", "deliveries": 3, "error": "E", "policy": "skip"}
-    inner = Replay(
-        group="steps",
-        entry="1-0",
-        seq=2,
-        event="step",
-        ts=5,
-        data=msgspec.Raw(b'{"type":"step","n":2}'),
-        extra={"traceparent": trace, "x-tenant": "a"},
-    )
+    inner = replay_of_step_2({"traceparent": trace, "x-tenant": "a"})
     replayed = {"type": REPLAY, "seq": 9, "ts": 6, "data": encode(inner)}
     await raw(bus).xadd(bus.keys.dead(p), {**own, "entry": "3-0", **replayed}, id="7-0")
     await raw(bus).xadd(bus.keys.dead(p), {**own, "entry": "4-0", **replayed}, id="8-0")
