@@ -46,7 +46,7 @@ from structlog.testing import capture_logs
 
 from bus import Bus, Settings
 from flows import CATALOG, BotSession, Events, forward_events, stop_forwarding
-from flows.bridge import convert_args, describe, kind_of
+from flows.bridge import MAX_DEPTH, convert_args, describe, kind_of
 from tests.flows.test_events import ready, records, start
 from tests.support import WorkerProcesses, raw, wait_for
 
@@ -100,9 +100,14 @@ def test_an_object_of_no_known_class_needs_a_kind_and_an_unknown_kind_is_refused
     class Custom:
         name = "custom"
 
+    class DailyTransport:  # named as Pipecat's, not of it
+        name = "daily"
+
     events = NOT_EMITTING
     with pytest.raises(TypeError, match=r"Custom.*kind="):
         forward_events(Custom(), events)
+    with pytest.raises(TypeError, match=r"DailyTransport.*kind="):
+        kind_of(DailyTransport())
     with pytest.raises(ValueError, match=r"'transport\.dialy' is no emitter kind"):
         forward_events(Relay(), events, kind="transport.dialy")
 
@@ -125,6 +130,17 @@ def test_the_catalog_events_an_object_registers_are_forwarded_but_the_per_frame_
     ]
     with pytest.raises(ValueError, match="emits no catalog event on_client_connected"):
         forward_events(Relay(), events, only=["on_client_connected"])
+    with pytest.raises(ValueError, match="takes `only` or `exclude`, not both"):
+        forward_events(Relay(), events, only=["on_error"], exclude=["on_usable_changed"])
+
+    class Daily:  # a transport of Daily's kind that registers one of its events
+        def __init__(self) -> None:
+            self._event_handlers: dict[str, list[Any]] = {"on_client_connected": []}
+
+        def add_event_handler(self, event: str, handler: Any) -> None:
+            self._event_handlers[event].append(handler)
+
+    assert forward_events(Daily(), events, kind="transport.daily") == ["on_client_connected"]
     handler = pipeline._event_handlers["on_pipeline_started"].handlers[-1]  # after Pipecat's own
     assert handler.__qualname__ == "forward_on_pipeline_started"
 
@@ -164,7 +180,9 @@ async def test_an_objects_events_stopped_then_forwarded_again_go_only_to_the_nex
         await relay._call_event_handler("on_error", ErrorFrame("lost"))  # (sync: handled now)
     assert own == ["lost"]
     assert await bus.history("call-1") == []
-    assert [e.type for e in await bus.history("call-2")] == ["on_error"]
+    [entry] = await bus.history("call-2")
+    assert entry.type == "on_error"
+    assert json.loads(entry.data)["emitter"] == {"kind": "frame_processor", "name": relay.name}
 
 
 class Color(enum.Enum):
@@ -222,6 +240,24 @@ def test_live_arguments_are_described_as_json() -> None:
     }
     json.dumps(describe(odd))
 
+    class Unready:
+        id = True  # not an id
+
+        @property
+        def name(self) -> str:
+            raise RuntimeError("not set up yet")  # as BaseObject.task_manager before setup
+
+    assert describe(Unready()) == {"type": f"{__name__}.{Unready.__qualname__}"}
+
+    class Unserializable:  # a pydantic model whose dump fails
+        def model_dump(self, mode: str) -> dict[str, Any]:
+            raise ValueError("cannot serialize")
+
+    assert describe(Unserializable()) == {"type": f"{__name__}.{Unserializable.__qualname__}"}
+    loop: dict[str, Any] = {}
+    loop["again"] = loop  # a cycle is described down to MAX_DEPTH, then by its type
+    assert json.dumps(describe(loop)).count("again") == MAX_DEPTH
+
 
 def test_arguments_fit_their_fields_bytes_as_base64_objects_by_name() -> None:
     assert convert_args(CATALOG["on_audio_data"], (b"\x00\x01", 16000, 1), {}) == (
@@ -230,6 +266,17 @@ def test_arguments_fit_their_fields_bytes_as_base64_objects_by_name() -> None:
     )
     relay = Relay()
     assert convert_args(CATALOG["on_service_switched"], (relay,), {}) == ([relay.name], {})
+    assert convert_args(CATALOG["on_service_switched"], (), {"service": relay}) == (
+        [],
+        {"service": relay.name},
+    )
+    assert convert_args(CATALOG["on_ivr_status_changed"], (Color.RED,), {}) == (["red"], {})
+    # A list of Info fields: each item described (Pipecat's FunctionCallFromLLM, say)
+    calls = [Turn(1, b"\x00")]
+    assert convert_args(CATALOG["on_function_calls_started"], (calls,), {}) == (
+        [[{"turn_number": 1, "audio": "AA=="}]],
+        {},
+    )
     # Daily's on_error passes a message, which the payload carries as {"error": message}
     assert convert_args(CATALOG["on_error"], ("boom",), {}) == (["boom"], {})
     assert convert_args(CATALOG["on_usable_changed"], (), {"is_usable": True}) == (
