@@ -12,8 +12,8 @@ import pytest
 from pipecat.flows.types import FlowsFunctionSchema, flows_tool_options
 
 from flows import FlowError, InvalidFunctionError, InvalidNodeError
-from flows.config import ContextStrategy, load_flow, parse_node
-from flows.functions import case_key
+from flows.config import ContextStrategy, checked_node, load_flow, parse_node
+from flows.functions import FunctionConfig, case_key
 
 RESET = ContextStrategy.RESET
 
@@ -387,3 +387,40 @@ def test_a_function_schemas_timeout_and_branch_cases_are_read_as_pipecat_reads_t
         "1",
         "Yes",
     ]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"task": "x"}, "key 'task': unknown key; known:"),
+        ({"respond_immediately": "yes"}, "key 'respond_immediately': must be true or false"),
+        ({"role_message": 3}, "key 'role_message': must be a string"),
+        ({"task_messages": [{"content": "Hi"}]}, "a message is a mapping with a 'role'"),
+    ],
+    ids=["unknown-key", "respond-not-a-flag", "role-not-text", "message-without-role"],
+)
+def test_a_node_that_cannot_work_is_refused_naming_the_key(
+    change: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(InvalidNodeError, match=re.escape(says)):
+        parse_node(node() | change)
+
+
+def test_a_nodes_own_function_wins_over_a_global_one_of_its_name() -> None:
+    """As in Pipecat: the LLM is offered one tool of that name, the node's."""
+    own = {"name": "pick", "handler": print, "description": "the node's"}
+    shared = FunctionConfig("pick", "the global one", handler=print)
+    other = FunctionConfig("help", "another global one", handler=print)
+    config = checked_node(node() | {"functions": [own]}, None, [shared, other])
+    assert [(f.name, f.description) for f in config.functions] == [
+        ("help", "another global one"),
+        ("pick", "the node's"),
+    ]
+
+
+def test_a_json_flow_file_that_is_not_json_says_so(tmp_path: Path) -> None:
+    """Read by its suffix, as Pipecat's: a ``.json`` file is JSON, not YAML that looks so."""
+    path = tmp_path / "flow.json"
+    path.write_text("initial_node: a\nnodes: {a: {task_messages: []}}\n")  # YAML, not JSON
+    with pytest.raises(FlowError, match="not valid JSON"):
+        load_flow(path)

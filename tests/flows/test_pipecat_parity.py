@@ -301,6 +301,11 @@ async def test_global_functions_are_offered_in_every_node(bus: Bus, tmp_path: Pa
             ("content: Confirm the order.\n", "content: Confirm the order.\n        name: x\n"),
             "task_messages[0]': unknown key 'name'",
         ),
+        (("initial_node: greet", "initial_node: hello"), "initial_node 'hello' is not one of"),
+        (
+            ("role_message: You are", "role_message: !include {path: x}\n    # You are"),
+            "!include takes a file's path",
+        ),
     ],
     ids=[
         "no-description",
@@ -314,6 +319,8 @@ async def test_global_functions_are_offered_in_every_node(bus: Bus, tmp_path: Pa
         "not-a-flag",
         "no-content",
         "message-key",
+        "no-initial-node",
+        "include-not-a-path",
     ],
 )
 def test_a_flow_file_that_cannot_work_is_refused_at_load(
