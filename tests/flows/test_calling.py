@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
-from flows.calling import invoke_action, invoke_function
+from flows.calling import invoke_action, invoke_function, is_seconds
 
 pytestmark = pytest.mark.anyio
 MANAGER = object()
@@ -42,3 +43,9 @@ async def test_a_function_handler_is_called_with_as_many_arguments_as_it_declare
     assert await invoke_function(none, args, MANAGER) == "none"
     assert await invoke_function(args_only, args, MANAGER) == ("args", args)
     assert await invoke_function(modern, args, MANAGER) == ("modern", args, MANAGER)
+
+
+def test_a_time_limit_is_a_finite_number_of_seconds_and_not_a_bool() -> None:
+    limits = (1, 0.5, True, 0, -1, math.inf, math.nan, "1", None)
+    assert [is_seconds(v) for v in limits] == [True, True] + [False] * 7
+    assert is_seconds(0, zero=True) and not is_seconds(False, zero=True)

@@ -214,6 +214,18 @@ async def test_a_sync_events_look_up_of_its_services_counts_against_its_timeout(
     assert wait <= 9.5
 
 
+async def test_a_bots_trace_goes_with_its_sync_events_too(bus: Bus) -> None:
+    """A sync event is published with its reply fields; the bot's `traceparent` goes with
+    it as with every other event."""
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71-01"
+    await bus.register_service(ServiceInfo("crm", ["on_before_leave"]))  # no worker of it runs
+    async with BotSession.open(bus, "call-1", traceparent=trace) as bot:
+        outcome = await Events(bot, sync_timeout=0.2).emit(DAILY, "on_before_leave")
+    assert outcome is not None and outcome.timed_out == ["crm"]
+    [entry] = await bus.history("call-1")
+    assert entry.extra["traceparent"] == trace and entry.extra["corr"]
+
+
 async def test_dailys_own_on_error_is_not_sync_where_a_frame_processors_is(bus: Bus) -> None:
     """As in Pipecat 1.14: the Daily transport registers on_error without sync, every frame
     processor with it. The bot waited up to `sync_timeout` for Daily's too."""
